@@ -1,0 +1,264 @@
+"""Typed experiment configuration loaded from YAML with ``--set dotted.key=value`` overrides.
+
+One pydantic model per concern (model, data, objective, freeze, probe, train, tracking),
+combined into :class:`ExperimentConfig`. Every model forbids unknown keys, so a mistyped key
+is an error naming the key and the file instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    depth: int = Field(8, ge=2, description="encoder blocks; freezing acts on a prefix of them")
+    dim: int = Field(96, ge=8)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(8, ge=1, description="spatial side of a tubelet")
+    tubelet: int = Field(2, ge=1, description="frames per tubelet")
+    decoder_dim: int = Field(64, ge=8)
+    decoder_depth: int = Field(1, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+    pos: Literal["sincos", "rope"] = "sincos"
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of tubes hidden (tube masking)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"model.decoder_dim={self.decoder_dim} is not divisible by model.decoder_heads={self.decoder_heads}"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    name: Literal["moving_digits", "photo_pans", "video_folder"] = "moving_digits"
+    root: str | None = Field(None, description="folder root/<class>/*.mp4 for video_folder")
+    frames: int = Field(8, ge=1)
+    size: int = Field(32, ge=8, description="square frame side in pixels")
+    train_clips: int = Field(4096, ge=8, description="virtual size of the procedural train split")
+    val_clips: int = Field(512, ge=8, description="size of the held-out split used by probes")
+    seed: int = Field(0, description="data seed; the train/val splits are fixed by it")
+
+
+class ObjectiveConfig(_Strict):
+    name: Literal["pixel", "layerlock", "latent_naive"] = "pixel"
+    pixel_weight: float = Field(1.0, ge=0)
+    latent_weight: float = Field(1.0, ge=0, description="weight of the latent loss (layerlock, latent_naive)")
+    norm_pix_loss: bool = Field(True, description="normalise pixel targets per patch (MAE default)")
+    latent_block: int = Field(-1, description="latent_naive: which block's output is the target (-1: last)")
+
+
+class Stage(_Strict):
+    step: int = Field(ge=0)
+    frozen: int = Field(ge=0)
+
+
+class LinearSchedule(_Strict):
+    """Freeze one more block at evenly spaced steps between two fractions of the run."""
+
+    kind: Literal["linear"] = "linear"
+    start: float = Field(0.25, ge=0, le=1, description="fraction of train.steps of the first freeze")
+    end: float = Field(0.75, ge=0, le=1, description="fraction of train.steps of the last freeze")
+    final_frozen: float = Field(0.75, gt=0, description="blocks frozen at the end: a fraction (<1) or a count")
+
+
+class FreezeConfig(_Strict):
+    schedule: str | list[Stage] | LinearSchedule | None = Field(
+        None, description="path to a schedule JSON, an inline list of stages, or a linear generator"
+    )
+
+
+class ProbeConfig(_Strict):
+    enabled: bool = True
+    every: int = Field(50, ge=1, description="probe interval in steps")
+    batch_size: int = Field(32, ge=4, description="clips in the fixed probe batch")
+    tokens_per_clip: int = Field(8, ge=1, description="tokens kept per clip for CKA (bounds storage)")
+    debiased: bool = Field(False, description="unbiased HSIC estimator (Nguyen et al. 2021)")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1.5e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    compile: bool = Field(False, description="torch.compile the model (GPU)")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "layerlock"
+    run_name: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _geometry_fits(self) -> ExperimentConfig:
+        m, d = self.model, self.data
+        if d.size % m.patch_size:
+            raise ValueError(f"data.size={d.size} is not divisible by model.patch_size={m.patch_size}")
+        if d.frames % m.tubelet:
+            raise ValueError(f"data.frames={d.frames} is not divisible by model.tubelet={m.tubelet}")
+        if d.name == "video_folder" and not d.root:
+            raise ValueError("data.root is required for data.name=video_folder")
+        return self
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.from_config(self)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token grid derived once from the config; nothing else hard-codes tubelet sizes."""
+
+    channels: int
+    frames: int
+    size: int
+    tubelet: int
+    patch: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Geometry:
+        return cls(channels=3, frames=cfg.data.frames, size=cfg.data.size,
+                   tubelet=cfg.model.tubelet, patch=cfg.model.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(t, h, w) tokens along time, height, width."""
+        return self.frames // self.tubelet, self.size // self.patch, self.size // self.patch
+
+    @property
+    def n_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixel values in one tubelet: tubelet * patch * patch * channels."""
+        return self.tubelet * self.patch * self.patch * self.channels
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=300", ...]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{loc}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc + ': ' if loc else ''}{msg}"
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``key=value`` overrides, validate. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " (with --set)"
+    return config_from_dict(tree, source)
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, str]:
+    """Dotted-key view for MLflow params (values stringified, long lists summarised)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            s = str(node)
+            out[prefix] = s if len(s) <= 500 else s[:497] + "..."
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,29 @@
+"""Exceptions for bad user input.
+
+Library code raises these; only the command-line layer (``experiments``/``analysis`` mains)
+turns them into one line on stderr and exit code 2.
+"""
+
+
+class LayerLockError(Exception):
+    """Base class: an input the user can fix (config, schedule, path, run id, data)."""
+
+
+class ConfigError(LayerLockError):
+    """A config file or override is invalid (unknown key, bad value, missing file)."""
+
+
+class DataError(LayerLockError):
+    """A dataset cannot be built (unknown name, empty or missing folder, no readable video)."""
+
+
+class ScheduleError(LayerLockError):
+    """A freezing schedule is invalid."""
+
+
+class RunNotFoundError(LayerLockError):
+    """An MLflow run id does not exist in the tracking store."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN or inf; the run is marked FAILED with a reason tag."""
