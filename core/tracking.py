@@ -1,0 +1,181 @@
+"""MLflow run logging: one run per training job, batched and non-blocking.
+
+Metrics go through MLflow's asynchronous batch logging (``log_batch(synchronous=False)``) in
+chunks of at most 1000 (the ``log_batch`` limit), so the training step never waits on the
+store. ``flush()`` waits for everything queued; it runs at the end and on failure.
+
+On resume, metrics at steps that the store already holds are dropped (per key), so a step
+recomputed after a crash appears exactly once in the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import RunNotFoundError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+MAX_BATCH = 1000
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """Flag, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def block_key(metric: str, block: int) -> str:
+    """``("cka_prev", 3)`` -> ``"cka_prev/block_03"`` (DESIGN.md section 4)."""
+    return f"{metric}/block_{block:02d}"
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the sqlite file (not in the current directory of whoever runs).
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        artifact_location = (db.parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """A started (or resumed) MLflow run. ``enabled=False`` makes every call a no-op (non-zero ranks)."""
+
+    def __init__(self, *, uri: str | None = None, experiment: str = "layerlock", run_id: str | None = None,
+                 run_name: str | None = None, tags: dict[str, str] | None = None, enabled: bool = True,
+                 read_only: bool = False) -> None:
+        """``run_id`` given: resume that run (or, with ``read_only``, just attach to read its artifacts)."""
+        self.enabled = enabled
+        self.uri = resolve_uri(uri)
+        self.run_id: str | None = run_id
+        self._pending: list = []
+        self._ops: list = []
+        self._last_step: dict[str, int] = {}
+        if not enabled:
+            return
+        self.client = _client(self.uri)
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:
+                raise RunNotFoundError(f"run not found: {run_id} (tracking URI {self.uri})") from None
+            if read_only:
+                return
+            self.client.update_run(run_id, status="RUNNING")
+            # Per key, the last step already stored: those steps are not logged again.
+            for key in run.data.metrics:
+                hist = self.client.get_metric_history(run_id, key)
+                self._last_step[key] = max(m.step for m in hist)
+        else:
+            exp_id = _experiment_id(self.client, experiment, self.uri)
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
+            self.run_id = run.info.run_id
+
+    # -- metrics -----------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics for ``step``; sent at the next :meth:`submit` (non-blocking)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step <= self._last_step.get(key, -1):
+                continue
+            self._pending.append(Metric(key, float(value), now, int(step)))
+
+    def submit(self) -> None:
+        """Hand queued metrics to MLflow's async logger in batches of <= 1000."""
+        if not self.enabled or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), MAX_BATCH):
+            op = self.client.log_batch(self.run_id, metrics=pending[i:i + MAX_BATCH], synchronous=False)
+            if op is not None:
+                self._ops.append(op)
+
+    def flush(self) -> None:
+        """Block until everything queued is stored."""
+        if not self.enabled:
+            return
+        self.submit()
+        for op in self._ops:
+            op.wait()
+        self._ops.clear()
+
+    # -- params, tags, artifacts -------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / Path(name).name
+            p.write_text(text)
+            self.log_artifact(p, str(Path(name).parent) if Path(name).parent != Path(".") else None)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        self.log_text(json.dumps(obj, indent=2), name)
+
+    def download(self, artifact_path: str, dst: str | Path) -> Path:
+        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
+    def list_artifacts(self, path: str | None = None) -> list[str]:
+        if not self.enabled:
+            return []
+        try:
+            return [f.path for f in self.client.list_artifacts(self.run_id, path)]
+        except Exception:
+            return []
+
+    # -- end -----------------------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, reason: str) -> None:
+        """Keep what was logged, record why, mark the run FAILED."""
+        if not self.enabled:
+            return
+        try:
+            self.flush()
+        finally:
+            self.client.set_tag(self.run_id, "layerlock.failure_reason", reason[:4000])
+            self.client.set_terminated(self.run_id, status="FAILED")

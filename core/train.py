@@ -1,0 +1,346 @@
+"""The training loop: one function, :func:`train`, that runs (or resumes) one MLflow run.
+
+Step convention: ``step`` counts optimizer updates already done. The loss logged at ``step`` is
+computed with the weights after ``step`` updates; a probe at ``step`` sees those weights; a
+schedule stage ``{"step": T, "frozen": k}`` applies from the update at step T on; checkpoint
+``step_000100.pt`` holds the state after 100 updates, and resuming from it starts at step 100.
+Data indices and masks of a step come from generators seeded by ``(seed, step)``, so a resumed
+run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from core.config import ExperimentConfig, config_from_dict, flatten, to_yaml
+from core.data import build_dataset, get_batch
+from core.errors import LayerLockError, TrainingDiverged
+from core.flops import flop_model as build_flop_model
+from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
+from core.masking import tube_mask
+from core.model import VideoMAE, build_model
+from core.objectives import compute_losses
+from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.tracking import Tracker
+
+METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive"}
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    steps: int
+    final_loss: float
+    wall_s: float
+    flops: float
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """Generator for one step's data indices (salt 0) or masks (salt 1): a pure function of the step."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4 + salt)
+
+
+def lr_at(step: int, cfg: ExperimentConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW:
+    """AdamW over *all* parameters (frozen ones simply get no grad), so (un)freezing never needs a rebuild."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "mask_token" in n]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.95))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LayerLockError("train.device=cuda but no CUDA device is available")
+    if name == "cuda" and dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # a crash leaves either the old file or the complete new one
+
+
+def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
+    """Newest checkpoint of the run that loads; a partially copied file falls back to the previous one."""
+    names = sorted(tracker.list_artifacts("checkpoints"), reverse=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            try:
+                path = tracker.download(name, tmp)
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                continue
+    return None
+
+
+def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: int) -> torch.nn.Module:
+    """The module the step runs: DDP when distributed, compiled when asked. Rebuilt on freeze changes,
+    because DDP registers only parameters that require grad when it is built."""
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_id: str | None = None,
+          tags: dict[str, str] | None = None, init_state: dict | None = None, start_step: int = 0,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) one training run and log it to MLflow.
+
+    ``init_state``/``start_step``: start from a model state at a given step (freeze tests branch
+    off a baseline's checkpoint). ``stop_after``: leave the loop after this many steps (tests).
+    Raises LayerLockError for bad input and TrainingDiverged on a NaN/inf loss (run FAILED).
+    """
+    rank, world = init_distributed()
+    is_main = rank == 0
+    tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
+                      run_name=cfg.tracking.run_name, enabled=is_main,
+                      tags={"layerlock.method": METHOD_TAG[cfg.objective.name],
+                            "layerlock.dataset": cfg.data.name, **(tags or {})})
+    ckpt = None
+    if resume_run_id is not None:
+        if is_main:
+            ckpt = _load_latest_checkpoint(tracker)
+            if ckpt is None:
+                raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
+            cfg = config_from_dict(ckpt["config"], f"checkpoint of run {resume_run_id}")
+        if world > 1:
+            holder = [ckpt]
+            dist.broadcast_object_list(holder, src=0)
+            ckpt = holder[0]
+            cfg = config_from_dict(ckpt["config"], "checkpoint")
+    try:
+        return _train(cfg, tracker, ckpt, rank, world, init_state, start_step, progress, stop_after)
+    except TrainingDiverged as err:
+        tracker.fail(str(err))
+        raise
+    except KeyboardInterrupt:
+        tracker.fail("interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as err:
+        tracker.fail(f"{type(err).__name__}: {err}")
+        raise
+
+
+def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
+           init_state: dict | None, start_step: int, progress: bool, stop_after: int | None) -> TrainResult:
+    t_cfg = cfg.train
+    device = pick_device(t_cfg.device)
+    torch.manual_seed(t_cfg.seed)
+    if t_cfg.batch_size % world:
+        raise LayerLockError(f"train.batch_size={t_cfg.batch_size} is not divisible by {world} processes")
+    local_bs = t_cfg.batch_size // world
+
+    dataset = build_dataset(cfg.data, "train")
+    val = build_dataset(cfg.data, "val")
+    probe_video, _ = get_batch(val, range(min(cfg.probe.batch_size, len(val))))
+    model = build_model(cfg.model, cfg.geometry).to(device)
+    optimizer = build_optimizer(model, cfg)
+    schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
+    probes = ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed) if cfg.probe.enabled else None
+    flops = build_flop_model(cfg)
+    flops_per_k = {int(k): v for k, v in flops["per_step"].items()}
+
+    step, wall_s, flops_total, layer_rows = start_step, 0.0, 0.0, []
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        step, wall_s, flops_total = int(ckpt["step"]), float(ckpt["wall_s"]), float(ckpt["flops_total"])
+        layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+        torch.set_rng_state(ckpt["rng"])
+        if probes is not None and ckpt.get("probe"):
+            probes.load_state_dict(ckpt["probe"])
+    frozen = schedule.frozen_at(step) if schedule else 0
+    set_frozen_prefix(model, optimizer, frozen)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        tracker.log_json(flops, "flop_model.json")
+        if schedule is not None:
+            tracker.log_json(schedule.to_dict(), "schedule.json")
+        if getattr(dataset, "skipped_files", 0):
+            tracker.log_metrics({"data/skipped_files": dataset.skipped_files}, 0)
+    net = _wrap(model, device, cfg, world)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="layerlock-ckpt-"))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t_cfg.amp
+                else contextlib.nullcontext())
+
+    def record(metrics: dict[str, float], at: int) -> None:
+        tracker.log_metrics(metrics, at)
+        for key, value in metrics.items():
+            name, _, blk = key.partition("/block_")
+            if blk:
+                layer_rows.append((at, int(blk), name, float(value)))
+
+    def checkpoint(next_step: int) -> None:
+        if not tracker.enabled:
+            return
+        path = run_dir / f"step_{next_step:06d}.pt"
+        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": next_step,
+                      "run_id": tracker.run_id, "rng": torch.get_rng_state(), "wall_s": wall_s,
+                      "flops_total": flops_total, "config": cfg.model_dump(mode="json"),
+                      "layer_rows": [list(r) for r in layer_rows],
+                      "probe": probes.state_dict() if probes else {}}, path)
+        tracker.flush()   # metrics up to this step are stored before the checkpoint is published
+        tracker.log_artifact(path, "checkpoints")
+        path.unlink()
+
+    model.train()
+    end = t_cfg.steps if stop_after is None else min(t_cfg.steps, step + stop_after)
+    bar = tqdm(total=t_cfg.steps, initial=step, disable=not (progress and tracker.enabled),
+               desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
+               unit="step", dynamic_ncols=True)
+    interval_loss: dict[str, list[float]] = {}
+    t_interval, n_interval = time.perf_counter(), 0
+    loss_value = float("nan")
+    while step < end:
+        t0 = time.perf_counter()
+        want = schedule.frozen_at(step) if schedule else 0
+        if want != frozen:
+            frozen = want
+            set_frozen_prefix(model, optimizer, frozen)
+            net = _wrap(model, device, cfg, world)
+            tracker.log_metrics({"train/frozen_blocks": frozen}, step)
+        if probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
+            record(probes.probe(model, step), step)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        gen = step_generator(t_cfg.seed, step)
+        idx = torch.randint(len(dataset), (t_cfg.batch_size,), generator=gen)[rank * local_bs:(rank + 1) * local_bs]
+        video, _ = get_batch(dataset, idx.tolist())
+        video = video.to(device, non_blocking=True)
+        keep_idx, mask_idx = tube_mask(t_cfg.batch_size, cfg.geometry.grid, cfg.model.mask_ratio,
+                                       step_generator(t_cfg.seed, step, salt=1))
+        keep_idx = keep_idx[rank * local_bs:(rank + 1) * local_bs].to(device)
+        mask_idx = mask_idx[rank * local_bs:(rank + 1) * local_bs].to(device)
+
+        with autocast:
+            losses = compute_losses(net, model, video, keep_idx, mask_idx, cfg.objective)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {float(loss)} at step {step}")
+        loss.backward()
+        log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
+        extra: dict[str, float] = {}
+        if log_now:
+            extra.update(block_grad_norms(model.blocks))
+            before = snapshot_blocks(model.blocks)
+        if t_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_now:
+            extra.update(update_ratios(model.blocks, before))
+
+        for key, value in losses.items():
+            interval_loss.setdefault(key, []).append(float(value.detach()))
+        loss_value = interval_loss["loss"][-1]
+        flops_total += flops_per_k[frozen]
+        n_interval += 1
+        wall_s += time.perf_counter() - t0
+        if log_now:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t_interval
+            metrics = {f"train/{k}": sum(v) / len(v) for k, v in interval_loss.items()}
+            metrics.update({"train/lr": lr, "train/frozen_blocks": frozen,
+                            "train/step_ms": 1000 * elapsed / n_interval,
+                            "train/clips_per_s": n_interval * t_cfg.batch_size / elapsed,
+                            "train/flops": flops_total, "train/wall_s": wall_s})
+            metrics.update(extra)
+            record(metrics, step)
+            tracker.submit()
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", frozen=frozen, refresh=False)
+            interval_loss, n_interval, t_interval = {}, 0, time.perf_counter()
+        step += 1
+        bar.update(1)
+        if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
+            checkpoint(step)
+            t_interval = time.perf_counter()   # checkpoint I/O is not step time
+    bar.close()
+
+    if step >= t_cfg.steps and probes is not None:
+        record(probes.probe(model, step), step)
+        for s, vals in probes.final().items():
+            record(vals, s)
+        if tracker.enabled:
+            probes.save(run_dir / "features.pt")
+            tracker.log_artifact(run_dir / "features.pt", "probe")
+    if tracker.enabled and layer_rows:
+        frame = pd.DataFrame(layer_rows, columns=["step", "block", "metric", "value"])
+        frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
+        frame.to_parquet(run_dir / "layer_metrics.parquet", index=False)
+        tracker.log_artifact(run_dir / "layer_metrics.parquet")
+    if step >= t_cfg.steps:
+        tracker.finish()
+    else:
+        tracker.flush()
+    return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=loss_value, wall_s=wall_s,
+                       flops=flops_total)
+
+
+def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str | None = None) -> dict:
+    """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only."""
+    tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
+    names = sorted(tracker.list_artifacts("checkpoints"))
+    if not names:
+        raise LayerLockError(f"run {run_id} has no checkpoints")
+    if step is not None:
+        wanted = f"checkpoints/step_{step:06d}.pt"
+        if wanted not in names:
+            have = ", ".join(n.split("_")[-1].removesuffix(".pt").lstrip("0") or "0" for n in names)
+            raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
+        names = [wanted]
+    with tempfile.TemporaryDirectory() as tmp:
+        return torch.load(tracker.download(names[-1], tmp), map_location="cpu", weights_only=True)
+
+
+__all__ = ["train", "TrainResult", "FreezeSchedule", "lr_at", "load_run_checkpoint"]

@@ -1,0 +1,87 @@
+"""Command-line entry points: ``python -m experiments <command> ...``.
+
+Library code raises; this is the one layer that turns a bad input (``LayerLockError``) into one
+line on stderr and exit code 2. The MLflow run id is always the last stdout line of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from core.errors import LayerLockError, TrainingDiverged
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.train import train
+
+    if args.resume:
+        if args.config or args.set:
+            raise LayerLockError("--resume continues a run with its own config: drop --config/--set")
+        cfg = load_config(None)
+    else:
+        if not args.config:
+            raise LayerLockError("pretrain needs --config FILE (or --resume RUN_ID)")
+        cfg = load_config(args.config, args.set)
+    tags = dict(t.split("=", 1) for t in args.tag or [])
+    result = train(cfg, tracking_uri=args.tracking_uri, resume_run_id=args.resume, tags=tags)
+    print(f"finished {result.steps} steps, final loss {result.final_loss:.4f}, "
+          f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
+    print(result.run_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train one run (MAE, LayerLock or naive latent) and log it to MLflow")
+    p.add_argument("--config", help="YAML config, e.g. experiments/configs/mae_tiny.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its latest checkpoint")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra MLflow tag (repeatable)")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    for register in _extra_commands():
+        register(sub, _add_tracking)
+    return parser
+
+
+def _extra_commands() -> list[Callable]:
+    """Other subcommands live in their own modules; each exposes ``register(sub, add_tracking)``."""
+    import importlib
+
+    out = []
+    for name in ("experiments.freeze_test", "experiments.evaluate", "experiments.demo", "experiments.bench"):
+        try:
+            out.append(importlib.import_module(name).register)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LayerLockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err} (run marked FAILED)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
