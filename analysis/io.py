@@ -220,9 +220,11 @@ def _record(run: Run, experiment_name: str) -> RunRecord:
 def _experiment_name(c: MlflowClient, experiment_id: str, cache: dict[str, str] | None = None) -> str:
     if cache is not None and experiment_id in cache:
         return cache[experiment_id]
+    from mlflow.exceptions import MlflowException
+
     try:
         name = c.get_experiment(experiment_id).name
-    except Exception:  # a deleted or unreadable experiment should not hide the run
+    except MlflowException:  # a deleted or unreadable experiment should not hide the run
         name = str(experiment_id)
     if cache is not None:
         cache[experiment_id] = name
@@ -250,7 +252,8 @@ def latest_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
     return get_run(run_id, uri).metrics
 
 
-def _eval_columns(metrics: dict[str, float], include_block_evals: bool) -> dict[str, float]:
+def eval_metrics(metrics: dict[str, float], include_block_evals: bool = False) -> dict[str, float]:
+    """The ``eval/<task>/<metric>`` entries of a metrics dict (plus per-block ones if asked)."""
     return {
         k: v for k, v in metrics.items()
         if k.startswith("eval/") and (include_block_evals or _FINAL_EVAL_KEY.match(k))
@@ -276,7 +279,7 @@ def _runs_frame(records: Sequence[RunRecord], include_block_evals: bool = False)
             "parent": r.tags.get(TAG_PARENT),
             "failure_reason": r.tags.get(TAG_FAILURE),
         }
-        row.update(_eval_columns(r.metrics, include_block_evals))
+        row.update(eval_metrics(r.metrics, include_block_evals))
         rows.append(row)
     frame = pd.DataFrame(rows)
     eval_cols = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
@@ -403,9 +406,11 @@ def _histories(c: MlflowClient, run_id: str, keys: Iterable[str]) -> Iterator[tu
 
 
 def _artifact_names(c: MlflowClient, run_id: str) -> set[str]:
+    from mlflow.exceptions import MlflowException
+
     try:
         return {f.path for f in c.list_artifacts(run_id)}
-    except Exception:  # an unreachable artifact store reads as "no artifacts"
+    except (MlflowException, OSError):  # an unreachable artifact store reads as "no artifacts"
         return set()
 
 
@@ -461,7 +466,7 @@ def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
         path = _download(c, run_id, LAYER_METRICS_ARTIFACT, tmp)
         try:
             raw = pd.read_parquet(path)
-        except Exception as err:  # pyarrow raises several types for a corrupt file
+        except (OSError, ValueError) as err:  # pyarrow's errors derive from these
             raise LayerLockError(f"run {run_id}: cannot read {LAYER_METRICS_ARTIFACT}: {_first_line(err)}") from None
     missing = [col for col in ("step", "block", "metric", "value") if col not in raw.columns]
     if missing:
@@ -530,7 +535,8 @@ def log_schedule_artifact(
     artifact_file: str = DERIVED_SCHEDULE_ARTIFACT,
 ) -> str:
     """Validate ``schedule`` and store it as a JSON artifact of the run; returns its artifact URI."""
-    from analysis.schedule import validate_schedule  # pure module; imported here to keep io light
+    # A pure module; imported here so that importing io does not pull in the schedule code.
+    from analysis.schedule import validate_schedule
 
     validate_schedule(schedule)
     c, resolved, run = _fetch_run(run_id, uri)
@@ -574,11 +580,12 @@ def create_run_from_frames(
         ts = 1_700_000_000_000  # fixed timestamps keep re-logged fixtures deterministic
         metrics: list[Any] = []
         if history is not None:
-            metrics += [Metric(m, float(v), ts + int(s), int(s))
-                        for s, m, v in zip(history["step"], history["metric"], history["value"])]
+            cols = (history["step"], history["metric"], history["value"])
+            metrics += [Metric(m, float(v), ts + int(s), int(s)) for s, m, v in zip(*cols, strict=True)]
         if layer_df is not None and layer_history:
+            cols = (layer_df["step"], layer_df["block"], layer_df["metric"], layer_df["value"])
             metrics += [Metric(block_key(m, int(b)), float(v), ts + int(s), int(s))
-                        for s, b, m, v in zip(layer_df["step"], layer_df["block"], layer_df["metric"], layer_df["value"])]
+                        for s, b, m, v in zip(*cols, strict=True)]
         str_params = [Param(k, str(v)) for k, v in (params or {}).items()]
         str_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         # log_batch limits: 1000 metrics, 100 params, 100 tags per call.

@@ -433,8 +433,11 @@ def decode_clip(path: str | Path, frames: int, size: int, max_kept: int = 0) -> 
 @functools.lru_cache(maxsize=1)
 def _decode_folder(files: tuple[tuple[int, str, int, int], ...], frames: int,
                    size: int) -> _DecodedFolder:
-    """Decode every file once. Cached (keyed by path, mtime and byte size of each file) so the
-    train and val splits of one folder share a single decoding pass."""
+    """Decode every file once, with a progress bar on stderr (hidden when not a terminal).
+
+    Cached (keyed by path, mtime and byte size of each file) so the train and val splits of one
+    folder share a single decoding pass; the last decoded folder stays in memory.
+    """
     from tqdm.auto import tqdm
 
     clips, skipped = [], []
@@ -532,7 +535,9 @@ def collate(items: Sequence[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return video, labels
 
 
-def get_batch(ds: ClipDataset, indices: Iterable[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def get_batch(
+    ds: ClipDataset, indices: Iterable[int]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``collate([ds[i] for i in indices])``; ``indices`` may be a list, range or tensor."""
     return collate([ds[int(i)] for i in indices])
 

@@ -154,7 +154,8 @@ def test_photo_pans_pan_moves_content_against_camera() -> None:
             continue
         clip = item["video"].mean(0)  # (T, H, W)
         a, b = clip[0], clip[1]
-        errs = {dx: (a[:, 8 + dx : 24 + dx] - b[:, 8:24]).abs().mean().item() for dx in range(-3, 4)}
+        errs = {dx: (a[:, 8 + dx : 24 + dx] - b[:, 8:24]).abs().mean().item()
+                for dx in range(-3, 4)}
         assert min(errs, key=errs.get) > 0  # b[x] = a[x + dx] with dx > 0: content moved west
         checked += 1
     assert checked >= 2

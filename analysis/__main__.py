@@ -1,0 +1,205 @@
+"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid} ...``.
+
+Library code raises :class:`core.errors.LayerLockError`; this is the only place that turns it
+into one ``error: ...`` line on stderr and exit code 2 (DESIGN.md section 4). Heavy imports
+(mlflow, scipy) happen inside the commands, so ``--help`` and argument errors stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import LayerLockError
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN/NA -> None, numpy scalars -> Python, recursively (json.dumps emits invalid NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy scalar
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    try:
+        import pandas as pd
+
+        if pd.isna(x):
+            return None
+        if isinstance(x, pd.Timestamp):
+            return x.isoformat()
+    except (TypeError, ValueError):
+        pass
+    return str(x)
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), indent=2)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_convergence(args: argparse.Namespace) -> None:
+    from analysis import io
+    from analysis.convergence import convergence_report
+
+    layer_df = io.load_layer_metrics(args.run, args.tracking_uri)
+    report = convergence_report(layer_df, args.method, args.threshold, args.patience, run_id=args.run)
+    if args.json:
+        print(_dump(report))
+        return
+    print(f"run {report['run_id']}  method {report['method']}  metric {report['metric']}  "
+          f"threshold {report['threshold']:g}" + (f"  patience {report['patience']}" if report["patience"] else ""))
+    print(f"{'block':>5}  {'converged_step':>14}")
+    for row in report["blocks"]:
+        step = row["converged_step"]
+        print(f"{row['block']:>5}  {'never' if step is None else step:>14}")
+    rho, tau = report["spearman_rho"], report["kendall_tau"]
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:+.3f}"
+
+    print(f"{report['n_converged']}/{report['n_blocks']} blocks converged by step {report['last_step']}; "
+          f"depth order: spearman rho {fmt(rho)}, kendall tau {fmt(tau)}")
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    from analysis import io
+    from analysis.convergence import RULES, detect_convergence
+    from analysis.schedule import derive_schedule, schedule_with_prediction
+
+    record = io.get_run(args.run, args.tracking_uri)
+    layer_df = io.load_layer_metrics(args.run, args.tracking_uri, metrics=(RULES[args.method]["metric"],))
+    conv = detect_convergence(layer_df, args.method, args.threshold, args.patience)
+    flop_model = io.load_flop_model(args.run, args.tracking_uri)
+    total_steps = args.total_steps or record.param_int("train.steps")
+    if not total_steps:
+        raise LayerLockError(f"run {args.run} has no train.steps param; pass --total-steps")
+    # Depth: the config first, then the flop model, then the blocks that logged metrics.
+    n_blocks = (record.param_int("model.depth") or (flop_model or {}).get("n_blocks")
+                or int(conv.index.max()) + 1)
+    threshold = RULES[args.method]["threshold"] if args.threshold is None else args.threshold
+    source = {"run_id": args.run, "method": args.method, "threshold": threshold}
+    if args.method != "posthoc":
+        source["patience"] = RULES[args.method]["patience"] if args.patience is None else args.patience
+    schedule = derive_schedule(conv, int(n_blocks), int(total_steps), margin=args.margin,
+                               max_frozen=args.max_frozen, quantize=args.quantize, source=source)
+    text = _dump(schedule_with_prediction(schedule, flop_model, int(total_steps)))
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except FileExistsError as err:  # mkdir met a file where a folder should be
+            raise LayerLockError(f"cannot write --out {out}: {err.filename} is not a directory") from None
+        except OSError as err:
+            raise LayerLockError(f"cannot write --out {out}: {err.strerror or err}") from None
+    print(text)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from analysis.compare import compare_runs
+
+    frame = compare_runs(args.runs, args.tracking_uri)
+    if args.json:
+        print(_dump(frame.to_dict(orient="records")))
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print(frame.set_index("run_id").T.to_string())
+
+
+def cmd_freeze_grid(args: argparse.Namespace) -> None:
+    from analysis.compare import freeze_test_grid
+
+    grid = freeze_test_grid(args.parent, args.tracking_uri, tol=args.tol)
+    if args.json:
+        print(_dump(grid.to_dict()))
+        return
+    import pandas as pd
+
+    print(f"baseline final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.3f}")
+    print("final loss / baseline (rows: frozen blocks L, columns: freeze step T)")
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
+        print(grid.ratio.to_string())
+    print("largest converged prefix per T: "
+          + ", ".join(f"T={t}: L={v}" for t, v in grid.max_converged_prefix().items()))
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description="Analyse logged LayerLock Lab runs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convergence", parents=[common], help="per-block convergence steps and the order statistic")
+    conv.add_argument("--run", required=True, help="MLflow run id")
+    conv.add_argument("--method", choices=("posthoc", "online", "gradnorm"), default="posthoc")
+    conv.add_argument("--threshold", type=float, default=None,
+                      help="posthoc: cka_final (0.95); online: cka_prev (0.99); gradnorm: relative change eps (0.05)")
+    conv.add_argument("--patience", type=_non_negative_int, default=None, help="online/gradnorm streak length (3)")
+    conv.add_argument("--json", action="store_true", help="print the report as JSON")
+    conv.set_defaults(func=cmd_convergence)
+
+    sched = sub.add_parser("schedule", parents=[common], help="derive a freezing schedule from a run")
+    sched.add_argument("--run", required=True, help="MLflow run id to derive from")
+    sched.add_argument("--out", default=None, help="write the schedule JSON here (also printed)")
+    sched.add_argument("--method", choices=("posthoc", "online", "gradnorm"), default="posthoc")
+    sched.add_argument("--threshold", type=float, default=None)
+    sched.add_argument("--patience", type=_non_negative_int, default=None)
+    sched.add_argument("--margin", type=_non_negative_int, default=0, help="safety margin in steps (0)")
+    sched.add_argument("--max-frozen", type=_non_negative_int, default=None, help="cap on frozen blocks (n_blocks-1)")
+    sched.add_argument("--quantize", type=_non_negative_int, default=None, help="round stage steps up to a multiple")
+    sched.add_argument("--total-steps", type=_non_negative_int, default=None,
+                       help="horizon (default: the run's train.steps)")
+    sched.set_defaults(func=cmd_schedule)
+
+    comp = sub.add_parser("compare", parents=[common], help="compare runs (loss, FLOPs, wall time, probes, collapse)")
+    comp.add_argument("runs", nargs="+", metavar="RUN_ID")
+    comp.add_argument("--json", action="store_true", help="print JSON records")
+    comp.set_defaults(func=cmd_compare)
+
+    grid = sub.add_parser("freeze-grid", parents=[common], help="freeze-test grid of a parent run")
+    grid.add_argument("--parent", required=True, help="baseline run id whose children are freeze tests")
+    grid.add_argument("--tol", type=float, default=0.02, help="converged if final loss <= (1+tol) x baseline")
+    grid.add_argument("--json", action="store_true")
+    grid.set_defaults(func=cmd_freeze_grid)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LayerLockError as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # Output piped into `head` and cut short: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Counted compute of a training run under a freezing schedule.
+
+The trainer logs ``flop_model.json``: the FLOPs of ONE training step as counted by
+``torch.utils.flop_counter.FlopCounterMode`` for every frozen-prefix length k::
+
+    {"n_blocks": 8, "batch_size": 32, "objective": "pixel",
+     "per_step": {"0": 1.2e9, "1": 1.1e9, ..., "7": 0.4e9}}
+
+A run of ``total_steps`` trains steps ``0 .. total_steps-1``; step t costs
+``per_step[frozen_at(schedule, t)]``. The model is the source run's: a prediction made from an
+MAE (pixel) run does not include the extra target forward that the LayerLock objective adds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.errors import LayerLockError
+
+
+def per_step_flops(flop_model: dict[str, Any]) -> np.ndarray:
+    """``per_step`` as an array indexed by k (keys may be ``"3"`` or ``3``); must be dense from 0."""
+    if not isinstance(flop_model, dict) or not isinstance(flop_model.get("per_step"), dict):
+        raise LayerLockError("flop model: expected a mapping with a 'per_step' mapping {k: flops}")
+    try:
+        table = {int(k): float(v) for k, v in flop_model["per_step"].items()}
+    except (TypeError, ValueError):
+        raise LayerLockError("flop model: 'per_step' keys must be integers k and values numbers") from None
+    if not table:
+        raise LayerLockError("flop model: 'per_step' is empty")
+    missing = sorted(set(range(max(table) + 1)) - set(table))
+    if missing:
+        raise LayerLockError(f"flop model: 'per_step' has no entry for k={missing[0]}")
+    flops = np.array([table[k] for k in range(len(table))], dtype=np.float64)
+    if not np.all(np.isfinite(flops)) or np.any(flops < 0) or flops[0] <= 0:
+        raise LayerLockError("flop model: per-step FLOPs must be finite, non-negative, and positive at k=0")
+    return flops
+
+
+def stage_segments(schedule: dict[str, Any], total_steps: int) -> list[tuple[int, int, int]]:
+    """``[(start, stop, frozen), ...]`` covering steps ``0 .. total_steps-1`` (stop exclusive).
+
+    A stage at step s applies from step s on; before the first stage nothing is frozen.
+    """
+    segments = []
+    start, frozen = 0, 0
+    for stage in schedule.get("stages", []):
+        step = min(int(stage["step"]), total_steps)
+        if step > start:
+            segments.append((start, step, frozen))
+        start, frozen = max(start, step), int(stage["frozen"])
+    if total_steps > start:
+        segments.append((start, total_steps, frozen))
+    return segments
+
+
+def schedule_flops(schedule: dict[str, Any], flop_model: dict[str, Any], total_steps: int) -> float:
+    """Total counted FLOPs of ``total_steps`` training steps under ``schedule``."""
+    flops = per_step_flops(flop_model)
+    total = 0.0
+    for start, stop, frozen in stage_segments(schedule, total_steps):
+        if frozen >= flops.size:
+            raise LayerLockError(f"flop model has no entry for {frozen} frozen blocks (it covers k < {flops.size})")
+        total += (stop - start) * flops[frozen]
+    return total
+
+
+def baseline_flops(flop_model: dict[str, Any], total_steps: int) -> float:
+    """FLOPs of the same run with nothing frozen: ``total_steps * per_step[0]``."""
+    return float(total_steps * per_step_flops(flop_model)[0])
+
+
+def predicted_saving(schedule: dict[str, Any], flop_model: dict[str, Any], total_steps: int) -> float:
+    """``1 - schedule_flops / (total_steps * per_step[0])``: the fraction of compute saved."""
+    if total_steps <= 0:
+        raise LayerLockError(f"total_steps must be positive, got {total_steps}")
+    return 1.0 - schedule_flops(schedule, flop_model, total_steps) / baseline_flops(flop_model, total_steps)

@@ -1,0 +1,197 @@
+"""Freezing schedules: validate, derive from detected convergence, evaluate.
+
+A schedule (DESIGN.md section 4)::
+
+    {"n_blocks": 8, "stages": [{"step": 300, "frozen": 1}, {"step": 500, "frozen": 3}], "source": {...}}
+
+Conventions: ``frozen`` is the length of the frozen prefix (blocks ``0 .. frozen-1``); a stage
+at step s applies to training step s and every later step until the next stage; before the
+first stage nothing is frozen; steps are >= 0 and strictly increase; ``frozen`` never
+decreases and stays <= ``n_blocks - 1`` so at least one block trains. Other top-level keys
+(e.g. ``predicted_flop_saving``) are allowed and kept.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.flops import baseline_flops, predicted_saving, schedule_flops
+from core.errors import ScheduleError
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate_schedule(
+    d: Any,
+    total_steps: int | None = None,
+    n_blocks: int | None = None,
+) -> dict[str, Any]:
+    """Check a schedule and return a normalised copy (plain ints, ``source`` defaulting to {}).
+
+    Raises ScheduleError with one clear message for the first violation found. ``total_steps``
+    (when given) rejects stages at or after the end, which could never take effect;
+    ``n_blocks`` (when given) must match the schedule's.
+    """
+    if not isinstance(d, dict):
+        raise ScheduleError(f"schedule: expected a JSON object, got {type(d).__name__}")
+    for key in ("n_blocks", "stages"):
+        if key not in d:
+            raise ScheduleError(f"schedule: missing key '{key}'")
+    nb = d["n_blocks"]
+    if not _is_int(nb) or nb < 1:
+        raise ScheduleError(f"schedule: n_blocks must be a positive integer, got {nb!r}")
+    if n_blocks is not None and nb != n_blocks:
+        raise ScheduleError(f"schedule: n_blocks={nb} does not match the model's {n_blocks} blocks")
+    if not isinstance(d["stages"], list):
+        raise ScheduleError(f"schedule: stages must be a list, got {type(d['stages']).__name__}")
+    if "source" in d and not isinstance(d["source"], dict):
+        raise ScheduleError("schedule: source must be an object")
+    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+        raise ScheduleError(f"schedule: total_steps must be a positive integer, got {total_steps!r}")
+
+    stages: list[dict[str, int]] = []
+    for i, stage in enumerate(d["stages"]):
+        where = f"schedule: stages[{i}]"
+        if not isinstance(stage, dict):
+            raise ScheduleError(f"{where} must be an object {{step, frozen}}, got {stage!r}")
+        for key in ("step", "frozen"):
+            if key not in stage:
+                raise ScheduleError(f"{where} is missing '{key}'")
+            if not _is_int(stage[key]):
+                raise ScheduleError(f"{where}.{key} must be an integer, got {stage[key]!r}")
+            if stage[key] < 0:
+                raise ScheduleError(f"{where}.{key}={stage[key]} is negative")
+        extra = set(stage) - {"step", "frozen"}
+        if extra:
+            raise ScheduleError(f"{where} has unknown key(s) {', '.join(sorted(extra))}")
+        step, frozen = int(stage["step"]), int(stage["frozen"])
+        if frozen > nb - 1:
+            raise ScheduleError(f"{where}.frozen={frozen} leaves no block trainable (n_blocks={nb}; at most {nb - 1})")
+        if total_steps is not None and step >= total_steps:
+            raise ScheduleError(f"{where}.step={step} is at or after the end of training (total_steps={total_steps})")
+        if stages:
+            prev = stages[-1]
+            if step <= prev["step"]:
+                raise ScheduleError(f"{where}.step={step} is not after stages[{i - 1}].step={prev['step']} "
+                                    "(steps must strictly increase)")
+            if frozen < prev["frozen"]:
+                raise ScheduleError(f"{where}.frozen={frozen} is below stages[{i - 1}].frozen={prev['frozen']} "
+                                    "(blocks cannot unfreeze)")
+        stages.append({"step": step, "frozen": frozen})
+
+    out = dict(d)
+    out["n_blocks"] = int(nb)
+    out["stages"] = stages
+    out["source"] = dict(d.get("source") or {})
+    return out
+
+
+def frozen_at(schedule: dict[str, Any], step: int) -> int:
+    """Frozen-prefix length in force at training step ``step``."""
+    steps = [s["step"] for s in schedule["stages"]]
+    i = bisect.bisect_right(steps, step)
+    return int(schedule["stages"][i - 1]["frozen"]) if i else 0
+
+
+def frozen_curve(schedule: dict[str, Any], total_steps: int) -> np.ndarray:
+    """``frozen_at`` for every step ``0 .. total_steps-1``: int64 array of shape (total_steps,)."""
+    stages = schedule["stages"]
+    steps = np.array([s["step"] for s in stages], dtype=np.int64)
+    values = np.array([0] + [s["frozen"] for s in stages], dtype=np.int64)
+    return values[np.searchsorted(steps, np.arange(total_steps), side="right")]
+
+
+def derive_schedule(
+    conv: pd.Series,
+    n_blocks: int,
+    total_steps: int,
+    margin: int = 0,
+    max_frozen: int | None = None,
+    quantize: int | None = None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Monotone-prefix schedule from per-block convergence steps.
+
+    Prefix k (blocks ``0 .. k-1``) freezes at ``max(conv[0..k-1]) + margin`` steps, rounded
+    UP to a multiple of ``quantize`` when given, so no block freezes before it (and every
+    block below it) converged. Derivation stops at the first block that never converged
+    (``<NA>``; a block absent from ``conv`` counts as never), at ``max_frozen`` (default and
+    hard cap: ``n_blocks - 1``, one block always trains), and at the first stage that would
+    fall at or after ``total_steps``. Stages landing on the same step merge into the largest
+    prefix. ``margin`` is in steps.
+    """
+    if not _is_int(n_blocks) or n_blocks < 1:
+        raise ScheduleError(f"n_blocks must be a positive integer, got {n_blocks!r}")
+    if not _is_int(total_steps) or total_steps < 1:
+        raise ScheduleError(f"total_steps must be a positive integer, got {total_steps!r}")
+    if not _is_int(margin) or margin < 0:
+        raise ScheduleError(f"margin must be a non-negative integer number of steps, got {margin!r}")
+    if quantize is not None and (not _is_int(quantize) or quantize < 1):
+        raise ScheduleError(f"quantize must be a positive integer, got {quantize!r}")
+    if max_frozen is not None and (not _is_int(max_frozen) or max_frozen < 0):
+        raise ScheduleError(f"max_frozen must be a non-negative integer, got {max_frozen!r}")
+    cap = n_blocks - 1 if max_frozen is None else min(int(max_frozen), n_blocks - 1)
+
+    stages: list[dict[str, int]] = []
+    ready = -1  # latest convergence step among blocks 0..k-1
+    for k in range(1, cap + 1):
+        step = conv.get(k - 1, pd.NA)
+        if pd.isna(step):
+            break  # a prefix can only grow through converged blocks
+        ready = max(ready, int(step))
+        at = ready + int(margin)
+        if quantize:
+            at = math.ceil(at / quantize) * quantize
+        if at >= total_steps:
+            break  # later prefixes are ready no earlier
+        if stages and stages[-1]["step"] == at:
+            stages[-1]["frozen"] = k  # same step: keep the largest prefix
+        else:
+            stages.append({"step": at, "frozen": k})
+
+    meta = {"rule": "monotone_prefix", "margin": int(margin), "max_frozen": cap,
+            "quantize": quantize, "total_steps": int(total_steps)}
+    return validate_schedule(
+        {"n_blocks": int(n_blocks), "stages": stages, "source": {**meta, **(source or {})}},
+        total_steps=total_steps,
+    )
+
+
+def schedule_with_prediction(
+    schedule: dict[str, Any],
+    flop_model: dict[str, Any] | None,
+    total_steps: int,
+) -> dict[str, Any]:
+    """The schedule plus top-level predictions (what ``python -m analysis schedule`` writes).
+
+    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``) and
+    ``predicted_time_saving``. Time is ASSUMED proportional to counted FLOPs, so the two are
+    equal; the measured ratio of step time to FLOPs is what ``python -m experiments bench
+    freezing`` reports. Both are None without a flop model. ``prediction`` holds the totals.
+    """
+    out = validate_schedule(schedule)
+    if flop_model is None:
+        out.update(predicted_flop_saving=None, predicted_time_saving=None,
+                   prediction={"total_steps": int(total_steps), "note": "run has no flop_model.json"})
+        return out
+    saving = predicted_saving(out, flop_model, total_steps)
+    out.update(
+        predicted_flop_saving=saving,
+        predicted_time_saving=saving,
+        prediction={
+            "total_steps": int(total_steps),
+            "flops": schedule_flops(out, flop_model, total_steps),
+            "baseline_flops": baseline_flops(flop_model, total_steps),
+            "flop_model_objective": flop_model.get("objective"),
+            "time_model": "proportional to counted FLOPs",
+        },
+    )
+    return out

@@ -1,0 +1,171 @@
+"""Synthetic runs with KNOWN per-block convergence, for tests and dashboard demos.
+
+Everything here is a pure function of its arguments and a seed (no MLflow, no torch); log the
+frames with :func:`analysis.io.create_run_from_frames`.
+
+Ground truth of :func:`synthetic_layer_metrics` for a block with convergence step ``c``:
+
+- ``cka_final`` stays <= 0.87 before ``c`` (one transient spike to 0.97 near ``c/2`` when
+  ``dips``), then >= 0.955 from ``c`` on, and is exactly 1.0 at the last probe. The post-hoc
+  rule must return the first probe step >= ``c``.
+- ``cka_prev`` at probe s is >= 0.991 iff the previous probe s-P is >= ``c`` (both compared
+  feature sets are post-convergence), else <= 0.98 (one isolated spike to 0.996 near ``c/2``
+  when ``dips``). At step 0 it is 1.0 (no predecessor; the rule must ignore it).
+- ``grad_norm`` (log steps) decays as ``exp(0.003 * (c - t))`` before ``c`` (a 14% drop per
+  50 steps) and is flat at 1 after, with 2% multiplicative noise.
+
+A block with ``c = None`` never converges: ``cka_final`` stays <= 0.9 until the last probe,
+``cka_prev`` <= 0.98, and ``grad_norm`` keeps growing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.schedule import frozen_curve
+
+GRAD_DECAY = 0.003  # per step; see the module docstring
+
+
+def probe_steps(total_steps: int, probe_every: int) -> np.ndarray:
+    """Probes at 0, P, 2P, ... and at ``total_steps`` (after the last update)."""
+    steps = np.arange(0, total_steps + 1, probe_every)
+    return steps if steps[-1] == total_steps else np.append(steps, total_steps)
+
+
+def log_steps(total_steps: int, log_every: int) -> np.ndarray:
+    """Training steps 0 .. total_steps-1 that log run-level metrics."""
+    return np.arange(0, total_steps, log_every)
+
+
+def synthetic_layer_metrics(
+    conv_steps: Sequence[int | None],
+    total_steps: int = 600,
+    probe_every: int = 50,
+    log_every: int = 10,
+    seed: int = 0,
+    dips: bool = True,
+    collapse: bool = False,
+    run_id: str = "synthetic",
+) -> pd.DataFrame:
+    """Tidy per-block metrics (``run_id, step, block, metric, value``), block b converging at
+    ``conv_steps[b]`` (None: never). ``collapse`` makes ``eff_rank``/``feat_std`` fall to ~0
+    as a naive-latent run's would."""
+    rng = np.random.default_rng(seed)
+    probes = probe_steps(total_steps, probe_every)
+    logs = log_steps(total_steps, log_every)
+    last = probes[-1]
+    rows: list[tuple[int, int, str, float]] = []
+
+    def add(block: int, metric: str, steps: np.ndarray, values: np.ndarray) -> None:
+        rows.extend((int(s), block, metric, float(v)) for s, v in zip(steps, values, strict=True))
+
+    for b, c in enumerate(conv_steps):
+        noise = rng.normal(0.0, 1.0, size=(4, probes.size))
+        if c is None:
+            final = np.clip(0.4 + 0.4 * probes / last + 0.02 * noise[0], 0.0, 0.9)
+            prev = np.clip(0.9 + 0.03 * noise[1], 0.0, 0.98)
+            init = np.clip(1.0 - 0.6 * probes / last, 0.0, 1.0)
+            grad = np.exp(GRAD_DECAY * logs)
+        else:
+            after = probes >= c
+            final = np.where(
+                after,
+                np.clip(0.965 + 0.035 * (probes - c) / max(last - c, 1) + 0.005 * noise[0], 0.955, 1.0),
+                np.clip(0.3 + 0.55 * probes / max(c, 1) + 0.01 * noise[0], 0.0, 0.87),
+            )
+            stable = (probes - probe_every) >= c
+            prev = np.where(stable, np.clip(0.995 + 0.002 * noise[1], 0.991, 1.0),
+                            np.clip(0.9 + 0.03 * noise[1], 0.0, 0.98))
+            if dips:
+                spike = int(np.argmin(np.abs(probes - c / 2)))
+                if probes[spike] + probe_every < c and spike > 0:  # stays strictly pre-convergence
+                    final[spike] = 0.97
+                    prev[spike] = 0.996
+            init = np.clip(1.0 - 0.6 * np.minimum(probes, c) / max(c, 1), 0.0, 1.0)
+            grad = np.exp(GRAD_DECAY * np.maximum(c - logs, 0))
+        final[-1] = 1.0  # the last probe is compared with itself
+        prev[0] = 1.0  # no predecessor at step 0
+        grad = grad * (1.0 + 0.02 * rng.normal(size=logs.size))
+        if collapse:
+            eff_rank = 1.0 + 15.0 * np.exp(-probes / (0.2 * last)) + 0.05 * np.abs(noise[2])
+            feat_std = 0.01 + np.exp(-probes / (0.2 * last))
+        else:
+            eff_rank = 16.0 + 0.5 * noise[2]
+            feat_std = 1.0 + 0.02 * noise[3]
+        add(b, "cka_final", probes, final)
+        add(b, "cka_prev", probes, prev)
+        add(b, "cka_init", probes, init)
+        add(b, "eff_rank", probes, eff_rank)
+        add(b, "feat_std", probes, feat_std)
+        add(b, "grad_norm", logs, grad)
+        add(b, "update_ratio", logs, 1e-3 * grad / grad[0])
+
+    frame = pd.DataFrame(rows, columns=["step", "block", "metric", "value"])
+    frame.insert(0, "run_id", run_id)
+    return frame.sort_values(["metric", "block", "step"], kind="stable").reset_index(drop=True)
+
+
+def synthetic_flop_model(
+    n_blocks: int,
+    block_forward: float = 1.0e8,
+    other: float = 2.0e8,
+    batch_size: int = 32,
+    objective: str = "pixel",
+) -> dict[str, Any]:
+    """A flop model in the trainer's format: each block costs ``block_forward`` forward and
+    twice that backward (the usual 1:2 ratio); freezing k blocks saves their backward.
+    ``other`` stands for embedding, decoder and loss (always trained)."""
+    full = n_blocks * 3 * block_forward + other
+    return {
+        "n_blocks": n_blocks,
+        "batch_size": batch_size,
+        "objective": objective,
+        "per_step": {str(k): full - 2 * block_forward * k for k in range(n_blocks)},
+    }
+
+
+def synthetic_history(
+    total_steps: int,
+    log_every: int = 10,
+    flop_model: dict[str, Any] | None = None,
+    schedule: dict[str, Any] | None = None,
+    loss_start: float = 1.0,
+    loss_end: float = 0.3,
+    seconds_per_flop: float = 1e-11,
+    seed: int = 0,
+    run_id: str = "synthetic",
+) -> pd.DataFrame:
+    """Tidy run-level history (``run_id, step, metric, value``) with the trainer's keys.
+
+    ``train/loss`` decays exponentially from ``loss_start`` to about ``loss_end`` with 1% noise;
+    ``train/flops`` is cumulative through the logged step (inclusive) under ``schedule``;
+    ``train/wall_s`` is proportional to it.
+    """
+    rng = np.random.default_rng(seed)
+    steps = log_steps(total_steps, log_every)
+    sched = schedule or {"n_blocks": 1, "stages": []}
+    frozen = frozen_curve(sched, total_steps)
+    fm = flop_model or synthetic_flop_model(max(int(sched["n_blocks"]), 1))
+    per_k = np.array([fm["per_step"][str(k)] for k in range(len(fm["per_step"]))], dtype=float)
+    cumulative = np.cumsum(per_k[frozen])[steps]
+    loss = loss_end + (loss_start - loss_end) * np.exp(-5.0 * steps / total_steps)
+    loss = loss * (1.0 + 0.01 * rng.normal(size=steps.size))
+    columns = {
+        "train/loss": loss,
+        "train/loss_pixel": loss,
+        "train/lr": np.full(steps.size, 1.5e-3),
+        "train/frozen_blocks": frozen[steps].astype(float),
+        "train/flops": cumulative,
+        "train/wall_s": cumulative * seconds_per_flop,
+    }
+    frame = pd.DataFrame(
+        [(int(s), k, float(v)) for k, values in columns.items() for s, v in zip(steps, values, strict=True)],
+        columns=["step", "metric", "value"],
+    )
+    frame.insert(0, "run_id", run_id)
+    return frame.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,424 @@
+"""Downstream readouts on a frozen encoder: attentive, linear and dense (depth) probes.
+
+The paper evaluates representations with cross-attention ("attentive") readouts on frozen
+features; we do the same at toy scale. The encoder runs once per split (:func:`extract_features`,
+eval mode, no_grad, unmasked clips) and its token features are cached on the CPU, so fitting a
+probe (:func:`fit_probe`) only trains a small head on ``(n, N, D)`` tensors -- a second or two.
+
+Pure torch, no MLflow: ``experiments/evaluate.py`` loads runs and logs the metrics.
+
+Conventions:
+
+- Token order is the model's (t, h, w) grid order (``core.model.VideoMAE.patchify``), so dense
+  targets pooled with :func:`pool_dense_targets` line up with the tokens.
+- Layer keys of cached features: ``"final"`` = the encoder output after its final LayerNorm;
+  an ``int`` i = the raw output of ``model.blocks[i]`` (0-based).
+- Metric keys of :func:`evaluate_encoder` follow DESIGN.md section 4: ``eval/<task>/<metric>``
+  and ``eval/<task>/block_03/<metric>``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.config import ExperimentConfig, Geometry
+from core.data import ClipDataset, Task, build_dataset, get_batch
+from core.errors import LayerLockError
+
+ProbeKind = Literal["attentive", "linear", "dense"]
+LayerKey = str | int  # "final" or a 0-based block index
+MIN_DEPTH = 1e-3  # predictions are clamped to this before relative depth metrics
+
+
+# ----------------------------------------------------------------------------- probe heads
+
+def _fit_heads(dim: int, heads: int) -> int:
+    """Largest head count <= ``heads`` that divides ``dim`` (nn.MultiheadAttention needs one)."""
+    return max(h for h in range(1, max(heads, 1) + 1) if dim % h == 0)
+
+
+class AttentiveProbe(nn.Module):
+    """Cross-attention readout: learned queries attend over frozen tokens, then a linear head.
+
+    ``tokens (B, N, dim)`` -> ``logits (B, n_out)``. The tokens are layer-normalised (frozen
+    features of different blocks have very different scales); each of the ``n_queries`` learned
+    queries pools the tokens with ``heads``-head attention, the pooled vectors are concatenated,
+    normalised and mapped to the outputs. Several queries let the head compare what it pooled
+    from different places (e.g. the digit early and late in the clip for its direction).
+    """
+
+    def __init__(self, *, dim: int, n_out: int, heads: int = 4, n_queries: int = 4) -> None:
+        super().__init__()
+        self.token_norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.randn(1, n_queries, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, _fit_heads(dim, heads), batch_first=True)
+        self.out_norm = nn.LayerNorm(n_queries * dim)
+        self.head = nn.Linear(n_queries * dim, n_out)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.token_norm(tokens)                                  # (B, N, D)
+        q = self.query.expand(tokens.shape[0], -1, -1)                # (B, Q, D)
+        pooled, _ = self.attn(q, kv, kv, need_weights=False)          # (B, Q, D)
+        return self.head(self.out_norm(pooled.flatten(1)))            # (B, n_out)
+
+
+class LinearProbe(nn.Module):
+    """Mean-pooled tokens -> LayerNorm without affine (standardises features) -> Linear.
+
+    ``tokens (B, N, dim)`` -> ``logits (B, n_out)``.
+    """
+
+    def __init__(self, *, dim: int, n_out: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.head = nn.Linear(dim, n_out)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(tokens.mean(dim=1)))
+
+
+class DenseProbe(nn.Module):
+    """Per-token linear head: ``tokens (B, N, dim)`` -> one value per token ``(B, N)``.
+
+    Used for depth: each token predicts the mean depth of its tubelet's pixels
+    (see :func:`pool_dense_targets`).
+    """
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(tokens)).squeeze(-1)
+
+
+def pool_dense_targets(maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Per-pixel maps ``(B, T, H, W)`` -> per-token means ``(B, N)`` in the model's token order.
+
+    Averages over each tubelet (``tubelet`` frames x ``patch`` x ``patch`` pixels), the same cells
+    the patch embedding sees; flattening the (t, h, w) grid matches ``VideoMAE.patchify``.
+    """
+    g = geometry
+    pooled = F.avg_pool3d(maps.unsqueeze(1).float(), kernel_size=(g.tubelet, g.patch, g.patch))
+    return pooled.flatten(1)                                          # (B, t*h*w)
+
+
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    """AbsRel = mean(|pred - gt| / gt); delta1 = fraction with max(pred/gt, gt/pred) < 1.25.
+
+    ``pred`` is clamped to ``MIN_DEPTH`` first so the ratios are defined.
+    """
+    pred = pred.clamp_min(MIN_DEPTH)
+    ratio = torch.maximum(pred / gt, gt / pred)
+    return {"absrel": float(((pred - gt).abs() / gt).mean()), "delta1": float((ratio < 1.25).float().mean())}
+
+
+def build_probe(kind: ProbeKind, *, dim: int, n_classes: int | None = None, heads: int = 4,
+                n_queries: int = 4) -> nn.Module:
+    if kind == "dense":
+        return DenseProbe(dim=dim)
+    if n_classes is None:
+        raise ValueError(f"a {kind} probe needs n_classes")
+    if kind == "attentive":
+        return AttentiveProbe(dim=dim, n_out=n_classes, heads=heads, n_queries=n_queries)
+    if kind == "linear":
+        return LinearProbe(dim=dim, n_out=n_classes)
+    raise ValueError(f"unknown probe kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- features
+
+def _layer_keys(block: None | int | str, depth: int) -> list[LayerKey]:
+    if block is None:
+        return ["final"]
+    if block == "all":
+        return list(range(depth))
+    if isinstance(block, int) and not isinstance(block, bool):
+        if not -depth <= block < depth:
+            raise LayerLockError(f"block {block} out of range for an encoder of depth {depth}")
+        return [block % depth]
+    raise LayerLockError(f"block must be None, an int or 'all', got {block!r}")
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], *,
+                     block: None | int | str = None, device: torch.device | str | None = None,
+                     batch_size: int = 64, progress: bool = True,
+                     total: int | None = None) -> dict[LayerKey, torch.Tensor]:
+    """Run the frozen encoder once over clips and cache token features on the CPU (float32).
+
+    ``videos``: one tensor ``(n, 3, T, H, W)`` (split into ``batch_size`` chunks) or an iterable of
+    ``(B, 3, T, H, W)`` batches. ``block``: None -> ``{"final": ...}`` (output after the final
+    norm); int i -> ``{i: ...}`` (raw output of ``model.blocks[i]``); "all" -> ``{0: ..., ...,
+    depth-1: ...}`` (every block). Each value is ``(n, N, D)``. The model runs in eval mode on
+    unmasked clips and is put back in its previous mode afterwards. ``total``: number of batches
+    for the progress bar when ``videos`` is a generator.
+    """
+    keys = _layer_keys(block, len(model.blocks))
+    if isinstance(videos, torch.Tensor):
+        total = math.ceil(len(videos) / batch_size)
+        videos = videos.split(batch_size)
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[LayerKey, list[torch.Tensor]] = {k: [] for k in keys}
+    try:
+        for video in tqdm(videos, total=total, desc="features", unit="batch", leave=False,
+                          disable=not progress):
+            final, blocks = model.forward_encoder(video.to(device), None, return_blocks=True)
+            for k in keys:
+                feats = final if k == "final" else blocks[k]
+                out[k].append(feats.float().cpu())
+    finally:
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- fitting
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Hyper-parameters of one probe fit (defaults sized for a 2-core CPU, ~1-3 s per fit)."""
+
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    heads: int = 4
+    n_queries: int = 4
+
+
+def _eval_batches(module: nn.Module, feats: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([module(chunk) for chunk in feats.split(batch_size)])
+
+
+def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
+              val_feats: torch.Tensor, val_labels: torch.Tensor, *, n_classes: int | None = None,
+              epochs: int = 40, lr: float = 2e-3, weight_decay: float = 0.05, batch_size: int = 64,
+              seed: int = 0, heads: int = 4, n_queries: int = 4) -> dict[str, float]:
+    """Train one probe on cached features and return its validation metrics.
+
+    Features are ``(n, N, D)``. ``kind`` "attentive" / "linear": labels ``(n,)`` int64, returns
+    ``{"acc"}``; "dense": labels ``(n, N)`` per-token targets (depth), returns ``{"absrel",
+    "delta1"}``. AdamW with a cosine-decayed learning rate; the initialisation and minibatch
+    order come from ``seed`` only (the global RNG is left untouched), so a fit is reproducible.
+    """
+    if len(train_feats) != len(train_labels) or len(val_feats) != len(val_labels):
+        raise ValueError("features and labels differ in length")
+    dim = train_feats.shape[-1]
+    if kind != "dense" and n_classes is None:
+        n_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = build_probe(kind, dim=dim, n_classes=n_classes, heads=heads, n_queries=n_queries)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    n = len(train_feats)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    train_labels = train_labels.float() if kind == "dense" else train_labels.long()
+
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for idx in order.split(batch_size):
+            out = probe(train_feats[idx])
+            if kind == "dense":
+                # L1 on depth: the metric (AbsRel) is a relative L1, and L1 is robust to the
+                # many background tokens dominating a squared loss.
+                loss = F.l1_loss(out, train_labels[idx])
+            else:
+                loss = F.cross_entropy(out, train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    probe.eval()
+    with torch.no_grad():
+        pred = _eval_batches(probe, val_feats)
+    if kind == "dense":
+        return depth_metrics(pred, val_labels.float())
+    return {"acc": float((pred.argmax(-1) == val_labels).float().mean())}
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+@dataclass
+class EvalData:
+    """Probe clips of one dataset: ``train`` clips fit the probes, ``val`` clips score them.
+
+    ``*_video``: ``(n, 3, T, H, W)``; ``*_labels[task]``: ``(n,)`` int64 for class tasks,
+    ``(n, N)`` per-token targets for dense tasks (already pooled to the token grid).
+    Built once and reusable across encoders (an MAE run, a LayerLock run, a random init), so
+    every encoder is scored on exactly the same clips.
+    """
+
+    tasks: dict[str, Task]
+    geometry: Geometry
+    train_video: torch.Tensor
+    train_labels: dict[str, torch.Tensor]
+    val_video: torch.Tensor
+    val_labels: dict[str, torch.Tensor]
+    info: dict[str, float] = field(default_factory=dict)
+
+    def chance(self, task: str) -> dict[str, float]:
+        """Chance-level metrics of a task on the val clips.
+
+        Class tasks: ``1 / n_classes``. Dense tasks: the metrics of the best constant predictor
+        (the median of the train targets), i.e. what a probe gets without using the features.
+        """
+        t = self.tasks[task]
+        if t.kind == "class":
+            return {"acc": 1.0 / t.n_classes}
+        const = self.train_labels[task].median()
+        return depth_metrics(torch.full_like(self.val_labels[task], float(const)), self.val_labels[task])
+
+
+def default_clips(cfg: ExperimentConfig) -> tuple[int, int]:
+    """Probe clip counts: 1024 train / 256 val, fewer when the dataset is smaller."""
+    return min(1024, cfg.data.train_clips), min(256, cfg.data.val_clips)
+
+
+def _collect(ds: ClipDataset, n: int, tasks: dict[str, Task], geometry: Geometry,
+             progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    videos: list[torch.Tensor] = []
+    labels: dict[str, list[torch.Tensor]] = {k: [] for k in tasks}
+    for start in tqdm(range(0, n, 128), desc=desc, unit="batch", leave=False, disable=not progress):
+        video, lab = get_batch(ds, range(start, min(start + 128, n)))
+        videos.append(video)
+        for k, task in tasks.items():
+            y = lab[k]
+            labels[k].append(pool_dense_targets(y, geometry) if task.kind == "dense" else y)
+    return torch.cat(videos), {k: torch.cat(v) for k, v in labels.items()}
+
+
+def load_eval_data(cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
+                   train_clips: int | None = None, val_clips: int | None = None,
+                   progress: bool = True) -> EvalData:
+    """Draw the probe clips of ``cfg.data``: the first ``train_clips`` items of the "train" split
+    and the first ``val_clips`` of the "val" split.
+
+    The procedural datasets seed item i by ``(data.seed, split, i)``, so "the first n items" is a
+    fixed random subset; their val split uses held-out source images, never seen by a probe in
+    training. ``tasks`` restricts the tasks (default: all of the dataset's); an unknown name
+    raises LayerLockError listing the valid ones.
+    """
+    t0 = time.perf_counter()
+    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    chosen = select_tasks(train_ds.tasks, tasks)
+    d_train, d_val = default_clips(cfg)
+    n_train = min(train_clips or d_train, len(train_ds))
+    n_val = min(val_clips or d_val, len(val_ds))
+    if n_train < 1 or n_val < 1:
+        raise LayerLockError(f"need at least one train and one val clip (have {n_train} / {n_val})")
+    g = cfg.geometry
+    tv, tl = _collect(train_ds, n_train, chosen, g, progress, "probe train clips")
+    vv, vl = _collect(val_ds, n_val, chosen, g, progress, "probe val clips")
+    return EvalData(tasks=chosen, geometry=g, train_video=tv, train_labels=tl, val_video=vv,
+                    val_labels=vl, info={"data_s": time.perf_counter() - t0})
+
+
+def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dict[str, Task]:
+    """The tasks named (in the order given), or all; unknown names raise LayerLockError."""
+    if not names:
+        return dict(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise LayerLockError(f"unknown task {', '.join(repr(n) for n in unknown)}; "
+                             f"this dataset has: {', '.join(available)}")
+    return {n: available[n] for n in names}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+# Per-block sweeps fit depth x tasks probes, so they use a lighter attentive probe: a third of
+# the epochs and a single query. Good enough to rank blocks; the headline numbers come from the
+# full probe on the final output.
+BLOCK_SETTINGS = ProbeSettings(epochs=15, n_queries=1)
+
+
+def _fit_task(kind: ProbeKind, task: Task, train: torch.Tensor, val: torch.Tensor, data: EvalData,
+              settings: ProbeSettings, seed: int) -> dict[str, float]:
+    s = settings
+    return fit_probe("dense" if task.kind == "dense" else kind, train, data.train_labels[task.name],
+                     val, data.val_labels[task.name], n_classes=task.n_classes, epochs=s.epochs,
+                     lr=s.lr, weight_decay=s.weight_decay, batch_size=s.batch_size, seed=seed,
+                     heads=s.heads, n_queries=s.n_queries)
+
+
+def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
+                     per_block: bool = False, probe: Literal["attentive", "linear", "both"] = "attentive",
+                     train_clips: int | None = None, val_clips: int | None = None, seed: int = 0,
+                     data: EvalData | None = None, settings: ProbeSettings = ProbeSettings(),
+                     block_settings: ProbeSettings = BLOCK_SETTINGS, device: torch.device | str | None = None,
+                     progress: bool = True) -> dict[str, float]:
+    """Probe a frozen encoder on every task of its dataset; returns ``{metric key: value}``.
+
+    Keys: ``eval/<task>/<metric>`` for the attentive probe on the final (normed) encoder output
+    (``acc`` for class tasks, ``absrel`` and ``delta1`` for depth); with ``probe`` "linear" or
+    "both", ``eval/<task>/linear_acc`` (mean-pooled linear probe; with "linear" alone the
+    attentive keys are left out); with ``per_block``, ``eval/<task>/block_03/<metric>`` for every
+    block's raw output using the lighter ``block_settings`` probe. Dense tasks always use the
+    per-token dense probe. ``data`` reuses clips drawn by :func:`load_eval_data` (otherwise they
+    are drawn here from ``cfg.data``).
+    """
+    if probe not in ("attentive", "linear", "both"):
+        raise LayerLockError(f"probe must be attentive, linear or both, got {probe!r}")
+    if data is None:
+        data = load_eval_data(cfg, tasks, train_clips=train_clips, val_clips=val_clips, progress=progress)
+    chosen = select_tasks(data.tasks, tasks)
+    block = "all" if per_block else None
+    feats_train = extract_features(model, data.train_video, block=block, device=device, progress=progress)
+    feats_val = extract_features(model, data.val_video, block=block, device=device, progress=progress)
+    if per_block:  # "all" returns raw block outputs; the headline probe reads the normed output
+        extra_t = extract_features(model, data.train_video, device=device, progress=progress)
+        extra_v = extract_features(model, data.val_video, device=device, progress=progress)
+        feats_train.update(extra_t)
+        feats_val.update(extra_v)
+
+    out: dict[str, float] = {}
+    for name, task in chosen.items():
+        ft, fv = feats_train["final"], feats_val["final"]
+        if task.kind == "dense" or probe in ("attentive", "both"):
+            for metric, value in _fit_task("attentive", task, ft, fv, data, settings, seed).items():
+                out[f"eval/{name}/{metric}"] = value
+        if task.kind == "class" and probe in ("linear", "both"):
+            out[f"eval/{name}/linear_acc"] = _fit_task("linear", task, ft, fv, data, settings, seed)["acc"]
+        if per_block:
+            for i in range(len(model.blocks)):
+                res = _fit_task("attentive", task, feats_train[i], feats_val[i], data, block_settings, seed)
+                for metric, value in res.items():
+                    out[f"eval/{name}/block_{i:02d}/{metric}"] = value
+    return out
+
+
+__all__ = [
+    "AttentiveProbe",
+    "BLOCK_SETTINGS",
+    "DenseProbe",
+    "EvalData",
+    "LinearProbe",
+    "ProbeSettings",
+    "build_probe",
+    "default_clips",
+    "depth_metrics",
+    "evaluate_encoder",
+    "extract_features",
+    "fit_probe",
+    "load_eval_data",
+    "pool_dense_targets",
+    "select_tasks",
+]

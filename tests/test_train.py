@@ -1,0 +1,140 @@
+"""Trainer: smoke run of the entry point, kill + resume equivalence, NaN handling, logged keys."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from core.config import ExperimentConfig
+from core.errors import TrainingDiverged
+from core.train import load_run_checkpoint, train
+from tests.conftest import ROOT, run_cli, tiny_dict
+
+
+def test_pretrain_entry_point_smoke(tmp_path, store):
+    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
+                   "--set", "train.steps=6", "--set", "train.batch_size=4", "--set", "probe.every=3",
+                   "--set", "train.checkpoint_every=3", "--set", "train.log_every=2", "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = proc.stdout.strip().splitlines()[-1]
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["layerlock.method"] == "mae" and run.data.tags["layerlock.dataset"] == "moving_digits"
+    assert run.data.params["model.depth"] == "8" and run.data.params["train.steps"] == "6"
+    for key in ("train/loss", "train/loss_pixel", "train/lr", "train/frozen_blocks", "train/step_ms",
+                "train/clips_per_s", "train/flops", "train/wall_s", "cka_final/block_00", "grad_norm/block_07"):
+        assert key in run.data.metrics, key
+    names = {f.path for f in client.list_artifacts(run_id)}
+    assert {"config.yaml", "flop_model.json", "layer_metrics.parquet", "checkpoints", "probe"} <= names
+
+
+def _final_weights(run_id: str, store: str) -> dict:
+    return load_run_checkpoint(run_id, tracking_uri=store)["model"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, store):
+    sets = ["--set", "train.steps=120", "--set", "train.batch_size=8", "--set", "train.checkpoint_every=20",
+            "--set", "probe.every=20", "--set", "train.log_every=5"]
+    base = [sys.executable, "-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
+            *sets, "--tracking-uri", store]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pattern = str(tmp_path / "mlartifacts" / "**" / "checkpoints" / "step_000040.pt")
+    deadline = time.time() + 240
+    while not glob.glob(pattern, recursive=True) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    client = MlflowClient(store)
+    killed = client.search_runs([client.get_experiment_by_name("layerlock").experiment_id])[0]
+    run_id = killed.info.run_id
+    done_before = max(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert done_before < 119
+
+    resumed = run_cli("-m", "experiments", "pretrain", "--resume", run_id, "--tracking-uri", store)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.strip().splitlines()[-1] == run_id
+
+    straight = run_cli(*base[1:])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    other_id = straight.stdout.strip().splitlines()[-1]
+
+    a, b = _final_weights(run_id, store), _final_weights(other_id, store)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run ended at different weights"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("train/loss", "cka_prev/block_03", "grad_norm/block_05", "train/frozen_blocks"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has repeated steps"
+        ref = sorted(m.step for m in client.get_metric_history(other_id, key))
+        assert sorted(steps) == ref, key
+
+
+def test_nan_loss_fails_run_and_keeps_metrics(monkeypatch, store):
+    import core.objectives as objectives
+    import core.train as train_mod
+
+    real = objectives.compute_losses
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "compute_losses", flaky)
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+    with pytest.raises(TrainingDiverged, match="step 5"):
+        train(cfg, tracking_uri=store, progress=False)
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("layerlock").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert "nan" in run.data.tags["layerlock.failure_reason"]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2
+
+
+def test_layerlock_logs_latent_loss_only_after_first_freeze(store):
+    cfg = ExperimentConfig.model_validate(tiny_dict(
+        objective={"name": "layerlock"},
+        freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
+        train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1}))
+    result = train(cfg, tracking_uri=store, progress=False)
+    client = MlflowClient(store)
+    latent = client.get_metric_history(result.run_id, "train/loss_latent")
+    assert latent and min(m.step for m in latent) == 6
+    frozen = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/frozen_blocks")}
+    assert frozen[5] == 0 and frozen[6] == 1 and frozen[11] == 2
+    assert {f.path for f in client.list_artifacts(result.run_id)} >= {"schedule.json"}
+    assert client.get_run(result.run_id).data.tags["layerlock.method"] == "layerlock"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "model.dpth=2"], "unknown config key 'model.dpth'"),
+    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=imagenet"], "data.name"),
+    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "train.lr=-1"], "train.lr"),
+    (["--config", "no/such.yaml"], "config file not found"),
+    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "freeze.schedule=/no/such.json"],
+     "schedule file not found"),
+    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=video_folder",
+      "--set", "data.root=/no/such/folder"], "/no/such/folder"),
+    (["--resume", "0123456789abcdef0123456789abcdef"], "run not found"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle, store):
+    proc = run_cli("-m", "experiments", "pretrain", *args, "--tracking-uri", store)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
