@@ -281,4 +281,7 @@ def freeze_test_grid(parent_id: str, uri: str | None = None, tol: float = 0.02, 
     children = children.copy()
     children["final_loss"] = [final_value(io.load_history(rid, ["train/loss"], uri), "train/loss", last)
                               for rid in children["run_id"]]
-    return freeze_grid_from_frames(children, baseline, tol)
+    grid = freeze_grid_from_frames(children, baseline, tol)
+    if grid.ratio.empty:
+        raise LayerLockError(f"run {parent_id}: no child carries both {io.TAG_FREEZE_STEP} and {io.TAG_FREEZE_BLOCKS}")
+    return grid

@@ -567,7 +567,8 @@ def create_run_from_frames(
     For tests and dashboard demos (synthetic runs, see :mod:`analysis.synthetic`); real runs
     are logged by ``core``. ``layer_df`` goes to ``<metric>/block_NN`` histories
     (``layer_history``) and/or the ``layer_metrics.parquet`` artifact (``layer_artifact``).
-    ``artifact_root`` sets the artifact location of a newly created experiment.
+    ``artifact_root`` sets the artifact location of a newly created experiment (without it,
+    MLflow's default for a sqlite store is ``./mlruns`` under the working directory).
     """
     from mlflow.entities import Metric, Param, RunTag
 

@@ -29,7 +29,7 @@ class ModelConfig(_Strict):
     mlp_ratio: float = Field(4.0, gt=0)
     patch_size: int = Field(8, ge=1, description="spatial side of a tubelet")
     tubelet: int = Field(2, ge=1, description="frames per tubelet")
-    decoder_dim: int = Field(64, ge=8)
+    decoder_dim: int = Field(48, ge=8)
     decoder_depth: int = Field(1, ge=1)
     decoder_heads: int = Field(4, ge=1)
     pos: Literal["sincos", "rope"] = "sincos"

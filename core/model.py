@@ -20,7 +20,6 @@ from core.config import Geometry, ModelConfig
 from core.errors import ConfigError
 from core.masking import apply_masks
 
-
 # ----------------------------------------------------------------------------- positions
 
 def grid_coords(grid: tuple[int, int, int]) -> torch.Tensor:
@@ -152,10 +151,20 @@ class VideoMAE(nn.Module):
         x = video.reshape(b, g.channels, t, g.tubelet, h, g.patch, w, g.patch)
         return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, t * h * w, g.patch_dim)
 
-    def embed(self, video: torch.Tensor) -> torch.Tensor:
-        """``video (B, C, T, H, W)`` -> tokens ``(B, N, dim)`` (with sin-cos positions unless RoPE)."""
-        x = self.patch_embed(video).flatten(2).transpose(1, 2)
-        return x if self.use_rope else x + self.pos_embed.to(x.dtype)
+    def embed(self, video: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``video (B, C, T, H, W)`` -> tokens ``(B, N_keep, dim)`` (with sin-cos positions unless RoPE).
+
+        A Conv3d whose stride equals its kernel is a linear map of each tubelet, so only the
+        visible tubelets are embedded (``keep_idx``; None: all): masked ones cost nothing.
+        """
+        patches = self.patchify(video)                          # (B, N, patch_dim)
+        w = self.patch_embed.weight                             # (dim, C, tubelet, p, p)
+        weight = w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)   # patchify's (tubelet, p, p, C) order
+        pos = self.pos_embed.expand(video.shape[0], -1, -1)
+        if keep_idx is not None:
+            patches, pos = apply_masks(patches, keep_idx), apply_masks(pos, keep_idx)
+        x = F.linear(patches, weight.to(patches.dtype), self.patch_embed.bias)
+        return x if self.use_rope else x + pos.to(x.dtype)
 
     def _rope(self, idx: torch.Tensor | None, batch: int, head_dim: int):
         if not self.use_rope:
@@ -180,9 +189,7 @@ class VideoMAE(nn.Module):
         outs: list[torch.Tensor] = []
         # The frozen prefix (and the patch embedding with it) builds no autograd graph.
         with torch.no_grad() if frozen > 0 else contextlib.nullcontext():
-            x = self.embed(video)
-            if keep_idx is not None:
-                x = apply_masks(x, keep_idx)
+            x = self.embed(video, keep_idx)
             for blk in self.blocks[:frozen]:
                 x = blk(x, rope)
                 outs.append(x)

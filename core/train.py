@@ -125,18 +125,18 @@ def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: i
 # ----------------------------------------------------------------------------- train
 
 def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_id: str | None = None,
-          tags: dict[str, str] | None = None, init_state: dict | None = None, start_step: int = 0,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          tags: dict[str, str] | None = None, init_state: dict | None = None,
+          progress: bool = True, stop_after: int | None = None, track: bool = True) -> TrainResult:
     """Run (or resume) one training run and log it to MLflow.
 
-    ``init_state``/``start_step``: start from a model state at a given step (freeze tests branch
-    off a baseline's checkpoint). ``stop_after``: leave the loop after this many steps (tests).
+    ``init_state``: a checkpoint of another run to branch off (freeze tests), as a new run. ``stop_after``: leave the loop after this many steps (tests).
+    ``track=False`` logs nothing (benchmarks measure tracking against it).
     Raises LayerLockError for bad input and TrainingDiverged on a NaN/inf loss (run FAILED).
     """
     rank, world = init_distributed()
     is_main = rank == 0
     tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
-                      run_name=cfg.tracking.run_name, enabled=is_main,
+                      run_name=cfg.tracking.run_name, enabled=is_main and track,
                       tags={"layerlock.method": METHOD_TAG[cfg.objective.name],
                             "layerlock.dataset": cfg.data.name, **(tags or {})})
     ckpt = None
@@ -152,7 +152,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
             ckpt = holder[0]
             cfg = config_from_dict(ckpt["config"], "checkpoint")
     try:
-        return _train(cfg, tracker, ckpt, rank, world, init_state, start_step, progress, stop_after)
+        return _train(cfg, tracker, ckpt, rank, world, init_state, progress, stop_after)
     except TrainingDiverged as err:
         tracker.fail(str(err))
         raise
@@ -165,7 +165,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
 
 
 def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
-           init_state: dict | None, start_step: int, progress: bool, stop_after: int | None) -> TrainResult:
+           init_state: dict | None, progress: bool, stop_after: int | None) -> TrainResult:
     t_cfg = cfg.train
     device = pick_device(t_cfg.device)
     torch.manual_seed(t_cfg.seed)
@@ -183,21 +183,24 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     flops = build_flop_model(cfg)
     flops_per_k = {int(k): v for k, v in flops["per_step"].items()}
 
-    step, wall_s, flops_total, layer_rows = start_step, 0.0, 0.0, []
-    if init_state is not None:
-        model.load_state_dict(init_state["model"])
+    # Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's checkpoint):
+    # both restore weights, optimizer, step and RNG; only a resume also restores this run's probe
+    # history and logged layer rows.
+    start = ckpt or init_state
+    step, wall_s, flops_total, layer_rows = 0, 0.0, 0.0, []
+    if start is not None:
+        model.load_state_dict(start["model"])
+        step, wall_s, flops_total = int(start["step"]), float(start["wall_s"]), float(start["flops_total"])
+        torch.set_rng_state(start["rng"])
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        step, wall_s, flops_total = int(ckpt["step"]), float(ckpt["wall_s"]), float(ckpt["flops_total"])
         layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
-        torch.set_rng_state(ckpt["rng"])
         if probes is not None and ckpt.get("probe"):
             probes.load_state_dict(ckpt["probe"])
+    if start is not None:
+        optimizer.load_state_dict(start["optimizer"])
     frozen = schedule.frozen_at(step) if schedule else 0
-    set_frozen_prefix(model, optimizer, frozen)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    else:
+    set_frozen_prefix(model, optimizer, frozen)   # after loading: drops the frozen blocks' moments
+    if ckpt is None:
         tracker.log_params(flatten(cfg))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.log_json(flops, "flop_model.json")

@@ -8,7 +8,7 @@ import torch
 from core.config import ExperimentConfig, load_config
 from core.errors import ConfigError
 from core.masking import apply_masks, tube_mask
-from core.model import build_model, rope_tables, apply_rope
+from core.model import apply_rope, build_model, rope_tables
 from tests.conftest import tiny_dict
 
 
@@ -41,6 +41,10 @@ def test_patchify_matches_conv_token_order(tiny_cfg):
     manual = patches @ w_flat.T + model.patch_embed.bias
     conv = model.patch_embed(video).flatten(2).transpose(1, 2)
     assert torch.allclose(manual, conv, atol=1e-5)
+    # embed() applies the same map to visible tubelets only
+    assert torch.allclose(model.embed(video), conv + model.pos_embed, atol=1e-5)
+    keep = torch.tensor([[0, 3], [1, 2]])
+    assert torch.allclose(model.embed(video, keep), apply_masks(conv + model.pos_embed, keep), atol=1e-5)
 
 
 def test_tube_mask_deterministic_and_partition():
