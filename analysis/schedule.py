@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 from typing import Any
 
 import numpy as np
@@ -23,75 +22,7 @@ import pandas as pd
 
 from analysis.flops import baseline_flops, predicted_saving, schedule_flops
 from core.errors import ScheduleError
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def validate_schedule(
-    d: Any,
-    total_steps: int | None = None,
-    n_blocks: int | None = None,
-) -> dict[str, Any]:
-    """Check a schedule and return a normalised copy (plain ints, ``source`` defaulting to {}).
-
-    Raises ScheduleError with one clear message for the first violation found. ``total_steps``
-    (when given) rejects stages at or after the end, which could never take effect;
-    ``n_blocks`` (when given) must match the schedule's.
-    """
-    if not isinstance(d, dict):
-        raise ScheduleError(f"schedule: expected a JSON object, got {type(d).__name__}")
-    for key in ("n_blocks", "stages"):
-        if key not in d:
-            raise ScheduleError(f"schedule: missing key '{key}'")
-    nb = d["n_blocks"]
-    if not _is_int(nb) or nb < 1:
-        raise ScheduleError(f"schedule: n_blocks must be a positive integer, got {nb!r}")
-    if n_blocks is not None and nb != n_blocks:
-        raise ScheduleError(f"schedule: n_blocks={nb} does not match the model's {n_blocks} blocks")
-    if not isinstance(d["stages"], list):
-        raise ScheduleError(f"schedule: stages must be a list, got {type(d['stages']).__name__}")
-    if "source" in d and not isinstance(d["source"], dict):
-        raise ScheduleError("schedule: source must be an object")
-    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
-        raise ScheduleError(f"schedule: total_steps must be a positive integer, got {total_steps!r}")
-
-    stages: list[dict[str, int]] = []
-    for i, stage in enumerate(d["stages"]):
-        where = f"schedule: stages[{i}]"
-        if not isinstance(stage, dict):
-            raise ScheduleError(f"{where} must be an object {{step, frozen}}, got {stage!r}")
-        for key in ("step", "frozen"):
-            if key not in stage:
-                raise ScheduleError(f"{where} is missing '{key}'")
-            if not _is_int(stage[key]):
-                raise ScheduleError(f"{where}.{key} must be an integer, got {stage[key]!r}")
-            if stage[key] < 0:
-                raise ScheduleError(f"{where}.{key}={stage[key]} is negative")
-        extra = set(stage) - {"step", "frozen"}
-        if extra:
-            raise ScheduleError(f"{where} has unknown key(s) {', '.join(sorted(extra))}")
-        step, frozen = int(stage["step"]), int(stage["frozen"])
-        if frozen > nb - 1:
-            raise ScheduleError(f"{where}.frozen={frozen} leaves no block trainable (n_blocks={nb}; at most {nb - 1})")
-        if total_steps is not None and step >= total_steps:
-            raise ScheduleError(f"{where}.step={step} is at or after the end of training (total_steps={total_steps})")
-        if stages:
-            prev = stages[-1]
-            if step <= prev["step"]:
-                raise ScheduleError(f"{where}.step={step} is not after stages[{i - 1}].step={prev['step']} "
-                                    "(steps must strictly increase)")
-            if frozen < prev["frozen"]:
-                raise ScheduleError(f"{where}.frozen={frozen} is below stages[{i - 1}].frozen={prev['frozen']} "
-                                    "(blocks cannot unfreeze)")
-        stages.append({"step": step, "frozen": frozen})
-
-    out = dict(d)
-    out["n_blocks"] = int(nb)
-    out["stages"] = stages
-    out["source"] = dict(d.get("source") or {})
-    return out
+from core.freezing import _is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
 
 
 def frozen_at(schedule: dict[str, Any], step: int) -> int:

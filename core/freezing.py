@@ -8,6 +8,7 @@ gradients must still flow through any frozen block that sits below a trainable o
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class FreezeSchedule:
     source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        validate_stages(self.n_blocks, self.stages)
+        validate_schedule(self.to_dict())
 
     def frozen_at(self, step: int) -> int:
         k = 0
@@ -38,9 +39,7 @@ class FreezeSchedule:
         return k
 
     def check_within(self, total_steps: int) -> None:
-        late = [s for s, _ in self.stages if s >= total_steps]
-        if late:
-            raise ScheduleError(f"schedule stage at step {late[0]} is outside the run (train.steps={total_steps})")
+        validate_schedule(self.to_dict(), total_steps=total_steps)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n_blocks": self.n_blocks,
@@ -50,25 +49,12 @@ class FreezeSchedule:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "schedule") -> FreezeSchedule:
-        if not isinstance(d, dict) or "n_blocks" not in d or "stages" not in d:
-            raise ScheduleError(f"{where}: expected an object with 'n_blocks' and 'stages'")
-        stages = d["stages"]
-        if not isinstance(stages, list):
-            raise ScheduleError(f"{where}: 'stages' must be a list")
-        pairs = []
-        for i, st in enumerate(stages):
-            if not isinstance(st, dict) or set(st) - {"step", "frozen"} or {"step", "frozen"} - set(st):
-                raise ScheduleError(f"{where}: stage {i} must have exactly the keys 'step' and 'frozen'")
-            if not all(isinstance(st[k], int) and not isinstance(st[k], bool) for k in ("step", "frozen")):
-                raise ScheduleError(f"{where}: stage {i} has a non-integer step or frozen")
-            pairs.append((st["step"], st["frozen"]))
-        n = d["n_blocks"]
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise ScheduleError(f"{where}: 'n_blocks' must be an integer")
         try:
-            return cls(n_blocks=n, stages=tuple(pairs), source=d.get("source"))
+            d = validate_schedule(d)
         except ScheduleError as err:
-            raise ScheduleError(f"{where}: {err}") from None
+            raise ScheduleError(f"{where}: {str(err).removeprefix('schedule: ')}") from None
+        return cls(n_blocks=d["n_blocks"], stages=tuple((s["step"], s["frozen"]) for s in d["stages"]),
+                   source=d["source"])
 
     @classmethod
     def load(cls, path: str | Path) -> FreezeSchedule:
@@ -97,21 +83,73 @@ class FreezeSchedule:
                    source={"kind": "linear", **spec.model_dump()})
 
 
-def validate_stages(n_blocks: int, stages: tuple[tuple[int, int], ...] | list) -> None:
-    """Raise ScheduleError for the first violation of the schedule contract (DESIGN.md section 4)."""
-    if n_blocks < 2:
-        raise ScheduleError(f"n_blocks must be >= 2, got {n_blocks}")
-    prev_step, prev_frozen = -1, 0
-    for step, frozen in stages:
-        if step < 0 or frozen < 0:
-            raise ScheduleError(f"negative step or frozen count in stage (step={step}, frozen={frozen})")
-        if step <= prev_step:
-            raise ScheduleError(f"stage steps must strictly increase (step {step} after {prev_step})")
-        if frozen < prev_frozen:
-            raise ScheduleError(f"frozen counts must not decrease (frozen {frozen} after {prev_frozen} at step {step})")
-        if frozen > n_blocks - 1:
-            raise ScheduleError(f"at least one block must stay trainable: frozen={frozen} with n_blocks={n_blocks}")
-        prev_step, prev_frozen = step, frozen
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate_schedule(
+    d: Any,
+    total_steps: int | None = None,
+    n_blocks: int | None = None,
+) -> dict[str, Any]:
+    """Check a schedule and return a normalised copy (plain ints, ``source`` defaulting to {}).
+
+    Raises ScheduleError with one clear message for the first violation found. ``total_steps``
+    (when given) rejects stages at or after the end, which could never take effect;
+    ``n_blocks`` (when given) must match the schedule's.
+    """
+    if not isinstance(d, dict):
+        raise ScheduleError(f"schedule: expected a JSON object, got {type(d).__name__}")
+    for key in ("n_blocks", "stages"):
+        if key not in d:
+            raise ScheduleError(f"schedule: missing key '{key}'")
+    nb = d["n_blocks"]
+    if not _is_int(nb) or nb < 1:
+        raise ScheduleError(f"schedule: n_blocks must be a positive integer, got {nb!r}")
+    if n_blocks is not None and nb != n_blocks:
+        raise ScheduleError(f"schedule: n_blocks={nb} does not match the model's {n_blocks} blocks")
+    if not isinstance(d["stages"], list):
+        raise ScheduleError(f"schedule: stages must be a list, got {type(d['stages']).__name__}")
+    if "source" in d and not isinstance(d["source"], dict):
+        raise ScheduleError("schedule: source must be an object")
+    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+        raise ScheduleError(f"schedule: total_steps must be a positive integer, got {total_steps!r}")
+
+    stages: list[dict[str, int]] = []
+    for i, stage in enumerate(d["stages"]):
+        where = f"schedule: stages[{i}]"
+        if not isinstance(stage, dict):
+            raise ScheduleError(f"{where} must be an object {{step, frozen}}, got {stage!r}")
+        for key in ("step", "frozen"):
+            if key not in stage:
+                raise ScheduleError(f"{where} is missing '{key}'")
+            if not _is_int(stage[key]):
+                raise ScheduleError(f"{where}.{key} must be an integer, got {stage[key]!r}")
+            if stage[key] < 0:
+                raise ScheduleError(f"{where}.{key}={stage[key]} is negative")
+        extra = set(stage) - {"step", "frozen"}
+        if extra:
+            raise ScheduleError(f"{where} has unknown key(s) {', '.join(sorted(extra))}")
+        step, frozen = int(stage["step"]), int(stage["frozen"])
+        if frozen > nb - 1:
+            raise ScheduleError(f"{where}.frozen={frozen} leaves no block trainable (n_blocks={nb}; at most {nb - 1})")
+        if total_steps is not None and step >= total_steps:
+            raise ScheduleError(f"{where}.step={step} is at or after the end of training (total_steps={total_steps})")
+        if stages:
+            prev = stages[-1]
+            if step <= prev["step"]:
+                raise ScheduleError(f"{where}.step={step} is not after stages[{i - 1}].step={prev['step']} "
+                                    "(steps must strictly increase)")
+            if frozen < prev["frozen"]:
+                raise ScheduleError(f"{where}.frozen={frozen} is below stages[{i - 1}].frozen={prev['frozen']} "
+                                    "(blocks cannot unfreeze)")
+        stages.append({"step": step, "frozen": frozen})
+
+    out = dict(d)
+    out["n_blocks"] = int(nb)
+    out["stages"] = stages
+    out["source"] = dict(d.get("source") or {})
+    return out
 
 
 def schedule_from_config(cfg: FreezeConfig, n_blocks: int, total_steps: int) -> FreezeSchedule | None:
