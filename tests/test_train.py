@@ -138,3 +138,29 @@ def test_bad_input_exits_2_with_one_line(args, needle, store):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_block_key_logged_and_parquet_matches_mlflow(tmp_path, store):
+    import pandas as pd
+
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+    result = train(cfg, tracking_uri=store, progress=False)
+    client = MlflowClient(store)
+    keys = client.get_run(result.run_id).data.metrics.keys()
+    metrics = ("cka_prev", "cka_init", "cka_final", "grad_norm", "update_ratio", "eff_rank", "feat_std")
+    for m in metrics:
+        for b in range(cfg.model.depth):
+            assert f"{m}/block_{b:02d}" in keys, (m, b)
+    path = client.download_artifacts(result.run_id, "layer_metrics.parquet", str(tmp_path))
+    frame = pd.read_parquet(path)
+    assert set(frame["metric"]) == set(metrics)
+    from_mlflow = {(m.step, b, name): m.value
+                   for name in metrics for b in range(cfg.model.depth)
+                   for m in client.get_metric_history(result.run_id, f"{name}/block_{b:02d}")}
+    from_parquet = {(int(r.step), int(r.block), r.metric): r.value for r in frame.itertuples()}
+    assert from_parquet.keys() == from_mlflow.keys()
+    assert all(abs(from_parquet[k] - from_mlflow[k]) <= 1e-6 * max(1.0, abs(from_mlflow[k])) for k in from_mlflow)
+    # cka_final is 1 at the last probe and computed for every probe step
+    last = frame[(frame.metric == "cka_final")].step.max()
+    assert last == cfg.train.steps
+    assert frame[(frame.metric == "cka_final") & (frame.step == last)].value.round(6).eq(1.0).all()
