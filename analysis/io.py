@@ -81,6 +81,12 @@ def block_key(metric: str, block: int) -> str:
     return f"{metric}/block_{block:02d}"
 
 
+def parse_block_key(key: str) -> tuple[str, int] | None:
+    """Inverse of :func:`block_key`: ``"cka_final/block_03" -> ("cka_final", 3)``; None otherwise."""
+    m = _BLOCK_KEY.match(key)
+    return (m["metric"], int(m["block"])) if m else None
+
+
 # ----------------------------------------------------------------------------- connection
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

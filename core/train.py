@@ -179,7 +179,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     model = build_model(cfg.model, cfg.geometry).to(device)
     optimizer = build_optimizer(model, cfg)
     schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
-    probes = ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed) if cfg.probe.enabled else None
+    probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed)
+              if cfg.probe.enabled and rank == 0 else None)
     flops = build_flop_model(cfg)
     flops_per_k = {int(k): v for k, v in flops["per_step"].items()}
 
@@ -294,6 +295,11 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t_interval
             metrics = {f"train/{k}": sum(v) / len(v) for k, v in interval_loss.items()}
+            if world > 1:   # log the global-batch loss, not rank 0's shard
+                keys = sorted(metrics)
+                vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(vals)
+                metrics = dict(zip(keys, (vals / world).tolist()))
             metrics.update({"train/lr": lr, "train/frozen_blocks": frozen,
                             "train/step_ms": 1000 * elapsed / n_interval,
                             "train/clips_per_s": n_interval * t_cfg.batch_size / elapsed,

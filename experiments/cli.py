@@ -34,6 +34,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
     tags = dict(t.split("=", 1) for t in args.tag or [])
     result = train(cfg, tracking_uri=args.tracking_uri, resume_run_id=args.resume, tags=tags)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not result.run_id:   # a non-zero torchrun rank: rank 0 reports
+        return 0
     print(f"finished {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
     print(result.run_id)

@@ -164,3 +164,21 @@ def test_every_block_key_logged_and_parquet_matches_mlflow(tmp_path, store):
     last = frame[(frame.metric == "cka_final")].step.max()
     assert last == cfg.train.steps
     assert frame[(frame.metric == "cka_final") & (frame.step == last)].value.round(6).eq(1.0).all()
+
+
+def test_torchrun_two_processes_ddp_across_freeze_changes(store):
+    """DDP (gloo on CPU) is rebuilt when the frozen prefix changes; rank 0 alone logs."""
+    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "experiments", "pretrain",
+                   "--config", "experiments/configs/layerlock_tiny.yaml", "--set", "train.steps=12",
+                   "--set", "train.batch_size=8", "--set", "probe.every=4", "--set", "train.checkpoint_every=6",
+                   "--set", "train.log_every=2", "--set", "model.depth=4", "--set", "model.dim=32",
+                   "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(ids) == 1
+    client = MlflowClient(store)
+    run = client.get_run(ids[0])
+    assert run.info.status == "FINISHED"
+    frozen = sorted({m.value for m in client.get_metric_history(ids[0], "train/frozen_blocks")})
+    assert frozen[0] == 0 and frozen[-1] >= 2
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -1,0 +1,7 @@
+"""Small view helpers shared by the dashboard pages.
+
+- ``state``: tracking URI and run selection in ``st.session_state``, run pickers.
+- ``loaders``: ``st.cache_data`` wrappers around ``analysis.io`` keyed by run version.
+- ``charts``: pure Plotly figure builders (no Streamlit).
+- ``jobs``: training runs launched as child processes (no Streamlit).
+"""

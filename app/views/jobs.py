@@ -1,0 +1,319 @@
+"""Training runs launched from the dashboard as child processes (no Streamlit in here).
+
+The dashboard never trains in its own process (DESIGN.md section 3): it starts
+``python -m experiments pretrain ...`` with an argument list (no shell), writes the child's
+stdout and stderr to files under the launch folder, and reads progress back from MLflow and
+from the log.
+
+Layout of the runs folder (``$LAYERLOCK_RUNS_DIR``, else ``runs/`` in the repository)::
+
+    runs/launch/<job_id>.json   what was started (argv, pid, run name, tracking URI, times)
+    runs/launch/<job_id>.out    the child's stdout; its last line is the MLflow run id
+    runs/launch/<job_id>.log    the child's stderr (tqdm progress, errors)
+    runs/schedules/*.json       schedules written by the schedule page for a launch
+
+Conventions:
+
+- A job is found in MLflow by its run name: every launch sets ``tracking.run_name`` (the run id
+  is only printed when training ends).
+- ``Popen`` objects live in a module-level registry, so any session of this server process can
+  poll (and reap) a child; a job started by an earlier server process is judged by whether its
+  pid is still alive.
+- Cancel sends SIGINT first: the trainer turns KeyboardInterrupt into a FAILED run with a
+  reason; SIGTERM and SIGKILL follow if the child does not exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "experiments" / "configs"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# Exit status of the CLI: 0 done, 2 bad input, 1 diverged, 130 interrupted.
+EXIT_MEANING = {0: "finished", 1: "failed", 2: "bad input", 130: "cancelled", -2: "cancelled",
+                -15: "cancelled", -9: "killed"}
+
+_PROCS: dict[str, subprocess.Popen] = {}  # job_id -> child of this server process
+
+
+def runs_dir() -> Path:
+    """``$LAYERLOCK_RUNS_DIR``, else ``runs/`` in the repository (ignored by git)."""
+    return Path(os.environ.get("LAYERLOCK_RUNS_DIR") or ROOT / "runs")
+
+
+def launch_dir() -> Path:
+    return runs_dir() / "launch"
+
+
+def schedule_dir() -> Path:
+    return runs_dir() / "schedules"
+
+
+def config_files() -> list[Path]:
+    """The YAML configs a launch can start from, ``mae_tiny.yaml`` first."""
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    return sorted(files, key=lambda p: (p.name != "mae_tiny.yaml", p.name))
+
+
+def child_tracking_uri(uri: str) -> str:
+    """``uri`` usable from the child's working directory (the repository root).
+
+    A relative ``sqlite:///mlflow.db`` means a file in the dashboard's working directory; the
+    child runs in the repository root, so the path is made absolute.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path, sep, query = uri[len(prefix):].partition("?")
+        if path and path != ":memory:":
+            return f"{prefix}{Path(path).resolve()}{sep}{query}"
+    return uri
+
+
+def pretrain_argv(
+    config: str | Path,
+    overrides: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> list[str]:
+    """``[python, -m, experiments, pretrain, --config, FILE, --set k=v ..., --tag k=v ..., --tracking-uri URI]``."""
+    argv = [sys.executable, "-m", "experiments", "pretrain", "--config", str(config)]
+    for item in overrides or []:
+        argv += ["--set", item]
+    for key, value in (tags or {}).items():
+        argv += ["--tag", f"{key}={value}"]
+    if tracking_uri:
+        argv += ["--tracking-uri", child_tracking_uri(tracking_uri)]
+    return argv
+
+
+def parse_overrides(text: str) -> list[str]:
+    """One ``key=value`` per line (blank lines and ``#`` comments skipped); raises ValueError."""
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, _ = line.partition("=")
+        if not sep or not key.strip() or " " in key.strip():
+            raise ValueError(f"override line {n}: expected key=value, got {line!r}")
+        out.append(line)
+    return out
+
+
+def new_run_name(objective: str) -> str:
+    """A readable, unique run name: ``<objective>-<MMDD-HHMMSS>-<4 hex>``."""
+    return f"{objective}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Job:
+    """One launched child process (persisted as ``<job_id>.json``)."""
+
+    job_id: str
+    argv: list[str]
+    pid: int
+    run_name: str
+    tracking_uri: str
+    started: float
+    source: str = "launch"  # which page started it
+    cancelled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_path(self) -> Path:
+        return launch_dir() / f"{self.job_id}.out"
+
+    @property
+    def log_path(self) -> Path:
+        return launch_dir() / f"{self.job_id}.log"
+
+    @property
+    def meta_path(self) -> Path:
+        return launch_dir() / f"{self.job_id}.json"
+
+    def save(self) -> None:
+        self.meta_path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Job | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None  # a half-written or foreign file is not a job
+
+
+def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "launch",
+          extra: dict[str, Any] | None = None) -> Job:
+    """Start ``argv`` in the repository root with stdout/stderr to files; returns the job."""
+    folder = launch_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": child_tracking_uri(tracking_uri)}
+    out_path, log_path = folder / f"{job_id}.out", folder / f"{job_id}.log"
+    with open(out_path, "wb") as out, open(log_path, "wb") as log:
+        # Own session: a Ctrl-C on the dashboard server does not reach the training run.
+        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
+                                env=env, start_new_session=True)
+    _PROCS[job_id] = proc
+    job = Job(job_id=job_id, argv=list(argv), pid=proc.pid, run_name=run_name, tracking_uri=tracking_uri,
+              started=time.time(), source=source, extra=dict(extra or {}))
+    job.save()
+    return job
+
+
+def list_jobs(limit: int = 20) -> list[Job]:
+    """Jobs found in the launch folder, newest first."""
+    folder = launch_dir()
+    if not folder.is_dir():
+        return []
+    jobs = [j for p in folder.glob("*.json") if (j := Job.load(p)) is not None]
+    return sorted(jobs, key=lambda j: j.started, reverse=True)[:limit]
+
+
+def get_job(job_id: str) -> Job | None:
+    return Job.load(launch_dir() / f"{job_id}.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def returncode(job: Job) -> int | None:
+    """Exit status when this server process started the child and it ended, else None."""
+    proc = _PROCS.get(job.job_id)
+    return None if proc is None else proc.poll()
+
+
+def is_running(job: Job) -> bool:
+    proc = _PROCS.get(job.job_id)
+    if proc is not None:
+        return proc.poll() is None
+    return _pid_alive(job.pid) and time.time() - job.started < 7 * 24 * 3600
+
+
+def status(job: Job) -> str:
+    """``running``, ``finished``, ``failed``, ``bad input``, ``cancelled``, ``killed`` or ``exited``."""
+    if is_running(job):
+        return "running"
+    rc = returncode(job)
+    if job.cancelled:
+        return "cancelled"
+    if rc is None:  # started by another server process: judge by the printed run id
+        return "finished" if run_id(job) else "exited"
+    return EXIT_MEANING.get(rc, "failed")
+
+
+def run_id(job: Job) -> str | None:
+    """The MLflow run id the child printed as its last stdout line (None until it finishes)."""
+    try:
+        lines = [ln.strip() for ln in job.out_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines and RUN_ID.match(lines[-1]) else None
+
+
+def tail(path: Path, lines: int = 25, max_bytes: int = 32_768) -> str:
+    """The last ``lines`` lines of a log; tqdm's carriage-return updates count as lines and only
+    the newest of a run of identical-prefix progress updates is kept."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    parts = [p.rstrip() for p in re.split(r"[\r\n]+", text)]
+    out: list[str] = []
+    for part in parts:
+        if not part:
+            continue
+        # A tqdm bar redraws itself: keep only its latest state.
+        if out and "%|" in part and "%|" in out[-1] and part.split(":")[0] == out[-1].split(":")[0]:
+            out[-1] = part
+        else:
+            out.append(part)
+    return "\n".join(out[-lines:])
+
+
+def last_error(job: Job) -> str | None:
+    """The CLI's one-line ``error: ...`` message from the log, if any."""
+    for line in reversed(tail(job.log_path, 50).splitlines()):
+        if line.startswith("error:"):
+            return line
+    return None
+
+
+def cancel(job: Job, grace_s: float = 5.0) -> str:
+    """Stop a running child: SIGINT, then SIGTERM, then SIGKILL. Returns what it took."""
+    job.cancelled = True
+    job.save()
+    proc = _PROCS.get(job.job_id)
+    if proc is None:
+        if not _pid_alive(job.pid):
+            return "not running"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(job.pid, sig)
+            deadline = time.time() + grace_s
+            while time.time() < deadline and _pid_alive(job.pid):
+                time.sleep(0.1)
+            if not _pid_alive(job.pid):
+                return sig.name
+        os.kill(job.pid, signal.SIGKILL)
+        return "SIGKILL"
+    if proc.poll() is not None:
+        return "not running"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+            return sig.name
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait(timeout=grace_s)
+    return "SIGKILL"
+
+
+def wait(job: Job, timeout: float) -> int | None:
+    """Block until a child of this process ends (tests); returns its exit status."""
+    proc = _PROCS.get(job.job_id)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def write_schedule(schedule: dict[str, Any], name: str) -> Path:
+    """Write a schedule JSON under ``runs/schedules`` for a launch; returns the absolute path."""
+    folder = schedule_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    path = (folder / f"{safe}.json").resolve()
+    path.write_text(json.dumps(schedule, indent=2) + "\n")
+    return path
+
+
+def saved_schedules() -> list[Path]:
+    folder = schedule_dir()
+    return sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []

@@ -1,0 +1,145 @@
+"""Cached data loading for the pages: ``st.cache_data`` around ``analysis.io``.
+
+Cache keys: ``(uri, run_id, version, ...)``. ``version`` (:func:`run_version`) is the run's
+status plus its end time for a run that ended -- so a finished run is read from the store once
+-- and, for a run still training, a digest of its latest metric values, which changes whenever
+the trainer logs, so a live run refreshes exactly when there is something new to show.
+
+The run list and single-run snapshots (which the version comes from) are cached for a few
+seconds only (``ttl``). Loaders raise ``core.errors.LayerLockError``; pages turn that into a
+message (:func:`app.views.state.notice_errors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from analysis import io
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+RUNS_TTL_S = 5
+RECORD_TTL_S = 2
+
+
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=8)
+def runs(uri: str) -> pd.DataFrame:
+    """All runs of the store, newest first (``io.list_runs``)."""
+    return io.list_runs(uri)
+
+
+@st.cache_data(ttl=RECORD_TTL_S, show_spinner=False, max_entries=256)
+def record(uri: str, run_id: str) -> io.RunRecord:
+    return io.get_run(run_id, uri)
+
+
+def version_of(rec: io.RunRecord) -> str:
+    if rec.status in TERMINAL:
+        return f"{rec.status}:{rec.end_time}"
+    digest = hashlib.blake2b(repr(sorted(rec.metrics.items())).encode(), digest_size=8).hexdigest()
+    return f"{rec.status}:{digest}"
+
+
+def run_version(uri: str, run_id: str) -> tuple[io.RunRecord, str]:
+    """The run's snapshot and its cache version."""
+    rec = record(uri, run_id)
+    return rec, version_of(rec)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def layer_metrics(uri: str, run_id: str, version: str, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Tidy per-block metrics (``io.load_layer_metrics``), optionally only ``metrics``."""
+    return io.load_layer_metrics(run_id, uri, metrics=metrics)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def metric_wide(uri: str, run_id: str, version: str, metric: str) -> pd.DataFrame:
+    """One per-block metric as a step x block table; an empty frame when the run lacks it."""
+    from analysis.convergence import metric_wide as wide
+
+    frame = layer_metrics(uri, run_id, version, (metric,))
+    if frame.empty:
+        return pd.DataFrame()
+    return wide(frame, metric)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def block_metric_names(uri: str, run_id: str, version: str) -> list[str]:
+    """Per-block metric names the run logged (from its latest metrics, no history read)."""
+    names = set()
+    for key in record(uri, run_id).metrics:
+        parsed = io.parse_block_key(key)
+        if parsed:
+            names.add(parsed[0])
+    if not names:  # an artifact-only run (no per-block history keys)
+        names = set(layer_metrics(uri, run_id, version)["metric"].unique())
+    order = list(io.BLOCK_METRICS)
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def convergence(uri: str, run_id: str, version: str, method: str, threshold: float,
+                patience: int | None) -> pd.Series:
+    from analysis.convergence import RULES, detect_convergence
+
+    frame = layer_metrics(uri, run_id, version, (RULES[method]["metric"],))
+    return detect_convergence(frame, method, threshold, patience)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def history(uri: str, run_id: str, version: str, keys: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Run-level history (``io.load_history``)."""
+    return io.load_history(run_id, keys, uri)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def flop_model(uri: str, run_id: str, version: str) -> dict[str, Any] | None:
+    return io.load_flop_model(run_id, uri)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def schedule(uri: str, run_id: str, version: str, artifact_file: str = io.SCHEDULE_ARTIFACT) -> dict | None:
+    return io.load_schedule(run_id, uri, artifact_file)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def compute_saving(uri: str, run_id: str, version: str) -> float | None:
+    """Counted FLOPs saved against the same run with nothing frozen (None when unknown)."""
+    from analysis.flops import per_step_flops
+
+    rec = record(uri, run_id)
+    total = rec.metrics.get("train/flops")
+    steps = rec.param_int("train.steps")
+    if total is None or not steps or rec.status != "FINISHED":
+        return None
+    model = io.load_flop_model(run_id, uri)
+    if model is None:
+        return None
+    try:
+        full = float(per_step_flops(model)[0]) * steps
+    except Exception:  # a malformed flop model only hides this one number
+        return None
+    return 1.0 - float(total) / full if full > 0 else None
+
+
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
+def children(uri: str, parent_id: str) -> pd.DataFrame:
+    return io.find_children(parent_id, uri)
+
+
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
+def freeze_grid(uri: str, parent_id: str, tol: float):
+    from analysis.compare import freeze_test_grid
+
+    return freeze_test_grid(parent_id, uri, tol=tol)
+
+
+def refresh_live() -> None:
+    """Forget the short-lived caches (run list, snapshots): a user asked for fresh data."""
+    runs.clear()
+    record.clear()
+    children.clear()
+    freeze_grid.clear()

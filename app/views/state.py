@@ -1,0 +1,156 @@
+"""Session state shared by the pages: the tracking URI and the run selection.
+
+Two canonical keys carry across pages (plain keys, not widget keys, so Streamlit does not drop
+them when a page's widgets disappear):
+
+- ``tracking_uri``: where runs are read from (``$MLFLOW_TRACKING_URI``, else the embedded
+  default, editable in the sidebar);
+- ``selected_runs``: run ids in order; the first one is the "current" run of single-run pages.
+
+Each page's picker widget has its own key; it is re-seeded from the canonical selection on
+every render and writes back through ``on_change``, so a choice on one page shows on the next.
+With nothing selected, pickers fall back to the most recent run(s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pandas as pd
+import streamlit as st
+
+from analysis import io
+from app.views import loaders
+from core.errors import LayerLockError
+
+URI_KEY = "tracking_uri"
+SELECTED_KEY = "selected_runs"
+# A run whose method is freeze_test is one cell of a sweep, not something to browse first.
+CHILD_METHODS = ("freeze_test",)
+
+
+def tracking_uri() -> str:
+    if URI_KEY not in st.session_state:
+        st.session_state[URI_KEY] = io.resolve_tracking_uri()
+    return st.session_state[URI_KEY]
+
+
+def set_tracking_uri(uri: str) -> None:
+    uri = uri.strip() or io.resolve_tracking_uri()
+    if uri != st.session_state.get(URI_KEY):
+        st.session_state[URI_KEY] = uri
+        st.session_state[SELECTED_KEY] = []  # run ids of another store mean nothing here
+
+
+def selected() -> list[str]:
+    return list(st.session_state.get(SELECTED_KEY, []))
+
+
+def set_selected(run_ids: list[str]) -> None:
+    st.session_state[SELECTED_KEY] = list(dict.fromkeys(run_ids))
+
+
+def promote(run_id: str | None) -> None:
+    """Make ``run_id`` the current run (first of the selection), keeping the others."""
+    if run_id:
+        set_selected([run_id, *[r for r in selected() if r != run_id]])
+
+
+@contextmanager
+def notice_errors(kind: str = "warning") -> Iterator[None]:
+    """Show a ``LayerLockError`` (bad run id, missing metric, unreadable store) as one message
+    and stop the page; never a traceback."""
+    try:
+        yield
+    except LayerLockError as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        (st.warning if kind == "warning" else st.info)(text)
+        st.stop()
+
+
+def load_runs() -> pd.DataFrame:
+    """The store's runs, or an info message and a stopped page when there are none."""
+    uri = tracking_uri()
+    with notice_errors():
+        frame = loaders.runs(uri)
+    if frame.empty:
+        st.info(f"No runs in the tracking store `{uri}` yet. Start one on the **Launch** page, or run "
+                "`python -m experiments pretrain --config experiments/configs/mae_tiny.yaml` "
+                "(or `python -m experiments demo`) and refresh.")
+        st.stop()
+    return frame
+
+
+def browsable(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs to offer first: everything except freeze-test children."""
+    keep = ~runs["method"].isin(CHILD_METHODS) & runs["parent"].isna()
+    return runs[keep] if keep.any() else runs
+
+
+def most_recent(runs: pd.DataFrame, n: int = 1) -> list[str]:
+    """The newest finished browsable runs (any status when none finished), up to ``n``."""
+    pool = browsable(runs)
+    finished = pool[pool["status"] == "FINISHED"]
+    pool = finished if not finished.empty else pool
+    return list(pool["run_id"].head(n))
+
+
+def recent_per_method(runs: pd.DataFrame, n: int = 3) -> list[str]:
+    """Up to ``n`` recent finished runs, one per method first (MAE next to LayerLock)."""
+    pool = browsable(runs)
+    finished = pool[pool["status"] == "FINISHED"]
+    pool = finished if not finished.empty else pool
+    firsts = list(pool.drop_duplicates("method")["run_id"])
+    rest = [r for r in pool["run_id"] if r not in firsts]
+    return (firsts + rest)[:n]
+
+
+def run_label(runs: pd.DataFrame) -> dict[str, str]:
+    """run id -> ``name · method · status · id8`` for pickers."""
+    out = {}
+    for row in runs.itertuples(index=False):
+        bits = [row.name or "(unnamed)", row.method or "?"]
+        if row.status != "FINISHED":
+            bits.append(row.status.lower())
+        out[row.run_id] = " · ".join([*bits, row.run_id[:8]])
+    return out
+
+
+def _sync_single(key: str) -> None:
+    promote(st.session_state.get(key))
+
+
+def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str] | None = None,
+             help: str | None = None, container=None) -> str | None:
+    """A selectbox of runs seeded with the current run (else the most recent)."""
+    options = list(options if options is not None else browsable(runs)["run_id"])
+    if not options:
+        return None
+    labels = run_label(runs)
+    current = next((r for r in selected() if r in options), None)
+    if current is None:
+        recent = most_recent(runs[runs["run_id"].isin(options)], 1)
+        current = recent[0] if recent else options[0]
+    st.session_state[key] = current
+    where = container or st
+    choice = where.selectbox(label, options, key=key, format_func=lambda r: labels.get(r, r),
+                             on_change=_sync_single, args=(key,), help=help)
+    return choice
+
+
+def _sync_multi(key: str) -> None:
+    set_selected(list(st.session_state.get(key) or []))
+
+
+def pick_runs(runs: pd.DataFrame, key: str, label: str = "Runs", default_n: int = 3,
+              allow_empty: bool = False, help: str | None = None) -> list[str]:
+    """A multiselect of runs seeded with the selection (else recent runs, one per method)."""
+    options = list(runs["run_id"])
+    labels = run_label(runs)
+    current = [r for r in selected() if r in options]
+    if not current and not allow_empty:
+        current = recent_per_method(runs, default_n)
+    st.session_state[key] = current
+    return st.multiselect(label, options, key=key, format_func=lambda r: labels.get(r, r),
+                          on_change=_sync_multi, args=(key,), help=help)
