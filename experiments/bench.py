@@ -92,6 +92,14 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int) -> di
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    # freezing: one intra-op thread by default; on a small shared machine, OpenMP threads that
+    # spin-wait for a busy core make step times swing by 10x and hide the compute being measured.
+    threads = args.threads if args.threads is not None else (1 if args.what == "freezing" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.what == "freezing":
         rows = bench_freezing(args.config, args.set, args.batch_size, args.rounds, args.steps_per_round, args.warmup)
         if args.json:
@@ -122,4 +130,6 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--steps-per-round", type=int, default=5, help="freezing: timed steps per k per round")
     p.add_argument("--warmup", type=int, default=2, help="freezing: untimed steps after each freeze change")
     p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: 1 for freezing, torch's default for tracking)")
     p.set_defaults(func=cmd_bench)

@@ -46,3 +46,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny_sets(**overrides) -> list[str]:
+    """The tiny config as ``--set`` arguments for the command line."""
+    tree = tiny_dict()
+    flat = {f"{sec}.{k}": v for sec, vals in tree.items() for k, v in vals.items()}
+    flat.update(overrides)
+    out: list[str] = []
+    for k, v in flat.items():
+        out += ["--set", f"{k}={v}"]
+    return out

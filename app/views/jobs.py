@@ -317,3 +317,20 @@ def write_schedule(schedule: dict[str, Any], name: str) -> Path:
 def saved_schedules() -> list[Path]:
     folder = schedule_dir()
     return sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+
+
+# Sections of a source run's params copied into a LayerLock twin (same model, data, training).
+TWIN_SECTIONS = ("model", "data", "train", "probe")
+
+
+def twin_overrides(params: dict[str, str], sections: tuple[str, ...] = TWIN_SECTIONS) -> list[str]:
+    """``--set`` overrides that give a new run the source run's settings in ``sections``.
+
+    Params are the flattened config as strings; ``--set`` parses values as YAML scalars, so
+    ``"4"`` comes back as 4 and ``"True"`` as true. Unset values (``"None"``) are skipped.
+    """
+    out = []
+    for key, value in sorted(params.items()):
+        if key.split(".", 1)[0] in sections and value not in ("None", "") and "\n" not in value:
+            out.append(f"{key}={value}")
+    return out

@@ -154,3 +154,27 @@ def pick_runs(runs: pd.DataFrame, key: str, label: str = "Runs", default_n: int 
     st.session_state[key] = current
     return st.multiselect(label, options, key=key, format_func=lambda r: labels.get(r, r),
                           on_change=_sync_multi, args=(key,), help=help)
+
+
+def seed(key: str, options: list, default) -> None:
+    """Give widget ``key`` a valid value before it is drawn: keep the user's choice while it is
+    still an option, else ``default`` (options change with the run)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = default if default in options else (options[0] if options else None)
+
+
+def row_version(status: str, end_time) -> str:
+    """Cache version from a run-list row (enough for finished runs; see ``loaders.version_of``)."""
+    return f"{status}:{end_time}"
+
+
+JOBS_KEY = "launched_jobs"
+
+
+def remember_job(job_id: str) -> None:
+    """Jobs this session started, newest first (the launch page follows them)."""
+    st.session_state[JOBS_KEY] = [job_id, *[j for j in st.session_state.get(JOBS_KEY, []) if j != job_id]]
+
+
+def session_jobs() -> list[str]:
+    return list(st.session_state.get(JOBS_KEY, []))

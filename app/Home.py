@@ -1,0 +1,73 @@
+"""LayerLock Lab dashboard: ``streamlit run app/Home.py`` (bound to 127.0.0.1 by .streamlit/config.toml).
+
+This entry script sets up the page, the sidebar (tracking URI, current selection) and the
+navigation; each page lives in ``app/pages`` and reads runs through ``analysis`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run app/Home.py` puts only app/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app.views import loaders, state  # noqa: E402
+
+st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
+
+PAGES = [
+    st.Page("pages/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
+    st.Page("pages/convergence.py", title="Convergence", icon=":material/stacked_line_chart:",
+            url_path="convergence"),
+    st.Page("pages/schedule.py", title="Schedule", icon=":material/ac_unit:", url_path="schedule"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
+    st.Page("pages/freeze_test.py", title="Freeze test", icon=":material/grid_on:", url_path="freeze_test"),
+    st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:", url_path="attribution"),
+]
+
+
+def _on_uri_change() -> None:
+    state.set_tracking_uri(st.session_state["sidebar_uri"])
+    loaders.refresh_live()
+
+
+def sidebar() -> None:
+    uri = state.tracking_uri()
+    with st.sidebar:
+        st.text_input("Tracking URI", value=uri, key="sidebar_uri", on_change=_on_uri_change,
+                      help="MLflow tracking URI: from $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                           "in the working directory. A remote http://host:port server works the same.")
+        chosen = state.selected()
+        if chosen:
+            try:
+                labels = state.run_label(loaders.runs(uri))
+            except Exception:  # the selection summary must never break a page
+                labels = {}
+            st.caption("Selected runs (the first is the current run):")
+            st.markdown("\n".join(f"- {labels.get(r, r[:8])}" for r in chosen[:6])
+                        + (f"\n- … and {len(chosen) - 6} more" if len(chosen) > 6 else ""))
+        else:
+            st.caption("No runs selected: pages show the most recent run(s).")
+        left, right = st.columns(2)
+        if left.button("Refresh", key="sidebar_refresh", help="Re-read the run list and running runs"):
+            loaders.refresh_live()
+        if right.button("Clear selection", key="sidebar_clear", disabled=not chosen):
+            state.set_selected([])
+            st.rerun()
+
+
+page = st.navigation(PAGES)
+sidebar()
+try:
+    page.run()
+except Exception as err:  # last resort: one line on the page, the traceback in the server log
+    logging.getLogger("layerlock.app").exception("page %s failed", page.title)
+    text = str(err).splitlines()[0] if str(err) else ""
+    st.error(f"This page could not be drawn ({type(err).__name__}{': ' + text if text else ''}). "
+             "The server log has the details.")

@@ -1,0 +1,109 @@
+"""Runs: every run of the tracking store, filterable; the selection carries into the other pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app.views import charts, loaders, state
+
+st.title("Runs")
+uri = state.tracking_uri()
+runs = state.load_runs()
+
+c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+experiments = c1.multiselect("Experiment", sorted(runs["experiment"].dropna().unique()), key="runs_experiment")
+methods = c2.multiselect("Method", sorted(runs["method"].dropna().unique()), key="runs_method")
+statuses = c3.multiselect("Status", sorted(runs["status"].dropna().unique()), key="runs_status")
+search = c4.text_input("Search name or run id", key="runs_search", placeholder="e.g. mae or 3f2a")
+hide_children = st.toggle("Hide freeze-test children", value=True, key="runs_hide_children",
+                          help="Runs tagged layerlock.parent are cells of a freeze-test sweep (see Freeze test)")
+
+view = runs
+if experiments:
+    view = view[view["experiment"].isin(experiments)]
+if methods:
+    view = view[view["method"].isin(methods)]
+if statuses:
+    view = view[view["status"].isin(statuses)]
+if search.strip():
+    needle = search.strip().lower()
+    view = view[view["name"].str.lower().str.contains(needle, regex=False) | view["run_id"].str.startswith(needle)]
+if hide_children:
+    view = view[~view["method"].isin(state.CHILD_METHODS) & view["parent"].isna()]
+
+
+def _saving(row) -> float:
+    if row.status != "FINISHED":
+        return np.nan
+    value = loaders.compute_saving(uri, row.run_id, state.row_version(row.status, row.end_time))
+    return np.nan if value is None else value
+
+
+table = view.copy()
+table["saving"] = [_saving(r) for r in view.head(200).itertuples(index=False)] + [np.nan] * max(0, len(view) - 200)
+eval_cols = [c for c in table.columns if c.startswith("eval/")]
+columns = ["name", "method", "dataset", "status", "steps", "final_loss", "saving", *eval_cols,
+           "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]
+st.caption(f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
+           "against the same run with nothing frozen")
+st.dataframe(
+    table[columns], hide_index=True, key="runs_table",
+    column_config={
+        "final_loss": st.column_config.NumberColumn("final loss", format="%.4f"),
+        "saving": st.column_config.ProgressColumn("saving", format="percent", min_value=0.0, max_value=1.0),
+        "start_time": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm"),
+        "run_id": st.column_config.TextColumn("run id"),
+        **{c: st.column_config.NumberColumn(c.removeprefix("eval/"), format="%.3f") for c in eval_cols},
+    },
+)
+
+chosen = state.pick_runs(runs, key="runs_select", label="Selected runs (carried to the other pages)",
+                         allow_empty=True,
+                         help="The first selected run is the current run of the single-run pages")
+b1, b2, _ = st.columns([1, 1, 4])
+b1.button("Select all shown", key="runs_select_shown", on_click=state.set_selected,
+          args=(list(view["run_id"].head(20)),), disabled=view.empty)
+b2.button("Clear", key="runs_select_clear", on_click=state.set_selected, args=([],), disabled=not chosen)
+
+shown = chosen or state.recent_per_method(runs, 3)
+if not chosen:
+    st.caption("Nothing selected: showing the most recent runs.")
+by_id = runs.set_index("run_id")
+for rid in shown:
+    row = by_id.loc[rid]
+    if row["status"] == "FAILED":
+        reason = row["failure_reason"] if isinstance(row["failure_reason"], str) else "no reason recorded"
+        st.warning(f"Run {row['name'] or rid[:8]} failed: {reason}")
+    elif row["status"] == "RUNNING":
+        st.info(f"Run {row['name'] or rid[:8]} is still running; its charts grow as it logs (use Refresh).")
+
+series, colors = {}, {}
+with state.notice_errors():
+    for rid in shown:
+        rec, ver = loaders.run_version(uri, rid)
+        hist = loaders.history(uri, rid, ver, ("train/loss",))
+        label = f"{rec.name or rid[:8]} ({rec.method or '?'})"
+        series[label] = hist[hist["metric"] == "train/loss"][["step", "value"]]
+        colors[label] = charts.METHOD_COLORS.get(rec.method or "")
+if any(not f.empty for f in series.values()):
+    if len(set(colors.values())) < len(colors):
+        colors = {}  # two runs of one method: let Plotly tell them apart
+    st.plotly_chart(charts.lines(series, "step", "value", "step", "train/loss", colors,
+                                 title="Training loss"), key="runs_loss_chart")
+else:
+    st.info("The shown runs have not logged train/loss yet.")
+
+current = shown[0] if shown else None
+if current:
+    with st.expander("Details of the current run", expanded=False):
+        with state.notice_errors():
+            rec, _ = loaders.run_version(uri, current)
+        st.markdown(f"**{rec.name}** · `{rec.run_id}` · experiment `{rec.experiment}` · status {rec.status}")
+        left, right = st.columns(2)
+        left.dataframe(pd.DataFrame(sorted(rec.params.items()), columns=["param", "value"]), hide_index=True,
+                       key="runs_params")
+        tags = {k: v for k, v in rec.tags.items() if not k.startswith("mlflow.")}
+        right.dataframe(pd.DataFrame(sorted(tags.items()), columns=["tag", "value"]), hide_index=True,
+                        key="runs_tags")

@@ -1,0 +1,296 @@
+"""Plotly figure builders: pure functions of DataFrames and dicts (no Streamlit, no MLflow).
+
+Conventions: blocks are 0-based and labelled ``block 00``; x axes are training steps unless
+named otherwise. Long series are averaged into at most ``max_steps`` bins for display (a
+browser cannot show 5,000 heatmap columns in 1,000 pixels anyway); detected convergence steps
+are always drawn at their exact step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+from plotly.subplots import make_subplots
+
+METHOD_COLORS = {"mae": "#1f77b4", "layerlock": "#ff7f0e", "latent_naive": "#d62728", "freeze_test": "#7f7f7f"}
+# Metrics bounded in [0, 1] get a fixed colour range so runs compare at a glance.
+UNIT_METRICS = ("cka_prev", "cka_init", "cka_final")
+HEIGHT = 380
+
+
+def _layout(fig: go.Figure, title: str | None = None, height: int = HEIGHT, **kw: Any) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
+                      legend={"orientation": "h", "y": -0.2}, **kw)
+    return fig
+
+
+def block_label(block: int) -> str:
+    return f"block {int(block):02d}"
+
+
+def depth_colors(n: int) -> list[str]:
+    """One colour per block, shallow (dark) to deep (bright)."""
+    return sample_colorscale("Viridis", [i / max(n - 1, 1) for i in range(n)])
+
+
+def bin_steps(wide: pd.DataFrame, max_steps: int) -> pd.DataFrame:
+    """Average consecutive rows (steps) into at most ``max_steps`` bins, indexed by each bin's
+    first step. Returns ``wide`` itself when it is short enough."""
+    n = len(wide)
+    if n <= max_steps:
+        return wide
+    size = math.ceil(n / max_steps)
+    groups = np.arange(n) // size
+    binned = wide.groupby(groups).mean()
+    binned.index = wide.index.to_numpy()[::size][: len(binned)]
+    binned.index.name = wide.index.name
+    return binned
+
+
+def _conv_points(wide: pd.DataFrame, conv: pd.Series | None) -> list[tuple[int, int, float]]:
+    """``(block, step, value)`` for blocks with a detected convergence step present in ``wide``."""
+    if conv is None:
+        return []
+    out = []
+    for block, step in conv.items():
+        if pd.isna(step) or block not in wide.columns:
+            continue
+        col = wide[block].dropna()
+        if col.empty:
+            continue
+        # The rule may read another metric with other steps: use the nearest logged step.
+        pos = int(np.abs(col.index.to_numpy() - int(step)).argmin())
+        out.append((int(block), int(step), float(col.iloc[pos])))
+    return out
+
+
+def layer_heatmap(wide: pd.DataFrame, metric: str, conv: pd.Series | None = None, title: str | None = None,
+                  max_steps: int = 800, height: int = HEIGHT) -> go.Figure:
+    """Layer x step heatmap of one per-block metric; detected convergence steps as markers."""
+    shown = bin_steps(wide, max_steps)
+    bounded = metric in UNIT_METRICS
+    fig = go.Figure(go.Heatmap(
+        z=shown.T.to_numpy(), x=shown.index.to_numpy(), y=[block_label(b) for b in shown.columns],
+        colorscale="Viridis", zmin=0.0 if bounded else None, zmax=1.0 if bounded else None,
+        colorbar={"title": {"text": metric}},
+        hovertemplate="step %{x}<br>%{y}<br>" + metric + " %{z:.4g}<extra></extra>",
+    ))
+    points = _conv_points(wide, conv)
+    if points:
+        fig.add_trace(go.Scatter(
+            x=[p[1] for p in points], y=[block_label(p[0]) for p in points], mode="markers",
+            marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#ff2d55"}},
+            name="converged", hovertemplate="%{y} converged at step %{x}<extra></extra>",
+        ))
+    fig.update_xaxes(title_text="step")
+    return _layout(fig, title, height)
+
+
+def block_curves(wide: pd.DataFrame, metric: str, conv: pd.Series | None = None, threshold: float | None = None,
+                 title: str | None = None, max_steps: int = 1500, log_y: bool = False,
+                 height: int = HEIGHT) -> go.Figure:
+    """One line per block (shallow dark, deep bright), convergence steps starred."""
+    shown = bin_steps(wide, max_steps)
+    colors = depth_colors(len(shown.columns))
+    fig = go.Figure()
+    for color, block in zip(colors, shown.columns, strict=True):
+        col = shown[block].dropna()
+        fig.add_trace(go.Scatter(x=col.index.to_numpy(), y=col.to_numpy(), mode="lines",
+                                 name=block_label(block), line={"color": color, "width": 1.6},
+                                 legendgroup=str(block),
+                                 hovertemplate=block_label(block) + " step %{x}: %{y:.4g}<extra></extra>"))
+    by_block = dict(zip(shown.columns, colors, strict=True))
+    for block, step, value in _conv_points(wide, conv):
+        fig.add_trace(go.Scatter(x=[step], y=[value], mode="markers", legendgroup=str(block), showlegend=False,
+                                 marker={"symbol": "star", "size": 13, "color": by_block.get(block, "#333"),
+                                         "line": {"width": 1, "color": "#000"}},
+                                 hovertemplate=f"{block_label(block)} converged at step {step}<extra></extra>"))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line={"dash": "dot", "color": "#888"}, annotation_text=f"threshold {threshold:g}")
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text=metric, type="log" if log_y else None)
+    return _layout(fig, title, height)
+
+
+def convergence_order(conv: pd.Series, last_step: int | None = None, title: str | None = None) -> go.Figure:
+    """Convergence step against depth (the order statistic, drawn); never-converged at the top."""
+    blocks = [int(b) for b in conv.index]
+    steps = [None if pd.isna(s) else int(s) for s in conv.to_numpy()]
+    top = last_step if last_step is not None else max([s for s in steps if s is not None] or [0])
+    fig = go.Figure(go.Bar(
+        x=[block_label(b) for b in blocks], y=[top if s is None else s for s in steps],
+        marker={"color": ["#cccccc" if s is None else c for s, c in zip(steps, depth_colors(len(blocks)),
+                                                                        strict=True)]},
+        text=["never" if s is None else str(s) for s in steps], textposition="outside",
+        hovertemplate="%{x}: %{text}<extra></extra>",
+    ))
+    fig.update_yaxes(title_text="convergence step")
+    return _layout(fig, title, 300)
+
+
+def frozen_steps(schedule: Mapping[str, Any], total_steps: int, actual: pd.Series | None = None,
+                 conv: pd.Series | None = None, title: str | None = None) -> go.Figure:
+    """Frozen-prefix length over training: the schedule as a step function, optionally the
+    run's logged ``train/frozen_blocks`` and the per-block convergence steps."""
+    xs, ys = [0], [0]
+    for stage in schedule.get("stages", []):
+        xs += [int(stage["step"])]
+        ys += [int(stage["frozen"])]
+    xs.append(int(total_steps))
+    ys.append(ys[-1])
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers", line={"shape": "hv", "width": 3, "color": "#ff7f0e"},
+                               name="schedule (frozen blocks)",
+                               hovertemplate="from step %{x}: %{y} frozen<extra></extra>"))
+    if actual is not None and len(actual):
+        fig.add_trace(go.Scatter(x=actual.index.to_numpy(), y=actual.to_numpy(), mode="lines",
+                                 line={"shape": "hv", "dash": "dot", "color": "#1f77b4"},
+                                 name="this run's train/frozen_blocks"))
+    if conv is not None:
+        pts = [(int(b), int(s)) for b, s in conv.items() if not pd.isna(s)]
+        if pts:
+            fig.add_trace(go.Scatter(x=[s for _, s in pts], y=[b + 1 for b, _ in pts], mode="markers",
+                                     marker={"symbol": "star", "size": 11, "color": "#2ca02c"},
+                                     name="block b converged (plotted at b+1)",
+                                     hovertemplate="block %{customdata} converged at step %{x}<extra></extra>",
+                                     customdata=[b for b, _ in pts]))
+    n_blocks = int(schedule.get("n_blocks", max(ys) + 1))
+    fig.update_xaxes(title_text="step", range=[0, total_steps])
+    fig.update_yaxes(title_text="frozen blocks", range=[-0.2, n_blocks + 0.2], dtick=1)
+    return _layout(fig, title, 340)
+
+
+def lines(series: Mapping[str, pd.DataFrame], x: str, y: str, x_title: str, y_title: str,
+          colors: Mapping[str, str] | None = None, title: str | None = None, log_y: bool = False,
+          height: int = HEIGHT) -> go.Figure:
+    """One line per entry of ``series`` (label -> frame with columns ``x`` and ``y``)."""
+    fig = go.Figure()
+    for label, frame in series.items():
+        if frame.empty:
+            continue
+        fig.add_trace(go.Scatter(x=frame[x].to_numpy(), y=frame[y].to_numpy(), mode="lines", name=label,
+                                 line={"color": (colors or {}).get(label)},
+                                 hovertemplate=label + "<br>" + x_title + " %{x:.4g}<br>" + y_title
+                                 + " %{y:.4g}<extra></extra>"))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title, type="log" if log_y else None)
+    return _layout(fig, title, height)
+
+
+def side_by_side_heatmaps(wides: Mapping[str, pd.DataFrame], metric: str, max_steps: int = 400,
+                          title: str | None = None) -> go.Figure:
+    """One layer x step heatmap per run, side by side, on a shared colour scale."""
+    labels = [k for k, v in wides.items() if not v.empty]
+    cols = max(1, min(len(labels), 3))
+    rows = max(1, math.ceil(len(labels) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=labels, horizontal_spacing=0.06,
+                        vertical_spacing=0.18 if rows > 1 else 0.1)
+    values = [w.to_numpy() for w in wides.values() if not w.empty]
+    if metric in UNIT_METRICS:
+        zmin, zmax = 0.0, 1.0
+    elif values:
+        finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([0.0])
+        zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    else:
+        zmin, zmax = 0.0, 1.0
+    for i, label in enumerate(labels):
+        shown = bin_steps(wides[label], max_steps)
+        fig.add_trace(go.Heatmap(z=shown.T.to_numpy(), x=shown.index.to_numpy(),
+                                 y=[block_label(b) for b in shown.columns], colorscale="Viridis",
+                                 zmin=zmin, zmax=zmax, showscale=i == 0, colorbar={"title": {"text": metric}},
+                                 hovertemplate=label + "<br>step %{x}<br>%{y}<br>%{z:.4g}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    return _layout(fig, title, 320 * rows)
+
+
+def grouped_bars(frame: pd.DataFrame, x: str, y: str, color: str, title: str | None = None,
+                 y_title: str | None = None, colors: Mapping[str, str] | None = None,
+                 height: int = 320) -> go.Figure:
+    """Bars of ``y`` per ``x``, one group per value of ``color``."""
+    fig = go.Figure()
+    for key, part in frame.groupby(color, sort=False):
+        fig.add_trace(go.Bar(x=part[x].astype(str), y=part[y], name=str(key),
+                             marker={"color": (colors or {}).get(str(key))}))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(title_text=y_title or y)
+    return _layout(fig, title, height)
+
+
+def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float, title: str | None = None) -> go.Figure:
+    """The paper's L x T grid: final loss / baseline per (frozen blocks L, freeze step T)."""
+    z = ratio.to_numpy(dtype=float)
+    text = []
+    for i in range(ratio.shape[0]):
+        row = []
+        for j in range(ratio.shape[1]):
+            r, ok = z[i, j], converged.iloc[i, j]
+            if pd.isna(ok):
+                row.append("")
+            else:
+                row.append(("✓ " if bool(ok) else "✗ ") + ("n/a" if np.isnan(r) else f"{r:.3f}"))
+        text.append(row)
+    finite = z[np.isfinite(z)]
+    spread = max(float(np.abs(finite - 1.0).max()) if finite.size else 0.0, 2 * tol, 1e-3)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[str(int(t)) for t in ratio.columns], y=[f"L={int(b)}" for b in ratio.index], text=text,
+        texttemplate="%{text}", colorscale="RdYlGn", reversescale=True, zmid=1.0,
+        zmin=1.0 - spread, zmax=1.0 + spread, colorbar={"title": {"text": "loss / baseline"}},
+        hovertemplate="freeze %{y} at step T=%{x}<br>final loss / baseline %{z:.4f}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="freeze step T", type="category")
+    fig.update_yaxes(title_text="frozen blocks L", type="category")
+    return _layout(fig, title, max(300, 70 * ratio.shape[0] + 120))
+
+
+def attribution_bars(blocks: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Per-block attribution: share of |attribution| (bars) and the signed total (markers)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    labels = [block_label(b) for b in blocks["block"]]
+    fig.add_trace(go.Bar(x=labels, y=blocks["abs_share"], name="share of |attribution|",
+                         marker={"color": depth_colors(len(labels))},
+                         hovertemplate="%{x}: %{y:.1%} of |attribution|<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=labels, y=blocks["total"], name="signed total", mode="lines+markers",
+                             line={"color": "#d62728"},
+                             hovertemplate="%{x}: signed total %{y:.4g}<extra></extra>"), secondary_y=True)
+    fig.update_yaxes(title_text="share of |attribution|", tickformat=".0%", secondary_y=False)
+    fig.update_yaxes(title_text="signed total", secondary_y=True)
+    return _layout(fig, title, 340)
+
+
+def attribution_over_time(block_time: np.ndarray, title: str | None = None) -> go.Figure:
+    """``block_time (n_blocks, T_tokens)``: where in time each block's attribution sits."""
+    fig = go.Figure(go.Heatmap(z=block_time, x=[f"t{t}" for t in range(block_time.shape[1])],
+                               y=[block_label(b) for b in range(block_time.shape[0])], colorscale="Magma",
+                               colorbar={"title": {"text": "share"}},
+                               hovertemplate="%{y}, token time %{x}: %{z:.1%}<extra></extra>"))
+    fig.update_xaxes(title_text="token time slice")
+    return _layout(fig, title, 300)
+
+
+def saliency_frames(frames: np.ndarray, saliency: np.ndarray, title: str | None = None,
+                    alpha: float = 0.65) -> go.Figure:
+    """Clip frames (top) and the saliency over them (bottom).
+
+    ``frames (T, H, W, 3)`` in [0, 1]; ``saliency (T, H, W)`` non-negative (normalised here by its
+    maximum over the clip, so frames compare).
+    """
+    t = frames.shape[0]
+    sal = saliency / max(float(saliency.max()), 1e-12)
+    heat = np.stack([np.ones_like(sal), 0.85 * (1 - sal), np.zeros_like(sal)], axis=-1)  # yellow -> red
+    weight = (alpha * sal)[..., None]
+    overlay = frames * (1 - weight) + heat * weight
+    fig = make_subplots(rows=2, cols=t, horizontal_spacing=0.01, vertical_spacing=0.04,
+                        subplot_titles=[f"frame {i}" for i in range(t)])
+    for i in range(t):
+        fig.add_trace(go.Image(z=(frames[i] * 255).astype(np.uint8), hoverinfo="skip"), row=1, col=i + 1)
+        fig.add_trace(go.Image(z=(np.clip(overlay[i], 0, 1) * 255).astype(np.uint8),
+                               customdata=sal[i], hovertemplate="saliency %{customdata:.2f}<extra></extra>"),
+                      row=2, col=i + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, int(min(520, 120 + 2 * 900 / max(t, 1))))

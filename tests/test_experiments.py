@@ -1,0 +1,64 @@
+"""Entry points beyond pretrain: freeze-test, bench (smoke runs against a temporary store)."""
+
+from __future__ import annotations
+
+import json
+
+from mlflow import MlflowClient
+
+from tests.conftest import run_cli, tiny_sets
+
+
+def _pretrain(store: str, *extra: str) -> str:
+    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
+                   *tiny_sets(), *extra, "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_freeze_test_children_and_grid(store):
+    baseline = _pretrain(store)
+    proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "4,8",
+                   "--blocks", "1,3", "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(store)
+    children = client.search_runs([client.get_run(baseline).info.experiment_id],
+                                  filter_string=f"tags.`layerlock.parent` = '{baseline}'")
+    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"])
+             for r in children}
+    assert cells == {("4", "1"), ("4", "3"), ("8", "1"), ("8", "3")}
+    for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags["layerlock.method"] == "freeze_test"
+        frozen = client.get_metric_history(r.info.run_id, "train/frozen_blocks")
+        assert min(m.step for m in frozen) >= int(r.data.tags["layerlock.freeze_test.step"])
+    grid = run_cli("-m", "analysis", "freeze-grid", "--parent", baseline, "--json", "--tracking-uri", store)
+    assert grid.returncode == 0, grid.stderr
+    assert len(json.loads(grid.stdout)["cells"]) == 4
+
+
+def test_freeze_test_bad_input_exit_2(store):
+    baseline = _pretrain(store)
+    for args, needle in ((["--steps", "5", "--blocks", "1"], "no checkpoint at step 5"),
+                         (["--steps", "4", "--blocks", "4"], "--blocks 4"),
+                         (["--steps", "x", "--blocks", "1"], "comma-separated integers")):
+        proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, *args, "--tracking-uri", store)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_freezing_json_reports_ratios():
+    proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--steps-per-round", "1",
+                   "--warmup", "0", "--batch-size", "4", *tiny_sets())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["frozen"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["time_ratio"] == 1.0 and rows[0]["flop_ratio"] == 1.0
+    assert all(r["flops"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert rows[-1]["flop_ratio"] < rows[1]["flop_ratio"] < 1.0
+
+
+def test_bench_tracking_json_reports_ratio():
+    proc = run_cli("-m", "experiments", "bench", "tracking", "--json", "--repeats", "1", *tiny_sets())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["off_ms"] > 0 and out["on_ms"] > 0
+    assert abs(out["ratio"] - out["on_ms"] / out["off_ms"]) < 1e-3
