@@ -182,3 +182,23 @@ def test_torchrun_two_processes_ddp_across_freeze_changes(store):
     frozen = sorted({m.value for m in client.get_metric_history(ids[0], "train/frozen_blocks")})
     assert frozen[0] == 0 and frozen[-1] >= 2
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_pretrain_on_video_folder_counts_skipped_files(tmp_path, store):
+    from tests.conftest import tiny_sets
+    from tests.test_data import write_video
+
+    root = tmp_path / "clips"
+    for cls, color in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            write_video(root / cls / f"{cls}{k}.mp4", color)
+    (root / "blue" / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
+                   *tiny_sets(**{"data.name": "video_folder", "data.root": str(root), "train.steps": 4}),
+                   "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "broken.mp4" in proc.stderr
+    run = MlflowClient(store).get_run(proc.stdout.strip().splitlines()[-1])
+    assert run.data.metrics["data/skipped_files"] == 1
+    assert run.data.tags["layerlock.dataset"] == "video_folder"

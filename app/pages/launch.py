@@ -1,0 +1,182 @@
+"""Launch: start `python -m experiments pretrain ...` as a child process and follow it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.schedule import validate_schedule
+from app.views import charts, jobs, loaders, state
+from core.errors import LayerLockError
+
+FROM_CONFIG = "(from config)"
+OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_naive"]
+DATASETS = [FROM_CONFIG, "moving_digits", "photo_pans", "video_folder"]
+NO_SCHEDULE, CUSTOM = "none (nothing frozen)", "custom path…"
+
+st.title("Launch a training run")
+uri = state.tracking_uri()
+st.caption(f"Runs start as `python -m experiments pretrain …` child processes of this server and log to `{uri}`. "
+           f"Logs go to `{jobs.launch_dir()}`.")
+
+configs = jobs.config_files()
+schedules = jobs.saved_schedules()
+schedule_choices = [FROM_CONFIG, NO_SCHEDULE, *[str(p) for p in schedules], CUSTOM]
+
+with st.form("launch_form"):
+    a, b, c = st.columns(3)
+    config = a.selectbox("Config", [str(p.relative_to(jobs.ROOT)) for p in configs], key="launch_config")
+    objective = b.selectbox("Objective", OBJECTIVES, key="launch_objective")
+    steps = c.number_input("Steps", min_value=1, value=None, step=50, key="launch_steps", placeholder="from config")
+    a, b, c = st.columns(3)
+    seed = a.number_input("Seed", value=None, step=1, key="launch_seed", placeholder="from config")
+    data = b.selectbox("Data", DATASETS, key="launch_data")
+    data_root = c.text_input("Video folder (data.root)", key="launch_data_root",
+                             placeholder="root/<class>/*.mp4, for video_folder")
+    a, b = st.columns([2, 1])
+    schedule_choice = a.selectbox("Freezing schedule", schedule_choices, key="launch_schedule",
+                                  format_func=lambda s: Path(s).name if s.endswith(".json") else s)
+    schedule_path = b.text_input("Schedule JSON path", key="launch_schedule_path", placeholder="for custom path…")
+    a, b = st.columns([1, 2])
+    run_name = a.text_input("Run name", key="launch_run_name", placeholder="generated")
+    extra = b.text_area("More overrides (key=value per line)", key="launch_overrides", height=80,
+                        placeholder="model.depth=4\ntrain.batch_size=16")
+    submitted = st.form_submit_button("Start training", type="primary", key="launch_submit")
+
+
+def check_schedule(path: Path, n_blocks: int | None = None, total_steps: int | None = None) -> None:
+    """A schedule file that the trainer will accept, or LayerLockError with one line."""
+    path = path if path.is_absolute() else jobs.ROOT / path  # the child runs in the repository root
+    if not path.is_file():
+        raise LayerLockError(f"schedule file not found: {path}")
+    try:
+        validate_schedule(json.loads(path.read_text()), total_steps=total_steps, n_blocks=n_blocks)
+    except json.JSONDecodeError as err:
+        raise LayerLockError(f"{path.name}: not valid JSON ({err.msg})") from None
+
+
+def build_overrides() -> tuple[list[str], str]:
+    """The ``--set`` list from the form and the run name; raises LayerLockError/ValueError."""
+    overrides = []
+    if objective != FROM_CONFIG:
+        overrides.append(f"objective.name={objective}")
+    if steps:
+        overrides.append(f"train.steps={int(steps)}")
+    if seed is not None:
+        overrides.append(f"train.seed={int(seed)}")
+    if data != FROM_CONFIG:
+        overrides.append(f"data.name={data}")
+    if data_root.strip():
+        overrides.append(f"data.root={Path(data_root.strip()).expanduser().resolve()}")
+    if schedule_choice == NO_SCHEDULE:
+        overrides.append("freeze.schedule=null")
+    elif schedule_choice != FROM_CONFIG:
+        raw = schedule_path.strip() if schedule_choice == CUSTOM else schedule_choice
+        if not raw:
+            raise LayerLockError("custom schedule: enter the path of a schedule JSON file")
+        path = Path(raw).expanduser().resolve()
+        check_schedule(path)
+        overrides.append(f"freeze.schedule={path}")
+    overrides += jobs.parse_overrides(extra)
+    name = run_name.strip() or jobs.new_run_name(objective if objective != FROM_CONFIG else Path(config).stem)
+    overrides.append(f"tracking.run_name={name}")
+    return overrides, name
+
+
+if submitted:
+    try:
+        overrides, name = build_overrides()
+        # Check the config here so a typo is one line now, not a failed child later.
+        from core.config import load_config
+
+        cfg = load_config(jobs.ROOT / config, overrides)
+        if isinstance(cfg.freeze.schedule, str):
+            check_schedule(Path(cfg.freeze.schedule), cfg.model.depth, cfg.train.steps)
+    except (LayerLockError, ValueError) as err:
+        st.warning(f"Not started: {str(err).splitlines()[0]}")
+    else:
+        argv = jobs.pretrain_argv(config, overrides, {"layerlock.launched_from": "dashboard"}, uri)
+        job = jobs.start(argv, name, uri, source="launch")
+        state.remember_job(job.job_id)
+        loaders.refresh_live()
+        st.success(f"Started {name} (pid {job.pid}).")
+
+
+def _progress(job: jobs.Job, status: str) -> None:
+    """Progress read from MLflow: the run (found by name), its last step and its loss curve."""
+    try:
+        runs = loaders.runs(uri)
+    except LayerLockError:
+        return
+    match = runs[runs["name"] == job.run_name]
+    if match.empty:
+        st.caption("Waiting for the run to appear in the tracking store…" if status == "running" else
+                   "The run never reached the tracking store.")
+        return
+    rid = match.iloc[0]["run_id"]
+    try:
+        rec, ver = loaders.run_version(uri, rid)
+        hist = loaders.history(uri, rid, ver, ("train/loss",))
+    except LayerLockError as err:
+        st.caption(str(err))
+        return
+    loss = hist[hist["metric"] == "train/loss"]
+    total = rec.param_int("train.steps") or 0
+    done = int(loss["step"].max()) + 1 if len(loss) else 0
+    if status == "running" and total:
+        st.progress(min(done / total, 1.0), text=f"step {done} / {total} · MLflow run `{rid[:8]}` · {rec.status}")
+    else:
+        st.caption(f"MLflow run `{rid}` · {rec.status} · {done} / {total} steps logged")
+    if len(loss) >= 2:
+        st.plotly_chart(charts.lines({job.run_name: loss}, "step", "value", "step", "train/loss",
+                                     height=240), key=f"launch_loss_{job.job_id}")
+
+
+def _job_panel(job: jobs.Job) -> None:
+    status = jobs.status(job)
+    elapsed = time.time() - job.started
+    icon = {"running": ":material/progress_activity:", "finished": ":material/check_circle:"}.get(
+        status, ":material/cancel:")
+    with st.expander(f"{job.run_name} · {status} · {elapsed / 60:.1f} min ago", expanded=status == "running",
+                     icon=icon):
+        st.code(shlex.join(["python", *job.argv[1:]]), language="bash")
+        _progress(job, status)
+        if status == "running":
+            if st.button("Cancel", key=f"launch_cancel_{job.job_id}", help="SIGINT, then SIGTERM if needed"):
+                how = jobs.cancel(job)
+                loaders.refresh_live()
+                st.warning(f"Cancelled ({how}).")
+        elif status == "finished":
+            rid = jobs.run_id(job)
+            st.success(f"Finished: run `{rid}` is on the Runs page." if rid else "Finished.")
+        else:
+            err = jobs.last_error(job)
+            st.warning(f"The child exited ({status}){': ' + err.removeprefix('error: ') if err else ''}.")
+        log = jobs.tail(job.log_path)
+        st.code(log or "(no output yet)", language=None)
+
+
+def jobs_section() -> None:
+    mine = state.session_jobs()
+    found = jobs.list_jobs()
+    ordered = [j for j in found if j.job_id in mine] + [j for j in found if j.job_id not in mine]
+    if not ordered:
+        st.info("No runs launched from the dashboard yet. Fill in the form and press **Start training**.")
+        return
+    was_running = st.session_state.get("launch_running", set())
+    running = {j.job_id for j in ordered if jobs.status(j) == "running"}
+    if was_running - running:  # something finished since the last look: the run list is stale
+        loaders.refresh_live()
+    st.session_state["launch_running"] = running
+    for job in ordered[:8]:
+        _job_panel(job)
+
+
+st.subheader("Launched runs")
+live = any(jobs.status(j) == "running" for j in jobs.list_jobs())
+st.button("Refresh now", key="launch_refresh")
+st.fragment(run_every=2 if live else None)(jobs_section)()
