@@ -169,7 +169,9 @@ class VideoMAE(nn.Module):
     def _rope(self, idx: torch.Tensor | None, batch: int, head_dim: int):
         if not self.use_rope:
             return None
-        coords = self.coords.expand(batch, -1, -1) if idx is None else apply_masks(self.coords.expand(batch, -1, -1), idx)
+        coords = self.coords.expand(batch, -1, -1)
+        if idx is not None:
+            coords = apply_masks(coords, idx)
         return rope_tables(coords, head_dim)
 
     def forward_encoder(self, video: torch.Tensor, keep_idx: torch.Tensor | None = None, *,

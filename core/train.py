@@ -129,7 +129,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
           progress: bool = True, stop_after: int | None = None, track: bool = True) -> TrainResult:
     """Run (or resume) one training run and log it to MLflow.
 
-    ``init_state``: a checkpoint of another run to branch off (freeze tests), as a new run. ``stop_after``: leave the loop after this many steps (tests).
+    ``init_state``: a checkpoint of another run to branch off (freeze tests), as a new run.
+    ``stop_after``: leave the loop after this many steps (tests).
     ``track=False`` logs nothing (benchmarks measure tracking against it).
     Raises LayerLockError for bad input and TrainingDiverged on a NaN/inf loss (run FAILED).
     """
