@@ -94,12 +94,14 @@ def encoder_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, ExperimentConf
     return model, cfg
 
 
-def class_tasks(cfg: ExperimentConfig) -> dict[str, int]:
-    """Classification tasks of the run's dataset: name -> number of classes."""
+def checkpoint_tasks(checkpoint: dict) -> tuple[dict[str, int], int]:
+    """Classification tasks (name -> classes) of a checkpoint's dataset and its validation size."""
     from core.data import build_dataset
 
+    cfg = config_from_dict(checkpoint.get("config") or {}, "checkpoint config")
     ds = build_dataset(cfg.data, "val")
-    return {name: int(t.n_classes) for name, t in ds.tasks.items() if t.kind == "class" and t.n_classes}
+    tasks = {name: int(t.n_classes) for name, t in ds.tasks.items() if t.kind == "class" and t.n_classes}
+    return tasks, len(ds)
 
 
 @torch.no_grad()
@@ -170,7 +172,8 @@ def block_attributions(wrapper: ProbedEncoder, video: torch.Tensor, target: int,
     return frame, np.stack(per_time)
 
 
-def input_saliency(wrapper: ProbedEncoder, video: torch.Tensor, target: int, n_steps: int = 16) -> tuple[np.ndarray, float]:
+def input_saliency(wrapper: ProbedEncoder, video: torch.Tensor, target: int,
+                   n_steps: int = 16) -> tuple[np.ndarray, float]:
     """IntegratedGradients over the clip: ``(T, H, W)`` |attribution| summed over channels, and
     the convergence delta."""
     from captum.attr import IntegratedGradients
@@ -190,7 +193,7 @@ def explain(checkpoint: dict, task: str | None = None, clip: int = 0, method: Me
     if n_steps < 2:
         raise LayerLockError(f"n_steps must be at least 2, got {n_steps}")
     model, cfg = encoder_from_checkpoint(checkpoint)
-    tasks = class_tasks(cfg)
+    tasks, _ = checkpoint_tasks(checkpoint)
     if not tasks:
         raise LayerLockError(f"dataset {cfg.data.name} has no classification task to attribute")
     task = task or next(iter(tasks))

@@ -1,7 +1,7 @@
 """LayerLock Lab dashboard: ``streamlit run app/Home.py`` (bound to 127.0.0.1 by .streamlit/config.toml).
 
 This entry script sets up the page, the sidebar (tracking URI, current selection) and the
-navigation; each page lives in ``app/pages`` and reads runs through ``analysis`` only.
+navigation; each page lives in ``app/screens`` and reads runs through ``analysis`` only.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from app.views import loaders, state  # noqa: E402
 st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
 
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
-    st.Page("pages/convergence.py", title="Convergence", icon=":material/stacked_line_chart:",
+    st.Page("screens/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
+    st.Page("screens/convergence.py", title="Convergence", icon=":material/stacked_line_chart:",
             url_path="convergence"),
-    st.Page("pages/schedule.py", title="Schedule", icon=":material/ac_unit:", url_path="schedule"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
-    st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
-    st.Page("pages/freeze_test.py", title="Freeze test", icon=":material/grid_on:", url_path="freeze_test"),
-    st.Page("pages/attribution.py", title="Attribution", icon=":material/insights:", url_path="attribution"),
+    st.Page("screens/schedule.py", title="Schedule", icon=":material/ac_unit:", url_path="schedule"),
+    st.Page("screens/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("screens/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
+    st.Page("screens/freeze_test.py", title="Freeze test", icon=":material/grid_on:", url_path="freeze_test"),
+    st.Page("screens/attribution.py", title="Attribution", icon=":material/insights:", url_path="attribution"),
 ]
 
 
@@ -57,13 +57,13 @@ def sidebar() -> None:
         left, right = st.columns(2)
         if left.button("Refresh", key="sidebar_refresh", help="Re-read the run list and running runs"):
             loaders.refresh_live()
-        if right.button("Clear selection", key="sidebar_clear", disabled=not chosen):
+        if right.button("Clear", key="sidebar_clear", help="Clear the run selection", disabled=not chosen):
             state.set_selected([])
             st.rerun()
 
 
-page = st.navigation(PAGES)
 sidebar()
+page = st.navigation(PAGES)
 try:
     page.run()
 except Exception as err:  # last resort: one line on the page, the traceback in the server log

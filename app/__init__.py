@@ -1,1 +1,1 @@
-"""The Streamlit dashboard: ``streamlit run app/Home.py`` (pages in ``app/pages``, helpers in ``app/views``)."""
+"""The Streamlit dashboard: ``streamlit run app/Home.py`` (pages in ``app/screens``, helpers in ``app/views``)."""

@@ -46,39 +46,41 @@ class AttentiveProbe(nn.Module):
     """Cross-attention readout: learned queries attend over frozen tokens, then a linear head.
 
     ``tokens (B, N, dim)`` -> ``logits (B, n_out)``. Tokens are layer-normalised (features of
-    different blocks have very different scales); each of the ``n_queries`` learned queries
-    attends with ``heads`` heads; the ``n_queries * heads`` pooled vectors are concatenated,
-    normalised and mapped to the outputs by one linear layer. Several pooled vectors let the
-    head compare what it gathered from different places (e.g. the digit early and late in the
-    clip, for its direction).
+    different blocks have very different scales) and projected to keys; each of the
+    ``heads * n_queries`` learned queries pools the normalised tokens with its own softmax
+    attention; the pooled vectors are concatenated, normalised and mapped to the outputs by one
+    linear layer. Several pooled vectors let the head compare what it gathered from different
+    places (the digit early and late in the clip, for its direction).
 
-    Why no key/value projections: with fixed learned queries, ``q . (W_k x)`` equals
-    ``(W_k^T q) . x``, so the key projection folds into the query; the value projection is
-    linear and folds into the linear head. Attending with full-width heads directly over the
-    normalised tokens is therefore the same function class as ``nn.MultiheadAttention`` with a
-    linear head, at about a sixth of its cost (the per-token K/V projections dominate on CPU).
-    The LayerNorm has no affine for the same reason (its scale and shift fold into the query
-    and the head).
+    Relation to ``nn.MultiheadAttention`` with a learned query: the value and output projections
+    are linear and fold into the linear head, so they are left out and every query attends
+    with a full-width head (about 4x cheaper on CPU). The key projection would fold into the
+    queries too, but it is kept: the product ``q . (W_k x)`` trains much faster than a bare query
+    (on random-init features, direction accuracy 0.80 -> 0.92 at the same budget).
     """
 
     def __init__(self, *, dim: int, n_out: int, heads: int = 4, n_queries: int = 4) -> None:
         super().__init__()
         self.token_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        # (heads, n_queries, dim): one attention direction in token space per (head, query).
-        self.query = nn.Parameter(torch.randn(heads, n_queries, dim) * dim**-0.5)
+        self.key = nn.Linear(dim, dim)
+        nn.init.eye_(self.key.weight)       # start as plain dot-product attention over the tokens
+        nn.init.zeros_(self.key.bias)
+        # (heads, n_queries, dim); unit-variance entries make the initial attention logits O(1)
+        # after the 1/sqrt(dim) scale, neither uniform nor one-hot.
+        self.query = nn.Parameter(torch.randn(heads, n_queries, dim))
         self.out_norm = nn.LayerNorm(heads * n_queries * dim)
         self.head = nn.Linear(heads * n_queries * dim, n_out)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens (B, N, D)`` -> pooled ``(B, heads * n_queries * D)``.
 
-        Softmax attention of every (head, query) over the N tokens, written as two matmuls:
-        about 4x faster on CPU than ``F.scaled_dot_product_attention`` with the tokens
-        expanded per head.
+        Softmax attention of every query over the N tokens, as two matmuls (faster on CPU than
+        ``F.scaled_dot_product_attention`` with the tokens expanded per head).
         """
-        x = self.token_norm(tokens)                                   # (B, N, D)
+        x = self.token_norm(tokens)                                   # (B, N, D): values
         q = self.query.flatten(0, 1)                                  # (H*Q, D)
-        weights = (x @ q.T * x.shape[-1] ** -0.5).softmax(dim=1)      # (B, N, H*Q), sums to 1 over N
+        logits = self.key(x) @ q.T * x.shape[-1] ** -0.5              # (B, N, H*Q)
+        weights = logits.softmax(dim=1)                               # sums to 1 over the N tokens
         return (weights.transpose(1, 2) @ x).flatten(1)               # (B, H*Q*D)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,6 @@ def _layer_keys(block: None | int | str, depth: int) -> list[LayerKey]:
     raise LayerLockError(f"block must be None, an int or 'all', got {block!r}")
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], *,
                      block: None | int | str = None, device: torch.device | str | None = None,
                      batch_size: int = 64, progress: bool = True,
@@ -175,10 +176,17 @@ def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Ten
     ``(B, 3, T, H, W)`` batches. ``block``: None -> ``{"final": ...}`` (output after the final
     norm); int i -> ``{i: ...}`` (raw output of ``model.blocks[i]``); "all" -> ``{0: ..., ...,
     depth-1: ...}`` (every block). Each value is ``(n, N, D)``. The model runs in eval mode on
-    unmasked clips and is put back in its previous mode afterwards. ``total``: number of batches
-    for the progress bar when ``videos`` is a generator.
+    unmasked clips under no_grad and is put back in its previous mode afterwards. ``total``:
+    number of batches for the progress bar when ``videos`` is a generator.
     """
-    keys = _layer_keys(block, len(model.blocks))
+    return _extract(model, videos, _layer_keys(block, len(model.blocks)), device=device,
+                    batch_size=batch_size, progress=progress, total=total)
+
+
+@torch.no_grad()
+def _extract(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], keys: Sequence[LayerKey], *,
+             device: torch.device | str | None, batch_size: int, progress: bool,
+             total: int | None) -> dict[LayerKey, torch.Tensor]:
     if isinstance(videos, torch.Tensor):
         total = math.ceil(len(videos) / batch_size)
         videos = videos.split(batch_size)
@@ -201,16 +209,36 @@ def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Ten
 
 # ----------------------------------------------------------------------------- fitting
 
+def whitening(feats: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA-whitening fitted on ``feats (n, N, D)`` (all tokens pooled): returns ``mean (D,)`` and
+    ``W (D, D)`` such that ``(x - mean) @ W`` has (nearly) identity covariance.
+
+    Why: features of trained encoders are very anisotropic (a 300-step MAE puts most of its
+    token variance in ~3 directions), and a small probe trained for a few seconds mostly reads
+    the large directions. Whitening makes the readout judge an encoder up to an invertible
+    linear map of its features -- information, not scale. ``shrink`` adds ``shrink * mean
+    eigenvalue`` to every eigenvalue (ridge-style) so near-empty directions are not blown up
+    into noise. Computed in float64 for a stable eigendecomposition.
+    """
+    x = feats.reshape(-1, feats.shape[-1]).double()
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(0) + shrink * evals.clamp_min(0).mean() + 1e-12
+    return mean.float(), (evecs / evals.sqrt()).float()
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Hyper-parameters of one probe fit (defaults sized for a 2-core CPU, ~1-3 s per fit)."""
 
     epochs: int = 40
-    lr: float = 2e-3
+    lr: float = 1e-2
     weight_decay: float = 0.05
     batch_size: int = 64
     heads: int = 4
     n_queries: int = 4
+    whiten: float | None = 0.1
 
 
 @contextlib.contextmanager
@@ -231,8 +259,8 @@ def _eval_batches(module: nn.Module, feats: torch.Tensor, batch_size: int = 256)
 
 def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
               val_feats: torch.Tensor, val_labels: torch.Tensor, *, n_classes: int | None = None,
-              epochs: int = 40, lr: float = 2e-3, weight_decay: float = 0.05, batch_size: int = 64,
-              seed: int = 0, heads: int = 4, n_queries: int = 4,
+              epochs: int = 40, lr: float = 1e-2, weight_decay: float = 0.05, batch_size: int = 64,
+              seed: int = 0, heads: int = 4, n_queries: int = 4, whiten: float | None = 0.1,
               threads: int | None = 1) -> dict[str, float]:
     """Train one probe on cached features and return its validation metrics.
 
@@ -241,11 +269,17 @@ def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Te
     "delta1"}``. AdamW with a cosine-decayed learning rate; the initialisation and minibatch
     order come from ``seed`` only (the global RNG is left untouched), so a fit is reproducible.
 
+    ``whiten``: PCA-whiten the features with statistics of the *train* features, shrinkage
+    ``whiten`` (see :func:`whitening`); None leaves them as they are.
+
     ``threads``: intra-op threads while fitting (default 1). A probe's ops are tiny, so threads
     cost more in synchronisation than they save -- on a shared 2-core CPU two threads measured
     10-20x slower than one -- and a fixed count keeps results independent of the machine.
     """
     with _threads(threads):
+        if whiten is not None:
+            mean, w = whitening(train_feats, whiten)
+            train_feats, val_feats = (train_feats - mean) @ w, (val_feats - mean) @ w
         return _fit(kind, train_feats, train_labels, val_feats, val_labels, n_classes=n_classes,
                     epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                     heads=heads, n_queries=n_queries)
@@ -328,8 +362,12 @@ class EvalData:
 
 
 def default_clips(cfg: ExperimentConfig) -> tuple[int, int]:
-    """Probe clip counts: 1024 train / 256 val, fewer when the dataset is smaller."""
-    return min(1024, cfg.data.train_clips), min(256, cfg.data.val_clips)
+    """Probe clip counts: 1024 train / 512 val, fewer when the dataset is smaller.
+
+    Val clips cost only a forward pass, and 512 of them halve the accuracy's sampling variance
+    compared with 256 (standard error about 0.02 instead of 0.03 at 50% accuracy).
+    """
+    return min(1024, cfg.data.train_clips), min(512, cfg.data.val_clips)
 
 
 def _collect(ds: ClipDataset, n: int, tasks: dict[str, Task], geometry: Geometry,
@@ -387,7 +425,7 @@ def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dic
 # Per-block sweeps fit depth x tasks probes, so they use a lighter attentive probe: a third of
 # the epochs and a single query. Good enough to rank blocks; the headline numbers come from the
 # full probe on the final output.
-BLOCK_SETTINGS = ProbeSettings(epochs=15, n_queries=1)
+BLOCK_SETTINGS = ProbeSettings(epochs=15)
 
 
 def _fit_task(kind: ProbeKind, task: Task, train: torch.Tensor, val: torch.Tensor, data: EvalData,
@@ -396,7 +434,7 @@ def _fit_task(kind: ProbeKind, task: Task, train: torch.Tensor, val: torch.Tenso
     return fit_probe("dense" if task.kind == "dense" else kind, train, data.train_labels[task.name],
                      val, data.val_labels[task.name], n_classes=task.n_classes, epochs=s.epochs,
                      lr=s.lr, weight_decay=s.weight_decay, batch_size=s.batch_size, seed=seed,
-                     heads=s.heads, n_queries=s.n_queries)
+                     heads=s.heads, n_queries=s.n_queries, whiten=s.whiten)
 
 
 def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
@@ -420,14 +458,12 @@ def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[st
     if data is None:
         data = load_eval_data(cfg, tasks, train_clips=train_clips, val_clips=val_clips, progress=progress)
     chosen = select_tasks(data.tasks, tasks)
-    block = "all" if per_block else None
-    feats_train = extract_features(model, data.train_video, block=block, device=device, progress=progress)
-    feats_val = extract_features(model, data.val_video, block=block, device=device, progress=progress)
-    if per_block:  # "all" returns raw block outputs; the headline probe reads the normed output
-        extra_t = extract_features(model, data.train_video, device=device, progress=progress)
-        extra_v = extract_features(model, data.val_video, device=device, progress=progress)
-        feats_train.update(extra_t)
-        feats_val.update(extra_v)
+    # One encoder pass per split: the headline probe reads the normed output, the sweep every block.
+    keys: list[LayerKey] = ["final", *(range(len(model.blocks)) if per_block else ())]
+    feats_train = _extract(model, data.train_video, keys, device=device, batch_size=64,
+                           progress=progress, total=None)
+    feats_val = _extract(model, data.val_video, keys, device=device, batch_size=64,
+                         progress=progress, total=None)
 
     out: dict[str, float] = {}
     for name, task in chosen.items():

@@ -54,14 +54,16 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
 
 
 def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, margin: int, max_frac: float,
-             tasks: list[str] | None, out_dir: Path, freeze_only: bool = True) -> dict:
+             tasks: list[str] | None, out_dir: Path, freeze_only: bool = True, overrides: list[str] | None = None,
+             eval_train_clips: int | None = None, eval_val_clips: int | None = None) -> dict:
     from analysis.compare import compare_runs
     from core.config import load_config
+    from core.readout import load_eval_data
     from core.train import train
     from experiments.evaluate import evaluate_run, random_init_baseline
 
     common = [f"train.steps={steps}", f"probe.every={probe_every}", "tracking.experiment=layerlock-demo",
-              f"train.checkpoint_every={max(1, steps // 3)}"]
+              f"train.checkpoint_every={max(1, steps // 3)}", *(overrides or [])]
     stages = ["MAE", "schedule", "LayerLock", "naive latent"] + (["freeze only"] if freeze_only else []) + ["evaluate"]
     runs: dict[str, str] = {}
     with tqdm(total=len(stages), desc="demo", unit="stage", file=sys.stderr, position=0) as bar:
@@ -98,8 +100,11 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
             bar.update(1)
 
         stage("evaluate")
-        evals = {name: evaluate_run(rid, tasks=tasks, tracking_uri=uri) for name, rid in runs.items()}
-        evals["random_init"] = random_init_baseline(load_config(CONFIGS / "mae_tiny.yaml", common), tasks=tasks)
+        base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
+        # one set of probe clips for every encoder, so all are scored on the same examples
+        data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips)
+        evals = {name: evaluate_run(rid, tasks=tasks, tracking_uri=uri, data=data) for name, rid in runs.items()}
+        evals["random_init"] = random_init_baseline(base_cfg, tasks=tasks, data=data)
         bar.update(1)
 
     table = compare_runs(list(runs.values()), uri)
@@ -129,7 +134,8 @@ def format_table(result: dict) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     result = run_demo(args.steps, args.tracking_uri, args.probe_every, args.threshold, args.margin,
-                      args.max_frozen_fraction, tasks, Path(args.out_dir), freeze_only=not args.no_freeze_only)
+                      args.max_frozen_fraction, tasks, Path(args.out_dir), freeze_only=not args.no_freeze_only,
+                      overrides=args.set, eval_train_clips=args.eval_train_clips, eval_val_clips=args.eval_val_clips)
     print()
     print("LayerLock Lab demo: MAE vs LayerLock vs naive latent (moving_digits)")
     print(format_table(result))
@@ -155,5 +161,8 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated probe tasks (default: all of the dataset)")
     p.add_argument("--out-dir", default="runs/demo", help="where the derived schedule JSON is written")
     p.add_argument("--no-freeze-only", action="store_true", help="skip the pixel-loss run with the same schedule")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
+    p.add_argument("--eval-train-clips", type=int, default=None, help="probe training clips (default 1024)")
+    p.add_argument("--eval-val-clips", type=int, default=None, help="probe validation clips (default 256)")
     add_tracking(p)
     p.set_defaults(func=cmd_demo)

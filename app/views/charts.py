@@ -221,7 +221,8 @@ def grouped_bars(frame: pd.DataFrame, x: str, y: str, color: str, title: str | N
     return _layout(fig, title, height)
 
 
-def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float, title: str | None = None) -> go.Figure:
+def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float,
+                        title: str | None = None) -> go.Figure:
     """The paper's L x T grid: final loss / baseline per (frozen blocks L, freeze step T)."""
     z = ratio.to_numpy(dtype=float)
     text = []
@@ -248,17 +249,14 @@ def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float
 
 
 def attribution_bars(blocks: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """Per-block attribution: share of |attribution| (bars) and the signed total (markers)."""
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    """Per-block share of |attribution| (the signed totals are equal by completeness, so not drawn)."""
     labels = [block_label(b) for b in blocks["block"]]
-    fig.add_trace(go.Bar(x=labels, y=blocks["abs_share"], name="share of |attribution|",
-                         marker={"color": depth_colors(len(labels))},
-                         hovertemplate="%{x}: %{y:.1%} of |attribution|<extra></extra>"), secondary_y=False)
-    fig.add_trace(go.Scatter(x=labels, y=blocks["total"], name="signed total", mode="lines+markers",
-                             line={"color": "#d62728"},
-                             hovertemplate="%{x}: signed total %{y:.4g}<extra></extra>"), secondary_y=True)
-    fig.update_yaxes(title_text="share of |attribution|", tickformat=".0%", secondary_y=False)
-    fig.update_yaxes(title_text="signed total", secondary_y=True)
+    fig = go.Figure(go.Bar(x=labels, y=blocks["abs_share"], marker={"color": depth_colors(len(labels))},
+                           text=[f"{v:.0%}" for v in blocks["abs_share"]], textposition="auto",
+                           customdata=blocks["total"],
+                           hovertemplate="%{x}: %{y:.1%} of |attribution|<br>signed total %{customdata:.4g}"
+                                         "<extra></extra>"))
+    fig.update_yaxes(title_text="share of |attribution|", tickformat=".0%")
     return _layout(fig, title, 340)
 
 
@@ -293,4 +291,39 @@ def saliency_frames(frames: np.ndarray, saliency: np.ndarray, title: str | None 
                       row=2, col=i + 1)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
+    for row, text in ((1, "clip"), (2, "saliency")):
+        fig.update_yaxes(title_text=text, visible=True, showticklabels=False, showgrid=False, zeroline=False,
+                         row=row, col=1)
     return _layout(fig, title, int(min(520, 120 + 2 * 900 / max(t, 1))))
+
+
+def compute_bars(labels: list[str], flops: list[float], wall_s: list[float], flop_saving: list[float],
+                 wall_saving: list[float], colors: list[str | None] | None = None,
+                 title: str | None = None) -> go.Figure:
+    """Total counted FLOPs (top) and wall time (bottom) per run, each bar labelled with its saving."""
+    def note(value: float, saving: float, unit: str) -> str:
+        if value is None or not np.isfinite(value):
+            return "n/a"
+        text = f"{value:.3g} {unit}"
+        if saving is not None and np.isfinite(saving):
+            text += " · baseline" if saving == 0 else f" · {abs(saving):.1%} {'less' if saving > 0 else 'more'}"
+        return text
+
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.22,
+                        subplot_titles=["counted training FLOPs", "training wall time"])
+    for row, (values, savings, unit) in enumerate(((flops, flop_saving, "FLOP"), (wall_s, wall_saving, "s")), 1):
+        fig.add_trace(go.Bar(y=labels, x=values, orientation="h", marker={"color": colors}, showlegend=False,
+                             text=[note(v, s, unit) for v, s in zip(values, savings, strict=True)],
+                             textposition="auto", insidetextanchor="start",
+                             hovertemplate="%{y}<br>%{x:.4g} " + unit + "<extra></extra>"), row=row, col=1)
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, 160 + 70 * len(labels))
+
+
+def bars(x: list, y: list, x_title: str, y_title: str, title: str | None = None, color: str = "#2ca02c",
+         height: int = 300) -> go.Figure:
+    fig = go.Figure(go.Bar(x=[str(v) for v in x], y=y, marker={"color": color}, text=[str(v) for v in y],
+                           textposition="auto"))
+    fig.update_xaxes(title_text=x_title, type="category")
+    fig.update_yaxes(title_text=y_title)
+    return _layout(fig, title, height)

@@ -123,8 +123,14 @@ def _sync_single(key: str) -> None:
 
 def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str] | None = None,
              help: str | None = None, container=None) -> str | None:
-    """A selectbox of runs seeded with the current run (else the most recent)."""
-    options = list(options if options is not None else browsable(runs)["run_id"])
+    """A selectbox of runs seeded with the current run (else the most recent).
+
+    Default options: the browsable runs, plus any selected run (e.g. a freeze-test child the user
+    picked on the Runs page)."""
+    if options is None:
+        options = list(browsable(runs)["run_id"])
+        options += [r for r in selected() if r in set(runs["run_id"]) and r not in options]
+    options = list(options)
     if not options:
         return None
     labels = run_label(runs)

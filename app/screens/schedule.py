@@ -40,7 +40,7 @@ if not total_steps or not n_blocks:
 if rec.status != "FINISHED":
     st.info(f"Run status is {rec.status}: convergence is judged on what it logged so far.")
 
-c = st.columns(4)
+c = st.columns([3, 1.4, 3, 2, 1.6])
 if method == "gradnorm":
     threshold = c[0].slider("eps (relative change)", 0.005, 0.5, float(rule["threshold"]), 0.005,
                             key="sched_threshold_gradnorm")
@@ -54,8 +54,8 @@ margin = int(c[2].slider("safety margin (steps)", 0, max(1, total_steps // 2), 0
                          max(1, total_steps // 100), key="sched_margin"))
 cap = int(c[3].slider("max frozen blocks", 0, int(n_blocks) - 1, int(n_blocks) - 1, key="sched_cap",
                       help="At least one block always trains"))
-quantize = int(st.number_input("round stage steps up to a multiple of (0: off)", 0, total_steps, 0,
-                               key="sched_quantize"))
+quantize = int(c[4].number_input("round steps up to", 0, total_steps, 0, key="sched_quantize",
+                                 help="Round each stage's step up to a multiple of this (0: off)"))
 
 try:
     conv = loaders.convergence(uri, run_id, ver, method, threshold, patience)
@@ -125,4 +125,4 @@ if b[2].button("Launch LayerLock with this schedule", key="sched_launch", type="
     job = jobs.start(argv, run_name, uri, source="schedule", extra={"schedule": str(path)})
     state.remember_job(job.job_id)
     st.success(f"Started {run_name} (pid {job.pid}) with {path.name}.")
-    st.page_link("pages/launch.py", label="Follow its progress on Launch", icon=":material/rocket_launch:")
+    st.page_link("screens/launch.py", label="Follow its progress on Launch", icon=":material/rocket_launch:")

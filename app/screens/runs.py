@@ -41,8 +41,12 @@ def _saving(row) -> float:
     return np.nan if value is None else value
 
 
+# Savings need each run's flop model (an artifact read per run, cached once the run has ended):
+# computed for the newest SAVING_ROWS rows shown.
+SAVING_ROWS = 50
 table = view.copy()
-table["saving"] = [_saving(r) for r in view.head(200).itertuples(index=False)] + [np.nan] * max(0, len(view) - 200)
+table["saving"] = ([_saving(r) for r in view.head(SAVING_ROWS).itertuples(index=False)]
+                   + [np.nan] * max(0, len(view) - SAVING_ROWS))
 eval_cols = [c for c in table.columns if c.startswith("eval/")]
 columns = ["name", "method", "dataset", "status", "steps", "final_loss", "saving", *eval_cols,
            "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]

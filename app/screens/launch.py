@@ -136,12 +136,12 @@ def _progress(job: jobs.Job, status: str) -> None:
                                      height=240), key=f"launch_loss_{job.job_id}")
 
 
-def _job_panel(job: jobs.Job) -> None:
+def _job_panel(job: jobs.Job, newest: bool) -> None:
     status = jobs.status(job)
-    elapsed = time.time() - job.started
+    started = time.strftime("%H:%M:%S", time.localtime(job.started))
     icon = {"running": ":material/progress_activity:", "finished": ":material/check_circle:"}.get(
         status, ":material/cancel:")
-    with st.expander(f"{job.run_name} · {status} · {elapsed / 60:.1f} min ago", expanded=status == "running",
+    with st.expander(f"{job.run_name} · {status} · started {started}", expanded=newest or status == "running",
                      icon=icon):
         st.code(shlex.join(["python", *job.argv[1:]]), language="bash")
         _progress(job, status)
@@ -169,11 +169,12 @@ def jobs_section() -> None:
         return
     was_running = st.session_state.get("launch_running", set())
     running = {j.job_id for j in ordered if jobs.status(j) == "running"}
-    if was_running - running:  # something finished since the last look: the run list is stale
-        loaders.refresh_live()
     st.session_state["launch_running"] = running
-    for job in ordered[:8]:
-        _job_panel(job)
+    if was_running - running:  # something finished: fresh run list, and a full rerun stops the timer
+        loaders.refresh_live()
+        st.rerun()
+    for i, job in enumerate(ordered[:8]):
+        _job_panel(job, newest=i == 0)
 
 
 st.subheader("Launched runs")

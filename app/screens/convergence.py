@@ -11,10 +11,13 @@ from app.views import charts, loaders, state
 from core.errors import LayerLockError
 
 RULE_TEXT = {
-    "posthoc": "post-hoc: cka_final stays ≥ threshold to the end",
-    "online": "online: cka_prev ≥ threshold for `patience` probes",
-    "gradnorm": "grad-norm: smoothed grad_norm changes < eps for `patience` logs",
+    "posthoc": "post-hoc (cka_final)",
+    "online": "online (cka_prev)",
+    "gradnorm": "gradient norm (grad_norm)",
 }
+RULE_HELP = """- **post-hoc**: the first probe after which cka_final stays ≥ threshold to the end
+- **online**: cka_prev ≥ threshold for `patience` probes in a row (what an online freezer could see)
+- **gradient norm**: the smoothed grad_norm changes by < eps for `patience` logs"""
 METRIC_TEXT = {
     "cka_final": "CKA with the block's features at the last probe",
     "cka_prev": "CKA with the previous probe",
@@ -46,7 +49,8 @@ state.seed("conv_metric", names, "cka_final")
 metric = top[1].selectbox("Per-block metric", names, key="conv_metric", format_func=lambda m: m,
                           help="\n".join(f"- **{k}**: {v}" for k, v in METRIC_TEXT.items()))
 state.seed("conv_method", list(RULES), "posthoc")
-method = top[2].selectbox("Convergence rule", list(RULES), key="conv_method", format_func=lambda m: RULE_TEXT[m])
+method = top[2].selectbox("Convergence rule", list(RULES), key="conv_method", format_func=lambda m: RULE_TEXT[m],
+                          help=RULE_HELP)
 
 rule = RULES[method]
 ctl = st.columns([3, 2, 2])

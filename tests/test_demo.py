@@ -1,0 +1,31 @@
+"""A short demo run end to end: train, derive schedule, LayerLock, naive, freeze-only, evaluate, table."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+from tests.conftest import run_cli, tiny_sets
+
+
+def test_demo_smoke(tmp_path, store):
+    sets = tiny_sets(**{"train.steps": 8, "probe.every": 2})
+    proc = run_cli("-m", "experiments", "demo", "--steps", "8", "--probe-every", "2", *sets,
+                   "--eval-train-clips", "48", "--eval-val-clips", "16", "--out-dir", str(tmp_path / "out"),
+                   "--tracking-uri", store, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for name in ("mae", "layerlock", "latent_naive", "freeze_only", "random_init"):
+        assert f"\n{name:>12}" in out or f" {name} " in out or f"\n {name}" in out, (name, out)
+    assert "streamlit run app/Home.py" in out
+    ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-4:])
+    client = MlflowClient(store)
+    mae = client.get_run(ids["mae"])
+    assert mae.data.tags["layerlock.method"] == "mae"
+    ll = client.get_run(ids["layerlock"])
+    assert ll.data.tags["layerlock.schedule_source"] == ids["mae"]
+    assert ll.data.tags["layerlock.method"] == "layerlock"
+    assert client.get_run(ids["latent_naive"]).data.tags["layerlock.method"] == "latent_naive"
+    for rid in ids.values():
+        metrics = client.get_run(rid).data.metrics
+        assert {"eval/digit/acc", "eval/direction/acc", "eval/depth/absrel", "eval/depth/delta1"} <= metrics.keys()
+    assert list((tmp_path / "out").glob("schedule_*.json"))

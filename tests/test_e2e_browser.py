@@ -1,0 +1,133 @@
+"""End to end in a real browser: `streamlit run app/Home.py` against a temporary store filled by a
+short real run, every page loaded in headless Debian chromium (Playwright), no error text on any
+page, one screenshot per page in test-artifacts/screenshots/.
+
+Chromium is required, not optional: CI installs it (`apt-get install -y chromium`); without it
+this test fails with a message saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_app import Store, build_store  # the same store as the AppTest suite
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+# page name -> (URL path, needs a Plotly chart once rendered)
+PAGES = {
+    "runs": ("", True),
+    "convergence": ("convergence", True),
+    "schedule": ("schedule", True),
+    "compare": ("compare", True),
+    "launch": ("launch", False),
+    "freeze_test": ("freeze_test", True),
+    "attribution": ("attribution", True),
+}
+ERROR_TEXT = ("Traceback", "Error", "Exception")
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return build_store(tmp_path_factory.mktemp("e2e-store"))
+
+
+@pytest.fixture(scope="module")
+def server(store: Store, tmp_path_factory: pytest.TempPathFactory):
+    """`streamlit run app/Home.py` on a free port against the store; yields its base URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("e2e-server") / "streamlit.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri,
+           "LAYERLOCK_RUNS_DIR": str(tmp_path_factory.mktemp("e2e-runs"))}
+    argv = [sys.executable, "-m", "streamlit", "run", "app/Home.py", "--server.port", str(port),
+            "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]  # a page error would be logged here too
+
+
+def _wait_rendered(page, needs_chart: bool, timeout_ms: int = 120_000) -> None:
+    """The app view is up, the script run is over, and (where expected) a chart is drawn."""
+    page.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=timeout_ms)
+    page.wait_for_selector('[data-testid="stMain"] h1', timeout=timeout_ms)
+    if needs_chart:
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=timeout_ms)
+    # The status widget says "Running..." while a script run is in flight; spinners mark slow steps.
+    page.wait_for_function(
+        """() => !document.querySelector('[data-testid="stStatusWidget"]')
+                 && !document.querySelector('[data-testid="stSpinner"]')""",
+        timeout=timeout_ms,
+    )
+    page.wait_for_timeout(800)  # let Plotly finish laying out before the screenshot
+
+
+def test_every_page_renders_in_chromium(server: str) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "the browser test needs it")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for name, (path, needs_chart) in PAGES.items():
+                page.goto(f"{server}/{path}", wait_until="domcontentloaded")
+                _wait_rendered(page, needs_chart)
+                # Streamlit scrolls inside its main section: grow the window to the content to see it all.
+                height = page.evaluate("""() => Math.max(...['stMain', 'stMainBlockContainer'].map(
+                    id => document.querySelector(`[data-testid="${id}"]`)?.scrollHeight || 0))""")
+                page.set_viewport_size({"width": 1400, "height": int(min(max(height + 40, 1000), 6000))})
+                page.wait_for_timeout(600)
+                page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+                text = page.inner_text('[data-testid="stAppViewContainer"]')
+                found = [w for w in ERROR_TEXT if w in text]
+                if page.query_selector('[data-testid="stException"]') or found:
+                    problems.append(f"/{path}: {found or 'stException'}")
+                if needs_chart and not page.query_selector(".js-plotly-plot"):
+                    problems.append(f"/{path}: no chart")
+                page.set_viewport_size({"width": 1400, "height": 1000})
+        finally:
+            browser.close()
+    assert not problems, problems
