@@ -37,7 +37,7 @@ if hide_children:
 def _saving(row) -> float:
     if row.status != "FINISHED":
         return np.nan
-    value = loaders.compute_saving(uri, row.run_id, state.row_version(row.status, row.end_time))
+    value = loaders.compute_saving(uri, row.run_id, loaders.row_version(row.status, row.end_time))
     return np.nan if value is None else value
 
 

@@ -43,6 +43,11 @@ def version_of(rec: io.RunRecord) -> str:
     return f"{rec.status}:{digest}"
 
 
+def row_version(status: str, end_time: Any) -> str:
+    """Cache version from a run-list row: enough for a run that ended (it never changes again)."""
+    return f"{status}:{end_time}"
+
+
 def run_version(uri: str, run_id: str) -> tuple[io.RunRecord, str]:
     """The run's snapshot and its cache version."""
     rec = record(uri, run_id)

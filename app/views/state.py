@@ -169,11 +169,6 @@ def seed(key: str, options: list, default) -> None:
         st.session_state[key] = default if default in options else (options[0] if options else None)
 
 
-def row_version(status: str, end_time) -> str:
-    """Cache version from a run-list row (enough for finished runs; see ``loaders.version_of``)."""
-    return f"{status}:{end_time}"
-
-
 JOBS_KEY = "launched_jobs"
 
 
