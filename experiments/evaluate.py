@@ -31,13 +31,14 @@ ProbeChoice = Literal["attentive", "linear", "both"]
 
 # ----------------------------------------------------------------------------- python API
 
-def load_run_encoder(run_id: str, tracking_uri: str | None = None, *,
+def load_run_encoder(run_id: str, tracking_uri: str | None = None, *, step: int | None = None,
                      device: str = "auto") -> tuple[VideoMAE, ExperimentConfig, int]:
-    """The run's latest checkpoint as ``(model in eval mode, config, step)``.
+    """A run's checkpoint (the latest, or the one after ``step`` updates) as
+    ``(model in eval mode, config, step)``.
 
-    Raises RunNotFoundError / LayerLockError (unknown run, no checkpoint, bad config).
+    Raises RunNotFoundError / LayerLockError (unknown run, no such checkpoint, bad config).
     """
-    ckpt = load_run_checkpoint(run_id, tracking_uri=tracking_uri)
+    ckpt = load_run_checkpoint(run_id, step=step, tracking_uri=tracking_uri)
     cfg = config_from_dict(ckpt["config"], f"checkpoint of run {run_id}")
     model = build_model(cfg.model, cfg.geometry)
     model.load_state_dict(ckpt["model"])
