@@ -24,7 +24,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     depth: int = Field(8, ge=2, description="encoder blocks; freezing acts on a prefix of them")
-    dim: int = Field(96, ge=8)
+    dim: int = Field(128, ge=8)
     heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     patch_size: int = Field(8, ge=1, description="spatial side of a tubelet")

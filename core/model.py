@@ -203,8 +203,13 @@ class VideoMAE(nn.Module):
         x = self.norm(x)
         return (x, outs) if return_blocks else x
 
-    def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``latent (B, N_keep, dim)`` -> pixel ``(B, N, patch_dim)`` and latent ``(B, N, dim)`` predictions."""
+    def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor, *,
+                        with_latent: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``latent (B, N_keep, dim)`` -> pixel ``(B, N, patch_dim)`` and latent ``(B, N, dim)`` predictions.
+
+        ``with_latent=False`` skips the latent head (None): objectives without a latent target
+        pay nothing for it.
+        """
         b, n = latent.shape[0], self.geometry.n_tokens
         y = self.decoder_embed(latent)
         full = self.mask_token.to(y.dtype).expand(b, n, -1).clone()
@@ -215,10 +220,11 @@ class VideoMAE(nn.Module):
         for blk in self.decoder_blocks:
             full = blk(full, rope)
         full = self.decoder_norm(full)
-        return self.pixel_head(full), self.latent_head(full)
+        return self.pixel_head(full), self.latent_head(full) if with_latent else None
 
-    def forward(self, video: torch.Tensor, keep_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_decoder(self.forward_encoder(video, keep_idx), keep_idx)
+    def forward(self, video: torch.Tensor, keep_idx: torch.Tensor, *,
+                with_latent: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.forward_decoder(self.forward_encoder(video, keep_idx), keep_idx, with_latent=with_latent)
 
 
 def build_model(model: ModelConfig, geometry: Geometry) -> VideoMAE:

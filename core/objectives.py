@@ -56,18 +56,15 @@ def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, k
     bare module used for targets. Returns ``loss`` and the parts ``loss_pixel`` and, once a
     latent target exists, ``loss_latent``.
     """
-    pix_pred, lat_pred = net(video, keep_idx)
+    k = latent_target_block(cfg, model)
+    pix_pred, lat_pred = net(video, keep_idx, with_latent=k > 0)
     out: dict[str, torch.Tensor] = {}
     loss_pixel = masked_mse(pix_pred, pixel_target(model, video, cfg.norm_pix_loss), mask_idx)
     out["loss_pixel"] = loss_pixel
     loss = cfg.pixel_weight * loss_pixel
-    k = latent_target_block(cfg, model)
     if k > 0:
         loss_latent = masked_mse(lat_pred, latent_target(model, video, k), mask_idx)
         out["loss_latent"] = loss_latent
         loss = loss + cfg.latent_weight * loss_latent
-    else:
-        # Keep the latent head in the graph so DDP sees no unused parameters.
-        loss = loss + 0.0 * lat_pred.float().mean()
     out["loss"] = loss
     return out

@@ -111,12 +111,14 @@ def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
 
 def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: int) -> torch.nn.Module:
     """The module the step runs: DDP when distributed, compiled when asked. Rebuilt on freeze changes,
-    because DDP registers only parameters that require grad when it is built."""
+    because DDP registers only parameters that require grad when it is built. Between two freeze
+    changes the set of used parameters is fixed (the latent head is used iff a latent target
+    exists, which only changes with the frozen prefix), hence ``static_graph``."""
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=False)
+            static_graph=True)
     if cfg.train.compile:
         net = torch.compile(net)
     return net

@@ -116,6 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(f"steps {result['steps']}, probe.every {result['probe_every']}, {result['repeats']} repeats each")
             print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f}")
+            print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
     return 0
 
 
