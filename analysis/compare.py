@@ -30,7 +30,7 @@ FINAL_LAST = 3
 COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
     "total_flops", "wall_s", "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min",
-    "feat_std_mean",
+    "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
 _HISTORY_KEYS = ("train/loss", "train/loss_pixel", "train/flops", "train/wall_s")
@@ -60,9 +60,10 @@ def last_value(history: pd.DataFrame, metric: str) -> float:
 
 
 def collapse_indicators(layer_df: pd.DataFrame) -> dict[str, float]:
-    """``eff_rank_mean``, ``eff_rank_min``, ``feat_std_mean`` over blocks at the last probe step."""
-    out = {"eff_rank_mean": float("nan"), "eff_rank_min": float("nan"), "feat_std_mean": float("nan")}
-    for metric, stats in (("eff_rank", ("mean", "min")), ("feat_std", ("mean",))):
+    """``eff_rank_mean``, ``eff_rank_min``, ``feat_std_mean``, ``feat_std_min`` over blocks at the last probe step."""
+    out = {"eff_rank_mean": float("nan"), "eff_rank_min": float("nan"), "feat_std_mean": float("nan"),
+           "feat_std_min": float("nan")}
+    for metric, stats in (("eff_rank", ("mean", "min")), ("feat_std", ("mean", "min"))):
         rows = layer_df[layer_df["metric"] == metric]
         if rows.empty:
             continue

@@ -2,7 +2,11 @@
 
 Every ``probe.every`` steps the encoder runs on a fixed batch of unmasked clips; for each block
 we keep the features of a fixed token subsample and log ``cka_prev`` (against the previous
-probe), ``cka_init`` (against step 0), ``eff_rank`` (collapse indicator) and ``feat_std``.
+probe), ``cka_init`` (against step 0), ``eff_rank`` and ``feat_std`` (collapse indicators).
+``feat_std`` is the spread across examples of the per-token layer-normalised features (the form a
+latent target takes): about 1 for a healthy block, near 0 when every input maps to the same
+direction -- the naive-latent collapse, which centred measures such as ``eff_rank`` cannot see
+because a pre-norm residual stream keeps a small input-dependent part beside the constant.
 When training ends, ``cka_final`` compares every stored probe with the last one.
 
 Storage bound: one probe keeps ``batch_size * tokens_per_clip`` rows of ``dim`` float16 values
@@ -13,6 +17,7 @@ per block, i.e. ``depth * batch_size * tokens_per_clip * dim * 2`` bytes (mae_ti
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.cka import effective_rank, linear_cka
@@ -58,7 +63,7 @@ class ProbeRunner:
             out[block_key("cka_prev", b)] = linear_cka(x, prev[b].double(), self.cfg.debiased) if prev else 1.0
             out[block_key("cka_init", b)] = linear_cka(x, init[b].double(), self.cfg.debiased) if init else 1.0
             out[block_key("eff_rank", b)] = effective_rank(x)
-            out[block_key("feat_std", b)] = float(x.std(dim=0).mean())
+            out[block_key("feat_std", b)] = float(F.layer_norm(x, x.shape[-1:]).std(dim=0).mean())
         self.steps.append(step)
         self.features.append(feats)
         return out

@@ -117,11 +117,11 @@ def format_table(result: dict) -> str:
     table.insert(0, "run", table["run_id"].map(names))
     eval_cols = [c for c in table.columns if c.startswith("eval/") and "/block_" not in c]
     cols = ["run", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
-            "eff_rank_mean", *eval_cols]
+            "eff_rank_mean", "feat_std_min", *eval_cols]
     view = table[cols].copy()
     view["total_flops"] = view["total_flops"] / 1e12
     view = view.rename(columns={"final_loss_pixel": "pixel_loss", "total_flops": "TFLOP",
-                                "eff_rank_mean": "eff_rank"})
+                                "eff_rank_mean": "eff_rank", "feat_std_min": "feat_std"})
     rnd = result["evals"]["random_init"]
     rand_row = {"run": "random_init", **{c: rnd.get(c) for c in eval_cols}}
     import pandas as pd
@@ -143,7 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nschedule derived from MAE run {result['runs']['mae']}: "
           + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in s["stages"]) or "nothing frozen")
           + f" (predicted FLOP saving {s['predicted_flop_saving']:.1%})")
-    print("flop_saving / wall_saving are against the MAE run; eff_rank is the mean over blocks at the last probe.")
+    print("flop_saving / wall_saving are against the MAE run; at the last probe: eff_rank = mean over blocks,")
+    print("feat_std = smallest over blocks of the spread of layer-normalised features (near 0: collapsed).")
     print("chance: digit 0.10, direction 0.125.")
     print("next: streamlit run app/Home.py   (then open the Convergence, Schedule and Compare pages)")
     for name, rid in result["runs"].items():
