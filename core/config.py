@@ -87,8 +87,8 @@ class FreezeConfig(_Strict):
 class ProbeConfig(_Strict):
     enabled: bool = True
     every: int = Field(50, ge=1, description="probe interval in steps")
-    batch_size: int = Field(32, ge=4, description="clips in the fixed probe batch")
-    tokens_per_clip: int = Field(8, ge=1, description="tokens kept per clip for CKA (bounds storage)")
+    batch_size: int = Field(16, ge=4, description="clips in the fixed probe batch (its forward is the probe's cost)")
+    tokens_per_clip: int = Field(16, ge=1, description="tokens kept per clip for CKA (bounds storage)")
     debiased: bool = Field(False, description="unbiased HSIC estimator (Nguyen et al. 2021)")
 
 

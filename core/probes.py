@@ -10,8 +10,8 @@ because a pre-norm residual stream keeps a small input-dependent part beside the
 When training ends, ``cka_final`` compares every stored probe with the last one.
 
 Storage bound: one probe keeps ``batch_size * tokens_per_clip`` rows of ``dim`` float16 values
-per block, i.e. ``depth * batch_size * tokens_per_clip * dim * 2`` bytes (mae_tiny: 8 * 32 *
-8 * 128 * 2 = 512 KiB per probe, 3.5 MiB for a 300-step run probed every 50 steps).
+per block, i.e. ``depth * batch_size * tokens_per_clip * dim * 2`` bytes (mae_tiny: 8 * 16 *
+16 * 128 * 2 = 512 KiB per probe, 3.5 MiB for a 300-step run probed every 50 steps).
 """
 
 from __future__ import annotations
