@@ -273,7 +273,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             losses = compute_losses(net, model, video, keep_idx, mask_idx, cfg.objective)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss is {float(loss)} at step {step}")
+            raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step}")
         loss.backward()
         log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
         extra: dict[str, float] = {}
