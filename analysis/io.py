@@ -36,12 +36,12 @@ import numpy as np
 import pandas as pd
 
 from core.errors import LayerLockError, RunNotFoundError
+from core.tracking import block_key, resolve_uri  # noqa: F401  (block_key is part of this module's API)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 # Tags written by the trainer (DESIGN.md section 4).
 TAG_METHOD = "layerlock.method"
@@ -76,11 +76,6 @@ RUN_COLUMNS = [
 ]
 
 
-def block_key(metric: str, block: int) -> str:
-    """MLflow key of a per-block metric: ``block_key("cka_final", 3) == "cka_final/block_03"``."""
-    return f"{metric}/block_{block:02d}"
-
-
 def parse_block_key(key: str) -> tuple[str, int] | None:
     """Inverse of :func:`block_key`: ``"cka_final/block_03" -> ("cka_final", 3)``; None otherwise."""
     m = _BLOCK_KEY.match(key)
@@ -90,10 +85,8 @@ def parse_block_key(key: str) -> tuple[str, int] | None:
 # ----------------------------------------------------------------------------- connection
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
-    if uri:
-        return uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Explicit ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (as the trainer)."""
+    return resolve_uri(uri)
 
 
 def _sqlite_path(uri: str) -> Path | None:

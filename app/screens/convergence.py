@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.convergence import RULES
-from app.views import charts, loaders, state
+from app.views import charts, controls, loaders, state
 from core.errors import LayerLockError
 
 RULE_TEXT = {
@@ -54,15 +54,7 @@ method = top[2].selectbox("Convergence rule", list(RULES), key="conv_method", fo
 
 rule = RULES[method]
 ctl = st.columns([3, 2, 2])
-if method == "gradnorm":
-    threshold = ctl[0].slider("eps (relative change)", 0.005, 0.5, float(rule["threshold"]), 0.005,
-                              key="conv_threshold_gradnorm")
-else:
-    threshold = ctl[0].slider(f"{rule['metric']} threshold", 0.5, 1.0, float(rule["threshold"]), 0.005,
-                              format="%.3f", key=f"conv_threshold_{method}")
-patience = None
-if rule["patience"] is not None:
-    patience = int(ctl[1].number_input("patience", 1, 50, int(rule["patience"]), key=f"conv_patience_{method}"))
+threshold, patience = controls.rule_controls(ctl[0], ctl[1], method, rule, "conv")
 log_y = ctl[2].toggle("log scale", value=metric in ("grad_norm", "update_ratio"), key=f"conv_log_{metric}")
 live = rec.status == "RUNNING"
 

@@ -12,7 +12,7 @@ import streamlit as st
 from analysis import io
 from analysis.convergence import RULES
 from analysis.schedule import derive_schedule, schedule_with_prediction
-from app.views import charts, jobs, loaders, state
+from app.views import charts, controls, jobs, loaders, state
 from core.errors import LayerLockError
 
 LAYERLOCK_CONFIG = jobs.CONFIG_DIR / "layerlock_tiny.yaml"
@@ -41,15 +41,7 @@ if rec.status != "FINISHED":
     st.info(f"Run status is {rec.status}: convergence is judged on what it logged so far.")
 
 c = st.columns([3, 1.4, 3, 2, 1.6])
-if method == "gradnorm":
-    threshold = c[0].slider("eps (relative change)", 0.005, 0.5, float(rule["threshold"]), 0.005,
-                            key="sched_threshold_gradnorm")
-else:
-    threshold = c[0].slider(f"{rule['metric']} threshold", 0.5, 1.0, float(rule["threshold"]), 0.005,
-                            format="%.3f", key=f"sched_threshold_{method}")
-patience = None
-if rule["patience"] is not None:
-    patience = int(c[1].number_input("patience", 1, 50, int(rule["patience"]), key=f"sched_patience_{method}"))
+threshold, patience = controls.rule_controls(c[0], c[1], method, rule, "sched")
 margin = int(c[2].slider("safety margin (steps)", 0, max(1, total_steps // 2), 0,
                          max(1, total_steps // 100), key="sched_margin"))
 cap = int(c[3].slider("max frozen blocks", 0, int(n_blocks) - 1, int(n_blocks) - 1, key="sched_cap",
