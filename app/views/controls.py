@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import streamlit as st
-
 
 def rule_controls(threshold_col: Any, patience_col: Any, method: str, rule: dict,
                   prefix: str) -> tuple[float, int | None]:
