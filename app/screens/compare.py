@@ -78,7 +78,8 @@ eval_cols = [col for col in table.columns if col.startswith("eval/")]
 shown = table.assign(run=[labels[r] for r in table["run_id"]])
 st.dataframe(
     shown[["run", "method", "status", "steps", "final_loss", "final_loss_pixel", "total_flops", "wall_s",
-           "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min", "feat_std_mean", *eval_cols]],
+           "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
+           *eval_cols]],
     hide_index=True, key="cmp_table",
     column_config={
         "final_loss": st.column_config.NumberColumn("final loss", format="%.4f"),
@@ -89,7 +90,9 @@ st.dataframe(
         "wall_saving": st.column_config.NumberColumn("time saving", format="percent"),
         "eff_rank_mean": st.column_config.NumberColumn("eff. rank (mean)", format="%.2f"),
         "eff_rank_min": st.column_config.NumberColumn("eff. rank (min)", format="%.2f"),
-        "feat_std_mean": st.column_config.NumberColumn("feature std", format="%.3f"),
+        "feat_std_mean": st.column_config.NumberColumn("feature std (mean)", format="%.3f"),
+        "feat_std_min": st.column_config.NumberColumn("feature std (min)", format="%.3f",
+                                                      help="spread of layer-normalised features; near 0: collapsed"),
         **{col: st.column_config.NumberColumn(col.removeprefix("eval/"), format="%.3f") for col in eval_cols},
     },
 )
@@ -110,17 +113,23 @@ with left:
                                         [colors[r] for r in table["run_id"]], title="Compute"),
                     key="cmp_compute")
 with right:
+    # feat_std (spread of layer-normalised features) is what falls to ~0 when latents collapse;
+    # the centred effective rank can stay put, so both are offered.
+    indicator = st.radio("collapse indicator", ["feat_std", "eff_rank"], horizontal=True, key="cmp_collapse_metric",
+                         format_func={"feat_std": "feature std (min over blocks)",
+                                      "eff_rank": "effective rank (mean over blocks)"}.get)
+    reduce = "min" if indicator == "feat_std" else "mean"
     collapse = {}
     for rid, frame in layer.items():
-        er = frame[frame["metric"] == "eff_rank"]
-        if not er.empty:
-            collapse[labels[rid]] = er.groupby("step", as_index=False)["value"].mean()
+        rows = frame[frame["metric"] == indicator]
+        if not rows.empty:
+            collapse[labels[rid]] = rows.groupby("step", as_index=False)["value"].agg(reduce)
     if collapse:
-        st.plotly_chart(charts.lines(collapse, "step", "value", "step", "effective rank (mean over blocks)",
-                                     line_colors, title="Collapse indicator: effective rank", height=340),
+        st.plotly_chart(charts.lines(collapse, "step", "value", "step", f"{indicator} ({reduce} over blocks)",
+                                     line_colors, title=f"Collapse indicator: {indicator}", height=340),
                         key="cmp_collapse")
     else:
-        st.info("No eff_rank metrics logged for these runs.")
+        st.info(f"No {indicator} metrics logged for these runs.")
 
 # ---------------------------------------------------------------------------- per-block side by side
 st.subheader("Per-block metrics side by side")
