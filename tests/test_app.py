@@ -230,6 +230,11 @@ def test_compare_page(env: Store) -> None:
     for axis in ("FLOPs", "wall time"):
         at.radio(key="cmp_x").set_value(axis).run()
         assert_clean(at)
+    assert "feat_std_min" in table.columns
+    n = charts(at)
+    at.radio(key="cmp_collapse_metric").set_value("eff_rank").run()
+    assert_clean(at)
+    assert charts(at) == n
     at.multiselect(key="cmp_runs").set_value([]).run()  # nothing chosen: back to the recent runs
     assert_clean(at)
     assert at.multiselect(key="cmp_runs").value == chosen and charts(at) >= 4
