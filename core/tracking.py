@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.errors import RunNotFoundError
+from core.errors import LayerLockError, RunNotFoundError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 1000
@@ -76,7 +76,13 @@ class Tracker:
         self._last_submit = time.monotonic()
         if not enabled:
             return
-        self.client = _client(self.uri)
+        try:
+            self.client = _client(self.uri)
+            if run_id is None:
+                exp_id = _experiment_id(self.client, experiment, self.uri)
+        except Exception as err:   # unsupported scheme, unreachable server, unwritable store
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LayerLockError(f"cannot open tracking URI {self.uri}: {first[:300]}") from None
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
@@ -90,7 +96,6 @@ class Tracker:
                 hist = self.client.get_metric_history(run_id, key)
                 self._last_step[key] = max(m.step for m in hist)
         else:
-            exp_id = _experiment_id(self.client, experiment, self.uri)
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
 

@@ -131,9 +131,13 @@ def test_layerlock_logs_latent_loss_only_after_first_freeze(store):
     (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=video_folder",
       "--set", "data.root=/no/such/folder"], "/no/such/folder"),
     (["--resume", "0123456789abcdef0123456789abcdef"], "run not found"),
+    (["--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", "bogus://nowhere"],
+     "cannot open tracking URI bogus://nowhere"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, store):
-    proc = run_cli("-m", "experiments", "pretrain", *args, "--tracking-uri", store)
+    if "--tracking-uri" not in args:
+        args = [*args, "--tracking-uri", store]
+    proc = run_cli("-m", "experiments", "pretrain", *args)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
