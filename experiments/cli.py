@@ -65,16 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable]:
     """Other subcommands live in their own modules; each exposes ``register(sub, add_tracking)``."""
-    import importlib
+    from experiments import bench, demo, evaluate, freeze_test
 
-    out = []
-    for name in ("experiments.freeze_test", "experiments.evaluate", "experiments.demo", "experiments.bench"):
-        try:
-            out.append(importlib.import_module(name).register)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-    return out
+    return [freeze_test.register, evaluate.register, demo.register, bench.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,34 +70,26 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
         def stage(name: str) -> None:
             bar.set_postfix_str(name)
 
-        stage("MAE")
-        mae = train(load_config(CONFIGS / "mae_tiny.yaml", common + ["tracking.run_name=mae"]), tracking_uri=uri)
-        runs["mae"] = mae.run_id
-        bar.update(1)
+        def run(name: str, label: str, config: str, extra: tuple[str, ...] = (), tags: dict | None = None) -> str:
+            """Train one demo run (one stage) and record its id under ``name``."""
+            stage(label)
+            cfg = load_config(CONFIGS / config, [*common, *extra, f"tracking.run_name={name}"])
+            runs[name] = train(cfg, tracking_uri=uri, tags=tags).run_id
+            bar.update(1)
+            return runs[name]
+
+        mae_id = run("mae", "MAE", "mae_tiny.yaml")
 
         stage("schedule")
-        sched_path, sched = derive_demo_schedule(mae.run_id, uri, threshold, margin, max_frac, out_dir)
+        sched_path, sched = derive_demo_schedule(mae_id, uri, threshold, margin, max_frac, out_dir)
         bar.update(1)
+        scheduled = (f"freeze.schedule={sched_path}",)
+        source = {"layerlock.schedule_source": mae_id}
 
-        stage("LayerLock")
-        ll_cfg = load_config(CONFIGS / "layerlock_tiny.yaml",
-                             common + [f"freeze.schedule={sched_path}", "tracking.run_name=layerlock"])
-        runs["layerlock"] = train(ll_cfg, tracking_uri=uri,
-                                  tags={"layerlock.schedule_source": mae.run_id}).run_id
-        bar.update(1)
-
-        stage("naive latent")
-        nv_cfg = load_config(CONFIGS / "latent_naive_tiny.yaml", common + ["tracking.run_name=latent_naive"])
-        runs["latent_naive"] = train(nv_cfg, tracking_uri=uri).run_id
-        bar.update(1)
-
+        run("layerlock", "LayerLock", "layerlock_tiny.yaml", scheduled, source)
+        run("latent_naive", "naive latent", "latent_naive_tiny.yaml")
         if freeze_only:
-            stage("freeze only")
-            fo_cfg = load_config(CONFIGS / "mae_tiny.yaml",
-                                 common + [f"freeze.schedule={sched_path}", "tracking.run_name=mae_freeze_only"])
-            runs["freeze_only"] = train(fo_cfg, tracking_uri=uri,
-                                        tags={"layerlock.schedule_source": mae.run_id}).run_id
-            bar.update(1)
+            run("freeze_only", "freeze only", "mae_tiny.yaml", scheduled, source)
 
         stage("evaluate")
         base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
