@@ -8,6 +8,8 @@ is an error naming the key and the file instead of being silently ignored.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -262,3 +264,17 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def group_name(cfg: ExperimentConfig) -> str:
+    """A stable, readable name for "this config minus the seed": runs that differ only in
+    ``train.seed`` (and their display name ``tracking.run_name``) share it.
+
+    ``<objective>-<dataset>-<8 hex chars>``, the hex being the SHA-1 of the resolved config as
+    sorted JSON with those two keys removed. Logged as the ``layerlock.group`` tag.
+    """
+    tree = cfg.model_dump(mode="json")
+    tree["train"].pop("seed", None)
+    tree["tracking"].pop("run_name", None)
+    digest = hashlib.sha1(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+    return f"{cfg.objective.name}-{cfg.data.name}-{digest}"

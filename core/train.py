@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from core.config import ExperimentConfig, config_from_dict, flatten, to_yaml
+from core.config import ExperimentConfig, config_from_dict, flatten, group_name, to_yaml
 from core.data import build_dataset, get_batch
 from core.errors import LayerLockError, TrainingDiverged
 from core.flops import flop_model as build_flop_model
@@ -141,7 +141,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
     tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
                       run_name=cfg.tracking.run_name, enabled=is_main and track,
                       tags={"layerlock.method": METHOD_TAG[cfg.objective.name],
-                            "layerlock.dataset": cfg.data.name, **(tags or {})})
+                            "layerlock.dataset": cfg.data.name, "layerlock.group": group_name(cfg),
+                            **(tags or {})})
     ckpt = None
     if resume_run_id is not None:
         if is_main:
