@@ -51,6 +51,7 @@ TAG_PARENT = "layerlock.parent"
 TAG_FREEZE_STEP = "layerlock.freeze_test.step"
 TAG_FREEZE_BLOCKS = "layerlock.freeze_test.blocks"
 TAG_FAILURE = "layerlock.failure_reason"
+TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.seed
 
 # Artifacts written by the trainer.
 LAYER_METRICS_ARTIFACT = "layer_metrics.parquet"
@@ -346,6 +347,19 @@ def find_children(parent_run_id: str, uri: str | None = None) -> pd.DataFrame:
         cache: dict[str, str] = {}
         records = [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
     return _children_frame(records)
+
+
+def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecord]:
+    """Runs of any experiment and status whose tag ``key`` equals ``value``, newest first."""
+    resolved = resolve_tracking_uri(uri)
+    if _store_missing(resolved) or "'" in value or "\\" in value:
+        return []  # no store, or a value that cannot be a tag we wrote (keeps the filter well-formed)
+    c = client(resolved)
+    with _mlflow_errors(resolved):
+        experiment_ids = [e.experiment_id for e in c.search_experiments()]
+        runs = _search_all(c, experiment_ids, f"tags.`{key}` = '{value}'", 10_000)
+        cache: dict[str, str] = {}
+        return [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
 def _children_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
