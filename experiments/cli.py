@@ -33,6 +33,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise LayerLockError("pretrain needs --config FILE (or --resume RUN_ID)")
         cfg = load_config(args.config, args.set)
     tags = dict(t.split("=", 1) for t in args.tag or [])
+    if args.seeds is not None:
+        return _pretrain_seeds(args, cfg, tags)
     result = train(cfg, tracking_uri=args.tracking_uri, resume_run_id=args.resume, tags=tags)
     import torch.distributed as dist
 
@@ -46,6 +48,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
+    """``pretrain --seeds 0,1,2``: one run per seed, one group; each run id printed as it finishes."""
+    from tqdm.auto import tqdm
+
+    from core.config import group_name, parse_overrides
+    from experiments.seeds import TAG_GROUP, parse_seeds, train_seeds
+
+    if args.resume:
+        raise LayerLockError("--seeds trains new runs: drop --resume")
+    if "seed" in (parse_overrides(args.set).get("train") or {}):
+        raise LayerLockError("--seeds and --set train.seed=... both choose the seed: keep one")
+    seeds = parse_seeds(args.seeds)
+    print(f"group {tags.get(TAG_GROUP, group_name(cfg))}: seeds {', '.join(map(str, seeds))}", file=sys.stderr)
+
+    def report(seed: int, result) -> None:
+        if result.run_id:   # a non-zero torchrun rank has none: rank 0 reports
+            tqdm.write(f"seed {seed}: {result.steps} steps, final loss {result.final_loss:.4f}, "
+                       f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
+            tqdm.write(result.run_id, file=sys.stdout)
+
+    train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, on_result=report)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its latest checkpoint")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra MLflow tag (repeatable)")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help="train one run per seed (e.g. 0,1,2), in sequence, all tagged with one layerlock.group; "
+                        "prints each run id")
     _add_tracking(p)
     p.set_defaults(func=cmd_pretrain)
 
