@@ -1,4 +1,4 @@
-"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid} ...``.
+"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement} ...``.
 
 Library code raises :class:`core.errors.LayerLockError`; this is the only place that turns it
 into one ``error: ...`` line on stderr and exit code 2 (DESIGN.md section 4). Heavy imports
@@ -107,33 +107,69 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from analysis.compare import compare_runs
+    from analysis.compare import compare_groups
+    from analysis.stats import INTERVAL_NAME, summary_table
 
-    frame = compare_runs(args.runs, args.tracking_uri)
+    result = compare_groups(args.runs, args.tracking_uri, baseline=args.baseline)
+    for spec in result.specs:
+        if spec.skipped:
+            print(f"group {spec.name}: left out {len(spec.skipped)} unfinished run(s): {', '.join(spec.skipped)}",
+                  file=sys.stderr)
     if args.json:
-        print(_dump(frame.to_dict(orient="records")))
+        print(_dump(result.to_dict()))
         return
     import pandas as pd
 
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4g}".format):
-        print(frame.set_index("run_id").T.to_string())
+    print(f"baseline: {result.baseline} (savings and paired differences are measured against it)")
+    print("\ngroups: mean ± sd (N runs)")
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 40):
+        print(summary_table(result.summary).T.to_string())
+        if not result.paired.empty:
+            print(f"\npaired differences (group - baseline, pairs matched on train.seed, {INTERVAL_NAME}):")
+
+            def num(v) -> str:
+                return "n/a" if v is None or pd.isna(v) else f"{v:+.4g}"
+
+            shown = pd.DataFrame({
+                "group": result.paired["group_b"], "metric": result.paired["metric"],
+                "mean diff": [num(v) for v in result.paired["mean_diff"]],
+                "95% t interval": ["n/a" if pd.isna(lo) else f"[{num(lo)}, {num(hi)}]"
+                                   for lo, hi in zip(result.paired["ci_low"], result.paired["ci_high"], strict=True)],
+                "N pairs": result.paired["n"], "verdict": result.paired["verdict"]})
+            print(shown.to_string(index=False))
+        print("\nruns:")
+        with pd.option_context("display.float_format", "{:.4g}".format):
+            print(result.runs.set_index("run_id").T.to_string())
 
 
 def cmd_freeze_grid(args: argparse.Namespace) -> None:
-    from analysis.compare import freeze_test_grid
+    from analysis.agreement import freeze_grid
 
-    grid = freeze_test_grid(args.parent, args.tracking_uri, tol=args.tol)
+    grid, tolerance = freeze_grid(args.parent, args.tracking_uri, tol=args.tol)
     if args.json:
-        print(_dump(grid.to_dict()))
+        print(tolerance.line(), file=sys.stderr)
+        print(_dump({**grid.to_dict(), "tolerance": tolerance.to_dict()}))
         return
     import pandas as pd
 
-    print(f"baseline final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.3f}")
+    print(tolerance.line())
+    print(f"baseline final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.4f}")
     print("final loss / baseline (rows: frozen blocks L, columns: freeze step T)")
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
         print(grid.ratio.to_string())
     print("largest converged prefix per T: "
           + ", ".join(f"T={t}: L={v}" for t, v in grid.max_converged_prefix().items()))
+
+
+def cmd_agreement(args: argparse.Namespace) -> None:
+    from analysis.agreement import agreement_report, format_report
+
+    report = agreement_report(args.run, args.tracking_uri, tol=args.tol)
+    if args.json:
+        print(report["tolerance"]["line"], file=sys.stderr)
+        print(_dump(report))
+        return
+    print(format_report(report))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -174,16 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="horizon (default: the run's train.steps)")
     sched.set_defaults(func=cmd_schedule)
 
-    comp = sub.add_parser("compare", parents=[common], help="compare runs (loss, FLOPs, wall time, probes, collapse)")
-    comp.add_argument("runs", nargs="+", metavar="RUN_ID")
-    comp.add_argument("--json", action="store_true", help="print JSON records")
+    comp = sub.add_parser("compare", parents=[common],
+                          help="compare groups of seeds or runs (loss, FLOPs, wall time, probes, collapse)")
+    comp.add_argument("runs", nargs="+", metavar="RUN_ID_OR_GROUP",
+                      help="a run id (a group of one) or a layerlock.group name (its finished runs)")
+    comp.add_argument("--baseline", default=None, metavar="GROUP",
+                      help="group that savings and paired differences are measured against (default: the first)")
+    comp.add_argument("--json", action="store_true", help='print {"baseline", "groups", "paired", "runs"} as JSON')
     comp.set_defaults(func=cmd_compare)
 
     grid = sub.add_parser("freeze-grid", parents=[common], help="freeze-test grid of a parent run")
     grid.add_argument("--parent", required=True, help="baseline run id whose children are freeze tests")
-    grid.add_argument("--tol", type=float, default=0.02, help="converged if final loss <= (1+tol) x baseline")
+    grid.add_argument("--tol", type=float, default=None,
+                      help="converged if final loss <= (1+tol) x baseline (default: calibrated, the relative sd "
+                           "of the final loss over the baseline's seed group; 0.02 without a group)")
     grid.add_argument("--json", action="store_true")
     grid.set_defaults(func=cmd_freeze_grid)
+
+    agree = sub.add_parser("agreement", parents=[common],
+                           help="score the cheap convergence rules against a baseline's freeze test")
+    agree.add_argument("--run", required=True, help="baseline run id with freeze-test children")
+    agree.add_argument("--tol", type=float, default=None,
+                       help="freeze-test tolerance (default: calibrated on the baseline's seed group, else 0.02)")
+    agree.add_argument("--json", action="store_true", help="print the report as JSON")
+    agree.set_defaults(func=cmd_agreement)
     return parser
 
 

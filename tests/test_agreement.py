@@ -1,0 +1,175 @@
+"""The freeze test as ground truth: calibrated tolerance and agreement of the cheap rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import io
+from analysis.agreement import (
+    DEFAULT_TOL,
+    agreement_from_frames,
+    agreement_report,
+    calibrated_tolerance,
+    format_report,
+    freeze_test_steps,
+    rule_agreement,
+    rule_markers,
+    tolerance_from_final_losses,
+)
+from analysis.compare import freeze_grid_from_frames
+from analysis.synthetic import synthetic_layer_metrics
+from core.errors import LayerLockError
+from tests.conftest import run_cli
+
+# A 3-row grid (L = 1, 2, 4) over T = 100, 200, 300 of an 6-block model; True = passes.
+#   L=1: fail pass pass  -> blocks 0 converged at 200
+#   L=2: fail fail pass  -> block 1 at 300
+#   L=4: pass fail fail  -> blocks 2, 3 never (a pass that does not last does not count)
+#   blocks 4, 5: deeper than the largest tested L -> undetermined
+PASS = {(1, 100): False, (1, 200): True, (1, 300): True,
+        (2, 100): False, (2, 200): False, (2, 300): True,
+        (4, 100): True, (4, 200): False, (4, 300): False}
+
+
+def grid_from(passes: dict[tuple[int, int], bool], tol: float = 0.02):
+    rows = [{"freeze_blocks": L, "freeze_step": T, "final_loss": 1.0 if ok else 1.5}
+            for (L, T), ok in passes.items()]
+    return freeze_grid_from_frames(pd.DataFrame(rows), baseline_final_loss=1.0, tol=tol)
+
+
+def test_freeze_test_steps_known_pattern() -> None:
+    truth = freeze_test_steps(grid_from(PASS), n_blocks=6).set_index("block")
+    assert truth["status"].tolist() == ["converged", "converged", "never", "never", "undetermined", "undetermined"]
+    assert truth.loc[0, "step"] == 200 and truth.loc[1, "step"] == 300
+    assert truth["step"].iloc[2:].isna().all()
+    assert truth["prefix"].tolist()[:4] == [1, 2, 4, 4]
+
+
+def test_freeze_test_steps_skip_untested_cells() -> None:
+    sparse = {(1, 100): False, (1, 300): True, (2, 200): True}  # (1, 200) and (2, 100/300) untested
+    truth = freeze_test_steps(grid_from(sparse), n_blocks=3).set_index("block")
+    assert truth.loc[0, "step"] == 300 and truth.loc[1, "step"] == 200
+    assert truth.loc[2, "status"] == "undetermined"
+
+
+def steps(values: list[int | None]) -> pd.Series:
+    return pd.Series(pd.array(values, dtype="Int64"), index=pd.Index(range(len(values)), name="block"))
+
+
+def test_perfect_and_reversed_rules() -> None:
+    passes = {(L, T): T >= 100 * L for L in (1, 2, 3) for T in (100, 200, 300)}
+    truth = freeze_test_steps(grid_from(passes), n_blocks=4)
+    assert truth["step"].tolist()[:3] == [100, 200, 300] and truth["status"].iloc[3] == "undetermined"
+    perfect = rule_agreement(steps([100, 200, 300, None]), truth)
+    assert perfect["spearman_rho"] == pytest.approx(1.0) and perfect["kendall_tau"] == pytest.approx(1.0)
+    assert perfect["mean_abs_error"] == 0.0 and perfect["n_ranked"] == 3 and perfect["n_compared"] == 3
+    reversed_ = rule_agreement(steps([300, 200, 100, 50]), truth)
+    assert reversed_["spearman_rho"] == pytest.approx(-1.0) and reversed_["kendall_tau"] == pytest.approx(-1.0)
+    assert reversed_["mean_abs_error"] == pytest.approx(400 / 3)
+    # Off by a constant: ranks agree, the error is the offset.
+    late = rule_agreement(steps([150, 250, 350, 0]), truth)
+    assert late["spearman_rho"] == pytest.approx(1.0) and late["mean_abs_error"] == pytest.approx(50.0)
+
+
+def test_never_ranks_after_the_end_and_constant_is_undefined() -> None:
+    truth = freeze_test_steps(grid_from(PASS), n_blocks=6)  # 200, 300, never, never
+    out = rule_agreement(steps([10, 20, None, None, 5, 5]), truth)
+    assert out["spearman_rho"] == pytest.approx(1.0)  # blocks 4, 5 are undetermined: ignored
+    assert out["n_compared"] == 2 and out["mean_abs_error"] == pytest.approx((190 + 280) / 2)
+    flat = rule_agreement(steps([None] * 6), truth)
+    assert flat["spearman_rho"] is None and flat["kendall_tau"] is None and flat["mean_abs_error"] is None
+
+
+def test_agreement_from_synthetic_layer_metrics() -> None:
+    # Blocks converge at 100, 200, 300, never; the freeze grid says the same at T = 100..500.
+    layer_df = synthetic_layer_metrics([100, 200, 300, None], total_steps=600, probe_every=50, log_every=10)
+    conv = {0: 100, 1: 200, 2: 300}
+    passes = {(L, T): all(T >= conv.get(b, 10**9) for b in range(L)) for L in (1, 2, 3) for T in range(100, 501, 100)}
+    from analysis.agreement import rule_steps
+
+    report = agreement_from_frames(grid_from(passes), rule_steps(layer_df), n_blocks=4)
+    assert [b["freeze_test_step"] for b in report["blocks"]] == [100, 200, 300, None]
+    assert [b["posthoc"] for b in report["blocks"]] == [100, 200, 300, None]
+    post = report["rules"]["posthoc"]
+    assert post["spearman_rho"] == pytest.approx(1.0) and post["mean_abs_error"] == 0.0
+    assert report["rules"]["online"]["spearman_rho"] == pytest.approx(1.0)
+    markers = rule_markers(report)
+    assert markers[markers["rule"] == "posthoc"][["blocks", "step"]].values.tolist() == [[1, 100], [2, 200], [3, 300]]
+    assert report["blocks"][3]["freeze_test"] == "undetermined"  # deeper than the largest tested L
+    text = format_report({**report, "run_id": "x", "baseline_final_loss": 1.0,
+                          "tolerance": {"line": "tolerance 2% = default"}})
+    assert text.splitlines()[0] == "tolerance 2% = default" and "n/d" in text and "posthoc" in text
+
+
+def test_tolerance_from_final_losses() -> None:
+    tol = tolerance_from_final_losses({"a": 1.0, "b": 1.1, "c": 1.2}, group="g")
+    assert tol.tol == pytest.approx(0.1 / 1.1)  # sample sd 0.1 over mean 1.1
+    assert tol.calibrated and tol.line().startswith("tolerance 9.09% = relative sd of final loss over 3 seeds of group g")
+    with pytest.raises(LayerLockError, match=">= 2 seeds"):
+        tolerance_from_final_losses({"a": 1.0, "b": float("nan")})
+
+
+def _loss_history(final: float, steps: int = 10) -> pd.DataFrame:
+    # The last three logged values average to ``final``.
+    values = [final + 1.0] * (steps - 3) + [final - 0.01, final, final + 0.01]
+    return pd.DataFrame({"step": np.arange(steps), "metric": "train/loss", "value": values})
+
+
+@pytest.fixture
+def group_store(store: str, tmp_path) -> dict[str, str]:
+    """Three seeds of one group (final losses 1.0, 1.1, 1.2), a FAILED member, a lone run, and
+    a freeze-test child of the first seed whose loss is 5% above its baseline."""
+    common = {"uri": store, "artifact_root": (tmp_path / "artifacts").as_uri(), "params": {"model.depth": 4}}
+    layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=12, probe_every=4, log_every=2)
+    seeds = [io.create_run_from_frames("g", history=_loss_history(v), layer_df=layer_df,
+                                       tags={io.TAG_GROUP: "grp", io.TAG_METHOD: "mae"}, **common)
+             for v in (1.0, 1.1, 1.2)]
+    io.create_run_from_frames("g", history=_loss_history(0.1), status="FAILED", tags={io.TAG_GROUP: "grp"}, **common)
+    lone = io.create_run_from_frames("g", history=_loss_history(1.0), layer_df=layer_df,
+                                     tags={io.TAG_GROUP: "solo"}, **common)
+    for parent in (seeds[0], lone):
+        for L, T, ratio in ((1, 4, 1.0), (1, 8, 1.0), (2, 4, 1.2), (2, 8, 1.0)):
+            io.create_run_from_frames(
+                "g", history=_loss_history(ratio), **common,
+                tags={io.TAG_PARENT: parent, io.TAG_FREEZE_STEP: str(T), io.TAG_FREEZE_BLOCKS: str(L),
+                      io.TAG_METHOD: "freeze_test", io.TAG_GROUP: "grp"})  # a group tag must not count
+    return {"baseline": seeds[0], "lone": lone, "seeds": ",".join(seeds)}
+
+
+def test_calibrated_tolerance_from_group(group_store, store) -> None:
+    tol = calibrated_tolerance(group_store["baseline"], store)
+    assert tol.source == "calibrated" and tol.group == "grp"
+    assert sorted(tol.runs) == sorted(group_store["seeds"].split(","))
+    assert tol.tol == pytest.approx(0.1 / 1.1)
+    explicit = calibrated_tolerance(group_store["baseline"], store, tol=0.3)
+    assert explicit.tol == 0.3 and explicit.line() == "tolerance 30% = given explicitly (--tol)"
+
+
+def test_no_group_falls_back_and_says_so(group_store, store) -> None:
+    tol = calibrated_tolerance(group_store["lone"], store)
+    assert tol.tol == DEFAULT_TOL and not tol.calibrated
+    assert "not calibrated: no seed group of the baseline" in tol.line()
+    proc = run_cli("-m", "analysis", "freeze-grid", "--parent", group_store["lone"], "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr
+    assert "tolerance 2% = default, not calibrated: no seed group of the baseline" in proc.stdout
+
+
+def test_agreement_cli(group_store, store) -> None:
+    proc = run_cli("-m", "analysis", "agreement", "--run", group_store["baseline"], "--json", "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["tolerance"]["calibrated"] and "3 seeds of group grp" in proc.stderr
+    # L=1 passes at 4 and 8 -> block 0 at 4; L=2 fails at 4 (20% > 9.1%), passes at 8 -> block 1 at 8.
+    assert [b["freeze_test_step"] for b in report["blocks"]] == [4, 8, None, None]
+    assert [b["freeze_test"] for b in report["blocks"]][2:] == ["undetermined"] * 2
+    assert set(report["rules"]) == {"posthoc", "online", "gradnorm"}
+    text = run_cli("-m", "analysis", "agreement", "--run", group_store["baseline"], "--tol", "0.5",
+                   "--tracking-uri", store)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("tolerance 50% = given explicitly (--tol)") and "spearman" in text.stdout
+    bad = run_cli("-m", "analysis", "agreement", "--run", "nope", "--tracking-uri", store)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
