@@ -89,9 +89,14 @@ class FreezeConfig(_Strict):
 class ProbeConfig(_Strict):
     enabled: bool = True
     every: int = Field(50, ge=1, description="probe interval in steps")
-    batch_size: int = Field(16, ge=4, description="clips in the fixed probe batch (its forward is the probe's cost)")
-    tokens_per_clip: int = Field(16, ge=1, description="tokens kept per clip for CKA (bounds storage)")
-    debiased: bool = Field(False, description="unbiased HSIC estimator (Nguyen et al. 2021)")
+    # 32 clips x 32 positions = 1024 CKA rows per block: unrelated 128-dim features read 0.004 +- 0.002
+    # (debiased; biased 0.11, ~dim / rows), while one probe stores 2 MiB on mae_tiny (core.probes).
+    batch_size: int = Field(32, ge=4, description="clips in the fixed probe batch (its forward is the probe's cost)")
+    tokens_per_clip: int = Field(32, ge=1, description="token positions read in every probe clip, the same for "
+                                 "all clips (all tokens if a clip has fewer); bounds storage")
+    # Debiased by default: on real mae_tiny features it moves CKA by <= 0.002, while it removes the
+    # biased estimator's ~0.11 floor for unrelated features at 1024 rows x 128 dims (README, Probes).
+    debiased: bool = Field(True, description="unbiased HSIC estimator (Nguyen et al. 2021); false: biased CKA")
 
 
 class TrainConfig(_Strict):
