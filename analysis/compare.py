@@ -2,14 +2,21 @@
 
 The pure functions take the tidy frames of :mod:`analysis.io` (history:
 ``run_id, step, metric, value``; layer metrics: ``run_id, step, block, metric, value``).
-Only :func:`compare_runs` and :func:`freeze_test_grid` load anything, and only through ``io``.
+Only :func:`compare_runs`, :func:`compare_groups` and :func:`freeze_test_grid` load anything,
+and only through ``io``.
 
 Conventions:
 
 - ``final_loss`` is the mean of the last ``last`` (default 3) logged values of ``train/loss``:
   one logged value is a single noisy minibatch.
-- ``flop_saving = 1 - total_flops / total_flops_mae`` against the FIRST run with method
-  ``mae`` in the list (NaN when there is none); ``wall_saving`` likewise with ``wall_s``.
+- Run by run (:func:`compare_runs`): ``flop_saving = 1 - total_flops / total_flops_mae`` against
+  the FIRST run with method ``mae`` in the list (NaN when there is none); ``wall_saving``
+  likewise with ``wall_s``.
+- Groups of seeds (:func:`compare_groups`): each name is a ``layerlock.group`` (its finished
+  runs) or a single run id (a group of one). Savings are against the BASELINE group (default:
+  the first one): ``1 - value / mean(value over the baseline's runs)``, per run; groups are
+  summarised as mean, sd and N and compared with seed-paired differences and a 95% t interval
+  (:mod:`analysis.stats`).
 - Collapse indicators are read at the last probe step: the mean and min over blocks of
   ``eff_rank`` and the mean of ``feat_std``; a collapsed run (``latent_naive``) has both small.
 """
@@ -17,14 +24,14 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from analysis import io
-from core.errors import LayerLockError
+from core.errors import LayerLockError, RunNotFoundError
 
 FINAL_LAST = 3
 COMPARE_COLUMNS = [
@@ -34,6 +41,11 @@ COMPARE_COLUMNS = [
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
 _HISTORY_KEYS = ("train/loss", "train/loss_pixel", "train/flops", "train/wall_s")
+# Columns a group comparison adds to each run row, and the ones summarised per group
+# (followed by every eval/<task>/<metric> column).
+GROUP_COLUMNS = ["group", "seed"]
+STAT_COLUMNS = ["final_loss", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
+                "feat_std_min", "eff_rank_mean"]
 
 
 def _series(history: pd.DataFrame, metric: str) -> pd.Series:
@@ -97,26 +109,41 @@ def summarize_run(
     return row
 
 
-def add_savings(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``flop_saving`` and ``wall_saving`` against the first ``mae`` row (NaN without one)."""
+def add_savings(frame: pd.DataFrame, baseline: Any = None, by: str = "group") -> pd.DataFrame:
+    """Add ``flop_saving`` and ``wall_saving``.
+
+    Without ``baseline``: against the first ``mae`` row (NaN without one). With ``baseline``:
+    against the mean over the rows whose ``by`` column equals it (a group of seeds), so each
+    run's saving is ``1 - value / baseline mean`` and the baseline's own savings average 0.
+    """
     out = frame.copy()
-    mae = out.index[out["method"] == "mae"] if "method" in out.columns else []
+    if baseline is not None:
+        rows = out[out[by] == baseline] if by in out.columns else out.iloc[0:0]
+    else:
+        mae = out.index[out["method"] == "mae"] if "method" in out.columns else []
+        rows = out.loc[mae[:1]]
     for col, base in (("flop_saving", "total_flops"), ("wall_saving", "wall_s")):
-        if len(mae):
-            ref = float(out.loc[mae[0], base])
-            out[col] = 1.0 - out[base].astype(float) / ref if ref > 0 else np.nan
-        else:
-            out[col] = np.nan
+        ref_values = pd.to_numeric(rows[base], errors="coerce").astype(float) if base in rows else pd.Series([])
+        ref_values = ref_values[np.isfinite(ref_values)]
+        ref = float(ref_values.mean()) if len(ref_values) else float("nan")
+        out[col] = 1.0 - out[base].astype(float) / ref if ref > 0 else np.nan
     return out
 
 
-def comparison_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Rows of :func:`summarize_run` -> the comparison table (``COMPARE_COLUMNS`` + eval columns)."""
+def comparison_frame(rows: Sequence[dict[str, Any]], baseline: Any = None, by: str = "group") -> pd.DataFrame:
+    """Rows of :func:`summarize_run` -> the comparison table (``COMPARE_COLUMNS`` + eval columns).
+
+    Rows that carry ``group`` and ``seed`` keep them, right after ``run_id``; ``baseline`` and
+    ``by`` go to :func:`add_savings`.
+    """
     frame = pd.DataFrame(list(rows)) if rows else pd.DataFrame(columns=COMPARE_COLUMNS)
-    frame = add_savings(frame)
-    evals = sorted(c for c in frame.columns if c not in COMPARE_COLUMNS)
-    frame = frame.reindex(columns=COMPARE_COLUMNS + evals)
+    frame = add_savings(frame, baseline, by)
+    extra = [c for c in GROUP_COLUMNS if c in frame.columns]
+    evals = sorted(c for c in frame.columns if c not in COMPARE_COLUMNS and c not in extra)
+    frame = frame.reindex(columns=COMPARE_COLUMNS[:1] + extra + COMPARE_COLUMNS[1:] + evals)
     frame["steps"] = frame["steps"].astype("Int64")
+    if "seed" in frame.columns:
+        frame["seed"] = frame["seed"].astype("Int64")
     return frame
 
 
@@ -127,16 +154,139 @@ def compare_runs(
     last: int = FINAL_LAST,
 ) -> pd.DataFrame:
     """Load each run through ``io`` and build the comparison table, one row per run in order."""
-    rows = []
-    for run_id in run_ids:
-        record = io.get_run(run_id, uri)
-        history = io.load_history(run_id, _HISTORY_KEYS, uri)
-        layer_df = io.load_layer_metrics(run_id, uri, metrics=("eff_rank", "feat_std"))
-        meta = {"run_id": record.run_id, "name": record.name, "method": record.method,
-                "dataset": record.dataset, "status": record.status, "steps": record.param_int("train.steps")}
-        evals = io.eval_metrics(record.metrics, include_block_evals)
-        rows.append(summarize_run(meta, history, layer_df, evals, last))
-    return comparison_frame(rows)
+    return comparison_frame([_load_row(run_id, uri, include_block_evals, last) for run_id in run_ids])
+
+
+def _load_row(run_id: str, uri: str | None, include_block_evals: bool, last: int) -> dict[str, Any]:
+    """One :func:`summarize_run` row read through ``io``, with the run's ``seed`` (``train.seed``)."""
+    record = io.get_run(run_id, uri)
+    history = io.load_history(run_id, _HISTORY_KEYS, uri)
+    layer_df = io.load_layer_metrics(run_id, uri, metrics=("eff_rank", "feat_std"))
+    meta = {"run_id": record.run_id, "name": record.name, "method": record.method,
+            "dataset": record.dataset, "status": record.status, "steps": record.param_int("train.steps")}
+    evals = io.eval_metrics(record.metrics, include_block_evals)
+    return {"seed": record.param_int("train.seed"), **summarize_run(meta, history, layer_df, evals, last)}
+
+
+# ----------------------------------------------------------------------------- groups of seeds
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One compared group: a ``layerlock.group`` name and its runs, or one run on its own."""
+
+    name: str
+    kind: str  # "group" or "run"
+    run_ids: tuple[str, ...]
+    skipped: tuple[str, ...] = ()  # runs of the group left out because they did not finish
+
+
+def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSpec]:
+    """Each name is a ``layerlock.group`` tag value (expanded to its FINISHED runs, by seed) or a
+    run id (a group of one, whatever its status). Neither -> ``RunNotFoundError``."""
+    specs: list[GroupSpec] = []
+    for name in dict.fromkeys(names):   # a name given twice is compared once
+        members = io.runs_in_group(name, uri)
+        if not members.empty:
+            done = members["status"] == "FINISHED"
+            if not done.any():
+                raise LayerLockError(f"group {name} has no finished run yet ({len(members)} run(s) in it)")
+            specs.append(GroupSpec(name, "group", tuple(members.loc[done, "run_id"]),
+                                   tuple(members.loc[~done, "run_id"])))
+            continue
+        try:
+            io.get_run(name, uri)
+        except RunNotFoundError:
+            raise RunNotFoundError(f"not a run id or a {io.TAG_GROUP} name: {name} "
+                                   f"(tracking URI {io.resolve_tracking_uri(uri)})") from None
+        specs.append(GroupSpec(name, "run", (name,)))
+    return specs
+
+
+def stat_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns summarised per group: ``STAT_COLUMNS`` then the ``eval/*`` ones present."""
+    return [c for c in STAT_COLUMNS if c in frame.columns] + sorted(c for c in frame.columns if c.startswith("eval/"))
+
+
+@dataclass(frozen=True)
+class GroupComparison:
+    """Groups of seeds compared against a baseline group.
+
+    ``runs``: one row per run (``comparison_frame`` with ``group`` and ``seed``; savings
+    against the baseline group's mean). ``summary``: tidy ``group, metric, mean, sd, n``.
+    ``paired``: :func:`analysis.stats.paired_against` of every other group against the baseline.
+    """
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    paired: pd.DataFrame
+    baseline: str
+    groups: list[str]
+    specs: list[GroupSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"baseline", "interval", "groups", "paired", "runs"}``."""
+        from analysis.stats import INTERVAL_NAME
+
+        kinds = {s.name: s for s in self.specs}
+        groups = []
+        for name in self.groups:
+            part = self.runs[self.runs["group"] == name]
+            methods = sorted(set(part["method"].dropna()))
+            stats = self.summary[self.summary["group"] == name]
+            spec = kinds.get(name)
+            groups.append({
+                "group": name, "kind": spec.kind if spec else "group", "n_runs": len(part),
+                "method": methods[0] if len(methods) == 1 else ("mixed" if methods else None),
+                "run_ids": list(part["run_id"]), "seeds": list(part["seed"]),
+                "skipped_unfinished": list(spec.skipped) if spec else [],
+                "metrics": {m: {"mean": mu, "sd": sd, "n": int(n)}
+                            for m, mu, sd, n in zip(stats["metric"], stats["mean"], stats["sd"], stats["n"],
+                                                    strict=True)},
+            })
+        return {"baseline": self.baseline, "interval": INTERVAL_NAME, "groups": groups,
+                "paired": self.paired.to_dict(orient="records"), "runs": self.runs.to_dict(orient="records")}
+
+
+def group_comparison(rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: str | None = None,
+                     specs: Sequence[GroupSpec] = ()) -> GroupComparison:
+    """Pure part of :func:`compare_groups`: run rows carrying ``group`` and ``seed`` -> the comparison.
+
+    ``baseline`` defaults to the first group; savings, paired differences and verdicts are
+    measured against it.
+    """
+    from analysis.stats import group_summary, paired_against
+
+    records = rows.to_dict(orient="records") if isinstance(rows, pd.DataFrame) else list(rows)
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    if not groups:
+        raise LayerLockError("nothing to compare: no runs")
+    baseline = groups[0] if baseline is None else baseline
+    if baseline not in groups:
+        raise LayerLockError(f"--baseline {baseline} is not one of the compared groups ({', '.join(groups)})")
+    runs = comparison_frame(records, baseline=baseline, by="group")
+    # Metrics no compared run logged (e.g. probes never run) would only fill the tables with n/a.
+    metrics = [m for m in stat_columns(runs) if pd.to_numeric(runs[m], errors="coerce").notna().any()]
+    summary = group_summary(runs, metrics, by="group")
+    paired = paired_against(runs, metrics, baseline, groups, pair_on="seed", by="group")
+    return GroupComparison(runs, summary, paired, baseline, groups, list(specs))
+
+
+def compare_groups(
+    names: Sequence[str],
+    uri: str | None = None,
+    baseline: str | None = None,
+    include_block_evals: bool = False,
+    last: int = FINAL_LAST,
+) -> GroupComparison:
+    """Load groups of seeds (or single runs) through ``io`` and compare them against ``baseline``
+    (a name from ``names``; default the first)."""
+    specs = resolve_groups(names, uri)
+    if baseline is not None and baseline not in {s.name for s in specs}:
+        raise LayerLockError(f"--baseline {baseline} is not one of the compared groups "
+                             f"({', '.join(s.name for s in specs)})")
+    rows = [{"group": spec.name, **_load_row(run_id, uri, include_block_evals, last)}
+            for spec in specs for run_id in spec.run_ids]
+    return group_comparison(rows, baseline, specs)
 
 
 # ----------------------------------------------------------------------------- equal-step / equal-cost views

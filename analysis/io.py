@@ -73,7 +73,7 @@ LAYER_COLUMNS = ["run_id", "step", "block", "metric", "value"]
 HISTORY_COLUMNS = ["run_id", "step", "metric", "value"]
 RUN_COLUMNS = [
     "run_id", "experiment", "name", "status", "method", "dataset", "start_time", "end_time",
-    "steps", "final_loss", "schedule_source", "parent", "failure_reason",
+    "steps", "final_loss", "schedule_source", "parent", "failure_reason", "group", "seed",
 ]
 
 
@@ -278,6 +278,8 @@ def _runs_frame(records: Sequence[RunRecord], include_block_evals: bool = False)
             "schedule_source": r.tags.get(TAG_SCHEDULE_SOURCE),
             "parent": r.tags.get(TAG_PARENT),
             "failure_reason": r.tags.get(TAG_FAILURE),
+            "group": r.tags.get(TAG_GROUP),
+            "seed": r.param_int("train.seed"),
         }
         row.update(eval_metrics(r.metrics, include_block_evals))
         rows.append(row)
@@ -285,6 +287,7 @@ def _runs_frame(records: Sequence[RunRecord], include_block_evals: bool = False)
     eval_cols = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
     frame = frame.reindex(columns=RUN_COLUMNS + eval_cols)
     frame["steps"] = frame["steps"].astype("Int64")
+    frame["seed"] = frame["seed"].astype("Int64")
     frame["final_loss"] = frame["final_loss"].astype(float)
     for col in ("start_time", "end_time"):
         frame[col] = pd.to_datetime(frame[col], utc=True)
@@ -316,7 +319,8 @@ def list_runs(
     """All runs of the active experiments (or of ``experiment_names``), newest first.
 
     Columns: ``RUN_COLUMNS`` (``final_loss`` is the latest ``train/loss``; ``steps`` is the
-    ``train.steps`` param) followed by one column per final-probe metric ``eval/<task>/<metric>``
+    ``train.steps`` param; ``group`` the ``layerlock.group`` tag; ``seed`` the ``train.seed``
+    param) followed by one column per final-probe metric ``eval/<task>/<metric>``
     (add the per-block ``eval/<task>/block_NN/<metric>`` with ``include_block_evals``).
     An empty or missing store gives an empty frame with ``RUN_COLUMNS``.
     """
@@ -360,6 +364,16 @@ def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecor
         runs = _search_all(c, experiment_ids, f"tags.`{key}` = '{value}'", 10_000)
         cache: dict[str, str] = {}
         return [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
+
+
+def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
+    """Runs tagged ``layerlock.group = group`` (seeds of one config), in any experiment.
+
+    Columns as :func:`list_runs`, sorted by ``seed`` then start time. An unknown group, or a
+    missing store, gives an empty frame (the caller decides whether that is an error).
+    """
+    frame = _runs_frame(runs_with_tag(TAG_GROUP, group, uri) if group else [])
+    return frame.sort_values(["seed", "start_time"], kind="stable", na_position="last").reset_index(drop=True)
 
 
 def _children_frame(records: Sequence[RunRecord]) -> pd.DataFrame:

@@ -208,7 +208,7 @@ def test_cli_in_process(runs: SyntheticRuns, capsys: pytest.CaptureFixture[str])
     assert err.startswith("error: cannot write --out") and err.count("\n") == 1
 
     assert main(["compare", runs.mae, runs.ll, "--json", "--tracking-uri", runs.uri]) == 0
-    records = json.loads(capsys.readouterr().out)
+    records = json.loads(capsys.readouterr().out)["runs"]
     assert [r["run_id"] for r in records] == [runs.mae, runs.ll]
     assert main(["compare", runs.mae, runs.ll, "--tracking-uri", runs.uri]) == 0
     assert "flop_saving" in capsys.readouterr().out
