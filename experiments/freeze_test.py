@@ -1,15 +1,28 @@
 """``freeze-test``: the paper's definition of convergence, run as child runs of a baseline.
 
 From the baseline's checkpoint at step T, freeze blocks 0..L-1 and train to the end; if the
-final loss stays close to the baseline's, blocks 0..L-1 had converged by step T.
+final loss stays close to the baseline's, blocks 0..L-1 had converged by step T. "Close" is
+the tolerance of :mod:`analysis.agreement`: calibrated on the seed spread of the baseline's
+final loss when the baseline has a seed group, else ``--tol`` or 0.02.
+
+``--grid`` picks the cells itself (:func:`grid_plan`): up to ``GRID_STEPS`` checkpoint steps
+T evenly spread over the baseline's interior checkpoints (every stored one except the final
+step) and prefix lengths L = 1, depth/4, depth/2, 3*depth/4 (rounded, within 1..depth-1,
+unique): finer at the shallow end, where blocks converge first. Five interior checkpoints
+need ``train.checkpoint_every <= train.steps / 6``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 
 from core.errors import LayerLockError
+
+GRID_STEPS = 5
+_CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -20,6 +33,59 @@ def _int_list(text: str, name: str) -> list[int]:
     if not values:
         raise LayerLockError(f"--{name} is empty")
     return values
+
+
+def grid_blocks(depth: int) -> list[int]:
+    """Prefix lengths for ``--grid``: 1, depth/4, depth/2, 3*depth/4 rounded half up, kept within
+    1..depth-1, unique and sorted (depth 8 -> 1, 2, 4, 6; depth 4 -> 1, 2, 3)."""
+    if depth < 2:
+        raise LayerLockError(f"a freeze test needs model.depth >= 2 (one block must train), got {depth}")
+    values = {1} | {int(depth * f + 0.5) for f in (0.25, 0.5, 0.75)}
+    return sorted(v for v in values if 1 <= v <= depth - 1)
+
+
+def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int) -> tuple[list[int], list[int], str | None]:
+    """``(steps, blocks, note)`` for ``--grid``. ``steps``: up to ``GRID_STEPS`` of the interior
+    checkpoints (``0 < step < total_steps``), evenly spread and including the first and last;
+    ``note``: why the grid is thinner than asked (None when it is not)."""
+    interior = sorted({int(s) for s in checkpoints if 0 < int(s) < total_steps})
+    every = total_steps // (GRID_STEPS + 1)
+    advice = (f"train the baseline with train.checkpoint_every <= {every} (steps/{GRID_STEPS + 1}) to get "
+              f">= {GRID_STEPS}" if every >= 1 else
+              f"a run of {total_steps} steps has at most {max(total_steps - 1, 0)}")
+    if not interior:
+        raise LayerLockError(f"the baseline has no checkpoint before its final step {total_steps}; {advice} "
+                             "interior checkpoints")
+    n = len(interior)
+    if n > GRID_STEPS:
+        picks = sorted({round(i * (n - 1) / (GRID_STEPS - 1)) for i in range(GRID_STEPS)})
+        steps = [interior[i] for i in picks]
+    else:
+        steps = interior
+    note = None
+    if n < GRID_STEPS:
+        note = (f"checkpoints too sparse: the baseline has {n} interior checkpoint(s) "
+                f"({', '.join(map(str, interior))}), the grid wants {GRID_STEPS}; {advice} interior checkpoints")
+    return steps, grid_blocks(depth), note
+
+
+def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
+    """Steps of the checkpoints a run stored (``checkpoints/step_NNNNNN.pt``), ascending."""
+    from core.tracking import Tracker
+
+    names = Tracker(uri=tracking_uri, run_id=run_id, read_only=True).list_artifacts("checkpoints")
+    return sorted(int(m.group(1)) for m in map(_CHECKPOINT.search, names) if m)
+
+
+def plan_from_run(baseline: str, tracking_uri: str | None = None) -> tuple[list[int], list[int], str | None]:
+    """:func:`grid_plan` for a stored baseline (its ``model.depth``/``train.steps`` params)."""
+    from analysis import io
+
+    record = io.get_run(baseline, tracking_uri)
+    depth, total = record.param_int("model.depth"), record.param_int("train.steps")
+    if depth is None or total is None:
+        raise LayerLockError(f"run {baseline} lacks the model.depth/train.steps params; pass --steps and --blocks")
+    return grid_plan(checkpoint_steps(baseline, tracking_uri), total, depth)
 
 
 def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None,
@@ -38,9 +104,15 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
         if not 0 <= T < total:
             raise LayerLockError(f"--steps {T}: must be within the baseline's run (0..{total - 1})")
     states = {T: load_run_checkpoint(baseline, step=T, tracking_uri=tracking_uri) for T in steps}
+    from tqdm.auto import tqdm
+
     children = []
+    # One bar over the children (position 0) above the trainer's per-run bar.
+    bar = tqdm(total=len(steps) * len(blocks), desc=f"freeze test of {baseline[:8]}", unit="run", position=0,
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
     for T in steps:
         for L in blocks:
+            bar.set_postfix(T=T, L=L)
             child = cfg.model_copy(deep=True)
             child.freeze.schedule = [{"step": T, "frozen": L}]
             child.probe.enabled = False               # only the final loss matters here
@@ -50,16 +122,29 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
                     "layerlock.freeze_test.step": str(T), "layerlock.freeze_test.blocks": str(L)}
             result = train(child, tracking_uri=tracking_uri, tags=tags, init_state=states[T], progress=progress)
             children.append(result.run_id)
-            print(f"T={T} L={L}: final loss {result.final_loss:.4f} ({result.run_id})", file=sys.stderr)
+            bar.write(f"T={T} L={L}: final loss {result.final_loss:.4f} ({result.run_id})", file=sys.stderr)
+            bar.update(1)
+    bar.close()
     return children
 
 
 def cmd_freeze_test(args: argparse.Namespace) -> int:
-    steps, blocks = _int_list(args.steps, "steps"), _int_list(args.blocks, "blocks")
+    if args.grid:
+        if args.steps or args.blocks:
+            raise LayerLockError("--grid picks the steps and blocks itself: drop --steps/--blocks (or --grid)")
+        steps, blocks, note = plan_from_run(args.baseline, args.tracking_uri)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        print(f"grid: T = {', '.join(map(str, steps))}; L = {', '.join(map(str, blocks))}", file=sys.stderr)
+    else:
+        if not (args.steps and args.blocks):
+            raise LayerLockError("freeze-test needs --steps and --blocks, or --grid")
+        steps, blocks = _int_list(args.steps, "steps"), _int_list(args.blocks, "blocks")
     run_freeze_test(args.baseline, steps, blocks, args.tracking_uri)
-    from analysis.compare import freeze_test_grid
+    from analysis.agreement import freeze_grid
 
-    grid = freeze_test_grid(args.baseline, uri=args.tracking_uri, tol=args.tol)
+    grid, tolerance = freeze_grid(args.baseline, uri=args.tracking_uri, tol=args.tol)
+    print(tolerance.line(), file=sys.stderr)
     print("final-loss ratio (child / baseline), rows L = frozen blocks, columns T = step:", file=sys.stderr)
     print(grid.ratio.round(4).to_string(), file=sys.stderr)
     print("largest converged prefix per step T: "
@@ -69,10 +154,24 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
 
 
 def register(sub, add_tracking) -> None:
-    p = sub.add_parser("freeze-test", help="the paper's convergence test: freeze blocks 0..L-1 at step T")
+    p = sub.add_parser(
+        "freeze-test", help="the paper's convergence test: freeze blocks 0..L-1 at step T",
+        description="Branch one child run per (T, L) off a baseline's checkpoint at step T with blocks 0..L-1 "
+                    "frozen to the end, then print the grid of final-loss ratios (child / baseline). "
+                    f"--grid picks up to {GRID_STEPS} steps T evenly from the baseline's interior checkpoints "
+                    "(all but the final step) and L = 1, depth/4, depth/2, 3*depth/4; "
+                    f"{GRID_STEPS} interior checkpoints need train.checkpoint_every <= train.steps/{GRID_STEPS + 1} "
+                    "in the baseline (with fewer, the grid uses those there are and says so). The tolerance is "
+                    "calibrated on the seed spread of the baseline's final loss (its layerlock.group runs) "
+                    "unless --tol is given; without a seed group it is 0.02.")
     p.add_argument("--baseline", required=True, metavar="RUN_ID", help="an unfrozen run with checkpoints at T")
-    p.add_argument("--steps", required=True, help="comma-separated steps T (checkpoint steps of the baseline)")
-    p.add_argument("--blocks", required=True, help="comma-separated prefix lengths L")
-    p.add_argument("--tol", type=float, default=0.02, help="converged if child loss <= (1 + tol) * baseline")
+    p.add_argument("--steps", help="comma-separated steps T (checkpoint steps of the baseline)")
+    p.add_argument("--blocks", help="comma-separated prefix lengths L")
+    p.add_argument("--grid", action="store_true",
+                   help=f"pick T (up to {GRID_STEPS} interior checkpoints) and L (4 values) from the baseline; "
+                        "conflicts with --steps/--blocks")
+    p.add_argument("--tol", type=float, default=None,
+                   help="converged if child loss <= (1 + tol) * baseline (default: calibrated, the relative sd of "
+                        "the final loss over the baseline's seed group; 0.02 without one)")
     add_tracking(p)
     p.set_defaults(func=cmd_freeze_test)

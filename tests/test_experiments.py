@@ -45,6 +45,39 @@ def test_freeze_test_bad_input_exit_2(store):
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_grid_plan_picks_steps_and_blocks():
+    from experiments.freeze_test import grid_blocks, grid_plan
+
+    assert grid_blocks(8) == [1, 2, 4, 6] and grid_blocks(4) == [1, 2, 3] and grid_blocks(12) == [1, 3, 6, 9]
+    steps, blocks, note = grid_plan(range(10, 101, 10), total_steps=100, depth=8)  # 9 interior checkpoints
+    assert steps == [10, 30, 50, 70, 90] and blocks == [1, 2, 4, 6] and note is None
+    steps, _, note = grid_plan([40, 80, 100], total_steps=100, depth=8)
+    assert steps == [40, 80] and "too sparse" in note and "checkpoint_every <= 16" in note
+
+
+def test_freeze_test_grid_end_to_end(store):
+    # 6 steps, checkpoints at 2, 4 (and 6, the end): sparse, so the grid uses T = 2, 4 and says so.
+    baseline = _pretrain(store, "--set", "model.depth=3", "--set", "train.steps=6", "--set", "train.checkpoint_every=2")
+    proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, "--grid", "--tracking-uri", store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoints too sparse" in proc.stderr and "train.checkpoint_every <= 1" in proc.stderr
+    assert "grid: T = 2, 4; L = 1, 2" in proc.stderr
+    assert "not calibrated: no seed group of the baseline" in proc.stderr  # one seed only
+    assert "largest converged prefix" in proc.stderr and proc.stdout.strip().splitlines()[-1] == baseline
+    client = MlflowClient(store)
+    children = client.search_runs([client.get_run(baseline).info.experiment_id],
+                                  filter_string=f"tags.`layerlock.parent` = '{baseline}'")
+    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"])
+             for r in children}
+    assert cells == {("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")}
+
+
+def test_freeze_test_grid_conflicts_exit_2():
+    for args, needle in ((["--grid", "--steps", "4"], "--grid picks"), ([], "needs --steps and --blocks")):
+        proc = run_cli("-m", "experiments", "freeze-test", "--baseline", "nope", *args)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_bench_freezing_json_reports_ratios():
     proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--steps-per-round", "1",
                    "--warmup", "0", "--batch-size", "4", *tiny_sets())
