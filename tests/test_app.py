@@ -246,6 +246,16 @@ def test_freeze_test_page(env: Store) -> None:
     assert at.selectbox(key="ft_parent").value == env.real
     assert charts(at) == 2 and at.slider(key="ft_tol")
     assert len(frame_with(at, "L", "T")) == len(env.children)
+    # One seed only: the default tolerance, saying it is not calibrated; rules marked on the grid.
+    assert any("not calibrated: no seed group of the baseline" in c.value for c in at.caption)
+    agreement = frame_with(at, "L used", "freeze test", "posthoc", "online", "gradnorm")
+    assert agreement["block"].tolist() == [0, 1, 2, 3]
+    assert set(frame_with(at, "rule", "spearman", "kendall")["rule"]) == {"posthoc", "online", "gradnorm"}
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert traces[0]["type"] == "heatmap" and {t.get("name") for t in traces[1:]} <= {"posthoc", "online", "gradnorm"}
+    at.slider(key="ft_tol").set_value(0.1).run()
+    assert_clean(at)
+    assert any("set on the slider" in c.value for c in at.caption)
 
 
 def test_attribution_page(env: Store) -> None:

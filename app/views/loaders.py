@@ -142,9 +142,27 @@ def freeze_grid(uri: str, parent_id: str, tol: float):
     return freeze_test_grid(parent_id, uri, tol=tol)
 
 
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
+def freeze_tolerance(uri: str, parent_id: str):
+    """The freeze test's calibrated tolerance (``analysis.agreement.calibrated_tolerance``)."""
+    from analysis.agreement import calibrated_tolerance
+
+    return calibrated_tolerance(parent_id, uri)
+
+
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
+def agreement(uri: str, parent_id: str, tol: float) -> dict[str, Any]:
+    """Cheap rules against the freeze test at ``tol`` (``analysis.agreement.agreement_report``)."""
+    from analysis.agreement import agreement_report
+
+    return agreement_report(parent_id, uri, tol=tol)
+
+
 def refresh_live() -> None:
     """Forget the short-lived caches (run list, snapshots): a user asked for fresh data."""
     runs.clear()
     record.clear()
     children.clear()
     freeze_grid.clear()
+    freeze_tolerance.clear()
+    agreement.clear()
