@@ -12,12 +12,12 @@ from analysis import io
 from analysis.agreement import (
     DEFAULT_TOL,
     agreement_from_frames,
-    agreement_report,
     calibrated_tolerance,
     format_report,
     freeze_test_steps,
     rule_agreement,
     rule_markers,
+    rule_steps,
     tolerance_from_final_losses,
 )
 from analysis.compare import freeze_grid_from_frames
@@ -89,8 +89,6 @@ def test_agreement_from_synthetic_layer_metrics() -> None:
     layer_df = synthetic_layer_metrics([100, 200, 300, None], total_steps=600, probe_every=50, log_every=10)
     conv = {0: 100, 1: 200, 2: 300}
     passes = {(L, T): all(T >= conv.get(b, 10**9) for b in range(L)) for L in (1, 2, 3) for T in range(100, 501, 100)}
-    from analysis.agreement import rule_steps
-
     report = agreement_from_frames(grid_from(passes), rule_steps(layer_df), n_blocks=4)
     assert [b["freeze_test_step"] for b in report["blocks"]] == [100, 200, 300, None]
     assert [b["posthoc"] for b in report["blocks"]] == [100, 200, 300, None]
@@ -108,7 +106,8 @@ def test_agreement_from_synthetic_layer_metrics() -> None:
 def test_tolerance_from_final_losses() -> None:
     tol = tolerance_from_final_losses({"a": 1.0, "b": 1.1, "c": 1.2}, group="g")
     assert tol.tol == pytest.approx(0.1 / 1.1)  # sample sd 0.1 over mean 1.1
-    assert tol.calibrated and tol.line().startswith("tolerance 9.09% = relative sd of final loss over 3 seeds of group g")
+    assert tol.calibrated
+    assert tol.line().startswith("tolerance 9.09% = relative sd of final loss over 3 seeds of group g")
     with pytest.raises(LayerLockError, match=">= 2 seeds"):
         tolerance_from_final_losses({"a": 1.0, "b": float("nan")})
 
