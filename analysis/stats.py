@@ -27,7 +27,7 @@ Pure pandas/numpy/scipy: the frames come from :mod:`analysis.compare` (one row p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,35 @@ def summary_table(summary: pd.DataFrame, by: str = "group", fmt: str = "{:.4g}")
     order_rows = list(dict.fromkeys(summary[by]))
     order_cols = list(dict.fromkeys(summary["metric"]))
     return table.reindex(index=order_rows, columns=order_cols)
+
+
+def spread_over_runs(curves: Mapping[str, pd.DataFrame], on: str = "step", x: str = "x",
+                     y: str = "y") -> pd.DataFrame:
+    """A group's curve: at each value of ``on`` (a logged step), the mean, sd, min and max of
+    ``y`` over the runs that logged it, and the mean of ``x`` (the step itself, or FLOPs or wall
+    time, which differ slightly between seeds).
+
+    ``curves``: run id -> frame with columns ``on``, ``x``, ``y``. Returns
+    ``step, x, mean, sd, lo, hi, n`` (``lo``/``hi``: min/max over runs; ``sd`` NaN where n is 1),
+    sorted by ``on``.
+    """
+    parts = [frame[[on, x, y]].assign(run=str(run)).rename(columns={on: "_on", x: "_x", y: "_y"})
+             for run, frame in curves.items() if not frame.empty]
+    columns = ["step", "x", "mean", "sd", "lo", "hi", "n"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    long = pd.concat(parts, ignore_index=True).dropna(subset=["_y"])
+    grouped = long.groupby("_on")
+    out = pd.DataFrame({
+        "step": grouped["_y"].mean().index.to_numpy(),
+        "x": grouped["_x"].mean().to_numpy(),
+        "mean": grouped["_y"].mean().to_numpy(),
+        "sd": grouped["_y"].std(ddof=1).to_numpy(),
+        "lo": grouped["_y"].min().to_numpy(),
+        "hi": grouped["_y"].max().to_numpy(),
+        "n": grouped["_y"].count().to_numpy(),
+    })
+    return out.sort_values("step").reset_index(drop=True)
 
 
 def _plain(x: Any) -> Any:

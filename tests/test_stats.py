@@ -119,3 +119,19 @@ def test_paired_against_baseline_and_text() -> None:
     assert format_mean_sd(float("nan"), float("nan"), 0) == "n/a"
     text = summary_table(group_summary(runs(), ["final_loss"]))
     assert text.loc["A", "final_loss"] == "1 ± 0.1 (3)" and text.loc["S", "final_loss"] == "0.5 (1)"
+
+
+def test_spread_over_runs_band() -> None:
+    from analysis.stats import spread_over_runs
+
+    curves = {
+        "r0": pd.DataFrame({"step": [0, 2, 4], "x": [0.0, 20.0, 40.0], "y": [1.0, 0.8, 0.6]}),
+        "r1": pd.DataFrame({"step": [0, 2, 4], "x": [0.0, 22.0, 42.0], "y": [1.2, 0.6, 0.5]}),
+        "r2": pd.DataFrame({"step": [0, 2], "x": [0.0, 21.0], "y": [1.1, 0.7]}),   # stopped early
+    }
+    band = spread_over_runs(curves).set_index("step")
+    assert list(band.index) == [0, 2, 4] and list(band["n"]) == [3, 3, 2]
+    assert band.loc[2, "mean"] == pytest.approx(0.7) and band.loc[2, "x"] == pytest.approx(21.0)
+    assert (band.loc[2, "lo"], band.loc[2, "hi"]) == (pytest.approx(0.6), pytest.approx(0.8))
+    assert band.loc[0, "sd"] == pytest.approx(0.1)
+    assert spread_over_runs({}).empty

@@ -1,5 +1,6 @@
-"""Compare: loss against step, FLOPs and wall time; per-block metrics side by side; evaluation
-table; compute saved; collapse indicators."""
+"""Compare: groups of seeds (or single runs) against a baseline group: loss against step, FLOPs
+and wall time (mean with a band, each run faint); mean ± sd (N) tables and seed-paired
+differences with their 95% t interval; compute saved; collapse indicators; per-block metrics."""
 
 from __future__ import annotations
 
@@ -8,45 +9,72 @@ import pandas as pd
 import streamlit as st
 
 from analysis import io
-from analysis.compare import comparison_frame, summarize_run
-from app.views import charts, loaders, state
+from analysis.compare import group_comparison, summarize_run
+from analysis.stats import INTERVAL_NAME, spread_over_runs, summary_table
+from app.views import charts, groups, loaders, state
+from core.schema import metric_help
 
 HISTORY_KEYS = ("train/loss", "train/loss_pixel", "train/loss_latent", "train/flops", "train/wall_s")
 X_AXES = {"step": ("step", "step"), "FLOPs": ("train/flops", "counted FLOPs"),
           "wall time": ("train/wall_s", "wall time (s)")}
+BANDS = {"min..max": "min..max over the group's runs", "sd": "mean ± sd over the group's runs"}
 
 st.title("Compare runs")
 uri = state.tracking_uri()
 runs = state.load_runs()
-chosen = state.pick_runs(runs, key="cmp_runs", label="Runs to compare",
-                         help="Savings are measured against the first MAE run in this list")
-if not chosen:
-    st.info("Choose one or more runs to compare.")
+members = groups.finished_members(runs)
+pick = st.columns(2)
+with pick[0]:
+    chosen_groups = groups.pick_groups(
+        runs, members, key="cmp_groups", label="Groups of seeds",
+        help="Runs sharing a layerlock.group tag (one config, several train.seed); finished runs only")
+with pick[1]:
+    chosen_runs = state.pick_runs(runs, key="cmp_runs", label="Single runs (each a group of one)",
+                                  allow_empty=bool(chosen_groups),
+                                  help="Runs compared on their own, N = 1")
+# Compared items: a group of seeds (its finished runs) or one run on its own.
+items = {g: members[g] for g in chosen_groups}
+items.update({r: [r] for r in chosen_runs if r not in items})
+if not items:
+    st.info("Choose groups of seeds or runs to compare.")
     st.stop()
 
-labels, colors, rows, histories, layer = {}, {}, [], {}, {}
+run_labels, item_labels, methods, rows, histories, layer = {}, {}, {}, [], {}, {}
 with state.notice_errors():
-    for rid in chosen:
-        rec, ver = loaders.run_version(uri, rid)
-        label = f"{rec.name or rid[:8]} ({rec.method or '?'})"
-        if label in labels.values():
-            label = f"{label} {rid[:6]}"
-        labels[rid] = label
-        colors[rid] = charts.METHOD_COLORS.get(rec.method or "")
-        histories[rid] = loaders.history(uri, rid, ver, HISTORY_KEYS)
-        layer[rid] = loaders.layer_metrics(uri, rid, ver, ("eff_rank", "feat_std"))
-        meta = {"run_id": rid, "name": rec.name, "method": rec.method, "dataset": rec.dataset,
-                "status": rec.status, "steps": rec.param_int("train.steps")}
-        rows.append(summarize_run(meta, histories[rid], layer[rid], io.eval_metrics(rec.metrics)))
-        if rec.status == "FAILED":
-            st.warning(f"{label} failed: {rec.tags.get(io.TAG_FAILURE, 'no reason recorded')}")
-table = comparison_frame(rows)
-line_colors = {labels[r]: colors[r] for r in chosen}
-if len(set(line_colors.values())) < len(line_colors):
-    line_colors = {}  # several runs of one method: let Plotly tell them apart
+    for item, run_ids in items.items():
+        for rid in run_ids:
+            rec, ver = loaders.run_version(uri, rid)
+            label = f"{rec.name or rid[:8]} ({rec.method or '?'})"
+            if label in run_labels.values():
+                label = f"{label} {rid[:6]}"
+            run_labels[rid] = label
+            histories[rid] = loaders.history(uri, rid, ver, HISTORY_KEYS)
+            layer[rid] = loaders.layer_metrics(uri, rid, ver, ("eff_rank", "feat_std"))
+            meta = {"run_id": rid, "name": rec.name, "method": rec.method, "dataset": rec.dataset,
+                    "status": rec.status, "steps": rec.param_int("train.steps")}
+            rows.append({"group": item, "seed": rec.param_int("train.seed"),
+                         **summarize_run(meta, histories[rid], layer[rid], io.eval_metrics(rec.metrics))})
+            methods.setdefault(item, rec.method)
+            if rec.status == "FAILED":
+                st.warning(f"{label} failed: {rec.tags.get(io.TAG_FAILURE, 'no reason recorded')}")
+        item_labels[item] = (groups.group_label(item, members, runs) if len(run_ids) > 1 or item in chosen_groups
+                             else run_labels[run_ids[0]])
+
+# The baseline that savings and differences are measured against: by default the first MAE item.
+options = list(items)
+first_mae = next((i for i in options if methods.get(i) == "mae"), options[0])
+state.seed("cmp_baseline", options, first_mae)
+baseline = st.selectbox("Baseline", options, key="cmp_baseline", format_func=item_labels.get,
+                        help="Savings, differences and verdicts are measured against this group")
+result = group_comparison(rows, baseline)
+table = result.runs
+colors = groups.item_colors({item_labels[i]: methods.get(i) for i in options})
+run_item = {rid: item for item, ids in items.items() for rid in ids}
+run_colors = {run_labels[r]: colors[item_labels[run_item[r]]] for r in run_labels}
+line_colors = run_colors if len(set(run_colors.values())) == len(run_colors) else {}
 
 # ---------------------------------------------------------------------------- loss curves
-c = st.columns([2, 2, 2, 1])
+c = st.columns([2, 2, 2, 2, 1])
 x_name = c[0].radio("x axis", list(X_AXES), horizontal=True, key="cmp_x")
 loss_keys = [k for k in HISTORY_KEYS[:3] if any((h["metric"] == k).any() for h in histories.values())]
 if not loss_keys:
@@ -55,29 +83,71 @@ if not loss_keys:
 state.seed("cmp_loss", loss_keys, "train/loss")
 loss_key = c[1].selectbox("Loss", loss_keys, key="cmp_loss")
 smooth = c[2].slider("smoothing (logged points)", 1, 50, 1, key="cmp_smooth")
-log_y = c[3].toggle("log y", value=False, key="cmp_logy")
+band = c[3].radio("band", list(BANDS), horizontal=True, key="cmp_band", format_func={"min..max": "min..max",
+                                                                                      "sd": "± sd"}.get)
+log_y = c[4].toggle("log y", value=False, key="cmp_logy")
 
 x_key, x_title = X_AXES[x_name]
-series = {}
-for rid, hist in histories.items():
-    wide = hist.pivot_table(index="step", columns="metric", values="value", aggfunc="last")
-    if loss_key not in wide.columns or (x_key != "step" and x_key not in wide.columns):
-        continue
-    y = wide[loss_key].rolling(smooth, min_periods=1).mean()
-    x = pd.Series(wide.index.to_numpy(), index=wide.index) if x_key == "step" else wide[x_key]
-    series[labels[rid]] = pd.DataFrame({"x": x.to_numpy(), "y": y.to_numpy()}).dropna()
-missing = [labels[r] for r in chosen if labels[r] not in series]
+curves, members_curves, missing = {}, {}, []
+for item, run_ids in items.items():
+    per_run = {}
+    for rid in run_ids:
+        wide = histories[rid].pivot_table(index="step", columns="metric", values="value", aggfunc="last")
+        if loss_key not in wide.columns or (x_key != "step" and x_key not in wide.columns):
+            missing.append(run_labels[rid])
+            continue
+        y = wide[loss_key].rolling(smooth, min_periods=1).mean()
+        x = pd.Series(wide.index.to_numpy(), index=wide.index) if x_key == "step" else wide[x_key]
+        per_run[run_labels[rid]] = pd.DataFrame({"step": wide.index.to_numpy(), "x": x.to_numpy(),
+                                                 "y": y.to_numpy()}).dropna()
+    if per_run:
+        curves[item_labels[item]] = spread_over_runs(per_run)
+        members_curves[item_labels[item]] = per_run
 if missing:
     st.caption(f"Not plotted (no {loss_key} or {x_key}): {', '.join(missing)}")
-st.plotly_chart(charts.lines(series, "x", "y", x_title, loss_key, line_colors, log_y=log_y,
-                             title=f"{loss_key} against {x_name}"), key="cmp_loss_chart")
+st.plotly_chart(charts.band_lines(curves, members_curves, x_title, loss_key, colors, band=band, log_y=log_y,
+                                  title=f"{loss_key} against {x_name}"), key="cmp_loss_chart")
+st.caption(f"Each group: the mean at every logged step (thick line), a shaded band of the {BANDS[band]} "
+           f"(x: the mean over runs of {x_title}), each run as a faint line. A group of one run is a plain line. "
+           f"{loss_key}: {metric_help(loss_key)}.")
+
+# ---------------------------------------------------------------------------- groups: mean ± sd (N), paired
+st.subheader("Groups: mean ± sd (N)")
+text = summary_table(result.summary)
+if not text.empty:
+    text = text.rename(index=item_labels).reset_index()
+    st.dataframe(text, hide_index=True, key="cmp_groups_table",
+                 column_config={c: st.column_config.TextColumn(c.removeprefix("eval/"), help=metric_help(c) or None)
+                                for c in text.columns if c != "group"})
+st.caption(f"Baseline: {item_labels[baseline]}. Savings (flop_saving, wall_saving) are per run, "
+           "1 - value / the baseline group's mean; N counts runs with the metric logged.")
+if not result.paired.empty:
+    paired = result.paired
+
+    def _num(v) -> str:
+        return "n/a" if v is None or pd.isna(v) else f"{v:+.4g}"
+
+    shown_pairs = pd.DataFrame({
+        "group": [item_labels.get(g, g) for g in paired["group_b"]], "metric": paired["metric"],
+        "difference": [_num(v) for v in paired["mean_diff"]],
+        INTERVAL_NAME: ["n/a" if pd.isna(lo) else f"[{_num(lo)}, {_num(hi)}]"
+                        for lo, hi in zip(paired["ci_low"], paired["ci_high"], strict=True)],
+        "pairs": paired["n"], "verdict": paired["verdict"],
+    })
+    st.markdown(f"**Paired differences against {item_labels[baseline]}**")
+    st.dataframe(shown_pairs, hide_index=True, key="cmp_paired_table")
+    st.caption(f"Difference = group - baseline, matched run by run on train.seed (same data order, masks and "
+               f"initialisation); {INTERVAL_NAME} = mean ± t(0.975, N-1) · sd / √N. \"no difference\": the "
+               "interval contains 0; a single pair has no interval (n/a).")
 
 # ---------------------------------------------------------------------------- table and compute
-st.subheader("Summary")
+st.subheader("Runs")
 eval_cols = [col for col in table.columns if col.startswith("eval/")]
-shown = table.assign(run=[labels[r] for r in table["run_id"]])
+labels = run_labels
+shown = table.assign(run=[labels[r] for r in table["run_id"]], group=[item_labels[g] for g in table["group"]])
 st.dataframe(
-    shown[["run", "method", "status", "steps", "final_loss", "final_loss_pixel", "total_flops", "wall_s",
+    shown[["run", "group", "seed", "method", "status", "steps", "final_loss", "final_loss_pixel", "total_flops",
+           "wall_s",
            "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
            *eval_cols]],
     hide_index=True, key="cmp_table",
@@ -96,8 +166,8 @@ st.dataframe(
         **{col: st.column_config.NumberColumn(col.removeprefix("eval/"), format="%.3f") for col in eval_cols},
     },
 )
-if not (table["method"] == "mae").any():
-    st.caption("No MAE run in the list, so savings have no baseline.")
+if methods.get(baseline) != "mae":
+    st.caption(f"The baseline ({item_labels[baseline]}) is not an MAE run: savings are against it all the same.")
 if eval_cols:
     evals = shown.melt(id_vars=["run"], value_vars=eval_cols, var_name="metric", value_name="value").dropna()
     evals["metric"] = evals["metric"].str.removeprefix("eval/")
@@ -110,7 +180,8 @@ left, right = st.columns(2)
 with left:
     st.plotly_chart(charts.compute_bars([labels[r] for r in table["run_id"]], list(table["total_flops"]),
                                         list(table["wall_s"]), list(table["flop_saving"]), list(table["wall_saving"]),
-                                        [colors[r] for r in table["run_id"]], title="Compute"),
+                                        [run_colors[labels[r]] for r in table["run_id"]],
+                                        title=f"Compute (savings against {item_labels[baseline]})"),
                     key="cmp_compute")
 with right:
     # feat_std (spread of layer-normalised features) is what falls to ~0 when latents collapse;
@@ -133,9 +204,13 @@ with right:
 
 # ---------------------------------------------------------------------------- per-block side by side
 st.subheader("Per-block metrics side by side")
+# One run per compared group (its lowest seed): nine heatmaps for three groups of three say no more.
+first_runs = [ids[0] for ids in items.values()]
+if any(len(ids) > 1 for ids in items.values()):
+    st.caption("One run per group: the one with the lowest seed.")
 names = []
 with state.notice_errors():
-    for rid in chosen:
+    for rid in first_runs:
         _, ver = loaders.run_version(uri, rid)
         names += [n for n in loaders.block_metric_names(uri, rid, ver) if n not in names]
 if not names:
@@ -145,7 +220,7 @@ state.seed("cmp_block_metric", names, "cka_init" if "cka_init" in names else nam
 block_metric = st.selectbox("Per-block metric", names, key="cmp_block_metric")
 wides = {}
 with state.notice_errors():
-    for rid in chosen:
+    for rid in first_runs:
         _, ver = loaders.run_version(uri, rid)
         wides[labels[rid]] = loaders.metric_wide(uri, rid, ver, block_metric)
 if all(w.empty for w in wides.values()):

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app.views import charts, loaders, state
+from app.views import charts, groups, loaders, state
+from core.schema import metric_help
 
 st.title("Runs")
 uri = state.tracking_uri()
@@ -49,7 +50,16 @@ table["saving"] = ([_saving(r) for r in view.head(SAVING_ROWS).itertuples(index=
                    + [np.nan] * max(0, len(view) - SAVING_ROWS))
 eval_cols = [c for c in table.columns if c.startswith("eval/")]
 columns = ["name", "method", "dataset", "status", "steps", "final_loss", "saving", *eval_cols,
-           "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]
+           "group", "seed", "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]
+grouped = groups.groups_table(view, ["final_loss", *eval_cols])
+if not grouped.empty:
+    st.markdown("**Groups of seeds** (runs that differ only in `train.seed`)")
+    st.caption("Finished runs sharing a `layerlock.group` tag; each cell is mean ± sd (N runs). "
+               f"final loss: {metric_help('train/loss')}. Compare groups on the Compare page.")
+    st.dataframe(grouped, hide_index=True, key="runs_groups_table",
+                 column_config={"group": st.column_config.TextColumn("group"),
+                                "final_loss": st.column_config.TextColumn("final loss"),
+                                **{c: st.column_config.TextColumn(c.removeprefix("eval/")) for c in eval_cols}})
 st.caption(f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
            "against the same run with nothing frozen")
 st.dataframe(

@@ -182,6 +182,57 @@ def lines(series: Mapping[str, pd.DataFrame], x: str, y: str, x_title: str, y_ti
     return _layout(fig, title, height)
 
 
+def _rgba(color: str, alpha: float) -> str:
+    """``#rrggbb`` or ``rgb(r, g, b)`` -> ``rgba(r, g, b, alpha)``."""
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    else:
+        r, g, b = (int(float(v)) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3])
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
+def band_lines(groups: Mapping[str, pd.DataFrame], runs: Mapping[str, Mapping[str, pd.DataFrame]],
+               x_title: str, y_title: str, colors: Mapping[str, str], band: str = "min..max",
+               title: str | None = None, log_y: bool = False, height: int = HEIGHT) -> go.Figure:
+    """One curve per group of seeds: the mean as a line, a shaded band, and each run faint.
+
+    ``groups``: label -> frame of :func:`analysis.stats.spread_over_runs` (``x, mean, lo, hi,
+    sd, n``); ``band`` is ``"min..max"`` (``lo``..``hi``) or ``"sd"`` (mean ± sd). ``runs``:
+    label -> run label -> frame with ``x, y``. A group of one run has no band and no faint lines.
+    """
+    fig = go.Figure()
+    for label, curve in groups.items():
+        if curve.empty:
+            continue
+        color = colors.get(label) or "#1f77b4"
+        members = runs.get(label, {})
+        if len(members) > 1:
+            lo, hi = ((curve["lo"], curve["hi"]) if band == "min..max"
+                      else (curve["mean"] - curve["sd"].fillna(0), curve["mean"] + curve["sd"].fillna(0)))
+            xs = curve["x"].to_numpy()
+            fig.add_trace(go.Scatter(
+                x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([hi.to_numpy(), lo.to_numpy()[::-1]]),
+                fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0}, mode="lines",
+                name=f"{label} ({band})", legendgroup=label, hoverinfo="skip"))
+            for run_label, frame in members.items():
+                if frame.empty:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=frame["x"].to_numpy(), y=frame["y"].to_numpy(), mode="lines", legendgroup=label,
+                    showlegend=False, line={"color": _rgba(color, 0.35), "width": 1},
+                    hovertemplate=run_label + "<br>" + x_title + " %{x:.4g}<br>" + y_title
+                    + " %{y:.4g}<extra></extra>"))
+        fig.add_trace(go.Scatter(
+            x=curve["x"].to_numpy(), y=curve["mean"].to_numpy(), mode="lines", legendgroup=label,
+            name=f"{label} (mean)" if len(members) > 1 else label, line={"color": color, "width": 2.2},
+            customdata=curve["n"].to_numpy(),
+            hovertemplate=label + "<br>" + x_title + " %{x:.4g}<br>mean " + y_title
+            + " %{y:.4g} over %{customdata} run(s)<extra></extra>"))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title, type="log" if log_y else None)
+    return _layout(fig, title, height)
+
+
 def side_by_side_heatmaps(wides: Mapping[str, pd.DataFrame], metric: str, max_steps: int = 400,
                           title: str | None = None) -> go.Figure:
     """One layer x step heatmap per run, side by side, on a shared colour scale."""
