@@ -588,6 +588,7 @@ def create_run_from_frames(
     artifact_root: str | None = None,
     run_name: str | None = None,
     status: str = "FINISHED",
+    start_time: int | None = None,
 ) -> str:
     """Log a run from tidy frames with the trainer's key schema; returns the run id.
 
@@ -596,6 +597,7 @@ def create_run_from_frames(
     (``layer_history``) and/or the ``layer_metrics.parquet`` artifact (``layer_artifact``).
     ``artifact_root`` sets the artifact location of a newly created experiment (without it,
     MLflow's default for a sqlite store is ``./mlruns`` under the working directory).
+    ``start_time`` (ms since the epoch; default now) places the run in the newest-first run list.
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -604,7 +606,7 @@ def create_run_from_frames(
     with _mlflow_errors(resolved):
         exp = c.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=artifact_root)
-        run_id = c.create_run(exp_id, run_name=run_name).info.run_id
+        run_id = c.create_run(exp_id, run_name=run_name, start_time=start_time).info.run_id
         ts = 1_700_000_000_000  # fixed timestamps keep re-logged fixtures deterministic
         metrics: list[Any] = []
         if history is not None:

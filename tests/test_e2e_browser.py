@@ -46,7 +46,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    return build_store(tmp_path_factory.mktemp("e2e-store"))
+    folder = tmp_path_factory.mktemp("e2e-store")
+    built = build_store(folder)
+    # Plus a group of two seeds, older than every other run (so the single-run pages keep the real
+    # run as their default): the Compare page offers it by default and draws its band.
+    from analysis import io
+    from analysis.synthetic import synthetic_history
+
+    for seed in (0, 1):
+        io.create_run_from_frames(
+            "layerlock", uri=built.uri, artifact_root=(folder / "artifacts").as_uri(), run_name=f"mae-seed{seed}",
+            history=synthetic_history(12, 2, loss_start=1.0 + 0.2 * seed, seed=seed),
+            start_time=1_600_000_000_000 + seed,
+            params={"train.seed": seed, "train.steps": 12},
+            tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits", io.TAG_GROUP: "pixel-moving_digits-e2e00000"})
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +141,8 @@ def test_every_page_renders_in_chromium(server: str) -> None:
                     problems.append(f"/{path}: {found or 'stException'}")
                 if needs_chart and not page.query_selector(".js-plotly-plot"):
                     problems.append(f"/{path}: no chart")
+                if name == "compare" and not page.query_selector(".js-plotly-plot path.js-fill"):
+                    problems.append("/compare: no shaded band for the group of two seeds")
                 page.set_viewport_size({"width": 1400, "height": 1000})
         finally:
             browser.close()

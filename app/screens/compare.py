@@ -107,9 +107,9 @@ if missing:
     st.caption(f"Not plotted (no {loss_key} or {x_key}): {', '.join(missing)}")
 st.plotly_chart(charts.band_lines(curves, members_curves, x_title, loss_key, colors, band=band, log_y=log_y,
                                   title=f"{loss_key} against {x_name}"), key="cmp_loss_chart")
-st.caption(f"Each group: the mean at every logged step (thick line), a shaded band of the {BANDS[band]} "
-           f"(x: the mean over runs of {x_title}), each run as a faint line. A group of one run is a plain line. "
-           f"{loss_key}: {metric_help(loss_key)}.")
+st.caption(f"Each group: the mean at every logged step (thick line), a shaded band of the {BANDS[band]}"
+           + (f" (x: the mean over runs of {x_title})" if x_key != "step" else "")
+           + f", each run as a faint line. A group of one run is a plain line. {loss_key}: {metric_help(loss_key)}.")
 
 # ---------------------------------------------------------------------------- groups: mean ± sd (N), paired
 st.subheader("Groups: mean ± sd (N)")
