@@ -51,14 +51,18 @@ def _dump(obj: Any) -> str:
 def cmd_convergence(args: argparse.Namespace) -> None:
     from analysis import io
     from analysis.convergence import convergence_report
+    from core.schema import metric_help
 
     layer_df = io.load_layer_metrics(args.run, args.tracking_uri)
     report = convergence_report(layer_df, args.method, args.threshold, args.patience, run_id=args.run)
+    report["metric_help"] = metric_help(report["metric"])   # what the rule's indicator measures
     if args.json:
         print(_dump(report))
         return
     print(f"run {report['run_id']}  method {report['method']}  metric {report['metric']}  "
           f"threshold {report['threshold']:g}" + (f"  patience {report['patience']}" if report["patience"] else ""))
+    if report["metric_help"]:
+        print(f"{report['metric']}: {report['metric_help']}")
     print(f"{'block':>5}  {'converged_step':>14}")
     for row in report["blocks"]:
         step = row["converged_step"]

@@ -59,9 +59,11 @@ class DataConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    name: Literal["pixel", "layerlock", "latent_naive"] = "pixel"
+    # latent_scheduled: layerlock's target schedule (block k-1 at stage k of freeze.schedule) with
+    # nothing frozen -- the ablation that isolates what freezing does against collapse.
+    name: Literal["pixel", "layerlock", "latent_naive", "latent_scheduled"] = "pixel"
     pixel_weight: float = Field(1.0, ge=0)
-    latent_weight: float = Field(1.0, ge=0, description="weight of the latent loss (layerlock, latent_naive)")
+    latent_weight: float = Field(1.0, ge=0, description="weight of the latent loss (every objective but pixel)")
     norm_pix_loss: bool = Field(True, description="normalise pixel targets per patch (MAE default)")
     latent_block: int = Field(-1, description="latent_naive: which block's output is the target (-1: last)")
 

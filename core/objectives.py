@@ -1,7 +1,19 @@
-"""Training objectives: ``pixel`` (MAE), ``layerlock`` and ``latent_naive``.
+"""Training objectives: ``pixel`` (MAE), ``layerlock``, ``latent_naive`` and ``latent_scheduled``.
 
 All losses are mean squared errors at the *masked* positions. Latent targets are normalised per
 token (layer norm without affine) and never receive gradients.
+
+The freezing schedule gives a *stage* ``k`` at every step (its ``frozen`` count). One mechanism
+reads it: objectives that freeze (:func:`freezes`) freeze blocks 0..k-1 at stage k; the latent
+target depth comes from the objective and k (:func:`latent_target_block`):
+
+* ``pixel``: freezes the prefix, no latent target;
+* ``layerlock``: freezes the prefix; from stage 1 on, the target is the output of block k-1;
+* ``latent_scheduled`` (ablation): the same target schedule as layerlock, pixel loss kept, but
+  nothing is frozen, so the target comes from the trainable network (under no_grad) and drifts
+  with the student;
+* ``latent_naive``: target = output of ``latent_block`` of the same trainable network at every
+  step (the collapse baseline; given a schedule it freezes like ``pixel``).
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import ObjectiveConfig
+from core.errors import LayerLockError
 from core.masking import apply_masks
 from core.model import VideoMAE
 
@@ -28,7 +41,8 @@ def pixel_target(model: VideoMAE, video: torch.Tensor, norm: bool = True) -> tor
 def latent_target(model: VideoMAE, video: torch.Tensor, k: int) -> torch.Tensor:
     """Output of block ``k-1`` on the *unmasked* clip, normalised per token: ``(B, N, dim)``.
 
-    For LayerLock, blocks 0..k-1 are frozen, so the target cannot drift with the student.
+    For LayerLock, blocks 0..k-1 are frozen, so the target cannot drift with the student; for
+    ``latent_scheduled`` and ``latent_naive`` they train, and the target drifts with them.
     """
     out = model.forward_encoder(video, None, upto=k)
     return F.layer_norm(out.float(), out.shape[-1:])
@@ -38,25 +52,35 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask_idx: torch.Tensor)
     return F.mse_loss(apply_masks(pred.float(), mask_idx), apply_masks(target.float(), mask_idx))
 
 
-def latent_target_block(cfg: ObjectiveConfig, model: VideoMAE) -> int:
-    """How many blocks the latent target runs through (0: no latent loss at this point)."""
+def freezes(cfg: ObjectiveConfig) -> bool:
+    """Whether stage k of the schedule freezes blocks 0..k-1 (every objective but ``latent_scheduled``)."""
+    return cfg.name != "latent_scheduled"
+
+
+def latent_target_block(cfg: ObjectiveConfig, model: VideoMAE, stage: int) -> int:
+    """How many blocks the latent target runs through at schedule stage ``stage`` (0: no latent loss)."""
     depth = len(model.blocks)
-    if cfg.name == "layerlock":
-        return model.frozen_prefix
+    if cfg.name in ("layerlock", "latent_scheduled"):
+        return stage
     if cfg.name == "latent_naive":
         return cfg.latent_block % depth + 1
     return 0
 
 
 def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, keep_idx: torch.Tensor,
-                   mask_idx: torch.Tensor, cfg: ObjectiveConfig) -> dict[str, torch.Tensor]:
-    """Forward pass and losses for one batch.
+                   mask_idx: torch.Tensor, cfg: ObjectiveConfig, stage: int | None = None) -> dict[str, torch.Tensor]:
+    """Forward pass and losses for one batch at schedule stage ``stage``.
 
     ``net`` is what runs the forward (the model, or its DDP/compiled wrapper); ``model`` is the
-    bare module used for targets. Returns ``loss`` and the parts ``loss_pixel`` and, once a
-    latent target exists, ``loss_latent``.
+    bare module used for targets. ``stage=None`` means the model's frozen prefix, which is the
+    stage for objectives that freeze; ``latent_scheduled`` freezes nothing and needs it given.
+    Returns ``loss`` and the parts ``loss_pixel`` and, once a latent target exists, ``loss_latent``.
     """
-    k = latent_target_block(cfg, model)
+    if stage is None:
+        if not freezes(cfg):
+            raise LayerLockError(f"objective {cfg.name} freezes nothing: pass the schedule stage explicitly")
+        stage = model.frozen_prefix
+    k = latent_target_block(cfg, model, stage)
     pix_pred, lat_pred = net(video, keep_idx, with_latent=k > 0)
     out: dict[str, torch.Tensor] = {}
     loss_pixel = masked_mse(pix_pred, pixel_target(model, video, cfg.norm_pix_loss), mask_idx)

@@ -30,11 +30,12 @@ from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
-from core.objectives import compute_losses
+from core.objectives import compute_losses, freezes
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
 from core.tracking import Tracker
 
-METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive"}
+METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
+              "latent_scheduled": "latent_scheduled"}
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: i
     """The module the step runs: DDP when distributed, compiled when asked. Rebuilt on freeze changes,
     because DDP registers only parameters that require grad when it is built. Between two freeze
     changes the set of used parameters is fixed (the latent head is used iff a latent target
-    exists, which only changes with the frozen prefix), hence ``static_graph``."""
+    exists, which only changes with the schedule stage; the trainer rebuilds on every stage
+    change), hence ``static_graph``."""
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -203,7 +205,10 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             probes.load_state_dict(ckpt["probe"])
     if start is not None:
         optimizer.load_state_dict(start["optimizer"])
-    frozen = schedule.frozen_at(step) if schedule else 0
+    # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
+    # 0..k-1; latent_scheduled freezes nothing and uses k only for its latent target depth.
+    stage = schedule.frozen_at(step) if schedule else 0
+    frozen = stage if freezes(cfg.objective) else 0
     set_frozen_prefix(model, optimizer, frozen)   # after loading: drops the frozen blocks' moments
     if ckpt is None:
         tracker.log_params(flatten(cfg))
@@ -250,9 +255,11 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     while step < end:
         t0 = time.perf_counter()
         want = schedule.frozen_at(step) if schedule else 0
-        if want != frozen:
-            frozen = want
-            set_frozen_prefix(model, optimizer, frozen)
+        if want != stage:
+            stage = want
+            if freezes(cfg.objective):
+                frozen = stage
+                set_frozen_prefix(model, optimizer, frozen)
             net = _wrap(model, device, cfg, world)
             tracker.log_metrics({"train/frozen_blocks": frozen}, step)
         if probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
@@ -271,7 +278,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         mask_idx = mask_idx[rank * local_bs:(rank + 1) * local_bs].to(device)
 
         with autocast:
-            losses = compute_losses(net, model, video, keep_idx, mask_idx, cfg.objective)
+            losses = compute_losses(net, model, video, keep_idx, mask_idx, cfg.objective, stage=stage)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step}")
@@ -291,7 +298,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         for key, value in losses.items():
             interval_loss.setdefault(key, []).append(float(value.detach()))
         loss_value = interval_loss["loss"][-1]
-        flops_total += flops_per_k[frozen]
+        flops_total += flops_per_k[stage]
         n_interval += 1
         wall_s += time.perf_counter() - t0
         if log_now:

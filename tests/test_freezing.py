@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from core.config import ExperimentConfig, LinearSchedule, load_config
-from core.errors import ConfigError, ScheduleError
-from core.flops import count_step_flops
+from core.errors import ConfigError, LayerLockError, ScheduleError
+from core.flops import count_step_flops, flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import build_model
-from core.objectives import compute_losses, latent_target
+from core.objectives import compute_losses, freezes, latent_target
 from core.train import build_optimizer
-from tests.conftest import tiny_dict
+from tests.conftest import ROOT, tiny_dict
 
 
 def _setup(objective="pixel"):
@@ -133,3 +133,61 @@ def test_flops_fall_with_frozen_prefix_and_include_latent_forward():
     # with k frozen, layerlock pays an extra k-block forward over all tokens for its target
     assert count_step_flops(ll, 4, 2) > count_step_flops(cfg, 4, 2)
     assert count_step_flops(ll, 4, 0) == pytest.approx(f[0], rel=0.05)
+
+
+def test_latent_scheduled_flops_add_target_forward_without_backward_saving():
+    """latent_scheduled at stage k = the full unfrozen step + layerlock's k-block target forward."""
+    pix = ExperimentConfig.model_validate(tiny_dict())
+    ll = ExperimentConfig.model_validate(tiny_dict(objective={"name": "layerlock"}))
+    ls = ExperimentConfig.model_validate(tiny_dict(objective={"name": "latent_scheduled"}))
+    full = count_step_flops(pix, 4, 0)
+    assert count_step_flops(ls, 4, 0) == full
+    for k in (1, 2, 3):
+        # layerlock(k) = pixel(k frozen) + target + latent head; latent_scheduled(k) = pixel(0) + the same
+        assert count_step_flops(ls, 4, k) - count_step_flops(ll, 4, k) == full - count_step_flops(pix, 4, k)
+        assert count_step_flops(ls, 4, k) > count_step_flops(ls, 4, k - 1) > 0
+    assert "nothing frozen" in flop_model(ls, 4)["per_step_k"]
+
+
+def test_latent_scheduled_freezes_nothing_and_targets_the_current_block_output(monkeypatch):
+    import core.objectives as objectives
+
+    cfg, model, opt, video, keep, mask = _setup("latent_scheduled")
+    assert not freezes(cfg.objective) and freezes(ExperimentConfig.model_validate(tiny_dict()).objective)
+    seen = []
+    real = objectives.latent_target
+
+    def spy(m, v, k):
+        out = real(m, v, k)
+        seen.append((k, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(objectives, "latent_target", spy)
+    assert "loss_latent" not in compute_losses(model, model, video, keep, mask, cfg.objective, stage=0)
+    with pytest.raises(LayerLockError, match="stage"):
+        compute_losses(model, model, video, keep, mask, cfg.objective)
+    targets = []
+    for _ in range(2):
+        losses = compute_losses(model, model, video, keep, mask, cfg.objective, stage=2)
+        assert "loss_latent" in losses
+        losses["loss"].backward()
+        assert model.frozen_prefix == 0
+        assert all(p.grad is not None for p in model.parameters())   # nothing frozen
+        k, target = seen[-1]
+        assert k == 2
+        with torch.no_grad():   # block 1's layer-normalised output of the *current* model, unmasked clip
+            x = model.embed(video)
+            for blk in model.blocks[:2]:
+                x = blk(x)
+        assert torch.allclose(target, torch.nn.functional.layer_norm(x, x.shape[-1:]), atol=1e-6)
+        targets.append(target)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert not torch.allclose(targets[0], targets[1])   # the target drifts with the student
+
+
+def test_latent_scheduled_reads_the_layerlock_schedule_keys():
+    cfg = load_config(ROOT / "experiments/configs/layerlock_tiny.yaml", ["objective.name=latent_scheduled"])
+    own = load_config(ROOT / "experiments/configs/latent_scheduled_tiny.yaml")
+    assert cfg.objective.name == own.objective.name == "latent_scheduled"
+    assert cfg.freeze == own.freeze and schedule_from_config(own.freeze, 8, 300).stages[-1] == (225, 6)

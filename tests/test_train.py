@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +122,39 @@ def test_layerlock_logs_latent_loss_only_after_first_freeze(store):
     assert frozen[5] == 0 and frozen[6] == 1 and frozen[11] == 2
     assert {f.path for f in client.list_artifacts(result.run_id)} >= {"schedule.json"}
     assert client.get_run(result.run_id).data.tags["layerlock.method"] == "layerlock"
+
+
+def test_latent_scheduled_follows_the_target_schedule_and_freezes_nothing(store):
+    cfg = ExperimentConfig.model_validate(tiny_dict(
+        objective={"name": "latent_scheduled"},
+        freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
+        train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1}))
+    result = train(cfg, tracking_uri=store, progress=False)
+    client = MlflowClient(store)
+    latent = client.get_metric_history(result.run_id, "train/loss_latent")
+    assert latent and min(m.step for m in latent) == 6      # from the first stage on
+    frozen = client.get_metric_history(result.run_id, "train/frozen_blocks")
+    assert {m.step for m in frozen} >= set(range(12)) and all(m.value == 0 for m in frozen)
+    grads = {m.step for m in client.get_metric_history(result.run_id, "grad_norm/block_00")}
+    assert max(grads) == 11                                  # block 0 still trains at the last stage
+    run = client.get_run(result.run_id)
+    assert run.data.tags["layerlock.method"] == "latent_scheduled"
+    fm = json.loads(Path(client.download_artifacts(result.run_id, "flop_model.json", tempfile.mkdtemp())).read_text())
+    per = {int(k): v for k, v in fm["per_step"].items()}
+    # cumulative FLOPs follow the stage: 6 steps at stage 0, 3 at stage 1, 3 at stage 2
+    assert run.data.metrics["train/flops"] == pytest.approx(6 * per[0] + 3 * per[1] + 3 * per[2])
+
+
+def test_analysis_convergence_prints_what_its_metric_measures(store, capsys):
+    from analysis.__main__ import main
+    from core.schema import metric_help
+
+    run_id = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=store, progress=False).run_id
+    for method, metric in (("posthoc", "cka_final"), ("online", "cka_prev")):
+        assert main(["convergence", "--run", run_id, "--method", method, "--tracking-uri", store]) == 0
+        assert f"{metric}: {metric_help(metric)}" in capsys.readouterr().out.splitlines()
+        assert main(["convergence", "--run", run_id, "--method", method, "--json", "--tracking-uri", store]) == 0
+        assert json.loads(capsys.readouterr().out)["metric_help"] == metric_help(metric) != ""
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -9,6 +9,7 @@ import streamlit as st
 from analysis.convergence import RULES
 from app.views import charts, controls, loaders, state
 from core.errors import LayerLockError
+from core.schema import metric_help
 
 RULE_TEXT = {
     "posthoc": "post-hoc (cka_final)",
@@ -18,15 +19,6 @@ RULE_TEXT = {
 RULE_HELP = """- **post-hoc**: the first probe after which cka_final stays ≥ threshold to the end
 - **online**: cka_prev ≥ threshold for `patience` probes in a row (what an online freezer could see)
 - **gradient norm**: the smoothed grad_norm changes by < eps for `patience` logs"""
-METRIC_TEXT = {
-    "cka_final": "CKA with the block's features at the last probe",
-    "cka_prev": "CKA with the previous probe",
-    "cka_init": "CKA with step 0",
-    "grad_norm": "gradient norm of the block's parameters",
-    "update_ratio": "|update| / |weights| per optimizer step",
-    "eff_rank": "effective rank of the block's features (collapse indicator)",
-    "feat_std": "feature standard deviation (collapse indicator)",
-}
 
 st.title("Layer convergence")
 uri = state.tracking_uri()
@@ -47,7 +39,9 @@ if not names:
 
 state.seed("conv_metric", names, "cka_final")
 metric = top[1].selectbox("Per-block metric", names, key="conv_metric", format_func=lambda m: m,
-                          help="\n".join(f"- **{k}**: {v}" for k, v in METRIC_TEXT.items()))
+                          help="\n".join(f"- **{k}**: {metric_help(k)}" for k in names))
+# What the chosen indicator measures (and what would fool it): its one line from core.schema.
+top[1].caption(metric_help(metric) or "no description recorded for this metric")
 state.seed("conv_method", list(RULES), "posthoc")
 method = top[2].selectbox("Convergence rule", list(RULES), key="conv_method", format_func=lambda m: RULE_TEXT[m],
                           help=RULE_HELP)
