@@ -8,27 +8,29 @@ reader always knows what a figure means. Keys are the metric names without the
 from __future__ import annotations
 
 METRIC_HELP: dict[str, str] = {
-    "cka_prev": "linear CKA of a block's content features (position mean removed) with the previous probe; "
-                "fooled by a slowly drifting block whose every step is small",
-    "cka_init": "linear CKA of a block's content features with step 0 (how far it moved from init); "
-                "fooled by large rotations of a few directions that CKA down-weights",
-    "cka_final": "linear CKA of a block's content features with the last probe (post-hoc: has it reached its "
-                 "end state?); fooled by an LR schedule that stops every block at once",
+    "cka_prev": "debiased linear CKA of a block's content features (each position's mean over the probe clips "
+                "removed) with the previous probe; fooled by a slowly drifting block whose every step is small",
+    "cka_init": "debiased linear CKA of a block's content features with step 0 (how far it moved from init; "
+                "0 = unrelated); fooled by large rotations of a few directions that CKA down-weights",
+    "cka_final": "debiased linear CKA of a block's content features with the last probe (post-hoc: has it "
+                 "reached its end state?); fooled by an LR schedule that stops every block at once",
     "grad_norm": "L2 norm of a block's gradient at a log step; fooled by the LR schedule and by loss scale, "
                  "not by what the block computes",
     "update_ratio": "||weight change|| / ||weights|| of one optimizer step; tracks the LR schedule as much "
                     "as convergence",
-    "eff_rank": "entropy effective rank of content features (position mean removed) across probe clips; "
-                "fooled by a few large noise directions",
-    "feat_std": "spread across clips, at each fixed token position, of layer-normalised features, averaged "
-                "over positions (~1 healthy, ~0 collapsed); fooled by a constant plus a tiny input-dependent part",
+    "eff_rank": "entropy effective rank of content features (each position's mean over the probe clips "
+                "removed); fooled by a few large noise directions",
+    "feat_std": "spread across clips, at each fixed token position, of layer-normalised features, averaged over "
+                "positions and dims (~0: position-only or collapsed); low also on mostly blank clips, so compare "
+                "runs on the same data",
     "train/loss": "training loss (pixel + weighted latent) averaged over the log interval",
     "train/loss_pixel": "masked-patch pixel MSE with per-patch normalised targets",
-    "train/loss_latent": "masked-token MSE to a block's layer-normalised output (LayerLock or naive latent); "
-                         "near 0 can mean collapse, not success",
+    "train/loss_latent": "masked-token MSE to a block's layer-normalised output (layerlock, latent_scheduled, "
+                         "latent_naive); near 0 can mean collapse, not success",
     "train/flops": "cumulative counted FLOPs of the training steps (FlopCounterMode, forward + backward)",
     "train/wall_s": "cumulative wall time of training steps (excludes checkpoint I/O)",
-    "train/frozen_blocks": "length of the frozen prefix of encoder blocks",
+    "train/frozen_blocks": "length of the frozen prefix of encoder blocks (0 throughout for latent_scheduled, "
+                           "which follows the schedule's target depth only)",
 }
 
 
