@@ -7,19 +7,22 @@ kept as ``(clips, positions, dim)``.
 
 Why positions are controlled: every token carries the fixed sin-cos position table, and in
 moving_digits most tubelets are black, so a large part of a block's raw variance is position
-signal that never trains. Pooling tokens from random positions lets CKA, effective rank and the
+signal that never trains. Pooling tokens drawn at random positions lets CKA, effective rank and the
 feature spread measure that fixed signal. Here each position's mean over the probe clips is
 removed first (:func:`centre_positions`, the one place that centres), so what is measured is how
 features vary with the *content* of a clip at a fixed place:
 
-* ``cka_prev`` / ``cka_init`` / ``cka_final``: linear CKA of the position-centred features
-  (rows = clips x positions) against the previous probe, step 0, and the last probe;
+* ``cka_prev`` / ``cka_init`` / ``cka_final``: linear CKA (debiased unless ``probe.debiased`` is
+  false) of the position-centred features (rows = clips x positions) against the previous
+  probe, step 0, and the last probe;
 * ``eff_rank``: entropy effective rank of the position-centred features, i.e. of the
   within-position covariance averaged over positions;
 * ``feat_std``: spread across clips, at each fixed position, of the per-token layer-normalised
-  features (the form a latent target takes), averaged over positions and dims. About 1 for a
-  healthy block, ~0 when features depend on position only (whatever the size of the position
-  signal) or when every clip maps to the same direction -- the naive-latent collapse.
+  features (the form a latent target takes), averaged over positions and dims. About 1 when
+  every clip differs at every position; lower on mostly blank clips (mae_tiny on moving_digits
+  reads 0.03-0.17), so compare runs on the same data; ~0 when features depend on position only
+  (whatever the size of the position signal) or when every clip maps to the same direction --
+  the naive-latent collapse.
 
 See :func:`feature_stats`. When training ends, ``cka_final`` compares every stored probe with the
 last one.
@@ -30,7 +33,7 @@ rounding error (relative 2^-9) scales with the content, not with the position si
 removed. One probe keeps ``depth * batch_size * positions * dim * 2`` bytes. Defaults on mae_tiny
 (8 blocks, dim 128, 64 tokens per clip): 32 clips x 32 positions = 1024 CKA rows per block,
 8 * 32 * 32 * 128 * 2 B = 2 MiB per probe, 14 MiB for a 300-step run probed every 50 steps
-(7 probes); the probe forward is 32 unmasked clips, forward only.
+(7 probes), carried in checkpoints for resuming; the probe costs one forward of 32 unmasked clips.
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ def feature_stats(x: torch.Tensor) -> dict[str, float]:
     Everything is measured across clips at each fixed position, then averaged over positions:
 
     * ``feat_std``: std over clips of the per-token layer-normalised features, averaged over
-      positions and dims: ~1 for a healthy block, ~0 if features depend on position only or
-      every clip maps to the same direction;
+      positions and dims: ~1 when every clip differs at every position (lower on mostly blank
+      clips), ~0 if features depend on position only or every clip maps to the same direction;
     * ``eff_rank``: entropy effective rank of the position-centred features (rows = clips x
       positions), i.e. of the within-position covariance averaged over positions; in
       ``[1, min(C*P - P, D)]``, 0.0 if nothing varies across clips;
@@ -143,7 +146,7 @@ class ProbeRunner:
         return [o[:, pos].to("cpu", torch.float32) for o in outs]
 
     def probe(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Run the probe at ``step``; returns the per-block metrics keyed as in DESIGN.md."""
+        """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``."""
         feats = self.extract(model)
         stored = [centre_positions(f).to(STORE_DTYPE) for f in feats]
         out: dict[str, float] = {}
