@@ -253,6 +253,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(tree, source)
 
 
+def with_overrides(cfg: ExperimentConfig, overrides: list[str], source: str = "config") -> ExperimentConfig:
+    """``cfg`` with ``key=value`` overrides applied (the ``--set`` syntax), validated. Raises ConfigError."""
+    return config_from_dict(_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), f"{source} (with --set)")
+
+
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
     """Dotted-key view for MLflow params (values stringified, long lists summarised)."""
     out: dict[str, str] = {}

@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable]:
     """Other subcommands live in their own modules; each exposes ``register(sub, add_tracking)``."""
-    from experiments import bench, demo, evaluate, freeze_test
+    from experiments import bench, demo, evaluate, freeze_test, study
 
-    return [freeze_test.register, evaluate.register, demo.register, bench.register]
+    return [freeze_test.register, evaluate.register, demo.register, study.register, bench.register]
 
 
 def main(argv: list[str] | None = None) -> int:

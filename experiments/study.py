@@ -1,0 +1,567 @@
+"""``study``: the paper's claims measured on your data, over seeds, each with an interval and a verdict.
+
+For every seed it trains MAE (the baseline, with dense checkpoints), runs the paper's freeze
+test on it (``freeze-test --grid``), derives a freezing schedule from its post-hoc convergence
+and trains, with that schedule, MAE "freeze only", LayerLock and the ``latent_scheduled``
+ablation, plus the naive-latent baseline; then it probes every encoder and a random-init encoder
+of the same shape on the same clips. Everything is logged to MLflow; the study itself is one
+more run (tag ``layerlock.study``, method ``study``) whose artifacts are ``results.json``,
+``report.md`` and the Plotly figures, also written to ``--out``.
+
+Claims (each: the measured figure, its 95% t interval over seeds, a verdict):
+
+- S0 pretraining matters: MAE minus random init, per probe metric, paired on the seed.
+- S1 depth order: Spearman rho between depth and convergence step (position-controlled probes).
+- S2 the cheap rules against the freeze test: rank agreement per rule; and whether freezing
+  most blocks early costs more than the seed noise while freezing late does not.
+- S3 compute: FLOP and wall-time saving of "freeze only" and LayerLock against MAE, with probe
+  deltas.
+- S4 collapse: the smallest per-block ``feat_std`` of naive latent, ``latent_scheduled``,
+  LayerLock and MAE.
+
+Verdicts: "held" when the interval lies on the claimed side, "not held" when it lies on the
+other side, "inconclusive" when it contains the threshold (with one seed there is no interval:
+"one seed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from core.errors import LayerLockError
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TAG_STUDY = "layerlock.study"
+
+# Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
+# 30 minutes for 3 seeds; ``full`` is the GPU size.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "small": {"config": "mae_tiny.yaml", "set": ["train.steps=300", "probe.every=20", "train.checkpoint_every=50"]},
+    "full": {"config": "mae_small.yaml", "set": ["probe.every=100", "train.checkpoint_every=500"]},
+}
+# Method -> (objective overrides, trained with the derived schedule?)
+METHODS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "mae": ((), False),
+    "freeze_only": ((), True),
+    "layerlock": (("objective.name=layerlock",), True),
+    "latent_scheduled": (("objective.name=latent_scheduled",), True),
+    "latent_naive": (("objective.name=latent_naive", "objective.pixel_weight=0.0", "objective.latent_block=-1"),
+                     False),
+}
+# Collapse claim thresholds (fractions of MAE's feat_std): collapsed below, healthy above.
+COLLAPSED_BELOW, HEALTHY_ABOVE = 0.2, 0.5
+
+
+def _say(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- statistics helpers
+
+def estimate(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sd, N and the 95% t interval of the finite values (None where undefined)."""
+    from analysis.stats import t_interval
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    mean = sum(xs) / n if n else None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    ci = t_interval(xs) if n > 1 else None
+    return {"values": xs, "n": n, "mean": mean, "sd": sd,
+            "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
+
+
+def claim_verdict(est: dict[str, Any], threshold: float = 0.0, side: str = "above") -> str:
+    """'held' if the interval lies beyond ``threshold`` on ``side``, 'not held' if entirely on
+    the other side, else 'inconclusive'; 'one seed' without an interval, 'n/a' without values."""
+    if not est["n"]:
+        return "n/a"
+    if est["ci_low"] is None:
+        return "one seed"
+    lo, hi = est["ci_low"], est["ci_high"]
+    if side == "above":
+        return "held" if lo > threshold else ("not held" if hi < threshold else "inconclusive")
+    return "held" if hi < threshold else ("not held" if lo > threshold else "inconclusive")
+
+
+def _fmt(est: dict[str, Any], pct: bool = False) -> str:
+    if est["mean"] is None:
+        return "n/a"
+    f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:+.3f}")
+    if est["ci_low"] is None:
+        return f"{f(est['mean'])} (N={est['n']})"
+    return f"{f(est['mean'])} [{f(est['ci_low'])}, {f(est['ci_high'])}] (N={est['n']})"
+
+
+# ----------------------------------------------------------------------------- training stages
+
+def _method_config(base, method: str, seed: int, schedule_path: Path | None):
+    """``base`` turned into ``method`` for ``seed`` (with the seed's derived schedule if the method uses one)."""
+    from core.config import with_overrides
+
+    overrides, scheduled = METHODS[method]
+    extra = [*overrides, f"train.seed={seed}", f"tracking.run_name={method}-seed{seed}",
+             f"freeze.schedule={schedule_path}" if scheduled else "freeze.schedule=null"]
+    return with_overrides(base, extra, f"study ({method})")
+
+
+def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int], budget: str,
+              out_dir: Path, uri: str | None, tasks: Sequence[str] | None = None, progress: bool = True,
+              study_id: str | None = None) -> dict[str, Any]:
+    """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``)."""
+    from tqdm.auto import tqdm
+
+    from core.config import load_config
+    from core.readout import load_eval_data
+    from core.train import train
+    from experiments.demo import derive_demo_schedule
+    from experiments.evaluate import evaluate_run, random_init_baseline
+    from experiments.freeze_test import plan_from_run, run_freeze_test
+    from experiments.seeds import seed_config
+
+    if budget not in BUDGETS:
+        raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    spec = BUDGETS[budget]
+    base = load_config(config or CONFIGS / spec["config"],
+                       [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])])
+    if base.objective.name != "pixel":
+        raise LayerLockError("study: the base config must be an MAE (objective.name=pixel); the study "
+                             "derives the other methods from it")
+    study_id = study_id or time.strftime("study-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    runs: dict[str, dict[int, str]] = {m: {} for m in METHODS}
+    schedules: dict[int, dict] = {}
+    children: dict[int, list[str]] = {}
+
+    n_stages = len(seeds) * (len(METHODS) + 2) + 1
+    bar = tqdm(total=n_stages, desc=f"study {budget}", unit="stage", position=0, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def tags(method: str) -> dict[str, str]:
+        return {TAG_STUDY: study_id, "layerlock.group": f"{study_id}-{method}"}
+
+    def fit(method: str, seed: int) -> str:
+        bar.set_postfix_str(f"{method} seed {seed}")
+        cfg = _method_config(base, method, seed, schedules.get(seed, {}).get("path"))
+        rid = train(cfg, tracking_uri=uri, tags=tags(method), progress=progress).run_id
+        runs[method][seed] = rid
+        _say(f"[study] {method} seed {seed}: run {rid}")
+        bar.update(1)
+        return rid
+
+    for seed in seeds:   # every MAE first: the freeze test's tolerance is their seed spread
+        fit("mae", seed)
+    for seed in seeds:
+        mae = runs["mae"][seed]
+        bar.set_postfix_str(f"freeze test seed {seed}")
+        steps, blocks, note = plan_from_run(mae, uri)
+        if note:
+            _say(f"[study] {note}")
+        children[seed] = run_freeze_test(mae, steps, blocks, uri, progress=progress)
+        bar.update(1)
+        path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
+        schedules[seed] = {"path": path, "schedule": sched}
+        for method in ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"):
+            fit(method, seed)
+
+    bar.set_postfix_str("evaluate")
+    data = load_eval_data(base, tasks, progress=False)
+    evals: dict[str, dict[int, dict[str, float]]] = {m: {} for m in [*METHODS, "random_init"]}
+    for method, by_seed in runs.items():
+        for seed, rid in by_seed.items():
+            evals[method][seed] = evaluate_run(rid, tasks, tracking_uri=uri, probe="both", data=data,
+                                               progress=False)
+    for seed in seeds:
+        evals["random_init"][seed] = random_init_baseline(seed_config(base, seed), tasks, probe="both",
+                                                          data=data, progress=False)
+    bar.update(len(seeds))
+    bar.set_postfix_str("analyse")
+    results = analyse(runs, evals, schedules, uri, seeds)
+    results.update({"study_id": study_id, "budget": budget, "seeds": list(seeds),
+                    "config": base.model_dump(mode="json"), "wall_s": time.perf_counter() - t_start,
+                    "probes": "position-controlled: every probe clip at the same token positions, each "
+                              "position's mean over clips removed before CKA, effective rank and feat_std",
+                    "eval_clips": {"train": int(len(data.train_video)), "val": int(len(data.val_video))},
+                    "runs": {m: {str(s): r for s, r in by.items()} for m, by in runs.items()},
+                    "freeze_test_children": {str(s): c for s, c in children.items()}})
+    bar.update(1)
+    bar.close()
+    write_outputs(results, out_dir)
+    log_study_run(results, out_dir, uri, base.tracking.experiment)
+    _say(f"[study] done in {results['wall_s'] / 60:.1f} min; report: {out_dir / 'report.md'}")
+    return results
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _eval_keys(evals: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+    keys: set[str] = set()
+    for by_seed in evals.values():
+        for metrics in by_seed.values():
+            keys |= {k for k in metrics if "/block_" not in k}
+    return sorted(keys)
+
+
+def _lower_is_better(key: str) -> bool:
+    return key.endswith("absrel")
+
+
+def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str, float]]],
+            schedules: dict[int, dict], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
+    """The claims S0-S4 from stored runs (read through ``analysis``)."""
+    from analysis import io
+    from analysis.agreement import agreement_report
+    from analysis.compare import compare_runs
+    from analysis.convergence import RULES, convergence_report
+
+    claims: dict[str, Any] = {}
+    keys = _eval_keys(evals)
+
+    # S0 -------------------------------------------------------------------------------
+    s0 = {}
+    for key in keys:
+        diffs = [evals["mae"][s][key] - evals["random_init"][s][key] for s in seeds
+                 if key in evals["mae"].get(s, {}) and key in evals["random_init"].get(s, {})]
+        est = estimate(diffs)
+        s0[key] = {**est, "mae": estimate([evals["mae"][s].get(key) for s in seeds]),
+                   "random_init": estimate([evals["random_init"][s].get(key) for s in seeds]),
+                   "verdict": claim_verdict(est, 0.0, "below" if _lower_is_better(key) else "above")}
+    claims["S0_pretraining_matters"] = {
+        "claim": "MAE features probe better than a random-init encoder of the same shape",
+        "figure": "MAE minus random init per probe metric, paired on the seed (absrel: lower is better)",
+        "metrics": s0}
+
+    # S1 -------------------------------------------------------------------------------
+    s1 = {}
+    for rule in RULES:
+        rhos, steps = [], {}
+        for s in seeds:
+            layer = io.load_layer_metrics(runs["mae"][s], uri)
+            rep = convergence_report(layer, rule, run_id=runs["mae"][s])
+            rhos.append(rep["spearman_rho"])
+            steps[str(s)] = [b["converged_step"] for b in rep["blocks"]]
+        est = estimate(rhos)
+        s1[rule] = {**est, "metric": RULES[rule]["metric"], "threshold": RULES[rule]["threshold"],
+                    "undefined_seeds": sum(r is None for r in rhos), "steps": steps,
+                    "verdict": claim_verdict(est, 0.0, "above")}
+    claims["S1_depth_order"] = {
+        "claim": "shallow blocks converge before deep ones (Spearman rho of depth vs convergence step > 0)",
+        "figure": "Spearman rho per rule on the MAE runs (rho undefined when fewer than 2 blocks converge or all tie)",
+        "rules": s1, "verdict": s1["posthoc"]["verdict"]}
+
+    # S2 -------------------------------------------------------------------------------
+    reports = {s: agreement_report(runs["mae"][s], uri) for s in seeds}
+    s2_rules = {}
+    for rule in RULES:
+        rows = [reports[s]["rules"].get(rule, {}) for s in seeds]
+        sp = estimate([r.get("spearman_rho") for r in rows])
+        s2_rules[rule] = {"spearman": sp, "kendall": estimate([r.get("kendall_tau") for r in rows]),
+                          "mean_abs_error": estimate([r.get("mean_abs_error") for r in rows]),
+                          "verdict": claim_verdict(sp, 0.0, "above")}
+    grids = {str(s): {"tested_steps": reports[s]["tested_steps"], "tested_blocks": reports[s]["tested_blocks"],
+                      "tolerance": reports[s]["tolerance"], "baseline_final_loss": reports[s]["baseline_final_loss"],
+                      "blocks": reports[s]["blocks"]} for s in seeds}
+    cost = freeze_cost(runs, uri, seeds)
+    claims["S2_cheap_rules_vs_freeze_test"] = {
+        "claim": "the cheap convergence rules rank blocks as the paper's freeze test does (rho > 0)",
+        "figure": "Spearman/Kendall rank agreement with the freeze test per rule, over seeds",
+        "rules": s2_rules, "freeze_test": grids, "freeze_cost": cost}
+
+    # S3 -------------------------------------------------------------------------------
+    ids = {m: [runs[m][s] for s in seeds] for m in ("mae", "freeze_only", "layerlock")}
+    table = compare_runs([r for m in ids for r in ids[m]], uri)
+    by_id = table.set_index("run_id")
+    s3 = {}
+    for method in ("freeze_only", "layerlock"):
+        flop, wall = [], []
+        for s in seeds:
+            a, b = by_id.loc[runs["mae"][s]], by_id.loc[runs[method][s]]
+            flop.append(1 - b["total_flops"] / a["total_flops"])
+            wall.append(1 - b["wall_s"] / a["wall_s"])
+        deltas = {}
+        for key in keys:
+            d = [evals[method][s][key] - evals["mae"][s][key] for s in seeds
+                 if key in evals[method].get(s, {}) and key in evals["mae"].get(s, {})]
+            est = estimate(d)
+            deltas[key] = {**est, "verdict": _diff_verdict(est)}
+        predicted = [schedules[s]["schedule"].get("predicted_flop_saving") for s in seeds] \
+            if method == "freeze_only" else None
+        fl, wa = estimate(flop), estimate(wall)
+        s3[method] = {"flop_saving": {**fl, "verdict": claim_verdict(fl, 0.0, "above")},
+                      "wall_saving": {**wa, "verdict": claim_verdict(wa, 0.0, "above")},
+                      "predicted_flop_saving": estimate(predicted) if predicted else None,
+                      "probe_deltas": deltas}
+    claims["S3_compute"] = {
+        "claim": "freezing on the derived schedule saves compute (saving > 0) without hurting the probes",
+        "figure": "saving = 1 - cost / MAE's cost of the same seed; probe deltas = method minus MAE",
+        "methods": s3, "schedules": {str(s): schedules[s]["schedule"] for s in seeds}}
+
+    # S4 -------------------------------------------------------------------------------
+    methods = ("mae", "layerlock", "latent_scheduled", "latent_naive")
+    coll = compare_runs([runs[m][s] for m in methods for s in seeds], uri).set_index("run_id")
+    s4: dict[str, Any] = {}
+    for m in methods:
+        vals = [coll.loc[runs[m][s], "feat_std_min"] for s in seeds]
+        ratio = [coll.loc[runs[m][s], "feat_std_min"] / coll.loc[runs["mae"][s], "feat_std_min"] for s in seeds]
+        s4[m] = {"feat_std_min": estimate(vals), "ratio_to_mae": estimate(ratio),
+                 "eff_rank_mean": estimate([coll.loc[runs[m][s], "eff_rank_mean"] for s in seeds])}
+    s4["latent_naive"]["verdict"] = claim_verdict(s4["latent_naive"]["ratio_to_mae"], COLLAPSED_BELOW, "below")
+    for m in ("layerlock", "latent_scheduled"):
+        s4[m]["verdict"] = claim_verdict(s4[m]["ratio_to_mae"], HEALTHY_ABOVE, "above")
+    claims["S4_collapse"] = {
+        "claim": f"naive latent prediction collapses (feat_std below {COLLAPSED_BELOW:.0%} of MAE's); LayerLock "
+                 f"does not (above {HEALTHY_ABOVE:.0%}); latent_scheduled shows what freezing adds",
+        "figure": "smallest per-block feat_std at the last probe (position-controlled), and its ratio to MAE's "
+                  "of the same seed",
+        "methods": s4}
+    return {"claims": claims, "interval": "95% t interval over seeds (Student's t, N-1 degrees of freedom)",
+            "rule_defaults": {r: {k: v for k, v in RULES[r].items()} for r in RULES}}
+
+
+def _diff_verdict(est: dict[str, Any]) -> str:
+    if est["ci_low"] is None:
+        return "one seed" if est["n"] else "n/a"
+    return "no difference" if est["ci_low"] <= 0 <= est["ci_high"] else ("higher" if est["mean"] > 0 else "lower")
+
+
+def freeze_cost(runs: dict[str, dict[int, str]], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
+    """Mean freeze-test ratio per (L, T) over seeds, and the early-deep against late cells,
+    compared with the tolerance (the seed noise)."""
+    from analysis.agreement import freeze_grid
+
+    ratios, tols = [], []
+    for s in seeds:
+        grid, tol = freeze_grid(runs["mae"][s], uri)
+        ratios.append(grid.ratio)
+        tols.append(tol.tol)
+    import pandas as pd
+
+    mean = pd.concat(ratios).groupby(level=0).mean()
+    steps, blocks = list(mean.columns), list(mean.index)
+    early_deep = [float(r.loc[blocks[-1], steps[0]]) - 1 for r in ratios]
+    late_deep = [float(r.loc[blocks[-1], steps[-1]]) - 1 for r in ratios]
+    tol = estimate(tols)
+    ed, ld = estimate(early_deep), estimate(late_deep)
+    return {"mean_ratio": {str(L): {str(T): float(mean.loc[L, T]) for T in steps} for L in blocks},
+            "early_deep": {"T": int(steps[0]), "L": int(blocks[-1]), **ed},
+            "late_deep": {"T": int(steps[-1]), "L": int(blocks[-1]), **ld},
+            "tolerance": tol,
+            "early_costs_more_than_noise": bool(ed["mean"] is not None and tol["mean"] is not None
+                                                and ed["mean"] > tol["mean"]),
+            "late_within_noise": bool(ld["mean"] is not None and tol["mean"] is not None
+                                      and ld["mean"] <= tol["mean"])}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def figures(results: dict[str, Any]) -> dict[str, Any]:
+    """Plotly figures of the claims, by file stem."""
+    import plotly.graph_objects as go
+
+    c = results["claims"]
+    figs: dict[str, Any] = {}
+
+    s0 = c["S0_pretraining_matters"]["metrics"]
+    keys = list(s0)
+    fig = go.Figure()
+    for who in ("mae", "random_init"):
+        fig.add_bar(name=who, x=keys, y=[s0[k][who]["mean"] for k in keys],
+                    error_y={"type": "data", "array": [s0[k][who]["sd"] or 0 for k in keys]})
+    fig.update_layout(title="S0: MAE against a random-init encoder (mean ± sd over seeds)", barmode="group")
+    figs["s0_pretraining"] = fig
+
+    fig = go.Figure()
+    for seed, steps in c["S1_depth_order"]["rules"]["posthoc"]["steps"].items():
+        fig.add_scatter(x=list(range(len(steps))), y=steps, mode="lines+markers", name=f"seed {seed}")
+    fig.update_layout(title="S1: post-hoc convergence step per block", xaxis_title="block (depth)",
+                      yaxis_title="converged at step (missing: never)")
+    figs["s1_depth_order"] = fig
+
+    rules = c["S2_cheap_rules_vs_freeze_test"]["rules"]
+    fig = go.Figure()
+    for stat in ("spearman", "kendall"):
+        ys = [rules[r][stat]["mean"] for r in rules]
+        err_hi = [(rules[r][stat]["ci_high"] - rules[r][stat]["mean"]) if rules[r][stat]["ci_high"] is not None
+                  else 0 for r in rules]
+        err_lo = [(rules[r][stat]["mean"] - rules[r][stat]["ci_low"]) if rules[r][stat]["ci_low"] is not None
+                  else 0 for r in rules]
+        fig.add_bar(name=stat, x=list(rules), y=ys,
+                    error_y={"type": "data", "array": err_hi, "arrayminus": err_lo})
+    fig.update_layout(title="S2: rank agreement with the freeze test (mean, 95% t interval)", barmode="group")
+    figs["s2_agreement"] = fig
+
+    grid = c["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
+    Ls = list(grid)
+    Ts = list(next(iter(grid.values())))
+    fig = go.Figure(go.Heatmap(z=[[grid[L][T] for T in Ts] for L in Ls], x=[f"T={t}" for t in Ts],
+                               y=[f"L={L}" for L in Ls], colorscale="RdBu_r", zmid=1.0,
+                               text=[[f"{grid[L][T]:.3f}" for T in Ts] for L in Ls], texttemplate="%{text}"))
+    fig.update_layout(title="S2: freeze-test final-loss ratio (child / baseline), mean over seeds")
+    figs["s2_freeze_grid"] = fig
+
+    s3 = c["S3_compute"]["methods"]
+    fig = go.Figure()
+    for what in ("flop_saving", "wall_saving"):
+        fig.add_bar(name=what, x=list(s3), y=[s3[m][what]["mean"] for m in s3],
+                    error_y={"type": "data", "array": [
+                        (s3[m][what]["ci_high"] - s3[m][what]["mean"]) if s3[m][what]["ci_high"] is not None
+                        else 0 for m in s3]})
+    fig.update_layout(title="S3: compute saved against MAE (mean, 95% t interval)", barmode="group",
+                      yaxis_tickformat=".0%")
+    figs["s3_compute"] = fig
+
+    s4 = c["S4_collapse"]["methods"]
+    fig = go.Figure(go.Bar(x=list(s4), y=[s4[m]["feat_std_min"]["mean"] for m in s4],
+                           error_y={"type": "data", "array": [s4[m]["feat_std_min"]["sd"] or 0 for m in s4]}))
+    fig.update_layout(title="S4: smallest per-block feat_std (mean ± sd over seeds)")
+    figs["s4_collapse"] = fig
+    return figs
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    c = results["claims"]
+    lines = [f"# LayerLock Lab study {results['study_id']}", "",
+             f"- seeds: {', '.join(map(str, results['seeds']))} (N={len(results['seeds'])}); budget "
+             f"`{results['budget']}`; {results['wall_s'] / 60:.1f} min",
+             f"- data: `{results['config']['data']['name']}`, model depth {results['config']['model']['depth']}, "
+             f"dim {results['config']['model']['dim']}, {results['config']['train']['steps']} steps",
+             f"- probes: {results['probes']}",
+             f"- intervals: {results['interval']}; verdict 'held' when the interval lies on the claimed side",
+             f"- probe evaluation clips: {results['eval_clips']['train']} train / {results['eval_clips']['val']} val",
+             ""]
+
+    s0 = c["S0_pretraining_matters"]
+    lines += ["## S0 Pretraining matters", "", s0["claim"] + ".", "",
+              "| probe metric | MAE | random init | MAE - random [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for k, v in s0["metrics"].items():
+        lines.append(f"| {k} | {v['mae']['mean']:.3f} | {v['random_init']['mean']:.3f} | {_fmt(v)} | {v['verdict']} |")
+
+    s1 = c["S1_depth_order"]
+    lines += ["", "## S1 Depth order", "", s1["claim"] + ".", "",
+              "| rule | metric | rho mean [95% CI] | undefined seeds | verdict |", "|---|---|---|---|---|"]
+    for r, v in s1["rules"].items():
+        lines.append(f"| {r} | {v['metric']} >= {v['threshold']} | {_fmt(v)} | {v['undefined_seeds']} | "
+                     f"{v['verdict']} |")
+    lines += ["", "Convergence steps (post-hoc), per seed: "
+              + "; ".join(f"seed {s}: {st}" for s, st in s1["rules"]["posthoc"]["steps"].items())]
+
+    s2 = c["S2_cheap_rules_vs_freeze_test"]
+    lines += ["", "## S2 Cheap rules against the freeze test", "", s2["claim"] + ".", "",
+              "| rule | Spearman [95% CI] | Kendall [95% CI] | mean abs step error | verdict |",
+              "|---|---|---|---|---|"]
+    for r, v in s2["rules"].items():
+        lines.append(f"| {r} | {_fmt(v['spearman'])} | {_fmt(v['kendall'])} | "
+                     f"{_fmt(v['mean_abs_error'])} | {v['verdict']} |")
+    fc = s2["freeze_cost"]
+    lines += ["", "Freeze-test final-loss ratio (child / baseline), mean over seeds (rows L, columns T):", "",
+              "| L \\ T | " + " | ".join(next(iter(fc["mean_ratio"].values()))) + " |",
+              "|---" * (1 + len(next(iter(fc["mean_ratio"].values())))) + "|"]
+    for L, row in fc["mean_ratio"].items():
+        lines.append(f"| {L} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+    lines += ["", "- seed noise (tolerance, relative sd of the baseline group's final loss): "
+              f"{_fmt(fc['tolerance'], True)}",
+              f"- freezing L={fc['early_deep']['L']} at T={fc['early_deep']['T']} costs {_fmt(fc['early_deep'], True)}"
+              f" -> {'more than' if fc['early_costs_more_than_noise'] else 'not more than'} the seed noise",
+              f"- freezing L={fc['late_deep']['L']} at T={fc['late_deep']['T']} costs {_fmt(fc['late_deep'], True)}"
+              f" -> {'within' if fc['late_within_noise'] else 'beyond'} the seed noise",
+              "- tolerance per seed: "
+              + "; ".join(f"seed {s}: {g['tolerance']['line']}" for s, g in s2["freeze_test"].items())]
+
+    s3 = c["S3_compute"]
+    lines += ["", "## S3 Compute", "", s3["claim"] + ".", "",
+              "| method | FLOP saving [95% CI] | predicted | wall saving [95% CI] | verdict (wall) |",
+              "|---|---|---|---|---|"]
+    for m, v in s3["methods"].items():
+        pred = _fmt(v["predicted_flop_saving"], True) if v["predicted_flop_saving"] else "-"
+        lines.append(f"| {m} | {_fmt(v['flop_saving'], True)} | {pred} | {_fmt(v['wall_saving'], True)} | "
+                     f"{v['wall_saving']['verdict']} |")
+    lines += ["", "Probe deltas against MAE (method - MAE):", "", "| method | metric | delta [95% CI] | verdict |",
+              "|---|---|---|---|"]
+    for m, v in s3["methods"].items():
+        for k, d in v["probe_deltas"].items():
+            lines.append(f"| {m} | {k} | {_fmt(d)} | {d['verdict']} |")
+
+    s4 = c["S4_collapse"]
+    lines += ["", "## S4 Collapse", "", s4["claim"] + ".", "",
+              "| method | feat_std min [95% CI] | ratio to MAE [95% CI] | eff_rank mean | verdict |",
+              "|---|---|---|---|---|"]
+    for m, v in s4["methods"].items():
+        lines.append(f"| {m} | {_fmt(v['feat_std_min'])} | {_fmt(v['ratio_to_mae'])} | "
+                     f"{_fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |")
+    lines += ["", "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in results.get("figures", []))]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
+    """``results.json``, ``report.md`` and ``figures/*.html`` (plotly.js written once beside them)."""
+    from analysis.__main__ import _jsonable
+
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figs = figures(results)
+    for name, fig in figs.items():
+        # "directory": one plotly.min.js beside the pages, so they open offline.
+        fig.write_html(fig_dir / f"{name}.html", include_plotlyjs="directory")
+    results["figures"] = list(figs)
+    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / "report.md").write_text(report_markdown(results))
+
+
+def log_study_run(results: dict[str, Any], out_dir: Path, uri: str | None, experiment: str) -> str:
+    """The study as one MLflow run (method ``study``): headline metrics and the outputs as artifacts."""
+    from core.tracking import Tracker
+
+    tracker = Tracker(uri=uri, experiment=experiment, run_name=results["study_id"],
+                      tags={TAG_STUDY: results["study_id"], "layerlock.method": "study"})
+    c = results["claims"]
+    headline = {"study/s1_posthoc_rho": c["S1_depth_order"]["rules"]["posthoc"]["mean"]}
+    for rule, v in c["S2_cheap_rules_vs_freeze_test"]["rules"].items():
+        headline[f"study/s2_{rule}_spearman"] = v["spearman"]["mean"]
+    tracker.log_metrics({k: float(v) for k, v in headline.items() if v is not None}, 0)
+    tracker.log_params({"seeds": ",".join(map(str, results["seeds"])), "budget": results["budget"]})
+    for name in ("results.json", "report.md"):
+        tracker.log_artifact(out_dir / name, "study")
+    for path in sorted((out_dir / "figures").iterdir()):
+        tracker.log_artifact(path, "study/figures")
+    tracker.finish()
+    results["study_run_id"] = tracker.run_id
+    return tracker.run_id or ""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from experiments.seeds import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
+    results = run_study(args.config, args.set or [], seeds, args.budget, out, args.tracking_uri, tasks,
+                        progress=sys.stderr.isatty(), study_id=out.name)
+    print(report_markdown(results))
+    print(results.get("study_run_id", ""))
+    return 0
+
+
+def register(sub, add_tracking) -> None:
+    p = sub.add_parser("study", help="the paper's claims on your data: seeds, freeze test, schedules, probes, "
+                                     "intervals (report.md, results.json, figures)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
+                   help="small: mae_tiny, 300 steps, under 30 min on a 2-core CPU; full: mae_small (GPU)")
+    p.add_argument("--config", default=None, help="base MAE config (default: the budget's); e.g. your data")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override on the base config (repeatable)")
+    p.add_argument("--tasks", default=None, help="comma-separated probe tasks (default: all of the dataset)")
+    p.add_argument("--out", default=None, help="output folder (default runs/study-<time>)")
+    add_tracking(p)
+    p.set_defaults(func=cmd_study)
