@@ -1,10 +1,13 @@
 """``demo``: the main job on a fresh machine.
 
-On the embedded sqlite store it: (1) trains mae_tiny, (2) derives a freezing schedule from that
-run's per-block convergence, (3) trains LayerLock with the schedule, (4) trains the naive-latent
-collapse baseline, (5) trains MAE with the same schedule but pixel loss only ("freeze only",
-which isolates the compute that freezing saves), (6) evaluates every encoder and a randomly
-initialised one with attentive probes, and prints one comparison table.
+On the embedded sqlite store, for each seed (``--seeds``, default one) it: (1) trains mae_tiny,
+(2) derives a freezing schedule from that run's per-block convergence, (3) trains LayerLock with
+the schedule, (4) the ``latent_scheduled`` ablation (LayerLock's target schedule, nothing
+frozen), (5) the naive-latent collapse baseline, (6) MAE with the same schedule but pixel loss
+only ("freeze only", which isolates the compute that freezing saves); then it evaluates every
+encoder and a randomly initialised one with attentive and linear probes, and prints one table
+(mean ± sd (N) with several seeds) and the probe differences against MAE with their intervals.
+On a terminal it shows progress bars; written to a file or a CI log it prints stage lines.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -53,94 +58,176 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     return path, sched
 
 
+# Demo runs in training order: name -> (config file, trained with the derived schedule?).
+DEMO_RUNS: dict[str, tuple[str, bool]] = {
+    "mae": ("mae_tiny.yaml", False),
+    "layerlock": ("layerlock_tiny.yaml", True),
+    "latent_scheduled": ("latent_scheduled_tiny.yaml", True),
+    "latent_naive": ("latent_naive_tiny.yaml", False),
+    "freeze_only": ("mae_tiny.yaml", True),
+}
+
+
 def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, margin: int, max_frac: float,
              tasks: list[str] | None, out_dir: Path, freeze_only: bool = True, overrides: list[str] | None = None,
-             eval_train_clips: int | None = None, eval_val_clips: int | None = None) -> dict:
+             eval_train_clips: int | None = None, eval_val_clips: int | None = None,
+             seeds: list[int] | None = None, progress: bool = True) -> dict:
+    """Train every demo run for each seed (the schedule of a seed comes from that seed's MAE run),
+    evaluate them and a random-init encoder per seed; returns runs, schedules, evals and the table."""
     from analysis.compare import compare_runs
     from core.config import load_config
     from core.readout import load_eval_data
     from core.train import train
     from experiments.evaluate import evaluate_run, random_init_baseline
+    from experiments.seeds import seed_config
 
+    seeds = seeds or [0]
+    demo_id = time.strftime("demo-%Y%m%d-%H%M%S")
     common = [f"train.steps={steps}", f"probe.every={probe_every}", "tracking.experiment=layerlock-demo",
               f"train.checkpoint_every={max(1, steps // 3)}", *(overrides or [])]
-    stages = ["MAE", "schedule", "LayerLock", "naive latent"] + (["freeze only"] if freeze_only else []) + ["evaluate"]
-    runs: dict[str, str] = {}
-    with tqdm(total=len(stages), desc="demo", unit="stage", file=sys.stderr, position=0) as bar:
-        def stage(name: str) -> None:
-            bar.set_postfix_str(name)
+    names = [n for n in DEMO_RUNS if freeze_only or n != "freeze_only"]
+    runs: dict[str, dict[int, str]] = {n: {} for n in names}
+    schedules: dict[int, dict] = {}
+    total = len(seeds) * (len(names) + 1) + 1
+    t0 = time.perf_counter()
+    with tqdm(total=total, desc="demo", unit="stage", file=sys.stderr, position=0, disable=not progress) as bar:
+        def stage(label: str) -> None:
+            bar.set_postfix_str(label)
+            if not progress:   # a log, not progress-bar frames
+                _say(f"[demo {time.perf_counter() - t0:6.0f} s] {label}")
 
-        def run(name: str, label: str, config: str, extra: tuple[str, ...] = (), tags: dict | None = None) -> str:
-            """Train one demo run (one stage) and record its id under ``name``."""
-            stage(label)
-            cfg = load_config(CONFIGS / config, [*common, *extra, f"tracking.run_name={name}"])
-            runs[name] = train(cfg, tracking_uri=uri, tags=tags).run_id
-            bar.update(1)
-            return runs[name]
-
-        mae_id = run("mae", "MAE", "mae_tiny.yaml")
-
-        stage("schedule")
-        sched_path, sched = derive_demo_schedule(mae_id, uri, threshold, margin, max_frac, out_dir)
-        bar.update(1)
-        scheduled = (f"freeze.schedule={sched_path}",)
-        source = {"layerlock.schedule_source": mae_id}
-
-        run("layerlock", "LayerLock", "layerlock_tiny.yaml", scheduled, source)
-        run("latent_naive", "naive latent", "latent_naive_tiny.yaml")
-        if freeze_only:
-            run("freeze_only", "freeze only", "mae_tiny.yaml", scheduled, source)
+        for seed in seeds:
+            for name in names:
+                if name == "layerlock":   # the schedule comes first: derived from this seed's MAE run
+                    stage(f"schedule (seed {seed})")
+                    path, sched = derive_demo_schedule(runs["mae"][seed], uri, threshold, margin, max_frac, out_dir)
+                    schedules[seed] = {"path": path, "schedule": sched}
+                    bar.update(1)
+                config, scheduled = DEMO_RUNS[name]
+                stage(f"{name} (seed {seed})")
+                extra = [*common, f"tracking.run_name={name}", f"train.seed={seed}"]
+                tags = {"layerlock.group": f"{demo_id}-{name}"}
+                if scheduled:
+                    extra.append(f"freeze.schedule={schedules[seed]['path']}")
+                    tags["layerlock.schedule_source"] = runs["mae"][seed]
+                cfg = load_config(CONFIGS / config, extra)
+                runs[name][seed] = train(cfg, tracking_uri=uri, tags=tags, progress=progress).run_id
+                bar.update(1)
 
         stage("evaluate")
         base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
         # one set of probe clips for every encoder, so all are scored on the same examples
-        data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips)
-        evals = {name: evaluate_run(rid, tasks=tasks, tracking_uri=uri, data=data) for name, rid in runs.items()}
-        evals["random_init"] = random_init_baseline(base_cfg, tasks=tasks, data=data)
+        data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips,
+                              progress=progress)
+        evals = {name: {seed: evaluate_run(rid, tasks=tasks, tracking_uri=uri, probe="both", data=data,
+                                           progress=progress) for seed, rid in by_seed.items()}
+                 for name, by_seed in runs.items()}
+        evals["random_init"] = {seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both",
+                                                           data=data, progress=progress) for seed in seeds}
         bar.update(1)
 
-    table = compare_runs(list(runs.values()), uri)
-    return {"runs": runs, "schedule": sched, "evals": evals, "table": table}
+    table = compare_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri)
+    return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
+            "demo_id": demo_id, "wall_s": time.perf_counter() - t0}
+
+
+def _eval_cols(table) -> list[str]:
+    return [c for c in table.columns if c.startswith("eval/") and "/block_" not in c]
 
 
 def format_table(result: dict) -> str:
+    """One row per run (one seed) or per method as mean ± sd (N) (several seeds), random init last."""
+    import pandas as pd
+
     table = result["table"].copy()
-    names = {rid: name for name, rid in result["runs"].items()}
+    names = {rid: name for name, by_seed in result["runs"].items() for rid in by_seed.values()}
     table.insert(0, "run", table["run_id"].map(names))
-    eval_cols = [c for c in table.columns if c.startswith("eval/") and "/block_" not in c]
-    cols = ["run", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
+    eval_cols = _eval_cols(table)
+    cols = ["run", "seed", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
             "eff_rank_mean", "feat_std_min", *eval_cols]
     view = table[cols].copy()
     view["total_flops"] = view["total_flops"] / 1e12
+    rand = pd.DataFrame([{"run": "random_init", "seed": s, **{c: m.get(c) for c in eval_cols}}
+                         for s, m in result["evals"]["random_init"].items()])
+    view = pd.concat([view, rand], ignore_index=True)
     view = view.rename(columns={"final_loss_pixel": "pixel_loss", "total_flops": "TFLOP",
                                 "eff_rank_mean": "eff_rank", "feat_std_min": "feat_std"})
-    rnd = result["evals"]["random_init"]
-    rand_row = {"run": "random_init", **{c: rnd.get(c) for c in eval_cols}}
-    import pandas as pd
-
-    view = pd.concat([view, pd.DataFrame([rand_row])], ignore_index=True)
     view.columns = [c.removeprefix("eval/") for c in view.columns]
-    return view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+    if len(result["seeds"]) == 1:
+        return view.drop(columns="seed").to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+    from analysis.stats import format_mean_sd
+
+    metrics = [c for c in view.columns if c not in ("run", "seed")]
+    rows = []
+    for name, part in view.groupby("run", sort=False):
+        row = {"run": name}
+        for m in metrics:
+            vals = pd.to_numeric(part[m], errors="coerce").dropna()
+            row[m] = format_mean_sd(float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
+                                    len(vals), "{:.3g}") if len(vals) else "-"
+        rows.append(row)
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def paired_lines(result: dict) -> list[str]:
+    """Each method's eval metrics minus MAE's, paired on the seed, with a 95% t interval."""
+    from analysis.stats import t_interval
+
+    seeds = result["seeds"]
+    evals = result["evals"]
+    lines = []
+    for name in [n for n in evals if n != "mae"]:
+        for key in sorted({k for m in evals["mae"].values() for k in m if "/block_" not in k}):
+            diffs = [evals[name][s][key] - evals["mae"][s][key] for s in seeds
+                     if key in evals[name].get(s, {}) and key in evals["mae"].get(s, {})]
+            if not diffs:
+                continue
+            mean = sum(diffs) / len(diffs)
+            ci = t_interval(diffs)
+            if ci is None:
+                verdict, interval = "one seed: no interval", ""
+            else:
+                verdict = "no difference" if ci[0] <= 0 <= ci[1] else ("higher" if mean > 0 else "lower")
+                interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+            lines.append(f"  {name:>16} - mae  {key.removeprefix('eval/'):<22} {mean:+.3f}{interval}  {verdict}")
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.seeds import parse_seeds
+
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    seeds = parse_seeds(args.seeds)
+    progress = sys.stderr.isatty()
+    if not progress:   # a file or CI log: stage lines, not thousands of progress-bar frames
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     result = run_demo(args.steps, args.tracking_uri, args.probe_every, args.threshold, args.margin,
                       args.max_frozen_fraction, tasks, Path(args.out_dir), freeze_only=not args.no_freeze_only,
-                      overrides=args.set, eval_train_clips=args.eval_train_clips, eval_val_clips=args.eval_val_clips)
+                      overrides=args.set, eval_train_clips=args.eval_train_clips, eval_val_clips=args.eval_val_clips,
+                      seeds=seeds, progress=progress)
+    n = len(seeds)
     print()
-    print("LayerLock Lab demo: MAE vs LayerLock vs naive latent (moving_digits)")
+    print(f"LayerLock Lab demo: MAE vs LayerLock vs ablations (moving_digits), {n} seed{'s' if n > 1 else ''} "
+          f"({', '.join(map(str, seeds))}), {result['wall_s'] / 60:.1f} min")
     print(format_table(result))
-    s = result["schedule"]
-    print(f"\nschedule derived from MAE run {result['runs']['mae']}: "
-          + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in s["stages"]) or "nothing frozen")
-          + f" (predicted FLOP saving {s['predicted_flop_saving']:.1%})")
-    print("flop_saving / wall_saving are against the MAE run; at the last probe: eff_rank = mean over blocks,")
-    print("feat_std = smallest over blocks of the spread of layer-normalised features (near 0: collapsed).")
-    print("chance: digit 0.10, direction 0.125.")
+    for seed, s in result["schedules"].items():
+        sched = s["schedule"]
+        print(f"\nschedule (seed {seed}) derived from MAE run {result['runs']['mae'][seed]}: "
+              + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in sched["stages"]) or "nothing frozen")
+              + f" (predicted FLOP saving {sched['predicted_flop_saving']:.1%})")
+    print("\nprobe differences against MAE (paired on the seed; 95% t interval; inside it: no difference):")
+    print("\n".join(paired_lines(result)))
+    if n == 1:
+        print("one seed: these differences have no interval and are not claims; run --seeds 0,1,2 (or "
+              "`python -m experiments study`) to compare with intervals.")
+    print("flop_saving / wall_saving are against MAE. At the last probe: eff_rank = mean over blocks,")
+    print("feat_std = smallest over blocks of the spread across clips, at each fixed token position, of")
+    print("layer-normalised features (near 0: collapsed). acc = attentive probe, linear_acc = linear probe on")
+    print("mean-pooled tokens; chance: digit 0.10, direction 0.125.")
     print("next: streamlit run app/Home.py   (then open the Convergence, Schedule and Compare pages)")
-    for name, rid in result["runs"].items():
-        print(f"{name:>13}: {rid}")
+    for name, by_seed in result["runs"].items():
+        for seed, rid in by_seed.items():
+            print(f"{name if n == 1 else f'{name}/{seed}':>16}: {rid}")
     return 0
 
 
@@ -156,6 +243,7 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--no-freeze-only", action="store_true", help="skip the pixel-loss run with the same schedule")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run (repeatable)")
     p.add_argument("--eval-train-clips", type=int, default=None, help="probe training clips (default 1024)")
-    p.add_argument("--eval-val-clips", type=int, default=None, help="probe validation clips (default 256)")
+    p.add_argument("--eval-val-clips", type=int, default=None, help="probe validation clips (default 512)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains every demo run (default 0)")
     add_tracking(p)
     p.set_defaults(func=cmd_demo)

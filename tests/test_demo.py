@@ -14,10 +14,10 @@ def test_demo_smoke(tmp_path, store):
                    "--tracking-uri", store, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for name in ("mae", "layerlock", "latent_naive", "freeze_only", "random_init"):
+    for name in ("mae", "layerlock", "latent_scheduled", "latent_naive", "freeze_only", "random_init"):
         assert f"\n{name:>12}" in out or f" {name} " in out or f"\n {name}" in out, (name, out)
     assert "streamlit run app/Home.py" in out
-    ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-4:])
+    ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-5:])
     client = MlflowClient(store)
     mae = client.get_run(ids["mae"])
     assert mae.data.tags["layerlock.method"] == "mae"
@@ -29,3 +29,24 @@ def test_demo_smoke(tmp_path, store):
         metrics = client.get_run(rid).data.metrics
         assert {"eval/digit/acc", "eval/direction/acc", "eval/depth/absrel", "eval/depth/delta1"} <= metrics.keys()
     assert list((tmp_path / "out").glob("schedule_*.json"))
+    assert client.get_run(ids["latent_scheduled"]).data.tags["layerlock.method"] == "latent_scheduled"
+    # written to a pipe, the demo logs stage lines instead of progress-bar frames
+    assert "[demo" in proc.stderr and "\r" not in proc.stderr
+    assert "1 seed (0)" in out and "one seed: these differences have no interval" in out
+
+
+def test_demo_two_seeds_reports_groups(tmp_path, store):
+    sets = tiny_sets(**{"train.steps": 8, "probe.every": 2})
+    proc = run_cli("-m", "experiments", "demo", "--steps", "8", "--probe-every", "2", *sets, "--seeds", "0,1",
+                   "--no-freeze-only", "--tasks", "digit", "--eval-train-clips", "32", "--eval-val-clips", "16",
+                   "--out-dir", str(tmp_path / "out"), "--tracking-uri", store, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "2 seeds (0, 1)" in out
+    assert "(2)" in out                      # mean ± sd (N) cells
+    assert "95% t interval" in out
+    ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-8:])
+    client = MlflowClient(store)
+    groups = {client.get_run(ids[f"mae/{s}"]).data.tags["layerlock.group"] for s in (0, 1)}
+    assert len(groups) == 1
+    assert {client.get_run(ids[f"mae/{s}"]).data.params["train.seed"] for s in (0, 1)} == {"0", "1"}
