@@ -526,8 +526,8 @@ def load_history(run_id: str, keys: Iterable[str] | None = None, uri: str | None
 
 # ----------------------------------------------------------------------------- artifacts
 
-def load_json_artifact(run_id: str, path: str, uri: str | None = None) -> Any | None:
-    """A JSON artifact parsed, or None when the run does not have it."""
+def load_text_artifact(run_id: str, path: str, uri: str | None = None) -> str | None:
+    """A text artifact's content, or None when the run does not have it."""
     c, resolved, _ = _fetch_run(run_id, uri)
     with _mlflow_errors(resolved):
         parent = str(Path(path).parent)
@@ -535,7 +535,14 @@ def load_json_artifact(run_id: str, path: str, uri: str | None = None) -> Any | 
         if path not in listed:
             return None
         with tempfile.TemporaryDirectory(prefix="layerlock-") as tmp:
-            text = _download(c, run_id, path, tmp).read_text()
+            return _download(c, run_id, path, tmp).read_text()
+
+
+def load_json_artifact(run_id: str, path: str, uri: str | None = None) -> Any | None:
+    """A JSON artifact parsed, or None when the run does not have it."""
+    text = load_text_artifact(run_id, path, uri)
+    if text is None:
+        return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -51,6 +51,12 @@ def build_group_store(folder: Path) -> Store:
     lone = io.create_run_from_frames("layerlock", history=synthetic_history(STEPS, 2, MODEL, seed=9),
                                      params={"train.seed": 0, "train.steps": STEPS}, run_name="lone",
                                      tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
+    study = io.create_run_from_frames("layerlock", params={"seeds": "0,1,2"}, run_name="study-x",
+                                      tags={io.TAG_METHOD: "study", "layerlock.study": "study-x"},
+                                      json_artifacts={"study/results.json": {"claims": {}}}, **common)
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).log_text(study, "# LayerLock Lab study study-x\n\n## S1 Depth order\n", "study/report.md")
     return Store(uri, runs, lone)
 
 
@@ -155,3 +161,12 @@ def test_compare_page_draws_a_band_per_group(env: Store) -> None:
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert [t["name"] for t in spec["data"] if t.get("fill") == "toself"][0].endswith("(sd)")
     assert any("mean ± sd" in c.value for c in at.caption)
+
+
+def test_runs_page_shows_a_study_report(env: Store) -> None:
+    at = open_page("runs")
+    assert_clean(at)
+    assert at.selectbox(key="runs_study").value is not None
+    assert any("S1 Depth order" in m.value for m in at.markdown)
+    runs_table = frame_with(at, "run_id", "group", "seed")
+    assert "study-x" not in set(runs_table.get("name", []))   # the study is not a training run

@@ -14,7 +14,7 @@ from app.views import charts, jobs, loaders, state
 from core.errors import LayerLockError
 
 FROM_CONFIG = "(from config)"
-OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_naive"]
+OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
 DATASETS = [FROM_CONFIG, "moving_digits", "photo_pans", "video_folder"]
 NO_SCHEDULE, CUSTOM = "none (nothing frozen)", "custom path…"
 

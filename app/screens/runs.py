@@ -9,6 +9,8 @@ import streamlit as st
 from app.views import charts, groups, loaders, state
 from core.schema import metric_help
 
+STUDY_METHOD = "study"   # the summary run of `python -m experiments study`
+
 st.title("Runs")
 uri = state.tracking_uri()
 runs = state.load_runs()
@@ -33,6 +35,8 @@ if search.strip():
     view = view[view["name"].str.lower().str.contains(needle, regex=False) | view["run_id"].str.startswith(needle)]
 if hide_children:
     view = view[~view["method"].isin(state.CHILD_METHODS) & view["parent"].isna()]
+studies = runs[runs["method"] == STUDY_METHOD]
+view = view[view["method"] != STUDY_METHOD]
 
 
 def _saving(row) -> float:
@@ -72,6 +76,24 @@ st.dataframe(
         **{c: st.column_config.NumberColumn(c.removeprefix("eval/"), format="%.3f") for c in eval_cols},
     },
 )
+
+if not studies.empty:
+    with st.expander(f"Studies ({len(studies)}): the paper's claims over seeds, with intervals", expanded=False):
+        labels = {r.run_id: f"{r.name or r.run_id[:8]} ({r.status})" for r in studies.itertuples(index=False)}
+        sid = st.selectbox("Study", list(labels), format_func=labels.get, key="runs_study")
+        srow = studies.set_index("run_id").loc[sid]
+        with state.notice_errors():
+            report, results = loaders.study_report(uri, sid, loaders.row_version(srow["status"], srow["end_time"]))
+            if report is None:
+                st.info("This study has not written its report yet.")
+            else:
+                st.download_button("Download report.md", report, file_name="report.md", key="runs_study_md")
+                if results is not None:
+                    import json
+
+                    st.download_button("Download results.json", json.dumps(results, indent=2),
+                                       file_name="results.json", key="runs_study_json")
+                st.markdown(report)
 
 chosen = state.pick_runs(runs, key="runs_select", label="Selected runs (carried to the other pages)",
                          allow_empty=True,

@@ -18,7 +18,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-METHOD_COLORS = {"mae": "#1f77b4", "layerlock": "#ff7f0e", "latent_naive": "#d62728", "freeze_test": "#7f7f7f"}
+METHOD_COLORS = {"mae": "#1f77b4", "layerlock": "#ff7f0e", "latent_scheduled": "#9467bd", "latent_naive": "#d62728",
+                 "freeze_test": "#7f7f7f"}
 # Metrics bounded in [0, 1] get a fixed colour range so runs compare at a glance.
 UNIT_METRICS = ("cka_prev", "cka_init", "cka_final")
 HEIGHT = 380

@@ -130,6 +130,13 @@ def compute_saving(uri: str, run_id: str, version: str) -> float | None:
     return 1.0 - float(total) / full if full > 0 else None
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def study_report(uri: str, run_id: str, version: str) -> tuple[str | None, dict | None]:
+    """A study run's ``study/report.md`` text and ``study/results.json`` (None where missing)."""
+    return (io.load_text_artifact(run_id, "study/report.md", uri),
+            io.load_json_artifact(run_id, "study/results.json", uri))
+
+
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
 def children(uri: str, parent_id: str) -> pd.DataFrame:
     return io.find_children(parent_id, uri)

@@ -27,7 +27,8 @@ from core.errors import LayerLockError
 URI_KEY = "tracking_uri"
 SELECTED_KEY = "selected_runs"
 # A run whose method is freeze_test is one cell of a sweep, not something to browse first.
-CHILD_METHODS = ("freeze_test",)
+# Runs that are not training runs of their own: freeze-test cells, and study summaries.
+CHILD_METHODS = ("freeze_test", "study")
 
 
 def tracking_uri() -> str:
