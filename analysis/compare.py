@@ -24,7 +24,7 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,20 +32,21 @@ import pandas as pd
 
 from analysis import io
 from core.errors import LayerLockError, RunNotFoundError
+from core.schema import HELDOUT_KEY
 
 FINAL_LAST = 3
 COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
-    "total_flops", "wall_s", "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min",
+    "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min",
     "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
-_HISTORY_KEYS = ("train/loss", "train/loss_pixel", "train/flops", "train/wall_s")
+_HISTORY_KEYS = ("train/loss", "train/loss_pixel", HELDOUT_KEY, "train/flops", "train/wall_s")
 # Columns a group comparison adds to each run row, and the ones summarised per group
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
-STAT_COLUMNS = ["final_loss", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
-                "feat_std_min", "eff_rank_mean"]
+STAT_COLUMNS = ["final_loss", "final_loss_pixel", "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving",
+                "wall_saving", "feat_std_min", "eff_rank_mean"]
 
 
 def _series(history: pd.DataFrame, metric: str) -> pd.Series:
@@ -101,6 +102,7 @@ def summarize_run(
     row.update(
         final_loss=final_value(history, "train/loss", last),
         final_loss_pixel=final_value(history, "train/loss_pixel", last),
+        heldout_loss_pixel=last_value(history, HELDOUT_KEY),
         total_flops=last_value(history, "train/flops"),
         wall_s=last_value(history, "train/wall_s"),
     )
@@ -365,6 +367,7 @@ class FreezeGrid:
     converged: pd.DataFrame
     baseline_final_loss: float
     tol: float
+    loss: str = "final loss"   # how the final losses were measured (see final_losses)
 
     def max_converged_prefix(self) -> pd.Series:
         """Per T: the largest tested L whose test and all smaller tested L's passed (0: none)."""
@@ -392,7 +395,7 @@ class FreezeGrid:
                 cells.append({"blocks": int(blocks), "step": int(step),
                               "ratio": None if pd.isna(r) else float(r),
                               "converged": None if pd.isna(ok) else bool(ok)})
-        return {"baseline_final_loss": self.baseline_final_loss, "tol": self.tol, "cells": cells,
+        return {"baseline_final_loss": self.baseline_final_loss, "tol": self.tol, "loss": self.loss, "cells": cells,
                 "max_converged_prefix": {str(k): int(v) for k, v in self.max_converged_prefix().items()}}
 
 
@@ -419,20 +422,36 @@ def freeze_grid_from_frames(children: pd.DataFrame, baseline_final_loss: float, 
                       baseline_final_loss=float(baseline_final_loss), tol=float(tol))
 
 
+def final_losses(run_ids: Sequence[str], uri: str | None = None,
+                 last: int = FINAL_LAST) -> tuple[dict[str, float], str]:
+    """The final loss of each run, measured the same way for all: ``(losses, how)``.
+
+    The held-out ``val/loss_pixel`` (fixed val clips and masks, logged at the end) when every
+    run has it; otherwise the mean of the last ``last`` logged ``train/loss`` values, which
+    also carries the minibatch noise of the run's last batches. ``how`` names the one used.
+    """
+    histories = {r: io.load_history(r, [HELDOUT_KEY, "train/loss"], uri) for r in run_ids}
+    if histories and all((h["metric"] == HELDOUT_KEY).any() for h in histories.values()):
+        return ({r: last_value(h, HELDOUT_KEY) for r, h in histories.items()},
+                f"{HELDOUT_KEY} (held-out clips, fixed masks)")
+    return ({r: final_value(h, "train/loss", last) for r, h in histories.items()},
+            f"mean of the last {last} logged train/loss")
+
+
 def freeze_test_grid(parent_id: str, uri: str | None = None, tol: float = 0.02, last: int = FINAL_LAST) -> FreezeGrid:
-    """Load a freeze-test parent and its children; final losses are last-``last`` means."""
-    parent = io.load_history(parent_id, ["train/loss"], uri)
-    baseline = final_value(parent, "train/loss", last)
-    if not np.isfinite(baseline):
-        raise LayerLockError(f"run {parent_id} has no train/loss to serve as the freeze-test baseline")
+    """Load a freeze-test parent and its children; final losses from :func:`final_losses`."""
     children = io.find_children(parent_id, uri)
     if children.empty:
         raise LayerLockError(
             f"run {parent_id} has no freeze-test children (no runs tagged {io.TAG_PARENT}={parent_id})")
     children = children.copy()
-    children["final_loss"] = [final_value(io.load_history(rid, ["train/loss"], uri), "train/loss", last)
-                              for rid in children["run_id"]]
+    losses, how = final_losses([parent_id, *children["run_id"]], uri, last)
+    baseline = losses[parent_id]
+    if not np.isfinite(baseline):
+        raise LayerLockError(f"run {parent_id} has no train/loss to serve as the freeze-test baseline")
+    children["final_loss"] = [losses[rid] for rid in children["run_id"]]
     grid = freeze_grid_from_frames(children, baseline, tol)
+    grid = replace(grid, loss=how)
     if grid.ratio.empty:
         raise LayerLockError(f"run {parent_id}: no child carries both {io.TAG_FREEZE_STEP} and {io.TAG_FREEZE_BLOCKS}")
     return grid

@@ -115,6 +115,8 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    heldout_clips: int = Field(256, ge=0, description="val clips of the held-out pixel loss logged at the end "
+                                                      "(val/loss_pixel; fixed clips and masks); 0 disables")
 
 
 class TrackingConfig(_Strict):

@@ -7,6 +7,10 @@ reader always knows what a figure means. Keys are the metric names without the
 
 from __future__ import annotations
 
+# Held-out pixel loss logged once at the end of a run: fixed val clips, fixed masks (the freeze
+# test's and the comparisons' "final loss" when present).
+HELDOUT_KEY = "val/loss_pixel"
+
 METRIC_HELP: dict[str, str] = {
     "cka_prev": "debiased linear CKA of a block's content features (each position's mean over the probe clips "
                 "removed) with the previous probe; fooled by a slowly drifting block whose every step is small",
@@ -27,6 +31,9 @@ METRIC_HELP: dict[str, str] = {
     "train/loss_pixel": "masked-patch pixel MSE with per-patch normalised targets",
     "train/loss_latent": "masked-token MSE to a block's layer-normalised output (layerlock, latent_scheduled, "
                          "latent_naive); near 0 can mean collapse, not success",
+    "val/loss_pixel": "masked-patch pixel loss at the end of training on fixed held-out clips with fixed masks "
+                      "(the same for every run of a dataset); fooled by nothing batch-related, only by a different "
+                      "val split",
     "train/flops": "cumulative counted FLOPs of the training steps (FlopCounterMode, forward + backward)",
     "train/wall_s": "cumulative wall time of training steps (excludes checkpoint I/O)",
     "train/frozen_blocks": "length of the frozen prefix of encoder blocks (0 throughout for latent_scheduled, "

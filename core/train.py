@@ -30,8 +30,9 @@ from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
-from core.objectives import compute_losses, freezes
+from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.schema import HELDOUT_KEY
 from core.tracking import Tracker
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
@@ -43,6 +44,7 @@ class TrainResult:
     run_id: str
     steps: int
     final_loss: float
+    heldout_loss: float | None
     wall_s: float
     flops: float
 
@@ -327,6 +329,12 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             t_interval = time.perf_counter()   # checkpoint I/O is not step time
     bar.close()
 
+    heldout = None
+    if step >= t_cfg.steps and rank == 0 and t_cfg.heldout_clips > 0:
+        clips, _ = get_batch(val, range(min(t_cfg.heldout_clips, len(val))))
+        with autocast:
+            heldout = heldout_pixel_loss(model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
+        tracker.log_metrics({HELDOUT_KEY: heldout}, step)
     if step >= t_cfg.steps and probes is not None:
         record(probes.probe(model, step), step)
         for s, vals in probes.final().items():
@@ -343,7 +351,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         tracker.finish()
     else:
         tracker.flush()
-    return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=loss_value, wall_s=wall_s,
+    return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=loss_value, heldout_loss=heldout,
+                       wall_s=wall_s,
                        flops=flops_total)
 
 

@@ -172,3 +172,42 @@ def test_agreement_cli(group_store, store) -> None:
     assert text.stdout.startswith("tolerance 50% = given explicitly (--tol)") and "spearman" in text.stdout
     bad = run_cli("-m", "analysis", "agreement", "--run", "nope", "--tracking-uri", store)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def _with_heldout(history: pd.DataFrame, value: float, step: int = 10) -> pd.DataFrame:
+    extra = pd.DataFrame({"step": [step], "metric": ["val/loss_pixel"], "value": [value]})
+    return pd.concat([history, extra], ignore_index=True)
+
+
+def test_final_losses_prefer_the_heldout_loss_only_when_every_run_has_it(store, tmp_path) -> None:
+    from analysis.compare import final_losses
+
+    common = {"uri": store, "artifact_root": (tmp_path / "artifacts").as_uri()}
+    a = io.create_run_from_frames("h", history=_with_heldout(_loss_history(1.0), 0.50), **common)
+    b = io.create_run_from_frames("h", history=_with_heldout(_loss_history(1.2), 0.55), **common)
+    c = io.create_run_from_frames("h", history=_loss_history(1.4), **common)
+    losses, how = final_losses([a, b], store)
+    assert losses == {a: pytest.approx(0.50), b: pytest.approx(0.55)} and how.startswith("val/loss_pixel")
+    # one run without it: every run falls back to train/loss, never a mix of the two
+    losses, how = final_losses([a, b, c], store)
+    assert losses == {a: pytest.approx(1.0), b: pytest.approx(1.2), c: pytest.approx(1.4)}
+    assert how == "mean of the last 3 logged train/loss"
+
+
+def test_heldout_loss_is_fixed_clips_and_masks(tiny_cfg) -> None:
+    import torch
+
+    from core.data import build_dataset, get_batch
+    from core.model import build_model
+    from core.objectives import heldout_pixel_loss
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg.model, tiny_cfg.geometry)
+    clips, _ = get_batch(build_dataset(tiny_cfg.data, "val"), range(8))
+    first = heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio)
+    torch.manual_seed(123)   # the global RNG does not pick the masks
+    assert heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio, batch_size=3) == pytest.approx(first, rel=1e-6)
+    with torch.no_grad():
+        model.pixel_head.weight.mul_(2.0)   # a different model gives a different loss
+    assert heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio) != pytest.approx(first, rel=1e-3)
+    assert model.training   # the model's mode is restored

@@ -34,8 +34,11 @@ def test_pretrain_entry_point_smoke(tmp_path, store):
     assert run.data.tags["layerlock.method"] == "mae" and run.data.tags["layerlock.dataset"] == "moving_digits"
     assert run.data.params["model.depth"] == "8" and run.data.params["train.steps"] == "6"
     for key in ("train/loss", "train/loss_pixel", "train/lr", "train/frozen_blocks", "train/step_ms",
-                "train/clips_per_s", "train/flops", "train/wall_s", "cka_final/block_00", "grad_norm/block_07"):
+                "train/clips_per_s", "train/flops", "train/wall_s", "cka_final/block_00", "grad_norm/block_07",
+                "val/loss_pixel"):
         assert key in run.data.metrics, key
+    heldout = client.get_metric_history(run_id, "val/loss_pixel")
+    assert [m.step for m in heldout] == [6] and 0 < heldout[0].value < 10   # once, at the end
     names = {f.path for f in client.list_artifacts(run_id)}
     assert {"config.yaml", "flop_model.json", "layer_metrics.parquet", "checkpoints", "probe"} <= names
 
