@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -546,8 +547,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
+    progress = sys.stderr.isatty()
+    if not progress:   # a file or CI log: stage lines, not progress-bar frames
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     results = run_study(args.config, args.set or [], seeds, args.budget, out, args.tracking_uri, tasks,
-                        progress=sys.stderr.isatty(), study_id=out.name)
+                        progress=progress, study_id=out.name)
     print(report_markdown(results))
     print(results.get("study_run_id", ""))
     return 0
