@@ -146,8 +146,8 @@ eval_cols = [col for col in table.columns if col.startswith("eval/")]
 labels = run_labels
 shown = table.assign(run=[labels[r] for r in table["run_id"]], group=[item_labels[g] for g in table["group"]])
 st.dataframe(
-    shown[["run", "group", "seed", "method", "status", "steps", "final_loss", "final_loss_pixel", "total_flops",
-           "wall_s",
+    shown[["run", "group", "seed", "method", "status", "steps", "final_loss", "final_loss_pixel",
+           "heldout_loss_pixel", "total_flops", "wall_s",
            "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
            *eval_cols]],
     hide_index=True, key="cmp_table",
@@ -158,11 +158,14 @@ st.dataframe(
         "wall_s": st.column_config.NumberColumn("wall s", format="%.1f"),
         "flop_saving": st.column_config.NumberColumn("FLOP saving", format="percent"),
         "wall_saving": st.column_config.NumberColumn("time saving", format="percent"),
-        "eff_rank_mean": st.column_config.NumberColumn("eff. rank (mean)", format="%.2f"),
-        "eff_rank_min": st.column_config.NumberColumn("eff. rank (min)", format="%.2f"),
-        "feat_std_mean": st.column_config.NumberColumn("feature std (mean)", format="%.3f"),
+        "heldout_loss_pixel": st.column_config.NumberColumn("held-out pixel loss", format="%.4f",
+                                                            help=metric_help("val/loss_pixel")),
+        "eff_rank_mean": st.column_config.NumberColumn("eff. rank (mean)", format="%.2f", help=metric_help("eff_rank")),
+        "eff_rank_min": st.column_config.NumberColumn("eff. rank (min)", format="%.2f", help=metric_help("eff_rank")),
+        "feat_std_mean": st.column_config.NumberColumn("feature std (mean)", format="%.3f",
+                                                       help=metric_help("feat_std")),
         "feat_std_min": st.column_config.NumberColumn("feature std (min)", format="%.3f",
-                                                      help="spread of layer-normalised features; near 0: collapsed"),
+                                                      help=metric_help("feat_std")),
         **{col: st.column_config.NumberColumn(col.removeprefix("eval/"), format="%.3f") for col in eval_cols},
     },
 )
@@ -195,6 +198,7 @@ with right:
         rows = frame[frame["metric"] == indicator]
         if not rows.empty:
             collapse[labels[rid]] = rows.groupby("step", as_index=False)["value"].agg(reduce)
+    st.caption(f"{indicator}: {metric_help(indicator)}")
     if collapse:
         st.plotly_chart(charts.lines(collapse, "step", "value", "step", f"{indicator} ({reduce} over blocks)",
                                      line_colors, title=f"Collapse indicator: {indicator}", height=340),
