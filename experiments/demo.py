@@ -215,11 +215,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nschedule (seed {seed}) derived from MAE run {result['runs']['mae'][seed]}: "
               + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in sched["stages"]) or "nothing frozen")
               + f" (predicted FLOP saving {sched['predicted_flop_saving']:.1%})")
-    print("\nprobe differences against MAE (paired on the seed; 95% t interval; inside it: no difference):")
-    print("\n".join(paired_lines(result)))
     if n == 1:
-        print("one seed: these differences have no interval and are not claims; run --seeds 0,1,2 (or "
-              "`python -m experiments study`) to compare with intervals.")
+        print("\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "
+              "(or `python -m experiments study`) to compare with intervals.")
+    else:
+        print("\nprobe differences against MAE (paired on the seed; 95% t interval; inside it: no difference):")
+        print("\n".join(paired_lines(result)))
     print("flop_saving / wall_saving are against MAE. At the last probe: eff_rank = mean over blocks,")
     print("feat_std = smallest over blocks of the spread across clips, at each fixed token position, of")
     print("layer-normalised features (near 0: collapsed). acc = attentive probe, linear_acc = linear probe on")

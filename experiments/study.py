@@ -451,8 +451,9 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## S1 Depth order", "", s1["claim"] + ".", "",
               "| rule | metric | rho mean [95% CI] | undefined seeds | verdict |", "|---|---|---|---|---|"]
     for r, v in s1["rules"].items():
-        lines.append(f"| {r} | {v['metric']} >= {v['threshold']} | {_fmt(v)} | {v['undefined_seeds']} | "
-                     f"{v['verdict']} |")
+        test = (f"relative change of {v['metric']} < {v['threshold']}" if r == "gradnorm"
+                else f"{v['metric']} >= {v['threshold']}")
+        lines.append(f"| {r} | {test} | {_fmt(v)} | {v['undefined_seeds']} | {v['verdict']} |")
     lines += ["", "Convergence steps (post-hoc), per seed: "
               + "; ".join(f"seed {s}: {st}" for s, st in s1["rules"]["posthoc"]["steps"].items())]
 

@@ -32,7 +32,7 @@ def test_demo_smoke(tmp_path, store):
     assert client.get_run(ids["latent_scheduled"]).data.tags["layerlock.method"] == "latent_scheduled"
     # written to a pipe, the demo logs stage lines instead of progress-bar frames
     assert "[demo" in proc.stderr and "\r" not in proc.stderr
-    assert "1 seed (0)" in out and "one seed: these differences have no interval" in out
+    assert "1 seed (0)" in out and "one seed: differences between these rows have no interval" in out
 
 
 def test_demo_two_seeds_reports_groups(tmp_path, store):
