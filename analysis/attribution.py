@@ -1,10 +1,12 @@
 """Captum attributions of a probe's prediction: per encoder block and over the input clip.
 
-The one ``analysis`` module that needs torch. For a run's checkpoint it
+The one ``analysis`` module that imports torch; it holds only the captum part, the model,
+checkpoint and probe work is core's. For a run's checkpoint it
 
-1. rebuilds the encoder (``core.model.build_model``) and fits a small linear probe
-   (``core.readout.LinearProbe``: mean-pooled final tokens -> LayerNorm -> Linear) on frozen
-   features of a few training clips, for one classification task of the run's dataset;
+1. rebuilds the encoder (``core.checkpoint.encoder_from_checkpoint``, weights fixed by
+   ``core.freezing.freeze_all``) and fits a small linear probe (``core.readout.fit_linear_probe``:
+   mean-pooled final tokens -> LayerNorm -> Linear) on frozen features of a few training clips,
+   for one classification task of the run's dataset;
 2. explains the probe's predicted class on one validation clip:
 
    - per block: ``LayerConductance`` (or ``LayerIntegratedGradients``) over the output of
@@ -32,8 +34,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.config import ExperimentConfig, config_from_dict
+from core.config import ExperimentConfig
 from core.errors import LayerLockError
+from core.readout import ProbedEncoder, checkpoint_tasks, fit_linear_probe
 
 Method = Literal["conductance", "layer_ig"]
 METHODS: dict[str, str] = {"conductance": "LayerConductance", "layer_ig": "LayerIntegratedGradients"}
@@ -60,17 +63,6 @@ class Attribution:
     saliency_delta: float  # IntegratedGradients convergence delta (small: the integral is accurate)
 
 
-class ProbedEncoder(nn.Module):
-    """``video (B, 3, T, H, W)`` -> probe logits ``(B, n_classes)`` through the full encoder."""
-
-    def __init__(self, model: nn.Module, probe: nn.Module) -> None:
-        super().__init__()
-        self.model, self.probe = model, probe
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.probe(self.model.forward_encoder(video))
-
-
 def load_checkpoint(run_id: str, uri: str | None = None, step: int | None = None) -> dict:
     """A run's checkpoint (``core.train.load_run_checkpoint``: core reads its own artifacts)."""
     from core.train import load_run_checkpoint
@@ -79,68 +71,14 @@ def load_checkpoint(run_id: str, uri: str | None = None, step: int | None = None
 
 
 def encoder_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, ExperimentConfig]:
-    """Rebuild the model in eval mode with nothing frozen (so gradients reach every block)."""
-    from core.model import build_model
+    """The checkpoint's encoder (``core.checkpoint``) with every weight fixed
+    (``core.freezing.freeze_all``), so attributions get input/activation gradients only."""
+    from core.checkpoint import encoder_from_checkpoint as rebuild
+    from core.freezing import freeze_all
 
-    if "model" not in checkpoint or "config" not in checkpoint:
-        raise LayerLockError("checkpoint lacks 'model' or 'config'")
-    cfg = config_from_dict(checkpoint["config"], "checkpoint config")
-    model = build_model(cfg.model, cfg.geometry)
-    model.load_state_dict(checkpoint["model"])
-    model.frozen_prefix = 0
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)  # attributions need input/activation grads only
+    model, cfg, _ = rebuild(checkpoint)
+    freeze_all(model)
     return model, cfg
-
-
-def checkpoint_tasks(checkpoint: dict) -> tuple[dict[str, int], int]:
-    """Classification tasks (name -> classes) of a checkpoint's dataset and its validation size."""
-    from core.data import build_dataset
-
-    cfg = config_from_dict(checkpoint.get("config") or {}, "checkpoint config")
-    ds = build_dataset(cfg.data, "val")
-    tasks = {name: int(t.n_classes) for name, t in ds.tasks.items() if t.kind == "class" and t.n_classes}
-    return tasks, len(ds)
-
-
-@torch.no_grad()
-def _final_tokens(model: nn.Module, video: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    return torch.cat([model.forward_encoder(v) for v in video.split(batch_size)])
-
-
-def fit_linear_probe(model: nn.Module, cfg: ExperimentConfig, task: str, n_train: int = 96, n_val: int = 32,
-                     epochs: int = 150, seed: int = 0) -> tuple[nn.Module, float, int]:
-    """Fit ``LinearProbe`` on frozen final tokens of ``n_train`` train clips (full batch AdamW).
-
-    Returns ``(probe, val_accuracy, n_classes)``; the global RNG is left untouched.
-    """
-    from core.data import build_dataset, get_batch
-    from core.readout import LinearProbe
-
-    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-    if task not in train_ds.tasks or train_ds.tasks[task].kind != "class":
-        raise LayerLockError(f"dataset {cfg.data.name} has no classification task '{task}'")
-    n_classes = int(train_ds.tasks[task].n_classes)
-    x_tr, y_tr = get_batch(train_ds, range(min(n_train, len(train_ds))))
-    x_va, y_va = get_batch(val_ds, range(min(n_val, len(val_ds))))
-    f_tr, f_va = _final_tokens(model, x_tr), _final_tokens(model, x_va)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probe = LinearProbe(dim=f_tr.shape[-1], n_out=n_classes)
-        opt = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-3)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                loss = nn.functional.cross_entropy(probe(f_tr), y_tr[task])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    probe.eval()
-    for p in probe.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        acc = float((probe(f_va).argmax(-1) == y_va[task]).float().mean())
-    return probe, acc, n_classes
 
 
 def block_attributions(wrapper: ProbedEncoder, video: torch.Tensor, target: int, method: Method = "conductance",

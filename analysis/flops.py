@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import LayerLockError
+from core.freezing import frozen_at
 
 
 def per_step_flops(flop_model: dict[str, Any]) -> np.ndarray:
@@ -42,18 +43,14 @@ def per_step_flops(flop_model: dict[str, Any]) -> np.ndarray:
 def stage_segments(schedule: dict[str, Any], total_steps: int) -> list[tuple[int, int, int]]:
     """``[(start, stop, frozen), ...]`` covering steps ``0 .. total_steps-1`` (stop exclusive).
 
-    A stage at step s applies from step s on; before the first stage nothing is frozen.
+    Each segment's prefix is ``core.freezing.frozen_at`` at its start: stages only change
+    the prefix at their own steps.
     """
-    segments = []
-    start, frozen = 0, 0
-    for stage in schedule.get("stages", []):
-        step = min(int(stage["step"]), total_steps)
-        if step > start:
-            segments.append((start, step, frozen))
-        start, frozen = max(start, step), int(stage["frozen"])
-    if total_steps > start:
-        segments.append((start, total_steps, frozen))
-    return segments
+    if total_steps <= 0:
+        return []
+    stages = [(int(s["step"]), int(s["frozen"])) for s in schedule.get("stages", [])]
+    bounds = sorted({0, total_steps} | {s for s, _ in stages if 0 < s < total_steps})
+    return [(a, b, frozen_at(stages, a)) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def schedule_flops(schedule: dict[str, Any], flop_model: dict[str, Any], total_steps: int) -> float:

@@ -13,31 +13,29 @@ decreases and stays <= ``n_blocks - 1`` so at least one block trains. Other top-
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.flops import baseline_flops, predicted_saving, schedule_flops
+from analysis.flops import baseline_flops, predicted_saving, schedule_flops, stage_segments
 from core.errors import ScheduleError
-from core.freezing import _is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
+from core.freezing import frozen_at as _frozen_at
+from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
 
 
 def frozen_at(schedule: dict[str, Any], step: int) -> int:
-    """Frozen-prefix length in force at training step ``step``."""
-    steps = [s["step"] for s in schedule["stages"]]
-    i = bisect.bisect_right(steps, step)
-    return int(schedule["stages"][i - 1]["frozen"]) if i else 0
+    """Frozen-prefix length in force at training step ``step`` (``core.freezing.frozen_at``)."""
+    return _frozen_at(((s["step"], s["frozen"]) for s in schedule["stages"]), step)
 
 
 def frozen_curve(schedule: dict[str, Any], total_steps: int) -> np.ndarray:
     """``frozen_at`` for every step ``0 .. total_steps-1``: int64 array of shape (total_steps,)."""
-    stages = schedule["stages"]
-    steps = np.array([s["step"] for s in stages], dtype=np.int64)
-    values = np.array([0] + [s["frozen"] for s in stages], dtype=np.int64)
-    return values[np.searchsorted(steps, np.arange(total_steps), side="right")]
+    curve = np.zeros(max(total_steps, 0), dtype=np.int64)
+    for start, stop, frozen in stage_segments(schedule, total_steps):
+        curve[start:stop] = frozen
+    return curve
 
 
 def derive_schedule(
@@ -59,15 +57,15 @@ def derive_schedule(
     fall at or after ``total_steps``. Stages landing on the same step merge into the largest
     prefix. ``margin`` is in steps.
     """
-    if not _is_int(n_blocks) or n_blocks < 1:
+    if not is_int(n_blocks) or n_blocks < 1:
         raise ScheduleError(f"n_blocks must be a positive integer, got {n_blocks!r}")
-    if not _is_int(total_steps) or total_steps < 1:
+    if not is_int(total_steps) or total_steps < 1:
         raise ScheduleError(f"total_steps must be a positive integer, got {total_steps!r}")
-    if not _is_int(margin) or margin < 0:
+    if not is_int(margin) or margin < 0:
         raise ScheduleError(f"margin must be a non-negative integer number of steps, got {margin!r}")
-    if quantize is not None and (not _is_int(quantize) or quantize < 1):
+    if quantize is not None and (not is_int(quantize) or quantize < 1):
         raise ScheduleError(f"quantize must be a positive integer, got {quantize!r}")
-    if max_frozen is not None and (not _is_int(max_frozen) or max_frozen < 0):
+    if max_frozen is not None and (not is_int(max_frozen) or max_frozen < 0):
         raise ScheduleError(f"max_frozen must be a non-negative integer, got {max_frozen!r}")
     cap = n_blocks - 1 if max_frozen is None else min(int(max_frozen), n_blocks - 1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,7 @@ class FreezeSchedule:
         validate_schedule(self.to_dict())
 
     def frozen_at(self, step: int) -> int:
-        k = 0
-        for s, f in self.stages:
-            if step >= s:
-                k = f
-        return k
+        return frozen_at(self.stages, step)
 
     def check_within(self, total_steps: int) -> None:
         validate_schedule(self.to_dict(), total_steps=total_steps)
@@ -83,8 +80,22 @@ class FreezeSchedule:
                    source={"kind": "linear", **spec.model_dump()})
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """A true integer (``numbers.Integral``), not a bool: the check every schedule field uses."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def frozen_at(stages: Iterable[tuple[int, int]], step: int) -> int:
+    """Length of the frozen prefix at ``step`` for ``(step, frozen)`` stages sorted by step.
+
+    The one definition of "which prefix is frozen at step t": a stage takes effect from its
+    step on; before the first stage nothing is frozen.
+    """
+    k = 0
+    for s, f in stages:
+        if step >= s:
+            k = f
+    return k
 
 
 def validate_schedule(
@@ -104,7 +115,7 @@ def validate_schedule(
         if key not in d:
             raise ScheduleError(f"schedule: missing key '{key}'")
     nb = d["n_blocks"]
-    if not _is_int(nb) or nb < 1:
+    if not is_int(nb) or nb < 1:
         raise ScheduleError(f"schedule: n_blocks must be a positive integer, got {nb!r}")
     if n_blocks is not None and nb != n_blocks:
         raise ScheduleError(f"schedule: n_blocks={nb} does not match the model's {n_blocks} blocks")
@@ -112,7 +123,7 @@ def validate_schedule(
         raise ScheduleError(f"schedule: stages must be a list, got {type(d['stages']).__name__}")
     if "source" in d and not isinstance(d["source"], dict):
         raise ScheduleError("schedule: source must be an object")
-    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+    if total_steps is not None and (not is_int(total_steps) or total_steps < 1):
         raise ScheduleError(f"schedule: total_steps must be a positive integer, got {total_steps!r}")
 
     stages: list[dict[str, int]] = []
@@ -123,7 +134,7 @@ def validate_schedule(
         for key in ("step", "frozen"):
             if key not in stage:
                 raise ScheduleError(f"{where} is missing '{key}'")
-            if not _is_int(stage[key]):
+            if not is_int(stage[key]):
                 raise ScheduleError(f"{where}.{key} must be an integer, got {stage[key]!r}")
             if stage[key] < 0:
                 raise ScheduleError(f"{where}.{key}={stage[key]} is negative")
@@ -196,3 +207,12 @@ def set_frozen_prefix(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         if optimizer is not None:
             optimizer.state.pop(p, None)
     model.frozen_prefix = k
+
+
+def freeze_all(model: nn.Module) -> None:
+    """Fix every weight for inference-time gradients (attribution): ``requires_grad_(False)`` on
+    all parameters, ``frozen_prefix`` left at 0 so that gradients still reach inputs and
+    activations through every block."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None

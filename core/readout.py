@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.config import ExperimentConfig, Geometry
+from core.config import ExperimentConfig, Geometry, config_from_dict
 from core.data import ClipDataset, Task, build_dataset, get_batch
 from core.errors import LayerLockError
+from core.freezing import freeze_all
 
 ProbeKind = Literal["attentive", "linear", "dense"]
 LayerKey = str | int  # "final" or a 0-based block index
@@ -498,8 +499,68 @@ def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[st
     return out
 
 
+
+# ----------------------------------------------------------------------------- probe for attribution
+
+class ProbedEncoder(nn.Module):
+    """``video (B, 3, T, H, W)`` -> probe logits ``(B, n_classes)`` through the full encoder."""
+
+    def __init__(self, model: nn.Module, probe: nn.Module) -> None:
+        super().__init__()
+        self.model, self.probe = model, probe
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.probe(self.model.forward_encoder(video))
+
+
+def checkpoint_tasks(checkpoint: dict) -> tuple[dict[str, int], int]:
+    """Classification tasks (name -> classes) of a checkpoint's dataset and its validation size."""
+    cfg = config_from_dict(checkpoint.get("config") or {}, "checkpoint config")
+    ds = build_dataset(cfg.data, "val")
+    tasks = {name: int(t.n_classes) for name, t in ds.tasks.items() if t.kind == "class" and t.n_classes}
+    return tasks, len(ds)
+
+
+@torch.no_grad()
+def _final_tokens(model: nn.Module, video: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    return torch.cat([model.forward_encoder(v) for v in video.split(batch_size)])
+
+
+def fit_linear_probe(model: nn.Module, cfg: ExperimentConfig, task: str, n_train: int = 96, n_val: int = 32,
+                     epochs: int = 150, seed: int = 0) -> tuple[nn.Module, float, int]:
+    """Fit ``LinearProbe`` on frozen final tokens of ``n_train`` train clips (full batch AdamW).
+
+    Returns ``(probe, val_accuracy, n_classes)``; the global RNG is left untouched.
+    """
+    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    if task not in train_ds.tasks or train_ds.tasks[task].kind != "class":
+        raise LayerLockError(f"dataset {cfg.data.name} has no classification task '{task}'")
+    n_classes = int(train_ds.tasks[task].n_classes)
+    x_tr, y_tr = get_batch(train_ds, range(min(n_train, len(train_ds))))
+    x_va, y_va = get_batch(val_ds, range(min(n_val, len(val_ds))))
+    f_tr, f_va = _final_tokens(model, x_tr), _final_tokens(model, x_va)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = LinearProbe(dim=f_tr.shape[-1], n_out=n_classes)
+        opt = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                loss = nn.functional.cross_entropy(probe(f_tr), y_tr[task])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    probe.eval()
+    freeze_all(probe)
+    with torch.no_grad():
+        acc = float((probe(f_va).argmax(-1) == y_va[task]).float().mean())
+    return probe, acc, n_classes
+
+
 __all__ = [
     "AttentiveProbe",
+    "ProbedEncoder",
+    "checkpoint_tasks",
+    "fit_linear_probe",
     "BLOCK_SETTINGS",
     "DenseProbe",
     "EvalData",

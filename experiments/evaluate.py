@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from core.config import ExperimentConfig, config_from_dict
+from core.checkpoint import encoder_from_checkpoint
+from core.config import ExperimentConfig
 from core.errors import LayerLockError
 from core.model import VideoMAE, build_model
 from core.readout import EvalData, evaluate_encoder, load_eval_data
@@ -39,12 +40,10 @@ def load_run_encoder(run_id: str, tracking_uri: str | None = None, *, step: int 
     Raises RunNotFoundError / LayerLockError (unknown run, no such checkpoint, bad config).
     """
     ckpt = load_run_checkpoint(run_id, step=step, tracking_uri=tracking_uri)
-    cfg = config_from_dict(ckpt["config"], f"checkpoint of run {run_id}")
-    model = build_model(cfg.model, cfg.geometry)
-    model.load_state_dict(ckpt["model"])
+    model, cfg, ckpt_step = encoder_from_checkpoint(ckpt, f"checkpoint of run {run_id}")
     # "auto", not the run's train.device: a run trained on a GPU can be evaluated on a laptop.
     model.to(pick_device(device)).eval()
-    return model, cfg, int(ckpt.get("step", cfg.train.steps))
+    return model, cfg, ckpt_step
 
 
 def log_eval_metrics(run_id: str, metrics: dict[str, float], step: int,
