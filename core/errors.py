@@ -27,3 +27,7 @@ class RunNotFoundError(LayerLockError):
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN or inf; the run is marked FAILED with a reason tag."""
+
+
+class RunTerminated(RuntimeError):
+    """SIGTERM stopped training: metrics flushed, a checkpoint written, the run marked KILLED."""

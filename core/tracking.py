@@ -90,7 +90,8 @@ class Tracker:
                 raise RunNotFoundError(f"run not found: {run_id} (tracking URI {self.uri})") from None
             if read_only:
                 return
-            self.client.update_run(run_id, status="RUNNING")
+            # The status stays as it is until the caller has loaded a checkpoint (mark_running),
+            # so a resume that fails leaves a finished run FINISHED.
             # Per key, the last step already stored: those steps are not logged again.
             for key in run.data.metrics:
                 hist = self.client.get_metric_history(run_id, key)
@@ -98,6 +99,11 @@ class Tracker:
         else:
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
+
+    def mark_running(self) -> None:
+        """A resumed run is RUNNING again (called once its checkpoint has loaded)."""
+        if self.enabled and self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
 
     # -- metrics -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

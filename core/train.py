@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from core.config import ExperimentConfig, config_from_dict, flatten, group_name, to_yaml
 from core.data import build_dataset, get_batch
-from core.errors import LayerLockError, TrainingDiverged
+from core.errors import LayerLockError, RunTerminated, TrainingDiverged
 from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
@@ -37,6 +40,8 @@ from core.tracking import Tracker
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
               "latent_scheduled": "latent_scheduled"}
+# Steps whose gradients are not finite are skipped; this many in a row means the run has diverged.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 @dataclass
@@ -99,17 +104,47 @@ def _atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)   # a crash leaves either the old file or the complete new one
 
 
-def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
-    """Newest checkpoint of the run that loads; a partially copied file falls back to the previous one."""
-    names = sorted(tracker.list_artifacts("checkpoints"), reverse=True)
+def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
+    """The newest of ``names`` that loads. A truncated or corrupt file (a kill during a write or a
+    copy) falls back to the previous one, and stderr says which checkpoint was used."""
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in sorted(names, reverse=True):
             try:
-                path = tracker.download(name, tmp)
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
+                state = torch.load(tracker.download(name, tmp), map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or "model" not in state or "step" not in state:
+                    raise ValueError("not a LayerLock checkpoint")
+            except Exception as err:
+                print(f"warning: checkpoint {name} of run {tracker.run_id} does not load "
+                      f"({type(err).__name__}); trying the previous one", file=sys.stderr)
+                failed.append(name)
                 continue
+            if failed:
+                print(f"using checkpoint {name} of run {tracker.run_id} (newer ones do not load: "
+                      f"{', '.join(failed)})", file=sys.stderr)
+            return state
     return None
+
+
+def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
+    """Newest checkpoint of the run that loads (falling back to older ones)."""
+    return _load_newest_good(tracker, tracker.list_artifacts("checkpoints"))
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop():
+    """While training, SIGTERM sets the yielded event instead of killing the process: the loop
+    finishes its step, checkpoints, flushes and marks the run KILLED. Only the main thread can
+    install a handler; elsewhere the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: int) -> torch.nn.Module:
@@ -139,6 +174,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
     ``stop_after``: leave the loop after this many steps (tests).
     ``track=False`` logs nothing (benchmarks measure tracking against it).
     Raises LayerLockError for bad input and TrainingDiverged on a NaN/inf loss (run FAILED).
+    SIGTERM (main thread) ends the step, checkpoints, flushes, marks the run KILLED and raises
+    RunTerminated.
     """
     rank, world = init_distributed()
     is_main = rank == 0
@@ -154,13 +191,17 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
             if ckpt is None:
                 raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
             cfg = config_from_dict(ckpt["config"], f"checkpoint of run {resume_run_id}")
+            tracker.mark_running()   # only now: a resume that cannot load leaves the status alone
         if world > 1:
             holder = [ckpt]
             dist.broadcast_object_list(holder, src=0)
             ckpt = holder[0]
             cfg = config_from_dict(ckpt["config"], "checkpoint")
     try:
-        return _train(cfg, tracker, ckpt, rank, world, init_state, progress, stop_after)
+        with _sigterm_requests_stop() as stop:
+            return _train(cfg, tracker, ckpt, rank, world, init_state, progress, stop_after, stop)
+    except RunTerminated:
+        raise   # already checkpointed and marked KILLED
     except TrainingDiverged as err:
         tracker.fail(str(err))
         raise
@@ -173,7 +214,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
 
 
 def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
-           init_state: dict | None, progress: bool, stop_after: int | None) -> TrainResult:
+           init_state: dict | None, progress: bool, stop_after: int | None,
+           stop: threading.Event | None = None) -> TrainResult:
     t_cfg = cfg.train
     device = pick_device(t_cfg.device)
     torch.manual_seed(t_cfg.seed)
@@ -197,12 +239,14 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     # history and logged layer rows.
     start = ckpt or init_state
     step, wall_s, flops_total, layer_rows = 0, 0.0, 0.0, []
+    skipped, skipped_in_a_row = 0, 0   # steps whose gradients were not finite (no update made)
     if start is not None:
         model.load_state_dict(start["model"])
         step, wall_s, flops_total = int(start["step"]), float(start["wall_s"]), float(start["flops_total"])
         torch.set_rng_state(start["rng"])
     if ckpt is not None:
         layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+        skipped = int(ckpt.get("skipped_steps", 0))
         if probes is not None and ckpt.get("probe"):
             probes.load_state_dict(ckpt["probe"])
     if start is not None:
@@ -240,7 +284,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": next_step,
                       "run_id": tracker.run_id, "rng": torch.get_rng_state(), "wall_s": wall_s,
                       "flops_total": flops_total, "config": cfg.model_dump(mode="json"),
-                      "layer_rows": [list(r) for r in layer_rows],
+                      "layer_rows": [list(r) for r in layer_rows], "skipped_steps": skipped,
                       "probe": probes.state_dict() if probes else {}}, path)
         tracker.flush()   # metrics up to this step are stored before the checkpoint is published
         tracker.log_artifact(path, "checkpoints")
@@ -255,6 +299,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     t_interval, n_interval = time.perf_counter(), 0
     loss_value = float("nan")
     while step < end:
+        if stop is not None and stop.is_set():
+            break
         t0 = time.perf_counter()
         want = schedule.frozen_at(step) if schedule else 0
         if want != stage:
@@ -287,15 +333,28 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         loss.backward()
         log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
         extra: dict[str, float] = {}
-        if log_now:
-            extra.update(block_grad_norms(model.blocks))
-            before = snapshot_blocks(model.blocks)
-        if t_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], t_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log_now:
-            extra.update(update_ratios(model.blocks, before))
+        with_grad = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if not torch.isfinite(grad_norm):
+            # A finite loss can still give inf/NaN gradients (an overflow inside one block). The
+            # update would put NaN into the weights and every later checkpoint: skip it, count it.
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingDiverged(f"gradients not finite for {skipped_in_a_row} steps in a row "
+                                       f"(up to step {step})")
+        else:
+            skipped_in_a_row = 0
+            if log_now:
+                extra.update(block_grad_norms(model.blocks))
+                before = snapshot_blocks(model.blocks)
+            if t_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(with_grad, t_cfg.grad_clip, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if log_now:
+                extra.update(update_ratios(model.blocks, before))
 
         for key, value in losses.items():
             interval_loss.setdefault(key, []).append(float(value.detach()))
@@ -316,7 +375,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             metrics.update({"train/lr": lr, "train/frozen_blocks": frozen,
                             "train/step_ms": 1000 * elapsed / n_interval,
                             "train/clips_per_s": n_interval * t_cfg.batch_size / elapsed,
-                            "train/flops": flops_total, "train/wall_s": wall_s})
+                            "train/flops": flops_total, "train/wall_s": wall_s,
+                            "train/skipped_steps": skipped})
             metrics.update(extra)
             record(metrics, step)
             tracker.submit()
@@ -328,6 +388,12 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             checkpoint(step)
             t_interval = time.perf_counter()   # checkpoint I/O is not step time
     bar.close()
+    if stop is not None and stop.is_set() and step < end:
+        if step % t_cfg.checkpoint_every or (start is None and step == 0):   # not just written by the loop
+            checkpoint(step)
+        tracker.finish("KILLED")
+        raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
+                            f"continue it with --resume {tracker.run_id}")
 
     heldout = None
     if step >= t_cfg.steps and rank == 0 and t_cfg.heldout_clips > 0:
@@ -357,7 +423,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
 
 
 def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str | None = None) -> dict:
-    """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only."""
+    """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only.
+    When the latest does not load (truncated by a kill), the previous good one is used (said on stderr)."""
     tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
     names = sorted(tracker.list_artifacts("checkpoints"))
     if not names:
@@ -368,8 +435,11 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
             have = ", ".join(n.split("_")[-1].removesuffix(".pt").lstrip("0") or "0" for n in names)
             raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
         names = [wanted]
-    with tempfile.TemporaryDirectory() as tmp:
-        return torch.load(tracker.download(names[-1], tmp), map_location="cpu", weights_only=True)
+    state = _load_newest_good(tracker, names)
+    if state is None:
+        which = f"its checkpoint at step {step}" if step is not None else "none of its checkpoints"
+        raise LayerLockError(f"run {run_id}: {which} loads (truncated or corrupt files)")
+    return state
 
 
 __all__ = ["train", "TrainResult", "FreezeSchedule", "lr_at", "load_run_checkpoint"]

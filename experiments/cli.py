@@ -10,9 +10,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from core.errors import LayerLockError, TrainingDiverged
+from core.errors import LayerLockError, RunTerminated, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
+EXIT_TERMINATED = 128 + 15   # what a shell reports for a process ended by SIGTERM
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err} (run marked FAILED)", file=sys.stderr)
         return 1
+    except RunTerminated as err:
+        print(f"terminated: {err}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
