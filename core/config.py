@@ -20,8 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ConfigError
 
 
+# Seeds feed torch generators (a 64-bit range, after core.train.step_generator's arithmetic).
+MAX_SEED = 2**31 - 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/NaN anywhere: an infinite mlp_ratio or lr is never meant and fails deep inside torch.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -55,7 +60,7 @@ class DataConfig(_Strict):
     size: int = Field(32, ge=8, description="square frame side in pixels")
     train_clips: int = Field(4096, ge=8, description="virtual size of the procedural train split")
     val_clips: int = Field(512, ge=8, description="size of the held-out split used by probes")
-    seed: int = Field(0, description="data seed; the train/val splits are fixed by it")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="data seed; the train/val splits are fixed by it")
 
 
 class ObjectiveConfig(_Strict):
@@ -108,7 +113,7 @@ class TrainConfig(_Strict):
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(20, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -142,6 +147,10 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"data.frames={d.frames} is not divisible by model.tubelet={m.tubelet}")
         if d.name == "video_folder" and not d.root:
             raise ValueError("data.root is required for data.name=video_folder")
+        lb = self.objective.latent_block
+        if not -m.depth <= lb < m.depth:
+            raise ValueError(f"objective.latent_block={lb} is not a block of the model (model.depth={m.depth}: "
+                             f"0..{m.depth - 1}, or -1..-{m.depth} counted from the last)")
         return self
 
     @property
@@ -244,7 +253,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (a YAML config is UTF-8 text)") from None
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(tree, dict):

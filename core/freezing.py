@@ -59,7 +59,11 @@ class FreezeSchedule:
         if not p.is_file():
             raise ScheduleError(f"schedule file not found: {p}")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ScheduleError(f"{p}: not a text file (a schedule is JSON text)") from None
+        except OSError as err:
+            raise ScheduleError(f"{p}: cannot be read ({err.strerror})") from None
         except json.JSONDecodeError as err:
             raise ScheduleError(f"{p}: not valid JSON ({err.msg} at line {err.lineno})") from None
         return cls.from_dict(d, where=str(p))

@@ -37,11 +37,43 @@ def block_key(metric: str, block: int) -> str:
     return f"{metric}/block_{block:02d}"
 
 
+# MLflow's own HTTP defaults (7 retries with exponential back-off, 120 s per request) keep a
+# command waiting minutes on a server that is not there; these apply unless the user set them.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str) -> None:
+    """For an ``http(s)://`` tracking URI: bound MLflow's HTTP retries and timeouts (unless the
+    user set them), and check that a server answers a TCP connect within CONNECT_TIMEOUT_S, else
+    LayerLockError at once instead of minutes of retries. Other schemes are left alone."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    for key, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:   # a port that is not a number or out of range
+        raise LayerLockError(f"tracking URI {uri}: {err}") from None
+    if not host:
+        raise LayerLockError(f"tracking URI {uri}: no host")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LayerLockError(f"tracking server {uri} does not answer ({reason})") from None
+
+
 def _client(uri: str):
-    import mlflow
+    """A client bound to ``uri``; never the process-global ``mlflow.set_tracking_uri`` (the
+    dashboard serves many visitors from one process)."""
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -80,6 +112,8 @@ class Tracker:
             self.client = _client(self.uri)
             if run_id is None:
                 exp_id = _experiment_id(self.client, experiment, self.uri)
+        except LayerLockError:
+            raise
         except Exception as err:   # unsupported scheme, unreachable server, unwritable store
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LayerLockError(f"cannot open tracking URI {self.uri}: {first[:300]}") from None

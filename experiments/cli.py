@@ -33,7 +33,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if not args.config:
             raise LayerLockError("pretrain needs --config FILE (or --resume RUN_ID)")
         cfg = load_config(args.config, args.set)
-    tags = dict(t.split("=", 1) for t in args.tag or [])
+    tags = parse_tags(args.tag)
     if args.seeds is not None:
         return _pretrain_seeds(args, cfg, tags)
     result = train(cfg, tracking_uri=args.tracking_uri, resume_run_id=args.resume, tags=tags)
@@ -47,6 +47,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
           f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
     print(result.run_id)
     return 0
+
+
+def parse_tags(pairs: list[str] | None) -> dict[str, str]:
+    """``--tag key=value`` pairs -> dict; a pair without '=' or with an empty key is bad input."""
+    tags: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LayerLockError(f"--tag expects key=value, got '{pair}'")
+        tags[key.strip()] = value
+    return tags
 
 
 def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
