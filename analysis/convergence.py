@@ -167,6 +167,19 @@ def gradnorm_convergence(
     return _steps_or_na(wide, end)
 
 
+def check_threshold(method: str, threshold: float | None) -> None:
+    """A usable threshold for ``method``: CKA rules compare with a similarity in (0, 1]; the
+    gradient-norm rule with a positive ratio. Raises LayerLockError (bad input), None is the default."""
+    if threshold is None:
+        return
+    if not math.isfinite(threshold):
+        raise LayerLockError(f"threshold must be a finite number, got {threshold}")
+    if method in ("posthoc", "online") and not 0 < threshold <= 1:
+        raise LayerLockError(f"threshold={threshold} for the {method} rule: a CKA similarity must be in (0, 1]")
+    if method == "gradnorm" and threshold <= 0:
+        raise LayerLockError(f"threshold={threshold} for the gradnorm rule must be positive")
+
+
 def detect_convergence(
     layer_df: pd.DataFrame,
     method: Method = "posthoc",
@@ -177,6 +190,7 @@ def detect_convergence(
     """Dispatch to one rule; ``None`` arguments take the rule's defaults (see ``RULES``)."""
     if method not in RULES:
         raise LayerLockError(f"unknown convergence method '{method}' (choose from {', '.join(RULES)})")
+    check_threshold(method, threshold)
     t = RULES[method]["threshold"] if threshold is None else threshold
     p = RULES[method]["patience"] if patience is None else patience
     if method == "posthoc":

@@ -116,9 +116,9 @@ def client(uri: str | None = None) -> MlflowClient:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from core.tracking import check_reachable
+    from core.tracking import check_uri
 
-    check_reachable(resolved)   # an http(s) server that is not there fails in seconds, not minutes
+    check_uri(resolved)   # an http(s) server that is not there fails in seconds, not minutes
     try:
         return MlflowClient(tracking_uri=resolved)
     except MlflowException as err:

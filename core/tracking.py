@@ -41,16 +41,23 @@ def block_key(metric: str, block: int) -> str:
 # command waiting minutes on a server that is not there; these apply unless the user set them.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 CONNECT_TIMEOUT_S = 5.0
+KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
-def check_reachable(uri: str) -> None:
-    """For an ``http(s)://`` tracking URI: bound MLflow's HTTP retries and timeouts (unless the
-    user set them), and check that a server answers a TCP connect within CONNECT_TIMEOUT_S, else
-    LayerLockError at once instead of minutes of retries. Other schemes are left alone."""
+def check_uri(uri: str) -> None:
+    """Bad tracking URIs fail at once with LayerLockError: an unknown scheme, a sqlite URI without
+    a file, an ``http(s)://`` server that does not answer a TCP connect within CONNECT_TIMEOUT_S
+    (instead of minutes of MLflow retries). For http(s), MLflow's HTTP retries and timeouts are
+    bounded (HTTP_ENV_DEFAULTS) unless the user set them."""
     import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
+    if "://" in uri and parts.scheme.split("+")[0] not in KNOWN_SCHEMES:
+        raise LayerLockError(f"tracking URI {uri}: unsupported scheme '{parts.scheme}' "
+                             f"(use sqlite:///FILE.db, http(s)://HOST:PORT or postgresql://...)")
+    if parts.scheme == "sqlite" and not uri.removeprefix("sqlite:///").split("?", 1)[0]:
+        raise LayerLockError(f"tracking URI {uri}: no database file (sqlite:///FILE.db, or sqlite:////ABS/FILE.db)")
     if parts.scheme not in ("http", "https"):
         return
     for key, value in HTTP_ENV_DEFAULTS.items():
@@ -73,7 +80,7 @@ def _client(uri: str):
     dashboard serves many visitors from one process)."""
     from mlflow import MlflowClient
 
-    check_reachable(uri)
+    check_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -92,6 +92,14 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int) -> di
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from core.errors import LayerLockError
+
+    for flag, least in (("batch_size", 1), ("rounds", 1), ("steps_per_round", 1), ("warmup", 0), ("repeats", 1)):
+        value = getattr(args, flag)
+        if value < least:
+            raise LayerLockError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
     import torch
 
     # freezing: one intra-op thread by default; on a small shared machine, OpenMP threads that

@@ -193,11 +193,25 @@ def paired_lines(result: dict) -> list[str]:
     return lines
 
 
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Reject numbers the demo would only trip over after training (LayerLockError)."""
+    from analysis.convergence import check_threshold
+    from core.errors import LayerLockError
+
+    check_threshold("posthoc", args.threshold)
+    if args.margin < 0:
+        raise LayerLockError(f"--margin must be a non-negative number of steps, got {args.margin}")
+    if not 0 < args.max_frozen_fraction < 1:
+        raise LayerLockError(f"--max-frozen-fraction must be in (0, 1) (at least one block trains), "
+                             f"got {args.max_frozen_fraction}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.seeds import parse_seeds
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     seeds = parse_seeds(args.seeds)
+    check_demo_args(args)   # before minutes of training, not after
     progress = sys.stderr.isatty()
     if not progress:   # a file or CI log: stage lines, not thousands of progress-bar frames
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
