@@ -17,9 +17,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from analysis import METRIC_HELP
 from analysis.agreement import rule_markers
 from app.views import charts, loaders, state
-from core.schema import METRIC_HELP
 
 # One marker per rule, offset within the row so that rules agreeing on a step stay visible.
 RULE_STYLE = {"posthoc": ("diamond", "#1f77b4", -0.25), "online": ("circle", "#ff7f0e", 0.0),
@@ -125,9 +125,11 @@ st.caption("In row L a rule's marker sits at the step where that rule saw block 
 st.subheader("Cheap rules against the freeze test")
 blocks = pd.DataFrame(report["blocks"])
 shown = blocks.assign(
-    freeze_test_step=[("n/d" if s == "undetermined" else "never") if v is None else str(v)
+    # pandas stores a missing step as NaN in a float column: test with isna, print as an integer.
+    freeze_test_step=[("n/d" if s == "undetermined" else "never") if pd.isna(v) else str(int(v))
                       for v, s in zip(blocks["freeze_test_step"], blocks["freeze_test"], strict=True)],
-    **{name: [("never" if v is None else str(v)) for v in blocks[name]] for name in report["rules"]},
+    prefix=["n/d" if pd.isna(v) else str(int(v)) for v in blocks["prefix"]],
+    **{name: [("never" if pd.isna(v) else str(int(v))) for v in blocks[name]] for name in report["rules"]},
 ).drop(columns=["freeze_test"]).rename(columns={"prefix": "L used", "freeze_test_step": "freeze test"})
 left, right = st.columns([3, 2])
 left.dataframe(shown, hide_index=True, key="ft_agreement_blocks")
