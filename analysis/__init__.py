@@ -1,7 +1,30 @@
 """Pure analysis of logged runs: load, convergence, schedules, FLOPs, comparison.
 
 Modules: ``io`` (the only one that talks to MLflow), ``convergence``, ``schedule``, ``flops``,
-``compare``, ``synthetic`` (runs with known convergence, for tests and demos); ``attribution``
-(captum) is the only one that needs torch. Nothing is imported here, so that importing one
-module does not pull in the others (and ``mlflow``/``scipy``) at start-up.
+``compare``, ``testing`` (runs with known convergence, for tests and benches); ``attribution``
+(captum) is the only one that imports torch. No submodule is imported here, so that importing
+one does not pull in the others (and ``mlflow``/``scipy``) at start-up.
+
+The dashboard (``app``) imports ``analysis`` only, never ``core`` (docs/architecture.md,
+"Layers"): what it needs from core -- the error type users can fix, the run schema and the
+metric descriptions, the config check -- is re-exported here. These core modules are plain
+Python (no torch).
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from core import schema
+from core.errors import LayerLockError, first_line
+from core.schema import HELDOUT_KEY, METRIC_HELP, metric_help
+
+
+def load_config(path: Any, overrides: list[str] | None = None) -> Any:
+    """``core.config.load_config`` (imported on first use: pydantic and yaml load lazily)."""
+    from core.config import load_config as load
+
+    return load(path, overrides)
+
+
+__all__ = ["HELDOUT_KEY", "METRIC_HELP", "LayerLockError", "first_line", "load_config", "metric_help", "schema"]

@@ -1,7 +1,7 @@
 """Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement} ...``.
 
 Library code raises :class:`core.errors.LayerLockError`; this is the only place that turns it
-into one ``error: ...`` line on stderr and exit code 2 (DESIGN.md section 4). Heavy imports
+into one ``error: ...`` line on stderr and exit code 2 (docs/architecture.md, "Errors"). Heavy imports
 (mlflow, scipy) happen inside the commands, so ``--help`` and argument errors stay instant.
 """
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.errors import LayerLockError
+from core.errors import LayerLockError, first_line
 
 
 def _jsonable(x: Any) -> Any:
@@ -77,27 +77,12 @@ def cmd_convergence(args: argparse.Namespace) -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
-    from analysis import io
-    from analysis.convergence import RULES, detect_convergence
-    from analysis.schedule import derive_schedule, schedule_with_prediction
+    from analysis.schedule import derive_run_schedule
 
-    record = io.get_run(args.run, args.tracking_uri)
-    layer_df = io.load_layer_metrics(args.run, args.tracking_uri, metrics=(RULES[args.method]["metric"],))
-    conv = detect_convergence(layer_df, args.method, args.threshold, args.patience)
-    flop_model = io.load_flop_model(args.run, args.tracking_uri)
-    total_steps = args.total_steps or record.param_int("train.steps")
-    if not total_steps:
-        raise LayerLockError(f"run {args.run} has no train.steps param; pass --total-steps")
-    # Depth: the config first, then the flop model, then the blocks that logged metrics.
-    n_blocks = (record.param_int("model.depth") or (flop_model or {}).get("n_blocks")
-                or int(conv.index.max()) + 1)
-    threshold = RULES[args.method]["threshold"] if args.threshold is None else args.threshold
-    source = {"run_id": args.run, "method": args.method, "threshold": threshold}
-    if args.method != "posthoc":
-        source["patience"] = RULES[args.method]["patience"] if args.patience is None else args.patience
-    schedule = derive_schedule(conv, int(n_blocks), int(total_steps), margin=args.margin,
-                               max_frozen=args.max_frozen, quantize=args.quantize, source=source)
-    text = _dump(schedule_with_prediction(schedule, flop_model, int(total_steps)))
+    schedule = derive_run_schedule(args.run, args.tracking_uri, args.method, args.threshold, args.patience,
+                                   total_steps=args.total_steps, margin=args.margin, max_frozen=args.max_frozen,
+                                   quantize=args.quantize)
+    text = _dump(schedule)
     if args.out:
         out = Path(args.out)
         try:
@@ -246,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LayerLockError as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Output piped into `head` and cut short: not an error worth a traceback.

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import io
+from core import schema
 from core.errors import LayerLockError, RunNotFoundError
 from core.schema import HELDOUT_KEY
 
@@ -41,7 +42,7 @@ COMPARE_COLUMNS = [
     "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
-_HISTORY_KEYS = ("train/loss", "train/loss_pixel", HELDOUT_KEY, "train/flops", "train/wall_s")
+_HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S)
 # Columns a group comparison adds to each run row, and the ones summarised per group
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
@@ -60,7 +61,7 @@ def _single_run(history: pd.DataFrame) -> None:
         raise LayerLockError("expected the history of one run, got several run ids")
 
 
-def final_value(history: pd.DataFrame, metric: str = "train/loss", last: int = FINAL_LAST) -> float:
+def final_value(history: pd.DataFrame, metric: str = schema.LOSS, last: int = FINAL_LAST) -> float:
     """Mean of the last ``last`` logged values of ``metric`` (NaN when never logged)."""
     values = _series(history, metric)
     return float(values.iloc[-last:].mean()) if len(values) else float("nan")
@@ -100,11 +101,11 @@ def summarize_run(
     _single_run(history)
     row: dict[str, Any] = {k: meta.get(k) for k in ("run_id", "name", "method", "dataset", "status", "steps")}
     row.update(
-        final_loss=final_value(history, "train/loss", last),
-        final_loss_pixel=final_value(history, "train/loss_pixel", last),
+        final_loss=final_value(history, schema.LOSS, last),
+        final_loss_pixel=final_value(history, schema.LOSS_PIXEL, last),
         heldout_loss_pixel=last_value(history, HELDOUT_KEY),
-        total_flops=last_value(history, "train/flops"),
-        wall_s=last_value(history, "train/wall_s"),
+        total_flops=last_value(history, schema.FLOPS),
+        wall_s=last_value(history, schema.WALL_S),
     )
     row.update(collapse_indicators(layer_df if layer_df is not None else pd.DataFrame(columns=io.LAYER_COLUMNS)))
     row.update(evals or {})
@@ -206,7 +207,8 @@ def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSp
 
 def stat_columns(frame: pd.DataFrame) -> list[str]:
     """The columns summarised per group: ``STAT_COLUMNS`` then the ``eval/*`` ones present."""
-    return [c for c in STAT_COLUMNS if c in frame.columns] + sorted(c for c in frame.columns if c.startswith("eval/"))
+    evals = sorted(c for c in frame.columns if c.startswith(schema.EVAL))
+    return [c for c in STAT_COLUMNS if c in frame.columns] + evals
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,7 @@ def _as_frame(histories: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.DataFrame:
 def loss_at_steps(
     histories: pd.DataFrame | Iterable[pd.DataFrame],
     steps: Sequence[int],
-    metric: str = "train/loss",
+    metric: str = schema.LOSS,
     window: int = 1,
 ) -> pd.DataFrame:
     """``metric`` of each run at equal steps: rows ``run_id``, columns the requested steps.
@@ -339,18 +341,18 @@ def _cost_to_reach(history: pd.DataFrame, target: float, cost_metric: str, metri
 
 
 def flops_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = "train/loss", smooth: int = 1
+    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
 ) -> float | None:
     """Cumulative ``train/flops`` when ``metric`` (trailing mean over ``smooth`` logged values)
     first reaches ``target_loss``; None if it never does. One run's history."""
-    return _cost_to_reach(history, target_loss, "train/flops", metric, smooth)
+    return _cost_to_reach(history, target_loss, schema.FLOPS, metric, smooth)
 
 
 def wall_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = "train/loss", smooth: int = 1
+    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
 ) -> float | None:
     """Like :func:`flops_to_reach`, in ``train/wall_s`` seconds."""
-    return _cost_to_reach(history, target_loss, "train/wall_s", metric, smooth)
+    return _cost_to_reach(history, target_loss, schema.WALL_S, metric, smooth)
 
 
 # ----------------------------------------------------------------------------- freeze test
@@ -430,11 +432,11 @@ def final_losses(run_ids: Sequence[str], uri: str | None = None,
     run has it; otherwise the mean of the last ``last`` logged ``train/loss`` values, which
     also carries the minibatch noise of the run's last batches. ``how`` names the one used.
     """
-    histories = {r: io.load_history(r, [HELDOUT_KEY, "train/loss"], uri) for r in run_ids}
+    histories = {r: io.load_history(r, [HELDOUT_KEY, schema.LOSS], uri) for r in run_ids}
     if histories and all((h["metric"] == HELDOUT_KEY).any() for h in histories.values()):
         return ({r: last_value(h, HELDOUT_KEY) for r, h in histories.items()},
                 f"{HELDOUT_KEY} (held-out clips, fixed masks)")
-    return ({r: final_value(h, "train/loss", last) for r, h in histories.items()},
+    return ({r: final_value(h, schema.LOSS, last) for r, h in histories.items()},
             f"mean of the last {last} logged train/loss")
 
 

@@ -5,7 +5,7 @@ optionally ``run_id``) for ONE run. Output of every rule: a ``pd.Series`` indexe
 (name ``converged_step``, dtype ``Int64``) holding the convergence step, ``<NA>`` for a block
 that never converged under the rule.
 
-Rules (DESIGN.md section 5):
+Rules (docs/architecture.md, "Method choices"):
 
 - ``posthoc`` (``cka_final``): block b converged at the first probe step s after which its
   ``cka_final`` stays >= threshold at every later probe. ``cka_final`` compares each probe

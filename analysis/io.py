@@ -8,7 +8,7 @@ Everything else in ``analysis`` works on the plain values and tidy DataFrames re
 Reading conventions:
 
 - The tracking URI is the explicit argument, else ``MLFLOW_TRACKING_URI``, else the embedded
-  default ``sqlite:///mlflow.db`` (DESIGN.md section 4).
+  default ``sqlite:///mlflow.db`` (docs/architecture.md, "Run schema").
 - Reads never create a store: a ``sqlite:///`` URI whose file does not exist is reported
   (``RunNotFoundError`` for a run, an empty frame for :func:`list_runs`) instead of letting
   MLflow create an empty database as a side effect of looking.
@@ -35,35 +35,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from core.errors import LayerLockError, RunNotFoundError
-from core.tracking import block_key, resolve_uri  # noqa: F401  (block_key is part of this module's API)
+from core import schema
+from core.errors import LayerLockError, RunNotFoundError, first_line
+
+# The run schema is part of this module's API (io.TAG_METHOD, io.block_key, ...): one definition, in core.
+from core.schema import (  # noqa: F401
+    BLOCK_METRICS,
+    DERIVED_SCHEDULE_ARTIFACT,
+    FLOP_MODEL_ARTIFACT,
+    LAYER_METRICS_ARTIFACT,
+    SCHEDULE_ARTIFACT,
+    TAG_DATASET,
+    TAG_FAILURE,
+    TAG_FREEZE_BLOCKS,
+    TAG_FREEZE_STEP,
+    TAG_GROUP,
+    TAG_METHOD,
+    TAG_PARENT,
+    TAG_SCHEDULE_SOURCE,
+    block_key,
+)
+from core.tracking import resolve_uri, sqlite_path  # noqa: F401  (sqlite_path: for the dashboard)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 
-# Tags written by the trainer (DESIGN.md section 4).
-TAG_METHOD = "layerlock.method"
-TAG_DATASET = "layerlock.dataset"
-TAG_SCHEDULE_SOURCE = "layerlock.schedule_source"
-TAG_PARENT = "layerlock.parent"
-TAG_FREEZE_STEP = "layerlock.freeze_test.step"
-TAG_FREEZE_BLOCKS = "layerlock.freeze_test.blocks"
-TAG_FAILURE = "layerlock.failure_reason"
-TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.seed
-
-# Artifacts written by the trainer.
-LAYER_METRICS_ARTIFACT = "layer_metrics.parquet"
-FLOP_MODEL_ARTIFACT = "flop_model.json"
-SCHEDULE_ARTIFACT = "schedule.json"
-# Where the dashboard saves a schedule *derived* from a run. Deliberately not ``schedule.json``:
-# that name means "the schedule this run trained with", and an MAE run that merely served as
-# the source of a schedule must not look as if it had been trained with one.
-DERIVED_SCHEDULE_ARTIFACT = "derived_schedule.json"
-
-# Per-block metrics the trainer logs as ``<metric>/block_NN``.
-BLOCK_METRICS = ("cka_prev", "cka_init", "cka_final", "grad_norm", "update_ratio", "eff_rank", "feat_std")
 # One path component, then ``block_<digits>``: ``eval/digit/block_03/acc`` does not match.
 _BLOCK_KEY = re.compile(r"^(?P<metric>[A-Za-z0-9_.-]+)/block_(?P<block>\d+)$")
 # Final-probe evaluation keys ``eval/<task>/<metric>``; per-block probes have one more level.
@@ -90,16 +88,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return resolve_uri(uri)
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    """File behind a ``sqlite:///`` URI (``sqlite:////abs`` is absolute), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
 def _store_missing(uri: str) -> bool:
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     return path is not None and not path.exists()
 
 
@@ -122,12 +112,7 @@ def client(uri: str | None = None) -> MlflowClient:
     try:
         return MlflowClient(tracking_uri=resolved)
     except MlflowException as err:
-        raise LayerLockError(f"cannot open tracking URI {resolved}: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(getattr(err, "message", None) or err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise LayerLockError(f"cannot open tracking URI {resolved}: {first_line(err)}") from None
 
 
 @contextmanager
@@ -141,7 +126,7 @@ def _mlflow_errors(uri: str, run_id: str | None = None) -> Iterator[None]:
         code = getattr(err, "error_code", "")
         if run_id is not None and code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise RunNotFoundError(f"run not found: {run_id} (tracking URI {uri})") from None
-        raise LayerLockError(f"tracking store {uri}: {_first_line(err)}") from None
+        raise LayerLockError(f"tracking store {uri}: {first_line(err)}") from None
 
 
 def _open_for_run(run_id: str, uri: str | None) -> tuple[MlflowClient, str]:
@@ -246,20 +231,11 @@ def load_params(run_id: str, uri: str | None = None) -> dict[str, str]:
     return get_run(run_id, uri).params
 
 
-def load_tags(run_id: str, uri: str | None = None) -> dict[str, str]:
-    return get_run(run_id, uri).tags
-
-
-def latest_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
-    """Latest value of every metric key of the run."""
-    return get_run(run_id, uri).metrics
-
-
 def eval_metrics(metrics: dict[str, float], include_block_evals: bool = False) -> dict[str, float]:
     """The ``eval/<task>/<metric>`` entries of a metrics dict (plus per-block ones if asked)."""
     return {
         k: v for k, v in metrics.items()
-        if k.startswith("eval/") and (include_block_evals or _FINAL_EVAL_KEY.match(k))
+        if k.startswith(schema.EVAL) and (include_block_evals or _FINAL_EVAL_KEY.match(k))
     }
 
 
@@ -277,7 +253,7 @@ def _runs_frame(records: Sequence[RunRecord], include_block_evals: bool = False)
             "start_time": r.start_time,
             "end_time": r.end_time,
             "steps": r.param_int("train.steps"),
-            "final_loss": r.metrics.get("train/loss", np.nan),
+            "final_loss": r.metrics.get(schema.LOSS, np.nan),
             "schedule_source": r.tags.get(TAG_SCHEDULE_SOURCE),
             "parent": r.tags.get(TAG_PARENT),
             "failure_reason": r.tags.get(TAG_FAILURE),
@@ -497,7 +473,7 @@ def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
         try:
             raw = pd.read_parquet(path)
         except (OSError, ValueError) as err:  # pyarrow's errors derive from these
-            raise LayerLockError(f"run {run_id}: cannot read {LAYER_METRICS_ARTIFACT}: {_first_line(err)}") from None
+            raise LayerLockError(f"run {run_id}: cannot read {LAYER_METRICS_ARTIFACT}: {first_line(err)}") from None
     missing = [col for col in ("step", "block", "metric", "value") if col not in raw.columns]
     if missing:
         raise LayerLockError(f"run {run_id}: {LAYER_METRICS_ARTIFACT} lacks column(s) {', '.join(missing)}")
@@ -512,7 +488,7 @@ def load_history(run_id: str, keys: Iterable[str] | None = None, uri: str | None
     c, resolved, run = _fetch_run(run_id, uri)
     logged = run.data.metrics
     if keys is None:
-        wanted = [k for k in logged if k.startswith("train/")]
+        wanted = [k for k in logged if k.startswith(schema.TRAIN)]
     else:
         wanted = [k for k in dict.fromkeys(keys) if k in logged]
     steps: list[int] = []
@@ -580,65 +556,3 @@ def log_schedule_artifact(
     with _mlflow_errors(resolved):
         c.log_dict(run_id, schedule, artifact_file)
     return f"{run.info.artifact_uri.rstrip('/')}/{artifact_file}"
-
-
-# ----------------------------------------------------------------------------- writing fixtures
-
-def create_run_from_frames(
-    experiment: str,
-    *,
-    uri: str | None = None,
-    layer_df: pd.DataFrame | None = None,
-    history: pd.DataFrame | None = None,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-    json_artifacts: dict[str, Any] | None = None,
-    layer_artifact: bool = True,
-    layer_history: bool = True,
-    artifact_root: str | None = None,
-    run_name: str | None = None,
-    status: str = "FINISHED",
-    start_time: int | None = None,
-) -> str:
-    """Log a run from tidy frames with the trainer's key schema; returns the run id.
-
-    For tests and dashboard demos (synthetic runs, see :mod:`analysis.synthetic`); real runs
-    are logged by ``core``. ``layer_df`` goes to ``<metric>/block_NN`` histories
-    (``layer_history``) and/or the ``layer_metrics.parquet`` artifact (``layer_artifact``).
-    ``artifact_root`` sets the artifact location of a newly created experiment (without it,
-    MLflow's default for a sqlite store is ``./mlruns`` under the working directory).
-    ``start_time`` (ms since the epoch; default now) places the run in the newest-first run list.
-    """
-    from mlflow.entities import Metric, Param, RunTag
-
-    c = client(uri)
-    resolved = resolve_tracking_uri(uri)
-    with _mlflow_errors(resolved):
-        exp = c.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=artifact_root)
-        run_id = c.create_run(exp_id, run_name=run_name, start_time=start_time).info.run_id
-        ts = 1_700_000_000_000  # fixed timestamps keep re-logged fixtures deterministic
-        metrics: list[Any] = []
-        if history is not None:
-            cols = (history["step"], history["metric"], history["value"])
-            metrics += [Metric(m, float(v), ts + int(s), int(s)) for s, m, v in zip(*cols, strict=True)]
-        if layer_df is not None and layer_history:
-            cols = (layer_df["step"], layer_df["block"], layer_df["metric"], layer_df["value"])
-            metrics += [Metric(block_key(m, int(b)), float(v), ts + int(s), int(s))
-                        for s, b, m, v in zip(*cols, strict=True)]
-        str_params = [Param(k, str(v)) for k, v in (params or {}).items()]
-        str_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        # log_batch limits: 1000 metrics, 100 params, 100 tags per call.
-        for i in range(0, max(len(str_params), len(str_tags), 1), 100):
-            c.log_batch(run_id, params=str_params[i:i + 100], tags=str_tags[i:i + 100])
-        for i in range(0, len(metrics), 1000):
-            c.log_batch(run_id, metrics=metrics[i:i + 1000])
-        if layer_df is not None and layer_artifact:
-            with tempfile.TemporaryDirectory(prefix="layerlock-") as tmp:
-                path = Path(tmp) / LAYER_METRICS_ARTIFACT
-                layer_df[["step", "block", "metric", "value"]].to_parquet(path, index=False)
-                c.log_artifact(run_id, str(path))
-        for name, payload in (json_artifacts or {}).items():
-            c.log_dict(run_id, payload, name)
-        c.set_terminated(run_id, status=status)
-    return run_id

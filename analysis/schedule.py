@@ -1,6 +1,6 @@
 """Freezing schedules: validate, derive from detected convergence, evaluate.
 
-A schedule (DESIGN.md section 4)::
+A schedule (docs/architecture.md, "Run schema")::
 
     {"n_blocks": 8, "stages": [{"step": 300, "frozen": 1}, {"step": 500, "frozen": 3}], "source": {...}}
 
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.flops import baseline_flops, predicted_saving, schedule_flops, stage_segments
-from core.errors import ScheduleError
+from core.errors import LayerLockError, ScheduleError
 from core.freezing import frozen_at as _frozen_at
 from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
 
@@ -124,3 +124,69 @@ def schedule_with_prediction(
         },
     )
     return out
+
+
+def schedule_for_run(
+    run_id: str,
+    conv: pd.Series,
+    *,
+    method: str,
+    threshold: float | None = None,
+    patience: int | None = None,
+    total_steps: int | None,
+    n_blocks: int | None,
+    flop_model: dict[str, Any] | None,
+    margin: int = 0,
+    max_frozen: int | None = None,
+    quantize: int | None = None,
+) -> dict[str, Any]:
+    """A run's derived schedule with its predicted saving: the one path from detected
+    convergence to a schedule (the analysis CLI, the Schedule page, the demo and the study).
+
+    ``conv`` holds the per-block convergence steps of rule ``method`` (``threshold`` and
+    ``patience``: None = the rule's defaults, recorded in ``source``). Depth: ``n_blocks`` (the
+    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. Raises
+    LayerLockError without ``total_steps``.
+    """
+    from analysis.convergence import RULES
+
+    if not total_steps:
+        raise LayerLockError(f"run {run_id} has no train.steps param; pass the total number of steps")
+    depth = n_blocks or (flop_model or {}).get("n_blocks") or (int(conv.index.max()) + 1 if len(conv) else 0)
+    if not depth:
+        raise LayerLockError(f"run {run_id}: cannot tell its depth (no model.depth param, flop model or block metrics)")
+    rule = RULES[method]
+    source: dict[str, Any] = {"run_id": run_id, "method": method,
+                              "threshold": rule["threshold"] if threshold is None else threshold}
+    if rule["patience"] is not None or patience is not None:
+        source["patience"] = rule["patience"] if patience is None else patience
+    schedule = derive_schedule(conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen,
+                               quantize=quantize, source=source)
+    return schedule_with_prediction(schedule, flop_model, int(total_steps))
+
+
+def derive_run_schedule(
+    run_id: str,
+    uri: str | None = None,
+    method: str = "posthoc",
+    threshold: float | None = None,
+    patience: int | None = None,
+    *,
+    total_steps: int | None = None,
+    margin: int = 0,
+    max_frozen: int | None = None,
+    quantize: int | None = None,
+) -> dict[str, Any]:
+    """:func:`schedule_for_run` on a logged run read from the store (``analysis.io``)."""
+    from analysis import io
+    from analysis.convergence import RULES, detect_convergence
+
+    if method not in RULES:
+        raise LayerLockError(f"unknown convergence method '{method}' (choose from {', '.join(RULES)})")
+    record = io.get_run(run_id, uri)
+    layer_df = io.load_layer_metrics(run_id, uri, metrics=(RULES[method]["metric"],))
+    conv = detect_convergence(layer_df, method, threshold, patience)
+    return schedule_for_run(run_id, conv, method=method, threshold=threshold, patience=patience,
+                            total_steps=total_steps or record.param_int("train.steps"),
+                            n_blocks=record.param_int("model.depth"), flop_model=io.load_flop_model(run_id, uri),
+                            margin=margin, max_frozen=max_frozen, quantize=quantize)

@@ -1,7 +1,8 @@
-"""Synthetic runs with KNOWN per-block convergence, for tests and dashboard demos.
+"""Synthetic runs with KNOWN per-block convergence, for tests and the dashboard bench.
 
-Everything here is a pure function of its arguments and a seed (no MLflow, no torch); log the
-frames with :func:`analysis.io.create_run_from_frames`.
+Not used by the product. The frame builders are pure functions of their arguments and a seed
+(no MLflow, no torch); :func:`create_run_from_frames` logs such frames as one MLflow run with
+the trainer's key schema (the only writer in ``analysis``; it reuses ``analysis.io``'s client).
 
 Ground truth of :func:`synthetic_layer_metrics` for a block with convergence step ``c``:
 
@@ -20,13 +21,17 @@ A block with ``c = None`` never converges: ``cka_final`` stays <= 0.9 until the 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from analysis import io
 from analysis.schedule import frozen_curve
+from core import schema
 
 GRAD_DECAY = 0.003  # per step; see the module docstring
 
@@ -156,12 +161,12 @@ def synthetic_history(
     loss = loss_end + (loss_start - loss_end) * np.exp(-5.0 * steps / total_steps)
     loss = loss * (1.0 + 0.01 * rng.normal(size=steps.size))
     columns = {
-        "train/loss": loss,
-        "train/loss_pixel": loss,
-        "train/lr": np.full(steps.size, 1.5e-3),
-        "train/frozen_blocks": frozen[steps].astype(float),
-        "train/flops": cumulative,
-        "train/wall_s": cumulative * seconds_per_flop,
+        schema.LOSS: loss,
+        schema.LOSS_PIXEL: loss,
+        schema.LR: np.full(steps.size, 1.5e-3),
+        schema.FROZEN_BLOCKS: frozen[steps].astype(float),
+        schema.FLOPS: cumulative,
+        schema.WALL_S: cumulative * seconds_per_flop,
     }
     frame = pd.DataFrame(
         [(int(s), k, float(v)) for k, values in columns.items() for s, v in zip(steps, values, strict=True)],
@@ -169,3 +174,65 @@ def synthetic_history(
     )
     frame.insert(0, "run_id", run_id)
     return frame.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- logging a synthetic run
+
+def create_run_from_frames(
+    experiment: str,
+    *,
+    uri: str | None = None,
+    layer_df: pd.DataFrame | None = None,
+    history: pd.DataFrame | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    json_artifacts: dict[str, Any] | None = None,
+    layer_artifact: bool = True,
+    layer_history: bool = True,
+    artifact_root: str | None = None,
+    run_name: str | None = None,
+    status: str = "FINISHED",
+    start_time: int | None = None,
+) -> str:
+    """Log a run from tidy frames with the trainer's key schema; returns the run id.
+
+    For tests and the dashboard bench; real runs are logged by ``core``. ``layer_df`` goes to
+    ``<metric>/block_NN`` histories (``layer_history``) and/or the ``layer_metrics.parquet``
+    artifact (``layer_artifact``).
+    ``artifact_root`` sets the artifact location of a newly created experiment (without it,
+    MLflow's default for a sqlite store is ``./mlruns`` under the working directory).
+    ``start_time`` (ms since the epoch; default now) places the run in the newest-first run list.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = io.client(uri)
+    resolved = io.resolve_tracking_uri(uri)
+    with io._mlflow_errors(resolved):
+        exp = c.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=artifact_root)
+        run_id = c.create_run(exp_id, run_name=run_name, start_time=start_time).info.run_id
+        ts = 1_700_000_000_000  # fixed timestamps keep re-logged fixtures deterministic
+        metrics: list[Any] = []
+        if history is not None:
+            cols = (history["step"], history["metric"], history["value"])
+            metrics += [Metric(m, float(v), ts + int(s), int(s)) for s, m, v in zip(*cols, strict=True)]
+        if layer_df is not None and layer_history:
+            cols = (layer_df["step"], layer_df["block"], layer_df["metric"], layer_df["value"])
+            metrics += [Metric(io.block_key(m, int(b)), float(v), ts + int(s), int(s))
+                        for s, b, m, v in zip(*cols, strict=True)]
+        str_params = [Param(k, str(v)) for k, v in (params or {}).items()]
+        str_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        # log_batch limits: 1000 metrics, 100 params, 100 tags per call.
+        for i in range(0, max(len(str_params), len(str_tags), 1), 100):
+            c.log_batch(run_id, params=str_params[i:i + 100], tags=str_tags[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+        if layer_df is not None and layer_artifact:
+            with tempfile.TemporaryDirectory(prefix="layerlock-") as tmp:
+                path = Path(tmp) / io.LAYER_METRICS_ARTIFACT
+                layer_df[["step", "block", "metric", "value"]].to_parquet(path, index=False)
+                c.log_artifact(run_id, str(path))
+        for name, payload in (json_artifacts or {}).items():
+            c.log_dict(run_id, payload, name)
+        c.set_terminated(run_id, status=status)
+    return run_id

@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/Home.py` puts only app/ on t
 
 import streamlit as st  # noqa: E402
 
+from analysis import first_line  # noqa: E402
 from app.views import loaders, state  # noqa: E402
 
 st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
@@ -68,6 +69,7 @@ try:
     page.run()
 except Exception as err:  # last resort: one line on the page, the traceback in the server log
     logging.getLogger("layerlock.app").exception("page %s failed", page.title)
-    text = str(err).splitlines()[0] if str(err) else ""
-    st.error(f"This page could not be drawn ({type(err).__name__}{': ' + text if text else ''}). "
+    text = first_line(err)
+    label = text if text == type(err).__name__ else f"{type(err).__name__}: {text}"
+    st.error(f"This page could not be drawn ({label}). "
              "The server log has the details.")

@@ -1,4 +1,4 @@
-"""Dashboard render time for a large run: ``python -m experiments.bench_dashboard [--json]``.
+"""Dashboard render time for a large run: ``python -m app.bench [--json]``.
 
 Creates, in a temporary store, a synthetic finished run of ``--blocks`` (12) blocks with every
 per-block metric logged at ``--steps`` (5,000) steps (7 metrics x 12 blocks x 5,001 steps, about
@@ -12,6 +12,8 @@ AppTest (``app/Home.py`` -> ``screens/convergence.py``) and reports:
   from the store, convergence detected, figures built and serialised);
 - ``warm``: the same page rendered again, in the same session and in a new session;
 - a breakdown of the cold path (store read, step x block table, detection, figures).
+
+It lives in ``app`` because it measures the dashboard (``experiments`` never imports ``app``).
 
 Targets (issue 7): cold < 2 s, warm < 0.5 s. Render time is server side (script run plus
 serialising the page); the browser's drawing is not included.
@@ -41,18 +43,23 @@ def make_run(uri: str, blocks: int, steps: int) -> str:
     from mlflow.entities import Metric
 
     from analysis import io
-    from analysis.synthetic import synthetic_flop_model, synthetic_history, synthetic_layer_metrics
+    from analysis.testing import (
+        create_run_from_frames,
+        synthetic_flop_model,
+        synthetic_history,
+        synthetic_layer_metrics,
+    )
 
     conv = [int(steps * (0.15 + 0.6 * b / blocks)) for b in range(blocks - 2)] + [None, None]
     layer_df = synthetic_layer_metrics(conv, total_steps=steps, probe_every=1, log_every=1)
     model = synthetic_flop_model(blocks)
     history = synthetic_history(steps, 1, model)
-    run_id = io.create_run_from_frames(
+    run_id = create_run_from_frames(
         "bench", uri=uri, layer_df=layer_df, layer_history=False, history=history,
         params={"model.depth": blocks, "train.steps": steps, "probe.every": 1},
         tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, run_name="bench-12x5000",
         json_artifacts={io.FLOP_MODEL_ARTIFACT: model},
-        artifact_root=(Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri())
+        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri())
     # The trainer also logs every per-block key as a metric; keep the latest value of each, as
     # MLflow's run snapshot would show it (the full history would only slow the setup).
     last = layer_df.sort_values("step").groupby(["metric", "block"]).tail(1)
@@ -71,18 +78,18 @@ def make_live_run(uri: str, blocks: int, steps: int) -> str:
     import pandas as pd
 
     from analysis import io
-    from analysis.synthetic import synthetic_history, synthetic_layer_metrics
+    from analysis.testing import create_run_from_frames, synthetic_history, synthetic_layer_metrics
 
     conv = [int(steps * (0.15 + 0.6 * b / blocks)) for b in range(blocks - 2)] + [None, None]
     layer_df = synthetic_layer_metrics(conv, total_steps=steps, probe_every=1, log_every=1)
     full = layer_df[layer_df["metric"] == "cka_final"]
     last = layer_df[layer_df["metric"] != "cka_final"].sort_values("step").groupby(["metric", "block"]).tail(1)
-    return io.create_run_from_frames(
+    return create_run_from_frames(
         "bench", uri=uri, layer_df=pd.concat([full, last]), layer_artifact=False,
         history=synthetic_history(steps, 1), status="RUNNING", run_name="bench-live",
         params={"model.depth": blocks, "train.steps": steps, "probe.every": 1},
         tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
-        artifact_root=(Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri())
+        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri())
 
 
 def render(at=None):
@@ -131,7 +138,7 @@ def breakdown(uri: str, run_id: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_dashboard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3, help="cold and warm renders each (median reported)")

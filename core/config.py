@@ -17,8 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ConfigError
-
+from core.errors import ConfigError, first_line
 
 # Seeds feed torch generators (a 64-bit range, after core.train.step_generator's arithmetic).
 MAX_SEED = 2**31 - 1
@@ -229,7 +228,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _describe(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{loc}'"
     msg = first["msg"].removeprefix("Value error, ")
@@ -259,7 +258,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except OSError as err:
             raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({first_line(err)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     if overrides:

@@ -31,3 +31,11 @@ class TrainingDiverged(RuntimeError):
 
 class RunTerminated(RuntimeError):
     """SIGTERM stopped training: metrics flushed, a checkpoint written, the run marked KILLED."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (MLflow's ``.message`` when it has one),
+    else the exception's class name: what a user sees on one line of stderr or in a warning.
+    Never raises, also for an empty message."""
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import ExperimentConfig
 from core.freezing import set_frozen_prefix
+from core.masking import n_keep
 from core.model import build_model
 from core.objectives import compute_losses, freezes
 
@@ -29,11 +30,10 @@ def count_step_flops(cfg: ExperimentConfig, batch_size: int, k: int) -> int:
     with torch.device("meta"):
         model = build_model(cfg.model, g)
     set_frozen_prefix(model, None, k if freezes(cfg.objective) else 0)
-    t, h, w = g.grid
-    n_keep_sp = max(1, min(h * w - 1, round(h * w * (1.0 - cfg.model.mask_ratio))))
+    kept = n_keep(g.grid, cfg.model.mask_ratio)
     video = torch.empty(batch_size, g.channels, g.frames, g.size, g.size, device="meta")
-    keep = torch.zeros(batch_size, t * n_keep_sp, dtype=torch.long, device="meta")
-    mask = torch.zeros(batch_size, g.n_tokens - t * n_keep_sp, dtype=torch.long, device="meta")
+    keep = torch.zeros(batch_size, kept, dtype=torch.long, device="meta")
+    mask = torch.zeros(batch_size, g.n_tokens - kept, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
         losses = compute_losses(model, model, video, keep, mask, cfg.objective, stage=k)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def n_keep(grid: tuple[int, int, int], ratio: float) -> int:
+    """Tokens each clip keeps under tube masking: ``t * kept spatial positions``, where at least
+    one position is kept and at least one is masked."""
+    t, h, w = grid
+    return t * max(1, min(h * w - 1, round(h * w * (1.0 - ratio))))
+
+
 def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample which tokens each clip keeps.
@@ -19,11 +26,11 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float,
     """
     t, h, w = grid
     hw = h * w
-    n_keep = max(1, min(hw - 1, round(hw * (1.0 - ratio))))
+    keep_sp_n = n_keep(grid, ratio) // t                     # kept spatial positions per clip
     noise = torch.rand(batch, hw, generator=generator)
     order = noise.argsort(dim=1)
-    keep_sp = order[:, :n_keep].sort(dim=1).values          # (B, n_keep) spatial positions
-    mask_sp = order[:, n_keep:].sort(dim=1).values           # (B, hw - n_keep)
+    keep_sp = order[:, :keep_sp_n].sort(dim=1).values        # (B, keep_sp_n) spatial positions
+    mask_sp = order[:, keep_sp_n:].sort(dim=1).values        # (B, hw - keep_sp_n)
     offsets = torch.arange(t).mul(hw).view(1, t, 1)           # (1, t, 1)
     keep_idx = (offsets + keep_sp[:, None, :]).flatten(1)     # (B, t * n_keep), sorted
     mask_idx = (offsets + mask_sp[:, None, :]).flatten(1)

@@ -229,8 +229,3 @@ class VideoMAE(nn.Module):
 
 def build_model(model: ModelConfig, geometry: Geometry) -> VideoMAE:
     return VideoMAE(model=model, geometry=geometry)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

@@ -45,7 +45,7 @@ from torch import nn
 from core.cka import effective_rank, linear_cka
 from core.config import ProbeConfig
 from core.errors import LayerLockError
-from core.tracking import block_key
+from core.schema import block_key
 
 STORE_DTYPE = torch.bfloat16
 # float32 rounding leaves ~1e-7 of a value behind when its mean is subtracted; spread across clips

@@ -15,7 +15,7 @@ Conventions:
   targets pooled with :func:`pool_dense_targets` line up with the tokens.
 - Layer keys of cached features: ``"final"`` = the encoder output after its final LayerNorm;
   an ``int`` i = the raw output of ``model.blocks[i]`` (0-based).
-- Metric keys of :func:`evaluate_encoder` follow DESIGN.md section 4: ``eval/<task>/<metric>``
+- Metric keys of :func:`evaluate_encoder` follow docs/architecture.md, "Run schema": ``eval/<task>/<metric>``
   and ``eval/<task>/block_03/<metric>``.
 """
 
@@ -272,9 +272,7 @@ def _eval_batches(module: nn.Module, feats: torch.Tensor, batch_size: int = 256)
 
 def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
               val_feats: torch.Tensor, val_labels: torch.Tensor, *, n_classes: int | None = None,
-              epochs: int = 40, lr: float = 1e-2, weight_decay: float = 0.05, batch_size: int = 64,
-              seed: int = 0, heads: int = 4, n_queries: int = 4, whiten: float | None = 0.1,
-              threads: int | None = 1) -> dict[str, float]:
+              settings: ProbeSettings = ProbeSettings(), seed: int = 0, threads: int | None = 1) -> dict[str, float]:
     """Train one probe on cached features and return its validation metrics.
 
     Features are ``(n, N, D)``. ``kind`` "attentive" / "linear": labels ``(n,)`` int64, returns
@@ -282,25 +280,25 @@ def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Te
     "delta1"}``. AdamW with a cosine-decayed learning rate; the initialisation and minibatch
     order come from ``seed`` only (the global RNG is left untouched), so a fit is reproducible.
 
-    ``whiten``: PCA-whiten the features with statistics of the *train* features, shrinkage
-    ``whiten`` (see :func:`whitening`); None leaves them as they are.
+    ``settings`` (:class:`ProbeSettings`) holds the hyper-parameters. ``settings.whiten``:
+    PCA-whiten the features with statistics of the *train* features, with that shrinkage (see
+    :func:`whitening`); None leaves them as they are.
 
     ``threads``: intra-op threads while fitting (default 1). A probe's ops are tiny, so threads
     cost more in synchronisation than they save -- on a shared 2-core CPU two threads measured
     10-20x slower than one -- and a fixed count keeps results independent of the machine.
     """
     with _threads(threads):
-        if whiten is not None:
-            mean, w = whitening(train_feats, whiten)
+        if settings.whiten is not None:
+            mean, w = whitening(train_feats, settings.whiten)
             train_feats, val_feats = (train_feats - mean) @ w, (val_feats - mean) @ w
         return _fit(kind, train_feats, train_labels, val_feats, val_labels, n_classes=n_classes,
-                    epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                    heads=heads, n_queries=n_queries)
+                    settings=settings, seed=seed)
 
 
 def _fit(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-         val_labels: torch.Tensor, *, n_classes: int | None, epochs: int, lr: float, weight_decay: float,
-         batch_size: int, seed: int, heads: int, n_queries: int) -> dict[str, float]:
+         val_labels: torch.Tensor, *, n_classes: int | None, settings: ProbeSettings, seed: int) -> dict[str, float]:
+    epochs, batch_size = settings.epochs, settings.batch_size
     if len(train_feats) != len(train_labels) or len(val_feats) != len(val_labels):
         raise ValueError("features and labels differ in length")
     dim = train_feats.shape[-1]
@@ -308,13 +306,13 @@ def _fit(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
         n_classes = int(max(train_labels.max(), val_labels.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = build_probe(kind, dim=dim, n_classes=n_classes, heads=heads, n_queries=n_queries)
+        probe = build_probe(kind, dim=dim, n_classes=n_classes, heads=settings.heads, n_queries=settings.n_queries)
     if isinstance(probe, DenseProbe):
         # Start at the mean target: the bias would otherwise spend most of the budget getting
         # from 0 to the depth range, and the whitened features have zero mean anyway.
         nn.init.constant_(probe.head.bias, float(train_labels.float().mean()))
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     n = len(train_feats)
     steps_per_epoch = math.ceil(n / batch_size)
     total = max(1, epochs * steps_per_epoch)
@@ -447,11 +445,8 @@ BLOCK_SETTINGS = ProbeSettings(epochs=15)
 
 def _fit_task(kind: ProbeKind, task: Task, train: torch.Tensor, val: torch.Tensor, data: EvalData,
               settings: ProbeSettings, seed: int) -> dict[str, float]:
-    s = settings
     return fit_probe("dense" if task.kind == "dense" else kind, train, data.train_labels[task.name],
-                     val, data.val_labels[task.name], n_classes=task.n_classes, epochs=s.epochs,
-                     lr=s.lr, weight_decay=s.weight_decay, batch_size=s.batch_size, seed=seed,
-                     heads=s.heads, n_queries=s.n_queries, whiten=s.whiten)
+                     val, data.val_labels[task.name], n_classes=task.n_classes, settings=settings, seed=seed)
 
 
 def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,

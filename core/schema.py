@@ -1,15 +1,87 @@
-"""What each logged indicator measures, and what would fool it: one line each.
+"""The run schema: every tag, metric key and artifact name a run carries, defined once.
 
-The dashboard, the command lines and the README show these lines next to the numbers, so a
-reader always knows what a figure means. Keys are the metric names without the
-``/block_NN`` suffix (see :func:`core.tracking.block_key`).
+The trainer, the freeze test, the demo and the study write these names; ``analysis`` and the
+dashboard read them. Nothing else spells them out (docs/architecture.md, "Run schema", has the
+table). Also here: what each logged indicator measures, and what would fool it, one line each
+(:data:`METRIC_HELP`); the dashboard, the command lines and the README show these lines next to
+the numbers. Plain Python, no torch: the dashboard imports it (through ``analysis``).
 """
 
 from __future__ import annotations
 
+# ----------------------------------------------------------------------------- tags
+
+TAG_METHOD = "layerlock.method"  # mae, layerlock, latent_naive, latent_scheduled, freeze_test, study
+TAG_DATASET = "layerlock.dataset"
+TAG_SCHEDULE_SOURCE = "layerlock.schedule_source"  # run id a schedule came from
+TAG_PARENT = "layerlock.parent"  # freeze-test children, next to mlflow's own parent tag
+MLFLOW_PARENT = "mlflow.parentRunId"
+TAG_FREEZE_STEP = "layerlock.freeze_test.step"
+TAG_FREEZE_BLOCKS = "layerlock.freeze_test.blocks"
+TAG_FAILURE = "layerlock.failure_reason"  # FAILED runs: the first line of the error
+TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.seed
+TAG_STUDY = "layerlock.study"  # every run of one `python -m experiments study`
+TAG_LAUNCHED_FROM = "layerlock.launched_from"  # "dashboard" for runs its Launch page started
+
+# Values of TAG_METHOD that are not training objectives.
+METHOD_FREEZE_TEST = "freeze_test"
+METHOD_STUDY = "study"  # the summary run of a study
+
+# ----------------------------------------------------------------------------- metric keys
+
+TRAIN = "train/"  # run-level training metrics, logged every log_every steps
+EVAL = "eval/"  # probes: eval/<task>/<metric>, eval/<task>/block_03/<metric>
+STUDY = "study/"  # headline numbers of a study's summary run
+LOSS = "train/loss"
+LOSS_PIXEL = "train/loss_pixel"
+LOSS_LATENT = "train/loss_latent"
+LR = "train/lr"
+FROZEN_BLOCKS = "train/frozen_blocks"
+STEP_MS = "train/step_ms"
+CLIPS_PER_S = "train/clips_per_s"
+FLOPS = "train/flops"  # cumulative
+WALL_S = "train/wall_s"  # cumulative
+SKIPPED_STEPS = "train/skipped_steps"
+SKIPPED_FILES = "data/skipped_files"
 # Held-out pixel loss logged once at the end of a run: fixed val clips, fixed masks (the freeze
 # test's and the comparisons' "final loss" when present).
 HELDOUT_KEY = "val/loss_pixel"
+
+# Per-block metrics, logged as ``<metric>/block_NN`` (see :func:`block_key`).
+BLOCK_METRICS = ("cka_prev", "cka_init", "cka_final", "grad_norm", "update_ratio", "eff_rank", "feat_std")
+
+
+def block_key(metric: str, block: int) -> str:
+    """``("cka_prev", 3)`` -> ``"cka_prev/block_03"``."""
+    return f"{metric}/block_{block:02d}"
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+CONFIG_ARTIFACT = "config.yaml"  # the resolved config
+SCHEDULE_ARTIFACT = "schedule.json"  # the schedule the run trained with
+# A schedule *derived* from a run. Deliberately not ``schedule.json``: that name means "the
+# schedule this run trained with", and an MAE run that merely served as the source of a
+# schedule must not look as if it had been trained with one.
+DERIVED_SCHEDULE_ARTIFACT = "derived_schedule.json"
+FLOP_MODEL_ARTIFACT = "flop_model.json"  # counted FLOPs of one step per frozen-prefix length
+LAYER_METRICS_ARTIFACT = "layer_metrics.parquet"  # tidy: step, block, metric, value
+PROBE_DIR = "probe"  # stored probe features
+CHECKPOINT_DIR = "checkpoints"  # checkpoints/step_NNNNNN.pt
+STUDY_DIR = "study"  # a study's report.md, results.json, figures/
+
+
+def checkpoint_artifact(step: int) -> str:
+    """``1200`` -> ``"checkpoints/step_001200.pt"`` (sorts by step as text)."""
+    return f"{CHECKPOINT_DIR}/step_{step:06d}.pt"
+
+
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint artifact path (inverse of :func:`checkpoint_artifact`)."""
+    return int(name.rsplit("_", 1)[-1].removesuffix(".pt"))
+
+
+# ----------------------------------------------------------------------------- what each metric means
 
 METRIC_HELP: dict[str, str] = {
     "cka_prev": "debiased linear CKA of a block's content features (each position's mean over the probe clips "

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.errors import LayerLockError, RunNotFoundError
+from core.errors import LayerLockError, RunNotFoundError, first_line
+from core.schema import TAG_FAILURE
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 1000
@@ -32,9 +33,16 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def block_key(metric: str, block: int) -> str:
-    """``("cka_prev", 3)`` -> ``"cka_prev/block_03"`` (DESIGN.md section 4)."""
-    return f"{metric}/block_{block:02d}"
+def sqlite_path(uri: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URI (relative ``sqlite:///x.db``, absolute
+    ``sqlite:////abs/x.db``; a ``?query`` is dropped), else None (other stores, ``:memory:``).
+
+    The one parser of sqlite URIs (the trainer, ``analysis.io``, the dashboard).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 # MLflow's own HTTP defaults (7 retries with exponential back-off, 120 s per request) keep a
@@ -89,10 +97,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is not None:
         # Keep artifacts beside the sqlite file (not in the current directory of whoever runs).
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
-        artifact_location = (db.parent / "mlartifacts").as_uri()
+        artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently by another process
@@ -122,8 +130,7 @@ class Tracker:
         except LayerLockError:
             raise
         except Exception as err:   # unsupported scheme, unreachable server, unwritable store
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LayerLockError(f"cannot open tracking URI {self.uri}: {first[:300]}") from None
+            raise LayerLockError(f"cannot open tracking URI {self.uri}: {first_line(err)[:300]}") from None
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
@@ -192,12 +199,6 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -238,5 +239,5 @@ class Tracker:
         try:
             self.flush()
         finally:
-            self.client.set_tag(self.run_id, "layerlock.failure_reason", reason[:4000])
+            self.client.set_tag(self.run_id, TAG_FAILURE, reason[:4000])
             self.client.set_terminated(self.run_id, status="FAILED")

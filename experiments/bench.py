@@ -1,8 +1,11 @@
-"""``bench freezing|tracking``: side-by-side measurements in one process, printed as ratios.
+"""``bench freezing|tracking|data|cli``: side-by-side measurements in one process, printed as ratios.
 
 freezing: for k = 0..depth-1 frozen blocks, the median step time on the same batch, rounds
 interleaved across k so drift in machine load hits every k alike; against counted FLOPs.
 tracking: the same short run with probes+tracking off and on, alternated, median per-step time.
+data: seconds to build a batch of 32 procedural clips, per dataset (median of repeats).
+cli: seconds for ``python -m analysis convergence --json`` on a synthetic run, start-up included.
+Timings are measured here, never asserted in tests: the machine decides them.
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise LayerLockError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if args.threads is not None and args.threads < 1:
         raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
+    if args.what in ("data", "cli"):
+        result = bench_data(args.repeats) if args.what == "data" else bench_cli(args.repeats)
+        print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f} s" for k, v in result.items()))
+        return 0
     import torch
 
     # freezing: one intra-op thread by default; on a small shared machine, OpenMP threads that
@@ -128,9 +135,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_data(repeats: int, batch: int = 32) -> dict[str, float]:
+    """Median seconds to build ``batch`` procedural clips, per dataset (after one warm-up batch)."""
+    from core.config import DataConfig
+    from core.data import build_dataset, get_batch
+
+    out = {}
+    for name in ("moving_digits", "photo_pans"):
+        ds = build_dataset(DataConfig(name=name, frames=8, size=32, train_clips=64, val_clips=16))
+        get_batch(ds, range(4))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            get_batch(ds, range(batch))
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
+def bench_cli(repeats: int) -> dict[str, float]:
+    """Median seconds of ``python -m analysis convergence --json`` on a synthetic 7-block run."""
+    import subprocess
+    from pathlib import Path
+
+    from analysis.testing import create_run_from_frames, synthetic_layer_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        run_id = create_run_from_frames("bench", uri=uri, artifact_root=(Path(tmp) / "artifacts").as_uri(),
+                                        layer_df=synthetic_layer_metrics([120, 180, 260, None], total_steps=600))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "analysis", "convergence", "--run", run_id, "--json",
+                            "--tracking-uri", uri], cwd=root, check=True, capture_output=True, timeout=120)
+            times.append(time.perf_counter() - start)
+    return {"convergence_json_s": statistics.median(times)}
+
+
 def register(sub, add_tracking) -> None:
     p = sub.add_parser("bench", help="side-by-side measurements: step time vs FLOPs, tracking on vs off")
-    p.add_argument("what", choices=["freezing", "tracking"])
+    p.add_argument("what", choices=["freezing", "tracking", "data", "cli"])
     p.add_argument("--config", default="experiments/configs/mae_tiny.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -138,7 +184,7 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--rounds", type=int, default=6, help="freezing: interleaved rounds over all k")
     p.add_argument("--steps-per-round", type=int, default=5, help="freezing: timed steps per k per round")
     p.add_argument("--warmup", type=int, default=2, help="freezing: untimed steps after each freeze change")
-    p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated")
+    p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated; data, cli: repeats")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 for freezing, torch's default for tracking)")
     p.set_defaults(func=cmd_bench)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from core.schema import TAG_GROUP, TAG_SCHEDULE_SOURCE
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
@@ -34,19 +36,18 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     """Schedule from the MAE run's post-hoc convergence (analysis), written to a JSON file."""
     from analysis import io
     from analysis.convergence import convergence_report, posthoc_convergence
-    from analysis.schedule import derive_schedule, schedule_with_prediction
+    from analysis.schedule import schedule_for_run
 
     layer = io.load_layer_metrics(mae_run, uri)
     record = io.get_run(mae_run, uri)
-    depth, total = int(record.params["model.depth"]), int(record.params["train.steps"])
+    depth = int(record.params["model.depth"])
     report = convergence_report(layer, method="posthoc", threshold=threshold, run_id=mae_run)
-    conv = posthoc_convergence(layer, threshold=threshold)
     cap = max(1, min(depth - 1, math.floor(max_frac * depth)))
-    sched = derive_schedule(conv, depth, total, margin=margin, max_frozen=cap,
-                            source={"run_id": mae_run, "method": "posthoc", "threshold": threshold, "margin": margin})
+    sched = schedule_for_run(mae_run, posthoc_convergence(layer, threshold=threshold), method="posthoc",
+                             threshold=threshold, total_steps=record.param_int("train.steps"), n_blocks=depth,
+                             flop_model=io.load_flop_model(mae_run, uri), margin=margin, max_frozen=cap)
     if not sched["stages"]:
         _say(f"no block converged at threshold {threshold}: nothing to freeze; LayerLock will run unfrozen")
-    sched = schedule_with_prediction(sched, io.load_flop_model(mae_run, uri), total)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"schedule_{mae_run}.json"
     path.write_text(json.dumps(sched, indent=2))
@@ -106,10 +107,10 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
                 config, scheduled = DEMO_RUNS[name]
                 stage(f"{name} (seed {seed})")
                 extra = [*common, f"tracking.run_name={name}", f"train.seed={seed}"]
-                tags = {"layerlock.group": f"{demo_id}-{name}"}
+                tags = {TAG_GROUP: f"{demo_id}-{name}"}
                 if scheduled:
                     extra.append(f"freeze.schedule={schedules[seed]['path']}")
-                    tags["layerlock.schedule_source"] = runs["mae"][seed]
+                    tags[TAG_SCHEDULE_SOURCE] = runs["mae"][seed]
                 cfg = load_config(CONFIGS / config, extra)
                 runs[name][seed] = train(cfg, tracking_uri=uri, tags=tags, progress=progress).run_id
                 bar.update(1)

@@ -20,6 +20,16 @@ import sys
 from collections.abc import Sequence
 
 from core.errors import LayerLockError
+from core.schema import (
+    CHECKPOINT_DIR,
+    METHOD_FREEZE_TEST,
+    MLFLOW_PARENT,
+    TAG_FREEZE_BLOCKS,
+    TAG_FREEZE_STEP,
+    TAG_METHOD,
+    TAG_PARENT,
+    checkpoint_step,
+)
 
 GRID_STEPS = 5
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
@@ -73,8 +83,8 @@ def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
     """Steps of the checkpoints a run stored (``checkpoints/step_NNNNNN.pt``), ascending."""
     from core.tracking import Tracker
 
-    names = Tracker(uri=tracking_uri, run_id=run_id, read_only=True).list_artifacts("checkpoints")
-    return sorted(int(m.group(1)) for m in map(_CHECKPOINT.search, names) if m)
+    names = Tracker(uri=tracking_uri, run_id=run_id, read_only=True).list_artifacts(CHECKPOINT_DIR)
+    return sorted(checkpoint_step(n) for n in names if _CHECKPOINT.search(n))
 
 
 def plan_from_run(baseline: str, tracking_uri: str | None = None) -> tuple[list[int], list[int], str | None]:
@@ -118,8 +128,8 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
             child.probe.enabled = False               # only the final loss matters here
             child.tracking.run_name = f"freeze_test T={T} L={L}"
             child = config_from_dict(child.model_dump(mode="json"), "freeze-test child")
-            tags = {"layerlock.method": "freeze_test", "layerlock.parent": baseline, "mlflow.parentRunId": baseline,
-                    "layerlock.freeze_test.step": str(T), "layerlock.freeze_test.blocks": str(L)}
+            tags = {TAG_METHOD: METHOD_FREEZE_TEST, TAG_PARENT: baseline, MLFLOW_PARENT: baseline,
+                    TAG_FREEZE_STEP: str(T), TAG_FREEZE_BLOCKS: str(L)}
             result = train(child, tracking_uri=tracking_uri, tags=tags, init_state=states[T], progress=progress)
             children.append(result.run_id)
             bar.write(f"T={T} L={L}: final loss {result.final_loss:.4f} ({result.run_id})", file=sys.stderr)

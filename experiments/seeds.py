@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 
 from core.config import ExperimentConfig, group_name
 from core.errors import LayerLockError
+from core.schema import TAG_GROUP
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from core.train import TrainResult
-
-TAG_GROUP = "layerlock.group"
 
 
 def parse_seeds(text: str) -> list[int]:

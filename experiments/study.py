@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LayerLockError
+from core.schema import METHOD_STUDY, STUDY, STUDY_DIR, TAG_GROUP, TAG_METHOD, TAG_STUDY
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-TAG_STUDY = "layerlock.study"
 
 # Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
 # 30 minutes for 3 seeds; ``full`` is the GPU size.
@@ -149,7 +149,7 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
                file=sys.stderr, dynamic_ncols=True)
 
     def tags(method: str) -> dict[str, str]:
-        return {TAG_STUDY: study_id, "layerlock.group": f"{study_id}-{method}"}
+        return {TAG_STUDY: study_id, TAG_GROUP: f"{study_id}-{method}"}
 
     def fit(method: str, seed: int) -> str:
         bar.set_postfix_str(f"{method} seed {seed}")
@@ -524,17 +524,17 @@ def log_study_run(results: dict[str, Any], out_dir: Path, uri: str | None, exper
     from core.tracking import Tracker
 
     tracker = Tracker(uri=uri, experiment=experiment, run_name=results["study_id"],
-                      tags={TAG_STUDY: results["study_id"], "layerlock.method": "study"})
+                      tags={TAG_STUDY: results["study_id"], TAG_METHOD: METHOD_STUDY})
     c = results["claims"]
-    headline = {"study/s1_posthoc_rho": c["S1_depth_order"]["rules"]["posthoc"]["mean"]}
+    headline = {f"{STUDY}s1_posthoc_rho": c["S1_depth_order"]["rules"]["posthoc"]["mean"]}
     for rule, v in c["S2_cheap_rules_vs_freeze_test"]["rules"].items():
-        headline[f"study/s2_{rule}_spearman"] = v["spearman"]["mean"]
+        headline[f"{STUDY}s2_{rule}_spearman"] = v["spearman"]["mean"]
     tracker.log_metrics({k: float(v) for k, v in headline.items() if v is not None}, 0)
     tracker.log_params({"seeds": ",".join(map(str, results["seeds"])), "budget": results["budget"]})
     for name in ("results.json", "report.md"):
-        tracker.log_artifact(out_dir / name, "study")
+        tracker.log_artifact(out_dir / name, STUDY_DIR)
     for path in sorted((out_dir / "figures").iterdir()):
-        tracker.log_artifact(path, "study/figures")
+        tracker.log_artifact(path, f"{STUDY_DIR}/figures")
     tracker.finish()
     results["study_run_id"] = tracker.run_id
     return tracker.run_id or ""

@@ -21,9 +21,9 @@ from analysis.agreement import (
     tolerance_from_final_losses,
 )
 from analysis.compare import freeze_grid_from_frames
-from analysis.synthetic import synthetic_layer_metrics
+from analysis.testing import create_run_from_frames, synthetic_layer_metrics
 from core.errors import LayerLockError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 # A 3-row grid (L = 1, 2, 4) over T = 100, 200, 300 of an 6-block model; True = passes.
 #   L=1: fail pass pass  -> blocks 0 converged at 200
@@ -124,15 +124,15 @@ def group_store(store: str, tmp_path) -> dict[str, str]:
     a freeze-test child of the first seed whose loss is 5% above its baseline."""
     common = {"uri": store, "artifact_root": (tmp_path / "artifacts").as_uri(), "params": {"model.depth": 4}}
     layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=12, probe_every=4, log_every=2)
-    seeds = [io.create_run_from_frames("g", history=_loss_history(v), layer_df=layer_df,
+    seeds = [create_run_from_frames("g", history=_loss_history(v), layer_df=layer_df,
                                        tags={io.TAG_GROUP: "grp", io.TAG_METHOD: "mae"}, **common)
              for v in (1.0, 1.1, 1.2)]
-    io.create_run_from_frames("g", history=_loss_history(0.1), status="FAILED", tags={io.TAG_GROUP: "grp"}, **common)
-    lone = io.create_run_from_frames("g", history=_loss_history(1.0), layer_df=layer_df,
+    create_run_from_frames("g", history=_loss_history(0.1), status="FAILED", tags={io.TAG_GROUP: "grp"}, **common)
+    lone = create_run_from_frames("g", history=_loss_history(1.0), layer_df=layer_df,
                                      tags={io.TAG_GROUP: "solo"}, **common)
     for parent in (seeds[0], lone):
         for L, T, ratio in ((1, 4, 1.0), (1, 8, 1.0), (2, 4, 1.2), (2, 8, 1.0)):
-            io.create_run_from_frames(
+            create_run_from_frames(
                 "g", history=_loss_history(ratio), **common,
                 tags={io.TAG_PARENT: parent, io.TAG_FREEZE_STEP: str(T), io.TAG_FREEZE_BLOCKS: str(L),
                       io.TAG_METHOD: "freeze_test", io.TAG_GROUP: "grp"})  # a group tag must not count
@@ -183,9 +183,9 @@ def test_final_losses_prefer_the_heldout_loss_only_when_every_run_has_it(store, 
     from analysis.compare import final_losses
 
     common = {"uri": store, "artifact_root": (tmp_path / "artifacts").as_uri()}
-    a = io.create_run_from_frames("h", history=_with_heldout(_loss_history(1.0), 0.50), **common)
-    b = io.create_run_from_frames("h", history=_with_heldout(_loss_history(1.2), 0.55), **common)
-    c = io.create_run_from_frames("h", history=_loss_history(1.4), **common)
+    a = create_run_from_frames("h", history=_with_heldout(_loss_history(1.0), 0.50), **common)
+    b = create_run_from_frames("h", history=_with_heldout(_loss_history(1.2), 0.55), **common)
+    c = create_run_from_frames("h", history=_loss_history(1.4), **common)
     losses, how = final_losses([a, b], store)
     assert losses == {a: pytest.approx(0.50), b: pytest.approx(0.55)} and how.startswith("val/loss_pixel")
     # one run without it: every run falls back to train/loss, never a mix of the two

@@ -17,7 +17,7 @@ from analysis.compare import (
     wall_to_reach,
 )
 from analysis.flops import schedule_flops
-from analysis.synthetic import (
+from analysis.testing import (
     synthetic_flop_model,
     synthetic_history,
     synthetic_layer_metrics,

@@ -14,7 +14,7 @@ from analysis.convergence import (
     order_statistics,
     posthoc_convergence,
 )
-from analysis.synthetic import synthetic_layer_metrics
+from analysis.testing import synthetic_layer_metrics
 from core.errors import LayerLockError
 
 PROBE, LOG, TOTAL = 50, 10, 600

@@ -8,9 +8,9 @@ metrics as a parquet artifact only (and fewer FLOPs), and three freeze-test chil
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,10 @@ import pytest
 
 from analysis import io
 from analysis.__main__ import main
-from analysis.compare import compare_runs, final_value, freeze_test_grid
-from analysis.convergence import posthoc_convergence
-from analysis.flops import schedule_flops
+from analysis.compare import compare_runs, freeze_test_grid
 from analysis.schedule import validate_schedule
-from analysis.synthetic import (
+from analysis.testing import (
+    create_run_from_frames,
     synthetic_flop_model,
     synthetic_history,
     synthetic_layer_metrics,
@@ -64,11 +63,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRuns:
     ll_h = synthetic_history(TOTAL, LOG, MODEL, SCHEDULE, seed=2)
     evals = pd.DataFrame({"run_id": "x", "step": [TOTAL], "metric": ["eval/digit/acc"], "value": [0.8]})
     common = {"uri": uri, "artifact_root": root, "params": PARAMS}
-    mae = io.create_run_from_frames(
+    mae = create_run_from_frames(
         "layerlock", layer_df=layer_df, history=pd.concat([mae_h, evals]), layer_artifact=False,
         tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
         json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL}, run_name="mae", **common)
-    ll = io.create_run_from_frames(
+    ll = create_run_from_frames(
         "layerlock", layer_df=layer_df, history=pd.concat([ll_h, evals.assign(value=0.85)]), layer_history=False,
         tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits", io.TAG_SCHEDULE_SOURCE: mae},
         json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL, io.SCHEDULE_ARTIFACT: SCHEDULE}, run_name="ll", **common)
@@ -76,7 +75,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRuns:
     # Freeze tests (L blocks at step T) in another experiment; final loss = ratio x the MAE's.
     for (blocks, step), ratio in {(1, 200): 1.0, (2, 200): 1.01, (4, 200): 1.2}.items():
         h = mae_h[mae_h["metric"] == "train/loss"].assign(value=lambda d, r=ratio: d["value"] * r)
-        children[(blocks, step)] = io.create_run_from_frames(
+        children[(blocks, step)] = create_run_from_frames(
             "freeze-tests", history=h, uri=uri, artifact_root=root, params=PARAMS,
             tags={io.TAG_METHOD: "freeze_test", io.TAG_PARENT: mae,
                   io.TAG_FREEZE_STEP: str(step), io.TAG_FREEZE_BLOCKS: str(blocks)})
@@ -162,11 +161,13 @@ def test_log_schedule_artifact_round_trip(runs: SyntheticRuns) -> None:
 def test_compare_runs(runs: SyntheticRuns) -> None:
     frame = compare_runs([runs.ll, runs.mae], runs.uri).set_index("run_id")
     assert frame.loc[runs.ll, "method"] == "layerlock" and frame.loc[runs.mae, "flop_saving"] == 0.0
-    logged = TOTAL - LOG + 1  # cumulative FLOPs are logged through step 590
-    expected = 1 - schedule_flops(SCHEDULE, MODEL, logged) / (logged * MODEL["per_step"]["0"])
+    # Cumulative FLOPs are logged through step 590: steps 0-149 at k=0, 150-299 at k=1, 300-590 at k=3.
+    per = {int(k): v for k, v in MODEL["per_step"].items()}
+    expected = 1 - (150 * per[0] + 150 * per[1] + 291 * per[3]) / (591 * per[0])
     assert frame.loc[runs.ll, "flop_saving"] == pytest.approx(expected)
-    assert frame.loc[runs.ll, "final_loss"] == pytest.approx(final_value(runs.ll_history))
-    assert frame.loc[runs.mae, "final_loss"] == pytest.approx(final_value(runs.mae_history))
+    for run_id, history in ((runs.ll, runs.ll_history), (runs.mae, runs.mae_history)):
+        loss = history[history["metric"] == "train/loss"].sort_values("step")["value"].to_numpy()
+        assert frame.loc[run_id, "final_loss"] == pytest.approx(loss[-3:].mean())  # mean of the last 3 logged
     assert frame.loc[runs.ll, "eval/digit/acc"] == 0.85
     assert frame.loc[runs.mae, "eff_rank_mean"] > 10
     with pytest.raises(RunNotFoundError):
@@ -186,8 +187,8 @@ def test_freeze_test_grid(runs: SyntheticRuns) -> None:
 def test_cli_in_process(runs: SyntheticRuns, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convergence", "--run", runs.mae, "--json", "--tracking-uri", runs.uri]) == 0
     report = json.loads(capsys.readouterr().out)
-    expected = posthoc_convergence(runs.layer_df)
-    assert [b["converged_step"] for b in report["blocks"]] == [None if pd.isna(v) else int(v) for v in expected]
+    expected = [None if c is None else math.ceil(c / PROBE) * PROBE for c in TRUTH]  # first probe step >= truth
+    assert [b["converged_step"] for b in report["blocks"]] == expected
 
     assert main(["convergence", "--run", runs.mae, "--method", "online", "--tracking-uri", runs.uri]) == 0
     assert "spearman rho" in capsys.readouterr().out
@@ -199,7 +200,7 @@ def test_cli_in_process(runs: SyntheticRuns, capsys: pytest.CaptureFixture[str])
     written = json.loads(out.read_text())
     assert printed == written and 0 < written["predicted_flop_saving"] < 1
     validate_schedule(written, total_steps=TOTAL, n_blocks=N_BLOCKS)
-    assert written["source"]["run_id"] == runs.mae and written["stages"][0]["step"] == int(expected[0]) + 10
+    assert written["source"]["run_id"] == runs.mae and written["stages"][0]["step"] == expected[0] + 10
 
     blocker = runs.tmp / "a_file"
     blocker.write_text("")
@@ -228,13 +229,11 @@ def run_analysis_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_subprocess_json_and_bad_run_id(runs: SyntheticRuns) -> None:
-    start = time.perf_counter()
+    # Its time (start-up included) is `python -m experiments bench cli`, not asserted here.
     done = run_analysis_cli("convergence", "--run", runs.mae, "--json", "--tracking-uri", runs.uri)
-    elapsed = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert {"run_id", "method", "threshold", "blocks", "spearman_rho", "kendall_tau"} <= set(report)
-    assert elapsed < 10, f"CLI took {elapsed:.1f} s"
 
     bad = run_analysis_cli("convergence", "--run", MISSING, "--json", "--tracking-uri", runs.uri)
     assert bad.returncode == 2

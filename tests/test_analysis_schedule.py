@@ -17,7 +17,7 @@ from analysis.schedule import (
     schedule_with_prediction,
     validate_schedule,
 )
-from analysis.synthetic import synthetic_flop_model, synthetic_layer_metrics
+from analysis.testing import synthetic_flop_model, synthetic_layer_metrics
 from core.errors import LayerLockError, ScheduleError
 
 TRUTH = [120, 180, 260, 330, 410, 470, None, 200]  # block 6 never converges; block 7 would

@@ -11,70 +11,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis import io
-from analysis.synthetic import synthetic_flop_model, synthetic_history, synthetic_layer_metrics
+from tests.helpers import HOME, TIMEOUT, Store, assert_clean, build_store, frame_with, open_page, point_app_at
 
-ROOT = Path(__file__).resolve().parents[1]
-HOME = str(ROOT / "app" / "Home.py")
 PAGES = ("runs", "convergence", "schedule", "compare", "launch", "freeze_test", "attribution")
-TIMEOUT = 120  # AppTest's per-run limit: cold imports (torch, mlflow) on a shared 2-core CPU
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
-
-
-@dataclass(frozen=True)
-class Store:
-    uri: str
-    real: str  # newest run, trained for real (tiny config), with checkpoints
-    synthetic: str  # LayerLock run from analysis.synthetic (schedule, flop model, no checkpoints)
-    failed: str
-    bare: str  # run-level history only: no per-block metrics
-    children: tuple[str, ...]
-
-
-def build_store(folder: Path) -> Store:
-    """Fill ``folder/mlflow.db``: synthetic runs first, then the real run (so it is the newest)."""
-    from conftest import tiny_dict
-
-    from core.config import ExperimentConfig
-    from core.train import train
-
-    uri = f"sqlite:///{folder}/mlflow.db"
-    root = (folder / "artifacts").as_uri()
-    depth, steps = 4, 12
-    # On the real tiny run's scale (about 3.6 MFLOP and 1.3 s per step), so charts compare sensibly.
-    model = synthetic_flop_model(depth, block_forward=2e5, other=1.15e6, batch_size=4)
-    schedule = {"n_blocks": depth, "stages": [{"step": 4, "frozen": 1}, {"step": 8, "frozen": 2}], "source": {}}
-    params = {"model.depth": depth, "train.steps": steps, "probe.every": 4}
-    common = {"uri": uri, "artifact_root": root, "params": params}
-    layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=steps, probe_every=4, log_every=2)
-    evals = pd.DataFrame({"step": steps, "metric": ["eval/digit/acc", "eval/direction/acc"], "value": [0.4, 0.9]})
-    synthetic = io.create_run_from_frames(
-        "layerlock", layer_df=layer_df,
-        history=pd.concat([synthetic_history(steps, 2, model, schedule, seconds_per_flop=3.5e-7, seed=1), evals]),
-        tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits"}, run_name="synthetic-layerlock",
-        json_artifacts={io.FLOP_MODEL_ARTIFACT: model, io.SCHEDULE_ARTIFACT: schedule}, **common)
-    failed = io.create_run_from_frames(
-        "layerlock", history=synthetic_history(steps, 2, seed=2).head(3), status="FAILED", run_name="diverged",
-        tags={io.TAG_METHOD: "mae", io.TAG_FAILURE: "loss is nan at step 3"}, **common)
-    bare = io.create_run_from_frames(
-        "layerlock", history=synthetic_history(steps, 2, model, seconds_per_flop=3.5e-7, seed=3), run_name="no-probes",
-        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
-    real = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=uri, progress=False).run_id
-    loss = io.load_history(real, ["train/loss"], uri)
-    children = tuple(
-        io.create_run_from_frames(
-            "freeze-tests", history=loss.assign(value=loss["value"] * ratio), run_name=f"freeze-L{blocks}-T{at}",
-            tags={io.TAG_METHOD: "freeze_test", io.TAG_PARENT: real, io.TAG_FREEZE_STEP: str(at),
-                  io.TAG_FREEZE_BLOCKS: str(blocks)}, **common)
-        for blocks, at, ratio in ((1, 4, 1.0), (2, 4, 1.05), (1, 8, 1.01)))
-    return Store(uri, real, synthetic, failed, bare, children)
 
 
 @pytest.fixture(scope="module")
@@ -84,32 +30,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.fixture
 def env(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path / "runs"))
+    point_app_at(store.uri, tmp_path, monkeypatch)
     return store
-
-
-def open_page(page: str, at: AppTest | None = None) -> AppTest:
-    """``page`` rendered through Home.py's navigation (a new session unless ``at`` is given)."""
-    if at is None:
-        at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
-        at.run()
-    at.switch_page(f"screens/{page}.py")
-    at.run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def frame_with(at: AppTest, *columns: str):
-    """The first dataframe shown with all of ``columns`` (display frames carry no key in AppTest)."""
-    for df in at.dataframe:
-        if set(columns) <= set(df.value.columns):
-            return df.value
-    raise AssertionError(f"no dataframe with columns {columns}")
 
 
 def charts(at: AppTest) -> int:
@@ -189,7 +111,8 @@ def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
     assert {"sched_run", "sched_method", "sched_margin", "sched_cap", "sched_threshold_posthoc",
             "sched_match"} <= keys(at)
     assert charts(at) == 1
-    assert at.get("download_button") and at.button(key="sched_save") and at.button(key="sched_launch")
+    assert len(at.get("download_button")) == 1 and {"sched_save", "sched_launch"} <= keys(at)
+    assert not at.button(key="sched_save").disabled and not at.button(key="sched_launch").disabled
     stages = frame_with(at, "step", "frozen")
     assert list(stages["step"]) == [4, 8]  # blocks 0 and 1 converge at 4 and 8 in the synthetic truth
     at.slider(key="sched_cap").set_value(1).run()
@@ -244,7 +167,8 @@ def test_freeze_test_page(env: Store) -> None:
     at = open_page("freeze_test")
     assert_clean(at)
     assert at.selectbox(key="ft_parent").value == env.real
-    assert charts(at) == 2 and at.slider(key="ft_tol")
+    assert charts(at) == 2
+    assert at.slider(key="ft_tol").value == pytest.approx(0.02)  # one seed: the uncalibrated default, 2%
     assert len(frame_with(at, "L", "T")) == len(env.children)
     # One seed only: the default tolerance, saying it is not calibrated; rules marked on the grid.
     assert any("not calibrated: no seed group of the baseline" in c.value for c in at.caption)
@@ -324,8 +248,7 @@ def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
 
 
 def test_empty_store_shows_a_message_on_every_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")
-    monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path / "runs"))
+    point_app_at(f"sqlite:///{tmp_path}/none.db", tmp_path, monkeypatch)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     at.run()
     for page in PAGES:

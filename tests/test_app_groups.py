@@ -12,16 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis import io
-from analysis.synthetic import synthetic_flop_model, synthetic_history, synthetic_layer_metrics
+from analysis.testing import create_run_from_frames, synthetic_flop_model, synthetic_history, synthetic_layer_metrics
+from tests.helpers import HOME, TIMEOUT, assert_clean, frame_with, open_page, point_app_at
 
-ROOT = Path(__file__).resolve().parents[1]
-HOME = str(ROOT / "app" / "Home.py")
-TIMEOUT = 120
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 MAE, LL = "pixel-moving_digits-0000aaaa", "layerlock-moving_digits-0000bbbb"
 DEPTH, STEPS = 4, 12
@@ -30,13 +27,13 @@ SCHEDULE = {"n_blocks": DEPTH, "stages": [{"step": 4, "frozen": 1}, {"step": 8, 
 
 
 @dataclass(frozen=True)
-class Store:
+class GroupStore:
     uri: str
     runs: dict[str, list[str]]
     lone: str
 
 
-def build_group_store(folder: Path) -> Store:
+def build_group_store(folder: Path) -> GroupStore:
     uri = f"sqlite:///{folder}/mlflow.db"
     common = {"uri": uri, "artifact_root": (folder / "artifacts").as_uri()}
     layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=STEPS, probe_every=4, log_every=2)
@@ -44,53 +41,31 @@ def build_group_store(folder: Path) -> Store:
     for group, method, schedule, start in ((MAE, "mae", None, 1.0), (LL, "layerlock", SCHEDULE, 0.9)):
         for seed in range(3):
             history = synthetic_history(STEPS, 2, MODEL, schedule, loss_start=start, seed=seed)
-            runs.setdefault(group, []).append(io.create_run_from_frames(
+            runs.setdefault(group, []).append(create_run_from_frames(
                 "layerlock", history=history, layer_df=layer_df, run_name=f"{method}-seed{seed}",
                 params={"train.seed": seed, "train.steps": STEPS, "model.depth": DEPTH},
                 tags={io.TAG_METHOD: method, io.TAG_DATASET: "moving_digits", io.TAG_GROUP: group}, **common))
-    lone = io.create_run_from_frames("layerlock", history=synthetic_history(STEPS, 2, MODEL, seed=9),
+    lone = create_run_from_frames("layerlock", history=synthetic_history(STEPS, 2, MODEL, seed=9),
                                      params={"train.seed": 0, "train.steps": STEPS}, run_name="lone",
                                      tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
-    study = io.create_run_from_frames("layerlock", params={"seeds": "0,1,2"}, run_name="study-x",
+    study = create_run_from_frames("layerlock", params={"seeds": "0,1,2"}, run_name="study-x",
                                       tags={io.TAG_METHOD: "study", "layerlock.study": "study-x"},
                                       json_artifacts={"study/results.json": {"claims": {}}}, **common)
     from mlflow import MlflowClient
 
     MlflowClient(uri).log_text(study, "# LayerLock Lab study study-x\n\n## S1 Depth order\n", "study/report.md")
-    return Store(uri, runs, lone)
+    return GroupStore(uri, runs, lone)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+def store(tmp_path_factory: pytest.TempPathFactory) -> GroupStore:
     return build_group_store(tmp_path_factory.mktemp("group-store"))
 
 
 @pytest.fixture
-def env(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
-    monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path / "runs"))
+def env(store: GroupStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GroupStore:
+    point_app_at(store.uri, tmp_path, monkeypatch)
     return store
-
-
-def open_page(page: str, at: AppTest | None = None) -> AppTest:
-    if at is None:
-        at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
-        at.run()
-    at.switch_page(f"screens/{page}.py")
-    at.run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def frame_with(at: AppTest, *columns: str) -> pd.DataFrame:
-    for df in at.dataframe:
-        if set(columns) <= set(df.value.columns):
-            return df.value
-    raise AssertionError(f"no dataframe with columns {columns}")
 
 
 def savings(at: AppTest) -> dict[str, float]:
@@ -99,7 +74,7 @@ def savings(at: AppTest) -> dict[str, float]:
     return dict(zip(table["run"], table["flop_saving"], strict=True))
 
 
-def test_runs_page_groups_runs_by_tag(env: Store) -> None:
+def test_runs_page_groups_runs_by_tag(env: GroupStore) -> None:
     at = open_page("runs")
     assert_clean(at)
     grouped = frame_with(at, "group", "runs", "seeds", "final_loss")
@@ -111,7 +86,7 @@ def test_runs_page_groups_runs_by_tag(env: Store) -> None:
     assert set(runs_table.loc[runs_table["group"] == MAE, "run_id"]) == set(env.runs[MAE])
 
 
-def test_compare_page_baseline_moves_the_savings(env: Store) -> None:
+def test_compare_page_baseline_moves_the_savings(env: GroupStore) -> None:
     at = open_page("compare")
     assert_clean(at)
     assert set(at.multiselect(key="cmp_groups").value) == {MAE, LL}   # recent groups of 2+ seeds
@@ -142,7 +117,7 @@ def test_compare_page_baseline_moves_the_savings(env: Store) -> None:
     assert MAE in loss["group"]
 
 
-def test_compare_page_draws_a_band_per_group(env: Store) -> None:
+def test_compare_page_draws_a_band_per_group(env: GroupStore) -> None:
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     at.session_state["selected_groups"] = [MAE]
     at.session_state["selected_runs"] = [env.lone]
@@ -163,7 +138,7 @@ def test_compare_page_draws_a_band_per_group(env: Store) -> None:
     assert any("mean ± sd" in c.value for c in at.caption)
 
 
-def test_runs_page_shows_a_study_report(env: Store) -> None:
+def test_runs_page_shows_a_study_report(env: GroupStore) -> None:
     at = open_page("runs")
     assert_clean(at)
     assert at.selectbox(key="runs_study").value is not None

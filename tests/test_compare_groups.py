@@ -19,6 +19,7 @@ from scipy import stats as sps
 from analysis import io
 from analysis.__main__ import main
 from analysis.compare import compare_groups, group_comparison
+from analysis.testing import create_run_from_frames
 from core.errors import LayerLockError, RunNotFoundError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -54,14 +55,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     for group, losses in LOSS.items():
         method = group.split("-")[0].replace("pixel", "mae")
         for seed, loss in enumerate(losses):
-            runs.setdefault(group, []).append(io.create_run_from_frames(
+            runs.setdefault(group, []).append(create_run_from_frames(
                 "layerlock", history=history(loss, FLOPS_PER_STEP[group]), run_name=f"{method}-seed{seed}",
                 params={"train.seed": seed, "train.steps": STEPS},
                 tags={io.TAG_METHOD: method, io.TAG_GROUP: group}, **common))
-    running = io.create_run_from_frames(
+    running = create_run_from_frames(
         "layerlock", history=history(5.0, 80.0).head(4), params={"train.seed": 3}, status="RUNNING",
         tags={io.TAG_METHOD: "layerlock", io.TAG_GROUP: LL}, **common)
-    lone = io.create_run_from_frames("layerlock", history=history(0.95, 90.0), params={"train.seed": 0},
+    lone = create_run_from_frames("layerlock", history=history(0.95, 90.0), params={"train.seed": 0},
                                      tags={io.TAG_METHOD: "mae"}, run_name="lone", **common)
     return Store(uri, runs, running, lone)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from core.data import (
     get_batch,
 )
 from core.errors import DataError
+from tests.helpers import write_video
 
 T, S = 8, 32
 
@@ -161,15 +161,6 @@ def test_photo_pans_pan_moves_content_against_camera() -> None:
     assert checked >= 2
 
 
-def test_speed_of_procedural_batches() -> None:
-    for name in ("moving_digits", "photo_pans"):
-        ds = build_dataset(tiny(name))
-        get_batch(ds, range(4))  # warm-up
-        start = time.perf_counter()
-        get_batch(ds, range(32))
-        assert time.perf_counter() - start < 1.0, name
-
-
 def test_unknown_name_and_split() -> None:
     cfg = tiny().model_construct(name="nope")  # bypasses pydantic validation on purpose
     with pytest.raises(DataError, match="nope"):
@@ -179,25 +170,6 @@ def test_unknown_name_and_split() -> None:
 
 
 # ----------------------------------------------------------------------------- video folder
-
-def write_video(path: Path, color: tuple[int, int, int], codec: str = "libx264",
-                n: int = 10, w: int = 48, h: int = 40) -> None:
-    """Write a small real video: a solid colour with a bright bar that moves every frame."""
-    import av
-
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(codec, rate=10)
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
-        for t in range(n):
-            img = np.empty((h, w, 3), dtype=np.uint8)
-            img[:] = color
-            img[:, 4 * t : 4 * t + 4] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
 
 @pytest.fixture
 def video_root(tmp_path: Path) -> Path:

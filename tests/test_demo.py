@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from tests.conftest import run_cli, tiny_sets
+from tests.helpers import run_cli, tiny_sets
 
 
 def test_demo_smoke(tmp_path, store):

@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_app import Store, build_store  # the same store as the AppTest suite
+
+from tests.helpers import Store, build_store  # the same store as the AppTest suite
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -51,10 +52,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     # Plus a group of two seeds, older than every other run (so the single-run pages keep the real
     # run as their default): the Compare page offers it by default and draws its band.
     from analysis import io
-    from analysis.synthetic import synthetic_history
+    from analysis.testing import create_run_from_frames, synthetic_history
 
     for seed in (0, 1):
-        io.create_run_from_frames(
+        create_run_from_frames(
             "layerlock", uri=built.uri, artifact_root=(folder / "artifacts").as_uri(), run_name=f"mae-seed{seed}",
             history=synthetic_history(12, 2, loss_start=1.0 + 0.2 * seed, seed=seed),
             start_time=1_600_000_000_000 + seed,

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from core.config import ExperimentConfig
 from core.train import train
 from experiments.evaluate import evaluate_run, load_run_encoder, random_init_baseline
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 HEADLINE = {"eval/digit/acc", "eval/direction/acc", "eval/depth/absrel", "eval/depth/delta1"}
 

@@ -15,7 +15,7 @@ from core.masking import tube_mask
 from core.model import build_model
 from core.objectives import compute_losses, freezes, latent_target
 from core.train import build_optimizer
-from tests.conftest import ROOT, tiny_dict
+from tests.helpers import ROOT, tiny_dict
 
 
 def _setup(objective="pixel"):

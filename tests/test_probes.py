@@ -10,7 +10,7 @@ from core.config import ExperimentConfig
 from core.errors import LayerLockError
 from core.model import build_model
 from core.probes import STORE_DTYPE, ProbeRunner, centre_positions, feature_stats, probe_cka, probe_positions
-from tests.conftest import tiny_dict
+from tests.helpers import tiny_dict
 
 CLIPS, POSITIONS, DIM = 32, 32, 128   # the default probe geometry on mae_tiny
 

@@ -24,7 +24,7 @@ from core.readout import (
 )
 
 N_CLASSES, N_TOKENS, DIM = 4, 16, 16
-FAST = dict(epochs=15, batch_size=32)
+FAST = ProbeSettings(epochs=15, batch_size=32)
 
 
 def toy_tokens(n: int, seed: int, shuffle_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +48,7 @@ def toy_tokens(n: int, seed: int, shuffle_labels: bool = False) -> tuple[torch.T
 def test_probe_learns_a_separable_task(kind):
     xt, yt = toy_tokens(256, seed=0)
     xv, yv = toy_tokens(128, seed=1)
-    acc = fit_probe(kind, xt, yt, xv, yv, n_classes=N_CLASSES, **FAST)["acc"]
+    acc = fit_probe(kind, xt, yt, xv, yv, n_classes=N_CLASSES, settings=FAST)["acc"]
     assert acc > 0.9
 
 
@@ -56,7 +56,7 @@ def test_probe_learns_a_separable_task(kind):
 def test_probe_stays_near_chance_on_shuffled_labels(kind):
     xt, yt = toy_tokens(256, seed=0, shuffle_labels=True)
     xv, yv = toy_tokens(256, seed=1, shuffle_labels=True)
-    acc = fit_probe(kind, xt, yt, xv, yv, n_classes=N_CLASSES, **FAST)["acc"]
+    acc = fit_probe(kind, xt, yt, xv, yv, n_classes=N_CLASSES, settings=FAST)["acc"]
     assert acc < 1 / N_CLASSES + 0.15
 
 
@@ -65,9 +65,9 @@ def test_fit_is_reproducible_and_leaves_global_rng_alone():
     xv, yv = toy_tokens(64, seed=1)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = fit_probe("attentive", xt, yt, xv, yv, n_classes=N_CLASSES, epochs=3, seed=5)
+    a = fit_probe("attentive", xt, yt, xv, yv, n_classes=N_CLASSES, settings=ProbeSettings(epochs=3), seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    b = fit_probe("attentive", xt, yt, xv, yv, n_classes=N_CLASSES, epochs=3, seed=5)
+    b = fit_probe("attentive", xt, yt, xv, yv, n_classes=N_CLASSES, settings=ProbeSettings(epochs=3), seed=5)
     assert a == b
 
 
@@ -76,7 +76,7 @@ def test_dense_probe_learns_a_linear_per_token_target():
     w = torch.randn(DIM, generator=g) * 0.05
     x = torch.randn(320, N_TOKENS, DIM, generator=g)
     y = x @ w + 1.0  # in about [0.4, 1.6]: positive, like depth
-    res = fit_probe("dense", x[:256], y[:256], x[256:], y[256:], **FAST)
+    res = fit_probe("dense", x[:256], y[:256], x[256:], y[256:], settings=FAST)
     assert res["absrel"] < 0.05
     assert res["delta1"] > 0.95
 

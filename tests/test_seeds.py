@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from core.config import ExperimentConfig, group_name
 from core.errors import LayerLockError
 from experiments.seeds import parse_seeds, seed_config
-from tests.conftest import run_cli, tiny_dict, tiny_sets
+from tests.helpers import run_cli, tiny_dict, tiny_sets
 
 
 def test_group_name_ignores_seed_and_run_name_only() -> None:

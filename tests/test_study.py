@@ -7,7 +7,7 @@ import json
 from mlflow import MlflowClient
 
 from experiments.study import claim_verdict, estimate
-from tests.conftest import run_cli, tiny_sets
+from tests.helpers import run_cli, tiny_sets
 
 
 def test_estimate_and_verdicts() -> None:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from core.config import ExperimentConfig
 from core.errors import TrainingDiverged
 from core.train import load_run_checkpoint, train
-from tests.conftest import ROOT, run_cli, tiny_dict
+from tests.helpers import ROOT, run_cli, tiny_dict
 
 
 def test_pretrain_entry_point_smoke(tmp_path, store):
@@ -228,8 +228,7 @@ def test_torchrun_two_processes_ddp_across_freeze_changes(store):
 
 
 def test_pretrain_on_video_folder_counts_skipped_files(tmp_path, store):
-    from tests.conftest import tiny_sets
-    from tests.test_data import write_video
+    from tests.helpers import tiny_sets, write_video
 
     root = tmp_path / "clips"
     for cls, color in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):

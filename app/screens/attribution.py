@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis import LayerLockError, first_line
 from app.views import charts, loaders, state
-from core.errors import LayerLockError
 
 METHOD_LABELS = {"conductance": "LayerConductance", "layer_ig": "LayerIntegratedGradients"}
 
@@ -42,7 +42,7 @@ try:
     with st.spinner("Loading the run's checkpoint…"):
         tasks, n_val = run_tasks(uri, run_id, ver)
 except LayerLockError as err:
-    st.warning(f"Cannot attribute this run: {str(err).splitlines()[0]}. Pick a run that saved checkpoints.")
+    st.warning(f"Cannot attribute this run: {first_line(err)}. Pick a run that saved checkpoints.")
     st.stop()
 if not tasks:
     st.info("This run's dataset has no classification task to attribute.")
@@ -61,7 +61,7 @@ try:
     with st.spinner("Fitting a linear probe and integrating gradients (a few seconds on a CPU)…"):
         result = explain(uri, run_id, ver, task, clip, method, n_steps)
 except LayerLockError as err:
-    st.warning(str(err).splitlines()[0])
+    st.warning(first_line(err))
     st.stop()
 
 m = st.columns(4)

@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import io
+from analysis import io, metric_help, schema
 from analysis.compare import group_comparison, summarize_run
 from analysis.stats import INTERVAL_NAME, spread_over_runs, summary_table
 from app.views import charts, groups, loaders, state
-from core.schema import metric_help
 
-HISTORY_KEYS = ("train/loss", "train/loss_pixel", "train/loss_latent", "train/flops", "train/wall_s")
-X_AXES = {"step": ("step", "step"), "FLOPs": ("train/flops", "counted FLOPs"),
-          "wall time": ("train/wall_s", "wall time (s)")}
+HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, schema.LOSS_LATENT, schema.FLOPS, schema.WALL_S)
+X_AXES = {"step": ("step", "step"), "FLOPs": (schema.FLOPS, "counted FLOPs"),
+          "wall time": (schema.WALL_S, "wall time (s)")}
 BANDS = {"min..max": "min..max over the group's runs", "sd": "mean ± sd over the group's runs"}
 
 st.title("Compare runs")
@@ -80,7 +79,7 @@ loss_keys = [k for k in HISTORY_KEYS[:3] if any((h["metric"] == k).any() for h i
 if not loss_keys:
     st.info("None of these runs has logged a loss yet.")
     st.stop()
-state.seed("cmp_loss", loss_keys, "train/loss")
+state.seed("cmp_loss", loss_keys, schema.LOSS)
 loss_key = c[1].selectbox("Loss", loss_keys, key="cmp_loss")
 smooth = c[2].slider("smoothing (logged points)", 1, 50, 1, key="cmp_smooth")
 band = c[3].radio("band", list(BANDS), horizontal=True, key="cmp_band", format_func={"min..max": "min..max",
@@ -117,7 +116,7 @@ text = summary_table(result.summary)
 if not text.empty:
     text = text.rename(index=item_labels).reset_index()
     st.dataframe(text, hide_index=True, key="cmp_groups_table",
-                 column_config={c: st.column_config.TextColumn(c.removeprefix("eval/"), help=metric_help(c) or None)
+                 column_config={c: st.column_config.TextColumn(c.removeprefix(schema.EVAL), help=metric_help(c) or None)
                                 for c in text.columns if c != "group"})
 st.caption(f"Baseline: {item_labels[baseline]}. Savings (flop_saving, wall_saving) are per run, "
            "1 - value / the baseline group's mean; N counts runs with the metric logged.")
@@ -142,7 +141,7 @@ if not result.paired.empty:
 
 # ---------------------------------------------------------------------------- table and compute
 st.subheader("Runs")
-eval_cols = [col for col in table.columns if col.startswith("eval/")]
+eval_cols = [col for col in table.columns if col.startswith(schema.EVAL)]
 labels = run_labels
 shown = table.assign(run=[labels[r] for r in table["run_id"]], group=[item_labels[g] for g in table["group"]])
 st.dataframe(
@@ -159,21 +158,21 @@ st.dataframe(
         "flop_saving": st.column_config.NumberColumn("FLOP saving", format="percent"),
         "wall_saving": st.column_config.NumberColumn("time saving", format="percent"),
         "heldout_loss_pixel": st.column_config.NumberColumn("held-out pixel loss", format="%.4f",
-                                                            help=metric_help("val/loss_pixel")),
+                                                            help=metric_help(schema.HELDOUT_KEY)),
         "eff_rank_mean": st.column_config.NumberColumn("eff. rank (mean)", format="%.2f", help=metric_help("eff_rank")),
         "eff_rank_min": st.column_config.NumberColumn("eff. rank (min)", format="%.2f", help=metric_help("eff_rank")),
         "feat_std_mean": st.column_config.NumberColumn("feature std (mean)", format="%.3f",
                                                        help=metric_help("feat_std")),
         "feat_std_min": st.column_config.NumberColumn("feature std (min)", format="%.3f",
                                                       help=metric_help("feat_std")),
-        **{col: st.column_config.NumberColumn(col.removeprefix("eval/"), format="%.3f") for col in eval_cols},
+        **{col: st.column_config.NumberColumn(col.removeprefix(schema.EVAL), format="%.3f") for col in eval_cols},
     },
 )
 if methods.get(baseline) != "mae":
     st.caption(f"The baseline ({item_labels[baseline]}) is not an MAE run: savings are against it all the same.")
 if eval_cols:
     evals = shown.melt(id_vars=["run"], value_vars=eval_cols, var_name="metric", value_name="value").dropna()
-    evals["metric"] = evals["metric"].str.removeprefix("eval/")
+    evals["metric"] = evals["metric"].str.removeprefix(schema.EVAL)
     st.plotly_chart(charts.grouped_bars(evals, "metric", "value", "run", y_title="value", colors=line_colors,
                                         title="Downstream probes (eval/<task>/<metric>)"), key="cmp_evals")
 else:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from analysis import LayerLockError, metric_help, schema
 from analysis.convergence import RULES
 from app.views import charts, controls, loaders, state
-from core.errors import LayerLockError
-from core.schema import metric_help
 
 RULE_TEXT = {
     "posthoc": "post-hoc (cka_final)",
@@ -30,7 +29,7 @@ with state.notice_errors():
     rec, ver = loaders.run_version(uri, run_id)
     names = loaders.block_metric_names(uri, run_id, ver)
 if rec.status == "FAILED":
-    st.warning(f"This run failed ({rec.tags.get('layerlock.failure_reason', 'no reason recorded')}); "
+    st.warning(f"This run failed ({rec.tags.get(schema.TAG_FAILURE, 'no reason recorded')}); "
                "showing what it logged before it stopped.")
 if not names:
     st.info(f"Run {rec.name or run_id[:8]} has no per-block metrics (probes disabled, or it stopped before "

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis import LayerLockError, first_line, schema
 from analysis.schedule import validate_schedule
 from app.views import charts, jobs, loaders, state
-from core.errors import LayerLockError
 
 FROM_CONFIG = "(from config)"
 OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
@@ -91,15 +91,15 @@ if submitted:
     try:
         overrides, name = build_overrides()
         # Check the config here so a typo is one line now, not a failed child later.
-        from core.config import load_config
+        from analysis import load_config
 
         cfg = load_config(jobs.ROOT / config, overrides)
         if isinstance(cfg.freeze.schedule, str):
             check_schedule(Path(cfg.freeze.schedule), cfg.model.depth, cfg.train.steps)
     except (LayerLockError, ValueError) as err:
-        st.warning(f"Not started: {str(err).splitlines()[0]}")
+        st.warning(f"Not started: {first_line(err)}")
     else:
-        argv = jobs.pretrain_argv(config, overrides, {"layerlock.launched_from": "dashboard"}, uri)
+        argv = jobs.pretrain_argv(config, overrides, {schema.TAG_LAUNCHED_FROM: "dashboard"}, uri)
         job = jobs.start(argv, name, uri, source="launch")
         state.remember_job(job.job_id)
         loaders.refresh_live()
@@ -120,11 +120,11 @@ def _progress(job: jobs.Job, status: str) -> None:
     rid = match.iloc[0]["run_id"]
     try:
         rec, ver = loaders.run_version(uri, rid)
-        hist = loaders.history(uri, rid, ver, ("train/loss",))
+        hist = loaders.history(uri, rid, ver, (schema.LOSS,))
     except LayerLockError as err:
         st.caption(str(err))
         return
-    loss = hist[hist["metric"] == "train/loss"]
+    loss = hist[hist["metric"] == schema.LOSS]
     total = rec.param_int("train.steps") or 0
     done = int(loss["step"].max()) + 1 if len(loss) else 0
     if status == "running" and total:
@@ -132,7 +132,7 @@ def _progress(job: jobs.Job, status: str) -> None:
     else:
         st.caption(f"MLflow run `{rid}` · {rec.status} · {done} / {total} steps logged")
     if len(loss) >= 2:
-        st.plotly_chart(charts.lines({job.run_name: loss}, "step", "value", "step", "train/loss",
+        st.plotly_chart(charts.lines({job.run_name: loss}, "step", "value", "step", schema.LOSS,
                                      height=240), key=f"launch_loss_{job.job_id}")
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from analysis import metric_help, schema
 from app.views import charts, groups, loaders, state
-from core.schema import metric_help
 
 STUDY_METHOD = "study"   # the summary run of `python -m experiments study`
 
@@ -52,18 +52,18 @@ SAVING_ROWS = 50
 table = view.copy()
 table["saving"] = ([_saving(r) for r in view.head(SAVING_ROWS).itertuples(index=False)]
                    + [np.nan] * max(0, len(view) - SAVING_ROWS))
-eval_cols = [c for c in table.columns if c.startswith("eval/")]
+eval_cols = [c for c in table.columns if c.startswith(schema.EVAL)]
 columns = ["name", "method", "dataset", "status", "steps", "final_loss", "saving", *eval_cols,
            "group", "seed", "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]
 grouped = groups.groups_table(view, ["final_loss", *eval_cols])
 if not grouped.empty:
     st.markdown("**Groups of seeds** (runs that differ only in `train.seed`)")
     st.caption("Finished runs sharing a `layerlock.group` tag; each cell is mean ± sd (N runs). "
-               f"final loss: {metric_help('train/loss')}. Compare groups on the Compare page.")
+               f"final loss: {metric_help(schema.LOSS)}. Compare groups on the Compare page.")
     st.dataframe(grouped, hide_index=True, key="runs_groups_table",
                  column_config={"group": st.column_config.TextColumn("group"),
                                 "final_loss": st.column_config.TextColumn("final loss"),
-                                **{c: st.column_config.TextColumn(c.removeprefix("eval/")) for c in eval_cols}})
+                                **{c: st.column_config.TextColumn(c.removeprefix(schema.EVAL)) for c in eval_cols}})
 st.caption(f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
            "against the same run with nothing frozen")
 st.dataframe(
@@ -73,7 +73,7 @@ st.dataframe(
         "saving": st.column_config.ProgressColumn("saving", format="percent", min_value=0.0, max_value=1.0),
         "start_time": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm"),
         "run_id": st.column_config.TextColumn("run id"),
-        **{c: st.column_config.NumberColumn(c.removeprefix("eval/"), format="%.3f") for c in eval_cols},
+        **{c: st.column_config.NumberColumn(c.removeprefix(schema.EVAL), format="%.3f") for c in eval_cols},
     },
 )
 
@@ -119,14 +119,14 @@ series, colors = {}, {}
 with state.notice_errors():
     for rid in shown:
         rec, ver = loaders.run_version(uri, rid)
-        hist = loaders.history(uri, rid, ver, ("train/loss",))
+        hist = loaders.history(uri, rid, ver, (schema.LOSS,))
         label = f"{rec.name or rid[:8]} ({rec.method or '?'})"
-        series[label] = hist[hist["metric"] == "train/loss"][["step", "value"]]
+        series[label] = hist[hist["metric"] == schema.LOSS][["step", "value"]]
         colors[label] = charts.METHOD_COLORS.get(rec.method or "")
 if any(not f.empty for f in series.values()):
     if len(set(colors.values())) < len(colors):
         colors = {}  # two runs of one method: let Plotly tell them apart
-    st.plotly_chart(charts.lines(series, "step", "value", "step", "train/loss", colors,
+    st.plotly_chart(charts.lines(series, "step", "value", "step", schema.LOSS, colors,
                                  title="Training loss"), key="runs_loss_chart")
 else:
     st.info("The shown runs have not logged train/loss yet.")

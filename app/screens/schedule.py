@@ -9,11 +9,10 @@ import shlex
 import pandas as pd
 import streamlit as st
 
-from analysis import io
+from analysis import LayerLockError, first_line, io, schema
 from analysis.convergence import RULES
-from analysis.schedule import derive_schedule, schedule_with_prediction
+from analysis.schedule import schedule_for_run
 from app.views import charts, controls, jobs, loaders, state
-from core.errors import LayerLockError
 
 LAYERLOCK_CONFIG = jobs.CONFIG_DIR / "layerlock_tiny.yaml"
 
@@ -51,14 +50,11 @@ quantize = int(c[4].number_input("round steps up to", 0, total_steps, 0, key="sc
 
 try:
     conv = loaders.convergence(uri, run_id, ver, method, threshold, patience)
-    source = {"run_id": run_id, "method": method, "threshold": threshold}
-    if patience is not None:
-        source["patience"] = patience
-    derived = derive_schedule(conv, int(n_blocks), int(total_steps), margin=margin, max_frozen=cap,
-                              quantize=quantize or None, source=source)
-    schedule = schedule_with_prediction(derived, flop_model, int(total_steps))
+    schedule = schedule_for_run(run_id, conv, method=method, threshold=threshold, patience=patience,
+                                total_steps=int(total_steps), n_blocks=int(n_blocks), flop_model=flop_model,
+                                margin=margin, max_frozen=cap, quantize=quantize or None)
 except LayerLockError as err:
-    st.warning(f"Cannot derive a schedule: {str(err).splitlines()[0]}")
+    st.warning(f"Cannot derive a schedule: {first_line(err)}")
     st.stop()
 
 stages = schedule["stages"]
@@ -79,8 +75,8 @@ if not stages:
             "Lower the threshold, or pick a longer run.")
 
 with state.notice_errors():
-    hist = loaders.history(uri, run_id, ver, ("train/frozen_blocks",))
-actual = hist[hist["metric"] == "train/frozen_blocks"].set_index("step")["value"]
+    hist = loaders.history(uri, run_id, ver, (schema.FROZEN_BLOCKS,))
+actual = hist[hist["metric"] == schema.FROZEN_BLOCKS].set_index("step")["value"]
 st.plotly_chart(charts.frozen_steps(schedule, int(total_steps), actual if actual.any() else None, conv,
                                     title="Frozen blocks over training"), key="sched_chart")
 

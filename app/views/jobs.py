@@ -1,6 +1,6 @@
 """Training runs launched from the dashboard as child processes (no Streamlit in here).
 
-The dashboard never trains in its own process (DESIGN.md section 3): it starts
+The dashboard never trains in its own process (docs/architecture.md, "Layers"): it starts
 ``python -m experiments pretrain ...`` with an argument list (no shell), writes the child's
 stdout and stderr to files under the launch folder, and reads progress back from MLflow and
 from the log.
@@ -72,11 +72,12 @@ def child_tracking_uri(uri: str) -> str:
     A relative ``sqlite:///mlflow.db`` means a file in the dashboard's working directory; the
     child runs in the repository root, so the path is made absolute.
     """
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path, sep, query = uri[len(prefix):].partition("?")
-        if path and path != ":memory:":
-            return f"{prefix}{Path(path).resolve()}{sep}{query}"
+    from analysis.io import sqlite_path
+
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        _, sep, query = uri.partition("?")
+        return f"sqlite:///{path.resolve()}{sep}{query}"
     return uri
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from analysis import io
+from analysis import io, schema
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 RUNS_TTL_S = 5
@@ -116,7 +116,7 @@ def compute_saving(uri: str, run_id: str, version: str) -> float | None:
     from analysis.flops import per_step_flops
 
     rec = record(uri, run_id)
-    total = rec.metrics.get("train/flops")
+    total = rec.metrics.get(schema.FLOPS)
     steps = rec.param_int("train.steps")
     if total is None or not steps or rec.status != "FINISHED":
         return None
@@ -133,8 +133,8 @@ def compute_saving(uri: str, run_id: str, version: str) -> float | None:
 @st.cache_data(show_spinner=False, max_entries=16)
 def study_report(uri: str, run_id: str, version: str) -> tuple[str | None, dict | None]:
     """A study run's ``study/report.md`` text and ``study/results.json`` (None where missing)."""
-    return (io.load_text_artifact(run_id, "study/report.md", uri),
-            io.load_json_artifact(run_id, "study/results.json", uri))
+    return (io.load_text_artifact(run_id, f"{schema.STUDY_DIR}/report.md", uri),
+            io.load_json_artifact(run_id, f"{schema.STUDY_DIR}/results.json", uri))
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)

@@ -20,9 +20,8 @@ from contextlib import contextmanager
 import pandas as pd
 import streamlit as st
 
-from analysis import io
+from analysis import LayerLockError, first_line, io
 from app.views import loaders
-from core.errors import LayerLockError
 
 URI_KEY = "tracking_uri"
 SELECTED_KEY = "selected_runs"
@@ -65,8 +64,7 @@ def notice_errors(kind: str = "warning") -> Iterator[None]:
     try:
         yield
     except LayerLockError as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        (st.warning if kind == "warning" else st.info)(text)
+        (st.warning if kind == "warning" else st.info)(first_line(err))
         st.stop()
 
 

@@ -1,0 +1,169 @@
+"""Helpers shared by several test files: tiny configs, the command line, the dashboard's store
+and AppTest lookups, small real videos. Fixtures stay in ``conftest.py``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from analysis import io  # noqa: E402
+from analysis.testing import (  # noqa: E402
+    create_run_from_frames,
+    synthetic_flop_model,
+    synthetic_history,
+    synthetic_layer_metrics,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - streamlit loads only where a test opens a page
+    from streamlit.testing.v1 import AppTest
+
+HOME = str(ROOT / "app" / "Home.py")
+TIMEOUT = 120  # AppTest's per-run limit: cold imports (torch, mlflow) on a shared 2-core CPU
+
+# ----------------------------------------------------------------------------- tiny configs, command line
+
+TINY = {
+    "model": {"depth": 4, "dim": 24, "heads": 2, "decoder_dim": 16, "decoder_heads": 2, "patch_size": 8},
+    "data": {"frames": 4, "size": 16, "train_clips": 64, "val_clips": 16},
+    "probe": {"every": 4, "batch_size": 8, "tokens_per_clip": 4},
+    "train": {"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 2},
+}
+
+
+def tiny_dict(**sections) -> dict:
+    out = {k: dict(v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        out.setdefault(name, {}).update(values)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_sets(**overrides) -> list[str]:
+    """The tiny config as ``--set`` arguments for the command line."""
+    tree = tiny_dict()
+    flat = {f"{sec}.{k}": v for sec, vals in tree.items() for k, v in vals.items()}
+    flat.update(overrides)
+    out: list[str] = []
+    for k, v in flat.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the dashboard's store
+
+@dataclass(frozen=True)
+class Store:
+    uri: str
+    real: str  # newest run, trained for real (tiny config), with checkpoints
+    synthetic: str  # LayerLock run from analysis.testing (schedule, flop model, no checkpoints)
+    failed: str
+    bare: str  # run-level history only: no per-block metrics
+    children: tuple[str, ...]
+
+
+def build_store(folder: Path) -> Store:
+    """Fill ``folder/mlflow.db``: synthetic runs first, then the real run (so it is the newest)."""
+    from core.config import ExperimentConfig
+    from core.train import train
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    root = (folder / "artifacts").as_uri()
+    depth, steps = 4, 12
+    # On the real tiny run's scale (about 3.6 MFLOP and 1.3 s per step), so charts compare sensibly.
+    model = synthetic_flop_model(depth, block_forward=2e5, other=1.15e6, batch_size=4)
+    schedule = {"n_blocks": depth, "stages": [{"step": 4, "frozen": 1}, {"step": 8, "frozen": 2}], "source": {}}
+    params = {"model.depth": depth, "train.steps": steps, "probe.every": 4}
+    common = {"uri": uri, "artifact_root": root, "params": params}
+    layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=steps, probe_every=4, log_every=2)
+    evals = pd.DataFrame({"step": steps, "metric": ["eval/digit/acc", "eval/direction/acc"], "value": [0.4, 0.9]})
+    synthetic = create_run_from_frames(
+        "layerlock", layer_df=layer_df,
+        history=pd.concat([synthetic_history(steps, 2, model, schedule, seconds_per_flop=3.5e-7, seed=1), evals]),
+        tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits"}, run_name="synthetic-layerlock",
+        json_artifacts={io.FLOP_MODEL_ARTIFACT: model, io.SCHEDULE_ARTIFACT: schedule}, **common)
+    failed = create_run_from_frames(
+        "layerlock", history=synthetic_history(steps, 2, seed=2).head(3), status="FAILED", run_name="diverged",
+        tags={io.TAG_METHOD: "mae", io.TAG_FAILURE: "loss is nan at step 3"}, **common)
+    bare = create_run_from_frames(
+        "layerlock", history=synthetic_history(steps, 2, model, seconds_per_flop=3.5e-7, seed=3), run_name="no-probes",
+        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
+    real = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=uri, progress=False).run_id
+    loss = io.load_history(real, ["train/loss"], uri)
+    children = tuple(
+        create_run_from_frames(
+            "freeze-tests", history=loss.assign(value=loss["value"] * ratio), run_name=f"freeze-L{blocks}-T{at}",
+            tags={io.TAG_METHOD: "freeze_test", io.TAG_PARENT: real, io.TAG_FREEZE_STEP: str(at),
+                  io.TAG_FREEZE_BLOCKS: str(blocks)}, **common)
+        for blocks, at, ratio in ((1, 4, 1.0), (2, 4, 1.05), (1, 8, 1.01)))
+    return Store(uri, real, synthetic, failed, bare, children)
+
+
+# ----------------------------------------------------------------------------- AppTest
+
+def point_app_at(uri: str, tmp_path: Path, monkeypatch) -> None:
+    """Make the dashboard read ``uri`` and keep its launched jobs under ``tmp_path``."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path / "runs"))
+
+
+def open_page(page: str, at: AppTest | None = None) -> AppTest:
+    """``page`` rendered through Home.py's navigation (a new session unless ``at`` is given)."""
+    from streamlit.testing.v1 import AppTest
+
+    if at is None:
+        at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+        at.run()
+    at.switch_page(f"screens/{page}.py")
+    at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def frame_with(at: AppTest, *columns: str):
+    """The first dataframe shown with all of ``columns`` (display frames carry no key in AppTest)."""
+    for df in at.dataframe:
+        if set(columns) <= set(df.value.columns):
+            return df.value
+    raise AssertionError(f"no dataframe with columns {columns}")
+
+
+# ----------------------------------------------------------------------------- videos
+
+def write_video(path: Path, color: tuple[int, int, int], codec: str = "libx264",
+                n: int = 10, w: int = 48, h: int = 40) -> None:
+    """Write a small real video: a solid colour with a bright bar that moves every frame."""
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for t in range(n):
+            img = np.empty((h, w, 3), dtype=np.uint8)
+            img[:] = color
+            img[:, 4 * t : 4 * t + 4] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
