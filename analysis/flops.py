@@ -74,3 +74,17 @@ def predicted_saving(schedule: dict[str, Any], flop_model: dict[str, Any], total
     if total_steps <= 0:
         raise LayerLockError(f"total_steps must be positive, got {total_steps}")
     return 1.0 - schedule_flops(schedule, flop_model, total_steps) / baseline_flops(flop_model, total_steps)
+
+
+def logged_saving(total_flops: float | None, total_steps: int | None,
+                  flop_model: dict[str, Any] | None) -> float | None:
+    """``1 - logged cumulative FLOPs / (total_steps * per_step[0])``: what a finished run saved
+    against the same run with nothing frozen. None when any input is missing or the flop model
+    is malformed (it hides this one number, nothing else)."""
+    if total_flops is None or not total_steps or flop_model is None:
+        return None
+    try:
+        full = baseline_flops(flop_model, total_steps)
+    except LayerLockError:
+        return None
+    return 1.0 - float(total_flops) / full if full > 0 else None

@@ -166,3 +166,13 @@ def test_flop_model_errors() -> None:
     # The synthetic model saves two block-forwards per frozen block.
     model = synthetic_flop_model(4, block_forward=1.0, other=0.0)
     assert per_step_flops(model).tolist() == [12.0, 10.0, 8.0, 6.0]
+
+
+def test_logged_saving_against_nothing_frozen() -> None:
+    from analysis.flops import logged_saving
+
+    model = {"n_blocks": 4, "per_step": {"0": 8.0, "1": 6.0, "2": 4.0, "3": 2.0}}
+    assert logged_saving(60.0, 10, model) == pytest.approx(0.25)  # 60 of the 80 FLOPs unfrozen would cost
+    assert logged_saving(None, 10, model) is None and logged_saving(60.0, 0, model) is None
+    assert logged_saving(60.0, 10, None) is None
+    assert logged_saving(60.0, 10, {"per_step": {}}) is None  # malformed: the number is hidden, nothing raised

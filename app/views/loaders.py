@@ -112,22 +112,14 @@ def schedule(uri: str, run_id: str, version: str, artifact_file: str = io.SCHEDU
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def compute_saving(uri: str, run_id: str, version: str) -> float | None:
-    """Counted FLOPs saved against the same run with nothing frozen (None when unknown)."""
-    from analysis.flops import per_step_flops
+    """Counted FLOPs saved against the same run with nothing frozen (``analysis.flops.logged_saving``)."""
+    from analysis.flops import logged_saving
 
     rec = record(uri, run_id)
-    total = rec.metrics.get(schema.FLOPS)
-    steps = rec.param_int("train.steps")
+    total, steps = rec.metrics.get(schema.FLOPS), rec.param_int("train.steps")
     if total is None or not steps or rec.status != "FINISHED":
-        return None
-    model = io.load_flop_model(run_id, uri)
-    if model is None:
-        return None
-    try:
-        full = float(per_step_flops(model)[0]) * steps
-    except Exception:  # a malformed flop model only hides this one number
-        return None
-    return 1.0 - float(total) / full if full > 0 else None
+        return None  # decided before reading the flop model artifact
+    return logged_saving(total, steps, io.load_flop_model(run_id, uri))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
