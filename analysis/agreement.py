@@ -51,6 +51,7 @@ import pandas as pd
 from analysis import io
 from analysis.compare import FINAL_LAST, FreezeGrid, final_losses, freeze_test_grid
 from analysis.convergence import RULES, detect_convergence
+from core import schema
 from core.errors import LayerLockError
 
 DEFAULT_TOL = 0.02
@@ -140,7 +141,7 @@ def calibrated_tolerance(baseline_id: str, uri: str | None = None, tol: float | 
         return _fallback(None, f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no "
                                f"{io.TAG_GROUP} tag)")
     members = [r for r in io.runs_with_tag(io.TAG_GROUP, group, uri)
-               if r.status == "FINISHED" and io.TAG_PARENT not in r.tags and r.method != "freeze_test"]
+               if r.status == "FINISHED" and io.TAG_PARENT not in r.tags and r.method != schema.METHOD_FREEZE_TEST]
     ordered = [r.run_id for r in sorted(members, key=lambda r: r.start_time or pd.Timestamp(0, tz="UTC"))]
     losses, how = final_losses(ordered, uri, last)
     losses = {r: v for r, v in losses.items() if math.isfinite(v)}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from core.schema import TAG_GROUP, TAG_SCHEDULE_SOURCE
+from core.schema import EVAL, TAG_GROUP, TAG_SCHEDULE_SOURCE
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -133,7 +133,7 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
 
 
 def _eval_cols(table) -> list[str]:
-    return [c for c in table.columns if c.startswith("eval/") and "/block_" not in c]
+    return [c for c in table.columns if c.startswith(EVAL) and "/block_" not in c]
 
 
 def format_table(result: dict) -> str:
@@ -153,7 +153,7 @@ def format_table(result: dict) -> str:
     view = pd.concat([view, rand], ignore_index=True)
     view = view.rename(columns={"final_loss_pixel": "pixel_loss", "total_flops": "TFLOP",
                                 "eff_rank_mean": "eff_rank", "feat_std_min": "feat_std"})
-    view.columns = [c.removeprefix("eval/") for c in view.columns]
+    view.columns = [c.removeprefix(EVAL) for c in view.columns]
     if len(result["seeds"]) == 1:
         return view.drop(columns="seed").to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
     from analysis.stats import format_mean_sd

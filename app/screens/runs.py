@@ -9,8 +9,6 @@ import streamlit as st
 from analysis import metric_help, schema
 from app.views import charts, groups, loaders, state
 
-STUDY_METHOD = "study"   # the summary run of `python -m experiments study`
-
 st.title("Runs")
 uri = state.tracking_uri()
 runs = state.load_runs()
@@ -35,8 +33,8 @@ if search.strip():
     view = view[view["name"].str.lower().str.contains(needle, regex=False) | view["run_id"].str.startswith(needle)]
 if hide_children:
     view = view[~view["method"].isin(state.CHILD_METHODS) & view["parent"].isna()]
-studies = runs[runs["method"] == STUDY_METHOD]
-view = view[view["method"] != STUDY_METHOD]
+studies = runs[runs["method"] == schema.METHOD_STUDY]
+view = view[view["method"] != schema.METHOD_STUDY]
 
 
 def _saving(row) -> float:

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 import pandas as pd
 import streamlit as st
 
-from analysis import LayerLockError, first_line, io
+from analysis import LayerLockError, first_line, io, schema
 from app.views import loaders
 
 URI_KEY = "tracking_uri"
 SELECTED_KEY = "selected_runs"
 # A run whose method is freeze_test is one cell of a sweep, not something to browse first.
 # Runs that are not training runs of their own: freeze-test cells, and study summaries.
-CHILD_METHODS = ("freeze_test", "study")
+CHILD_METHODS = (schema.METHOD_FREEZE_TEST, schema.METHOD_STUDY)
 
 
 def tracking_uri() -> str:
