@@ -55,7 +55,7 @@ from core.schema import (  # noqa: F401
     TAG_SCHEDULE_SOURCE,
     block_key,
 )
-from core.tracking import resolve_uri, sqlite_path  # noqa: F401  (sqlite_path: for the dashboard)
+from core.tracking import DEFAULT_URI, resolve_uri, sqlite_path  # noqa: F401  (DEFAULT_URI, sqlite_path: for the dashboard)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow.entities import Run

@@ -1,4 +1,4 @@
-"""LayerLock Lab dashboard: ``streamlit run app/Home.py`` (bound to 127.0.0.1 by .streamlit/config.toml).
+"""LayerLock Lab dashboard: ``streamlit run app/Home.py`` (bound to 127.0.0.1 by app/.streamlit/config.toml).
 
 This entry script sets up the page, the sidebar (tracking URI, current selection) and the
 navigation; each page lives in ``app/screens`` and reads runs through ``analysis`` only.
@@ -17,9 +17,14 @@ if str(ROOT) not in sys.path:  # `streamlit run app/Home.py` puts only app/ on t
 import streamlit as st  # noqa: E402
 
 from analysis import first_line  # noqa: E402
-from app.views import loaders, state  # noqa: E402
+from app.views import loaders, serving, state  # noqa: E402
 
 st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
+
+_refused = serving.refusal(st.get_option("server.address"), st.get_option("server.enableXsrfProtection"))
+if _refused:
+    st.error(_refused)
+    st.stop()
 
 PAGES = [
     st.Page("screens/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
@@ -40,10 +45,13 @@ def _on_uri_change() -> None:
 
 def sidebar() -> None:
     uri = state.tracking_uri()
+    allowed = state.allowed_uris()
     with st.sidebar:
-        st.text_input("Tracking URI", value=uri, key="sidebar_uri", on_change=_on_uri_change,
-                      help="MLflow tracking URI: from $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-                           "in the working directory. A remote http://host:port server works the same.")
+        st.selectbox("Tracking URI", allowed, index=allowed.index(uri), key="sidebar_uri",
+                     on_change=_on_uri_change,
+                     help="The MLflow stores the operator configured: $MLFLOW_TRACKING_URI (else "
+                          "sqlite:///mlflow.db in the working directory), $LAYERLOCK_TRACKING_URIS "
+                          "(comma-separated), `streamlit run app/Home.py -- --tracking-uri URI`.")
         chosen = state.selected()
         if chosen:
             try:

@@ -60,7 +60,7 @@ def test_runs_page_lists_runs_and_carries_the_selection(env: Store) -> None:
     table = at.dataframe[0].value
     assert {env.real, env.synthetic, env.failed, env.bare} <= set(table["run_id"])
     assert not set(env.children) & set(table["run_id"])  # children hidden by default
-    assert charts(at) >= 1 and at.text_input(key="sidebar_uri").value == env.uri
+    assert charts(at) >= 1 and at.selectbox(key="sidebar_uri").value == env.uri
     assert {"runs_select", "runs_method", "runs_search", "runs_hide_children"} <= keys(at)
 
     at.multiselect(key="runs_select").set_value([env.synthetic, env.real]).run()
@@ -259,12 +259,29 @@ def test_empty_store_shows_a_message_on_every_page(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "none.db").exists()  # looking did not create a store
 
 
-def test_sidebar_uri_switches_the_store(env: Store, tmp_path: Path) -> None:
+def test_sidebar_uri_switches_the_store(env: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = f"sqlite:///{tmp_path}/other.db"
+    monkeypatch.setenv("LAYERLOCK_TRACKING_URIS", other)   # the operator offers a second store
     at = open_page("runs")
     assert at.dataframe
-    at.text_input(key="sidebar_uri").input(f"sqlite:///{tmp_path}/other.db").run()
+    assert at.selectbox(key="sidebar_uri").options == [env.uri, other, "sqlite:///mlflow.db"]
+    at.selectbox(key="sidebar_uri").select(other).run()
     assert_clean(at)
     assert any("No runs in the tracking store" in i.value for i in at.info) and not at.dataframe
+
+
+def test_sidebar_offers_only_configured_uris(env: Store, tmp_path: Path) -> None:
+    from app.views import state
+
+    at = open_page("runs")
+    assert at.selectbox(key="sidebar_uri").options == [env.uri, "sqlite:///mlflow.db"]
+    assert state.allowed_uris(["--tracking-uri", "http://team:5000"])[-2:] == ["http://team:5000",
+                                                                                "sqlite:///mlflow.db"]
+    # a value forced into the session (no widget offers it) is refused; the store stays put
+    at.session_state["tracking_uri"] = "http://attacker.example:80"
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="sidebar_uri").value == env.uri and at.dataframe
 
 
 def test_job_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

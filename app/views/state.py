@@ -14,6 +14,8 @@ With nothing selected, pickers fall back to the most recent run(s).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,17 +32,40 @@ SELECTED_KEY = "selected_runs"
 CHILD_METHODS = (schema.METHOD_FREEZE_TEST, schema.METHOD_STUDY)
 
 
+# More tracking URIs the operator offers in the sidebar (comma-separated), besides
+# $MLFLOW_TRACKING_URI and the default; also `streamlit run app/Home.py -- --tracking-uri URI ...`.
+URI_LIST_ENV = "LAYERLOCK_TRACKING_URIS"
+
+
+def allowed_uris(argv: list[str] | None = None) -> list[str]:
+    """The tracking URIs the sidebar offers, the resolved one first: ``$MLFLOW_TRACKING_URI`` (else
+    the default), ``$LAYERLOCK_TRACKING_URIS``, ``--tracking-uri`` script arguments, the default.
+    Nothing a visitor types reaches another http host (which would receive MLflow credentials
+    from this server's environment) or another sqlite file."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = [io.resolve_tracking_uri()]
+    out += [u.strip() for u in os.environ.get(URI_LIST_ENV, "").split(",") if u.strip()]
+    out += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--tracking-uri"]
+    out += [a.split("=", 1)[1] for a in argv if a.startswith("--tracking-uri=")]
+    out.append(io.DEFAULT_URI)
+    return list(dict.fromkeys(out))
+
+
 def tracking_uri() -> str:
-    if URI_KEY not in st.session_state:
-        st.session_state[URI_KEY] = io.resolve_tracking_uri()
+    allowed = allowed_uris()
+    if st.session_state.get(URI_KEY) not in allowed:
+        st.session_state[URI_KEY] = allowed[0]
     return st.session_state[URI_KEY]
 
 
-def set_tracking_uri(uri: str) -> None:
-    uri = uri.strip() or io.resolve_tracking_uri()
+def set_tracking_uri(uri: str) -> bool:
+    """Switch to ``uri`` if the operator configured it (see :func:`allowed_uris`); False otherwise."""
+    if uri not in allowed_uris():
+        return False
     if uri != st.session_state.get(URI_KEY):
         st.session_state[URI_KEY] = uri
         st.session_state[SELECTED_KEY] = []  # run ids of another store mean nothing here
+    return True
 
 
 def selected() -> list[str]:
