@@ -99,3 +99,68 @@ def test_dashboard_refuses_to_serve_beyond_loopback_without_opt_in(remote_addres
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     assert not at.exception and not at.error
     assert at.selectbox(key="sidebar_uri")
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monkeypatch):
+    from app.views import jobs
+
+    monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path))
+    jobs.launch_dir().mkdir(parents=True)
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    other = subprocess.Popen(argv)   # stands in for a process that got a job's pid after a restart
+    try:
+        def job(**kw) -> jobs.Job:
+            fields = dict(job_id="j", argv=argv, pid=other.pid, run_name="r", tracking_uri="sqlite:///x.db",
+                          started=time.time(), pid_start=jobs._start_time(other.pid))
+            return jobs.Job(**{**fields, **kw})
+
+        assert jobs.is_running(job())   # same command line, same start time: the job's own child
+        for bad in (job(pid=0), job(pid=-1), job(pid=1), job(argv=[*argv, "x"]), job(pid_start=12345),
+                    job(pid_start=None)):
+            assert not jobs.is_running(bad)
+            assert jobs.cancel(bad, grace_s=0.2) == "not running"
+        assert other.poll() is None   # never signalled
+        saved = job(job_id="k")
+        saved.save()
+        assert sorted(p.name for p in jobs.launch_dir().iterdir()) == ["j.json", "k.json"]   # no temporaries
+        assert jobs.Job.load(saved.meta_path) == saved
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkeypatch):
+    from analysis import load_config
+    from app.views import jobs
+
+    point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    seen: list[list[str]] = []
+
+    def sleeper(config, overrides=None, tags=None, tracking_uri=None):   # no training on a shared CPU
+        seen.append(list(overrides or []))
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    monkeypatch.setattr(jobs, "pretrain_argv", sleeper)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("screens/launch.py").run()
+    at.text_input(key="launch_run_name").input("exp #2")
+    at.button(key="launch_submit").click().run()
+    assert not at.exception
+    assert any("Started exp #2" in s.value for s in at.success), [w.value for w in at.warning]
+    started = jobs.list_jobs()
+    try:
+        assert len(started) == 1 and started[0].run_name == "exp #2"
+        assert 'tracking.run_name="exp #2"' in seen[0]
+        assert load_config(ROOT / "experiments/configs/mae_tiny.yaml", seen[0]).tracking.run_name == "exp #2"
+
+        at.text_input(key="launch_run_name").input("second")
+        at.button(key="launch_submit").click().run()
+        assert not at.exception
+        assert any("at most 1" in w.value for w in at.warning), [w.value for w in at.warning]
+        assert len(jobs.list_jobs()) == 1
+    finally:
+        for job in jobs.list_jobs():
+            jobs.cancel(job, grace_s=2)

@@ -71,7 +71,7 @@ def build_overrides() -> tuple[list[str], str]:
     if data != FROM_CONFIG:
         overrides.append(f"data.name={data}")
     if data_root.strip():
-        overrides.append(f"data.root={Path(data_root.strip()).expanduser().resolve()}")
+        overrides.append(jobs.string_override("data.root", str(Path(data_root.strip()).expanduser().resolve())))
     if schedule_choice == NO_SCHEDULE:
         overrides.append("freeze.schedule=null")
     elif schedule_choice != FROM_CONFIG:
@@ -80,10 +80,10 @@ def build_overrides() -> tuple[list[str], str]:
             raise LayerLockError("custom schedule: enter the path of a schedule JSON file")
         path = Path(raw).expanduser().resolve()
         check_schedule(path)
-        overrides.append(f"freeze.schedule={path}")
+        overrides.append(jobs.string_override("freeze.schedule", str(path)))
     overrides += jobs.parse_overrides(extra)
     name = run_name.strip() or jobs.new_run_name(objective if objective != FROM_CONFIG else Path(config).stem)
-    overrides.append(f"tracking.run_name={name}")
+    overrides.append(jobs.string_override("tracking.run_name", name))   # `exp #2` stays `exp #2`
     return overrides, name
 
 
@@ -96,11 +96,11 @@ if submitted:
         cfg = load_config(jobs.ROOT / config, overrides)
         if isinstance(cfg.freeze.schedule, str):
             check_schedule(Path(cfg.freeze.schedule), cfg.model.depth, cfg.train.steps)
-    except (LayerLockError, ValueError) as err:
-        st.warning(f"Not started: {first_line(err)}")
-    else:
         argv = jobs.pretrain_argv(config, overrides, {schema.TAG_LAUNCHED_FROM: "dashboard"}, uri)
         job = jobs.start(argv, name, uri, source="launch")
+    except (LayerLockError, ValueError) as err:   # bad input, or jobs.JobLimitReached
+        st.warning(f"Not started: {first_line(err)}")
+    else:
         state.remember_job(job.job_id)
         loaders.refresh_live()
         st.success(f"Started {name} (pid {job.pid}).")

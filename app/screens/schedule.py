@@ -110,7 +110,11 @@ if b[2].button("Launch LayerLock with this schedule", key="sched_launch", type="
     argv = jobs.pretrain_argv(LAYERLOCK_CONFIG, [*overrides, f"freeze.schedule={path}",
                                                  f"tracking.run_name={run_name}"],
                               {io.TAG_SCHEDULE_SOURCE: run_id}, uri)
-    job = jobs.start(argv, run_name, uri, source="schedule", extra={"schedule": str(path)})
+    try:
+        job = jobs.start(argv, run_name, uri, source="schedule", extra={"schedule": str(path)})
+    except jobs.JobLimitReached as err:
+        st.warning(f"Not started: {err}")
+        st.stop()
     state.remember_job(job.job_id)
     st.success(f"Started {run_name} (pid {job.pid}) with {path.name}.")
     st.page_link("screens/launch.py", label="Follow its progress on Launch", icon=":material/rocket_launch:")

@@ -17,8 +17,14 @@ Conventions:
 - A job is found in MLflow by its run name: every launch sets ``tracking.run_name`` (the run id
   is only printed when training ends).
 - ``Popen`` objects live in a module-level registry, so any session of this server process can
-  poll (and reap) a child; a job started by an earlier server process is judged by whether its
-  pid is still alive.
+  poll (and reap) a child. A job started by an earlier server process is trusted only while its
+  pid is > 1 and ``/proc/<pid>`` shows the job's command line and start time: a reused pid (after
+  a restart) or an edited job file never gets a signal.
+- Job files are written atomically (a temporary file, then ``os.replace``).
+- At most ``max_jobs()`` jobs run at once (``$LAYERLOCK_MAX_JOBS``, default 2); ``start`` raises
+  JobLimitReached beyond that.
+- Text fields go to the child as strings (:func:`string_override`), never parsed as YAML: run
+  name ``exp #2`` stays ``exp #2``.
 - Cancel sends SIGINT first: the trainer turns KeyboardInterrupt into a FAILED run with a
   reason; SIGTERM and SIGKILL follow if the child does not exit.
 """
@@ -37,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis import LayerLockError
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "experiments" / "configs"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -45,6 +53,27 @@ EXIT_MEANING = {0: "finished", 1: "failed", 2: "bad input", 130: "cancelled", -2
                 -15: "cancelled", -9: "killed"}
 
 _PROCS: dict[str, subprocess.Popen] = {}  # job_id -> child of this server process
+MAX_JOBS_ENV = "LAYERLOCK_MAX_JOBS"
+DEFAULT_MAX_JOBS = 2
+
+
+class JobLimitReached(LayerLockError):
+    """As many jobs as ``max_jobs()`` are already running."""
+
+
+def max_jobs() -> int:
+    """``$LAYERLOCK_MAX_JOBS`` (a positive integer), else 2: concurrent training children."""
+    raw = os.environ.get(MAX_JOBS_ENV, "")
+    try:
+        return max(1, int(raw)) if raw.strip() else DEFAULT_MAX_JOBS
+    except ValueError:
+        return DEFAULT_MAX_JOBS
+
+
+def string_override(key: str, value: str) -> str:
+    """``key="value"``: a JSON string is a YAML double-quoted scalar, so ``--set`` keeps ``value``
+    as the exact string (``exp #2`` would otherwise parse as ``exp``, ``007`` as 7)."""
+    return f"{key}={json.dumps(value)}"
 
 
 def runs_dir() -> Path:
@@ -130,6 +159,7 @@ class Job:
     source: str = "launch"  # which page started it
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    pid_start: int | None = None  # the child's start time (/proc/<pid>/stat, clock ticks after boot)
 
     @property
     def out_path(self) -> Path:
@@ -144,7 +174,10 @@ class Job:
         return launch_dir() / f"{self.job_id}.json"
 
     def save(self) -> None:
-        self.meta_path.write_text(json.dumps(asdict(self), indent=2))
+        """Atomic: a reader sees the old file or the new one, never half of it."""
+        tmp = self.meta_path.with_name(f".{self.meta_path.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, self.meta_path)
 
     @classmethod
     def load(cls, path: Path) -> Job | None:
@@ -157,7 +190,12 @@ class Job:
 
 def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "launch",
           extra: dict[str, Any] | None = None) -> Job:
-    """Start ``argv`` in the repository root with stdout/stderr to files; returns the job."""
+    """Start ``argv`` in the repository root with stdout/stderr to files; returns the job.
+    Raises JobLimitReached when ``max_jobs()`` jobs are running."""
+    running = sum(is_running(j) for j in list_jobs(limit=1000))
+    if running >= max_jobs():
+        raise JobLimitReached(f"{running} jobs are running (at most {max_jobs()}, ${MAX_JOBS_ENV}): "
+                              "wait for one to finish or cancel one")
     folder = launch_dir()
     folder.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -169,7 +207,7 @@ def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "laun
                                 env=env, start_new_session=True)
     _PROCS[job_id] = proc
     job = Job(job_id=job_id, argv=list(argv), pid=proc.pid, run_name=run_name, tracking_uri=tracking_uri,
-              started=time.time(), source=source, extra=dict(extra or {}))
+              started=time.time(), source=source, extra=dict(extra or {}), pid_start=_start_time(proc.pid))
     job.save()
     return job
 
@@ -187,14 +225,28 @@ def get_job(job_id: str) -> Job | None:
     return Job.load(launch_dir() / f"{job_id}.json")
 
 
-def _pid_alive(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks after boot (field 22 of /proc/<pid>/stat), None if unknown."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])   # fields after "(comm)" start at field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_our_child(job: Job) -> bool:
+    """True only when ``job.pid`` is still the process this job started: pid > 1 (0 and -1 would
+    signal whole process groups), same command line, same start time. Unverifiable: False."""
+    pid = job.pid
+    if not isinstance(pid, int) or pid <= 1 or job.pid_start is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if [c.decode(errors="replace") for c in cmdline if c] != list(job.argv):
+        return False
+    return _start_time(pid) == job.pid_start
 
 
 def returncode(job: Job) -> int | None:
@@ -207,7 +259,7 @@ def is_running(job: Job) -> bool:
     proc = _PROCS.get(job.job_id)
     if proc is not None:
         return proc.poll() is None
-    return _pid_alive(job.pid) and time.time() - job.started < 7 * 24 * 3600
+    return _is_our_child(job)
 
 
 def status(job: Job) -> str:
@@ -269,16 +321,20 @@ def cancel(job: Job, grace_s: float = 5.0) -> str:
     job.save()
     proc = _PROCS.get(job.job_id)
     if proc is None:
-        if not _pid_alive(job.pid):
+        # Checked before every signal: the pid may be reused the moment the child exits.
+        if not _is_our_child(job):
             return "not running"
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if not _is_our_child(job):
+                return "not running"
             os.kill(job.pid, sig)
             deadline = time.time() + grace_s
-            while time.time() < deadline and _pid_alive(job.pid):
+            while time.time() < deadline and _is_our_child(job):
                 time.sleep(0.1)
-            if not _pid_alive(job.pid):
+            if not _is_our_child(job):
                 return sig.name
-        os.kill(job.pid, signal.SIGKILL)
+        if _is_our_child(job):
+            os.kill(job.pid, signal.SIGKILL)
         return "SIGKILL"
     if proc.poll() is not None:
         return "not running"
