@@ -1,6 +1,7 @@
 """End to end in a real browser: `streamlit run app/Home.py` against a temporary store filled by a
 short real run, every page loaded in headless Debian chromium (Playwright), no error text on any
-page, one screenshot per page in test-artifacts/screenshots/.
+page, one screenshot per page in test-artifacts/screenshots/. With ``LAYERLOCK_DOCS_SCREENSHOTS=1``
+the Convergence, Schedule and Compare shots also replace the README's ``docs/images/*.png``.
 
 Chromium is required, not optional: CI installs it (`apt-get install -y chromium`); without it
 this test fails with a message saying so.
@@ -9,6 +10,7 @@ this test fails with a message saying so.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
+DOC_IMAGES, DOC_PAGES = ROOT / "docs" / "images", ("convergence", "schedule", "compare")
 # page name -> (URL path, needs a Plotly chart once rendered)
 PAGES = {
     "runs": ("", True),
@@ -148,3 +151,7 @@ def test_every_page_renders_in_chromium(server: str) -> None:
         finally:
             browser.close()
     assert not problems, problems
+    if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":   # refresh the README's pictures
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        for name in DOC_PAGES:
+            shutil.copyfile(SHOTS / f"{name}.png", DOC_IMAGES / f"{name}.png")
