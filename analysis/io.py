@@ -1,4 +1,6 @@
-"""The one module of ``analysis`` that talks to MLflow.
+"""The one module of ``analysis`` that talks to MLflow (``analysis.testing`` logs synthetic runs
+for tests through its client; the trainer's side is ``core.tracking``: docs/architecture.md,
+"Who talks to MLflow").
 
 Everything else in ``analysis`` works on the plain values and tidy DataFrames returned here:
 
