@@ -19,7 +19,7 @@ import core.train as core_train
 from core.config import ExperimentConfig
 from core.errors import LayerLockError
 from core.train import load_run_checkpoint, train
-from tests.conftest import ROOT, tiny_dict, tiny_sets
+from tests.helpers import ROOT, tiny_dict, tiny_sets
 
 
 def _cfg(**train_overrides) -> ExperimentConfig:
