@@ -171,7 +171,7 @@ def test_analysis_convergence_prints_what_its_metric_measures(store, capsys):
       "--set", "data.root=/no/such/folder"], "/no/such/folder"),
     (["--resume", "0123456789abcdef0123456789abcdef"], "run not found"),
     (["--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", "bogus://nowhere"],
-     "cannot open tracking URI bogus://nowhere"),
+     "tracking URI bogus://nowhere: unsupported scheme 'bogus'"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, store):
     if "--tracking-uri" not in args:
