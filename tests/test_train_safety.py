@@ -110,3 +110,18 @@ def test_sigterm_flushes_checkpoints_and_marks_the_run_killed(tmp_path, store):
     # every step trained before the stop was flushed (log_every=1: steps 0 .. step-1)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == list(range(ckpt["step"]))
+
+
+def test_evaluate_uses_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path, store, capsys):
+    from experiments.evaluate import evaluate_run
+
+    done = train(_cfg(), tracking_uri=store, progress=False)   # checkpoints at 4, 8, 12
+    newest = _checkpoint_files(tmp_path, done.run_id)[12]
+    newest.write_bytes(newest.read_bytes()[:100])
+    capsys.readouterr()
+    metrics = evaluate_run(done.run_id, tasks=["digit"], tracking_uri=store, probe="linear",
+                           train_clips=16, val_clips=8, progress=False)
+    assert metrics and all(v == v for v in metrics.values())
+    assert "using checkpoint checkpoints/step_000008.pt" in capsys.readouterr().err
+    logged = MlflowClient(store).get_run(done.run_id).data.metrics
+    assert any(k.startswith("eval/digit/") for k in logged)
