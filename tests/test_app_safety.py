@@ -164,3 +164,53 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
     finally:
         for job in jobs.list_jobs():
             jobs.cancel(job, grace_s=2)
+
+
+# The dashboard's half of the bad-input table (README, "Bad input: what you get"): launch-page
+# fields and the one warning each gets; nothing is started.
+DASHBOARD_ROWS: list[tuple[str, dict[str, str], str]] = [
+    ("override-without-equals", {"launch_overrides": "nonsense"},
+     "Not started: override line 1: expected key=value, got 'nonsense'"),
+    ("override-unknown-key", {"launch_overrides": "model.depthh=3"},
+     "Not started: {cfg} (with --set): unknown config key 'model.depthh'"),
+    ("override-seed-too-large", {"launch_overrides": "train.seed=10000000000000000000000"},
+     "Not started: {cfg} (with --set): train.seed: Input should be less than or equal to 2147483647"),
+    ("override-infinite", {"launch_overrides": "train.lr=.inf"},
+     "Not started: {cfg} (with --set): train.lr: Input should be a finite number"),
+    ("custom-schedule-empty", {"launch_schedule": "custom path…"},
+     "Not started: custom schedule: enter the path of a schedule JSON file"),
+    ("custom-schedule-binary", {"launch_schedule": "custom path…", "launch_schedule_path": "/bin/ls"},
+     "Not started: ls: not a text file (a schedule is JSON text)"),
+    ("custom-schedule-missing", {"launch_schedule": "custom path…", "launch_schedule_path": "/nonexistent.json"},
+     "Not started: schedule file not found: /nonexistent.json"),
+]
+
+
+@pytest.mark.parametrize("fields, message", [r[1:] for r in DASHBOARD_ROWS], ids=[r[0] for r in DASHBOARD_ROWS])
+def test_launch_field_gets_one_warning_and_starts_nothing(fields, message, tmp_path, monkeypatch):
+    from app.views import jobs
+
+    point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("screens/launch.py").run()
+    for key, value in fields.items():
+        widget = at.selectbox(key=key) if key == "launch_schedule" else (
+            at.text_area(key=key) if key == "launch_overrides" else at.text_input(key=key))
+        widget.set_value(value)
+    at.button(key="launch_submit").click().run()
+    assert not at.exception and not at.error
+    cfg = str(ROOT / "experiments" / "configs" / "mae_tiny.yaml")
+    assert [w.value for w in at.warning] == [message.format(cfg=cfg)]
+    assert not jobs.list_jobs()
+
+
+def dashboard_readme_row(fields: dict[str, str], message: str) -> str:
+    """How a dashboard row reads in README.md."""
+    shown = ", ".join(f"`{k}` = `{v}`" for k, v in fields.items())
+    return f"| {shown} | `{message.format(cfg='CONFIG')}` |"
+
+
+def test_readme_lists_every_dashboard_row():
+    readme = (ROOT / "README.md").read_text()
+    for row_id, fields, message in DASHBOARD_ROWS:
+        assert dashboard_readme_row(fields, message) in readme, row_id

@@ -54,7 +54,9 @@ def check_schedule(path: Path, n_blocks: int | None = None, total_steps: int | N
     if not path.is_file():
         raise LayerLockError(f"schedule file not found: {path}")
     try:
-        validate_schedule(json.loads(path.read_text()), total_steps=total_steps, n_blocks=n_blocks)
+        validate_schedule(json.loads(path.read_text(encoding="utf-8")), total_steps=total_steps, n_blocks=n_blocks)
+    except UnicodeDecodeError:
+        raise LayerLockError(f"{path.name}: not a text file (a schedule is JSON text)") from None
     except json.JSONDecodeError as err:
         raise LayerLockError(f"{path.name}: not valid JSON ({err.msg})") from None
 
