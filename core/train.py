@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from core import schema
 from core.config import ExperimentConfig, config_from_dict, flatten, group_name, to_yaml
 from core.data import build_dataset, get_batch
 from core.errors import LayerLockError, RunTerminated, TrainingDiverged
@@ -35,7 +36,6 @@ from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
-from core.schema import HELDOUT_KEY
 from core.tracking import Tracker
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
@@ -128,7 +128,7 @@ def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
 
 def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
     """Newest checkpoint of the run that loads (falling back to older ones)."""
-    return _load_newest_good(tracker, tracker.list_artifacts("checkpoints"))
+    return _load_newest_good(tracker, tracker.list_artifacts(schema.CHECKPOINT_DIR))
 
 
 @contextlib.contextmanager
@@ -181,8 +181,8 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
     is_main = rank == 0
     tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
                       run_name=cfg.tracking.run_name, enabled=is_main and track,
-                      tags={"layerlock.method": METHOD_TAG[cfg.objective.name],
-                            "layerlock.dataset": cfg.data.name, "layerlock.group": group_name(cfg),
+                      tags={schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
+                            schema.TAG_DATASET: cfg.data.name, schema.TAG_GROUP: group_name(cfg),
                             **(tags or {})})
     ckpt = None
     if resume_run_id is not None:
@@ -213,125 +213,134 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
         raise
 
 
-def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
-           init_state: dict | None, progress: bool, stop_after: int | None,
-           stop: threading.Event | None = None) -> TrainResult:
-    t_cfg = cfg.train
-    device = pick_device(t_cfg.device)
-    torch.manual_seed(t_cfg.seed)
-    if t_cfg.batch_size % world:
-        raise LayerLockError(f"train.batch_size={t_cfg.batch_size} is not divisible by {world} processes")
-    local_bs = t_cfg.batch_size // world
+@dataclass
+class _Progress:
+    """What a run has done so far: restored from a checkpoint and saved in the next one."""
 
-    dataset = build_dataset(cfg.data, "train")
-    val = build_dataset(cfg.data, "val")
-    probe_video, _ = get_batch(val, range(min(cfg.probe.batch_size, len(val))))
-    model = build_model(cfg.model, cfg.geometry).to(device)
-    optimizer = build_optimizer(model, cfg)
-    schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
-    probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed)
-              if cfg.probe.enabled and rank == 0 else None)
-    flops = build_flop_model(cfg)
-    flops_per_k = {int(k): v for k, v in flops["per_step"].items()}
+    step: int = 0  # optimizer updates done
+    wall_s: float = 0.0  # cumulative step time, checkpoint I/O excluded
+    flops_total: float = 0.0  # cumulative counted FLOPs
+    layer_rows: list[tuple[int, int, str, float]] = field(default_factory=list)  # (step, block, metric, value)
+    skipped: int = 0  # steps whose gradients were not finite (no update made)
+    skipped_in_a_row: int = 0
+    loss: float = float("nan")  # the last step's loss
 
-    # Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's checkpoint):
-    # both restore weights, optimizer, step and RNG; only a resume also restores this run's probe
-    # history and logged layer rows.
-    start = ckpt or init_state
-    step, wall_s, flops_total, layer_rows = 0, 0.0, 0.0, []
-    skipped, skipped_in_a_row = 0, 0   # steps whose gradients were not finite (no update made)
-    if start is not None:
-        model.load_state_dict(start["model"])
-        step, wall_s, flops_total = int(start["step"]), float(start["wall_s"]), float(start["flops_total"])
-        torch.set_rng_state(start["rng"])
-    if ckpt is not None:
-        layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
-        skipped = int(ckpt.get("skipped_steps", 0))
-        if probes is not None and ckpt.get("probe"):
-            probes.load_state_dict(ckpt["probe"])
-    if start is not None:
-        optimizer.load_state_dict(start["optimizer"])
-    # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
-    # 0..k-1; latent_scheduled freezes nothing and uses k only for its latent target depth.
-    stage = schedule.frozen_at(step) if schedule else 0
-    frozen = stage if freezes(cfg.objective) else 0
-    set_frozen_prefix(model, optimizer, frozen)   # after loading: drops the frozen blocks' moments
-    if ckpt is None:
+
+@dataclass
+class _Interval:
+    """Sums over the current log interval (reset after each log line and after checkpoint I/O)."""
+
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+
+class _Run:
+    """One run's training state and its named steps; :func:`_train` calls them in order."""
+
+    def __init__(self, cfg: ExperimentConfig, tracker: Tracker, rank: int, world: int) -> None:
+        t_cfg = cfg.train
+        self.cfg, self.tracker, self.rank, self.world = cfg, tracker, rank, world
+        self.device = pick_device(t_cfg.device)
+        torch.manual_seed(t_cfg.seed)
+        if t_cfg.batch_size % world:
+            raise LayerLockError(f"train.batch_size={t_cfg.batch_size} is not divisible by {world} processes")
+        self.local_bs = t_cfg.batch_size // world
+        self.dataset = build_dataset(cfg.data, "train")
+        self.val = build_dataset(cfg.data, "val")
+        probe_video, _ = get_batch(self.val, range(min(cfg.probe.batch_size, len(self.val))))
+        self.model = build_model(cfg.model, cfg.geometry).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
+        self.probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed)
+                       if cfg.probe.enabled and rank == 0 else None)
+        self.flops = build_flop_model(cfg)
+        self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
+        self.done = _Progress()
+        self.interval = _Interval()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="layerlock-ckpt-"))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and t_cfg.amp
+                         else contextlib.nullcontext())
+        self.stage = self.frozen = 0
+        self.net: torch.nn.Module = self.model
+
+    def restore(self, ckpt: dict | None, init_state: dict | None) -> None:
+        """Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's):
+        both restore weights, optimizer, step and RNG; only a resume also restores this run's
+        probe history and logged layer rows. Then apply the schedule stage of the step reached."""
+        start, done = ckpt or init_state, self.done
+        if start is not None:
+            self.model.load_state_dict(start["model"])
+            done.step, done.wall_s = int(start["step"]), float(start["wall_s"])
+            done.flops_total = float(start["flops_total"])
+            torch.set_rng_state(start["rng"])
+        if ckpt is not None:
+            done.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+            done.skipped = int(ckpt.get("skipped_steps", 0))
+            if self.probes is not None and ckpt.get("probe"):
+                self.probes.load_state_dict(ckpt["probe"])
+        if start is not None:
+            self.optimizer.load_state_dict(start["optimizer"])
+        # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
+        # 0..k-1; latent_scheduled freezes nothing and uses k only for its latent target depth.
+        self.stage = self.schedule.frozen_at(done.step) if self.schedule else 0
+        self.frozen = self.stage if freezes(self.cfg.objective) else 0
+        set_frozen_prefix(self.model, self.optimizer, self.frozen)  # after loading: drops frozen moments
+
+    def log_header(self) -> None:
+        """A new run's params, resolved config, FLOP model, schedule and skipped files."""
+        cfg, tracker = self.cfg, self.tracker
         tracker.log_params(flatten(cfg))
-        tracker.log_text(to_yaml(cfg), "config.yaml")
-        tracker.log_json(flops, "flop_model.json")
-        if schedule is not None:
-            tracker.log_json(schedule.to_dict(), "schedule.json")
-        if getattr(dataset, "skipped_files", 0):
-            tracker.log_metrics({"data/skipped_files": dataset.skipped_files}, 0)
-    net = _wrap(model, device, cfg, world)
+        tracker.log_text(to_yaml(cfg), schema.CONFIG_ARTIFACT)
+        tracker.log_json(self.flops, schema.FLOP_MODEL_ARTIFACT)
+        if self.schedule is not None:
+            tracker.log_json(self.schedule.to_dict(), schema.SCHEDULE_ARTIFACT)
+        if getattr(self.dataset, "skipped_files", 0):
+            tracker.log_metrics({schema.SKIPPED_FILES: self.dataset.skipped_files}, 0)
 
-    run_dir = Path(tempfile.mkdtemp(prefix="layerlock-ckpt-"))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t_cfg.amp
-                else contextlib.nullcontext())
-
-    def record(metrics: dict[str, float], at: int) -> None:
-        tracker.log_metrics(metrics, at)
+    def record(self, metrics: dict[str, float], at: int) -> None:
+        """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
+        self.tracker.log_metrics(metrics, at)
         for key, value in metrics.items():
             name, _, blk = key.partition("/block_")
             if blk:
-                layer_rows.append((at, int(blk), name, float(value)))
+                self.done.layer_rows.append((at, int(blk), name, float(value)))
 
-    def checkpoint(next_step: int) -> None:
-        if not tracker.enabled:
+    def follow_schedule(self, step: int) -> None:
+        """Apply a schedule stage that starts at ``step``: refreeze and rebuild the wrapped module."""
+        want = self.schedule.frozen_at(step) if self.schedule else 0
+        if want == self.stage:
             return
-        path = run_dir / f"step_{next_step:06d}.pt"
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": next_step,
-                      "run_id": tracker.run_id, "rng": torch.get_rng_state(), "wall_s": wall_s,
-                      "flops_total": flops_total, "config": cfg.model_dump(mode="json"),
-                      "layer_rows": [list(r) for r in layer_rows], "skipped_steps": skipped,
-                      "probe": probes.state_dict() if probes else {}}, path)
-        tracker.flush()   # metrics up to this step are stored before the checkpoint is published
-        tracker.log_artifact(path, "checkpoints")
-        path.unlink()
+        self.stage = want
+        if freezes(self.cfg.objective):
+            self.frozen = self.stage
+            set_frozen_prefix(self.model, self.optimizer, self.frozen)
+        self.net = _wrap(self.model, self.device, self.cfg, self.world)
+        self.tracker.log_metrics({schema.FROZEN_BLOCKS: self.frozen}, step)
 
-    model.train()
-    end = t_cfg.steps if stop_after is None else min(t_cfg.steps, step + stop_after)
-    bar = tqdm(total=t_cfg.steps, initial=step, disable=not (progress and tracker.enabled),
-               desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
-               unit="step", dynamic_ncols=True)
-    interval_loss: dict[str, list[float]] = {}
-    t_interval, n_interval = time.perf_counter(), 0
-    loss_value = float("nan")
-    while step < end:
-        if stop is not None and stop.is_set():
-            break
-        t0 = time.perf_counter()
-        want = schedule.frozen_at(step) if schedule else 0
-        if want != stage:
-            stage = want
-            if freezes(cfg.objective):
-                frozen = stage
-                set_frozen_prefix(model, optimizer, frozen)
-            net = _wrap(model, device, cfg, world)
-            tracker.log_metrics({"train/frozen_blocks": frozen}, step)
-        if probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
-            record(probes.probe(model, step), step)
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
+    def shard(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's part of the global batch of ``step``: ``video (b, C, T, H, W)``, ``keep_idx``,
+        ``mask_idx``. Indices and masks are drawn for the global batch from ``(seed, step)``."""
+        t_cfg, lo, hi = self.cfg.train, self.rank * self.local_bs, (self.rank + 1) * self.local_bs
         gen = step_generator(t_cfg.seed, step)
-        idx = torch.randint(len(dataset), (t_cfg.batch_size,), generator=gen)[rank * local_bs:(rank + 1) * local_bs]
-        video, _ = get_batch(dataset, idx.tolist())
-        video = video.to(device, non_blocking=True)
-        keep_idx, mask_idx = tube_mask(t_cfg.batch_size, cfg.geometry.grid, cfg.model.mask_ratio,
+        idx = torch.randint(len(self.dataset), (t_cfg.batch_size,), generator=gen)[lo:hi]
+        video, _ = get_batch(self.dataset, idx.tolist())
+        video = video.to(self.device, non_blocking=True)
+        keep_idx, mask_idx = tube_mask(t_cfg.batch_size, self.cfg.geometry.grid, self.cfg.model.mask_ratio,
                                        step_generator(t_cfg.seed, step, salt=1))
-        keep_idx = keep_idx[rank * local_bs:(rank + 1) * local_bs].to(device)
-        mask_idx = mask_idx[rank * local_bs:(rank + 1) * local_bs].to(device)
+        return video, keep_idx[lo:hi].to(self.device), mask_idx[lo:hi].to(self.device)
 
-        with autocast:
-            losses = compute_losses(net, model, video, keep_idx, mask_idx, cfg.objective, stage=stage)
+    def update(self, step: int, log_now: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Forward, backward and one optimizer update (skipped when gradients are not finite).
+        Returns the losses and, at log steps, per-block gradient norms and update ratios."""
+        t_cfg, model, optimizer, done = self.cfg.train, self.model, self.optimizer, self.done
+        video, keep_idx, mask_idx = self.shard(step)
+        with self.autocast:
+            losses = compute_losses(self.net, model, video, keep_idx, mask_idx, self.cfg.objective, stage=self.stage)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step}")
         loss.backward()
-        log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
         extra: dict[str, float] = {}
         with_grad = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
@@ -339,100 +348,160 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
             # A finite loss can still give inf/NaN gradients (an overflow inside one block). The
             # update would put NaN into the weights and every later checkpoint: skip it, count it.
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            skipped_in_a_row += 1
-            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise TrainingDiverged(f"gradients not finite for {skipped_in_a_row} steps in a row "
+            done.skipped += 1
+            done.skipped_in_a_row += 1
+            if done.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingDiverged(f"gradients not finite for {done.skipped_in_a_row} steps in a row "
                                        f"(up to step {step})")
-        else:
-            skipped_in_a_row = 0
-            if log_now:
-                extra.update(block_grad_norms(model.blocks))
-                before = snapshot_blocks(model.blocks)
-            if t_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(with_grad, t_cfg.grad_clip, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if log_now:
-                extra.update(update_ratios(model.blocks, before))
-
-        for key, value in losses.items():
-            interval_loss.setdefault(key, []).append(float(value.detach()))
-        loss_value = interval_loss["loss"][-1]
-        flops_total += flops_per_k[stage]
-        n_interval += 1
-        wall_s += time.perf_counter() - t0
+            return losses, extra
+        done.skipped_in_a_row = 0
         if log_now:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t_interval
-            metrics = {f"train/{k}": sum(v) / len(v) for k, v in interval_loss.items()}
-            if world > 1:   # log the global-batch loss, not rank 0's shard
-                keys = sorted(metrics)
-                vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-                dist.all_reduce(vals)
-                metrics = dict(zip(keys, (vals / world).tolist()))
-            metrics.update({"train/lr": lr, "train/frozen_blocks": frozen,
-                            "train/step_ms": 1000 * elapsed / n_interval,
-                            "train/clips_per_s": n_interval * t_cfg.batch_size / elapsed,
-                            "train/flops": flops_total, "train/wall_s": wall_s,
-                            "train/skipped_steps": skipped})
-            metrics.update(extra)
-            record(metrics, step)
-            tracker.submit()
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", frozen=frozen, refresh=False)
-            interval_loss, n_interval, t_interval = {}, 0, time.perf_counter()
-        step += 1
+            extra.update(block_grad_norms(model.blocks))
+            before = snapshot_blocks(model.blocks)
+        if t_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, t_cfg.grad_clip, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_now:
+            extra.update(update_ratios(model.blocks, before))
+        return losses, extra
+
+    def log_interval(self, step: int, lr: float, extra: dict[str, float], bar: tqdm) -> None:
+        """The log line of an interval: mean losses (over all ranks), speed, FLOPs and per-block extras."""
+        done, iv, t_cfg = self.done, self.interval, self.cfg.train
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - iv.started
+        metrics = {f"{schema.TRAIN}{k}": sum(v) / len(v) for k, v in iv.losses.items()}
+        if self.world > 1:   # log the global-batch loss, not rank 0's shard
+            keys = sorted(metrics)
+            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(vals)
+            metrics = dict(zip(keys, (vals / self.world).tolist()))
+        metrics.update({schema.LR: lr, schema.FROZEN_BLOCKS: self.frozen,
+                        schema.STEP_MS: 1000 * elapsed / iv.steps,
+                        schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
+                        schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s,
+                        schema.SKIPPED_STEPS: done.skipped})
+        metrics.update(extra)
+        self.record(metrics, step)
+        self.tracker.submit()
+        bar.set_postfix(loss=f"{metrics[schema.LOSS]:.4f}", frozen=self.frozen, refresh=False)
+        self.interval = _Interval()
+
+    def step_once(self, bar: tqdm) -> None:
+        """One training step: schedule, probe, learning rate, update, counters, log line, checkpoint."""
+        cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
+        step, t0 = done.step, time.perf_counter()
+        self.follow_schedule(step)
+        if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
+            self.record(self.probes.probe(self.model, step), step)
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
+        losses, extra = self.update(step, log_now)
+        for key, value in losses.items():
+            self.interval.losses.setdefault(key, []).append(float(value.detach()))
+        done.loss = self.interval.losses["loss"][-1]
+        done.flops_total += self.flops_per_k[self.stage]
+        self.interval.steps += 1
+        done.wall_s += time.perf_counter() - t0
+        if log_now:
+            self.log_interval(step, lr, extra, bar)
+        done.step += 1
         bar.update(1)
-        if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
-            checkpoint(step)
-            t_interval = time.perf_counter()   # checkpoint I/O is not step time
+        if done.step % t_cfg.checkpoint_every == 0 or done.step == t_cfg.steps:
+            self.checkpoint(done.step)
+            self.interval.started = time.perf_counter()   # checkpoint I/O is not step time
+
+    def checkpoint(self, next_step: int) -> None:
+        """Save and publish ``checkpoints/step_NNNNNN.pt`` (after flushing the metrics up to it)."""
+        if not self.tracker.enabled:
+            return
+        done = self.done
+        path = self.run_dir / Path(schema.checkpoint_artifact(next_step)).name
+        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
+                      "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
+                      "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
+                      "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
+                      "probe": self.probes.state_dict() if self.probes else {}}, path)
+        self.tracker.flush()   # metrics up to this step are stored before the checkpoint is published
+        self.tracker.log_artifact(path, schema.CHECKPOINT_DIR)
+        path.unlink()
+
+    def finish(self) -> TrainResult:
+        """At the end of training: held-out loss, final probes and stored features, the layer
+        metrics artifact, the run's status. A run stopped early (``stop_after``) is only flushed."""
+        cfg, tracker, done, t_cfg = self.cfg, self.tracker, self.done, self.cfg.train
+        step, ended = done.step, done.step >= t_cfg.steps
+        heldout = None
+        if ended and self.rank == 0 and t_cfg.heldout_clips > 0:
+            clips, _ = get_batch(self.val, range(min(t_cfg.heldout_clips, len(self.val))))
+            with self.autocast:
+                heldout = heldout_pixel_loss(self.model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
+            tracker.log_metrics({schema.HELDOUT_KEY: heldout}, step)
+        if ended and self.probes is not None:
+            self.record(self.probes.probe(self.model, step), step)
+            for s, vals in self.probes.final().items():
+                self.record(vals, s)
+            if tracker.enabled:
+                self.probes.save(self.run_dir / "features.pt")
+                tracker.log_artifact(self.run_dir / "features.pt", schema.PROBE_DIR)
+        if tracker.enabled and done.layer_rows:
+            frame = pd.DataFrame(done.layer_rows, columns=["step", "block", "metric", "value"])
+            frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
+            frame.to_parquet(self.run_dir / schema.LAYER_METRICS_ARTIFACT, index=False)
+            tracker.log_artifact(self.run_dir / schema.LAYER_METRICS_ARTIFACT)
+        if ended:
+            tracker.finish()
+        else:
+            tracker.flush()
+        return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
+                           wall_s=done.wall_s, flops=done.flops_total)
+
+
+def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
+           init_state: dict | None, progress: bool, stop_after: int | None,
+           stop: threading.Event | None = None) -> TrainResult:
+    """The loop as its named steps: set up, restore, log the header, step, finish (or stop on SIGTERM)."""
+    run = _Run(cfg, tracker, rank, world)
+    run.restore(ckpt, init_state)
+    if ckpt is None:
+        run.log_header()
+    run.net = _wrap(run.model, run.device, cfg, world)
+    run.model.train()
+    t_cfg, started_at = cfg.train, run.done.step
+    end = t_cfg.steps if stop_after is None else min(t_cfg.steps, started_at + stop_after)
+    bar = tqdm(total=t_cfg.steps, initial=started_at, disable=not (progress and tracker.enabled),
+               desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
+               unit="step", dynamic_ncols=True)
+    run.interval = _Interval()
+    while run.done.step < end and not (stop is not None and stop.is_set()):
+        run.step_once(bar)
     bar.close()
+    step = run.done.step
     if stop is not None and stop.is_set() and step < end:
-        if step % t_cfg.checkpoint_every or (start is None and step == 0):   # not just written by the loop
-            checkpoint(step)
+        fresh = ckpt is None and init_state is None and step == 0
+        if step % t_cfg.checkpoint_every or fresh:   # not just written by the loop
+            run.checkpoint(step)
         tracker.finish("KILLED")
         raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
                             f"continue it with --resume {tracker.run_id}")
-
-    heldout = None
-    if step >= t_cfg.steps and rank == 0 and t_cfg.heldout_clips > 0:
-        clips, _ = get_batch(val, range(min(t_cfg.heldout_clips, len(val))))
-        with autocast:
-            heldout = heldout_pixel_loss(model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
-        tracker.log_metrics({HELDOUT_KEY: heldout}, step)
-    if step >= t_cfg.steps and probes is not None:
-        record(probes.probe(model, step), step)
-        for s, vals in probes.final().items():
-            record(vals, s)
-        if tracker.enabled:
-            probes.save(run_dir / "features.pt")
-            tracker.log_artifact(run_dir / "features.pt", "probe")
-    if tracker.enabled and layer_rows:
-        frame = pd.DataFrame(layer_rows, columns=["step", "block", "metric", "value"])
-        frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
-        frame.to_parquet(run_dir / "layer_metrics.parquet", index=False)
-        tracker.log_artifact(run_dir / "layer_metrics.parquet")
-    if step >= t_cfg.steps:
-        tracker.finish()
-    else:
-        tracker.flush()
-    return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=loss_value, heldout_loss=heldout,
-                       wall_s=wall_s,
-                       flops=flops_total)
+    return run.finish()
 
 
 def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str | None = None) -> dict:
     """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only.
     When the latest does not load (truncated by a kill), the previous good one is used (said on stderr)."""
     tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
-    names = sorted(tracker.list_artifacts("checkpoints"))
+    names = sorted(tracker.list_artifacts(schema.CHECKPOINT_DIR))
     if not names:
         raise LayerLockError(f"run {run_id} has no checkpoints")
     if step is not None:
-        wanted = f"checkpoints/step_{step:06d}.pt"
+        wanted = schema.checkpoint_artifact(step)
         if wanted not in names:
-            have = ", ".join(n.split("_")[-1].removesuffix(".pt").lstrip("0") or "0" for n in names)
+            have = ", ".join(str(schema.checkpoint_step(n)) for n in names)
             raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
         names = [wanted]
     state = _load_newest_good(tracker, names)
