@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ConfigError, first_line
+from core.errors import ConfigError, first_line, read_user_file
 
 # Seeds feed torch generators (a 64-bit range, after core.train.step_generator's arithmetic).
 MAX_SEED = 2**31 - 1
@@ -249,14 +249,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        text = read_user_file(p, "config", "a YAML config is UTF-8 text", ConfigError)
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not a text file (a YAML config is UTF-8 text)") from None
-        except OSError as err:
-            raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML ({first_line(err)})") from None
         if not isinstance(tree, dict):

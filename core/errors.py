@@ -4,6 +4,8 @@ Library code raises these; only the command-line layer (``experiments``/``analys
 turns them into one line on stderr and exit code 2.
 """
 
+from pathlib import Path
+
 
 class LayerLockError(Exception):
     """Base class: an input the user can fix (config, schedule, path, run id, data)."""
@@ -39,3 +41,17 @@ def first_line(err: BaseException) -> str:
     Never raises, also for an empty message."""
     text = str(getattr(err, "message", None) or err).strip()
     return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def read_user_file(path: str | Path, name: str, content: str, error: type[LayerLockError]) -> str:
+    """The UTF-8 text of a file the user named (a config, a schedule), or ``error`` with one line:
+    ``{name} file not found``, ``not a text file ({content})`` or ``cannot be read``."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{name} file not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{p}: not a text file ({content})") from None
+    except OSError as err:
+        raise error(f"{p}: cannot be read ({err.strerror})") from None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from core.config import FreezeConfig, LinearSchedule
-from core.errors import ScheduleError
+from core.errors import ScheduleError, read_user_file
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,9 @@ class FreezeSchedule:
     @classmethod
     def load(cls, path: str | Path) -> FreezeSchedule:
         p = Path(path)
-        if not p.is_file():
-            raise ScheduleError(f"schedule file not found: {p}")
+        text = read_user_file(p, "schedule", "a schedule is JSON text", ScheduleError)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ScheduleError(f"{p}: not a text file (a schedule is JSON text)") from None
-        except OSError as err:
-            raise ScheduleError(f"{p}: cannot be read ({err.strerror})") from None
+            d = json.loads(text)
         except json.JSONDecodeError as err:
             raise ScheduleError(f"{p}: not valid JSON ({err.msg} at line {err.lineno})") from None
         return cls.from_dict(d, where=str(p))
