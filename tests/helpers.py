@@ -167,3 +167,15 @@ def write_video(path: Path, color: tuple[int, int, int], codec: str = "libx264",
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def stop_process(proc, timeout: float = 20) -> None:
+    """Terminate a child process (a dashboard server), killing it if it does not exit in time."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

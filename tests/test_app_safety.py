@@ -15,7 +15,7 @@ from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 from app.views import serving
-from tests.helpers import HOME, TIMEOUT, point_app_at
+from tests.helpers import HOME, TIMEOUT, point_app_at, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +62,7 @@ def test_streamlit_started_from_another_folder_listens_only_on_loopback(tmp_path
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "True"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 def test_refusal_rules():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, build_store  # the same store as the AppTest suite
+from tests.helpers import Store, build_store, stop_process  # the same store as the AppTest suite
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -94,11 +94,7 @@ def server(store: Store, tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=10)
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]  # a page error would be logged here too
 
