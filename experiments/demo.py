@@ -172,7 +172,7 @@ def format_table(result: dict) -> str:
 
 def paired_lines(result: dict) -> list[str]:
     """Each method's eval metrics minus MAE's, paired on the seed, with a 95% t interval."""
-    from analysis.stats import t_interval
+    from analysis.stats import t_interval, verdict
 
     seeds = result["seeds"]
     evals = result["evals"]
@@ -185,12 +185,9 @@ def paired_lines(result: dict) -> list[str]:
                 continue
             mean = sum(diffs) / len(diffs)
             ci = t_interval(diffs)
-            if ci is None:
-                verdict, interval = "one seed: no interval", ""
-            else:
-                verdict = "no difference" if ci[0] <= 0 <= ci[1] else ("higher" if mean > 0 else "lower")
-                interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-            lines.append(f"  {name:>16} - mae  {key.removeprefix('eval/'):<22} {mean:+.3f}{interval}  {verdict}")
+            interval = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+            lines.append(f"  {name:>16} - mae  {key.removeprefix('eval/'):<22} {mean:+.3f}{interval}  "
+                         f"{verdict(mean, ci, len(diffs))}")
     return lines
 
 

@@ -330,9 +330,11 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
 
 
 def _diff_verdict(est: dict[str, Any]) -> str:
-    if est["ci_low"] is None:
-        return "one seed" if est["n"] else "n/a"
-    return "no difference" if est["ci_low"] <= 0 <= est["ci_high"] else ("higher" if est["mean"] > 0 else "lower")
+    """:func:`analysis.stats.verdict` of a paired-difference estimate."""
+    from analysis.stats import verdict
+
+    ci = None if est["ci_low"] is None else (est["ci_low"], est["ci_high"])
+    return verdict(est["mean"], ci, est["n"])
 
 
 def freeze_cost(runs: dict[str, dict[int, str]], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
