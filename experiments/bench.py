@@ -111,10 +111,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     # freezing: one intra-op thread by default; on a small shared machine, OpenMP threads that
     # spin-wait for a busy core make step times swing by 10x and hide the compute being measured.
-    threads = args.threads if args.threads is not None else (1 if args.what == "freezing" else None)
+    threads = args.threads if args.threads is not None else (1 if args.what in ("freezing", "profile") else None)
     if threads:
         torch.set_num_threads(threads)
     print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
+    if args.what == "profile":
+        from experiments.stepprofile import format_profile, profile_step
+
+        result = profile_step(args.config, args.set, args.batch_size, args.frozen, args.steps_per_round, args.warmup)
+        print(json.dumps(result) if args.json else format_profile(result))
+        return 0
     if args.what == "freezing":
         rows = bench_freezing(args.config, args.set, args.batch_size, args.rounds, args.steps_per_round, args.warmup)
         if args.json:
@@ -176,14 +182,16 @@ def bench_cli(repeats: int) -> dict[str, float]:
 
 def register(sub, add_tracking) -> None:
     p = sub.add_parser("bench", help="side-by-side measurements: step time vs FLOPs, tracking on vs off")
-    p.add_argument("what", choices=["freezing", "tracking", "data", "cli"])
+    p.add_argument("what", choices=["freezing", "tracking", "profile", "data", "cli"])
     p.add_argument("--config", default="experiments/configs/mae_tiny.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--batch-size", type=int, default=64, help="freezing: clips per step")
     p.add_argument("--rounds", type=int, default=6, help="freezing: interleaved rounds over all k")
-    p.add_argument("--steps-per-round", type=int, default=5, help="freezing: timed steps per k per round")
-    p.add_argument("--warmup", type=int, default=2, help="freezing: untimed steps after each freeze change")
+    p.add_argument("--steps-per-round", type=int, default=5,
+                   help="freezing: timed steps per k per round; profile: profiled steps")
+    p.add_argument("--warmup", type=int, default=2, help="freezing, profile: untimed steps after each freeze change")
+    p.add_argument("--frozen", type=int, default=None, help="profile: frozen blocks (default: depth-1)")
     p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated; data, cli: repeats")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 for freezing, torch's default for tracking)")
