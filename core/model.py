@@ -144,20 +144,27 @@ class VideoMAE(nn.Module):
 
     # -- stages ------------------------------------------------------------------------------
     def patchify(self, video: torch.Tensor) -> torch.Tensor:
-        """``video (B, C, T, H, W)`` -> ``(B, N, tubelet*patch*patch*C)`` in token order."""
+        """``video (B, C, T, H, W)`` -> ``(B, N, tubelet*patch*patch*C)`` in token order.
+
+        Two copies, channels last first: one 8-d permute whose innermost axis is the channel
+        (stride T*H*W) gathers element by element and cost 3x as much on CPU.
+        """
         g = self.geometry
         t, h, w = g.grid
         b = video.shape[0]
-        x = video.reshape(b, g.channels, t, g.tubelet, h, g.patch, w, g.patch)
-        return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, t * h * w, g.patch_dim)
+        x = video.permute(0, 2, 3, 4, 1).contiguous()          # (B, T, H, W, C)
+        x = x.reshape(b, t, g.tubelet, h, g.patch, w, g.patch, g.channels)
+        return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, t * h * w, g.patch_dim)
 
     def embed(self, video: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """``video (B, C, T, H, W)`` -> tokens ``(B, N_keep, dim)`` (with sin-cos positions unless RoPE).
 
-        A Conv3d whose stride equals its kernel is a linear map of each tubelet, so only the
-        visible tubelets are embedded (``keep_idx``; None: all): masked ones cost nothing.
+        ``video`` may also be given as its patches ``(B, N, patch_dim)`` (:meth:`patchify`), so a
+        caller that needs them for pixel targets too patchifies once. A Conv3d whose stride equals
+        its kernel is a linear map of each tubelet, so only the visible tubelets are embedded
+        (``keep_idx``; None: all): masked ones cost nothing.
         """
-        patches = self.patchify(video)                          # (B, N, patch_dim)
+        patches = video if video.dim() == 3 else self.patchify(video)   # (B, N, patch_dim)
         w = self.patch_embed.weight                             # (dim, C, tubelet, p, p)
         weight = w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)   # patchify's (tubelet, p, p, C) order
         pos = self.pos_embed.expand(video.shape[0], -1, -1)
@@ -178,6 +185,7 @@ class VideoMAE(nn.Module):
                         return_blocks: bool = False, upto: int | None = None):
         """Encode visible tokens.
 
+        ``video``: clips ``(B, C, T, H, W)`` or their patches (see :meth:`embed`).
         ``keep_idx (B, N_keep)`` selects visible tokens (None: the whole clip). The frozen prefix
         (``self.frozen_prefix`` blocks, with the patch embedding) runs under ``no_grad``: no
         autograd graph is built for it. ``upto=k`` stops after block k-1 and returns its raw
@@ -203,10 +211,12 @@ class VideoMAE(nn.Module):
         x = self.norm(x)
         return (x, outs) if return_blocks else x
 
-    def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor, *,
-                        with_latent: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor, *, with_latent: bool = True,
+                        pred_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``latent (B, N_keep, dim)`` -> pixel ``(B, N, patch_dim)`` and latent ``(B, N, dim)`` predictions.
 
+        ``pred_idx (B, K)``: predict only at these tokens (``(B, K, ...)``; the losses read the
+        masked ones), so the heads, their backward and the gathers run on K tokens, not N.
         ``with_latent=False`` skips the latent head (None): objectives without a latent target
         pay nothing for it.
         """
@@ -219,12 +229,16 @@ class VideoMAE(nn.Module):
         rope = self._rope(None, b, self.cfg.decoder_dim // self.cfg.decoder_heads)
         for blk in self.decoder_blocks:
             full = blk(full, rope)
+        if pred_idx is not None:
+            full = apply_masks(full, pred_idx)                 # per-token norm and heads: gather first
         full = self.decoder_norm(full)
         return self.pixel_head(full), self.latent_head(full) if with_latent else None
 
-    def forward(self, video: torch.Tensor, keep_idx: torch.Tensor, *,
-                with_latent: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.forward_decoder(self.forward_encoder(video, keep_idx), keep_idx, with_latent=with_latent)
+    def forward(self, video: torch.Tensor, keep_idx: torch.Tensor, *, with_latent: bool = True,
+                pred_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder then decoder; arguments as in :meth:`forward_encoder` and :meth:`forward_decoder`."""
+        return self.forward_decoder(self.forward_encoder(video, keep_idx), keep_idx, with_latent=with_latent,
+                                    pred_idx=pred_idx)
 
 
 def build_model(model: ModelConfig, geometry: Geometry) -> VideoMAE:

@@ -47,6 +47,30 @@ def test_patchify_matches_conv_token_order(tiny_cfg):
     assert torch.allclose(model.embed(video, keep), apply_masks(conv + model.pos_embed, keep), atol=1e-5)
 
 
+def test_predicting_at_masked_tokens_equals_the_full_decoder(tiny_cfg):
+    """``pred_idx`` and patches as input are shortcuts: the same numbers as the full path."""
+    g = tiny_cfg.geometry
+    model = build_model(tiny_cfg.model, g)
+    video = torch.rand(3, 3, g.frames, g.size, g.size)
+    keep, mask = tube_mask(3, g.grid, tiny_cfg.model.mask_ratio, torch.Generator().manual_seed(1))
+    pix, lat = model(video, keep)
+    pix_m, lat_m = model(model.patchify(video), keep, pred_idx=mask)
+    assert pix_m.shape == (3, mask.shape[1], g.patch_dim)
+    assert torch.allclose(pix_m, apply_masks(pix, mask), atol=1e-6)
+    assert torch.allclose(lat_m, apply_masks(lat, mask), atol=1e-6)
+
+
+def test_normalised_patches_are_maes_unbiased_per_patch_normalisation():
+    from core.objectives import normalise_patches
+
+    x = torch.randn(4, 6, 24) * 3 + 1
+    ref = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(normalise_patches(x), ref, atol=1e-5)
+    flat = torch.full((1, 1, 24), 0.5)   # a blank patch: 0, not NaN
+    assert torch.equal(normalise_patches(flat), torch.zeros_like(flat))
+    assert normalise_patches(x, norm=False) is x
+
+
 def test_tube_mask_deterministic_and_partition():
     grid = (4, 4, 4)
     a = tube_mask(5, grid, 0.75, torch.Generator().manual_seed(7))
