@@ -121,6 +121,9 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     heldout_clips: int = Field(256, ge=0, description="val clips of the held-out pixel loss logged at the end "
                                                       "(val/loss_pixel; fixed clips and masks); 0 disables")
+    # Measuring is not training: the steps run on a copy of the model and change nothing it learns.
+    time_calibration: int = Field(3, ge=0, le=100, description="timed steps per schedule stage before the "
+                                                               "first step, for time_model.json; 0 disables")
 
 
 class TrackingConfig(_Strict):
@@ -292,10 +295,11 @@ def group_name(cfg: ExperimentConfig) -> str:
     ``train.seed`` (and their display name ``tracking.run_name``) share it.
 
     ``<objective>-<dataset>-<8 hex chars>``, the hex being the SHA-1 of the resolved config as
-    sorted JSON with those two keys removed. Logged as the ``layerlock.group`` tag.
+    sorted JSON with those two keys (and ``train.time_calibration``) removed. Logged as the ``layerlock.group`` tag.
     """
     tree = cfg.model_dump(mode="json")
     tree["train"].pop("seed", None)
     tree["tracking"].pop("run_name", None)
+    tree["train"].pop("time_calibration", None)   # measures the run, changes nothing it learns
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
     return f"{cfg.objective.name}-{cfg.data.name}-{digest}"

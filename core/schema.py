@@ -65,6 +65,7 @@ SCHEDULE_ARTIFACT = "schedule.json"  # the schedule the run trained with
 # schedule must not look as if it had been trained with one.
 DERIVED_SCHEDULE_ARTIFACT = "derived_schedule.json"
 FLOP_MODEL_ARTIFACT = "flop_model.json"  # counted FLOPs of one step per frozen-prefix length
+TIME_MODEL_ARTIFACT = "time_model.json"  # measured step time per frozen-prefix length (core.timemodel)
 LAYER_METRICS_ARTIFACT = "layer_metrics.parquet"  # tidy: step, block, metric, value
 PROBE_DIR = "probe"  # stored probe features
 CHECKPOINT_DIR = "checkpoints"  # checkpoints/step_NNNNNN.pt

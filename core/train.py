@@ -11,6 +11,8 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 import signal
@@ -36,6 +38,7 @@ from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.timemodel import StepTimer, calibration_stages
 from core.tracking import Tracker
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
@@ -52,6 +55,7 @@ class TrainResult:
     heldout_loss: float | None
     wall_s: float
     flops: float
+    loop_s: float = 0.0  # elapsed time of the training loop: steps, probes, log lines, checkpoints
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -263,6 +267,8 @@ class _Run:
                          else contextlib.nullcontext())
         self.stage = self.frozen = 0
         self.net: torch.nn.Module = self.model
+        self.timer = StepTimer()   # time_model.json
+        self.loop_s = 0.0
 
     def restore(self, ckpt: dict | None, init_state: dict | None) -> None:
         """Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's):
@@ -279,6 +285,7 @@ class _Run:
             done.skipped = int(ckpt.get("skipped_steps", 0))
             if self.probes is not None and ckpt.get("probe"):
                 self.probes.load_state_dict(ckpt["probe"])
+            self.timer.load_state_dict(ckpt.get("time_model") or {})
         if start is not None:
             self.optimizer.load_state_dict(start["optimizer"])
         # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
@@ -297,6 +304,49 @@ class _Run:
             tracker.log_json(self.schedule.to_dict(), schema.SCHEDULE_ARTIFACT)
         if getattr(self.dataset, "skipped_files", 0):
             tracker.log_metrics({schema.SKIPPED_FILES: self.dataset.skipped_files}, 0)
+
+    def calibrate(self) -> None:
+        """Time ``train.time_calibration`` steps at each stage this run will pass through
+        (``core.timemodel.calibration_stages``), interleaved across stages, before the first step.
+
+        The steps run on a copy of the model with an optimizer of its own, on the batch of the
+        step reached, inside a forked RNG: the run's weights, optimizer state, RNG and counters are
+        untouched, and none of it is training time. Skipped under torchrun and ``train.compile``
+        (a copy would have to be wrapped and compiled again).
+        """
+        rounds = self.cfg.train.time_calibration
+        if rounds <= 0 or self.world > 1 or self.cfg.train.compile:
+            return
+        ks = calibration_stages((f for _, f in self.schedule.stages) if self.schedule else (), self.cfg.model.depth)
+        real, done = (self.model, self.optimizer, self.net, self.stage, self.frozen), dataclasses.replace(self.done)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self.model = self.net = copy.deepcopy(real[0])
+                self.optimizer = build_optimizer(self.model, self.cfg)
+                for r in range(rounds + 1):   # round 0 warms every stage up (allocations, optimizer state)
+                    for k in ks if r % 2 == 0 else ks[::-1]:
+                        self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
+                        set_frozen_prefix(self.model, self.optimizer, self.frozen)
+                        t0 = time.perf_counter()
+                        self.update(done.step, log_now=False)
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        if r:
+                            self.timer.add_calibration(k, time.perf_counter() - t0)
+        finally:
+            (self.model, self.optimizer, self.net, self.stage, self.frozen), self.done = real, done
+        self.log_time_model()
+
+    def log_time_model(self) -> None:
+        """``time_model.json``: the run's measured step times per stage (``core.timemodel``)."""
+        if self.tracker.enabled and (self.timer.training or self.timer.calibration):
+            t_cfg = self.cfg.train
+            self.tracker.log_json(self.timer.to_dict(self.flops["per_step"], n_blocks=self.cfg.model.depth,
+                                                     batch_size=t_cfg.batch_size, objective=self.cfg.objective.name,
+                                                     device=self.device.type, threads=torch.get_num_threads(),
+                                                     calibration_steps=t_cfg.time_calibration),
+                                  schema.TIME_MODEL_ARTIFACT)
 
     def record(self, metrics: dict[str, float], at: int) -> None:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
@@ -394,8 +444,11 @@ class _Run:
         cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
         step, t0 = done.step, time.perf_counter()
         self.follow_schedule(step)
+        probe_s = 0.0   # probes are overhead in the time model, not step time
         if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
+            t_probe = time.perf_counter()
             self.record(self.probes.probe(self.model, step), step)
+            probe_s = time.perf_counter() - t_probe
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -406,7 +459,9 @@ class _Run:
         done.loss = self.interval.losses["loss"][-1]
         done.flops_total += self.flops_per_k[self.stage]
         self.interval.steps += 1
-        done.wall_s += time.perf_counter() - t0
+        step_s = time.perf_counter() - t0
+        done.wall_s += step_s
+        self.timer.add(self.stage, step_s - probe_s, step_s)
         if log_now:
             self.log_interval(step, lr, extra, bar)
         done.step += 1
@@ -425,7 +480,8 @@ class _Run:
                       "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
                       "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
                       "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
-                      "probe": self.probes.state_dict() if self.probes else {}}, path)
+                      "probe": self.probes.state_dict() if self.probes else {},
+                      "time_model": self.timer.state_dict()}, path)
         self.tracker.flush()   # metrics up to this step are stored before the checkpoint is published
         self.tracker.log_artifact(path, schema.CHECKPOINT_DIR)
         path.unlink()
@@ -453,12 +509,13 @@ class _Run:
             frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
             frame.to_parquet(self.run_dir / schema.LAYER_METRICS_ARTIFACT, index=False)
             tracker.log_artifact(self.run_dir / schema.LAYER_METRICS_ARTIFACT)
+        self.log_time_model()
         if ended:
             tracker.finish()
         else:
             tracker.flush()
         return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
-                           wall_s=done.wall_s, flops=done.flops_total)
+                           wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s)
 
 
 def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
@@ -469,6 +526,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     run.restore(ckpt, init_state)
     if ckpt is None:
         run.log_header()
+        run.calibrate()
     run.net = _wrap(run.model, run.device, cfg, world)
     run.model.train()
     t_cfg, started_at = cfg.train, run.done.step
@@ -477,14 +535,17 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
                desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
                unit="step", dynamic_ncols=True)
     run.interval = _Interval()
+    loop_started = time.perf_counter()
     while run.done.step < end and not (stop is not None and stop.is_set()):
         run.step_once(bar)
+    run.loop_s = time.perf_counter() - loop_started
     bar.close()
     step = run.done.step
     if stop is not None and stop.is_set() and step < end:
         fresh = ckpt is None and init_state is None and step == 0
         if step % t_cfg.checkpoint_every or fresh:   # not just written by the loop
             run.checkpoint(step)
+        run.log_time_model()
         tracker.finish("KILLED")
         raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
                             f"continue it with --resume {tracker.run_id}")

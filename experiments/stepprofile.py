@@ -5,7 +5,7 @@ backward, gradient norm and clipping, optimizer update) at a fixed frozen prefix
 ``torch.profiler`` and reports:
 
 - phases: data+masking, forward+losses, backward, optimizer, the rest (norm, clip, zero_grad);
-- ops: the top ``aten::`` ops by self CPU time, forward and backward together;
+- ops: the top ``aten::`` ops by self CPU time in each phase;
 - modules: forward time per top-level module (``blocks.3``, ``decoder_blocks.0``, heads), and
   what runs outside every module (patch embedding, targets, losses).
 
@@ -46,7 +46,7 @@ def _module_labels(model):
 
 
 def profile_step(config: str, overrides: list[str] | None, batch_size: int, frozen: int | None, steps: int,
-                 warmup: int, top: int = 15) -> dict:
+                 warmup: int, top: int = 8) -> dict:
     """Profile ``steps`` training steps (after ``warmup``) at ``frozen`` blocks frozen (default depth-1)."""
     import torch
     from torch.autograd.profiler import record_function
@@ -96,30 +96,38 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
         for h in handles:
             h.remove()
 
-    events = prof.events()
     phase_us: dict[str, float] = defaultdict(float)
     module_us: dict[str, float] = defaultdict(float)
+    op_us: dict[tuple[str, str], float] = defaultdict(float)   # (phase, op) -> self time
+    op_calls: dict[tuple[str, str], int] = defaultdict(int)
     step_us = 0.0
-    for ev in events:
+    for ev in prof.events():
         if ev.name == "step":
             step_us += ev.cpu_time_total
             for child in ev.cpu_children:
                 phase_us[_phase_of(child.name)] += child.cpu_time_total
         elif ev.name.startswith("module:"):
             module_us[ev.name.removeprefix("module:")] += ev.cpu_time_total
+        elif ev.name.startswith("aten::"):
+            top_ev = ev
+            while top_ev.cpu_parent is not None and top_ev.cpu_parent.name != "step":
+                top_ev = top_ev.cpu_parent
+            key = (_phase_of(top_ev.name), ev.name)
+            op_us[key] += ev.self_cpu_time_total
+            op_calls[key] += 1
     forward_us = phase_us["forward+losses"]
     module_us["(outside modules: embedding, targets, losses)"] = forward_us - sum(module_us.values())
-    ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
-                 key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     n = max(steps, 1)
+    top_ops = {phase: [{"op": op, "self_ms": round(us / n / 1000, 2), "calls": op_calls[(ph, op)] // n}
+                       for (ph, op), us in sorted(op_us.items(), key=lambda kv: -kv[1]) if ph == phase][:top]
+               for phase in PHASES}
     return {
         "frozen": k, "batch_size": batch_size, "steps": steps, "threads": torch.get_num_threads(),
         "step_ms_unprofiled_median": round(statistics.median(walls) * 1000, 2),
         "step_ms_profiled": round(step_us / n / 1000, 2),
         "phases_ms": {p: round(phase_us[p] / n / 1000, 2) for p in PHASES},
         "modules_forward_ms": {m: round(v / n / 1000, 2) for m, v in module_us.items()},
-        "top_ops": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / n / 1000, 2),
-                     "calls": e.count // n} for e in ops],
+        "top_ops": top_ops,
     }
 
 
@@ -141,6 +149,8 @@ def format_profile(result: dict) -> str:
     lines += [f"{p:<18} {v:>8.2f}" for p, v in result["phases_ms"].items()]
     lines += ["", "forward by module                               ms/step"]
     lines += [f"{m:<46} {v:>8.2f}" for m, v in result["modules_forward_ms"].items()]
-    lines += ["", "op (self time, forward + backward)                        ms/step  calls/step"]
-    lines += [f"{o['op']:<56} {o['self_ms']:>8.2f} {o['calls']:>10}" for o in result["top_ops"]]
+    for phase, ops in result["top_ops"].items():
+        if ops:
+            lines += ["", f"{phase}: top ops by self time" + " " * (40 - len(phase)) + "ms/step  calls/step"]
+            lines += [f"  {o['op']:<62} {o['self_ms']:>8.2f} {o['calls']:>10}" for o in ops]
     return "\n".join(lines)

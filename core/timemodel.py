@@ -1,0 +1,264 @@
+"""Measured step time per schedule stage (``time_model.json``), beside the counted FLOP model.
+
+Counted FLOPs predict counted FLOPs exactly, but not wall-clock time: part of a step does not
+shrink when blocks freeze (data, masking, targets, losses, the decoder, elementwise work). So
+each run measures its own step time per stage ``k`` (the schedule's ``frozen`` count, as in
+``flop_model.json``), cheaply:
+
+- *training*: the wall time of every training step, probe time excluded, filed under the stage
+  it ran at; what probes (and anything else that is not a plain step) add on top is kept as
+  one overhead per step, the same at every k;
+- *calibration*: before the first step, a few timed steps at each stage the run will pass
+  through (its schedule's stages and k=0, or k=0 and the deepest k when it has no schedule),
+  interleaved so that a change in machine load hits every k alike, on a copy of the model (the
+  trainer's ``calibrate``): the run's weights, optimizer state and RNG are untouched.
+
+A prediction needs times *relative* to k=0: ``r(k) = t(k) / t(0)``. Where k and 0 were both
+measured in training, r(k) comes from the training medians; else from the calibration medians;
+k measured in neither is read off the affine FLOP model ``r(k) = a + b * flops(k) / flops(0)``
+fitted to the measured points (``a``: the share of a k=0 step that freezing cannot shrink);
+with no measured point but k=0, r(k) = flops(k) / flops(0). The saving of a schedule over
+``total_steps`` is then ``1 - sum_k n_k (r(k) + w) / (total_steps (1 + w))``, ``n_k`` the
+steps at stage k and ``w`` the overhead per step relative to t(0).
+
+Every timing here is summarised by its median with a distribution-free interval
+(:func:`median_interval`). Plain Python, no torch: ``analysis`` and the dashboard read it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import LayerLockError
+
+# Below this many samples a stage's median is not used for a ratio (calibration gives 3 by default).
+MIN_SAMPLES = 2
+# Samples kept per stage (and source): beyond it every other sample is dropped, so a very long
+# run keeps an even thinning of its whole history in its checkpoints.
+MAX_SAMPLES = 4096
+KIND = "measured step time per schedule stage"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _binom_cdf(j: int, n: int) -> float:
+    """P(X <= j) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(j + 1)) / 2.0 ** n
+
+
+def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """``(median, low, high)``: the median and a distribution-free interval for it.
+
+    The interval is ``[x_(j), x_(n+1-j)]`` of the sorted values, with the largest j whose
+    coverage (from the Binomial(n, 1/2) distribution of the count below the true median) is at
+    least ``level``: no assumption about the shape of the timing distribution. Too few values
+    for that coverage (n < 6 at 95%) give ``None`` bounds.
+    """
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval of no values")
+    med = statistics.median(xs)
+    j = 0
+    while j + 1 <= n // 2 and _binom_cdf(j, n) <= (1 - level) / 2:
+        j += 1
+    if j == 0:
+        return med, None, None
+    return med, xs[j - 1], xs[n - j]
+
+
+def resolves(low: float | None, high: float | None, centre: float, within: float) -> bool:
+    """Whether an interval around ``centre`` is narrow enough: half-width <= ``within`` (relative)."""
+    if low is None or high is None or centre == 0:
+        return False
+    return (high - low) / 2 <= within * abs(centre)
+
+
+# ----------------------------------------------------------------------------- recording
+
+@dataclass
+class StepTimer:
+    """Step times of one run, per stage k, as the trainer measures them.
+
+    ``add`` files one training step: ``step_s`` its time without probes, ``wall_s`` its whole
+    time (what ``train/wall_s`` adds up). ``add_calibration`` files one calibration step.
+    """
+
+    training: dict[int, list[float]] = field(default_factory=dict)
+    calibration: dict[int, list[float]] = field(default_factory=dict)
+    wall_sum: dict[int, float] = field(default_factory=dict)   # sum of whole step times per k
+    steps: dict[int, int] = field(default_factory=dict)   # training steps per k (never thinned)
+
+    def add(self, k: int, step_s: float, wall_s: float) -> None:
+        _append(self.training.setdefault(k, []), step_s)
+        self.wall_sum[k] = self.wall_sum.get(k, 0.0) + wall_s
+        self.steps[k] = self.steps.get(k, 0) + 1
+
+    def add_calibration(self, k: int, step_s: float) -> None:
+        _append(self.calibration.setdefault(k, []), step_s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (what a ``weights_only`` checkpoint may hold)."""
+        return {"training": {int(k): list(v) for k, v in self.training.items()},
+                "calibration": {int(k): list(v) for k, v in self.calibration.items()},
+                "wall_sum": dict(self.wall_sum), "steps": dict(self.steps)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.training = {int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()}
+        self.calibration = {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()}
+        self.wall_sum = {int(k): float(v) for k, v in state.get("wall_sum", {}).items()}
+        self.steps = {int(k): int(v) for k, v in state.get("steps", {}).items()}
+
+    def to_dict(self, flops_per_step: Mapping[Any, float], **meta: Any) -> dict[str, Any]:
+        """The ``time_model.json`` content: per-stage summaries, overhead, the FLOPs it is read against."""
+        training = {k: _summary(v) for k, v in sorted(self.training.items()) if v}
+        extra = sum(self.wall_sum[k] - self.steps[k] * training[k]["median_s"] for k in training if k in self.wall_sum)
+        n_steps = sum(self.steps.get(k, 0) for k in training)
+        return {
+            "kind": KIND,
+            **meta,
+            "training": {str(k): {**s, "steps": self.steps.get(k, s["n"])} for k, s in training.items()},
+            "calibration": {str(k): _summary(v) for k, v in sorted(self.calibration.items()) if v},
+            # What every step adds on average beyond its stage's median (probes, log steps, stage
+            # changes, slow outliers): the same at every k.
+            "overhead_s_per_step": extra / n_steps if n_steps else 0.0,
+            "flops_per_step": {str(int(k)): float(v) for k, v in flops_per_step.items()},
+        }
+
+
+def _append(samples: list[float], value: float) -> None:
+    samples.append(float(value))
+    if len(samples) > MAX_SAMPLES:
+        del samples[::2]
+
+
+def _summary(samples: Sequence[float]) -> dict[str, Any]:
+    med, lo, hi = median_interval(samples)
+    return {"median_s": med, "low_s": lo, "high_s": hi, "n": len(samples)}
+
+
+def calibration_stages(stages: Iterable[int], depth: int) -> list[int]:
+    """The stages a run calibrates: k=0 and its schedule's stages, or k=0 and the deepest k
+    (``depth - 1``) when it has none, so the affine FLOP model has two ends to stand on."""
+    ks = {0, *(int(k) for k in stages)}
+    if ks == {0} and depth > 1:
+        ks.add(depth - 1)
+    return sorted(ks)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@dataclass(frozen=True)
+class TimeTable:
+    """Step time relative to k=0 for every stage k, and where each number came from.
+
+    ``ratio[k]``: t(k) / t(0); ``source[k]``: ``training``, ``calibration``, ``affine fit`` or
+    ``flops``; ``overhead``: overhead per step / t(0); ``intercept``: the fitted share of a k=0
+    step that freezing cannot shrink (None without two measured stages).
+    """
+
+    ratio: tuple[float, ...]
+    source: tuple[str, ...]
+    overhead: float
+    intercept: float | None
+    step_s: float   # t(0) in seconds
+
+    def describe(self) -> str:
+        measured = [k for k, s in enumerate(self.source) if s in ("training", "calibration")]
+        text = f"measured step times (time_model.json) at k = {', '.join(map(str, measured))}"
+        if any(s == "affine fit" for s in self.source):
+            text += f"; other k from the affine FLOP fit (unshrinkable share {self.intercept:.1%})"
+        elif any(s == "flops" for s in self.source):
+            text += "; other k proportional to counted FLOPs (nothing else measured)"
+        return text
+
+
+def _flops(time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None) -> list[float]:
+    table = (flop_model or {}).get("per_step") or time_model.get("flops_per_step") or {}
+    try:
+        flops = {int(k): float(v) for k, v in table.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise LayerLockError("time model: 'flops_per_step' must map integer stages to numbers") from None
+    if not flops or 0 not in flops or flops[0] <= 0:
+        raise LayerLockError("time model: needs counted FLOPs per stage, positive at k=0")
+    return [flops.get(k, math.nan) for k in range(max(flops) + 1)]
+
+
+def _medians(time_model: Mapping[str, Any], part: str) -> dict[int, float]:
+    out = {}
+    for k, s in (time_model.get(part) or {}).items():
+        try:
+            med, n = float(s["median_s"]), int(s["n"])
+        except (KeyError, TypeError, ValueError):
+            raise LayerLockError(f"time model: '{part}' entries need median_s and n") from None
+        if n >= MIN_SAMPLES and math.isfinite(med) and med > 0:
+            out[int(k)] = med
+    return out
+
+
+def time_table(time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None = None) -> TimeTable:
+    """Relative step time for every stage (see the module docstring for the rules).
+
+    ``flop_model`` (``flop_model.json``) supplies FLOPs per stage for the fit; the time model's
+    own ``flops_per_step`` otherwise. Raises LayerLockError for a time model that cannot be read
+    or that measured k=0 nowhere.
+    """
+    if not isinstance(time_model, Mapping):
+        raise LayerLockError("time model: expected a JSON object")
+    flops = _flops(time_model, flop_model)
+    f_rel = [f / flops[0] for f in flops]
+    train, calib = _medians(time_model, "training"), _medians(time_model, "calibration")
+    measured: dict[int, tuple[float, str]] = {}
+    if 0 in calib:
+        measured.update({k: (t / calib[0], "calibration") for k, t in calib.items()})
+    if 0 in train:
+        measured.update({k: (t / train[0], "training") for k, t in train.items()})
+    if 0 not in measured:
+        raise LayerLockError("time model: no step time measured at k=0 (nothing to compare against)")
+    step_s = train.get(0, calib.get(0))
+    points = [(f_rel[k], r) for k, (r, _) in measured.items() if k < len(f_rel) and math.isfinite(f_rel[k])]
+    intercept = slope = None
+    if len({round(f, 12) for f, _ in points}) >= 2:
+        intercept, slope = _fit_line(points)
+    ratio, source = [], []
+    for k in range(len(flops)):
+        if k in measured:
+            r, s = measured[k]
+        elif slope is not None and math.isfinite(f_rel[k]):
+            r, s = intercept + slope * f_rel[k], "affine fit"
+        else:
+            r, s = f_rel[k], "flops"
+        ratio.append(r)
+        source.append(s)
+    overhead = float(time_model.get("overhead_s_per_step") or 0.0)
+    return TimeTable(tuple(ratio), tuple(source), max(overhead, 0.0) / step_s, intercept, step_s)
+
+
+def _fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - b * mx, b
+
+
+def predicted_time_saving(segments: Iterable[tuple[int, int, int]], total_steps: int, table: TimeTable) -> float:
+    """``1 - time(schedule) / time(nothing frozen)`` over ``total_steps``.
+
+    ``segments``: ``(start, stop, k)`` covering the run (``analysis.flops.stage_segments``).
+    """
+    if total_steps <= 0:
+        raise LayerLockError(f"total_steps must be positive, got {total_steps}")
+    w = table.overhead
+    spent = 0.0
+    for start, stop, k in segments:
+        if k >= len(table.ratio) or not math.isfinite(table.ratio[k]):
+            raise LayerLockError(f"time model has no entry for stage {k} (it covers k < {len(table.ratio)})")
+        spent += (stop - start) * (table.ratio[k] + w)
+    return 1.0 - spent / (total_steps * (1.0 + w))
