@@ -75,7 +75,7 @@ def resolves(low: float | None, high: float | None, centre: float, within: float
     """Whether an interval around ``centre`` is narrow enough: half-width <= ``within`` (relative)."""
     if low is None or high is None or centre == 0:
         return False
-    return (high - low) / 2 <= within * abs(centre)
+    return (high - low) / 2 <= within * abs(centre) * (1 + 1e-9)   # 1e-9: rounding of the bounds
 
 
 # ----------------------------------------------------------------------------- recording

@@ -244,3 +244,26 @@ def test_pretrain_on_video_folder_counts_skipped_files(tmp_path, store):
     run = MlflowClient(store).get_run(proc.stdout.strip().splitlines()[-1])
     assert run.data.metrics["data/skipped_files"] == 1
     assert run.data.tags["layerlock.dataset"] == "video_folder"
+
+
+def test_time_model_is_logged_and_calibration_changes_nothing_learned(store):
+    """Every run logs time_model.json (training steps per stage, a start-up calibration of the
+    schedule's stages); the calibration runs on a copy, so the trained weights are the same
+    with it and without it. Only the structure is checked: the times are the machine's."""
+    sched = {"schedule": [{"step": 4, "frozen": 1}, {"step": 8, "frozen": 3}]}
+    with_cal = train(ExperimentConfig.model_validate(tiny_dict(freeze=sched)), tracking_uri=store, progress=False)
+    without = train(ExperimentConfig.model_validate(tiny_dict(freeze=sched, train={"time_calibration": 0})),
+                    tracking_uri=store, progress=False)
+    a, b = _final_weights(with_cal.run_id, store), _final_weights(without.run_id, store)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert with_cal.final_loss == without.final_loss and with_cal.wall_s > 0 and with_cal.loop_s >= with_cal.wall_s
+    client = MlflowClient(store)
+    assert client.get_run(with_cal.run_id).data.tags["layerlock.group"] == \
+        client.get_run(without.run_id).data.tags["layerlock.group"]   # measuring does not make another group
+    tm = json.loads(Path(client.download_artifacts(with_cal.run_id, "time_model.json", tempfile.mkdtemp())).read_text())
+    assert set(tm["training"]) == {"0", "1", "3"} and set(tm["calibration"]) == {"0", "1", "3"}
+    assert [tm["training"][k]["steps"] for k in ("0", "1", "3")] == [4, 4, 4]
+    assert all(s["n"] == 3 and s["median_s"] > 0 for s in tm["calibration"].values())
+    assert set(tm["flops_per_step"]) == {"0", "1", "2", "3"} and tm["overhead_s_per_step"] >= 0
+    tm0 = json.loads(Path(client.download_artifacts(without.run_id, "time_model.json", tempfile.mkdtemp())).read_text())
+    assert tm0["calibration"] == {} and set(tm0["training"]) == {"0", "1", "3"}
