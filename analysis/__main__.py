@@ -93,6 +93,14 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         except OSError as err:
             raise LayerLockError(f"cannot write --out {out}: {err.strerror or err}") from None
     print(text)
+    flop, wall = schedule["predicted_flop_saving"], schedule["predicted_time_saving"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1%}"
+
+    basis = {"time_model": "measured step times", "flops": "counted FLOPs"}.get(schedule["predicted_time_basis"], "-")
+    print(f"predicted saving: FLOPs {pct(flop)}, wall time {pct(wall)} (from {basis}: "
+          f"{schedule['prediction']['time_model']})", file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

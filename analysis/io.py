@@ -55,6 +55,7 @@ from core.schema import (  # noqa: F401
     TAG_METHOD,
     TAG_PARENT,
     TAG_SCHEDULE_SOURCE,
+    TIME_MODEL_ARTIFACT,
     block_key,
 )
 from core.tracking import DEFAULT_URI, resolve_uri, sqlite_path  # noqa: F401  (DEFAULT_URI, sqlite_path: for the dashboard)
@@ -533,6 +534,11 @@ def load_json_artifact(run_id: str, path: str, uri: str | None = None) -> Any | 
 def load_flop_model(run_id: str, uri: str | None = None) -> dict[str, Any] | None:
     """``flop_model.json``: counted FLOPs of one step per frozen-prefix length, or None."""
     return load_json_artifact(run_id, FLOP_MODEL_ARTIFACT, uri)
+
+
+def load_time_model(run_id: str, uri: str | None = None) -> dict[str, Any] | None:
+    """``time_model.json``: measured step time per frozen-prefix length (``core.timemodel``), or None."""
+    return load_json_artifact(run_id, TIME_MODEL_ARTIFACT, uri)
 
 
 def load_schedule(run_id: str, uri: str | None = None, artifact_file: str = SCHEDULE_ARTIFACT) -> dict[str, Any] | None:

@@ -98,31 +98,31 @@ def schedule_with_prediction(
     schedule: dict[str, Any],
     flop_model: dict[str, Any] | None,
     total_steps: int,
+    time_model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The schedule plus top-level predictions (what ``python -m analysis schedule`` writes).
 
-    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``) and
-    ``predicted_time_saving``. Time is ASSUMED proportional to counted FLOPs, so the two are
-    equal; the measured ratio of step time to FLOPs is what ``python -m experiments bench
-    freezing`` reports. Both are None without a flop model. ``prediction`` holds the totals.
+    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``; None without a
+    flop model) and ``predicted_time_saving`` with ``predicted_time_basis``: from the run's
+    measured step times (``time_model.json``, basis ``time_model``) when it has them, else
+    assumed proportional to counted FLOPs (basis ``flops``); ``prediction`` holds the totals
+    and, under ``time_model``, one line saying what the time prediction rests on
+    (:func:`analysis.timing.predict_wall_saving`).
     """
+    from analysis.timing import predict_wall_saving
+
     out = validate_schedule(schedule)
+    wall = predict_wall_saving(out, int(total_steps), flop_model, time_model)
+    prediction: dict[str, Any] = {"total_steps": int(total_steps)}
     if flop_model is None:
-        out.update(predicted_flop_saving=None, predicted_time_saving=None,
-                   prediction={"total_steps": int(total_steps), "note": "run has no flop_model.json"})
-        return out
-    saving = predicted_saving(out, flop_model, total_steps)
-    out.update(
-        predicted_flop_saving=saving,
-        predicted_time_saving=saving,
-        prediction={
-            "total_steps": int(total_steps),
-            "flops": schedule_flops(out, flop_model, total_steps),
-            "baseline_flops": baseline_flops(flop_model, total_steps),
-            "flop_model_objective": flop_model.get("objective"),
-            "time_model": "proportional to counted FLOPs",
-        },
-    )
+        prediction["note"] = "run has no flop_model.json"
+    else:
+        prediction.update(flops=schedule_flops(out, flop_model, total_steps),
+                          baseline_flops=baseline_flops(flop_model, total_steps),
+                          flop_model_objective=flop_model.get("objective"))
+    prediction["time_model"] = wall.note
+    out.update(predicted_flop_saving=None if flop_model is None else predicted_saving(out, flop_model, total_steps),
+               predicted_time_saving=wall.saving, predicted_time_basis=wall.basis, prediction=prediction)
     return out
 
 
@@ -139,14 +139,16 @@ def schedule_for_run(
     margin: int = 0,
     max_frozen: int | None = None,
     quantize: int | None = None,
+    time_model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A run's derived schedule with its predicted saving: the one path from detected
     convergence to a schedule (the analysis CLI, the Schedule page, the demo and the study).
 
     ``conv`` holds the per-block convergence steps of rule ``method`` (``threshold`` and
     ``patience``: None = the rule's defaults, recorded in ``source``). Depth: ``n_blocks`` (the
-    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. Raises
-    LayerLockError without ``total_steps``.
+    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. ``time_model``:
+    the run's ``time_model.json`` for the wall-clock prediction. Raises LayerLockError without
+    ``total_steps``.
     """
     from analysis.convergence import RULES
 
@@ -162,7 +164,7 @@ def schedule_for_run(
         source["patience"] = rule["patience"] if patience is None else patience
     schedule = derive_schedule(conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen,
                                quantize=quantize, source=source)
-    return schedule_with_prediction(schedule, flop_model, int(total_steps))
+    return schedule_with_prediction(schedule, flop_model, int(total_steps), time_model)
 
 
 def derive_run_schedule(
@@ -189,4 +191,5 @@ def derive_run_schedule(
     return schedule_for_run(run_id, conv, method=method, threshold=threshold, patience=patience,
                             total_steps=total_steps or record.param_int("train.steps"),
                             n_blocks=record.param_int("model.depth"), flop_model=io.load_flop_model(run_id, uri),
-                            margin=margin, max_frozen=max_frozen, quantize=quantize)
+                            margin=margin, max_frozen=max_frozen, quantize=quantize,
+                            time_model=io.load_time_model(run_id, uri))

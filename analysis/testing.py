@@ -134,6 +134,34 @@ def synthetic_flop_model(
     }
 
 
+def synthetic_time_model(
+    flop_model: dict[str, Any],
+    step_s: float = 0.1,
+    unshrinkable: float = 0.25,
+    measured: tuple[int, ...] | None = None,
+    overhead_s: float = 0.0,
+) -> dict[str, Any]:
+    """A ``time_model.json`` in the trainer's format whose steps follow the affine FLOP model:
+    ``t(k) = step_s * (unshrinkable + (1 - unshrinkable) * flops(k) / flops(0))``.
+
+    ``measured``: the stages timed (default: 0 and the deepest, as an MAE run's calibration),
+    five calibration steps each and k=0 in training too; ``overhead_s``: per-step overhead.
+    """
+    per = {int(k): float(v) for k, v in flop_model["per_step"].items()}
+    ks = measured if measured is not None else (0, max(per))
+
+    def t(k: int) -> float:
+        return step_s * (unshrinkable + (1 - unshrinkable) * per[k] / per[0])
+
+    def summary(k: int, n: int) -> dict[str, Any]:
+        return {"median_s": t(k), "low_s": t(k), "high_s": t(k), "n": n}
+
+    return {"kind": "measured step time per schedule stage", "n_blocks": len(per),
+            "training": {"0": {**summary(0, 100), "steps": 100}},
+            "calibration": {str(k): summary(k, 5) for k in ks},
+            "overhead_s_per_step": overhead_s, "flops_per_step": {str(k): v for k, v in per.items()}}
+
+
 def synthetic_history(
     total_steps: int,
     log_every: int = 10,

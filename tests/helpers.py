@@ -22,6 +22,7 @@ from analysis.testing import (  # noqa: E402
     synthetic_flop_model,
     synthetic_history,
     synthetic_layer_metrics,
+    synthetic_time_model,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - streamlit loads only where a test opens a page
@@ -97,7 +98,8 @@ def build_store(folder: Path) -> Store:
         "layerlock", layer_df=layer_df,
         history=pd.concat([synthetic_history(steps, 2, model, schedule, seconds_per_flop=3.5e-7, seed=1), evals]),
         tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits"}, run_name="synthetic-layerlock",
-        json_artifacts={io.FLOP_MODEL_ARTIFACT: model, io.SCHEDULE_ARTIFACT: schedule}, **common)
+        json_artifacts={io.FLOP_MODEL_ARTIFACT: model, io.SCHEDULE_ARTIFACT: schedule,
+                        io.TIME_MODEL_ARTIFACT: synthetic_time_model(model, step_s=1.3, unshrinkable=0.3)}, **common)
     failed = create_run_from_frames(
         "layerlock", history=synthetic_history(steps, 2, seed=2).head(3), status="FAILED", run_name="diverged",
         tags={io.TAG_METHOD: "mae", io.TAG_FAILURE: "loss is nan at step 3"}, **common)

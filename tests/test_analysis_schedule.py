@@ -17,7 +17,7 @@ from analysis.schedule import (
     schedule_with_prediction,
     validate_schedule,
 )
-from analysis.testing import synthetic_flop_model, synthetic_layer_metrics
+from analysis.testing import synthetic_flop_model, synthetic_layer_metrics, synthetic_time_model
 from core.errors import LayerLockError, ScheduleError
 
 TRUTH = [120, 180, 260, 330, 410, 470, None, 200]  # block 6 never converges; block 7 would
@@ -149,7 +149,8 @@ def test_predicted_saving_by_hand() -> None:
 
     out = schedule_with_prediction(schedule, SMALL_MODEL, 10)
     assert out["predicted_flop_saving"] == pytest.approx(0.36)
-    assert out["predicted_time_saving"] == pytest.approx(0.36)  # time assumed proportional to FLOPs
+    assert out["predicted_time_saving"] == pytest.approx(0.36)  # no time model: proportional to FLOPs
+    assert out["predicted_time_basis"] == "flops" and "no time_model.json" in out["prediction"]["time_model"]
     assert out["prediction"]["flops"] == pytest.approx(64.0)
     json.dumps(out)
     validate_schedule(json.loads(json.dumps(out)), total_steps=10)  # the CLI output is itself a schedule
@@ -176,3 +177,25 @@ def test_logged_saving_against_nothing_frozen() -> None:
     assert logged_saving(None, 10, model) is None and logged_saving(60.0, 0, model) is None
     assert logged_saving(60.0, 10, None) is None
     assert logged_saving(60.0, 10, {"per_step": {}}) is None  # malformed: the number is hidden, nothing raised
+
+
+def test_time_model_predicts_the_wall_saving() -> None:
+    """With measured step times the wall prediction keeps the part freezing cannot shrink."""
+    model = synthetic_flop_model(4, block_forward=1.0, other=0.0)   # per step: 12, 10, 8, 6
+    schedule = {"n_blocks": 4, "stages": stages((2, 1), (6, 3))}
+    tm = synthetic_time_model(model, step_s=1.0, unshrinkable=0.5)   # t(k) = 0.5 + 0.5 * flops(k) / 12
+    out = schedule_with_prediction(schedule, model, 10, time_model=tm)
+    flop_saving = 1 - (2 * 12 + 4 * 10 + 4 * 6) / 120
+    assert out["predicted_flop_saving"] == pytest.approx(flop_saving)
+    assert out["predicted_time_saving"] == pytest.approx(flop_saving / 2)   # half of each step cannot shrink
+    assert out["predicted_time_basis"] == "time_model"
+    assert "affine FLOP fit (unshrinkable share 50.0%)" in out["prediction"]["time_model"]
+    # a run without a flop model still gets a time prediction from the time model's own FLOPs
+    alone = schedule_with_prediction(schedule, None, 10, time_model=tm)
+    assert alone["predicted_flop_saving"] is None and alone["predicted_time_saving"] == pytest.approx(flop_saving / 2)
+    # an unusable time model is no error: FLOPs, and the note says why
+    broken = schedule_with_prediction(schedule, model, 10, time_model={"training": {}, "flops_per_step": {"0": 1}})
+    assert broken["predicted_time_basis"] == "flops" and "not usable" in broken["prediction"]["time_model"]
+    assert broken["predicted_time_saving"] == pytest.approx(flop_saving)
+    nothing = schedule_with_prediction(schedule, None, 10)
+    assert nothing["predicted_time_saving"] is None and nothing["predicted_time_basis"] is None

@@ -115,6 +115,9 @@ def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
     assert not at.button(key="sched_save").disabled and not at.button(key="sched_launch").disabled
     stages = frame_with(at, "step", "frozen")
     assert list(stages["step"]) == [4, 8]  # blocks 0 and 1 converge at 4 and 8 in the synthetic truth
+    # the run has time_model.json: the time saving says it comes from measured step times
+    assert any(m.label == "Predicted time saving (measured)" for m in at.metric)
+    assert any("from measured step times" in c.value for c in at.caption)
     at.slider(key="sched_cap").set_value(1).run()
     assert list(frame_with(at, "step", "frozen")["frozen"]) == [1]
 

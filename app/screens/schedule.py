@@ -25,6 +25,7 @@ run_id = state.pick_run(runs, key="sched_run", label="Derive from run", containe
 with state.notice_errors():
     rec, ver = loaders.run_version(uri, run_id)
     flop_model = loaders.flop_model(uri, run_id, ver)
+    time_model = loaders.time_model(uri, run_id, ver)
 state.seed("sched_method", list(RULES), "posthoc")
 method = top[1].selectbox("Convergence rule", list(RULES), key="sched_method",
                           format_func=lambda m: f"{m} ({RULES[m]['metric']})")
@@ -52,7 +53,7 @@ try:
     conv = loaders.convergence(uri, run_id, ver, method, threshold, patience)
     schedule = schedule_for_run(run_id, conv, method=method, threshold=threshold, patience=patience,
                                 total_steps=int(total_steps), n_blocks=int(n_blocks), flop_model=flop_model,
-                                margin=margin, max_frozen=cap, quantize=quantize or None)
+                                margin=margin, max_frozen=cap, quantize=quantize or None, time_model=time_model)
 except LayerLockError as err:
     st.warning(f"Cannot derive a schedule: {first_line(err)}")
     st.stop()
@@ -65,10 +66,14 @@ flop_saving = schedule.get("predicted_flop_saving")
 m[2].metric("Predicted FLOP saving", "n/a" if flop_saving is None else f"{flop_saving:.1%}",
             help="Counted FLOPs from the run's flop_model.json, against training with nothing frozen")
 time_saving = schedule.get("predicted_time_saving")
-m[3].metric("Predicted time saving", "n/a" if time_saving is None else f"{time_saving:.1%}",
-            help="Assumes step time proportional to counted FLOPs; `python -m experiments bench freezing` "
-                 "measures the real ratio")
-if flop_model is None:
+measured = schedule.get("predicted_time_basis") == "time_model"
+m[3].metric("Predicted time saving" + (" (measured)" if measured else " (from FLOPs)"),
+            "n/a" if time_saving is None else f"{time_saving:.1%}",
+            help=("From the run's measured step time per frozen-prefix length (time_model.json): "
+                  if measured else "Assumed proportional to counted FLOPs: ") + schedule["prediction"]["time_model"])
+st.caption(f"Time saving {'from measured step times' if measured else 'from counted FLOPs'}: "
+           f"{schedule['prediction']['time_model']}.")
+if flop_model is None and time_model is None:
     st.info("This run has no flop_model.json, so savings cannot be predicted.")
 if not stages:
     st.info("No block converged early enough under this rule: the schedule freezes nothing. "

@@ -106,6 +106,11 @@ def flop_model(uri: str, run_id: str, version: str) -> dict[str, Any] | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
+def time_model(uri: str, run_id: str, version: str) -> dict[str, Any] | None:
+    return io.load_time_model(run_id, uri)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
 def schedule(uri: str, run_id: str, version: str, artifact_file: str = io.SCHEDULE_ARTIFACT) -> dict | None:
     return io.load_schedule(run_id, uri, artifact_file)
 
