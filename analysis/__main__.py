@@ -104,7 +104,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from analysis.compare import compare_groups
+    from analysis.compare import compare_groups, prediction_lines
     from analysis.stats import INTERVAL_NAME, summary_table
 
     result = compare_groups(args.runs, args.tracking_uri, baseline=args.baseline)
@@ -134,6 +134,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
                                    for lo, hi in zip(result.paired["ci_low"], result.paired["ci_high"], strict=True)],
                 "N pairs": result.paired["n"], "verdict": result.paired["verdict"]})
             print(shown.to_string(index=False))
+        predicted = prediction_lines(result.runs)
+        if predicted:
+            print(f"\nsavings of scheduled runs: predicted before they ran, and measured against {result.baseline}:")
+            print("\n".join(predicted))
         print("\nruns:")
         with pd.option_context("display.float_format", "{:.4g}".format):
             print(result.runs.set_index("run_id").T.to_string())

@@ -17,6 +17,10 @@ Conventions:
   the first one): ``1 - value / mean(value over the baseline's runs)``, per run; groups are
   summarised as mean, sd and N and compared with seed-paired differences and a 95% t interval
   (:mod:`analysis.stats`).
+- Predicted savings (:func:`predicted_savings`): what a scheduled run's schedule was predicted
+  to save against the same run with nothing frozen, from the run the schedule was derived
+  from (its ``time_model.json``, else its counted FLOPs; ``predicted_from`` says which), beside
+  the measured ``wall_saving``.
 - Collapse indicators are read at the last probe step: the mean and min over blocks of
   ``eff_rank`` and the mean of ``feat_std``; a collapsed run (``latent_naive``) has both small.
 """
@@ -38,8 +42,8 @@ from core.schema import HELDOUT_KEY
 FINAL_LAST = 3
 COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
-    "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving", "eff_rank_mean", "eff_rank_min",
-    "feat_std_mean", "feat_std_min",
+    "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving", "predicted_flop_saving",
+    "predicted_wall_saving", "predicted_from", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
 _HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S)
@@ -47,7 +51,9 @@ _HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, sche
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
 STAT_COLUMNS = ["final_loss", "final_loss_pixel", "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving",
-                "wall_saving", "feat_std_min", "eff_rank_mean"]
+                "wall_saving", "predicted_wall_saving", "feat_std_min", "eff_rank_mean"]
+# Summarised per group, never differenced against the baseline (a prediction is not a measurement).
+UNPAIRED = ("predicted_wall_saving",)
 
 
 def _series(history: pd.DataFrame, metric: str) -> pd.Series:
@@ -160,15 +166,76 @@ def compare_runs(
     return comparison_frame([_load_row(run_id, uri, include_block_evals, last) for run_id in run_ids])
 
 
+def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str, Any]:
+    """What a run's schedule (``schedule.json``) was predicted to save against the same run with
+    nothing frozen: ``predicted_flop_saving``, ``predicted_wall_saving`` and ``predicted_from``.
+
+    The prediction is the one made before the run: from the models of the run its schedule was
+    derived from (``layerlock.schedule_source``), when that run has the same method (its FLOPs
+    and step times are this run's; a LayerLock run's latent target costs what an MAE run never
+    measured). Otherwise it comes from the run's own models, measured while it trained, and
+    ``predicted_from`` says so. Runs without a schedule get NaN.
+    """
+    out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan, "predicted_from": None}
+    steps = record.param_int("train.steps")
+    schedule = io.load_schedule(record.run_id, uri) if steps else None
+    if not schedule:
+        return out
+    from analysis.flops import predicted_saving
+    from analysis.timing import predict_wall_saving
+
+    source, origin = record.run_id, "own"
+    source_id = record.tags.get(schema.TAG_SCHEDULE_SOURCE)
+    if source_id:
+        try:
+            if io.get_run(source_id, uri).method == record.method:
+                source, origin = source_id, "source"
+        except RunNotFoundError:
+            pass
+    flop_model = io.load_flop_model(source, uri)
+    wall = predict_wall_saving(schedule, steps, flop_model, io.load_time_model(source, uri))
+    try:
+        flop = predicted_saving(schedule, flop_model, steps) if flop_model else np.nan
+    except LayerLockError:
+        flop = np.nan
+    out.update(predicted_flop_saving=flop, predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
+               predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
+    return out
+
+
+def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
+    """Predicted against measured savings, one line per run that has a prediction (text for the
+    command lines). ``names``: run id -> label (default: the run name)."""
+    rows = frame[pd.to_numeric(frame.get("predicted_wall_saving"), errors="coerce").notna()] \
+        if "predicted_wall_saving" in frame else frame.iloc[0:0]
+    if rows.empty:
+        return []
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):5.1f}%"
+
+    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} "
+           f"{'measured':>9}   predicted from"]
+    for _, r in rows.iterrows():
+        label = (names or {}).get(r["run_id"]) or r.get("name") or str(r["run_id"])[:8]
+        diff = r["wall_saving"] - r["predicted_wall_saving"] if pd.notna(r.get("wall_saving")) else np.nan
+        out.append(f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
+                   f"{'n/a' if pd.isna(diff) else f'{100 * diff:+.1f} pts':>10}   "
+                   f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}")
+    return out
+
+
 def _load_row(run_id: str, uri: str | None, include_block_evals: bool, last: int) -> dict[str, Any]:
-    """One :func:`summarize_run` row read through ``io``, with the run's ``seed`` (``train.seed``)."""
+    """One :func:`summarize_run` row read through ``io``, with the run's ``seed`` (``train.seed``)
+    and its :func:`predicted_savings`."""
     record = io.get_run(run_id, uri)
     history = io.load_history(run_id, _HISTORY_KEYS, uri)
     layer_df = io.load_layer_metrics(run_id, uri, metrics=("eff_rank", "feat_std"))
     meta = {"run_id": record.run_id, "name": record.name, "method": record.method,
             "dataset": record.dataset, "status": record.status, "steps": record.param_int("train.steps")}
     evals = io.eval_metrics(record.metrics, include_block_evals)
-    return {"seed": record.param_int("train.seed"), **summarize_run(meta, history, layer_df, evals, last)}
+    return {"seed": record.param_int("train.seed"), **summarize_run(meta, history, layer_df, evals, last),
+            **predicted_savings(record, uri)}
 
 
 # ----------------------------------------------------------------------------- groups of seeds
@@ -271,7 +338,8 @@ def group_comparison(rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: st
     # Metrics no compared run logged (e.g. probes never run) would only fill the tables with n/a.
     metrics = [m for m in stat_columns(runs) if pd.to_numeric(runs[m], errors="coerce").notna().any()]
     summary = group_summary(runs, metrics, by="group")
-    paired = paired_against(runs, metrics, baseline, groups, pair_on="seed", by="group")
+    paired = paired_against(runs, [m for m in metrics if m not in UNPAIRED], baseline, groups, pair_on="seed",
+                            by="group")
     return GroupComparison(runs, summary, paired, baseline, groups, list(specs))
 
 
