@@ -45,7 +45,8 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     cap = max(1, min(depth - 1, math.floor(max_frac * depth)))
     sched = schedule_for_run(mae_run, posthoc_convergence(layer, threshold=threshold), method="posthoc",
                              threshold=threshold, total_steps=record.param_int("train.steps"), n_blocks=depth,
-                             flop_model=io.load_flop_model(mae_run, uri), margin=margin, max_frozen=cap)
+                             flop_model=io.load_flop_model(mae_run, uri), margin=margin, max_frozen=cap,
+                             time_model=io.load_time_model(mae_run, uri))
     if not sched["stages"]:
         _say(f"no block converged at threshold {threshold}: nothing to freeze; LayerLock will run unfrozen")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,8 +56,13 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     conv_txt = ", ".join(f"b{b['block']}:{b['converged_step']}" for b in report["blocks"])
     _say(f"convergence (cka_final >= {threshold}): {conv_txt}; spearman rho {report['spearman_rho']}")
     _say("derived schedule: " + ", ".join(f"step {s['step']} -> {s['frozen']} frozen" for s in sched["stages"])
-         + f"; predicted FLOP saving (freezing, pixel loss) {sched['predicted_flop_saving']:.1%}")
+         + f"; predicted saving (freezing, pixel loss): FLOPs {sched['predicted_flop_saving']:.1%}, "
+         + f"wall time {_pct(sched['predicted_time_saving'])} ({sched['prediction']['time_model']})")
     return path, sched
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
 
 
 # Demo runs in training order: name -> (config file, trained with the derived schedule?).
@@ -130,6 +136,17 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
     table = compare_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri)
     return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
             "demo_id": demo_id, "wall_s": time.perf_counter() - t0}
+
+
+def freeze_only_predictions(result: dict) -> list[str]:
+    """``analysis.compare.prediction_lines`` for the freeze-only runs (MAE with the derived
+    schedule): the one run whose cost the MAE run's time and FLOP models describe."""
+    from analysis.compare import prediction_lines
+
+    ids = result["runs"].get("freeze_only", {})
+    table = result["table"]
+    rows = table[table["run_id"].isin(list(ids.values()))]
+    return prediction_lines(rows, {rid: f"freeze_only/{seed}" for seed, rid in ids.items()})
 
 
 def _eval_cols(table) -> list[str]:
@@ -226,7 +243,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sched = s["schedule"]
         print(f"\nschedule (seed {seed}) derived from MAE run {result['runs']['mae'][seed]}: "
               + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in sched["stages"]) or "nothing frozen")
-              + f" (predicted FLOP saving {sched['predicted_flop_saving']:.1%})")
+              + f" (predicted saving: FLOPs {sched['predicted_flop_saving']:.1%}, "
+              + f"wall time {_pct(sched['predicted_time_saving'])} from {sched['predicted_time_basis']})")
+    lines = freeze_only_predictions(result)
+    if lines:
+        print("\nfreeze only: the schedule's saving predicted from the MAE run (its measured step times, or FLOPs),"
+              " against the saving measured (wall_s and counted FLOPs against MAE):")
+        print("\n".join(lines))
     if n == 1:
         print("\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "
               "(or `python -m experiments study`) to compare with intervals.")

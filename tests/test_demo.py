@@ -33,6 +33,10 @@ def test_demo_smoke(tmp_path, store):
     # written to a pipe, the demo logs stage lines instead of progress-bar frames
     assert "[demo" in proc.stderr and "\r" not in proc.stderr
     assert "1 seed (0)" in out and "one seed: differences between these rows have no interval" in out
+    # the freeze-only run's saving: predicted from the MAE run's time model, beside the measured one
+    assert "freeze only: the schedule's saving predicted from the MAE run" in out
+    line = next(x for x in out.splitlines() if x.startswith("freeze_only/0"))
+    assert f"source {ids['mae'][:8]}: time_model" in line
 
 
 def test_demo_two_seeds_reports_groups(tmp_path, store):
