@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cka import effective_rank, linear_cka
+from core.cka import PreparedFeatures, effective_rank, linear_cka, prepare, prepared_cka
 from core.config import ProbeConfig
 from core.errors import LayerLockError
 from core.schema import block_key
@@ -101,6 +101,11 @@ def probe_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float
     return linear_cka(_rows(x), _rows(y), debiased)
 
 
+def _prepare_probe(features: list[torch.Tensor]) -> list[PreparedFeatures]:
+    """Every block's ``(C, P, D)`` features of one probe in CKA-ready form (as :func:`probe_cka` reads them)."""
+    return [prepare(_rows(x)) for x in features]
+
+
 def feature_stats(x: torch.Tensor) -> dict[str, float]:
     """Collapse indicators of one block's probe features ``x (clips, positions, dim)``.
 
@@ -133,6 +138,9 @@ class ProbeRunner:
         self.positions = probe_positions(n_tokens, cfg.tokens_per_clip, seed)   # (P,), the same for every clip
         self.steps: list[int] = []
         self.features: list[list[torch.Tensor]] = []   # per probe, per block: (C, P, dim) position-centred bf16
+        # CKA-ready forms of the first and the latest probe, kept between probes so that each
+        # probe prepares only its own features (core.cka.prepare); rebuilt after a resume.
+        self._prepared: dict[str, list[PreparedFeatures]] = {}
 
     @torch.no_grad()
     def extract(self, model: nn.Module) -> list[torch.Tensor]:
@@ -149,25 +157,36 @@ class ProbeRunner:
         """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``."""
         feats = self.extract(model)
         stored = [centre_positions(f).to(STORE_DTYPE) for f in feats]
+        now = _prepare_probe(stored)   # the same numbers as probe_cka(stored[b], ...)
         out: dict[str, float] = {}
-        prev = self.features[-1] if self.features else None
-        init = self.features[0] if self.features else None
-        for b, (f, s) in enumerate(zip(feats, stored)):
-            out[block_key("cka_prev", b)] = probe_cka(s, prev[b], self.cfg.debiased) if prev else 1.0
-            out[block_key("cka_init", b)] = probe_cka(s, init[b], self.cfg.debiased) if init else 1.0
+        prev = self._prepared_of("prev", -1) if self.features else None
+        init = self._prepared_of("init", 0) if self.features else None
+        debiased = self.cfg.debiased
+        for b, (f, p) in enumerate(zip(feats, now)):
+            out[block_key("cka_prev", b)] = prepared_cka(p, prev[b], debiased) if prev else 1.0
+            out[block_key("cka_init", b)] = prepared_cka(p, init[b], debiased) if init else 1.0
             stats = feature_stats(f)
             out[block_key("eff_rank", b)] = stats["eff_rank"]
             out[block_key("feat_std", b)] = stats["feat_std"]
         self.steps.append(step)
         self.features.append(stored)
+        self._prepared["prev"] = now
+        self._prepared.setdefault("init", now)
         return out
+
+    def _prepared_of(self, which: str, index: int) -> list[PreparedFeatures]:
+        """The kept CKA-ready form of probe ``index`` (``prev``: the latest, ``init``: the first)."""
+        if which not in self._prepared:
+            self._prepared[which] = _prepare_probe(self.features[index])
+        return self._prepared[which]
 
     def final(self) -> dict[int, dict[str, float]]:
         """``cka_final`` for every stored probe step against the last probe: {step: {key: value}}."""
         if not self.features:
             return {}
-        last = self.features[-1]
-        return {s: {block_key("cka_final", b): probe_cka(f, last[b], self.cfg.debiased) for b, f in enumerate(feats)}
+        last = _prepare_probe(self.features[-1])
+        return {s: {block_key("cka_final", b): prepared_cka(p, last[b], self.cfg.debiased)
+                    for b, p in enumerate(_prepare_probe(feats))}
                 for s, feats in zip(self.steps, self.features)}
 
     def state_dict(self) -> dict:
@@ -182,6 +201,7 @@ class ProbeRunner:
                                  "probe format or another probe config); this run cannot resume, start a new one")
         self.steps = list(state["steps"])
         self.features = [list(f) for f in state["features"]]
+        self._prepared = {}
 
     def save(self, path) -> None:
         torch.save({"steps": self.steps, "features": self.features, "positions": self.positions,
