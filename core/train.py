@@ -37,6 +37,7 @@ from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefi
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
+from core.perf import Prefetcher, keep_freed_memory
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
 from core.timemodel import StepTimer, calibration_stages
 from core.tracking import Tracker
@@ -56,6 +57,7 @@ class TrainResult:
     wall_s: float
     flops: float
     loop_s: float = 0.0  # elapsed time of the training loop: steps, probes, log lines, checkpoints
+    loop_cpu_s: float = 0.0  # CPU time of the process (all its threads) during the loop
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,11 +77,15 @@ def lr_at(step: int, cfg: ExperimentConfig) -> float:
 
 
 def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    """AdamW over *all* parameters (frozen ones simply get no grad), so (un)freezing never needs a rebuild."""
+    """AdamW over *all* parameters, so (un)freezing never needs a rebuild: frozen ones have no
+    grad, and AdamW skips them before any arithmetic. Fused (one kernel over all parameters)
+    on CPU and CUDA: on mae_tiny's CPU step 4x faster than the per-parameter loop."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "mask_token" in n]
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.95),
+                             fused=fused or None)
 
 
 def pick_device(name: str) -> torch.device:
@@ -246,6 +252,8 @@ class _Run:
         t_cfg = cfg.train
         self.cfg, self.tracker, self.rank, self.world = cfg, tracker, rank, world
         self.device = pick_device(t_cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()   # activations reuse freed pages instead of faulting in new ones
         torch.manual_seed(t_cfg.seed)
         if t_cfg.batch_size % world:
             raise LayerLockError(f"train.batch_size={t_cfg.batch_size} is not divisible by {world} processes")
@@ -268,7 +276,8 @@ class _Run:
         self.stage = self.frozen = 0
         self.net: torch.nn.Module = self.model
         self.timer = StepTimer()   # time_model.json
-        self.loop_s = 0.0
+        self.batches = Prefetcher(self._host_batch)   # the next step's batch, built while this one trains
+        self.loop_s = self.loop_cpu_s = 0.0
 
     def restore(self, ckpt: dict | None, init_state: dict | None) -> None:
         """Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's):
@@ -370,15 +379,20 @@ class _Run:
 
     def shard(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's part of the global batch of ``step``: ``video (b, C, T, H, W)``, ``keep_idx``,
-        ``mask_idx``. Indices and masks are drawn for the global batch from ``(seed, step)``."""
+        ``mask_idx``, on the device. Built ahead in a background thread (:class:`core.perf.Prefetcher`)."""
+        video, keep_idx, mask_idx = self.batches.get(step)
+        return video.to(self.device, non_blocking=True), keep_idx.to(self.device), mask_idx.to(self.device)
+
+    def _host_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``shard``'s batch on the host. Indices and masks are drawn for the global batch from
+        ``(seed, step)``: a pure function of the step, whichever thread builds it."""
         t_cfg, lo, hi = self.cfg.train, self.rank * self.local_bs, (self.rank + 1) * self.local_bs
         gen = step_generator(t_cfg.seed, step)
         idx = torch.randint(len(self.dataset), (t_cfg.batch_size,), generator=gen)[lo:hi]
         video, _ = get_batch(self.dataset, idx.tolist())
-        video = video.to(self.device, non_blocking=True)
         keep_idx, mask_idx = tube_mask(t_cfg.batch_size, self.cfg.geometry.grid, self.cfg.model.mask_ratio,
                                        step_generator(t_cfg.seed, step, salt=1))
-        return video, keep_idx[lo:hi].to(self.device), mask_idx[lo:hi].to(self.device)
+        return video, keep_idx[lo:hi], mask_idx[lo:hi]
 
     def update(self, step: int, log_now: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Forward, backward and one optimizer update (skipped when gradients are not finite).
@@ -515,7 +529,8 @@ class _Run:
         else:
             tracker.flush()
         return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
-                           wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s)
+                           wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s,
+                           loop_cpu_s=self.loop_cpu_s)
 
 
 def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
@@ -535,10 +550,11 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
                desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
                unit="step", dynamic_ncols=True)
     run.interval = _Interval()
-    loop_started = time.perf_counter()
+    loop_started, loop_cpu = time.perf_counter(), time.process_time()
     while run.done.step < end and not (stop is not None and stop.is_set()):
         run.step_once(bar)
-    run.loop_s = time.perf_counter() - loop_started
+    run.loop_s, run.loop_cpu_s = time.perf_counter() - loop_started, time.process_time() - loop_cpu
+    run.batches.close()
     bar.close()
     step = run.done.step
     if stop is not None and stop.is_set() and step < end:
