@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import LayerLockError
+from core.timemodel import median_interval  # noqa: F401  (timings: a median and its distribution-free interval)
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t interval"

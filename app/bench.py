@@ -141,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=3, help="cold and warm renders each (median reported)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="cold and warm renders each (median and, from 6 on, its 95%% interval reported)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--live", action="store_true",
                         help="also time a RUNNING run of the same size (no artifact: metric histories are read)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -178,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
                 st.cache_data.clear()
                 live.append(render()[1])
 
+    from analysis.stats import median_interval
+
+    intervals = {name: median_interval(values)[1:] for name, values in
+                 (("cold_s", cold), ("warm_same_session_s", warm_same), ("warm_new_session_s", warm_new))}
     result = {
         "blocks": args.blocks, "steps": args.steps, "values": n_values, "setup_s": setup_s,
         "first_render_s": first, "cold_s": statistics.median(cold), "cold_all_s": cold,
         "warm_same_session_s": statistics.median(warm_same), "warm_new_session_s": statistics.median(warm_new),
-        "cold_breakdown": parts, "targets": {"cold_s": COLD_TARGET_S, "warm_s": WARM_TARGET_S},
+        "intervals_95": intervals, "cold_breakdown": parts,
+        "targets": {"cold_s": COLD_TARGET_S, "warm_s": WARM_TARGET_S},
     }
     if live:
         result["live_cold_s"] = statistics.median(live)
@@ -194,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Convergence page, synthetic run: {args.blocks} blocks x {args.steps} steps x 7 metrics "
           f"({n_values:,} values; setup {setup_s:.1f} s)")
     print(f"  first visit in this process (Runs then Convergence, app imports included): {first:.2f} s")
-    print(f"  cold (caches cleared, new session), median of {args.repeats}: {result['cold_s']:6.2f} s   "
-          f"target < {COLD_TARGET_S} s   [{', '.join(f'{c:.2f}' for c in cold)}]")
-    print(f"  warm, same session:                              {result['warm_same_session_s']:6.2f} s   "
-          f"target < {WARM_TARGET_S} s")
-    print(f"  warm, new session:                               {result['warm_new_session_s']:6.2f} s")
+    def ci(name: str) -> str:
+        lo, hi = intervals[name]
+        return "(too few repeats for an interval)" if lo is None else f"95% interval [{lo:.2f}, {hi:.2f}]"
+
+    print(f"  medians of {args.repeats} renders each")
+    print(f"  cold (caches cleared, new session): {result['cold_s']:6.2f} s {ci('cold_s')}   "
+          f"target < {COLD_TARGET_S} s   all: {', '.join(f'{c:.2f}' for c in cold)}")
+    print(f"  warm, same session:                 {result['warm_same_session_s']:6.2f} s "
+          f"{ci('warm_same_session_s')}   target < {WARM_TARGET_S} s")
+    print(f"  warm, new session:                  {result['warm_new_session_s']:6.2f} s {ci('warm_new_session_s')}")
     print("  cold path outside Streamlit: " + ", ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in parts.items()))
     if live:
         print(f"  running run (histories, no artifact), cold:      {result['live_cold_s']:6.2f} s")

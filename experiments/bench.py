@@ -1,8 +1,13 @@
-"""``bench freezing|tracking|data|cli``: side-by-side measurements in one process, printed as ratios.
+"""``bench freezing|tracking|profile|data|cli``: side-by-side measurements in one process, as ratios.
 
-freezing: for k = 0..depth-1 frozen blocks, the median step time on the same batch, rounds
-interleaved across k so drift in machine load hits every k alike; against counted FLOPs.
-tracking: the same short run with probes+tracking off and on, alternated, median per-step time.
+freezing: for k = 0..depth-1 frozen blocks, the step time on the same batch in rounds
+interleaved across k, so drift in machine load hits every k alike; each k's ratio to k=0 is the
+median over rounds with a 95% interval, against counted FLOPs; wall and CPU time.
+tracking: the same short run with probes+tracking off and on, alternated; the on/off ratio of
+the training loop's time per step, median over pairs with a 95% interval; wall and CPU time.
+Both go on (up to a limit) until their intervals are within ``--within`` (1%), and say when
+they are not.
+profile: torch.profiler of the trainer's step at one frozen-prefix length (experiments.stepprofile).
 data: seconds to build a batch of 32 procedural clips, per dataset (median of repeats).
 cli: seconds for ``python -m analysis convergence --json`` on a synthetic run, start-up included.
 Timings are measured here, never asserted in tests: the machine decides them.
@@ -18,8 +23,36 @@ import tempfile
 import time
 
 
+def ratio_stats(num: list[float], den: list[float], within: float) -> dict:
+    """Paired ratios ``num[i] / den[i]`` (one per interleaved round or repeat): their median, its
+    95% distribution-free interval (``core.timemodel.median_interval``) and whether the interval
+    resolves ``within`` (half-width <= within x median)."""
+    from core.timemodel import median_interval, resolves
+
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    med, lo, hi = median_interval(ratios)
+    return {"ratio": round(med, 4), "low": None if lo is None else round(lo, 4),
+            "high": None if hi is None else round(hi, 4), "resolved": resolves(lo, hi, med, within)}
+
+
+def _interval_text(r: dict) -> str:
+    if r["low"] is None:
+        return f"{r['ratio']:.3f} [too few]"
+    return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
 def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, rounds: int,
-                   steps_per_round: int, warmup: int) -> list[dict]:
+                   steps_per_round: int, warmup: int, max_rounds: int | None = None,
+                   within: float = 0.01) -> dict:
+    """Step time at k = 0..depth-1 frozen blocks against counted FLOPs, in interleaved rounds.
+
+    Each round times ``steps_per_round`` steps at every k (order reversed every other round) and
+    keeps their median; a k's time ratio is the median over rounds of (round's k / round's k=0),
+    with a 95% interval. Rounds go on past ``rounds`` until every ratio's interval is within
+    ``within`` of it or ``max_rounds`` is reached. Wall time and the process's CPU time are both
+    timed: on a machine shared with other jobs, CPU time is what a one-thread step costs,
+    wall time also what the other jobs took from it.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -34,6 +67,7 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
 
     cfg = load_config(config, overrides)
     depth = cfg.model.depth
+    max_rounds = max(rounds, max_rounds or rounds)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.geometry)
     optimizer = build_optimizer(model, cfg)
@@ -46,61 +80,107 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times: dict[int, list[float]] = {k: [] for k in range(depth)}
-    with tqdm(total=rounds * depth, desc="bench freezing", unit="k", file=sys.stderr) as bar:
-        for r in range(rounds):
-            order = list(range(depth)) if r % 2 == 0 else list(reversed(range(depth)))
-            for k in order:
+    wall: dict[int, list[float]] = {k: [] for k in range(depth)}   # per round: median step seconds
+    cpu: dict[int, list[float]] = {k: [] for k in range(depth)}
+    everything: dict[int, list[float]] = {k: [] for k in range(depth)}
+
+    def resolved() -> bool:
+        return all(ratio_stats(wall[k], wall[0], within)["resolved"] for k in range(1, depth))
+
+    r = 0
+    with tqdm(total=max_rounds * depth, desc="bench freezing", unit="k", file=sys.stderr) as bar:
+        while r < rounds or (r < max_rounds and not resolved()):
+            for k in list(range(depth)) if r % 2 == 0 else list(reversed(range(depth))):
                 set_frozen_prefix(model, optimizer, k)
                 for _ in range(warmup):
                     step()
+                w, c = [], []
                 for _ in range(steps_per_round):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     step()
-                    times[k].append(time.perf_counter() - t0)
+                    w.append(time.perf_counter() - t0)
+                    c.append(time.process_time() - c0)
+                wall[k].append(statistics.median(w))
+                cpu[k].append(statistics.median(c))
+                everything[k] += w
                 bar.update(1)
+            r += 1
     flops = {k: count_step_flops(cfg, batch_size, k) for k in range(depth)}
-    base_ms, base_flops = statistics.median(times[0]) * 1000, flops[0]
     rows = []
     for k in range(depth):
-        ms = statistics.median(times[k]) * 1000
-        rows.append({"frozen": k, "step_ms": round(ms, 3), "flops": flops[k],
-                     "time_ratio": round(ms / base_ms, 4), "flop_ratio": round(flops[k] / base_flops, 4),
-                     "time_vs_flop": round((ms / base_ms) / (flops[k] / base_flops), 4)})
-    return rows
+        t, c = ratio_stats(wall[k], wall[0], within), ratio_stats(cpu[k], cpu[0], within)
+        f = flops[k] / flops[0]
+        rows.append({"frozen": k, "step_ms": round(statistics.median(everything[k]) * 1000, 3), "flops": flops[k],
+                     "time_ratio": t["ratio"], "time_low": t["low"], "time_high": t["high"],
+                     "cpu_ratio": c["ratio"], "cpu_low": c["low"], "cpu_high": c["high"],
+                     "flop_ratio": round(f, 4), "time_vs_flop": round(t["ratio"] / f, 4),
+                     "cpu_vs_flop": round(c["ratio"] / f, 4), "resolved": t["resolved"]})
+    return {"rows": rows, "rounds": r, "steps_per_round": steps_per_round, "batch_size": batch_size,
+            "within": within, "resolved": all(row["resolved"] for row in rows)}
 
 
-def bench_tracking(config: str, overrides: list[str] | None, repeats: int) -> dict:
+def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps: int | None = None,
+                   max_repeats: int | None = None, within: float = 0.01) -> dict:
+    """The same short run with probes and tracking off and on, alternated, ``repeats`` pairs at
+    least (more, up to ``max_repeats``, until the on/off ratio's 95% interval is within
+    ``within``). Per run: the training loop's wall and CPU time per step (steps, probes, log
+    lines, checkpoints: ``TrainResult.loop_s``, ``loop_cpu_s``); set-up and the end-of-run
+    probe and uploads are outside the loop and reported apart."""
     from core.config import load_config
     from core.train import train
 
-    cfg_on = load_config(config, overrides)
+    cfg_on = load_config(config, [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
     cfg_off = cfg_on.model_copy(deep=True)
     cfg_off.probe.enabled = False
-    steps = cfg_on.train.steps
-    off, on = [], []
+    n_steps = cfg_on.train.steps
+    max_repeats = max(repeats, max_repeats or repeats)
+    runs: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": [], "total": []} for m in ("off", "on")}
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
-        for r in range(repeats):
+        r = 0
+        while r < repeats or (r < max_repeats and not ratio_stats(runs["on"]["wall"], runs["off"]["wall"],
+                                                                  within)["resolved"]):
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                print(f"bench tracking: repeat {r + 1}/{repeats}, tracking {mode}", file=sys.stderr)
-                if mode == "off":
-                    off.append(train(cfg_off, track=False, progress=True).wall_s * 1000 / steps)
-                else:
-                    on.append(train(cfg_on, tracking_uri=uri, progress=True).wall_s * 1000 / steps)
-    off_ms, on_ms = statistics.median(off), statistics.median(on)
-    return {"steps": steps, "probe_every": cfg_on.probe.every, "repeats": repeats,
-            "off_ms": round(off_ms, 3), "on_ms": round(on_ms, 3), "ratio": round(on_ms / off_ms, 4),
-            "off_all_ms": [round(v, 3) for v in off], "on_all_ms": [round(v, 3) for v in on]}
+                print(f"bench tracking: repeat {r + 1}, tracking {mode}", file=sys.stderr)
+                started = time.perf_counter()
+                result = (train(cfg_off, track=False, progress=False) if mode == "off"
+                          else train(cfg_on, tracking_uri=uri, progress=False))
+                runs[mode]["total"].append(time.perf_counter() - started)
+                runs[mode]["wall"].append(result.loop_s / n_steps)
+                runs[mode]["cpu"].append(result.loop_cpu_s / n_steps)
+            r += 1
+    wall = ratio_stats(runs["on"]["wall"], runs["off"]["wall"], within)
+    cpu = ratio_stats(runs["on"]["cpu"], runs["off"]["cpu"], within)
+    ms = {m: {k: [round(v * 1000, 3) for v in vals] for k, vals in d.items() if k != "total"} for m, d in runs.items()}
+    return {"steps": n_steps, "probe_every": cfg_on.probe.every, "checkpoint_every": cfg_on.train.checkpoint_every,
+            "repeats": r, "within": within,
+            "off_ms": round(statistics.median(runs["off"]["wall"]) * 1000, 3),
+            "on_ms": round(statistics.median(runs["on"]["wall"]) * 1000, 3),
+            "ratio": wall["ratio"], "low": wall["low"], "high": wall["high"], "resolved": wall["resolved"],
+            "cpu_ratio": cpu["ratio"], "cpu_low": cpu["low"], "cpu_high": cpu["high"], "cpu_resolved": cpu["resolved"],
+            "outside_loop_s": {m: round(statistics.median(runs[m]["total"]) - statistics.median(runs[m]["wall"])
+                                        * n_steps, 2) for m in ("off", "on")},
+            "off_all_ms": ms["off"]["wall"], "on_all_ms": ms["on"]["wall"],
+            "off_all_cpu_ms": ms["off"]["cpu"], "on_all_cpu_ms": ms["on"]["cpu"]}
+
+
+def _say_resolved(resolved: bool, within: float, what: str, more: str) -> str:
+    if resolved:
+        return f"every interval is within {within:.1%} of its {what}"
+    return (f"CANNOT resolve {within:.1%}: some interval is wider than {within:.1%} of its {what} "
+            f"(machine load varies); more repeats may narrow it ({more})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from core.errors import LayerLockError
 
-    for flag, least in (("batch_size", 1), ("rounds", 1), ("steps_per_round", 1), ("warmup", 0), ("repeats", 1)):
+    for flag, least in (("batch_size", 1), ("rounds", 1), ("steps_per_round", 1), ("warmup", 0), ("repeats", 1),
+                        ("max_rounds", 1), ("max_repeats", 1), ("steps", 1), ("frozen", 0)):
         value = getattr(args, flag)
-        if value < least:
+        if value is not None and value < least:
             raise LayerLockError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    if not 0 < args.within < 1:
+        raise LayerLockError(f"--within must be a fraction in (0, 1), got {args.within}")
     if args.threads is not None and args.threads < 1:
         raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
     if args.what in ("data", "cli"):
@@ -109,9 +189,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    # freezing: one intra-op thread by default; on a small shared machine, OpenMP threads that
-    # spin-wait for a busy core make step times swing by 10x and hide the compute being measured.
-    threads = args.threads if args.threads is not None else (1 if args.what in ("freezing", "profile") else None)
+    # One intra-op thread by default: on a small shared machine, OpenMP threads that spin-wait for
+    # a busy core make step times swing by 10x and hide the compute being measured.
+    threads = args.threads if args.threads is not None else 1
     if threads:
         torch.set_num_threads(threads)
     print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
@@ -122,22 +202,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else format_profile(result))
         return 0
     if args.what == "freezing":
-        rows = bench_freezing(args.config, args.set, args.batch_size, args.rounds, args.steps_per_round, args.warmup)
-        if args.json:
-            print(json.dumps(rows))
-        else:
-            print(f"{'frozen':>6} {'step_ms':>9} {'GFLOP':>8} {'time/k0':>8} {'flops/k0':>9} {'time/flops':>10}")
-            for r in rows:
-                print(f"{r['frozen']:>6} {r['step_ms']:>9.2f} {r['flops'] / 1e9:>8.3f} {r['time_ratio']:>8.3f} "
-                      f"{r['flop_ratio']:>9.3f} {r['time_vs_flop']:>10.3f}")
-    else:
-        result = bench_tracking(args.config, args.set, args.repeats)
+        result = bench_freezing(args.config, args.set, args.batch_size, args.rounds, args.steps_per_round,
+                                args.warmup, args.max_rounds, args.within)
         if args.json:
             print(json.dumps(result))
-        else:
-            print(f"steps {result['steps']}, probe.every {result['probe_every']}, {result['repeats']} repeats each")
-            print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f}")
-            print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
+            return 0
+        print(f"batch {result['batch_size']}, {result['rounds']} interleaved rounds of {result['steps_per_round']} "
+              f"steps per k; ratios: median over rounds [95% interval]")
+        print(f"{'frozen':>6} {'step_ms':>8} {'GFLOP':>7} {'flops/k0':>8}  {'time/k0 [interval]':<24} "
+              f"{'time/flops':>10}  {'cpu/k0 [interval]':<24} {'cpu/flops':>9}")
+        for r in result["rows"]:
+            t = {"ratio": r["time_ratio"], "low": r["time_low"], "high": r["time_high"]}
+            c = {"ratio": r["cpu_ratio"], "low": r["cpu_low"], "high": r["cpu_high"]}
+            print(f"{r['frozen']:>6} {r['step_ms']:>8.2f} {r['flops'] / 1e9:>7.3f} {r['flop_ratio']:>8.3f}  "
+                  f"{_interval_text(t):<24} {r['time_vs_flop']:>10.3f}  "
+                  f"{_interval_text(c):<24} {r['cpu_vs_flop']:>9.3f}")
+        print(_say_resolved(result["resolved"], result["within"], "wall-time ratio", "--max-rounds"))
+    else:
+        result = bench_tracking(args.config, args.set, args.repeats, args.steps, args.max_repeats, args.within)
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"{result['steps']} steps, probe.every {result['probe_every']}, checkpoint_every "
+              f"{result['checkpoint_every']}, {result['repeats']} alternated pairs of runs")
+        print(f"training loop per step (steps, probes, log lines, checkpoints): off {result['off_ms']:.2f} ms, "
+              f"on {result['on_ms']:.2f} ms")
+        wall = {"ratio": result["ratio"], "low": result["low"], "high": result["high"]}
+        cpu = {"ratio": result["cpu_ratio"], "low": result["cpu_low"], "high": result["cpu_high"]}
+        print(f"on / off, median over pairs [95% interval]: wall {_interval_text(wall)}, "
+              f"CPU {_interval_text(cpu)}")
+        print(_say_resolved(result["resolved"], result["within"], "ratio", "--max-repeats"))
+        print(f"outside the loop (set-up; end-of-run probe, uploads): off {result['outside_loop_s']['off']:.2f} s, "
+              f"on {result['outside_loop_s']['on']:.2f} s per run")
+        print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
     return 0
 
 
@@ -187,12 +284,21 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--batch-size", type=int, default=64, help="freezing: clips per step")
-    p.add_argument("--rounds", type=int, default=6, help="freezing: interleaved rounds over all k")
+    p.add_argument("--rounds", type=int, default=8, help="freezing: interleaved rounds over all k (at least)")
+    p.add_argument("--max-rounds", type=int, default=24,
+                   help="freezing: go on up to this many rounds until every ratio is resolved to --within")
     p.add_argument("--steps-per-round", type=int, default=5,
                    help="freezing: timed steps per k per round; profile: profiled steps")
     p.add_argument("--warmup", type=int, default=2, help="freezing, profile: untimed steps after each freeze change")
     p.add_argument("--frozen", type=int, default=None, help="profile: frozen blocks (default: depth-1)")
-    p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated; data, cli: repeats")
+    p.add_argument("--repeats", type=int, default=6,
+                   help="tracking: pairs of runs (off, on), alternated, at least; data, cli: repeats")
+    p.add_argument("--max-repeats", type=int, default=12,
+                   help="tracking: go on up to this many pairs until the ratio is resolved to --within")
+    p.add_argument("--steps", type=int, default=100,
+                   help="tracking: steps per run (the config's probe and checkpoint intervals are kept)")
+    p.add_argument("--within", type=float, default=0.01,
+                   help="freezing, tracking: the resolution wanted, as a fraction (0.01: intervals within 1%%)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: 1 for freezing, torch's default for tracking)")
+                   help="torch intra-op threads (default: 1 for freezing, tracking and profile; torch's own otherwise)")
     p.set_defaults(func=cmd_bench)

@@ -79,22 +79,38 @@ def test_freeze_test_grid_conflicts_exit_2():
 
 
 def test_bench_freezing_json_reports_ratios():
-    proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--steps-per-round", "1",
-                   "--warmup", "0", "--batch-size", "4", *tiny_sets())
+    proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--max-rounds", "1",
+                   "--steps-per-round", "1", "--warmup", "0", "--batch-size", "4", *tiny_sets())
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = out["rows"]
     assert [r["frozen"] for r in rows] == [0, 1, 2, 3]
-    assert rows[0]["time_ratio"] == 1.0 and rows[0]["flop_ratio"] == 1.0
+    assert rows[0]["time_ratio"] == 1.0 and rows[0]["flop_ratio"] == 1.0 and rows[0]["cpu_ratio"] == 1.0
     assert all(r["flops"] > 0 and r["step_ms"] > 0 for r in rows)
     assert rows[-1]["flop_ratio"] < rows[1]["flop_ratio"] < 1.0
+    # one round gives no interval, and the bench says it cannot resolve 1%
+    assert out["rounds"] == 1 and rows[1]["time_low"] is None and out["resolved"] is False
 
 
 def test_bench_tracking_json_reports_ratio():
-    proc = run_cli("-m", "experiments", "bench", "tracking", "--json", "--repeats", "1", *tiny_sets())
+    proc = run_cli("-m", "experiments", "bench", "tracking", "--json", "--repeats", "1", "--max-repeats", "1",
+                   "--steps", "6", *tiny_sets())
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["off_ms"] > 0 and out["on_ms"] > 0
-    assert abs(out["ratio"] - out["on_ms"] / out["off_ms"]) < 1e-3
+    assert out["off_ms"] > 0 and out["on_ms"] > 0 and out["steps"] == 6 and out["repeats"] == 1
+    assert abs(out["ratio"] - out["on_ms"] / out["off_ms"]) < 1e-3   # one pair: its ratio
+    assert out["low"] is None and out["resolved"] is False and out["cpu_ratio"] > 0
+
+
+def test_bench_profile_reports_phases_modules_and_ops():
+    proc = run_cli("-m", "experiments", "bench", "profile", "--json", "--steps-per-round", "2", "--warmup", "1",
+                   "--batch-size", "4", "--frozen", "2", *tiny_sets())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["frozen"] == 2 and out["threads"] == 1
+    assert set(out["phases_ms"]) == {"data+masking", "forward+losses", "backward", "optimizer", "other"}
+    assert {"blocks.0", "blocks.3", "decoder_blocks.0", "pixel_head"} <= set(out["modules_forward_ms"])
+    assert out["top_ops"]["backward"] and all(o["op"].startswith("aten::") for o in out["top_ops"]["forward+losses"])
 
 
 def test_bench_data_times_each_dataset() -> None:
