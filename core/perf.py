@@ -7,13 +7,15 @@ Measured with ``python -m experiments bench profile`` (docs/performance.md):
   in and zero their pages again: thousands of page faults per step on mae_tiny, 10-15% of a
   deeply frozen step on CPU. :func:`keep_freed_memory` keeps freed memory in the process.
 - *Batches*: a step's clips and masks are a pure function of ``(seed, step)``, so the next
-  step's batch can be built in a background thread while this one trains (:class:`Prefetcher`).
+  step's batch can be built in a background thread while this one trains (:class:`Prefetcher`),
+  where a core is free for it (:func:`spare_core`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,16 +53,30 @@ def keep_freed_memory() -> bool:
         return _kept
 
 
+def spare_core(device_type: str, threads: int) -> bool:
+    """Whether building batches in a background thread can overlap with the step: on a GPU the
+    host is mostly idle; on CPU only when torch's intra-op threads leave a core free (a third
+    thread on a fully used CPU only delays the OpenMP threads it preempts)."""
+    if device_type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        cores = os.cpu_count() or 1
+    return threads < cores
+
+
 class Prefetcher(Generic[T]):
-    """``get(step)`` returns ``make(step)`` and starts building ``make(step + 1)`` in a background
-    thread, so steps taken in order find their batch ready. ``make`` must be a pure function of
-    the step (the trainer's batches are: indices and masks come from ``(seed, step)``); asking
-    for another step than the one prefetched, or the same step again, still gives ``make(step)``.
+    """``get(step)`` returns ``make(step)`` and, with ``background``, starts building
+    ``make(step + 1)`` in a background thread, so steps taken in order find their batch ready.
+    ``make`` must be a pure function of the step (the trainer's batches are: indices and masks
+    come from ``(seed, step)``); asking for another step than the one prefetched, or the same
+    step again, still gives ``make(step)``. Without ``background`` it builds on demand.
     """
 
-    def __init__(self, make: Callable[[int], T]) -> None:
+    def __init__(self, make: Callable[[int], T], background: bool = True) -> None:
         self._make = make
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-batches")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-batches") if background else None
         self._ahead: tuple[int, Future[T]] | None = None
         self._last: tuple[int, T] | None = None
 
@@ -70,10 +86,12 @@ class Prefetcher(Generic[T]):
         ahead = self._ahead
         value = ahead[1].result() if ahead is not None and ahead[0] == step else self._make(step)
         self._last = (step, value)
-        self._ahead = (step + 1, self._pool.submit(self._make, step + 1))
+        if self._pool is not None:
+            self._ahead = (step + 1, self._pool.submit(self._make, step + 1))
         return value
 
     def close(self) -> None:
         """Stop the background thread (a batch being built is finished, then dropped)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._ahead = self._last = None

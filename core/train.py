@@ -37,7 +37,7 @@ from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefi
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
-from core.perf import Prefetcher, keep_freed_memory
+from core.perf import Prefetcher, keep_freed_memory, spare_core
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
 from core.timemodel import StepTimer, calibration_stages
 from core.tracking import Tracker
@@ -276,7 +276,8 @@ class _Run:
         self.stage = self.frozen = 0
         self.net: torch.nn.Module = self.model
         self.timer = StepTimer()   # time_model.json
-        self.batches = Prefetcher(self._host_batch)   # the next step's batch, built while this one trains
+        # The next step's batch, built while this one trains where a core is free for it.
+        self.batches = Prefetcher(self._host_batch, spare_core(self.device.type, torch.get_num_threads()))
         self.loop_s = self.loop_cpu_s = 0.0
 
     def restore(self, ckpt: dict | None, init_state: dict | None) -> None:

@@ -1,0 +1,29 @@
+"""core.perf: the batch prefetcher gives exactly the batch of the step asked for, in any order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from core.perf import Prefetcher, keep_freed_memory, spare_core
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_prefetcher_returns_the_batch_of_the_step_asked_for(background: bool) -> None:
+    threads: set[str] = set()
+
+    def make(step: int) -> tuple[int, int]:
+        threads.add(threading.current_thread().name)
+        return step, step * step
+
+    batches = Prefetcher(make, background=background)
+    order = [0, 1, 2, 2, 7, 3, 4, 0]   # in order, repeated (calibration), skipped ahead, back
+    assert [batches.get(s) for s in order] == [make(s) for s in order]
+    batches.close()
+    assert any(name.startswith("layerlock-batches") for name in threads) == background
+
+
+def test_spare_core_and_allocator() -> None:
+    assert spare_core("cuda", 64) and not spare_core("cpu", 10_000)
+    assert keep_freed_memory() in (True, False) and keep_freed_memory() == keep_freed_memory()   # idempotent
