@@ -38,6 +38,9 @@ removed. One probe keeps ``depth * batch_size * positions * dim * 2`` bytes. Def
 
 from __future__ import annotations
 
+import copy
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,9 +134,18 @@ def feature_stats(x: torch.Tensor) -> dict[str, float]:
 
 
 class ProbeRunner:
-    def __init__(self, cfg: ProbeConfig, video: torch.Tensor, n_tokens: int, seed: int = 0) -> None:
-        """``video (C, channels, T, H, W)``: the fixed probe clips (held-out split, unmasked)."""
+    def __init__(self, cfg: ProbeConfig, video: torch.Tensor, n_tokens: int, seed: int = 0,
+                 background: bool = False) -> None:
+        """``video (C, channels, T, H, W)``: the fixed probe clips (held-out split, unmasked).
+
+        ``background``: :meth:`start` probes a copy of the weights in a background thread (where
+        a CPU core is free for it), so training goes on meanwhile; :meth:`probe` always runs now.
+        """
         self.cfg = cfg
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe") if background else None
+        self._shadow: nn.Module | None = None   # the weights a background probe reads
+        self._pending: list[tuple[int, Future[dict[str, float]]]] = []
+        self._ready: list[tuple[int, dict[str, float]]] = []
         self.video = video
         self.positions = probe_positions(n_tokens, cfg.tokens_per_clip, seed)   # (P,), the same for every clip
         self.steps: list[int] = []
@@ -173,6 +185,44 @@ class ProbeRunner:
         self._prepared["prev"] = now
         self._prepared.setdefault("init", now)
         return out
+
+    def start(self, model: nn.Module, step: int) -> None:
+        """Probe ``model`` as it is at ``step``: now, or (``background``) on a copy of its weights
+        in the background thread. Results come back, in step order, from :meth:`results`."""
+        if self._pool is None:
+            self._ready.append((step, self.probe(model, step)))
+            return
+        self._wait_pending()   # the copy is overwritten below: the previous probe must be done with it
+        with torch.no_grad():
+            if self._shadow is None:
+                self._shadow = copy.deepcopy(model).requires_grad_(False)
+                for p in self._shadow.parameters():
+                    p.grad = None
+            else:
+                self._shadow.load_state_dict(model.state_dict())
+        self._pending.append((step, self._pool.submit(self.probe, self._shadow, step)))
+
+    def _wait_pending(self) -> None:
+        for step, future in self._pending:
+            self._ready.append((step, future.result()))
+        self._pending = []
+
+    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """Probes finished since the last call, as ``(step, metrics)``; ``wait``: all started ones
+        (before a checkpoint or the end, whose state must include them)."""
+        if wait:
+            self._wait_pending()
+        else:
+            while self._pending and self._pending[0][1].done():
+                step, future = self._pending.pop(0)
+                self._ready.append((step, future.result()))
+        out, self._ready = self._ready, []
+        return out
+
+    def close(self) -> None:
+        """Stop the background thread (after the probe it may be running)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _prepared_of(self, which: str, index: int) -> list[PreparedFeatures]:
         """The kept CKA-ready form of probe ``index`` (``prev``: the latest, ``init``: the first)."""

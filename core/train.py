@@ -264,7 +264,9 @@ class _Run:
         self.model = build_model(cfg.model, cfg.geometry).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
-        self.probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed)
+        # Where a core is free, probes run on a copy of the weights beside the training steps.
+        spare = self.device.type == "cpu" and spare_core("cpu", torch.get_num_threads())
+        self.probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed, background=spare)
                        if cfg.probe.enabled and rank == 0 else None)
         self.flops = build_flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
@@ -357,6 +359,11 @@ class _Run:
                                                      device=self.device.type, threads=torch.get_num_threads(),
                                                      calibration_steps=t_cfg.time_calibration),
                                   schema.TIME_MODEL_ARTIFACT)
+
+    def record_probes(self, wait: bool = False) -> None:
+        """Record the probes that have finished (``wait``: all started ones)."""
+        for at, metrics in self.probes.results(wait) if self.probes is not None else ():
+            self.record(metrics, at)
 
     def record(self, metrics: dict[str, float], at: int) -> None:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
@@ -462,8 +469,9 @@ class _Run:
         probe_s = 0.0   # probes are overhead in the time model, not step time
         if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
             t_probe = time.perf_counter()
-            self.record(self.probes.probe(self.model, step), step)
+            self.probes.start(self.model, step)
             probe_s = time.perf_counter() - t_probe
+        self.record_probes()
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -489,6 +497,7 @@ class _Run:
         """Save and publish ``checkpoints/step_NNNNNN.pt`` (after flushing the metrics up to it)."""
         if not self.tracker.enabled:
             return
+        self.record_probes(wait=True)   # the checkpoint's probe history and layer rows include them
         done = self.done
         path = self.run_dir / Path(schema.checkpoint_artifact(next_step)).name
         _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
@@ -512,6 +521,9 @@ class _Run:
             with self.autocast:
                 heldout = heldout_pixel_loss(self.model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
             tracker.log_metrics({schema.HELDOUT_KEY: heldout}, step)
+        self.record_probes(wait=True)
+        if self.probes is not None:
+            self.probes.close()
         if ended and self.probes is not None:
             self.record(self.probes.probe(self.model, step), step)
             for s, vals in self.probes.final().items():
@@ -562,6 +574,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         fresh = ckpt is None and init_state is None and step == 0
         if step % t_cfg.checkpoint_every or fresh:   # not just written by the loop
             run.checkpoint(step)
+        run.record_probes(wait=True)
         run.log_time_model()
         tracker.finish("KILLED")
         raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
