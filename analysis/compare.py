@@ -11,7 +11,8 @@ Conventions:
   one logged value is a single noisy minibatch.
 - Run by run (:func:`compare_runs`): ``flop_saving = 1 - total_flops / total_flops_mae`` against
   the FIRST run with method ``mae`` in the list (NaN when there is none); ``wall_saving``
-  likewise with ``wall_s``.
+  likewise with ``wall_s``, ``cpu_saving`` with ``cpu_s`` (CPU time: on a shared machine the
+  one that two runs made at different loads can be compared on).
 - Groups of seeds (:func:`compare_groups`): each name is a ``layerlock.group`` (its finished
   runs) or a single run id (a group of one). Savings are against the BASELINE group (default:
   the first one): ``1 - value / mean(value over the baseline's runs)``, per run; groups are
@@ -42,16 +43,17 @@ from core.schema import HELDOUT_KEY
 FINAL_LAST = 3
 COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
-    "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving", "predicted_flop_saving",
+    "heldout_loss_pixel", "total_flops", "wall_s", "cpu_s", "flop_saving", "wall_saving", "cpu_saving",
+    "predicted_flop_saving",
     "predicted_wall_saving", "predicted_from", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
-_HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S)
+_HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S)
 # Columns a group comparison adds to each run row, and the ones summarised per group
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
 STAT_COLUMNS = ["final_loss", "final_loss_pixel", "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving",
-                "wall_saving", "predicted_wall_saving", "feat_std_min", "eff_rank_mean"]
+                "wall_saving", "cpu_saving", "predicted_wall_saving", "feat_std_min", "eff_rank_mean"]
 # Summarised per group, never differenced against the baseline (a prediction is not a measurement).
 UNPAIRED = ("predicted_wall_saving",)
 
@@ -112,6 +114,7 @@ def summarize_run(
         heldout_loss_pixel=last_value(history, HELDOUT_KEY),
         total_flops=last_value(history, schema.FLOPS),
         wall_s=last_value(history, schema.WALL_S),
+        cpu_s=last_value(history, schema.CPU_S),
     )
     row.update(collapse_indicators(layer_df if layer_df is not None else pd.DataFrame(columns=io.LAYER_COLUMNS)))
     row.update(evals or {})
@@ -119,7 +122,7 @@ def summarize_run(
 
 
 def add_savings(frame: pd.DataFrame, baseline: Any = None, by: str = "group") -> pd.DataFrame:
-    """Add ``flop_saving`` and ``wall_saving``.
+    """Add ``flop_saving``, ``wall_saving`` and ``cpu_saving``.
 
     Without ``baseline``: against the first ``mae`` row (NaN without one). With ``baseline``:
     against the mean over the rows whose ``by`` column equals it (a group of seeds), so each
@@ -131,8 +134,11 @@ def add_savings(frame: pd.DataFrame, baseline: Any = None, by: str = "group") ->
     else:
         mae = out.index[out["method"] == "mae"] if "method" in out.columns else []
         rows = out.loc[mae[:1]]
-    for col, base in (("flop_saving", "total_flops"), ("wall_saving", "wall_s")):
-        ref_values = pd.to_numeric(rows[base], errors="coerce").astype(float) if base in rows else pd.Series([])
+    for col, base in (("flop_saving", "total_flops"), ("wall_saving", "wall_s"), ("cpu_saving", "cpu_s")):
+        if base not in out:   # e.g. runs logged before train/cpu_s existed
+            out[col] = np.nan
+            continue
+        ref_values = pd.to_numeric(rows[base], errors="coerce").astype(float)
         ref_values = ref_values[np.isfinite(ref_values)]
         ref = float(ref_values.mean()) if len(ref_values) else float("nan")
         out[col] = 1.0 - out[base].astype(float) / ref if ref > 0 else np.nan
@@ -214,13 +220,13 @@ def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -
     def pct(v: Any) -> str:
         return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):5.1f}%"
 
-    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} "
-           f"{'measured':>9}   predicted from"]
+    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'CPU: measured':>13}   "
+           f"{'FLOPs: predicted':>16} {'measured':>9}   predicted from"]
     for _, r in rows.iterrows():
         label = (names or {}).get(r["run_id"]) or r.get("name") or str(r["run_id"])[:8]
         diff = r["wall_saving"] - r["predicted_wall_saving"] if pd.notna(r.get("wall_saving")) else np.nan
         out.append(f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
-                   f"{'n/a' if pd.isna(diff) else f'{100 * diff:+.1f} pts':>10}   "
+                   f"{'n/a' if pd.isna(diff) else f'{100 * diff:+.1f} pts':>10}   {pct(r.get('cpu_saving')):>13}   "
                    f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}")
     return out
 

@@ -41,6 +41,7 @@ STEP_MS = "train/step_ms"
 CLIPS_PER_S = "train/clips_per_s"
 FLOPS = "train/flops"  # cumulative
 WALL_S = "train/wall_s"  # cumulative
+CPU_S = "train/cpu_s"  # cumulative CPU time of the process (all threads) over the same steps
 SKIPPED_STEPS = "train/skipped_steps"
 SKIPPED_FILES = "data/skipped_files"
 # Held-out pixel loss logged once at the end of a run: fixed val clips, fixed masks (the freeze
@@ -109,6 +110,8 @@ METRIC_HELP: dict[str, str] = {
                       "val split",
     "train/flops": "cumulative counted FLOPs of the training steps (FlopCounterMode, forward + backward)",
     "train/wall_s": "cumulative wall time of training steps (excludes checkpoint I/O)",
+    "train/cpu_s": "cumulative CPU time of the process (all its threads) over the training steps; unlike wall "
+                   "time, not inflated by other jobs sharing the CPU, so runs made at different loads compare",
     "train/frozen_blocks": "length of the frozen prefix of encoder blocks (0 throughout for latent_scheduled, "
                            "which follows the schedule's target depth only)",
 }

@@ -229,6 +229,7 @@ class _Progress:
 
     step: int = 0  # optimizer updates done
     wall_s: float = 0.0  # cumulative step time, checkpoint I/O excluded
+    cpu_s: float = 0.0  # cumulative CPU time of the process over the same steps
     flops_total: float = 0.0  # cumulative counted FLOPs
     layer_rows: list[tuple[int, int, str, float]] = field(default_factory=list)  # (step, block, metric, value)
     skipped: int = 0  # steps whose gradients were not finite (no update made)
@@ -291,6 +292,7 @@ class _Run:
             self.model.load_state_dict(start["model"])
             done.step, done.wall_s = int(start["step"]), float(start["wall_s"])
             done.flops_total = float(start["flops_total"])
+            done.cpu_s = float(start.get("cpu_s", 0.0))
             torch.set_rng_state(start["rng"])
         if ckpt is not None:
             done.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
@@ -453,7 +455,7 @@ class _Run:
         metrics.update({schema.LR: lr, schema.FROZEN_BLOCKS: self.frozen,
                         schema.STEP_MS: 1000 * elapsed / iv.steps,
                         schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
-                        schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s,
+                        schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s, schema.CPU_S: done.cpu_s,
                         schema.SKIPPED_STEPS: done.skipped})
         metrics.update(extra)
         self.record(metrics, step)
@@ -464,7 +466,7 @@ class _Run:
     def step_once(self, bar: tqdm) -> None:
         """One training step: schedule, probe, learning rate, update, counters, log line, checkpoint."""
         cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
-        step, t0 = done.step, time.perf_counter()
+        step, t0, c0 = done.step, time.perf_counter(), time.process_time()
         self.follow_schedule(step)
         probe_s = 0.0   # probes are overhead in the time model, not step time
         if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
@@ -484,6 +486,7 @@ class _Run:
         self.interval.steps += 1
         step_s = time.perf_counter() - t0
         done.wall_s += step_s
+        done.cpu_s += time.process_time() - c0
         self.timer.add(self.stage, step_s - probe_s, step_s)
         if log_now:
             self.log_interval(step, lr, extra, bar)
@@ -502,7 +505,7 @@ class _Run:
         path = self.run_dir / Path(schema.checkpoint_artifact(next_step)).name
         _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
                       "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
-                      "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
+                      "cpu_s": done.cpu_s, "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
                       "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
                       "probe": self.probes.state_dict() if self.probes else {},
                       "time_model": self.timer.state_dict()}, path)

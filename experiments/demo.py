@@ -135,7 +135,7 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
 
     table = compare_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri)
     return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
-            "demo_id": demo_id, "wall_s": time.perf_counter() - t0}
+            "demo_id": demo_id, "wall_s": time.perf_counter() - t0, "uri": uri}
 
 
 def freeze_only_predictions(result: dict) -> list[str]:
@@ -146,7 +146,26 @@ def freeze_only_predictions(result: dict) -> list[str]:
     ids = result["runs"].get("freeze_only", {})
     table = result["table"]
     rows = table[table["run_id"].isin(list(ids.values()))]
-    return prediction_lines(rows, {rid: f"freeze_only/{seed}" for seed, rid in ids.items()})
+    lines = prediction_lines(rows, {rid: f"freeze_only/{seed}" for seed, rid in ids.items()})
+    for seed, rid in ids.items():
+        drift = load_drift(result["runs"]["mae"][seed], rid, result.get("uri"))
+        if drift is not None and abs(drift - 1) > 0.05:
+            lines.append(f"  seed {seed}: the machine's load changed between the two runs (unfrozen steps took "
+                         f"{drift:.2f}x as long in freeze_only as in mae), so the measured wall saving is mostly "
+                         "that change; CPU time is not inflated by other jobs")
+    return lines
+
+
+def load_drift(mae_run: str, other_run: str, uri: str | None) -> float | None:
+    """How much longer an unfrozen step took in ``other_run`` than in ``mae_run`` (ratio of their
+    k=0 training medians in ``time_model.json``): the same work, so ~1 unless the load changed."""
+    from analysis import io
+
+    medians = []
+    for rid in (mae_run, other_run):
+        entry = ((io.load_time_model(rid, uri) or {}).get("training") or {}).get("0") or {}
+        medians.append(entry.get("median_s"))
+    return medians[1] / medians[0] if all(medians) else None
 
 
 def _eval_cols(table) -> list[str]:
@@ -248,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lines = freeze_only_predictions(result)
     if lines:
         print("\nfreeze only: the schedule's saving predicted from the MAE run (its measured step times, or FLOPs),"
-              " against the saving measured (wall_s and counted FLOPs against MAE):")
+              " against the saving measured (wall_s, cpu_s and counted FLOPs against MAE):")
         print("\n".join(lines))
     if n == 1:
         print("\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "
