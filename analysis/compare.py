@@ -44,8 +44,8 @@ FINAL_LAST = 3
 COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
     "heldout_loss_pixel", "total_flops", "wall_s", "cpu_s", "flop_saving", "wall_saving", "cpu_saving",
-    "predicted_flop_saving",
-    "predicted_wall_saving", "predicted_from", "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
+    "predicted_flop_saving", "predicted_wall_saving", "predicted_cpu_saving", "predicted_from",
+    "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
 _HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S)
@@ -55,7 +55,7 @@ GROUP_COLUMNS = ["group", "seed"]
 STAT_COLUMNS = ["final_loss", "final_loss_pixel", "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving",
                 "wall_saving", "cpu_saving", "predicted_wall_saving", "feat_std_min", "eff_rank_mean"]
 # Summarised per group, never differenced against the baseline (a prediction is not a measurement).
-UNPAIRED = ("predicted_wall_saving",)
+UNPAIRED = ("predicted_wall_saving", "predicted_cpu_saving")
 
 
 def _series(history: pd.DataFrame, metric: str) -> pd.Series:
@@ -182,7 +182,8 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     measured). Otherwise it comes from the run's own models, measured while it trained, and
     ``predicted_from`` says so. Runs without a schedule get NaN.
     """
-    out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan, "predicted_from": None}
+    out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan,
+                           "predicted_cpu_saving": np.nan, "predicted_from": None}
     steps = record.param_int("train.steps")
     schedule = io.load_schedule(record.run_id, uri) if steps else None
     if not schedule:
@@ -198,15 +199,24 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
                 source, origin = source_id, "source"
         except RunNotFoundError:
             pass
-    flop_model = io.load_flop_model(source, uri)
-    wall = predict_wall_saving(schedule, steps, flop_model, io.load_time_model(source, uri))
+    flop_model, time_model = io.load_flop_model(source, uri), io.load_time_model(source, uri)
+    wall = predict_wall_saving(schedule, steps, flop_model, time_model)
+    cpu = predict_wall_saving(schedule, steps, flop_model, time_model, clock="cpu")
     try:
         flop = predicted_saving(schedule, flop_model, steps) if flop_model else np.nan
     except LayerLockError:
         flop = np.nan
     out.update(predicted_flop_saving=flop, predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
+               predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
                predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
     return out
+
+
+def _pts(measured: Any, predicted: Any) -> str:
+    """``measured - predicted`` in percentage points, as text."""
+    if measured is None or predicted is None or pd.isna(measured) or pd.isna(predicted):
+        return "n/a"
+    return f"{100 * (float(measured) - float(predicted)):+.1f} pts"
 
 
 def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
@@ -220,13 +230,15 @@ def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -
     def pct(v: Any) -> str:
         return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):5.1f}%"
 
-    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'CPU: measured':>13}   "
-           f"{'FLOPs: predicted':>16} {'measured':>9}   predicted from"]
+    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'CPU: predicted':>14} "
+           f"{'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} {'measured':>9}   predicted from"]
     for _, r in rows.iterrows():
         label = (names or {}).get(r["run_id"]) or r.get("name") or str(r["run_id"])[:8]
-        diff = r["wall_saving"] - r["predicted_wall_saving"] if pd.notna(r.get("wall_saving")) else np.nan
+        diff = _pts(r.get("wall_saving"), r["predicted_wall_saving"])
+        cpu_diff = _pts(r.get("cpu_saving"), r.get("predicted_cpu_saving"))
         out.append(f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
-                   f"{'n/a' if pd.isna(diff) else f'{100 * diff:+.1f} pts':>10}   {pct(r.get('cpu_saving')):>13}   "
+                   f"{diff:>10}   {pct(r.get('predicted_cpu_saving')):>14} {pct(r.get('cpu_saving')):>9} "
+                   f"{cpu_diff:>10}   "
                    f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}")
     return out
 

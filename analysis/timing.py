@@ -30,8 +30,9 @@ class WallPrediction:
 
 
 def predict_wall_saving(schedule: dict[str, Any], total_steps: int, flop_model: dict[str, Any] | None,
-                        time_model: dict[str, Any] | None) -> WallPrediction:
-    """The schedule's wall saving over ``total_steps`` against training with nothing frozen.
+                        time_model: dict[str, Any] | None, clock: str = "wall") -> WallPrediction:
+    """The schedule's wall saving over ``total_steps`` against training with nothing frozen
+    (``clock="cpu"``: its CPU-time saving, from the time model's CPU record).
 
     A time model that cannot be read (or lacks k=0) is not an error for the user: the
     prediction falls back to FLOPs and the note says why.
@@ -39,7 +40,7 @@ def predict_wall_saving(schedule: dict[str, Any], total_steps: int, flop_model: 
     why = "the run has no time_model.json"
     if time_model is not None:
         try:
-            table = time_table(time_model, flop_model)
+            table = time_table(time_model, flop_model, clock)
             saving = predicted_time_saving(stage_segments(schedule, total_steps), total_steps, table)
             return WallPrediction(saving, BASIS_TIME_MODEL, table.describe())
         except LayerLockError as err:

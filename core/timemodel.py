@@ -7,7 +7,8 @@ each run measures its own step time per stage ``k`` (the schedule's ``frozen`` c
 
 - *training*: the wall time of every training step, probe time excluded, filed under the stage
   it ran at; what probes (and anything else that is not a plain step) add on top is kept as
-  one overhead per step, the same at every k;
+  one overhead per step, the same at every k. The same again on the process's CPU clock
+  (``cpu``): a machine shared with other jobs inflates wall times, not CPU times;
 - *calibration*: before the first step, a few timed steps at each stage the run will pass
   through (its schedule's stages and k=0, or k=0 and the deepest k when it has no schedule),
   interleaved so that a change in machine load hits every k alike, on a copy of the model (the
@@ -81,53 +82,95 @@ def resolves(low: float | None, high: float | None, centre: float, within: float
 # ----------------------------------------------------------------------------- recording
 
 @dataclass
-class StepTimer:
-    """Step times of one run, per stage k, as the trainer measures them.
-
-    ``add`` files one training step: ``step_s`` its time without probes, ``wall_s`` its whole
-    time (what ``train/wall_s`` adds up). ``add_calibration`` files one calibration step.
-    """
+class _Clock:
+    """One clock's record: per stage, sampled step times (training, calibration), the sum of the
+    whole training steps (probes included) and their count."""
 
     training: dict[int, list[float]] = field(default_factory=dict)
     calibration: dict[int, list[float]] = field(default_factory=dict)
-    wall_sum: dict[int, float] = field(default_factory=dict)   # sum of whole step times per k
+    whole_sum: dict[int, float] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)   # training steps per k (never thinned)
 
-    def add(self, k: int, step_s: float, wall_s: float) -> None:
+    def add(self, k: int, step_s: float, whole_s: float) -> None:
         _append(self.training.setdefault(k, []), step_s)
-        self.wall_sum[k] = self.wall_sum.get(k, 0.0) + wall_s
+        self.whole_sum[k] = self.whole_sum.get(k, 0.0) + whole_s
         self.steps[k] = self.steps.get(k, 0) + 1
 
-    def add_calibration(self, k: int, step_s: float) -> None:
-        _append(self.calibration.setdefault(k, []), step_s)
-
     def state_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (what a ``weights_only`` checkpoint may hold)."""
         return {"training": {int(k): list(v) for k, v in self.training.items()},
                 "calibration": {int(k): list(v) for k, v in self.calibration.items()},
-                "wall_sum": dict(self.wall_sum), "steps": dict(self.steps)}
+                "whole_sum": dict(self.whole_sum), "steps": dict(self.steps)}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.training = {int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()}
-        self.calibration = {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()}
-        self.wall_sum = {int(k): float(v) for k, v in state.get("wall_sum", {}).items()}
-        self.steps = {int(k): int(v) for k, v in state.get("steps", {}).items()}
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> _Clock:
+        return cls({int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()},
+                   {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()},
+                   {int(k): float(v) for k, v in state.get("whole_sum", {}).items()},
+                   {int(k): int(v) for k, v in state.get("steps", {}).items()})
 
-    def to_dict(self, flops_per_step: Mapping[Any, float], **meta: Any) -> dict[str, Any]:
-        """The ``time_model.json`` content: per-stage summaries, overhead, the FLOPs it is read against."""
+    def to_dict(self) -> dict[str, Any]:
         training = {k: _summary(v) for k, v in sorted(self.training.items()) if v}
-        extra = sum(self.wall_sum[k] - self.steps[k] * training[k]["median_s"] for k in training if k in self.wall_sum)
+        extra = sum(self.whole_sum[k] - self.steps[k] * training[k]["median_s"] for k in training
+                    if k in self.whole_sum)
         n_steps = sum(self.steps.get(k, 0) for k in training)
         return {
-            "kind": KIND,
-            **meta,
             "training": {str(k): {**s, "steps": self.steps.get(k, s["n"])} for k, s in training.items()},
             "calibration": {str(k): _summary(v) for k, v in sorted(self.calibration.items()) if v},
             # What every step adds on average beyond its stage's median (probes, log steps, stage
             # changes, slow outliers): the same at every k.
             "overhead_s_per_step": extra / n_steps if n_steps else 0.0,
-            "flops_per_step": {str(int(k)): float(v) for k, v in flops_per_step.items()},
         }
+
+
+@dataclass
+class StepTimer:
+    """Step times of one run, per stage k, as the trainer measures them, on two clocks: wall
+    time (what a user waits for) and the process's CPU time (all threads; what other jobs on a
+    shared machine do not inflate, so it compares runs made at different loads).
+
+    ``add`` files one training step: ``step_s`` its time without probes, ``whole_s`` its whole
+    time (what ``train/wall_s`` adds up), and the same on the CPU clock when given.
+    ``add_calibration`` files one calibration step.
+    """
+
+    wall: _Clock = field(default_factory=_Clock)
+    cpu: _Clock = field(default_factory=_Clock)
+
+    @property
+    def training(self) -> dict[int, list[float]]:
+        return self.wall.training
+
+    @property
+    def calibration(self) -> dict[int, list[float]]:
+        return self.wall.calibration
+
+    def add(self, k: int, step_s: float, whole_s: float, cpu_step_s: float | None = None,
+            cpu_whole_s: float | None = None) -> None:
+        self.wall.add(k, step_s, whole_s)
+        if cpu_step_s is not None:
+            self.cpu.add(k, cpu_step_s, cpu_step_s if cpu_whole_s is None else cpu_whole_s)
+
+    def add_calibration(self, k: int, step_s: float, cpu_s: float | None = None) -> None:
+        _append(self.wall.calibration.setdefault(k, []), step_s)
+        if cpu_s is not None:
+            _append(self.cpu.calibration.setdefault(k, []), cpu_s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (what a ``weights_only`` checkpoint may hold)."""
+        return {"wall": self.wall.state_dict(), "cpu": self.cpu.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.wall = _Clock.from_state(state.get("wall", {}))
+        self.cpu = _Clock.from_state(state.get("cpu", {}))
+
+    def to_dict(self, flops_per_step: Mapping[Any, float], **meta: Any) -> dict[str, Any]:
+        """The ``time_model.json`` content: per-stage summaries and overhead on the wall clock
+        (top level) and the CPU clock (``cpu``), and the FLOPs they are read against."""
+        out = {"kind": KIND, **meta, **self.wall.to_dict()}
+        if self.cpu.training or self.cpu.calibration:
+            out["cpu"] = self.cpu.to_dict()
+        out["flops_per_step"] = {str(int(k)): float(v) for k, v in flops_per_step.items()}
+        return out
 
 
 def _append(samples: list[float], value: float) -> None:
@@ -200,16 +243,21 @@ def _medians(time_model: Mapping[str, Any], part: str) -> dict[int, float]:
     return out
 
 
-def time_table(time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None = None) -> TimeTable:
+def time_table(time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None = None,
+               clock: str = "wall") -> TimeTable:
     """Relative step time for every stage (see the module docstring for the rules).
 
     ``flop_model`` (``flop_model.json``) supplies FLOPs per stage for the fit; the time model's
-    own ``flops_per_step`` otherwise. Raises LayerLockError for a time model that cannot be read
-    or that measured k=0 nowhere.
+    own ``flops_per_step`` otherwise. ``clock``: ``wall`` or ``cpu`` (the CPU-time record).
+    Raises LayerLockError for a time model that cannot be read or that measured k=0 nowhere.
     """
     if not isinstance(time_model, Mapping):
         raise LayerLockError("time model: expected a JSON object")
     flops = _flops(time_model, flop_model)
+    if clock == "cpu":
+        if not isinstance(time_model.get("cpu"), Mapping):
+            raise LayerLockError("time model: no CPU-time record")
+        time_model = time_model["cpu"]
     f_rel = [f / flops[0] for f in flops]
     train, calib = _medians(time_model, "training"), _medians(time_model, "calibration")
     measured: dict[int, tuple[float, str]] = {}

@@ -342,12 +342,12 @@ class _Run:
                     for k in ks if r % 2 == 0 else ks[::-1]:
                         self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
                         set_frozen_prefix(self.model, self.optimizer, self.frozen)
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         self.update(done.step, log_now=False)
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
                         if r:
-                            self.timer.add_calibration(k, time.perf_counter() - t0)
+                            self.timer.add_calibration(k, time.perf_counter() - t0, time.process_time() - c0)
         finally:
             (self.model, self.optimizer, self.net, self.stage, self.frozen), self.done = real, done
         self.log_time_model()
@@ -468,11 +468,11 @@ class _Run:
         cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
         step, t0, c0 = done.step, time.perf_counter(), time.process_time()
         self.follow_schedule(step)
-        probe_s = 0.0   # probes are overhead in the time model, not step time
+        probe_s = probe_cpu = 0.0   # probes are overhead in the time model, not step time
         if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
-            t_probe = time.perf_counter()
+            t_probe, c_probe = time.perf_counter(), time.process_time()
             self.probes.start(self.model, step)
-            probe_s = time.perf_counter() - t_probe
+            probe_s, probe_cpu = time.perf_counter() - t_probe, time.process_time() - c_probe
         self.record_probes()
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
@@ -484,10 +484,10 @@ class _Run:
         done.loss = self.interval.losses["loss"][-1]
         done.flops_total += self.flops_per_k[self.stage]
         self.interval.steps += 1
-        step_s = time.perf_counter() - t0
+        step_s, step_cpu = time.perf_counter() - t0, time.process_time() - c0
         done.wall_s += step_s
-        done.cpu_s += time.process_time() - c0
-        self.timer.add(self.stage, step_s - probe_s, step_s)
+        done.cpu_s += step_cpu
+        self.timer.add(self.stage, step_s - probe_s, step_s, step_cpu - probe_cpu, step_cpu)
         if log_now:
             self.log_interval(step, lr, extra, bar)
         done.step += 1

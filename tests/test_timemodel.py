@@ -164,3 +164,19 @@ def test_bad_time_models_raise_one_clear_error() -> None:
     table = time_table(timer_with(training={0: [1.0] * 3}).to_dict({0: 2.0, 1: 1.0}))
     with pytest.raises(LayerLockError, match="no entry for stage 4"):
         predicted_time_saving([(0, 10, 4)], 10, table)
+
+
+def test_cpu_clock_predicts_from_its_own_record() -> None:
+    """On a busy machine wall times of k=0 and k=4 can be taken at different loads; the CPU record
+    is read on its own, with its own k=0."""
+    timer = StepTimer()
+    for wall, cpu in ((2.0, 1.0), (2.2, 1.0), (1.8, 1.0)):
+        timer.add(0, wall, wall, cpu, cpu)
+    for _ in range(3):
+        timer.add(4, 0.5, 0.5, 0.6, 0.6)   # a quieter moment: wall ratio 0.25, CPU ratio 0.6
+    tm = timer.to_dict(FLOPS)
+    sched = segments([(0, 4)], 10)
+    assert predicted_time_saving(sched, 10, time_table(tm)) == pytest.approx(0.75)
+    assert predicted_time_saving(sched, 10, time_table(tm, clock="cpu")) == pytest.approx(0.4)
+    with pytest.raises(LayerLockError, match="no CPU-time record"):
+        time_table(timer_with(training={0: [1.0] * 3}).to_dict(FLOPS), clock="cpu")
