@@ -122,7 +122,7 @@ class TrainConfig(_Strict):
     heldout_clips: int = Field(256, ge=0, description="val clips of the held-out pixel loss logged at the end "
                                                       "(val/loss_pixel; fixed clips and masks); 0 disables")
     # Measuring is not training: the steps run on a copy of the model and change nothing it learns.
-    time_calibration: int = Field(3, ge=0, le=100, description="timed steps per schedule stage before the "
+    time_calibration: int = Field(5, ge=0, le=100, description="timed steps per schedule stage before the "
                                                                "first step, for time_model.json; 0 disables")
 
 

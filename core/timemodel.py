@@ -36,7 +36,7 @@ from typing import Any
 
 from core.errors import LayerLockError
 
-# Below this many samples a stage's median is not used for a ratio (calibration gives 3 by default).
+# Below this many samples a stage's median is not used for a ratio (calibration gives 5 by default).
 MIN_SAMPLES = 2
 # Samples kept per stage (and source): beyond it every other sample is dropped, so a very long
 # run keeps an even thinning of its whole history in its checkpoints.
