@@ -45,6 +45,7 @@ COMPARE_COLUMNS = [
     "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
     "heldout_loss_pixel", "total_flops", "wall_s", "cpu_s", "flop_saving", "wall_saving", "cpu_saving",
     "predicted_flop_saving", "predicted_wall_saving", "predicted_cpu_saving", "predicted_from",
+    "wall_saving_within_run",
     "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
 ]
 # Run-level keys compare_runs reads (the history of all train/* keys is not needed).
@@ -181,9 +182,14 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     and step times are this run's; a LayerLock run's latent target costs what an MAE run never
     measured). Otherwise it comes from the run's own models, measured while it trained, and
     ``predicted_from`` says so. Runs without a schedule get NaN.
+
+    Also ``wall_saving_within_run``: what the run's frozen steps saved against its own unfrozen
+    ones (its wall time against its own k=0 median plus overhead per step, from its own
+    ``time_model.json``): a measurement of the run alone, so a change in machine load between
+    it and the baseline run does not enter it (one within the run still does).
     """
     out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan,
-                           "predicted_cpu_saving": np.nan, "predicted_from": None}
+                           "predicted_cpu_saving": np.nan, "predicted_from": None, "wall_saving_within_run": np.nan}
     steps = record.param_int("train.steps")
     schedule = io.load_schedule(record.run_id, uri) if steps else None
     if not schedule:
@@ -209,6 +215,10 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     out.update(predicted_flop_saving=flop, predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
                predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
                predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
+    own = time_model if source == record.run_id else io.load_time_model(record.run_id, uri)
+    within = predict_wall_saving(schedule, steps, None, own) if own else None
+    if within is not None and within.basis == "time_model":
+        out["wall_saving_within_run"] = within.saving
     return out
 
 
@@ -230,14 +240,17 @@ def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -
     def pct(v: Any) -> str:
         return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):5.1f}%"
 
-    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10}   {'CPU: predicted':>14} "
-           f"{'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} {'measured':>9}   predicted from"]
+    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10} {'within run':>10} {'diff':>10}   "
+           f"{'CPU: predicted':>14} {'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} {'measured':>9}   "
+           "predicted from"]
     for _, r in rows.iterrows():
         label = (names or {}).get(r["run_id"]) or r.get("name") or str(r["run_id"])[:8]
         diff = _pts(r.get("wall_saving"), r["predicted_wall_saving"])
         cpu_diff = _pts(r.get("cpu_saving"), r.get("predicted_cpu_saving"))
+        within = r.get("wall_saving_within_run")
         out.append(f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
-                   f"{diff:>10}   {pct(r.get('predicted_cpu_saving')):>14} {pct(r.get('cpu_saving')):>9} "
+                   f"{diff:>10} {pct(within):>10} {_pts(within, r['predicted_wall_saving']):>10}   "
+                   f"{pct(r.get('predicted_cpu_saving')):>14} {pct(r.get('cpu_saving')):>9} "
                    f"{cpu_diff:>10}   "
                    f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}")
     return out

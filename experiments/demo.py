@@ -151,8 +151,8 @@ def freeze_only_predictions(result: dict) -> list[str]:
         drift = load_drift(result["runs"]["mae"][seed], rid, result.get("uri"))
         if drift is not None and abs(drift - 1) > 0.05:
             lines.append(f"  seed {seed}: the machine's load changed between the two runs (unfrozen steps took "
-                         f"{drift:.2f}x as long in freeze_only as in mae), so the measured wall saving is mostly "
-                         "that change; CPU time is not inflated by other jobs")
+                         f"{drift:.2f}x as long in freeze_only as in mae): the wall saving measured against mae "
+                         "carries that change, the one measured within the run does not")
     return lines
 
 
@@ -267,7 +267,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lines = freeze_only_predictions(result)
     if lines:
         print("\nfreeze only: the schedule's saving predicted from the MAE run (its measured step times, or FLOPs),"
-              " against the saving measured (wall_s, cpu_s and counted FLOPs against MAE):")
+              " against the saving measured: wall_s against MAE; within the run (its frozen steps against its own"
+              " unfrozen ones); cpu_s and counted FLOPs against MAE:")
         print("\n".join(lines))
     if n == 1:
         print("\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "

@@ -35,8 +35,10 @@ def test_scheduled_runs_show_predicted_against_measured(tmp_path, capsys) -> Non
     freeze_only = create_run_from_frames(
         "layerlock", history=history(0.85), run_name="freeze_only", json_artifacts=scheduled,
         tags={io.TAG_METHOD: "mae", io.TAG_SCHEDULE_SOURCE: mae}, **common)
+    own_times = synthetic_time_model(MODEL, step_s=1.0, unshrinkable=0.25, measured=(0, 1, 3))
     layerlock = create_run_from_frames(   # another method: its own models, measured while it trained
-        "layerlock", history=history(1.1), run_name="layerlock", json_artifacts=scheduled,
+        "layerlock", history=history(1.1), run_name="layerlock",
+        json_artifacts={**scheduled, io.TIME_MODEL_ARTIFACT: own_times},
         tags={io.TAG_METHOD: "layerlock", io.TAG_SCHEDULE_SOURCE: mae}, **common)
 
     frame = compare_runs([mae, freeze_only, layerlock], uri).set_index("run_id")
@@ -45,9 +47,13 @@ def test_scheduled_runs_show_predicted_against_measured(tmp_path, capsys) -> Non
     assert frame.loc[freeze_only, "predicted_flop_saving"] == pytest.approx(FLOP_SAVING)
     assert frame.loc[freeze_only, "predicted_from"] == f"source {mae[:8]}: time_model"
     assert frame.loc[freeze_only, "wall_saving"] == pytest.approx(0.15)
-    assert frame.loc[layerlock, "predicted_from"] == f"own {layerlock[:8]}: flops"   # it has no time model
+    assert frame.loc[layerlock, "predicted_from"] == f"own {layerlock[:8]}: time_model"
+    # its own time model: the saving its frozen steps made against its own unfrozen ones
+    assert frame.loc[layerlock, "wall_saving_within_run"] == pytest.approx(0.75 * FLOP_SAVING)
     lines = prediction_lines(frame.reset_index())
     assert len(lines) == 3 and "freeze_only" in lines[1] and "+1.7 pts" in lines[1]   # 15.0% against 13.3%
+    assert "20.0%" in lines[2]   # layerlock's within-run saving
+    assert pd.isna(frame.loc[freeze_only, "wall_saving_within_run"])   # it has no time model of its own
 
     assert main(["compare", mae, freeze_only, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
