@@ -183,10 +183,10 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     measured). Otherwise it comes from the run's own models, measured while it trained, and
     ``predicted_from`` says so. Runs without a schedule get NaN.
 
-    Also ``wall_saving_within_run``: what the run's frozen steps saved against its own unfrozen
-    ones (its wall time against its own k=0 median plus overhead per step, from its own
-    ``time_model.json``): a measurement of the run alone, so a change in machine load between
-    it and the baseline run does not enter it (one within the run still does).
+    Also ``wall_saving_within_run`` (``core.timemodel.within_run_saving``): the run's wall time
+    against the same steps at its own unfrozen pace (its k=0 median plus probes per step, from
+    its own ``time_model.json``): a measurement of the run alone, so a change in machine load
+    between it and the baseline run does not enter it (one within the run still does).
     """
     out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan,
                            "predicted_cpu_saving": np.nan, "predicted_from": None, "wall_saving_within_run": np.nan}
@@ -196,6 +196,7 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
         return out
     from analysis.flops import predicted_saving
     from analysis.timing import predict_wall_saving
+    from core.timemodel import within_run_saving
 
     source, origin = record.run_id, "own"
     source_id = record.tags.get(schema.TAG_SCHEDULE_SOURCE)
@@ -216,9 +217,8 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
                predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
                predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
     own = time_model if source == record.run_id else io.load_time_model(record.run_id, uri)
-    within = predict_wall_saving(schedule, steps, None, own) if own else None
-    if within is not None and within.basis == "time_model":
-        out["wall_saving_within_run"] = within.saving
+    within = within_run_saving(own) if isinstance(own, dict) else None
+    out["wall_saving_within_run"] = np.nan if within is None else within
     return out
 
 

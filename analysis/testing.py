@@ -140,15 +140,18 @@ def synthetic_time_model(
     unshrinkable: float = 0.25,
     measured: tuple[int, ...] | None = None,
     overhead_s: float = 0.0,
+    trained: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """A ``time_model.json`` in the trainer's format whose steps follow the affine FLOP model:
     ``t(k) = step_s * (unshrinkable + (1 - unshrinkable) * flops(k) / flops(0))``.
 
-    ``measured``: the stages timed (default: 0 and the deepest, as an MAE run's calibration),
-    five calibration steps each and k=0 in training too; ``overhead_s``: per-step overhead.
+    ``measured``: the stages calibrated (default: 0 and the deepest, as an MAE run's), five
+    steps each; ``trained``: training steps per stage (default 100 at k=0, an MAE run);
+    ``overhead_s``: probe time per step.
     """
     per = {int(k): float(v) for k, v in flop_model["per_step"].items()}
     ks = measured if measured is not None else (0, max(per))
+    trained = trained or {0: 100}
 
     def t(k: int) -> float:
         return step_s * (unshrinkable + (1 - unshrinkable) * per[k] / per[0])
@@ -157,9 +160,12 @@ def synthetic_time_model(
         return {"median_s": t(k), "low_s": t(k), "high_s": t(k), "n": n}
 
     return {"kind": "measured step time per schedule stage", "n_blocks": len(per),
-            "training": {"0": {**summary(0, 100), "steps": 100}},
+            "training": {str(k): {**summary(k, n), "steps": n} for k, n in trained.items()},
             "calibration": {str(k): summary(k, 5) for k in ks},
-            "overhead_s_per_step": overhead_s, "flops_per_step": {str(k): v for k, v in per.items()}}
+            "overhead_s_per_step": overhead_s,
+            "total_s": sum(n * (t(k) + overhead_s) for k, n in trained.items()),
+            "total_steps": sum(trained.values()),
+            "flops_per_step": {str(k): v for k, v in per.items()}}
 
 
 def synthetic_history(

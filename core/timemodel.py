@@ -6,9 +6,8 @@ each run measures its own step time per stage ``k`` (the schedule's ``frozen`` c
 ``flop_model.json``), cheaply:
 
 - *training*: the wall time of every training step, probe time excluded, filed under the stage
-  it ran at; what probes (and anything else that is not a plain step) add on top is kept as
-  one overhead per step, the same at every k. The same again on the process's CPU clock
-  (``cpu``): a machine shared with other jobs inflates wall times, not CPU times;
+  it ran at; the probes' time is kept as one overhead per step, the same at every k. The same
+  again on the process's CPU clock (``cpu``), which other jobs on a shared machine inflate less;
 - *calibration*: before the first step, a few timed steps at each stage the run will pass
   through (its schedule's stages and k=0, or k=0 and the deepest k when it has no schedule),
   interleaved so that a change in machine load hits every k alike, on a copy of the model (the
@@ -83,42 +82,47 @@ def resolves(low: float | None, high: float | None, centre: float, within: float
 
 @dataclass
 class _Clock:
-    """One clock's record: per stage, sampled step times (training, calibration), the sum of the
-    whole training steps (probes included) and their count."""
+    """One clock's record: per stage, sampled step times without probes (training, calibration),
+    and the sums of the training steps with and without probes, and their count."""
 
     training: dict[int, list[float]] = field(default_factory=dict)
     calibration: dict[int, list[float]] = field(default_factory=dict)
-    whole_sum: dict[int, float] = field(default_factory=dict)
+    whole_sum: dict[int, float] = field(default_factory=dict)   # with probes (what train/wall_s adds up)
+    step_sum: dict[int, float] = field(default_factory=dict)    # without
     steps: dict[int, int] = field(default_factory=dict)   # training steps per k (never thinned)
 
     def add(self, k: int, step_s: float, whole_s: float) -> None:
         _append(self.training.setdefault(k, []), step_s)
         self.whole_sum[k] = self.whole_sum.get(k, 0.0) + whole_s
+        self.step_sum[k] = self.step_sum.get(k, 0.0) + step_s
         self.steps[k] = self.steps.get(k, 0) + 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"training": {int(k): list(v) for k, v in self.training.items()},
                 "calibration": {int(k): list(v) for k, v in self.calibration.items()},
-                "whole_sum": dict(self.whole_sum), "steps": dict(self.steps)}
+                "whole_sum": dict(self.whole_sum), "step_sum": dict(self.step_sum), "steps": dict(self.steps)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> _Clock:
+        def numbers(key: str, kind: type) -> dict:
+            return {int(k): kind(v) for k, v in state.get(key, {}).items()}
+
         return cls({int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()},
                    {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()},
-                   {int(k): float(v) for k, v in state.get("whole_sum", {}).items()},
-                   {int(k): int(v) for k, v in state.get("steps", {}).items()})
+                   numbers("whole_sum", float), numbers("step_sum", float), numbers("steps", int))
 
     def to_dict(self) -> dict[str, Any]:
-        training = {k: _summary(v) for k, v in sorted(self.training.items()) if v}
-        extra = sum(self.whole_sum[k] - self.steps[k] * training[k]["median_s"] for k in training
-                    if k in self.whole_sum)
-        n_steps = sum(self.steps.get(k, 0) for k in training)
+        n_steps = sum(self.steps.values())
+        probes = sum(self.whole_sum.values()) - sum(self.step_sum.values())
         return {
-            "training": {str(k): {**s, "steps": self.steps.get(k, s["n"])} for k, s in training.items()},
+            "training": {str(k): {**_summary(v), "steps": self.steps.get(k, len(v))}
+                         for k, v in sorted(self.training.items()) if v},
             "calibration": {str(k): _summary(v) for k, v in sorted(self.calibration.items()) if v},
-            # What every step adds on average beyond its stage's median (probes, log steps, stage
-            # changes, slow outliers): the same at every k.
-            "overhead_s_per_step": extra / n_steps if n_steps else 0.0,
+            # Probe time per training step: the same at every k. Measured, not the gap between
+            # mean and median step, which on a shared machine is mostly other jobs' load.
+            "overhead_s_per_step": probes / n_steps if n_steps else 0.0,
+            "total_s": sum(self.whole_sum.values()),   # the training steps, probes included
+            "total_steps": n_steps,
         }
 
 
@@ -294,6 +298,21 @@ def _fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x, _ in points)
     b = sum((x - mx) * (y - my) for x, y in points) / sxx
     return my - b * mx, b
+
+
+def within_run_saving(time_model: Mapping[str, Any], clock: str = "wall") -> float | None:
+    """What a run's frozen stages saved, measured within the run: ``1 - total / (steps * (t(0) +
+    overhead))``, its time (probes included) against the same steps at its own unfrozen pace.
+    None without training steps at k=0. A change in machine load between this run and another
+    does not enter it (one within the run does)."""
+    record = time_model.get("cpu") if clock == "cpu" else time_model
+    if not isinstance(record, Mapping):
+        return None
+    t0 = _medians(record, "training").get(0)
+    total, steps = record.get("total_s"), record.get("total_steps")
+    if not t0 or not total or not steps:
+        return None
+    return 1.0 - float(total) / (int(steps) * (t0 + float(record.get("overhead_s_per_step") or 0.0)))
 
 
 def predicted_time_saving(segments: Iterable[tuple[int, int, int]], total_steps: int, table: TimeTable) -> float:

@@ -35,7 +35,8 @@ def test_scheduled_runs_show_predicted_against_measured(tmp_path, capsys) -> Non
     freeze_only = create_run_from_frames(
         "layerlock", history=history(0.85), run_name="freeze_only", json_artifacts=scheduled,
         tags={io.TAG_METHOD: "mae", io.TAG_SCHEDULE_SOURCE: mae}, **common)
-    own_times = synthetic_time_model(MODEL, step_s=1.0, unshrinkable=0.25, measured=(0, 1, 3))
+    own_times = synthetic_time_model(MODEL, step_s=1.0, unshrinkable=0.25, measured=(0, 1, 3),
+                                     trained={0: 2, 1: 4, 3: 4})   # SCHEDULE's stages
     layerlock = create_run_from_frames(   # another method: its own models, measured while it trained
         "layerlock", history=history(1.1), run_name="layerlock",
         json_artifacts={**scheduled, io.TIME_MODEL_ARTIFACT: own_times},

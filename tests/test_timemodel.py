@@ -15,6 +15,7 @@ from core.timemodel import (
     predicted_time_saving,
     resolves,
     time_table,
+    within_run_saving,
 )
 
 FLOPS = {k: 10.0 - k for k in range(8)}   # stage k costs 10 - k FLOP units; k=0: 10
@@ -78,8 +79,9 @@ def test_timer_summaries_and_overhead() -> None:
     tm = timer.to_dict(FLOPS, batch_size=4)
     assert tm["batch_size"] == 4 and set(tm["training"]) == {"0", "2"}
     assert tm["training"]["0"]["median_s"] == 1.0 and tm["training"]["0"]["steps"] == 4
-    # overhead = mean over steps of (whole step - its stage's median): (0.1*7 + 0.2) / 7
-    assert tm["overhead_s_per_step"] == pytest.approx((0.1 * 7 + 0.2) / 7)
+    # overhead = probe time per step (whole step - step without probes), not the outlier 1.2
+    assert tm["overhead_s_per_step"] == pytest.approx(0.1)
+    assert tm["total_steps"] == 7 and tm["total_s"] == pytest.approx(4.2 + 2.4 + 0.7)
     restored = StepTimer()
     restored.load_state_dict(timer.state_dict())
     assert restored.to_dict(FLOPS) == timer.to_dict(FLOPS)
@@ -180,3 +182,16 @@ def test_cpu_clock_predicts_from_its_own_record() -> None:
     assert predicted_time_saving(sched, 10, time_table(tm, clock="cpu")) == pytest.approx(0.4)
     with pytest.raises(LayerLockError, match="no CPU-time record"):
         time_table(timer_with(training={0: [1.0] * 3}).to_dict(FLOPS), clock="cpu")
+
+
+def test_within_run_saving_measures_the_run_against_its_own_unfrozen_pace() -> None:
+    timer = StepTimer()
+    for k, n in ((0, 60), (3, 40)):   # 60 unfrozen steps of 1.0 s, 40 frozen ones of 0.7 s, probes 0.1 s/step
+        for _ in range(n):
+            timer.add(k, affine(k, a=0.0, b=0.1), affine(k, a=0.0, b=0.1) + 0.1)
+    tm = timer.to_dict(FLOPS)
+    assert within_run_saving(tm) == pytest.approx(1 - (60 * 1.1 + 40 * 0.8) / (100 * 1.1))
+    own = predicted_time_saving([(0, 60, 0), (60, 100, 3)], 100, time_table(tm))
+    assert within_run_saving(tm) == pytest.approx(own)   # steps at their medians: the same number
+    assert within_run_saving(timer_with(training={3: [1.0] * 3}).to_dict(FLOPS)) is None   # no unfrozen steps
+    assert within_run_saving(tm, clock="cpu") is None   # no CPU record
