@@ -160,7 +160,7 @@ def synthetic_time_model(
         return {"median_s": t(k), "low_s": t(k), "high_s": t(k), "n": n}
 
     return {"kind": "measured step time per schedule stage", "n_blocks": len(per),
-            "training": {str(k): {**summary(k, n), "steps": n} for k, n in trained.items()},
+            "training": {str(k): {**summary(k, n), "steps": n, "mean_s": t(k)} for k, n in trained.items()},
             "calibration": {str(k): summary(k, 5) for k in ks},
             "overhead_s_per_step": overhead_s,
             "total_s": sum(n * (t(k) + overhead_s) for k, n in trained.items()),

@@ -115,7 +115,8 @@ class _Clock:
         n_steps = sum(self.steps.values())
         probes = sum(self.whole_sum.values()) - sum(self.step_sum.values())
         return {
-            "training": {str(k): {**_summary(v), "steps": self.steps.get(k, len(v))}
+            "training": {str(k): {**_summary(v), "steps": self.steps.get(k, len(v)),
+                                  "mean_s": self.step_sum[k] / self.steps[k] if self.steps.get(k) else None}
                          for k, v in sorted(self.training.items()) if v},
             "calibration": {str(k): _summary(v) for k, v in sorted(self.calibration.items()) if v},
             # Probe time per training step: the same at every k. Measured, not the gap between
@@ -302,17 +303,18 @@ def _fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 def within_run_saving(time_model: Mapping[str, Any], clock: str = "wall") -> float | None:
     """What a run's frozen stages saved, measured within the run: ``1 - total / (steps * (t(0) +
-    overhead))``, its time (probes included) against the same steps at its own unfrozen pace.
-    None without training steps at k=0. A change in machine load between this run and another
-    does not enter it (one within the run does)."""
+    overhead))``, its time (probes included) against the same steps at its own unfrozen pace,
+    ``t(0)`` the mean of its unfrozen steps (a mean, like the total it is compared with). None
+    without training steps at k=0. A change in machine load between this run and another does
+    not enter it (one within the run does)."""
     record = time_model.get("cpu") if clock == "cpu" else time_model
     if not isinstance(record, Mapping):
         return None
-    t0 = _medians(record, "training").get(0)
+    t0 = ((record.get("training") or {}).get("0") or {}).get("mean_s")
     total, steps = record.get("total_s"), record.get("total_steps")
     if not t0 or not total or not steps:
         return None
-    return 1.0 - float(total) / (int(steps) * (t0 + float(record.get("overhead_s_per_step") or 0.0)))
+    return 1.0 - float(total) / (int(steps) * (float(t0) + float(record.get("overhead_s_per_step") or 0.0)))
 
 
 def predicted_time_saving(segments: Iterable[tuple[int, int, int]], total_steps: int, table: TimeTable) -> float:

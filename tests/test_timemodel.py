@@ -193,5 +193,9 @@ def test_within_run_saving_measures_the_run_against_its_own_unfrozen_pace() -> N
     assert within_run_saving(tm) == pytest.approx(1 - (60 * 1.1 + 40 * 0.8) / (100 * 1.1))
     own = predicted_time_saving([(0, 60, 0), (60, 100, 3)], 100, time_table(tm))
     assert within_run_saving(tm) == pytest.approx(own)   # steps at their medians: the same number
+    slow = StepTimer()   # a slow outlier among the unfrozen steps counts in its mean, as in the total
+    for k, step in ((0, 1.0), (0, 1.0), (0, 4.0), (3, 0.5), (3, 0.5), (3, 0.5)):
+        slow.add(k, step, step)
+    assert within_run_saving(slow.to_dict(FLOPS)) == pytest.approx(1 - 7.5 / (6 * 2.0))
     assert within_run_saving(timer_with(training={3: [1.0] * 3}).to_dict(FLOPS)) is None   # no unfrozen steps
     assert within_run_saving(tm, clock="cpu") is None   # no CPU record
