@@ -1,9 +1,10 @@
 """Pure analysis of logged runs: load, convergence, schedules, FLOPs, comparison.
 
 Modules: ``io`` (the only one that talks to MLflow), ``convergence``, ``schedule``, ``flops``,
-``compare``, ``testing`` (runs with known convergence, for tests and benches); ``attribution``
-(captum) is the only one that imports torch. No submodule is imported here, so that importing
-one does not pull in the others (and ``mlflow``/``scipy``) at start-up.
+``timing`` (predicted wall saving), ``compare``, ``testing`` (runs with known convergence, for
+tests and benches); ``attribution`` (captum) is the only one that imports torch. No submodule
+is imported here, so that importing one does not pull in the others (and ``mlflow``/``scipy``)
+at start-up.
 
 The dashboard (``app``) imports ``analysis`` only, never ``core`` (docs/architecture.md,
 "Layers"): what it needs from core -- the error type users can fix, the run schema and the

@@ -389,7 +389,7 @@ class _Run:
 
     def shard(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's part of the global batch of ``step``: ``video (b, C, T, H, W)``, ``keep_idx``,
-        ``mask_idx``, on the device. Built ahead in a background thread (:class:`core.perf.Prefetcher`)."""
+        ``mask_idx``, on the device. Built ahead where a core is free (:class:`core.perf.Prefetcher`)."""
         video, keep_idx, mask_idx = self.batches.get(step)
         return video.to(self.device, non_blocking=True), keep_idx.to(self.device), mask_idx.to(self.device)
 
