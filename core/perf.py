@@ -76,6 +76,7 @@ class Prefetcher(Generic[T]):
 
     def __init__(self, make: Callable[[int], T], background: bool = True) -> None:
         self._make = make
+        self.background = background
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-batches") if background else None
         self._ahead: tuple[int, Future[T]] | None = None
         self._last: tuple[int, T] | None = None

@@ -323,8 +323,9 @@ class _Run:
         """Time ``train.time_calibration`` steps at each stage this run will pass through
         (``core.timemodel.calibration_stages``), interleaved across stages, before the first step.
 
-        The steps run on a copy of the model with an optimizer of its own, on the batch of the
-        step reached, inside a forked RNG: the run's weights, optimizer state, RNG and counters are
+        The steps run on a copy of the model with an optimizer of its own, each on a batch of its
+        own built the way training builds them (so data and masking cost what they cost in
+        training), inside a forked RNG: the run's weights, optimizer state, RNG and counters are
         untouched, and none of it is training time. Skipped under torchrun and ``train.compile``
         (a copy would have to be wrapped and compiled again).
         """
@@ -333,23 +334,30 @@ class _Run:
             return
         ks = calibration_stages((f for _, f in self.schedule.stages) if self.schedule else (), self.cfg.model.depth)
         real, done = (self.model, self.optimizer, self.net, self.stage, self.frozen), dataclasses.replace(self.done)
+        batches = self.batches
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
                 self.model = self.net = copy.deepcopy(real[0])
                 self.optimizer = build_optimizer(self.model, self.cfg)
+                self.batches = Prefetcher(self._host_batch, batches.background)
+                step = done.step   # the batches of the steps ahead: pure functions of the step
                 for r in range(rounds + 1):   # round 0 warms every stage up (allocations, optimizer state)
                     for k in ks if r % 2 == 0 else ks[::-1]:
                         self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
                         set_frozen_prefix(self.model, self.optimizer, self.frozen)
                         t0, c0 = time.perf_counter(), time.process_time()
-                        self.update(done.step, log_now=False)
+                        self.update(step, log_now=False)
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
                         if r:
                             self.timer.add_calibration(k, time.perf_counter() - t0, time.process_time() - c0)
+                        step += 1
         finally:
+            if self.batches is not batches:
+                self.batches.close()
             (self.model, self.optimizer, self.net, self.stage, self.frozen), self.done = real, done
+            self.batches = batches
         self.log_time_model()
 
     def log_time_model(self) -> None:
