@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -404,6 +405,23 @@ def _reject(folder: Path, ops: list[dict[str, Any]], err: BaseException) -> None
           f"kept in {folder / REJECTED_FILE}", file=sys.stderr)
 
 
+class _QuietWhileSpooled(logging.Filter):
+    """MLflow logs a store error with its traceback, urllib3 every retry; while the spool keeps
+    the line and says so once, those are noise on the trainer's stderr."""
+
+    NOISE = ("SQLAlchemy database error", "Retrying (")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def _quiet_store_errors() -> None:
+    for name in ("mlflow.store.db.utils", "urllib3.connectionpool"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietWhileSpooled) for f in logger.filters):
+            logger.addFilter(_QuietWhileSpooled())
+
+
 class _Sender(threading.Thread):
     """Sends a run's spool in order; while the store is away, tries again every PROBE_INTERVAL_S."""
 
@@ -435,11 +453,12 @@ class _Sender(threading.Thread):
         for end, ops in _units(entries):
             if self.away_since is not None and not _answers(self.uri):
                 return
+            tried = time.monotonic()
             try:
                 _send(self.client, self.run_id, self.folder, ops)
             except Exception as err:
                 if not _permanent(err):
-                    self.went_away(err)
+                    self.went_away(err, tried)
                     return
                 _reject(self.folder, ops, err)
             self.offset = end
@@ -457,16 +476,17 @@ class _Sender(threading.Thread):
         except Exception:
             pass   # the next line sent finds out whether the store is away
 
-    def went_away(self, err: BaseException) -> None:
+    def went_away(self, err: BaseException, since: float | None = None) -> None:
         if self.away_since is None:
-            self.away_since = time.monotonic()
+            self.away_since = since or time.monotonic()
             print(f"warning: tracking store {self.uri} does not answer ({first_line(err)[:160]}); training goes "
                   f"on, what it logs waits in {self.spool.path} and is sent when the store answers", file=sys.stderr)
 
     def came_back(self) -> None:
         gone = time.monotonic() - (self.away_since or time.monotonic())
         self.away_since = None
-        print(f"tracking store {self.uri} answers again after {gone:.0f} s: sending what waited", file=sys.stderr)
+        print(f"tracking store {self.uri} answers again ({gone:.0f} s after the first line it did not take): "
+              "sending what waited", file=sys.stderr)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
@@ -563,12 +583,15 @@ class Tracker:
             run = self.client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), **owner_tags()})
             self.run_id = run.info.run_id
             self._open_folder(self.run_id)
+        _quiet_store_errors()
         self._sender = _Sender(self.client, self.uri, self.run_id, self.folder, self._spool)
         self._sender.start()
 
     def _open_folder(self, run_id: str) -> None:
         self.folder = local_dir(run_id)
         self._lock_fd = _lock_folder(self.folder, run_id)
+        for stale in self.folder.glob("*/.*.tmp"):   # half-written by a killed trainer: never published
+            stale.unlink(missing_ok=True)
         atomic_write(self.folder / META_FILE, lambda f: f.write(json.dumps(
             {"run_id": run_id, "tracking_uri": absolute_uri(self.uri)}).encode()))
         self._spool = Spool(self.folder)
@@ -722,3 +745,41 @@ class Tracker:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+# ----------------------------------------------------------------------------- sync
+
+def sync_run(run_id: str, uri: str | None = None) -> tuple[int, str]:
+    """Send what run ``run_id`` left in its local spool (``python -m experiments sync``) to ``uri``,
+    else to the store the run was logging to; returns ``(lines sent, run status)``. A FINISHED
+    run's folder goes once its spool is empty. Raises RunNotFoundError for an unknown run and
+    LayerLockError while a trainer holds the run or when the store does not answer."""
+    folder = local_dir(run_id)
+    meta = folder / META_FILE
+    if uri is None and meta.is_file():
+        uri = json.loads(meta.read_text())["tracking_uri"]
+    uri = resolve_uri(uri)
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise RunNotFoundError(f"run not found: {run_id} (tracking URI {uri})") from None
+    if not meta.is_file():
+        return 0, client.get_run(run_id).info.status
+    fd = _lock_folder(folder, run_id)
+    try:
+        sent = push_spool(client, run_id, folder)
+        status = client.get_run(run_id).info.status
+    finally:
+        os.close(fd)
+    remove_if_done(folder, status)
+    return sent, status
+
+
+def runs_with_spool() -> list[str]:
+    """Run ids whose local folder still holds unsent lines."""
+    root = runs_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if (p / META_FILE).is_file() and (p / SPOOL_FILE).is_file() and (p / SPOOL_FILE).stat().st_size)
