@@ -449,10 +449,9 @@ class _Sender(threading.Thread):
         return self.offset == self.spool.size()
 
     def drain(self) -> None:
-        entries = self.spool.read(self.offset)
-        for end, ops in _units(entries):
-            if self.away_since is not None and not _answers(self.uri):
-                return
+        if self.away_since is not None and not _answers(self.uri):
+            return   # a refused connection: no need to read the spool or wait for MLflow's retries
+        for end, ops in _units(self.spool.read(self.offset)):
             tried = time.monotonic()
             try:
                 _send(self.client, self.run_id, self.folder, ops)
@@ -570,15 +569,11 @@ class Tracker:
                 return
             check_owner(run)   # a live trainer elsewhere: refused before anything changes
             self._open_folder(run_id)
-            # The status stays as it is until the caller has loaded a checkpoint (mark_running),
-            # so a resume that fails leaves a finished run FINISHED.
-            for key, value in owner_tags().items():
-                self.client.set_tag(run_id, key, value)
-            push_spool(self.client, run_id, self.folder)   # what the last trainer left, before counting steps
-            # Per key, the last step already stored: those steps are not logged again.
-            for key in self.client.get_run(run_id).data.metrics:
-                hist = self.client.get_metric_history(run_id, key)
-                self._last_step[key] = max(m.step for m in hist)
+            try:
+                self._take_over(run_id)
+            except BaseException:
+                self.close()
+                raise
         else:
             run = self.client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), **owner_tags()})
             self.run_id = run.info.run_id
@@ -586,6 +581,18 @@ class Tracker:
         _quiet_store_errors()
         self._sender = _Sender(self.client, self.uri, self.run_id, self.folder, self._spool)
         self._sender.start()
+
+    def _take_over(self, run_id: str) -> None:
+        """Resume: own the run, send what the last trainer left, then note the steps stored.
+        The status stays as it is until the caller has loaded a checkpoint (mark_running), so a
+        resume that fails leaves a finished run FINISHED."""
+        for key, value in owner_tags().items():
+            self.client.set_tag(run_id, key, value)
+        push_spool(self.client, run_id, self.folder)   # before counting steps: they may be in it
+        # Per key, the last step already stored: those steps are not logged again.
+        for key in self.client.get_run(run_id).data.metrics:
+            hist = self.client.get_metric_history(run_id, key)
+            self._last_step[key] = max(m.step for m in hist)
 
     def _open_folder(self, run_id: str) -> None:
         self.folder = local_dir(run_id)
