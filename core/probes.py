@@ -33,10 +33,14 @@ rounding error (relative 2^-9) scales with the content, not with the position si
 removed. One probe keeps ``depth * batch_size * positions * dim * 2`` bytes. Defaults on mae_tiny
 (8 blocks, dim 128, 64 tokens per clip): 32 clips x 32 positions = 1024 CKA rows per block,
 8 * 32 * 32 * 128 * 2 B = 2 MiB per probe, 14 MiB for a 300-step run probed every 50 steps
-(7 probes), carried in checkpoints for resuming; the probe costs one forward of 32 unmasked clips.
+(7 probes), each probe's features once in its own file ``probe/step_NNNNNN.pt`` (a checkpoint keeps
+only the probe steps, so its size does not grow with the probes before it); the probe costs one
+forward of 32 unmasked clips.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,21 +175,32 @@ class ProbeRunner:
                 for s, feats in zip(self.steps, self.features)}
 
     def state_dict(self) -> dict:
-        return {"steps": list(self.steps), "features": [list(f) for f in self.features],
-                "positions": self.positions.clone()}
+        """What a checkpoint keeps: the probe steps and positions. Not the features: those of each
+        probe are stored once, in their own file (:meth:`features_at`), so a checkpoint does not
+        grow with every probe taken before it."""
+        return {"steps": list(self.steps), "positions": self.positions.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, features_of: Callable[[int], list[torch.Tensor]] | None = None) -> None:
+        """Restore from :meth:`state_dict`; ``features_of(step)`` reads one probe's stored
+        features (checkpoints written before features had their own files carry them inline)."""
         saved = state.get("positions")
         if saved is None or not torch.equal(saved, self.positions):
             # Older checkpoints kept random tokens per clip (flat rows): CKA against them is meaningless.
             raise LayerLockError("the checkpoint's probe features were taken at other token positions (an older "
                                  "probe format or another probe config); this run cannot resume, start a new one")
         self.steps = list(state["steps"])
-        self.features = [list(f) for f in state["features"]]
+        if "features" in state:
+            self.features = [list(f) for f in state["features"]]
+        elif features_of is not None:
+            self.features = [list(features_of(s)) for s in self.steps]
+        else:
+            raise LayerLockError("the checkpoint's probe features are stored apart and no reader was given")
 
-    def save(self, path) -> None:
-        torch.save({"steps": self.steps, "features": self.features, "positions": self.positions,
-                    "layout": "per probe, per block: (clips, positions, dim), position-centred, bfloat16"}, path)
+    def features_at(self, index: int = -1) -> dict:
+        """One probe as a file's content: its step, positions and features (per block
+        ``(clips, positions, dim)``, position-centred, bfloat16)."""
+        return {"step": self.steps[index], "features": list(self.features[index]), "positions": self.positions,
+                "layout": "per block: (clips, positions, dim), position-centred, bfloat16"}
 
 
 def block_grad_norms(blocks: nn.ModuleList) -> dict[str, float]:

@@ -36,7 +36,7 @@ from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
-from core.tracking import Tracker
+from core.tracking import Tracker, atomic_write, local_checkpoints
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
               "latent_scheduled": "latent_scheduled"}
@@ -98,25 +98,32 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)   # a crash leaves either the old file or the complete new one
+def _load_checkpoint_file(path: Path | str) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError("not a LayerLock checkpoint")
+    return state
 
 
-def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
-    """The newest of ``names`` that loads. A truncated or corrupt file (a kill during a write or a
-    copy) falls back to the previous one, and stderr says which checkpoint was used."""
+def _load_newest_good(tracker: Tracker, names: list[str], local: dict[str, Path]) -> dict | None:
+    """The newest of ``names`` that loads, from the run's local folder (``local``: the source of
+    truth while the run lives; it may hold checkpoints not uploaded yet) or else from the store.
+    A truncated or corrupt file (a kill during a copy) falls back to the previous checkpoint, and
+    stderr says which one was used."""
     failed: list[str] = []
+    stored = set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) if tracker.enabled else set()
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(names, reverse=True):
-            try:
-                state = torch.load(tracker.download(name, tmp), map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or "model" not in state or "step" not in state:
-                    raise ValueError("not a LayerLock checkpoint")
-            except Exception as err:
+            sources = ([local[name]] if name in local else []) + ([name] if name in stored else [])
+            for source in sources:
+                try:
+                    state = _load_checkpoint_file(source if isinstance(source, Path) else tracker.download(source, tmp))
+                    break
+                except Exception as err:
+                    error = err
+            else:
                 print(f"warning: checkpoint {name} of run {tracker.run_id} does not load "
-                      f"({type(err).__name__}); trying the previous one", file=sys.stderr)
+                      f"({type(error).__name__ if sources else 'missing'}); trying the previous one", file=sys.stderr)
                 failed.append(name)
                 continue
             if failed:
@@ -126,9 +133,16 @@ def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
     return None
 
 
+def _checkpoint_names(tracker: Tracker) -> tuple[list[str], dict[str, Path]]:
+    """A run's checkpoint names (stored or only local) and its local checkpoint files."""
+    local = local_checkpoints(tracker.folder)
+    return sorted(set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) | set(local)), local
+
+
 def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
     """Newest checkpoint of the run that loads (falling back to older ones)."""
-    return _load_newest_good(tracker, tracker.list_artifacts(schema.CHECKPOINT_DIR))
+    names, local = _checkpoint_names(tracker)
+    return _load_newest_good(tracker, names, local)
 
 
 @contextlib.contextmanager
@@ -189,6 +203,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
         if is_main:
             ckpt = _load_latest_checkpoint(tracker)
             if ckpt is None:
+                tracker.close()
                 raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
             cfg = config_from_dict(ckpt["config"], f"checkpoint of run {resume_run_id}")
             tracker.mark_running()   # only now: a resume that cannot load leaves the status alone
@@ -258,7 +273,8 @@ class _Run:
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
         self.interval = _Interval()
-        self.run_dir = Path(tempfile.mkdtemp(prefix="layerlock-ckpt-"))
+        # The run's local folder (core.tracking: checkpoints, probe features, the spool).
+        self.run_dir = tracker.folder or Path(tempfile.mkdtemp(prefix="layerlock-run-"))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and t_cfg.amp
                          else contextlib.nullcontext())
         self.stage = self.frozen = 0
@@ -278,7 +294,7 @@ class _Run:
             done.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
             done.skipped = int(ckpt.get("skipped_steps", 0))
             if self.probes is not None and ckpt.get("probe"):
-                self.probes.load_state_dict(ckpt["probe"])
+                self.probes.load_state_dict(ckpt["probe"], self._stored_probe)
         if start is not None:
             self.optimizer.load_state_dict(start["optimizer"])
         # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
@@ -286,6 +302,24 @@ class _Run:
         self.stage = self.schedule.frozen_at(done.step) if self.schedule else 0
         self.frozen = self.stage if freezes(self.cfg.objective) else 0
         set_frozen_prefix(self.model, self.optimizer, self.frozen)  # after loading: drops frozen moments
+
+    def _stored_probe(self, step: int) -> list[torch.Tensor]:
+        """The features of this run's probe at ``step``: the local file, else the stored artifact."""
+        name = schema.probe_artifact(step)
+        path = self.run_dir / name
+        if not path.is_file():
+            path = self.tracker.download(name, tempfile.mkdtemp(prefix="layerlock-probe-"))
+        return torch.load(path, map_location="cpu", weights_only=True)["features"]
+
+    def probe(self, step: int) -> None:
+        """Probe the blocks at ``step``, log the metrics and store the features, once, in their
+        own file (``probe/step_NNNNNN.pt``); the checkpoints keep only the probe steps."""
+        self.record(self.probes.probe(self.model, step), step)
+        if self.tracker.enabled:
+            path = self.run_dir / schema.probe_artifact(step)
+            state = self.probes.features_at(-1)
+            atomic_write(path, lambda f: torch.save(state, f))
+            self.tracker.log_artifact(path, schema.PROBE_DIR)
 
     def log_header(self) -> None:
         """A new run's params, resolved config, FLOP model, schedule and skipped files."""
@@ -395,7 +429,7 @@ class _Run:
         step, t0 = done.step, time.perf_counter()
         self.follow_schedule(step)
         if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
-            self.record(self.probes.probe(self.model, step), step)
+            self.probe(step)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -416,19 +450,20 @@ class _Run:
             self.interval.started = time.perf_counter()   # checkpoint I/O is not step time
 
     def checkpoint(self, next_step: int) -> None:
-        """Save and publish ``checkpoints/step_NNNNNN.pt`` (after flushing the metrics up to it)."""
+        """Publish ``checkpoints/step_NNNNNN.pt`` in the run's local folder, atomically, and queue
+        its upload; training does not wait for the store (core.tracking, "Write-ahead spool")."""
         if not self.tracker.enabled:
             return
         done = self.done
-        path = self.run_dir / Path(schema.checkpoint_artifact(next_step)).name
-        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
-                      "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
-                      "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
-                      "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
-                      "probe": self.probes.state_dict() if self.probes else {}}, path)
-        self.tracker.flush()   # metrics up to this step are stored before the checkpoint is published
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
+                 "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
+                 "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
+                 "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
+                 "probe": self.probes.state_dict() if self.probes else {}}
+        self.tracker.make_durable()   # the metrics up to this step are on disk before the checkpoint is
+        path = self.run_dir / schema.checkpoint_artifact(next_step)
+        atomic_write(path, lambda f: torch.save(state, f))
         self.tracker.log_artifact(path, schema.CHECKPOINT_DIR)
-        path.unlink()
 
     def finish(self) -> TrainResult:
         """At the end of training: held-out loss, final probes and stored features, the layer
@@ -442,21 +477,20 @@ class _Run:
                 heldout = heldout_pixel_loss(self.model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
             tracker.log_metrics({schema.HELDOUT_KEY: heldout}, step)
         if ended and self.probes is not None:
-            self.record(self.probes.probe(self.model, step), step)
+            self.probe(step)
             for s, vals in self.probes.final().items():
                 self.record(vals, s)
-            if tracker.enabled:
-                self.probes.save(self.run_dir / "features.pt")
-                tracker.log_artifact(self.run_dir / "features.pt", schema.PROBE_DIR)
         if tracker.enabled and done.layer_rows:
             frame = pd.DataFrame(done.layer_rows, columns=["step", "block", "metric", "value"])
             frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
-            frame.to_parquet(self.run_dir / schema.LAYER_METRICS_ARTIFACT, index=False)
-            tracker.log_artifact(self.run_dir / schema.LAYER_METRICS_ARTIFACT)
+            path = self.run_dir / schema.LAYER_METRICS_ARTIFACT
+            atomic_write(path, lambda f: frame.to_parquet(f, index=False))
+            tracker.log_artifact(path)
         if ended:
             tracker.finish()
-        else:
+        else:   # stopped early (stop_after): everything sent, the run left to a later resume
             tracker.flush()
+            tracker.close()
         return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
                            wall_s=done.wall_s, flops=done.flops_total)
 
@@ -495,7 +529,7 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
     """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only.
     When the latest does not load (truncated by a kill), the previous good one is used (said on stderr)."""
     tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
-    names = sorted(tracker.list_artifacts(schema.CHECKPOINT_DIR))
+    names, local = _checkpoint_names(tracker)
     if not names:
         raise LayerLockError(f"run {run_id} has no checkpoints")
     if step is not None:
@@ -504,7 +538,7 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
             have = ", ".join(str(schema.checkpoint_step(n)) for n in names)
             raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
         names = [wanted]
-    state = _load_newest_good(tracker, names)
+    state = _load_newest_good(tracker, names, local)
     if state is None:
         which = f"its checkpoint at step {step}" if step is not None else "none of its checkpoints"
         raise LayerLockError(f"run {run_id}: {which} loads (truncated or corrupt files)")
