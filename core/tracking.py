@@ -190,6 +190,13 @@ class Tracker:
         self._ops.clear()
 
     # -- params, tags, artifacts -------------------------------------------------------------
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
