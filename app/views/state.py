@@ -143,6 +143,21 @@ def run_label(runs: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def run_from_url() -> None:
+    """``?run=RUN_ID`` in the URL makes that run the current one, once per value (a later choice
+    in the page wins); an id that is not in the store is ignored."""
+    wanted = st.query_params.get("run")
+    if not wanted or st.session_state.get(URL_RUN_KEY) == wanted:
+        return
+    st.session_state[URL_RUN_KEY] = wanted
+    try:
+        known = set(loaders.runs(tracking_uri())["run_id"])
+    except LayerLockError:
+        return
+    if wanted in known:
+        promote(wanted)
+
+
 def _sync_single(key: str) -> None:
     promote(st.session_state.get(key))
 
@@ -159,10 +174,6 @@ def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str
     options = list(options)
     if not options:
         return None
-    wanted = st.query_params.get("run")
-    if wanted in options and st.session_state.get(URL_RUN_KEY) != wanted:
-        st.session_state[URL_RUN_KEY] = wanted
-        promote(wanted)
     labels = run_label(runs)
     current = next((r for r in selected() if r in options), None)
     if current is None:
