@@ -1,9 +1,10 @@
 """``bench monitor|own-freezing``: the public API on the README example's torchvision models.
 
 monitor: the example's plain loop with and without ``LayerMonitor`` (probes every ``--every``
-steps, gradient metrics every 10, MLflow logging), runs alternated, median per-step time of the
-loop; attaching (FLOP count, run creation) and closing (final probe, artifacts) are one-off
-costs, reported apart.
+steps, gradient metrics every 10, MLflow logging), runs alternated; the time of the loop as the
+sum over steps of each step's median over repeats (and the plain ratio of median run times);
+attaching (FLOP count, run creation) and closing (final probe, artifacts) are one-off costs,
+reported apart.
 own-freezing: for k = 0..n-1 blocks frozen with ``freeze_prefix``, the median step time on one
 batch, rounds interleaved across k, against the counted FLOP model; then a schedule derived from
 a monitored run of the same loop, applied with ``apply_schedule``: the loop with it against
@@ -29,12 +30,26 @@ def _fresh(setup, initial: dict) -> None:
     setup.model.load_state_dict(initial)
 
 
+def _step_seconds(setup, steps: int, **kwargs) -> list[float]:
+    """Run the example's loop; the seconds of each step (start of one step to the start of the next)."""
+    from experiments.examples.own_loop import train
+
+    starts: list[float] = []
+    train(setup, steps, on_step=lambda _step: starts.append(time.perf_counter()), **kwargs)
+    starts.append(time.perf_counter())
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
 def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
-    from experiments.examples.own_loop import SETUPS, attach_monitor, train
+    """Both loops do the same steps on the same data and weights, so step i of every run is the
+    same work: the per-step median over repeats removes another process's burst from a step while
+    keeping the monitor's cost (its probe and log steps come back in every repeat)."""
+    from experiments.examples.own_loop import SETUPS, attach_monitor
 
     setup = SETUPS[model]()
     initial = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    off, on, attach_s, close_s = [], [], [], []
+    runs: dict[str, list[list[float]]] = {"off": [], "on": []}
+    attach_s, close_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         for r in range(repeats):
@@ -46,18 +61,19 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
                     t0 = time.perf_counter()
                     monitor = attach_monitor(setup, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
                     attach_s.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                train(setup, steps, monitor=monitor)
-                (on if monitor else off).append((time.perf_counter() - t0) * 1000 / steps)
+                runs[mode].append(_step_seconds(setup, steps, monitor=monitor))
                 if monitor is not None:
                     t0 = time.perf_counter()
                     monitor.close()
                     close_s.append(time.perf_counter() - t0)
-    off_ms, on_ms = statistics.median(off), statistics.median(on)
+    per_step = {m: sum(statistics.median(col) for col in zip(*rs)) * 1000 / steps for m, rs in runs.items()}
+    wall = {m: [sum(r) * 1000 / steps for r in rs] for m, rs in runs.items()}
     return {"model": model, "steps": steps, "every": every, "repeats": repeats,
-            "off_ms": round(off_ms, 3), "on_ms": round(on_ms, 3), "ratio": round(on_ms / off_ms, 4),
+            "off_ms": round(per_step["off"], 3), "on_ms": round(per_step["on"], 3),
+            "ratio": round(per_step["on"] / per_step["off"], 4),
+            "wall_ratio": round(statistics.median(wall["on"]) / statistics.median(wall["off"]), 4),
             "attach_s": round(statistics.median(attach_s), 3), "close_s": round(statistics.median(close_s), 3),
-            "off_all_ms": [round(v, 3) for v in off], "on_all_ms": [round(v, 3) for v in on]}
+            "off_all_ms": [round(v, 3) for v in wall["off"]], "on_all_ms": [round(v, 3) for v in wall["on"]]}
 
 
 def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: int, repeats: int,
@@ -119,13 +135,9 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
         for mode in (("plain", "schedule") if r % 2 == 0 else ("schedule", "plain")):
             print(f"bench own-freezing: {model}, repeat {r + 1}/{repeats}, {mode}", file=sys.stderr)
             _fresh(setup, initial)
-            starts: list[float] = []
-            train(setup, total, schedule=schedule if mode == "schedule" else None,
-                  on_step=lambda _step, out=starts: out.append(time.perf_counter()))
-            starts.append(time.perf_counter())
-            wall[mode].append(starts[-1] - starts[0])
+            step_s = _step_seconds(setup, total, schedule=schedule if mode == "schedule" else None)
+            wall[mode].append(sum(step_s))
             # Robust to a busy machine: per stage, the median step time times its length.
-            step_s = [b - a for a, b in zip(starts, starts[1:])]
             by_stage[mode].append(sum((stop - start) * statistics.median(step_s[start:stop])
                                       for start, stop, _ in segments))
     wall_ratio = statistics.median(wall["schedule"]) / statistics.median(wall["plain"])
@@ -145,8 +157,10 @@ def print_monitor(result: dict) -> None:
     print(f"{result['model']}: {result['steps']} steps, probes every {result['every']}, "
           f"{result['repeats']} repeats each")
     print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f}  "
-          f"(attach {result['attach_s']:.2f} s, close {result['close_s']:.2f} s, once per run)")
-    print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
+          f"(per step: median over repeats)")
+    print(f"wall ratio {result['wall_ratio']:.4f} (median run); each run (ms/step): off {result['off_all_ms']}  "
+          f"on {result['on_all_ms']}")
+    print(f"once per run: attach {result['attach_s']:.2f} s (FLOP count, run), close {result['close_s']:.2f} s")
 
 
 def print_own_freezing(result: dict) -> None:
