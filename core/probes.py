@@ -349,13 +349,14 @@ def snapshot_blocks(blocks: Sequence[nn.Module]) -> list[list[torch.Tensor] | No
 
 
 def update_ratios(blocks: Sequence[nn.Module], before: list[list[torch.Tensor] | None]) -> dict[str, float]:
-    """||W_after - W_before|| / ||W_before|| per trainable block."""
+    """||W_after - W_before|| / ||W_before|| per trainable block. Consumes ``before`` (the
+    snapshot's copies are overwritten by the difference: no second copy of the weights)."""
     out = {}
     for b, (blk, old) in enumerate(zip(blocks, before)):
         if old is None:
             continue
-        new = [p.detach() for p in blk.parameters()]
-        delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(new, old))))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
+        torch._foreach_sub_(old, [p.detach() for p in blk.parameters()])    # W_before - W_after, in place
+        delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
         out[block_key("update_ratio", b)] = float(delta / norm.clamp_min(1e-12))
     return out

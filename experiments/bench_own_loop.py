@@ -1,7 +1,7 @@
 """``bench monitor|own-freezing``: the public API on the README example's torchvision models.
 
 monitor: the example's plain loop with and without ``LayerMonitor`` (probes every ``--every``
-steps, gradient metrics every 10, MLflow logging), runs alternated; the time of the loop as the
+steps, gradient metrics every 25, MLflow logging), runs alternated; the time of the loop as the
 sum over steps of each step's median over repeats (and the plain ratio of median run times);
 attaching (FLOP count, run creation) and closing (final probe, artifacts) are one-off costs,
 reported apart.
@@ -40,16 +40,32 @@ def _step_seconds(setup, steps: int, **kwargs) -> list[float]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def _timed(monitor, spent: list[float]) -> None:
+    """Add the seconds spent inside the monitor's loop calls to ``spent[0]``."""
+    for name in ("after_backward", "after_step"):
+        call = getattr(monitor, name)
+
+        def wrapped(*args, _call=call, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _call(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        setattr(monitor, name, wrapped)
+
+
 def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
     """Both loops do the same steps on the same data and weights, so step i of every run is the
     same work: the per-step median over repeats removes another process's burst from a step while
-    keeping the monitor's cost (its probe and log steps come back in every repeat)."""
+    keeping the monitor's cost (its probe and log steps come back in every repeat). Also measured
+    within each monitored run: the time inside the monitor's calls against the rest of the loop
+    (robust to load that changes between runs; MLflow's background logging thread not included)."""
     from experiments.examples.own_loop import SETUPS, attach_monitor
 
     setup = SETUPS[model]()
     initial = {k: v.clone() for k, v in setup.model.state_dict().items()}
     runs: dict[str, list[list[float]]] = {"off": [], "on": []}
-    attach_s, close_s = [], []
+    attach_s, close_s, in_calls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         for r in range(repeats):
@@ -61,7 +77,12 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
                     t0 = time.perf_counter()
                     monitor = attach_monitor(setup, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
                     attach_s.append(time.perf_counter() - t0)
+                spent = [0.0]
+                if monitor is not None:
+                    _timed(monitor, spent)
                 runs[mode].append(_step_seconds(setup, steps, monitor=monitor))
+                if monitor is not None:
+                    in_calls.append(spent[0] / (sum(runs[mode][-1]) - spent[0]))
                 if monitor is not None:
                     t0 = time.perf_counter()
                     monitor.close()
@@ -72,6 +93,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             "off_ms": round(per_step["off"], 3), "on_ms": round(per_step["on"], 3),
             "ratio": round(per_step["on"] / per_step["off"], 4),
             "wall_ratio": round(statistics.median(wall["on"]) / statistics.median(wall["off"]), 4),
+            "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
             "attach_s": round(statistics.median(attach_s), 3), "close_s": round(statistics.median(close_s), 3),
             "off_all_ms": [round(v, 3) for v in wall["off"]], "on_all_ms": [round(v, 3) for v in wall["on"]]}
 
@@ -158,6 +180,8 @@ def print_monitor(result: dict) -> None:
           f"{result['repeats']} repeats each")
     print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f}  "
           f"(per step: median over repeats)")
+    print(f"in-call ratio {result['in_calls_ratio']:.4f} (1 + time inside the monitor's calls / the rest of the "
+          "loop, within each monitored run)")
     print(f"wall ratio {result['wall_ratio']:.4f} (median run); each run (ms/step): off {result['off_all_ms']}  "
           f"on {result['on_all_ms']}")
     print(f"once per run: attach {result['attach_s']:.2f} s (FLOP count, run), close {result['close_s']:.2f} s")
