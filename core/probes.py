@@ -5,6 +5,12 @@ clips of the held-out split). Every clip is read at the **same** token positions
 the clip has at most ``probe.tokens_per_clip`` of them, else one fixed seeded subset. Features are
 kept as ``(clips, positions, dim)``.
 
+Any model: :class:`ProbeRunner` reads the outputs of any list of modules through forward hooks
+that exist only while the probe runs, in eval mode, under ``no_grad``, with the RNG kept
+(``core.monitor.LayerMonitor`` is the public API; the trainer uses it too). An output becomes
+``(clips, positions, dim)`` by :func:`clips_positions_dim`: ``(B, D)`` one position, ``(B, N, D)``
+tokens, ``(B, C, *grid)`` conv maps with channels as dim and grid cells as positions.
+
 Why positions are controlled: every token carries the fixed sin-cos position table, and in
 moving_digits most tubelets are black, so a large part of a block's raw variance is position
 signal that never trains. Pooling tokens drawn at random positions lets CKA, effective rank and the

@@ -271,3 +271,36 @@ def test_example_file_runs_and_rejects_bad_input(tmp_path, capsys) -> None:
         assert own_loop.main([*argv, "--tracking-uri", uri]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_monitor_logs_into_the_active_mlflow_run_and_leaves_it_open(tmp_path) -> None:
+    import mlflow
+
+    from analysis import io
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model, stem, blocks = _tiny_chain()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            mon = LayerMonitor(blocks, torch.randn(8, 3), model, every=2, log_every=2, model=model, stem=[stem])
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(4):
+                loss = model(torch.randn(4, 3)).square().mean()
+                loss.backward()
+                mon.after_backward(step)
+                opt.step()
+                opt.zero_grad()
+                mon.after_step(step, loss)
+            mon.close()
+            assert mon.run_id == run.info.run_id
+            assert io.get_run(run.info.run_id, uri).status == "RUNNING"   # the user's run: theirs to end
+    finally:
+        mlflow.set_tracking_uri(previous)
+    rec = io.get_run(run.info.run_id, uri)
+    assert rec.status == "FINISHED" and rec.method == schema.METHOD_OWN_LOOP
+    assert rec.param_int("train.steps") == 4 and rec.param_int("model.depth") == 3
+    frame = io.load_layer_metrics(run.info.run_id, uri)
+    assert sorted(frame.query("metric == 'cka_final'")["step"].unique()) == [0, 2, 4]
+    assert schema.FLOP_MODEL_ARTIFACT not in {a.path for a in io.client(uri).list_artifacts(run.info.run_id)}
