@@ -203,7 +203,8 @@ def add_own_loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["vit", "video"], default="vit",
                    help="monitor, own-freezing: the README example's torchvision model")
     p.add_argument("--every", type=int, default=50, help="monitor, own-freezing: probe interval in steps")
-    p.add_argument("--steps", type=int, default=300, help="monitor: steps per run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="monitor, own-freezing: steps per run (300 for vit, 200 for video)")
 
 
 def cmd_own_loop_bench(args: argparse.Namespace) -> int:
@@ -213,16 +214,17 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
     from experiments import bench_own_loop
 
     for flag in ("every", "steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LayerLockError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads or 1)   # one thread unless asked: see cmd_bench
     print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.what == "monitor":
-        result = bench_own_loop.bench_monitor(args.model, args.steps, args.every, args.repeats)
+        steps = args.steps or bench_own_loop.DEFAULT_STEPS[args.model]
+        result = bench_own_loop.bench_monitor(args.model, steps, args.every, args.repeats)
         show = bench_own_loop.print_monitor
     else:
         result = bench_own_loop.bench_own_freezing(args.model, args.rounds, args.steps_per_round, args.warmup,
-                                                   args.repeats, min(args.every, 20))
+                                                   args.repeats, min(args.every, 20), args.steps)
         show = bench_own_loop.print_own_freezing
     if args.json:
         print(json.dumps(result))

@@ -98,8 +98,11 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             "off_all_ms": [round(v, 3) for v in wall["off"]], "on_all_ms": [round(v, 3) for v in wall["on"]]}
 
 
+DEFAULT_STEPS = {"vit": 300, "video": 200}   # the README example's runs
+
+
 def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: int, repeats: int,
-                       every: int) -> dict:
+                       every: int, steps: int | None = None) -> dict:
     import torch.nn.functional as F
 
     from analysis.flops import stage_segments
@@ -141,7 +144,7 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
                      "time_vs_flop": round((ms / base_ms) / (flops[str(k)] / base_flops), 4)})
 
     # A schedule derived from a monitored run of the same loop, applied in it.
-    total = 300 if model == "vit" else 200
+    total = steps or DEFAULT_STEPS[model]
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         _fresh(setup, initial)
