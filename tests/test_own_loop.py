@@ -213,7 +213,7 @@ def test_derived_schedule_in_the_plain_loop_keeps_frozen_weights(own_loop_store,
     assert any(p in optimizer.state for p in s.blocks[final].parameters())
 
 
-def test_schedule_of_a_run_without_flop_model_is_a_labelled_estimate(tmp_path, capsys) -> None:
+def test_schedule_of_a_run_without_flop_model_is_a_labelled_estimate(tmp_path, capsys, monkeypatch) -> None:
     from analysis.__main__ import main
     from analysis.testing import create_run_from_frames, synthetic_layer_metrics
 
@@ -229,6 +229,14 @@ def test_schedule_of_a_run_without_flop_model_is_a_labelled_estimate(tmp_path, c
     assert captured.err.strip().splitlines()[-1].startswith("note: the predicted saving is an ESTIMATE")
     # uniform cost 3n per step, 2k saved: prefix 1 on steps 100-199, prefix 2 on 200-399
     assert schedule["predicted_flop_saving"] == pytest.approx((100 * 2 + 200 * 4) / (400 * 12))
+    point_app_at(uri, tmp_path, monkeypatch)       # the Schedule page says so too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        at = open_page("schedule")
+    assert_clean(at)
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Predicted FLOP saving (estimate)"] == f"{schedule['predicted_flop_saving']:.1%}"
+    assert any("**estimate**" in i.value for i in at.info)
 
 
 def test_convergence_and_schedule_pages_on_own_loop_runs(own_loop_store, tmp_path, monkeypatch) -> None:
