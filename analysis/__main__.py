@@ -83,6 +83,8 @@ def cmd_schedule(args: argparse.Namespace) -> None:
                                    total_steps=args.total_steps, margin=args.margin, max_frozen=args.max_frozen,
                                    quantize=args.quantize)
     text = _dump(schedule)
+    if schedule.get("predicted_saving_basis") == "estimate":
+        print(f"note: the predicted saving is an ESTIMATE: {schedule['prediction']['flop_model']}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
         try:

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.flops import baseline_flops, predicted_saving, schedule_flops, stage_segments
+from analysis.flops import (
+    baseline_flops,
+    estimated_flop_model,
+    is_estimate,
+    predicted_saving,
+    schedule_flops,
+    stage_segments,
+)
 from core.errors import LayerLockError, ScheduleError
 from core.freezing import frozen_at as _frozen_at
 from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
@@ -101,26 +108,32 @@ def schedule_with_prediction(
 ) -> dict[str, Any]:
     """The schedule plus top-level predictions (what ``python -m analysis schedule`` writes).
 
-    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``) and
-    ``predicted_time_saving``. Time is ASSUMED proportional to counted FLOPs, so the two are
-    equal; the measured ratio of step time to FLOPs is what ``python -m experiments bench
-    freezing`` reports. Both are None without a flop model. ``prediction`` holds the totals.
+    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``),
+    ``predicted_time_saving`` and ``predicted_saving_basis``: ``"counted"`` (the run's
+    ``flop_model.json``) or ``"estimate"`` (:func:`analysis.flops.estimated_flop_model`, a uniform
+    per-block cost; ``prediction.flop_model`` says what it assumes). Time is ASSUMED proportional
+    to FLOPs, so the two savings are equal; the measured ratio of step time to FLOPs is what
+    ``python -m experiments bench freezing`` reports. Both are None without a flop model.
+    ``prediction`` holds the totals.
     """
     out = validate_schedule(schedule)
     if flop_model is None:
-        out.update(predicted_flop_saving=None, predicted_time_saving=None,
+        out.update(predicted_flop_saving=None, predicted_time_saving=None, predicted_saving_basis=None,
                    prediction={"total_steps": int(total_steps), "note": "run has no flop_model.json"})
         return out
     saving = predicted_saving(out, flop_model, total_steps)
+    estimate = is_estimate(flop_model)
     out.update(
         predicted_flop_saving=saving,
         predicted_time_saving=saving,
+        predicted_saving_basis="estimate" if estimate else "counted",
         prediction={
             "total_steps": int(total_steps),
             "flops": schedule_flops(out, flop_model, total_steps),
             "baseline_flops": baseline_flops(flop_model, total_steps),
+            "flop_model": flop_model.get("basis") if estimate else "counted (the run's flop_model.json)",
             "flop_model_objective": flop_model.get("objective"),
-            "time_model": "proportional to counted FLOPs",
+            "time_model": "proportional to FLOPs",
         },
     )
     return out
@@ -145,8 +158,9 @@ def schedule_for_run(
 
     ``conv`` holds the per-block convergence steps of rule ``method`` (``threshold`` and
     ``patience``: None = the rule's defaults, recorded in ``source``). Depth: ``n_blocks`` (the
-    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. Raises
-    LayerLockError without ``total_steps``.
+    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. Without a flop
+    model the saving is predicted from :func:`analysis.flops.estimated_flop_model` and labelled
+    ``"predicted_saving_basis": "estimate"``. Raises LayerLockError without ``total_steps``.
     """
     from analysis.convergence import RULES
 
@@ -162,6 +176,8 @@ def schedule_for_run(
         source["patience"] = rule["patience"] if patience is None else patience
     schedule = derive_schedule(conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen,
                                quantize=quantize, source=source)
+    if flop_model is None:
+        flop_model = estimated_flop_model(int(depth))
     return schedule_with_prediction(schedule, flop_model, int(total_steps))
 
 

@@ -69,6 +69,7 @@ def sidebar() -> None:
             st.rerun()
 
 
+state.run_from_url()
 sidebar()
 page = st.navigation(PAGES)
 try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------------------- tags
 
-TAG_METHOD = "layerlock.method"  # mae, layerlock, latent_naive, latent_scheduled, freeze_test, study
+TAG_METHOD = "layerlock.method"  # mae, layerlock, latent_naive, latent_scheduled, freeze_test, study, own_loop
 TAG_DATASET = "layerlock.dataset"
 TAG_SCHEDULE_SOURCE = "layerlock.schedule_source"  # run id a schedule came from
 TAG_PARENT = "layerlock.parent"  # freeze-test children, next to mlflow's own parent tag
@@ -31,6 +31,7 @@ TAG_HEARTBEAT = "layerlock.heartbeat"
 # Values of TAG_METHOD that are not training objectives.
 METHOD_FREEZE_TEST = "freeze_test"
 METHOD_STUDY = "study"  # the summary run of a study
+METHOD_OWN_LOOP = "own_loop"  # a run of the user's own training loop, logged by core.monitor.LayerMonitor
 
 # ----------------------------------------------------------------------------- metric keys
 

@@ -668,6 +668,13 @@ class Tracker:
         return True
 
     # -- params, tags, artifacts -------------------------------------------------------------
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Synchronous: a new run logs them right after the store answered its creation."""
         if not self.enabled:
@@ -683,19 +690,33 @@ class Tracker:
         if self.enabled:
             self._put({"op": "artifact", "path": str(Path(path).resolve()), "dir": artifact_path})
 
-    def log_text(self, text: str, name: str) -> None:
+    def log_file(self, name: str, write: Callable[[IO[bytes]], None]) -> Path | None:
+        """Store the artifact ``name`` written by ``write(file)``. A spooled run keeps it in its
+        local folder (the upload happens later; the path is returned), else it goes up now."""
         if not self.enabled:
-            return
+            return None
         parent = str(Path(name).parent) if Path(name).parent != Path(".") else None
         if self.folder is not None and self._spool is not None:
             p = self.folder / FILES_DIR / name
-            atomic_write(p, lambda f: f.write(text.encode()))
+            atomic_write(p, write)
             self.log_artifact(p, parent)
-            return
+            return p
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / Path(name).name
-            p.write_text(text)
+            with open(p, "wb") as f:
+                write(f)
             self.log_artifact(p, parent)
+        return None
+
+    def local_file(self, name: str) -> Path | None:
+        """The local copy of an artifact stored by :meth:`log_file`, if this run has one."""
+        if self.folder is None:
+            return None
+        p = self.folder / FILES_DIR / name
+        return p if p.is_file() else None
+
+    def log_text(self, text: str, name: str) -> None:
+        self.log_file(name, lambda f: f.write(text.encode()))
 
     def log_json(self, obj: Any, name: str) -> None:
         self.log_text(json.dumps(obj, indent=2), name)

@@ -11,6 +11,7 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -21,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -34,8 +34,9 @@ from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
+from core.monitor import LayerMonitor
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
-from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.probes import encoder_forward
 from core.tracking import Tracker, atomic_write, local_checkpoints
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
@@ -235,7 +236,6 @@ class _Progress:
     step: int = 0  # optimizer updates done
     wall_s: float = 0.0  # cumulative step time, checkpoint I/O excluded
     flops_total: float = 0.0  # cumulative counted FLOPs
-    layer_rows: list[tuple[int, int, str, float]] = field(default_factory=list)  # (step, block, metric, value)
     skipped: int = 0  # steps whose gradients were not finite (no update made)
     skipped_in_a_row: int = 0
     loss: float = float("nan")  # the last step's loss
@@ -267,8 +267,14 @@ class _Run:
         self.model = build_model(cfg.model, cfg.geometry).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
-        self.probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed)
-                       if cfg.probe.enabled and rank == 0 else None)
+        # Probes, gradient norms, update ratios and the per-block artifacts: the public API any
+        # training loop uses (core.monitor), here on the encoder blocks and the unmasked encoder.
+        self.monitor = LayerMonitor(
+            self.model.blocks, probe_video, functools.partial(encoder_forward, self.model),
+            every=cfg.probe.every if cfg.probe.enabled and rank == 0 else None, log_every=t_cfg.log_every,
+            total_steps=t_cfg.steps, model=self.model, run=tracker, tokens_per_clip=cfg.probe.tokens_per_clip,
+            debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
+            run_metrics=False, describe_run=False)
         self.flops = build_flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
@@ -291,10 +297,10 @@ class _Run:
             done.flops_total = float(start["flops_total"])
             torch.set_rng_state(start["rng"])
         if ckpt is not None:
-            done.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+            self.monitor.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
             done.skipped = int(ckpt.get("skipped_steps", 0))
-            if self.probes is not None and ckpt.get("probe"):
-                self.probes.load_state_dict(ckpt["probe"], self._stored_probe)
+            if self.monitor.probes is not None and ckpt.get("probe"):
+                self.monitor.probes.load_state_dict(ckpt["probe"], self.monitor.stored_features)
         if start is not None:
             self.optimizer.load_state_dict(start["optimizer"])
         # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
@@ -302,24 +308,6 @@ class _Run:
         self.stage = self.schedule.frozen_at(done.step) if self.schedule else 0
         self.frozen = self.stage if freezes(self.cfg.objective) else 0
         set_frozen_prefix(self.model, self.optimizer, self.frozen)  # after loading: drops frozen moments
-
-    def _stored_probe(self, step: int) -> list[torch.Tensor]:
-        """The features of this run's probe at ``step``: the local file, else the stored artifact."""
-        name = schema.probe_artifact(step)
-        path = self.run_dir / name
-        if not path.is_file():
-            path = self.tracker.download(name, tempfile.mkdtemp(prefix="layerlock-probe-"))
-        return torch.load(path, map_location="cpu", weights_only=True)["features"]
-
-    def probe(self, step: int) -> None:
-        """Probe the blocks at ``step``, log the metrics and store the features, once, in their
-        own file (``probe/step_NNNNNN.pt``); the checkpoints keep only the probe steps."""
-        self.record(self.probes.probe(self.model, step), step)
-        if self.tracker.enabled:
-            path = self.run_dir / schema.probe_artifact(step)
-            state = self.probes.features_at(-1)
-            atomic_write(path, lambda f: torch.save(state, f))
-            self.tracker.log_artifact(path, schema.PROBE_DIR)
 
     def log_header(self) -> None:
         """A new run's params, resolved config, FLOP model, schedule and skipped files."""
@@ -334,11 +322,7 @@ class _Run:
 
     def record(self, metrics: dict[str, float], at: int) -> None:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
-        self.tracker.log_metrics(metrics, at)
-        for key, value in metrics.items():
-            name, _, blk = key.partition("/block_")
-            if blk:
-                self.done.layer_rows.append((at, int(blk), name, float(value)))
+        self.monitor.record(metrics, at)
 
     def follow_schedule(self, step: int) -> None:
         """Apply a schedule stage that starts at ``step``: refreeze and rebuild the wrapped module."""
@@ -364,9 +348,9 @@ class _Run:
                                        step_generator(t_cfg.seed, step, salt=1))
         return video, keep_idx[lo:hi].to(self.device), mask_idx[lo:hi].to(self.device)
 
-    def update(self, step: int, log_now: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def update(self, step: int) -> dict[str, torch.Tensor]:
         """Forward, backward and one optimizer update (skipped when gradients are not finite).
-        Returns the losses and, at log steps, per-block gradient norms and update ratios."""
+        Returns the losses; the monitor logs per-block gradient norms and update ratios at log steps."""
         t_cfg, model, optimizer, done = self.cfg.train, self.model, self.optimizer, self.done
         video, keep_idx, mask_idx = self.shard(step)
         with self.autocast:
@@ -375,7 +359,6 @@ class _Run:
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step}")
         loss.backward()
-        extra: dict[str, float] = {}
         with_grad = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
         if not torch.isfinite(grad_norm):
@@ -387,21 +370,18 @@ class _Run:
             if done.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise TrainingDiverged(f"gradients not finite for {done.skipped_in_a_row} steps in a row "
                                        f"(up to step {step})")
-            return losses, extra
+            return losses
         done.skipped_in_a_row = 0
-        if log_now:
-            extra.update(block_grad_norms(model.blocks))
-            before = snapshot_blocks(model.blocks)
+        self.monitor.after_backward(step)
         if t_cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(with_grad, t_cfg.grad_clip, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if log_now:
-            extra.update(update_ratios(model.blocks, before))
-        return losses, extra
+        self.monitor.after_step(step)
+        return losses
 
-    def log_interval(self, step: int, lr: float, extra: dict[str, float], bar: tqdm) -> None:
-        """The log line of an interval: mean losses (over all ranks), speed, FLOPs and per-block extras."""
+    def log_interval(self, step: int, lr: float, bar: tqdm) -> None:
+        """The log line of an interval: mean losses (over all ranks), speed and FLOPs."""
         done, iv, t_cfg = self.done, self.interval, self.cfg.train
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -417,7 +397,6 @@ class _Run:
                         schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
                         schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s,
                         schema.SKIPPED_STEPS: done.skipped})
-        metrics.update(extra)
         self.record(metrics, step)
         self.tracker.submit()
         bar.set_postfix(loss=f"{metrics[schema.LOSS]:.4f}", frozen=self.frozen, refresh=False)
@@ -428,21 +407,19 @@ class _Run:
         cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
         step, t0 = done.step, time.perf_counter()
         self.follow_schedule(step)
-        if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
-            self.probe(step)
+        self.monitor.probe_if_due(step)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
-        losses, extra = self.update(step, log_now)
+        losses = self.update(step)
         for key, value in losses.items():
             self.interval.losses.setdefault(key, []).append(float(value.detach()))
         done.loss = self.interval.losses["loss"][-1]
         done.flops_total += self.flops_per_k[self.stage]
         self.interval.steps += 1
         done.wall_s += time.perf_counter() - t0
-        if log_now:
-            self.log_interval(step, lr, extra, bar)
+        if self.monitor.is_log_step(step):
+            self.log_interval(step, lr, bar)
         done.step += 1
         bar.update(1)
         if done.step % t_cfg.checkpoint_every == 0 or done.step == t_cfg.steps:
@@ -458,8 +435,8 @@ class _Run:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
                  "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
                  "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
-                 "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
-                 "probe": self.probes.state_dict() if self.probes else {}}
+                 "layer_rows": [list(r) for r in self.monitor.layer_rows], "skipped_steps": done.skipped,
+                 "probe": self.monitor.probes.state_dict() if self.monitor.probes else {}}
         self.tracker.make_durable()   # the metrics up to this step are on disk before the checkpoint is
         path = self.run_dir / schema.checkpoint_artifact(next_step)
         atomic_write(path, lambda f: torch.save(state, f))
@@ -476,16 +453,8 @@ class _Run:
             with self.autocast:
                 heldout = heldout_pixel_loss(self.model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
             tracker.log_metrics({schema.HELDOUT_KEY: heldout}, step)
-        if ended and self.probes is not None:
-            self.probe(step)
-            for s, vals in self.probes.final().items():
-                self.record(vals, s)
-        if tracker.enabled and done.layer_rows:
-            frame = pd.DataFrame(done.layer_rows, columns=["step", "block", "metric", "value"])
-            frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
-            path = self.run_dir / schema.LAYER_METRICS_ARTIFACT
-            atomic_write(path, lambda f: frame.to_parquet(f, index=False))
-            tracker.log_artifact(path)
+        # Final probe, cka_final, probe features, layer_metrics.parquet (the run stays open here).
+        self.monitor.close(step, final_probe=ended)
         if ended:
             tracker.finish()
         else:   # stopped early (stop_after): everything sent, the run left to a later resume

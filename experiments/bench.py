@@ -1,4 +1,5 @@
-"""``bench freezing|tracking|data|cli``: side-by-side measurements in one process, printed as ratios.
+"""``bench freezing|tracking|data|cli|monitor|own-freezing``: side-by-side measurements in one
+process, printed as ratios (monitor, own-freezing: experiments/bench_own_loop.py).
 
 freezing: for k = 0..depth-1 frozen blocks, the median step time on the same batch, rounds
 interleaved across k so drift in machine load hits every k alike; against counted FLOPs.
@@ -103,6 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise LayerLockError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if args.threads is not None and args.threads < 1:
         raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
+    if args.what in OWN_LOOP_BENCHES:
+        return cmd_own_loop_bench(args)
     if args.what in ("data", "cli"):
         result = bench_data(args.repeats) if args.what == "data" else bench_cli(args.repeats)
         print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f} s" for k, v in result.items()))
@@ -176,7 +179,7 @@ def bench_cli(repeats: int) -> dict[str, float]:
 
 def register(sub, add_tracking) -> None:
     p = sub.add_parser("bench", help="side-by-side measurements: step time vs FLOPs, tracking on vs off")
-    p.add_argument("what", choices=["freezing", "tracking", "data", "cli"])
+    p.add_argument("what", choices=["freezing", "tracking", "data", "cli", *OWN_LOOP_BENCHES])
     p.add_argument("--config", default="experiments/configs/mae_tiny.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -187,4 +190,44 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--repeats", type=int, default=3, help="tracking: runs of each mode, alternated; data, cli: repeats")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 for freezing, torch's default for tracking)")
+    add_own_loop_args(p)
     p.set_defaults(func=cmd_bench)
+
+
+# ----------------------------------------------------------------------------- own loop (bench_own_loop.py)
+
+OWN_LOOP_BENCHES = ("monitor", "own-freezing")
+
+
+def add_own_loop_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["vit", "video"], default="vit",
+                   help="monitor, own-freezing: the README example's torchvision model")
+    p.add_argument("--every", type=int, default=50, help="monitor, own-freezing: probe interval in steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="monitor, own-freezing: steps per run (300 for vit, 200 for video)")
+
+
+def cmd_own_loop_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from core.errors import LayerLockError
+    from experiments import bench_own_loop
+
+    for flag in ("every", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise LayerLockError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    torch.set_num_threads(args.threads or 1)   # one thread unless asked: see cmd_bench
+    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
+    if args.what == "monitor":
+        steps = args.steps or bench_own_loop.DEFAULT_STEPS[args.model]
+        result = bench_own_loop.bench_monitor(args.model, steps, args.every, args.repeats)
+        show = bench_own_loop.print_monitor
+    else:
+        result = bench_own_loop.bench_own_freezing(args.model, args.rounds, args.steps_per_round, args.warmup,
+                                                   args.repeats, min(args.every, 20), args.steps)
+        show = bench_own_loop.print_own_freezing
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return 0

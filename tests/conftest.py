@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 os.environ["LAYERLOCK_RUNS_DIR"] = tempfile.mkdtemp(prefix="layerlock-test-runs-")
 
 from core.config import ExperimentConfig  # noqa: E402
-from tests.helpers import TINY, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401  (shared helpers live in helpers.py)
+from tests.helpers import TINY, OwnLoopStore, build_own_loop_store, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401
 
 
 @pytest.fixture
@@ -30,3 +30,10 @@ def tiny_cfg() -> ExperimentConfig:
 def store(tmp_path) -> str:
     """A throwaway sqlite tracking URI."""
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def own_loop_store(tmp_path_factory) -> OwnLoopStore:
+    """The README example's two torchvision runs (ViT, video ResNet), trained once per session;
+    the browser test builds its dashboard store in the same folder."""
+    return build_own_loop_store(tmp_path_factory.mktemp("own-loop"))

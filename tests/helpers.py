@@ -275,3 +275,41 @@ class TeamServer:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.folder, ignore_errors=True)
+
+# ----------------------------------------------------------------------------- runs of a user's own loop
+
+@dataclass(frozen=True)
+class OwnLoopStore:
+    """Two runs of the README example's plain loop on torchvision models, with LayerMonitor attached."""
+
+    folder: Path
+    uri: str
+    vit: str  # VisionTransformer, 300 steps
+    video: str  # VideoResNet (mc3 layout), 200 steps
+    steps: dict  # run id -> steps
+
+
+OWN_LOOP_STEPS = {"vit": 300, "video": 200}
+OWN_LOOP_EVERY = 20
+
+
+def build_own_loop_store(folder: Path) -> OwnLoopStore:
+    """Train both example models in ``folder/mlflow.db`` (one intra-op thread: on a shared 2-core
+    machine, spinning OpenMP threads make these small steps ten times slower)."""
+    import torch
+
+    from experiments.examples.own_loop import SETUPS, attach_monitor, train
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = {}
+        for name, steps in OWN_LOOP_STEPS.items():
+            setup = SETUPS[name]()
+            with attach_monitor(setup, steps, OWN_LOOP_EVERY, tracking_uri=uri, run_name=f"{name}-own-loop") as mon:
+                train(setup, steps, monitor=mon)
+            ids[name] = mon.run_id
+    finally:
+        torch.set_num_threads(threads)
+    return OwnLoopStore(folder, uri, ids["vit"], ids["video"], {ids[n]: s for n, s in OWN_LOOP_STEPS.items()})
