@@ -188,5 +188,6 @@ def jobs_section() -> None:
 
 st.subheader("Launched runs")
 live = any(jobs.status(j) == "running" for j in jobs.list_jobs())
-st.button("Refresh now", key="launch_refresh")
+if st.button("Refresh now", key="launch_refresh"):
+    loaders.refresh_live()   # fresh data, not what the short-lived caches hold
 errors.fragment(jobs_section, run_every=2 if live else None)()
