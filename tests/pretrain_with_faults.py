@@ -29,9 +29,9 @@ from experiments.cli import main  # noqa: E402
 def slow_steps(seconds: float) -> None:
     real = core_train._Run.update
 
-    def slowed(self, step, log_now):
+    def slowed(self, step, *args):
         time.sleep(seconds)
-        return real(self, step, log_now)
+        return real(self, step, *args)
 
     core_train._Run.update = slowed
 

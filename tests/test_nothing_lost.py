@@ -118,12 +118,12 @@ def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, mo
 
     real = core_train._Run.update
 
-    def slowed(self, step, log_now):
+    def slowed(self, step, *args):
         if step == 6 and not holder:
             holder["t"] = threading.Thread(target=hold_lock)
             holder["t"].start()
         time.sleep(0.5)
-        return real(self, step, log_now)
+        return real(self, step, *args)
 
     monkeypatch.setattr(core_train._Run, "update", slowed)
     cfg = ExperimentConfig.model_validate(tiny_dict(train={"steps": 60, "checkpoint_every": 10, "log_every": 1},
