@@ -98,9 +98,11 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1%}"
 
-    basis = {"time_model": "measured step times", "flops": "counted FLOPs"}.get(schedule["predicted_time_basis"], "-")
+    basis = {"time_model": "measured step times", "flops": "FLOPs"}.get(schedule["predicted_time_basis"], "-")
     print(f"predicted saving: FLOPs {pct(flop)}, wall time {pct(wall)} (from {basis}: "
           f"{schedule['prediction']['time_model']})", file=sys.stderr)
+    if schedule.get("predicted_saving_basis") == "estimate":   # last: what the user must not miss
+        print(f"note: the predicted saving is an ESTIMATE: {schedule['prediction']['flop_model']}", file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

@@ -9,6 +9,10 @@ The trainer logs ``flop_model.json``: the FLOPs of ONE training step as counted 
 A run of ``total_steps`` trains steps ``0 .. total_steps-1``; step t costs
 ``per_step[frozen_at(schedule, t)]``. The model is the source run's: a prediction made from an
 MAE (pixel) run does not include the extra target forward that the LayerLock objective adds.
+
+A run without ``flop_model.json`` (an older run, or a monitored loop without ``train_step``)
+gets :func:`estimated_flop_model`: a uniform per-block cost from its logged depth, marked
+``"estimate": true`` so that every prediction made from it says so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ import numpy as np
 
 from core.errors import LayerLockError
 from core.freezing import frozen_at
+
+# What an estimated FLOP model assumes (shown with every prediction made from one).
+ESTIMATE_BASIS = ("estimate (the run has no flop_model.json): every block costs the same, its backward twice "
+                  "its forward, and nothing outside the blocks is counted, so the saving is an upper bound")
+
+
+def estimated_flop_model(n_blocks: int) -> dict[str, Any]:
+    """A FLOP model from the depth alone: in units of one block's forward, a step costs ``3 n``
+    (forward 1 + backward 2 per block) and freezing k blocks saves their backward, ``2 k``.
+    Marked ``"estimate": True``; ``basis`` says what it assumes."""
+    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or n_blocks < 1:
+        raise LayerLockError(f"cannot estimate a FLOP model for n_blocks={n_blocks!r}")
+    return {"n_blocks": n_blocks, "per_step": {str(k): float(3 * n_blocks - 2 * k) for k in range(n_blocks)},
+            "per_step_k": "k = blocks 0..k-1 frozen", "estimate": True, "basis": ESTIMATE_BASIS}
+
+
+def is_estimate(flop_model: dict[str, Any] | None) -> bool:
+    """Whether a FLOP model is :func:`estimated_flop_model`'s rather than counted."""
+    return bool(flop_model and flop_model.get("estimate"))
 
 
 def per_step_flops(flop_model: dict[str, Any]) -> np.ndarray:

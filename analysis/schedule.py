@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.flops import baseline_flops, predicted_saving, schedule_flops, stage_segments
+from analysis.flops import (
+    baseline_flops,
+    estimated_flop_model,
+    is_estimate,
+    predicted_saving,
+    schedule_flops,
+    stage_segments,
+)
 from core.errors import LayerLockError, ScheduleError
 from core.freezing import frozen_at as _frozen_at
 from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
@@ -102,11 +109,13 @@ def schedule_with_prediction(
 ) -> dict[str, Any]:
     """The schedule plus top-level predictions (what ``python -m analysis schedule`` writes).
 
-    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``; None without a
-    flop model) and ``predicted_time_saving`` with ``predicted_time_basis``: from the run's
-    measured step times (``time_model.json``, basis ``time_model``) when it has them, else
-    assumed proportional to counted FLOPs (basis ``flops``); ``prediction`` holds the totals
-    and, under ``time_model``, one line saying what the time prediction rests on
+    Adds ``predicted_flop_saving`` (``1 - flops / (total_steps * per_step[0])``),
+    ``predicted_saving_basis``: ``"counted"`` (the run's ``flop_model.json``) or ``"estimate"``
+    (:func:`analysis.flops.estimated_flop_model`, a uniform per-block cost; ``prediction.flop_model``
+    says what it assumes), and ``predicted_time_saving`` with ``predicted_time_basis``: from the
+    run's measured step times (``time_model.json``, basis ``time_model``) when it has them, else
+    assumed proportional to the FLOPs (basis ``flops``). FLOP savings are None without a flop
+    model. ``prediction`` holds the totals and one line saying what the time prediction rests on
     (:func:`analysis.timing.predict_wall_saving`).
     """
     from analysis.timing import predict_wall_saving
@@ -114,15 +123,20 @@ def schedule_with_prediction(
     out = validate_schedule(schedule)
     wall = predict_wall_saving(out, int(total_steps), flop_model, time_model)
     prediction: dict[str, Any] = {"total_steps": int(total_steps)}
+    flop_basis = None
     if flop_model is None:
         prediction["note"] = "run has no flop_model.json"
     else:
+        flop_basis = "estimate" if is_estimate(flop_model) else "counted"
         prediction.update(flops=schedule_flops(out, flop_model, total_steps),
                           baseline_flops=baseline_flops(flop_model, total_steps),
+                          flop_model=flop_model.get("basis") if flop_basis == "estimate"
+                          else "counted (the run's flop_model.json)",
                           flop_model_objective=flop_model.get("objective"))
     prediction["time_model"] = wall.note
     out.update(predicted_flop_saving=None if flop_model is None else predicted_saving(out, flop_model, total_steps),
-               predicted_time_saving=wall.saving, predicted_time_basis=wall.basis, prediction=prediction)
+               predicted_saving_basis=flop_basis, predicted_time_saving=wall.saving,
+               predicted_time_basis=wall.basis, prediction=prediction)
     return out
 
 
@@ -146,9 +160,10 @@ def schedule_for_run(
 
     ``conv`` holds the per-block convergence steps of rule ``method`` (``threshold`` and
     ``patience``: None = the rule's defaults, recorded in ``source``). Depth: ``n_blocks`` (the
-    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. ``time_model``:
-    the run's ``time_model.json`` for the wall-clock prediction. Raises LayerLockError without
-    ``total_steps``.
+    run's ``model.depth``), else the flop model's, else the blocks in ``conv``. Without a flop
+    model the FLOP saving is predicted from :func:`analysis.flops.estimated_flop_model` and labelled
+    ``"predicted_saving_basis": "estimate"``. ``time_model``: the run's ``time_model.json`` for the
+    wall-clock prediction. Raises LayerLockError without ``total_steps``.
     """
     from analysis.convergence import RULES
 
@@ -164,6 +179,8 @@ def schedule_for_run(
         source["patience"] = rule["patience"] if patience is None else patience
     schedule = derive_schedule(conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen,
                                quantize=quantize, source=source)
+    if flop_model is None:
+        flop_model = estimated_flop_model(int(depth))
     return schedule_with_prediction(schedule, flop_model, int(total_steps), time_model)
 
 

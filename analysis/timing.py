@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from analysis.flops import predicted_saving, stage_segments
+from analysis.flops import is_estimate, predicted_saving, stage_segments
 from core.errors import LayerLockError, first_line
 from core.timemodel import predicted_time_saving, time_table
 
@@ -47,6 +47,7 @@ def predict_wall_saving(schedule: dict[str, Any], total_steps: int, flop_model: 
             why = f"its time_model.json is not usable ({first_line(err)})"
     if flop_model is None:
         return WallPrediction(None, None, f"nothing to predict from: {why} and no flop_model.json")
+    counted = "estimated" if is_estimate(flop_model) else "counted"
     return WallPrediction(predicted_saving(schedule, flop_model, total_steps), BASIS_FLOPS,
-                          f"assumed proportional to counted FLOPs ({why}); "
+                          f"assumed proportional to {counted} FLOPs ({why}); "
                           "`python -m experiments bench freezing` measures how far time follows FLOPs")

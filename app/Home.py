@@ -6,7 +6,6 @@ navigation; each page lives in ``app/screens`` and reads runs through ``analysis
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -16,8 +15,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/Home.py` puts only app/ on t
 
 import streamlit as st  # noqa: E402
 
-from analysis import first_line  # noqa: E402
-from app.views import loaders, serving, state  # noqa: E402
+from app.views import errors, loaders, serving, state  # noqa: E402
 
 st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
 
@@ -71,13 +69,10 @@ def sidebar() -> None:
             st.rerun()
 
 
+state.run_from_url()
 sidebar()
 page = st.navigation(PAGES)
 try:
     page.run()
 except Exception as err:  # last resort: one line on the page, the traceback in the server log
-    logging.getLogger("layerlock.app").exception("page %s failed", page.title)
-    text = first_line(err)
-    label = text if text == type(err).__name__ else f"{type(err).__name__}: {text}"
-    st.error(f"This page could not be drawn ({label}). "
-             "The server log has the details.")
+    errors.show(err, f"page {page.title}")

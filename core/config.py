@@ -59,6 +59,7 @@ class DataConfig(_Strict):
     size: int = Field(32, ge=8, description="square frame side in pixels")
     train_clips: int = Field(4096, ge=8, description="virtual size of the procedural train split")
     val_clips: int = Field(512, ge=8, description="size of the held-out split used by probes")
+    digits: int = Field(1, ge=1, le=4, description="moving_digits: digits per clip; labels are the nearest one's")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="data seed; the train/val splits are fixed by it")
 
 

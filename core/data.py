@@ -152,8 +152,8 @@ class MovingDigits(ClipDataset):
         frac = (far_d - depth) / (far_d - near_d)  # 1 at the near depth, 0 at the far one
         return round(self._sprite_far + frac * (self._sprite_near - self._sprite_far))
 
-    def _item(self, index: int) -> dict:
-        rng = _item_rng(self.cfg.seed, self.split_id, index)
+    def _sprite_track(self, rng: np.random.Generator) -> tuple[int, float, int, np.ndarray, np.ndarray]:
+        """Draw one digit's (image index, depth, direction, sprite, (T, 2) top-left per frame)."""
         T, S = self.frames, self.size
         k = int(rng.integers(len(self._images)))
         depth = float(rng.uniform(*self.DEPTH_RANGE))
@@ -173,12 +173,27 @@ class MovingDigits(ClipDataset):
         travel = step * speed * (T - 1)  # (dx, dy) over the whole clip
         start = np.array([_start_coord(rng, S, side, travel[0]),
                           _start_coord(rng, S, side, travel[1])])
+        path = np.rint(start + step * speed * np.arange(T)[:, None]).astype(int)  # (T, 2) as (x, y)
+        return k, depth, direction, sprite, path
 
+    def _item(self, index: int) -> dict:
+        rng = _item_rng(self.cfg.seed, self.split_id, index)
+        T, S = self.frames, self.size
+        tracks = [self._sprite_track(rng) for _ in range(self.cfg.digits)]
+        # Painter's order, far to near: a nearer digit's ink hides what is behind it. The labels
+        # are the nearest digit's, so with several digits the probes must find the salient one.
+        tracks.sort(key=lambda tr: -tr[1])
         canvas = np.zeros((T, S, S), dtype=np.float32)
-        for t in range(T):
-            x, y = np.rint(start + step * speed * t).astype(int)
-            _paste(canvas[t], sprite, top=y, left=x)
-        depth_map = np.where(canvas > self.INK_THRESHOLD, np.float32(depth), np.float32(1.0))
+        depth_map = np.ones((T, S, S), dtype=np.float32)
+        layer = np.zeros((S, S), dtype=np.float32)
+        for _, depth, _, sprite, path in tracks:
+            for t in range(T):
+                layer.fill(0.0)
+                _paste(layer, sprite, top=path[t, 1], left=path[t, 0])
+                ink = layer > self.INK_THRESHOLD
+                canvas[t] = np.where(ink, layer, np.maximum(canvas[t], layer))
+                depth_map[t][ink] = depth
+        k, _, direction, _, _ = tracks[-1]
 
         video = torch.from_numpy(canvas).unsqueeze(0).repeat(3, 1, 1, 1)  # gray -> (3, T, S, S)
         return {
@@ -186,7 +201,7 @@ class MovingDigits(ClipDataset):
             "labels": {
                 "digit": _class_label(self._digit_labels[k]),
                 "direction": _class_label(direction),
-                "depth": torch.from_numpy(depth_map.astype(np.float32, copy=False)),
+                "depth": torch.from_numpy(depth_map),
             },
         }
 

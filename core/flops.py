@@ -10,18 +10,29 @@ Counting runs the real training step (forward, losses including the latent-targe
 backward) under ``torch.utils.flop_counter.FlopCounterMode`` on a copy of the model on the
 ``meta`` device: shapes only, so it costs milliseconds and no memory, and the count follows
 the code path instead of a hand-written formula.
+
+Any model (:func:`count_flop_model`): the caller's own training step (forward and loss on a
+fixed batch; the backward is added here) is counted the same way for every frozen-prefix length
+of a list of blocks, on the real model, and everything the count changes is put back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import ExperimentConfig
-from core.freezing import set_frozen_prefix
+from core.errors import LayerLockError
+from core.freezing import freeze_prefix, frozen_prefix_length, set_frozen_prefix
 from core.masking import n_keep
 from core.model import build_model
 from core.objectives import compute_losses, freezes
+from core.probes import rng_preserved
+
+PREFIX_MEANING = "k = blocks 0..k-1 frozen"
 
 
 def count_step_flops(cfg: ExperimentConfig, batch_size: int, k: int) -> int:
@@ -45,7 +56,50 @@ def flop_model(cfg: ExperimentConfig, batch_size: int | None = None) -> dict:
     """The run's FLOP model: per-step FLOPs for every schedule stage k = 0..depth-1."""
     b = batch_size or cfg.train.batch_size
     per = {str(k): count_step_flops(cfg, b, k) for k in range(cfg.model.depth)}
-    meaning = ("k = blocks 0..k-1 frozen" if freezes(cfg.objective)
+    meaning = (PREFIX_MEANING if freezes(cfg.objective)
                else "k = schedule stage (latent target = block k-1 output); nothing frozen")
     return {"n_blocks": cfg.model.depth, "batch_size": b, "objective": cfg.objective.name, "per_step": per,
             "per_step_k": meaning}
+
+
+def count_flop_model(blocks: Sequence[nn.Module], train_step: Callable[[], torch.Tensor], *, model: nn.Module,
+                     stem: Iterable[nn.Module | nn.Parameter] = ()) -> dict:
+    """The FLOP model of any model's training step: counted FLOPs for every k = 0..n-1 frozen blocks.
+
+    ``train_step()`` runs the caller's forward and loss on one fixed training batch and returns
+    the loss; for each k, blocks 0..k-1 (and ``stem``) are frozen with
+    :func:`core.freezing.freeze_prefix`, and ``train_step()`` plus ``loss.backward()`` run under
+    ``FlopCounterMode``. This runs n real steps without an optimizer update; afterwards the
+    frozen prefix, every gradient of ``model``, its buffers (BatchNorm statistics) and the RNG
+    are as they were, so the training run that follows is the same bit for bit.
+    The optimizer's step is not counted (it is elementwise).
+    """
+    blocks = list(blocks)
+    stem = list(stem)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    k_before = frozen_prefix_length(blocks)
+    per_step: dict[str, int] = {}
+    try:
+        with rng_preserved([model]):
+            for k in range(len(blocks)):
+                freeze_prefix(blocks, k, None, stem=stem)
+                for p in params:
+                    p.grad = None
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    loss = train_step()
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise LayerLockError("train_step must return the loss, a tensor with one element")
+                    loss.backward()
+                per_step[str(k)] = int(counter.get_total_flops())
+    finally:
+        freeze_prefix(blocks, k_before, None, stem=stem)
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    return {"n_blocks": len(blocks), "per_step": per_step, "per_step_k": PREFIX_MEANING,
+            "counted": "FlopCounterMode on the caller's training step (forward, loss, backward)"}

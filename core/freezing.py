@@ -3,13 +3,19 @@
 A schedule maps a training step to the length ``k`` of the frozen prefix (blocks 0..k-1, with
 the patch embedding frozen together with block 0). Only a *prefix* saves backward compute:
 gradients must still flow through any frozen block that sits below a trainable one.
+
+Any model: :func:`freeze_prefix` works on a plain list of modules (the "blocks", in depth
+order) plus a ``stem`` (modules or parameters that run before block 0 and freeze with it), and
+:func:`apply_schedule` applies a schedule JSON to such a list at a step, in the caller's own
+training loop. The trainer's :func:`set_frozen_prefix` is the same function on ``model.blocks``.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,31 +186,125 @@ def schedule_from_config(cfg: FreezeConfig, n_blocks: int, total_steps: int) -> 
     return sched
 
 
-def set_frozen_prefix(model: nn.Module, optimizer: torch.optim.Optimizer | None, k: int) -> None:
-    """Freeze blocks 0..k-1 (and the patch embedding when k > 0); unfreeze the rest.
+# ----------------------------------------------------------------------------- any list of modules
+
+# Attributes this module keeps on the objects it freezes (and removes when it unfreezes them):
+_SAVED_FLAG = "_layerlock_requires_grad"   # on a parameter: its requires_grad before it was frozen
+_NO_GRAD = "_layerlock_no_grad"            # on a frozen block: its two hook handles
+_GRAD_MODES = "_layerlock_grad_modes"      # on a frozen block: grad modes to restore after its forward
+_WARNED = "_layerlock_warned"              # on a frozen block: the stem warning was given
+
+
+def _stem_parameters(stem: Iterable[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
+    out: list[nn.Parameter] = []
+    for item in stem:
+        if isinstance(item, nn.Parameter):
+            out.append(item)
+        elif isinstance(item, nn.Module):
+            out.extend(item.parameters())
+        else:
+            raise ScheduleError(f"stem entries must be modules or parameters, got {type(item).__name__}")
+    return out
+
+
+def _enter_no_grad(block: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a frozen block: its forward builds no autograd graph."""
+    if torch.is_grad_enabled() and not getattr(block, _WARNED, False):
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            setattr(block, _WARNED, True)
+            warnings.warn(f"frozen block {type(block).__name__} received an input that requires grad: whatever "
+                          "runs before it gets no gradient through it now. Pass the modules that run before "
+                          "block 0 as stem=... so that they freeze with it", stacklevel=2)
+    block.__dict__.setdefault(_GRAD_MODES, []).append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
+
+
+def _exit_no_grad(block: nn.Module, args: tuple, output) -> None:
+    modes = block.__dict__.get(_GRAD_MODES)
+    if modes:
+        torch.set_grad_enabled(modes.pop())
+
+
+def frozen_prefix_length(blocks: Sequence[nn.Module]) -> int:
+    """How many leading blocks :func:`freeze_prefix` has frozen (0 when none)."""
+    k = 0
+    for blk in blocks:
+        if _NO_GRAD not in blk.__dict__:
+            break
+        k += 1
+    return k
+
+
+def freeze_prefix(blocks: Sequence[nn.Module], k: int, optimizer: torch.optim.Optimizer | None = None, *,
+                  stem: Iterable[nn.Module | nn.Parameter] = ()) -> None:
+    """Freeze ``blocks[0..k-1]`` (and ``stem`` when k > 0); unfreeze the rest. Any model.
 
     The only place that touches ``requires_grad`` and optimizer state. Frozen parameters get
-    ``requires_grad_(False)``, their ``.grad`` and their optimizer state (Adam moments) are
-    dropped, so they cost neither backward compute nor memory; the model's forward runs the
-    prefix under ``no_grad`` (``model.frozen_prefix``).
+    ``requires_grad_(False)``, their ``.grad`` and their optimizer state (e.g. Adam moments) are
+    dropped, so optimizers that skip parameters without a gradient (all of torch.optim) leave
+    them bitwise unchanged; each frozen block's forward runs under ``no_grad`` (a forward
+    pre-hook and an always-called forward hook). Unfreezing gives parameters back the
+    ``requires_grad`` they had before. Buffers (BatchNorm running statistics) follow the
+    module's train/eval mode as usual. ``stem``: modules or parameters that run before block 0
+    (a patch embedding, a class token): frozen with block 0, since no gradient reaches them
+    through a frozen block anyway.
     """
-    blocks = model.blocks
+    blocks = list(blocks)
     if not 0 <= k < len(blocks):
         raise ScheduleError(f"cannot freeze {k} of {len(blocks)} blocks: at least one must train")
-    frozen_params: list[nn.Parameter] = []
-    for i, blk in enumerate(blocks):
-        for p in blk.parameters():
-            p.requires_grad_(i >= k)
-            if i < k:
-                frozen_params.append(p)
-    for p in model.patch_embed.parameters():
-        p.requires_grad_(k == 0)
-        if k > 0:
-            frozen_params.append(p)
-    for p in frozen_params:
+    frozen = [p for blk in blocks[:k] for p in blk.parameters()] + (_stem_parameters(stem) if k > 0 else [])
+    frozen_ids = {id(p) for p in frozen}
+    for p in frozen:
+        if not hasattr(p, _SAVED_FLAG):
+            setattr(p, _SAVED_FLAG, p.requires_grad)
+        p.requires_grad_(False)
         p.grad = None
         if optimizer is not None:
             optimizer.state.pop(p, None)
+    thawed = [p for blk in blocks[k:] for p in blk.parameters()] + (_stem_parameters(stem) if k == 0 else [])
+    for p in thawed:
+        if id(p) not in frozen_ids and hasattr(p, _SAVED_FLAG):
+            p.requires_grad_(getattr(p, _SAVED_FLAG))
+            delattr(p, _SAVED_FLAG)
+    for i, blk in enumerate(blocks):
+        hooked = _NO_GRAD in blk.__dict__
+        if i < k and not hooked:
+            blk.__dict__[_NO_GRAD] = (blk.register_forward_pre_hook(_enter_no_grad),
+                                      blk.register_forward_hook(_exit_no_grad, always_call=True))
+        elif i >= k and hooked:
+            for handle in blk.__dict__.pop(_NO_GRAD):
+                handle.remove()
+
+
+def as_schedule(schedule: FreezeSchedule | dict[str, Any], n_blocks: int | None = None) -> FreezeSchedule:
+    """A :class:`FreezeSchedule` from a schedule dict (the JSON of ``python -m analysis schedule``)
+    or a schedule; ``n_blocks`` (when given) must match."""
+    sched = schedule if isinstance(schedule, FreezeSchedule) else FreezeSchedule.from_dict(schedule)
+    if n_blocks is not None and sched.n_blocks != n_blocks:
+        raise ScheduleError(f"schedule is for n_blocks={sched.n_blocks} but {n_blocks} blocks were given")
+    return sched
+
+
+def apply_schedule(schedule: FreezeSchedule | dict[str, Any], blocks: Sequence[nn.Module], step: int,
+                   optimizer: torch.optim.Optimizer | None = None, *,
+                   stem: Iterable[nn.Module | nn.Parameter] = ()) -> int:
+    """Freeze the prefix ``schedule`` holds at training ``step`` (call it at the start of every
+    step of your own loop); returns that prefix length. Does nothing while the prefix is already
+    in force, so it costs a few microseconds on other steps. ``schedule``: the JSON dict of
+    ``python -m analysis schedule`` (load it with ``json.load``) or a :class:`FreezeSchedule`."""
+    sched = as_schedule(schedule, len(blocks))
+    k = sched.frozen_at(step)
+    if k != frozen_prefix_length(blocks):
+        freeze_prefix(blocks, k, optimizer, stem=stem)
+    return k
+
+
+def set_frozen_prefix(model: nn.Module, optimizer: torch.optim.Optimizer | None, k: int) -> None:
+    """Freeze encoder blocks 0..k-1 of a :class:`core.model.VideoMAE` (and its patch embedding
+    when k > 0); unfreeze the rest: :func:`freeze_prefix` on ``model.blocks`` with the patch
+    embedding as stem. The model runs its frozen prefix, patch embedding included, under
+    ``no_grad`` itself too (``model.frozen_prefix``, which only this function writes)."""
+    freeze_prefix(model.blocks, k, optimizer, stem=(model.patch_embed,))
     model.frozen_prefix = k
 
 

@@ -5,6 +5,12 @@ clips of the held-out split). Every clip is read at the **same** token positions
 the clip has at most ``probe.tokens_per_clip`` of them, else one fixed seeded subset. Features are
 kept as ``(clips, positions, dim)``.
 
+Any model: :class:`ProbeRunner` reads the outputs of any list of modules through forward hooks
+that exist only while the probe runs, in eval mode, under ``no_grad``, with the RNG kept
+(``core.monitor.LayerMonitor`` is the public API; the trainer uses it too). An output becomes
+``(clips, positions, dim)`` by :func:`clips_positions_dim`: ``(B, D)`` one position, ``(B, N, D)``
+tokens, ``(B, C, *grid)`` conv maps with channels as dim and grid cells as positions.
+
 Why positions are controlled: every token carries the fixed sin-cos position table, and in
 moving_digits most tubelets are black, so a large part of a block's raw variance is position
 signal that never trains. Pooling tokens drawn at random positions lets CKA, effective rank and the
@@ -33,13 +39,17 @@ rounding error (relative 2^-9) scales with the content, not with the position si
 removed. One probe keeps ``depth * batch_size * positions * dim * 2`` bytes. Defaults on mae_tiny
 (8 blocks, dim 128, 64 tokens per clip): 32 clips x 32 positions = 1024 CKA rows per block,
 8 * 32 * 32 * 128 * 2 B = 2 MiB per probe, 14 MiB for a 300-step run probed every 50 steps
-(7 probes), carried in checkpoints for resuming; the probe costs one forward of 32 unmasked clips.
+(7 probes), each probe's features once in its own file ``probe/step_NNNNNN.pt`` (a checkpoint keeps
+only the probe steps, so its size does not grow with the probes before it); the probe costs one
+forward of 32 unmasked clips.
 """
 
 from __future__ import annotations
 
-import copy
-from concurrent.futures import Future, ThreadPoolExecutor
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,39 +143,156 @@ def feature_stats(x: torch.Tensor) -> dict[str, float]:
     return {"feat_std": feat_std, "eff_rank": effective_rank(_rows(x)), "position_share": max(share, 0.0)}
 
 
-class ProbeRunner:
-    def __init__(self, cfg: ProbeConfig, video: torch.Tensor, n_tokens: int, seed: int = 0,
-                 background: bool = False) -> None:
-        """``video (C, channels, T, H, W)``: the fixed probe clips (held-out split, unmasked).
+def clips_positions_dim(output: Any) -> torch.Tensor:
+    """One block's output as probe features ``(clips, positions, dim)``.
 
-        ``background``: :meth:`start` probes a copy of the weights in a background thread (where
-        a CPU core is free for it), so training goes on meanwhile; :meth:`probe` always runs now.
-        """
+    The rule for any module: ``(B, D)`` is one position; ``(B, N, D)`` is a batch-first token
+    sequence, as it is; ``(B, C, *grid)`` with ``grid`` of 2 or more axes (a conv map,
+    ``(B, C, T, H, W)`` or ``(B, C, H, W)``) has its channels as dim and each grid cell as a
+    position. A tuple or list output is read at its first element (blocks that also return
+    attention weights or a cache). Anything else: pass ``features=`` to the probe.
+    """
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise LayerLockError(f"a block returned {type(output).__name__}, not a tensor: pass features=fn "
+                             "that maps its output to (clips, positions, dim)")
+    if output.ndim == 2:
+        return output[:, None, :]
+    if output.ndim == 3:
+        return output
+    if output.ndim >= 4:
+        return output.flatten(2).transpose(1, 2)
+    raise LayerLockError(f"a block output of shape {tuple(output.shape)} has no clips x positions x dim reading")
+
+
+@contextlib.contextmanager
+def rng_preserved(modules: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Run a block of code and put the random number generators back as they were (CPU, and
+    the CUDA devices of ``modules`` that are initialised): a probe or a FLOP count in the
+    middle of training must not shift the random stream (dropout, data order) of the run."""
+    devices = sorted({p.device.index or 0 for m in modules for p in m.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def inference_mode_of(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode (BatchNorm reads its running statistics and
+    does not update them, dropout is off), under ``no_grad``, with the RNG kept; each
+    submodule's own train/eval flag is restored afterwards."""
+    modules = list(modules)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        with torch.no_grad(), rng_preserved(modules):
+            yield
+    finally:
+        for m, was in flags:
+            m.training = was
+
+
+def capture_block_outputs(blocks: Sequence[nn.Module], run: Callable[[], Any],
+                          keep: Callable[[int, Any], torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``run()`` with a forward hook on every block; ``keep(i, output)`` turns block i's
+    output into what is kept (the last call wins when a block runs more than once). The hooks
+    exist only during this call, so training forwards never see them."""
+    kept: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def hook(i: int):
+        def store(module: nn.Module, args: tuple, output: Any) -> None:
+            kept[i] = keep(i, output)
+        return store
+
+    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(blocks)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, k in enumerate(kept) if k is None]
+    if missing:
+        raise LayerLockError(f"block(s) {', '.join(map(str, missing))} did not run during the probe forward: "
+                             "the blocks must be modules that the forward calls")
+    return kept  # type: ignore[return-value]
+
+
+def encoder_forward(model: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """The trainer's probe forward: a VideoMAE's encoder on unmasked clips, on the model's device."""
+    return model.forward_encoder(video.to(next(model.parameters()).device), None)
+
+
+class ProbeRunner:
+    """The fixed-batch probe of a list of blocks: features, per-block metrics, stored history.
+
+    Any model (:class:`core.monitor.LayerMonitor`): ``blocks`` in depth order, ``forward(batch)``
+    runs the model on the probe batch, ``owner`` (the model) is put in eval mode for it. The
+    trainer's probe is the same on a VideoMAE: ``ProbeRunner(cfg, video, n_tokens, seed)`` and
+    ``probe(model, step)`` read ``model.blocks`` on the encoder's unmasked forward.
+
+    Positions: each block's output is read as ``(clips, positions, dim)``
+    (:func:`clips_positions_dim`, or ``features``), at the same positions for every clip: all of
+    them when there are at most ``cfg.tokens_per_clip``, else a subset fixed by ``seed``
+    (:func:`probe_positions`). With ``n_positions`` the positions are fixed up front, the same
+    for every block (the trainer: ``n_tokens``); without it each block's are chosen at its first
+    probe from its own number of positions.
+    """
+
+    def __init__(self, cfg: ProbeConfig, batch: Any, n_positions: int | None = None, seed: int = 0, *,
+                 blocks: Sequence[nn.Module] | None = None, forward: Callable[[Any], Any] | None = None,
+                 owner: nn.Module | None = None,
+                 features: Callable[[Any], torch.Tensor] | None = None) -> None:
+        """``batch``: the fixed probe batch (for the trainer, ``video (C, channels, T, H, W)``,
+        held-out unmasked clips); whatever ``forward`` takes."""
         self.cfg = cfg
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe") if background else None
-        self._shadow: nn.Module | None = None   # the weights a background probe reads
-        self._pending: list[tuple[int, Future[dict[str, float]]]] = []
-        self._ready: list[tuple[int, dict[str, float]]] = []
-        self.video = video
-        self.positions = probe_positions(n_tokens, cfg.tokens_per_clip, seed)   # (P,), the same for every clip
+        self.batch = batch
+        self.seed = seed
+        self.blocks = list(blocks) if blocks is not None else None
+        self.forward = forward
+        self.owner = owner
+        self.to_features = features or clips_positions_dim
+        # (P,), the same for every clip (and block); None: chosen per block at the first probe.
+        self.positions = probe_positions(n_positions, cfg.tokens_per_clip, seed) if n_positions else None
+        self.block_positions: list[torch.Tensor | None] = []
         self.steps: list[int] = []
         self.features: list[list[torch.Tensor]] = []   # per probe, per block: (C, P, dim) position-centred bf16
         # CKA-ready forms of the first and the latest probe, kept between probes so that each
         # probe prepares only its own features (core.cka.prepare); rebuilt after a resume.
         self._prepared: dict[str, list[PreparedFeatures]] = {}
 
-    @torch.no_grad()
-    def extract(self, model: nn.Module) -> list[torch.Tensor]:
-        """Every block's output at the probe positions: per block ``(C, P, dim)`` float32 on the CPU."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        _, outs = model.forward_encoder(self.video.to(device), None, return_blocks=True)
-        model.train(was_training)
-        pos = self.positions.to(device)
-        return [o[:, pos].to("cpu", torch.float32) for o in outs]
+    def _positions(self, i: int, n: int) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
+        while len(self.block_positions) <= i:
+            self.block_positions.append(None)
+        if self.block_positions[i] is None:
+            self.block_positions[i] = probe_positions(n, self.cfg.tokens_per_clip, self.seed)
+        return self.block_positions[i]
 
-    def probe(self, model: nn.Module, step: int) -> dict[str, float]:
+    def _keep(self, i: int, output: Any) -> torch.Tensor:
+        x = self.to_features(output)
+        if x.ndim != 3:
+            raise LayerLockError(f"features of block {i} must be (clips, positions, dim), got {tuple(x.shape)}")
+        pos = self._positions(i, x.shape[1])
+        if int(pos.max()) >= x.shape[1]:
+            raise LayerLockError(f"block {i} now has {x.shape[1]} positions, fewer than at its first probe")
+        return x[:, pos.to(x.device)].to("cpu", torch.float32)
+
+    def extract(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """Every block's output at the probe positions: per block ``(C, P, dim)`` float32 on the CPU.
+        ``model``: a VideoMAE to probe (the trainer's form); else the blocks given at construction."""
+        if model is not None:
+            blocks, forward, owners = model.blocks, functools.partial(encoder_forward, model), [model]
+        elif self.blocks is not None and self.forward is not None:
+            blocks, forward = self.blocks, self.forward
+            owners = [self.owner] if self.owner is not None else self.blocks
+        else:
+            raise LayerLockError("ProbeRunner.extract needs a model, or blocks and forward at construction")
+        with inference_mode_of(owners):
+            return capture_block_outputs(blocks, lambda: forward(self.batch), self._keep)
+
+    def probe(self, model: nn.Module | None = None, step: int = 0) -> dict[str, float]:
         """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``."""
         feats = self.extract(model)
         stored = [centre_positions(f).to(STORE_DTYPE) for f in feats]
@@ -186,44 +313,6 @@ class ProbeRunner:
         self._prepared.setdefault("init", now)
         return out
 
-    def start(self, model: nn.Module, step: int) -> None:
-        """Probe ``model`` as it is at ``step``: now, or (``background``) on a copy of its weights
-        in the background thread. Results come back, in step order, from :meth:`results`."""
-        if self._pool is None:
-            self._ready.append((step, self.probe(model, step)))
-            return
-        self._wait_pending()   # the copy is overwritten below: the previous probe must be done with it
-        with torch.no_grad():
-            if self._shadow is None:
-                self._shadow = copy.deepcopy(model).requires_grad_(False)
-                for p in self._shadow.parameters():
-                    p.grad = None
-            else:
-                self._shadow.load_state_dict(model.state_dict())
-        self._pending.append((step, self._pool.submit(self.probe, self._shadow, step)))
-
-    def _wait_pending(self) -> None:
-        for step, future in self._pending:
-            self._ready.append((step, future.result()))
-        self._pending = []
-
-    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
-        """Probes finished since the last call, as ``(step, metrics)``; ``wait``: all started ones
-        (before a checkpoint or the end, whose state must include them)."""
-        if wait:
-            self._wait_pending()
-        else:
-            while self._pending and self._pending[0][1].done():
-                step, future = self._pending.pop(0)
-                self._ready.append((step, future.result()))
-        out, self._ready = self._ready, []
-        return out
-
-    def close(self) -> None:
-        """Stop the background thread (after the probe it may be running)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
     def _prepared_of(self, which: str, index: int) -> list[PreparedFeatures]:
         """The kept CKA-ready form of probe ``index`` (``prev``: the latest, ``init``: the first)."""
         if which not in self._prepared:
@@ -239,26 +328,51 @@ class ProbeRunner:
                     for b, p in enumerate(_prepare_probe(feats))}
                 for s, feats in zip(self.steps, self.features)}
 
-    def state_dict(self) -> dict:
-        return {"steps": list(self.steps), "features": [list(f) for f in self.features],
-                "positions": self.positions.clone()}
+    def _saved_positions(self) -> torch.Tensor | list[torch.Tensor | None]:
+        if self.positions is not None:
+            return self.positions.clone()
+        return [None if p is None else p.clone() for p in self.block_positions]
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the probe steps and positions. Not the features: those of each
+        probe are stored once, in their own file (:meth:`features_at`), so a checkpoint does not
+        grow with every probe taken before it."""
+        return {"steps": list(self.steps), "positions": self._saved_positions()}
+
+    def load_state_dict(self, state: dict, features_of: Callable[[int], list[torch.Tensor]] | None = None) -> None:
+        """Restore from :meth:`state_dict`; ``features_of(step)`` reads one probe's stored
+        features (checkpoints written before features had their own files carry them inline)."""
         saved = state.get("positions")
-        if saved is None or not torch.equal(saved, self.positions):
+        if self.positions is not None:
+            same = isinstance(saved, torch.Tensor) and torch.equal(saved, self.positions)
+        else:   # chosen per block at the first probe: take the saved ones if nothing was probed yet
+            same = isinstance(saved, list) and (not self.steps or all(
+                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(saved, self.block_positions)))
+        if not same:
             # Older checkpoints kept random tokens per clip (flat rows): CKA against them is meaningless.
             raise LayerLockError("the checkpoint's probe features were taken at other token positions (an older "
                                  "probe format or another probe config); this run cannot resume, start a new one")
+        if self.positions is None:
+            self.block_positions = list(saved)
         self.steps = list(state["steps"])
-        self.features = [list(f) for f in state["features"]]
         self._prepared = {}
+        if "features" in state:
+            self.features = [list(f) for f in state["features"]]
+        elif features_of is not None:
+            self.features = [list(features_of(s)) for s in self.steps]
+        else:
+            raise LayerLockError("the checkpoint's probe features are stored apart and no reader was given")
 
-    def save(self, path) -> None:
-        torch.save({"steps": self.steps, "features": self.features, "positions": self.positions,
-                    "layout": "per probe, per block: (clips, positions, dim), position-centred, bfloat16"}, path)
+    def features_at(self, index: int = -1) -> dict:
+        """One probe as a file's content: its step, positions and features (per block
+        ``(clips, positions, dim)``, position-centred, bfloat16)."""
+        return {"step": self.steps[index], "features": list(self.features[index]),
+                "positions": self._saved_positions(),
+                "layout": "per block: (clips, positions, dim), position-centred, bfloat16"}
 
 
-def block_grad_norms(blocks: nn.ModuleList) -> dict[str, float]:
+def block_grad_norms(blocks: Sequence[nn.Module]) -> dict[str, float]:
     """L2 norm of each trainable block's gradient (frozen blocks are skipped: they have none)."""
     out = {}
     for b, blk in enumerate(blocks):
@@ -268,20 +382,21 @@ def block_grad_norms(blocks: nn.ModuleList) -> dict[str, float]:
     return out
 
 
-def snapshot_blocks(blocks: nn.ModuleList) -> list[list[torch.Tensor] | None]:
+def snapshot_blocks(blocks: Sequence[nn.Module]) -> list[list[torch.Tensor] | None]:
     """Copies of trainable blocks' parameters, to measure the next update's size."""
     return [[p.detach().clone() for p in blk.parameters()] if any(p.requires_grad for p in blk.parameters())
             else None for blk in blocks]
 
 
-def update_ratios(blocks: nn.ModuleList, before: list[list[torch.Tensor] | None]) -> dict[str, float]:
-    """||W_after - W_before|| / ||W_before|| per trainable block."""
+def update_ratios(blocks: Sequence[nn.Module], before: list[list[torch.Tensor] | None]) -> dict[str, float]:
+    """||W_after - W_before|| / ||W_before|| per trainable block. Consumes ``before`` (the
+    snapshot's copies are overwritten by the difference: no second copy of the weights)."""
     out = {}
     for b, (blk, old) in enumerate(zip(blocks, before)):
         if old is None:
             continue
-        new = [p.detach() for p in blk.parameters()]
-        delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(new, old))))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
+        torch._foreach_sub_(old, [p.detach() for p in blk.parameters()])    # W_before - W_after, in place
+        delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
         out[block_key("update_ratio", b)] = float(delta / norm.clamp_min(1e-12))
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------------------- tags
 
-TAG_METHOD = "layerlock.method"  # mae, layerlock, latent_naive, latent_scheduled, freeze_test, study
+TAG_METHOD = "layerlock.method"  # mae, layerlock, latent_naive, latent_scheduled, freeze_test, study, own_loop
 TAG_DATASET = "layerlock.dataset"
 TAG_SCHEDULE_SOURCE = "layerlock.schedule_source"  # run id a schedule came from
 TAG_PARENT = "layerlock.parent"  # freeze-test children, next to mlflow's own parent tag
@@ -22,10 +22,16 @@ TAG_FAILURE = "layerlock.failure_reason"  # FAILED runs: the first line of the e
 TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.seed
 TAG_STUDY = "layerlock.study"  # every run of one `python -m experiments study`
 TAG_LAUNCHED_FROM = "layerlock.launched_from"  # "dashboard" for runs its Launch page started
+TAG_JOB = "layerlock.job_id"  # the Launch page's job id: how it finds the run it started
+# The process training a run: "HOST pid PID", and its heartbeat (unix seconds, refreshed while it
+# trains). A second trainer of a RUNNING run is refused while the heartbeat is fresh.
+TAG_OWNER = "layerlock.owner"
+TAG_HEARTBEAT = "layerlock.heartbeat"
 
 # Values of TAG_METHOD that are not training objectives.
 METHOD_FREEZE_TEST = "freeze_test"
 METHOD_STUDY = "study"  # the summary run of a study
+METHOD_OWN_LOOP = "own_loop"  # a run of the user's own training loop, logged by core.monitor.LayerMonitor
 
 # ----------------------------------------------------------------------------- metric keys
 
@@ -68,7 +74,7 @@ DERIVED_SCHEDULE_ARTIFACT = "derived_schedule.json"
 FLOP_MODEL_ARTIFACT = "flop_model.json"  # counted FLOPs of one step per frozen-prefix length
 TIME_MODEL_ARTIFACT = "time_model.json"  # measured step time per frozen-prefix length (core.timemodel)
 LAYER_METRICS_ARTIFACT = "layer_metrics.parquet"  # tidy: step, block, metric, value
-PROBE_DIR = "probe"  # stored probe features
+PROBE_DIR = "probe"  # stored probe features: probe/step_NNNNNN.pt, one probe each
 CHECKPOINT_DIR = "checkpoints"  # checkpoints/step_NNNNNN.pt
 STUDY_DIR = "study"  # a study's report.md, results.json, figures/
 
@@ -76,6 +82,11 @@ STUDY_DIR = "study"  # a study's report.md, results.json, figures/
 def checkpoint_artifact(step: int) -> str:
     """``1200`` -> ``"checkpoints/step_001200.pt"`` (sorts by step as text)."""
     return f"{CHECKPOINT_DIR}/step_{step:06d}.pt"
+
+
+def probe_artifact(step: int) -> str:
+    """``100`` -> ``"probe/step_000100.pt"``: the features of the probe at that step."""
+    return f"{PROBE_DIR}/step_{step:06d}.pt"
 
 
 def checkpoint_step(name: str) -> int:

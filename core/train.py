@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -23,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -36,11 +36,12 @@ from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
+from core.monitor import LayerMonitor
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.perf import Prefetcher, keep_freed_memory, spare_core
-from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.probes import encoder_forward
 from core.timemodel import StepTimer, calibration_stages
-from core.tracking import Tracker
+from core.tracking import Tracker, atomic_write, local_checkpoints
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
               "latent_scheduled": "latent_scheduled"}
@@ -108,25 +109,32 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)   # a crash leaves either the old file or the complete new one
+def _load_checkpoint_file(path: Path | str) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError("not a LayerLock checkpoint")
+    return state
 
 
-def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
-    """The newest of ``names`` that loads. A truncated or corrupt file (a kill during a write or a
-    copy) falls back to the previous one, and stderr says which checkpoint was used."""
+def _load_newest_good(tracker: Tracker, names: list[str], local: dict[str, Path]) -> dict | None:
+    """The newest of ``names`` that loads, from the run's local folder (``local``: the source of
+    truth while the run lives; it may hold checkpoints not uploaded yet) or else from the store.
+    A truncated or corrupt file (a kill during a copy) falls back to the previous checkpoint, and
+    stderr says which one was used."""
     failed: list[str] = []
+    stored = set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) if tracker.enabled else set()
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(names, reverse=True):
-            try:
-                state = torch.load(tracker.download(name, tmp), map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or "model" not in state or "step" not in state:
-                    raise ValueError("not a LayerLock checkpoint")
-            except Exception as err:
+            sources = ([local[name]] if name in local else []) + ([name] if name in stored else [])
+            for source in sources:
+                try:
+                    state = _load_checkpoint_file(source if isinstance(source, Path) else tracker.download(source, tmp))
+                    break
+                except Exception as err:
+                    error = err
+            else:
                 print(f"warning: checkpoint {name} of run {tracker.run_id} does not load "
-                      f"({type(err).__name__}); trying the previous one", file=sys.stderr)
+                      f"({type(error).__name__ if sources else 'missing'}); trying the previous one", file=sys.stderr)
                 failed.append(name)
                 continue
             if failed:
@@ -136,9 +144,16 @@ def _load_newest_good(tracker: Tracker, names: list[str]) -> dict | None:
     return None
 
 
+def _checkpoint_names(tracker: Tracker) -> tuple[list[str], dict[str, Path]]:
+    """A run's checkpoint names (stored or only local) and its local checkpoint files."""
+    local = local_checkpoints(tracker.folder)
+    return sorted(set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) | set(local)), local
+
+
 def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
     """Newest checkpoint of the run that loads (falling back to older ones)."""
-    return _load_newest_good(tracker, tracker.list_artifacts(schema.CHECKPOINT_DIR))
+    names, local = _checkpoint_names(tracker)
+    return _load_newest_good(tracker, names, local)
 
 
 @contextlib.contextmanager
@@ -199,6 +214,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
         if is_main:
             ckpt = _load_latest_checkpoint(tracker)
             if ckpt is None:
+                tracker.close()
                 raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
             cfg = config_from_dict(ckpt["config"], f"checkpoint of run {resume_run_id}")
             tracker.mark_running()   # only now: a resume that cannot load leaves the status alone
@@ -231,7 +247,6 @@ class _Progress:
     wall_s: float = 0.0  # cumulative step time, checkpoint I/O excluded
     cpu_s: float = 0.0  # cumulative CPU time of the process over the same steps
     flops_total: float = 0.0  # cumulative counted FLOPs
-    layer_rows: list[tuple[int, int, str, float]] = field(default_factory=list)  # (step, block, metric, value)
     skipped: int = 0  # steps whose gradients were not finite (no update made)
     skipped_in_a_row: int = 0
     loss: float = float("nan")  # the last step's loss
@@ -265,15 +280,20 @@ class _Run:
         self.model = build_model(cfg.model, cfg.geometry).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
-        # Where a core is free, probes run on a copy of the weights beside the training steps.
-        spare = self.device.type == "cpu" and spare_core("cpu", torch.get_num_threads())
-        self.probes = (ProbeRunner(cfg.probe, probe_video, cfg.geometry.n_tokens, seed=cfg.data.seed, background=spare)
-                       if cfg.probe.enabled and rank == 0 else None)
+        # Probes, gradient norms, update ratios and the per-block artifacts: the public API any
+        # training loop uses (core.monitor), here on the encoder blocks and the unmasked encoder.
+        self.monitor = LayerMonitor(
+            self.model.blocks, probe_video, functools.partial(encoder_forward, self.model),
+            every=cfg.probe.every if cfg.probe.enabled and rank == 0 else None, log_every=t_cfg.log_every,
+            total_steps=t_cfg.steps, model=self.model, run=tracker, tokens_per_clip=cfg.probe.tokens_per_clip,
+            debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
+            run_metrics=False, describe_run=False)
         self.flops = build_flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
         self.interval = _Interval()
-        self.run_dir = Path(tempfile.mkdtemp(prefix="layerlock-ckpt-"))
+        # The run's local folder (core.tracking: checkpoints, probe features, the spool).
+        self.run_dir = tracker.folder or Path(tempfile.mkdtemp(prefix="layerlock-run-"))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and t_cfg.amp
                          else contextlib.nullcontext())
         self.stage = self.frozen = 0
@@ -295,10 +315,10 @@ class _Run:
             done.cpu_s = float(start.get("cpu_s", 0.0))
             torch.set_rng_state(start["rng"])
         if ckpt is not None:
-            done.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+            self.monitor.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
             done.skipped = int(ckpt.get("skipped_steps", 0))
-            if self.probes is not None and ckpt.get("probe"):
-                self.probes.load_state_dict(ckpt["probe"])
+            if self.monitor.probes is not None and ckpt.get("probe"):
+                self.monitor.probes.load_state_dict(ckpt["probe"], self.monitor.stored_features)
             self.timer.load_state_dict(ckpt.get("time_model") or {})
         if start is not None:
             self.optimizer.load_state_dict(start["optimizer"])
@@ -370,18 +390,9 @@ class _Run:
                                                      calibration_steps=t_cfg.time_calibration),
                                   schema.TIME_MODEL_ARTIFACT)
 
-    def record_probes(self, wait: bool = False) -> None:
-        """Record the probes that have finished (``wait``: all started ones)."""
-        for at, metrics in self.probes.results(wait) if self.probes is not None else ():
-            self.record(metrics, at)
-
     def record(self, metrics: dict[str, float], at: int) -> None:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
-        self.tracker.log_metrics(metrics, at)
-        for key, value in metrics.items():
-            name, _, blk = key.partition("/block_")
-            if blk:
-                self.done.layer_rows.append((at, int(blk), name, float(value)))
+        self.monitor.record(metrics, at)
 
     def follow_schedule(self, step: int) -> None:
         """Apply a schedule stage that starts at ``step``: refreeze and rebuild the wrapped module."""
@@ -412,9 +423,10 @@ class _Run:
                                        step_generator(t_cfg.seed, step, salt=1))
         return video, keep_idx[lo:hi], mask_idx[lo:hi]
 
-    def update(self, step: int, log_now: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def update(self, step: int, log_now: bool = True) -> dict[str, torch.Tensor]:
         """Forward, backward and one optimizer update (skipped when gradients are not finite).
-        Returns the losses and, at log steps, per-block gradient norms and update ratios."""
+        Returns the losses; the monitor logs per-block gradient norms and update ratios at log
+        steps (``log_now=False``: a timing step outside training, nothing logged)."""
         t_cfg, model, optimizer, done = self.cfg.train, self.model, self.optimizer, self.done
         video, keep_idx, mask_idx = self.shard(step)
         with self.autocast:
@@ -423,7 +435,6 @@ class _Run:
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step}")
         loss.backward()
-        extra: dict[str, float] = {}
         with_grad = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
         if not torch.isfinite(grad_norm):
@@ -435,21 +446,20 @@ class _Run:
             if done.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise TrainingDiverged(f"gradients not finite for {done.skipped_in_a_row} steps in a row "
                                        f"(up to step {step})")
-            return losses, extra
+            return losses
         done.skipped_in_a_row = 0
         if log_now:
-            extra.update(block_grad_norms(model.blocks))
-            before = snapshot_blocks(model.blocks)
+            self.monitor.after_backward(step)
         if t_cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(with_grad, t_cfg.grad_clip, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if log_now:
-            extra.update(update_ratios(model.blocks, before))
-        return losses, extra
+            self.monitor.after_step(step)
+        return losses
 
-    def log_interval(self, step: int, lr: float, extra: dict[str, float], bar: tqdm) -> None:
-        """The log line of an interval: mean losses (over all ranks), speed, FLOPs and per-block extras."""
+    def log_interval(self, step: int, lr: float, bar: tqdm) -> None:
+        """The log line of an interval: mean losses (over all ranks), speed and FLOPs."""
         done, iv, t_cfg = self.done, self.interval, self.cfg.train
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -465,7 +475,6 @@ class _Run:
                         schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
                         schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s, schema.CPU_S: done.cpu_s,
                         schema.SKIPPED_STEPS: done.skipped})
-        metrics.update(extra)
         self.record(metrics, step)
         self.tracker.submit()
         bar.set_postfix(loss=f"{metrics[schema.LOSS]:.4f}", frozen=self.frozen, refresh=False)
@@ -476,17 +485,14 @@ class _Run:
         cfg, t_cfg, done = self.cfg, self.cfg.train, self.done
         step, t0, c0 = done.step, time.perf_counter(), time.process_time()
         self.follow_schedule(step)
-        probe_s = probe_cpu = 0.0   # probes are overhead in the time model, not step time
-        if self.probes is not None and step % cfg.probe.every == 0 and step < t_cfg.steps:
-            t_probe, c_probe = time.perf_counter(), time.process_time()
-            self.probes.start(self.model, step)
-            probe_s, probe_cpu = time.perf_counter() - t_probe, time.process_time() - c_probe
-        self.record_probes()
+        # Probes are overhead in the time model, not step time.
+        t_probe, c_probe = time.perf_counter(), time.process_time()
+        self.monitor.probe_if_due(step)
+        probe_s, probe_cpu = time.perf_counter() - t_probe, time.process_time() - c_probe
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        log_now = (step + 1) % t_cfg.log_every == 0 or step == 0 or step + 1 == t_cfg.steps
-        losses, extra = self.update(step, log_now)
+        losses = self.update(step)
         for key, value in losses.items():
             self.interval.losses.setdefault(key, []).append(float(value.detach()))
         done.loss = self.interval.losses["loss"][-1]
@@ -496,8 +502,8 @@ class _Run:
         done.wall_s += step_s
         done.cpu_s += step_cpu
         self.timer.add(self.stage, step_s - probe_s, step_s, step_cpu - probe_cpu, step_cpu)
-        if log_now:
-            self.log_interval(step, lr, extra, bar)
+        if self.monitor.is_log_step(step):
+            self.log_interval(step, lr, bar)
         done.step += 1
         bar.update(1)
         if done.step % t_cfg.checkpoint_every == 0 or done.step == t_cfg.steps:
@@ -505,21 +511,21 @@ class _Run:
             self.interval.started = time.perf_counter()   # checkpoint I/O is not step time
 
     def checkpoint(self, next_step: int) -> None:
-        """Save and publish ``checkpoints/step_NNNNNN.pt`` (after flushing the metrics up to it)."""
+        """Publish ``checkpoints/step_NNNNNN.pt`` in the run's local folder, atomically, and queue
+        its upload; training does not wait for the store (core.tracking, "Write-ahead spool")."""
         if not self.tracker.enabled:
             return
-        self.record_probes(wait=True)   # the checkpoint's probe history and layer rows include them
         done = self.done
-        path = self.run_dir / Path(schema.checkpoint_artifact(next_step)).name
-        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
-                      "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
-                      "cpu_s": done.cpu_s, "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
-                      "layer_rows": [list(r) for r in done.layer_rows], "skipped_steps": done.skipped,
-                      "probe": self.probes.state_dict() if self.probes else {},
-                      "time_model": self.timer.state_dict()}, path)
-        self.tracker.flush()   # metrics up to this step are stored before the checkpoint is published
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
+                 "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
+                 "cpu_s": done.cpu_s, "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
+                 "layer_rows": [list(r) for r in self.monitor.layer_rows], "skipped_steps": done.skipped,
+                 "probe": self.monitor.probes.state_dict() if self.monitor.probes else {},
+                 "time_model": self.timer.state_dict()}
+        self.tracker.make_durable()   # the metrics up to this step are on disk before the checkpoint is
+        path = self.run_dir / schema.checkpoint_artifact(next_step)
+        atomic_write(path, lambda f: torch.save(state, f))
         self.tracker.log_artifact(path, schema.CHECKPOINT_DIR)
-        path.unlink()
 
     def finish(self) -> TrainResult:
         """At the end of training: held-out loss, final probes and stored features, the layer
@@ -532,26 +538,14 @@ class _Run:
             with self.autocast:
                 heldout = heldout_pixel_loss(self.model, clips, cfg.model.mask_ratio, cfg.objective.norm_pix_loss)
             tracker.log_metrics({schema.HELDOUT_KEY: heldout}, step)
-        self.record_probes(wait=True)
-        if self.probes is not None:
-            self.probes.close()
-        if ended and self.probes is not None:
-            self.record(self.probes.probe(self.model, step), step)
-            for s, vals in self.probes.final().items():
-                self.record(vals, s)
-            if tracker.enabled:
-                self.probes.save(self.run_dir / "features.pt")
-                tracker.log_artifact(self.run_dir / "features.pt", schema.PROBE_DIR)
-        if tracker.enabled and done.layer_rows:
-            frame = pd.DataFrame(done.layer_rows, columns=["step", "block", "metric", "value"])
-            frame = frame.drop_duplicates(["step", "block", "metric"], keep="last")
-            frame.to_parquet(self.run_dir / schema.LAYER_METRICS_ARTIFACT, index=False)
-            tracker.log_artifact(self.run_dir / schema.LAYER_METRICS_ARTIFACT)
+        # Final probe, cka_final, probe features, layer_metrics.parquet (the run stays open here).
+        self.monitor.close(step, final_probe=ended)
         self.log_time_model()
         if ended:
             tracker.finish()
-        else:
+        else:   # stopped early (stop_after): everything sent, the run left to a later resume
             tracker.flush()
+            tracker.close()
         return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
                            wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s,
                            loop_cpu_s=self.loop_cpu_s)
@@ -585,7 +579,6 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
         fresh = ckpt is None and init_state is None and step == 0
         if step % t_cfg.checkpoint_every or fresh:   # not just written by the loop
             run.checkpoint(step)
-        run.record_probes(wait=True)
         run.log_time_model()
         tracker.finish("KILLED")
         raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
@@ -597,7 +590,7 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
     """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only.
     When the latest does not load (truncated by a kill), the previous good one is used (said on stderr)."""
     tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
-    names = sorted(tracker.list_artifacts(schema.CHECKPOINT_DIR))
+    names, local = _checkpoint_names(tracker)
     if not names:
         raise LayerLockError(f"run {run_id} has no checkpoints")
     if step is not None:
@@ -606,7 +599,7 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
             have = ", ".join(str(schema.checkpoint_step(n)) for n in names)
             raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
         names = [wanted]
-    state = _load_newest_good(tracker, names)
+    state = _load_newest_good(tracker, names, local)
     if state is None:
         which = f"its checkpoint at step {step}" if step is not None else "none of its checkpoints"
         raise LayerLockError(f"run {run_id}: {which} loads (truncated or corrupt files)")

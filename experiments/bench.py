@@ -1,4 +1,5 @@
-"""``bench freezing|tracking|profile|data|cli``: side-by-side measurements in one process, as ratios.
+"""``bench freezing|tracking|profile|data|cli|monitor|own-freezing``: side-by-side measurements in
+one process, printed as ratios (monitor, own-freezing: experiments/bench_own_loop.py).
 
 freezing: for k = 0..depth-1 frozen blocks, the step time on the same batch in rounds
 interleaved across k, so drift in machine load hits every k alike; each k's ratio to k=0 is the
@@ -54,7 +55,6 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
     wall time also what the other jobs took from it.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from core.config import load_config
     from core.data import build_dataset, get_batch
@@ -80,18 +80,39 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    wall: dict[int, list[float]] = {k: [] for k in range(depth)}   # per round: median step seconds
-    cpu: dict[int, list[float]] = {k: [] for k in range(depth)}
-    everything: dict[int, list[float]] = {k: [] for k in range(depth)}
+    timings = interleaved_timings(depth, lambda k: set_frozen_prefix(model, optimizer, k), step, rounds,
+                                  steps_per_round, warmup, max_rounds, within, "bench freezing")
+    flops = [count_step_flops(cfg, batch_size, k) for k in range(depth)]
+    rows = freezing_rows(timings, flops, within)
+    return {"rows": rows, "rounds": timings["rounds"], "steps_per_round": steps_per_round, "batch_size": batch_size,
+            "within": within, "resolved": all(row["resolved"] for row in rows)}
+
+
+def interleaved_timings(levels: int, set_level, step, rounds: int, steps_per_round: int, warmup: int,
+                        max_rounds: int | None = None, within: float = 0.01, desc: str = "bench") -> dict:
+    """Time ``step()`` at every level k = 0..levels-1 (``set_level(k)`` before each), in rounds.
+
+    Each round times ``steps_per_round`` steps at every k (order reversed every other round, so
+    drift in machine load hits every k alike) after ``warmup`` untimed ones, and keeps their
+    median, in wall and CPU time. Rounds go on past ``rounds`` until every k's ratio to k=0
+    (:func:`ratio_stats`) is resolved to ``within`` or ``max_rounds`` is reached. Returns
+    ``{"wall": {k: per-round medians}, "cpu": {...}, "all": {k: every timed step}, "rounds": n}``.
+    """
+    from tqdm.auto import tqdm
+
+    max_rounds = max(rounds, max_rounds or rounds)
+    wall: dict[int, list[float]] = {k: [] for k in range(levels)}
+    cpu: dict[int, list[float]] = {k: [] for k in range(levels)}
+    everything: dict[int, list[float]] = {k: [] for k in range(levels)}
 
     def resolved() -> bool:
-        return all(ratio_stats(wall[k], wall[0], within)["resolved"] for k in range(1, depth))
+        return all(ratio_stats(wall[k], wall[0], within)["resolved"] for k in range(1, levels))
 
     r = 0
-    with tqdm(total=max_rounds * depth, desc="bench freezing", unit="k", file=sys.stderr) as bar:
+    with tqdm(total=max_rounds * levels, desc=desc, unit="k", file=sys.stderr) as bar:
         while r < rounds or (r < max_rounds and not resolved()):
-            for k in list(range(depth)) if r % 2 == 0 else list(reversed(range(depth))):
-                set_frozen_prefix(model, optimizer, k)
+            for k in list(range(levels)) if r % 2 == 0 else list(reversed(range(levels))):
+                set_level(k)
                 for _ in range(warmup):
                     step()
                 w, c = [], []
@@ -105,18 +126,23 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
                 everything[k] += w
                 bar.update(1)
             r += 1
-    flops = {k: count_step_flops(cfg, batch_size, k) for k in range(depth)}
+    return {"wall": wall, "cpu": cpu, "all": everything, "rounds": r}
+
+
+def freezing_rows(timings: dict, flops: list[float], within: float) -> list[dict]:
+    """Per k: median step time, its time and CPU ratio to k=0 with 95% intervals (from
+    :func:`interleaved_timings`), against the FLOP ratio ``flops[k] / flops[0]``."""
+    wall, cpu = timings["wall"], timings["cpu"]
     rows = []
-    for k in range(depth):
+    for k in range(len(flops)):
         t, c = ratio_stats(wall[k], wall[0], within), ratio_stats(cpu[k], cpu[0], within)
         f = flops[k] / flops[0]
-        rows.append({"frozen": k, "step_ms": round(statistics.median(everything[k]) * 1000, 3), "flops": flops[k],
-                     "time_ratio": t["ratio"], "time_low": t["low"], "time_high": t["high"],
+        rows.append({"frozen": k, "step_ms": round(statistics.median(timings["all"][k]) * 1000, 3),
+                     "flops": flops[k], "time_ratio": t["ratio"], "time_low": t["low"], "time_high": t["high"],
                      "cpu_ratio": c["ratio"], "cpu_low": c["low"], "cpu_high": c["high"],
                      "flop_ratio": round(f, 4), "time_vs_flop": round(t["ratio"] / f, 4),
                      "cpu_vs_flop": round(c["ratio"] / f, 4), "resolved": t["resolved"]})
-    return {"rows": rows, "rounds": r, "steps_per_round": steps_per_round, "batch_size": batch_size,
-            "within": within, "resolved": all(row["resolved"] for row in rows)}
+    return rows
 
 
 def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps: int | None = None,
@@ -183,6 +209,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LayerLockError(f"--within must be a fraction in (0, 1), got {args.within}")
     if args.threads is not None and args.threads < 1:
         raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
+    if args.what in OWN_LOOP_BENCHES:
+        return cmd_own_loop_bench(args)
     if args.what in ("data", "cli"):
         result = bench_data(args.repeats) if args.what == "data" else bench_cli(args.repeats)
         print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f} s" for k, v in result.items()))
@@ -219,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"{_interval_text(c):<24} {r['cpu_vs_flop']:>9.3f}")
         print(_say_resolved(result["resolved"], result["within"], "wall-time ratio", "--max-rounds"))
     else:
-        result = bench_tracking(args.config, args.set, args.repeats, args.steps, args.max_repeats, args.within)
+        result = bench_tracking(args.config, args.set, args.repeats, args.steps or 100, args.max_repeats, args.within)
         if args.json:
             print(json.dumps(result))
             return 0
@@ -279,7 +307,7 @@ def bench_cli(repeats: int) -> dict[str, float]:
 
 def register(sub, add_tracking) -> None:
     p = sub.add_parser("bench", help="side-by-side measurements: step time vs FLOPs, tracking on vs off")
-    p.add_argument("what", choices=["freezing", "tracking", "profile", "data", "cli"])
+    p.add_argument("what", choices=["freezing", "tracking", "profile", "data", "cli", *OWN_LOOP_BENCHES])
     p.add_argument("--config", default="experiments/configs/mae_tiny.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -295,10 +323,51 @@ def register(sub, add_tracking) -> None:
                    help="tracking: pairs of runs (off, on), alternated, at least; data, cli: repeats")
     p.add_argument("--max-repeats", type=int, default=12,
                    help="tracking: go on up to this many pairs until the ratio is resolved to --within")
-    p.add_argument("--steps", type=int, default=100,
-                   help="tracking: steps per run (the config's probe and checkpoint intervals are kept)")
     p.add_argument("--within", type=float, default=0.01,
                    help="freezing, tracking: the resolution wanted, as a fraction (0.01: intervals within 1%%)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: 1 for freezing, tracking and profile; torch's own otherwise)")
+                   help="torch intra-op threads (default: 1 for freezing, tracking, profile and the own-loop "
+                        "benches; torch's own otherwise)")
+    add_own_loop_args(p)
     p.set_defaults(func=cmd_bench)
+
+
+# ----------------------------------------------------------------------------- own loop (bench_own_loop.py)
+
+OWN_LOOP_BENCHES = ("monitor", "own-freezing")
+
+
+def add_own_loop_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["vit", "video"], default="vit",
+                   help="monitor, own-freezing: the README example's torchvision model")
+    p.add_argument("--every", type=int, default=50, help="monitor, own-freezing: probe interval in steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per run: tracking 100 (the config's probe and checkpoint intervals are kept); "
+                        "monitor, own-freezing 300 for vit, 200 for video")
+
+
+def cmd_own_loop_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from core.errors import LayerLockError
+    from experiments import bench_own_loop
+
+    for flag in ("every", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise LayerLockError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    torch.set_num_threads(args.threads or 1)   # one thread unless asked: see cmd_bench
+    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
+    if args.what == "monitor":
+        steps = args.steps or bench_own_loop.DEFAULT_STEPS[args.model]
+        result = bench_own_loop.bench_monitor(args.model, steps, args.every, args.repeats)
+        show = bench_own_loop.print_monitor
+    else:
+        result = bench_own_loop.bench_own_freezing(args.model, args.rounds, args.steps_per_round, args.warmup,
+                                                   args.repeats, min(args.every, 20), args.steps,
+                                                   args.max_rounds, args.within)
+        show = bench_own_loop.print_own_freezing
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return 0

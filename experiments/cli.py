@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable]:
     """Other subcommands live in their own modules; each exposes ``register(sub, add_tracking)``."""
-    from experiments import bench, demo, evaluate, freeze_test, study
+    from experiments import bench, demo, evaluate, freeze_test, study, sync
 
-    return [freeze_test.register, evaluate.register, demo.register, study.register, bench.register]
+    return [freeze_test.register, evaluate.register, demo.register, study.register, bench.register, sync.register]
 
 
 def main(argv: list[str] | None = None) -> int:

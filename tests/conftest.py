@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Training runs keep a local folder (core.tracking.local_dir): in tests, under one throwaway folder
+# (inherited by the commands tests start), never in runs/ of the repository.
+os.environ["LAYERLOCK_RUNS_DIR"] = tempfile.mkdtemp(prefix="layerlock-test-runs-")
+
 from core.config import ExperimentConfig  # noqa: E402
-from tests.helpers import TINY, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401  (shared helpers live in helpers.py)
+from tests.helpers import TINY, OwnLoopStore, build_own_loop_store, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401
 
 
 @pytest.fixture
@@ -24,3 +30,10 @@ def tiny_cfg() -> ExperimentConfig:
 def store(tmp_path) -> str:
     """A throwaway sqlite tracking URI."""
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def own_loop_store(tmp_path_factory) -> OwnLoopStore:
+    """The README example's two torchvision runs (ViT, video ResNet), trained once per session;
+    the browser test builds its dashboard store in the same folder."""
+    return build_own_loop_store(tmp_path_factory.mktemp("own-loop"))

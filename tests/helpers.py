@@ -181,3 +181,137 @@ def stop_process(proc, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# ----------------------------------------------------------------------------- a team tracking server
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TeamServer:
+    """README "Past one machine" on loopback: PostgreSQL on a throwaway data folder as the backend
+    store, ``mlflow server`` with a local artifact root in front of it. ``kill()`` SIGKILLs the
+    MLflow server (PostgreSQL stays), ``start_mlflow()`` brings it back on the same port."""
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+        if not initdb[-1]:
+            raise RuntimeError("PostgreSQL is not installed: `bash .ci/setup --browser` installs Debian's postgresql")
+        self.bin = Path(initdb[-1]).parent
+        self.folder = Path(tempfile.mkdtemp(prefix="layerlock-team-"))
+        self.pg_port, self.port = free_port(), free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.backend = f"postgresql://postgres@127.0.0.1:{self.pg_port}/mlflow"
+        self.mlflow = None
+
+    def _as_postgres(self, *cmd: str):
+        """PostgreSQL refuses to run as root: as root, run its tools as the ``postgres`` user."""
+        import subprocess
+
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*prefix, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    def start(self) -> TeamServer:
+        if os.geteuid() == 0:
+            import shutil
+
+            shutil.chown(self.folder, "postgres")
+        data = self.folder / "pg"
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        # fsync off: a throwaway database; unix socket in the data folder, TCP on loopback only.
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "pg.log"), "-w", "-o",
+                          f"-p {self.pg_port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self._as_postgres(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres",
+                          "mlflow")
+        self.start_mlflow()
+        return self
+
+    def start_mlflow(self, timeout: float = 240) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        log = open(self.folder / "mlflow.log", "ab")   # noqa: SIM115 - the child writes to it
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.mlflow = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.folder, env=env, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.mlflow.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'mlflow.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server not up after {timeout} s")
+
+    def kill(self) -> None:
+        import signal
+
+        if self.mlflow is not None and self.mlflow.poll() is None:
+            os.killpg(self.mlflow.pid, signal.SIGKILL)   # its own session: the server and its workers
+            self.mlflow.wait()
+        self.mlflow = None
+
+    def stop(self) -> None:
+        import shutil
+        import subprocess
+
+        self.kill()
+        try:
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.folder / "pg"), "-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+# ----------------------------------------------------------------------------- runs of a user's own loop
+
+@dataclass(frozen=True)
+class OwnLoopStore:
+    """Two runs of the README example's plain loop on torchvision models, with LayerMonitor attached."""
+
+    folder: Path
+    uri: str
+    vit: str  # VisionTransformer, 300 steps
+    video: str  # VideoResNet (mc3 layout), 200 steps
+    steps: dict  # run id -> steps
+
+
+OWN_LOOP_STEPS = {"vit": 300, "video": 200}
+OWN_LOOP_EVERY = 20
+
+
+def build_own_loop_store(folder: Path) -> OwnLoopStore:
+    """Train both example models in ``folder/mlflow.db`` (one intra-op thread: on a shared 2-core
+    machine, spinning OpenMP threads make these small steps ten times slower)."""
+    import torch
+
+    from experiments.examples.own_loop import SETUPS, attach_monitor, train
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = {}
+        for name, steps in OWN_LOOP_STEPS.items():
+            setup = SETUPS[name]()
+            with attach_monitor(setup, steps, OWN_LOOP_EVERY, tracking_uri=uri, run_name=f"{name}-own-loop") as mon:
+                train(setup, steps, monitor=mon)
+            ids[name] = mon.run_id
+    finally:
+        torch.set_num_threads(threads)
+    return OwnLoopStore(folder, uri, ids["vit"], ids["video"], {ids[n]: s for n, s in OWN_LOOP_STEPS.items()})

@@ -201,6 +201,7 @@ def test_attribution_page(env: Store) -> None:
 
 def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     from app.views import jobs
+    from core.schema import TAG_JOB
 
     at = open_page("launch")
     assert_clean(at)
@@ -224,6 +225,7 @@ def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     assert jobs.status(job) == "finished" and jobs.run_id(job)
     record = io.get_run(jobs.run_id(job), env.uri)
     assert record.status == "FINISHED" and record.name == job.run_name and record.param_int("train.seed") == 3
+    assert record.tags[TAG_JOB] == job.job_id   # how the Launch page found it
 
     at.run()  # the finished job shows its run; the Runs page lists it
     assert_clean(at)

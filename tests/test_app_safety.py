@@ -127,7 +127,9 @@ def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monk
 
 
 def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkeypatch):
-    from analysis import load_config
+    from mlflow import MlflowClient
+
+    from analysis import load_config, schema
     from app.views import jobs
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
@@ -150,6 +152,15 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
         assert len(started) == 1 and started[0].run_name == "exp #2"
         assert 'tracking.run_name="exp #2"' in seen[0]
         assert load_config(ROOT / "experiments/configs/mae_tiny.yaml", seen[0]).tracking.run_name == "exp #2"
+        # The job finds its run by the job-id tag the launcher adds, whatever the run is named.
+        job = started[0]
+        assert job.argv[-2:] == ["--tag", f"{schema.TAG_JOB}={job.job_id}"]
+        client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+        exp = client.create_experiment("layerlock")
+        client.create_run(exp, run_name="exp #2")   # same name, not this job's
+        rid = client.create_run(exp, run_name="renamed", tags={schema.TAG_JOB: job.job_id}).info.run_id
+        at.button(key="launch_refresh").click().run()
+        assert any(rid in c.value for c in at.caption), [c.value for c in at.caption]
 
         at.text_input(key="launch_run_name").input("second")
         at.button(key="launch_submit").click().run()
@@ -209,3 +220,24 @@ def test_readme_lists_every_dashboard_row():
     readme = (ROOT / "README.md").read_text()
     for row_id, fields, message in DASHBOARD_ROWS:
         assert dashboard_readme_row(fields, message) in readme, row_id
+
+
+def _fragment_that_fails() -> None:
+    """An AppTest script: an auto-refreshing fragment whose body raises."""
+    from app.views import errors
+
+    def tick() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    errors.fragment(tick, run_every=60)()
+
+
+def test_auto_refreshing_fragments_show_one_line_not_a_traceback():
+    at = AppTest.from_function(_fragment_that_fails, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [e.value for e in at.error] == [
+        "This page could not be drawn (ZeroDivisionError: division by zero). The server log has the details."]
+    # Every fragment of the dashboard is made by errors.fragment (its timed reruns skip Home.py's handler).
+    direct = [str(p.relative_to(ROOT)) for p in (ROOT / "app").rglob("*.py")
+              if "st.fragment(" in p.read_text() and p.name != "errors.py"]
+    assert direct == []

@@ -86,6 +86,13 @@ ROWS: list[tuple[str, list[str], str]] = [
      "run not found: 0123456789abcdef (tracking URI STORE)"),
     ("resume-with-set", ["-m", "experiments", "pretrain", "--resume", "RUN_ID", "--set", "train.steps=3"],
      "--resume continues a run with its own config: drop --config/--set"),
+    ("resume-live-run", ["-m", "experiments", "pretrain", "--resume", "LIVE_ID", "--tracking-uri", "STORE"],
+     "run LIVE_ID is being trained by otherhost pid 4242 (heartbeat less than 120 s old); resume it once that "
+     "process has stopped"),
+    ("sync-unknown-run", ["-m", "experiments", "sync", "0123456789abcdef", "--tracking-uri", "STORE"],
+     "run not found: 0123456789abcdef (tracking URI STORE)"),
+    ("sync-unreachable", ["-m", "experiments", "sync", "--tracking-uri", "http://127.0.0.1:9"],
+     "tracking server http://127.0.0.1:9 does not answer (Connection refused)"),
     ("seeds-not-integers", [*PRE, "--seeds", "a,b"], "--seeds expects comma-separated integers, got 'a,b' ('a')"),
     ("seeds-repeated", [*PRE, "--seeds", "0,0"], "--seeds repeats 0: each seed gives one run"),
     ("evaluate-unknown-run", ["-m", "experiments", "evaluate", "--run", "0123456789abcdef", "--tracking-uri", "STORE"],
@@ -109,6 +116,14 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--within must be a fraction in (0, 1), got 2.0"),
     ("bench-profile-frozen", ["-m", "experiments", "bench", "profile", "--frozen", "8"],
      "--frozen must be between 0 and 7 (model.depth=8), got 8"),
+    ("bench-monitor-every-zero", ["-m", "experiments", "bench", "monitor", "--every", "0"],
+     "--every must be at least 1, got 0"),
+    ("own-loop-schedule-missing", ["-m", "experiments.examples.own_loop", "--schedule", "DIR/missing.json",
+                                   "--tracking-uri", "STORE"],
+     "schedule file not found: DIR/missing.json"),
+    ("own-loop-schedule-other-model", ["-m", "experiments.examples.own_loop", "--model", "video", "--schedule",
+                                       "DIR/four_blocks.json", "--tracking-uri", "STORE"],
+     "DIR/four_blocks.json: the schedule is for 4 blocks, --model video has 5"),
     ("convergence-unknown-run",
      ["-m", "analysis", "convergence", "--run", "0123456789abcdef", "--tracking-uri", "STORE"],
      "run not found: 0123456789abcdef (tracking URI STORE)"),
@@ -133,7 +148,8 @@ def _cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory) -> dict[str, str]:
-    """DIR with the bad files, STORE with one finished tiny run RUN_ID (4 blocks, checkpoints 4, 8, 12)."""
+    """DIR with the bad files, STORE with one finished tiny run RUN_ID (4 blocks, checkpoints 4, 8, 12)
+    and LIVE_ID, a RUNNING run whose owner on another host has a fresh heartbeat."""
     d = tmp_path_factory.mktemp("bad")
     (d / "list.yaml").write_text("- a\n- b\n")
     (d / "broken.yaml").write_text("model: [\n")
@@ -153,7 +169,15 @@ def bad(tmp_path_factory) -> dict[str, str]:
     sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
     proc = _cli([*PRE, *sets, "--tracking-uri", store], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return {"DIR": str(d), "STORE": store, "RUN_ID": proc.stdout.strip().splitlines()[-1]}
+    from mlflow import MlflowClient
+
+    from core.schema import TAG_HEARTBEAT, TAG_OWNER
+
+    client = MlflowClient(store)
+    # A heartbeat an hour ahead (a trainer whose clock runs fast) stays fresh for the whole module.
+    live = client.create_run(client.get_experiment_by_name("layerlock").experiment_id, tags={
+        TAG_OWNER: "otherhost pid 4242", TAG_HEARTBEAT: f"{time.time() + 3600:.0f}"}).info.run_id
+    return {"DIR": str(d), "STORE": store, "RUN_ID": proc.stdout.strip().splitlines()[-1], "LIVE_ID": live}
 
 
 def _fill(text: str, values: dict[str, str]) -> str:

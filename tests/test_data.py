@@ -142,6 +142,25 @@ def test_moving_digits_depth_map_and_sprite_size() -> None:
     assert ds.sprite_side(0.2) > ds.sprite_side(0.8)
 
 
+def test_moving_digits_several_digits_nearest_is_labelled_and_occludes() -> None:
+    ds = build_dataset(tiny(digits=3))
+    video, labels = get_batch(ds, range(48))
+    depth = labels["depth"]
+    several = 0
+    for clip, d, direction in zip(video, depth, labels["direction"].tolist()):
+        near = d.min()
+        assert near < 1.0
+        nearest = d == near  # the labelled digit's pixels: never hidden by another digit
+        assert nearest.any(dim=(1, 2)).all()
+        several += len(d[d < 1.0].unique()) > 1
+        shift = _centroid(nearest[-1].float()) - _centroid(nearest[0].float())
+        if np.linalg.norm(shift) > 4:  # the label is the nearest digit's direction
+            cos = shift @ DIRECTION_STEPS[direction] / np.linalg.norm(shift)
+            assert cos > np.cos(np.deg2rad(30.0)), (direction, shift)
+        assert torch.all(clip[0][d < 1.0] > ds.INK_THRESHOLD)  # depth marks ink only
+    assert several > 24  # most clips show more than one digit
+
+
 def test_photo_pans_clips_move() -> None:
     ds = build_dataset(tiny("photo_pans"))
     video, labels = get_batch(ds, range(32))

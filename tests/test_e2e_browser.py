@@ -1,7 +1,9 @@
 """End to end in a real browser: `streamlit run app/Home.py` against a temporary store filled by a
 short real run, every page loaded in headless Debian chromium (Playwright), no error text on any
-page, one screenshot per page in test-artifacts/screenshots/. With ``LAYERLOCK_DOCS_SCREENSHOTS=1``
-the Convergence, Schedule and Compare shots also replace the README's ``docs/images/*.png``.
+page, one screenshot per page in test-artifacts/screenshots/; then the Convergence and Schedule
+pages on the two runs of the README's own-loop example (torchvision ViT and video ResNet). With
+``LAYERLOCK_DOCS_SCREENSHOTS=1`` the Convergence, Schedule and Compare shots also replace the
+README's ``docs/images/*.png``.
 
 Chromium is required, not optional: CI installs it (`apt-get install -y chromium`); without it
 this test fails with a message saying so.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, build_store, stop_process  # the same store as the AppTest suite
+from tests.helpers import OwnLoopStore, Store, build_store, stop_process  # the same store as the AppTest suite
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,8 +51,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    folder = tmp_path_factory.mktemp("e2e-store")
+def store(own_loop_store: OwnLoopStore) -> Store:
+    # Built beside the own-loop example's two runs (in their store; its real run is the newest).
+    folder = own_loop_store.folder
     built = build_store(folder)
     # Plus a group of two seeds, older than every other run (so the single-run pages keep the real
     # run as their default): the Compare page offers it by default and draws its band.
@@ -114,7 +117,27 @@ def _wait_rendered(page, needs_chart: bool, timeout_ms: int = 120_000) -> None:
     page.wait_for_timeout(800)  # let Plotly finish laying out before the screenshot
 
 
-def test_every_page_renders_in_chromium(server: str) -> None:
+def _grow_and_shoot(page, shot: Path) -> None:
+    """Streamlit scrolls inside its main section: grow the window to the content to see it all."""
+    height = page.evaluate("""() => Math.max(...['stMain', 'stMainBlockContainer'].map(
+        id => document.querySelector(`[data-testid="${id}"]`)?.scrollHeight || 0))""")
+    page.set_viewport_size({"width": 1400, "height": int(min(max(height + 40, 1000), 6000))})
+    page.wait_for_timeout(600)
+    page.screenshot(path=str(shot), full_page=True)
+
+
+def _page_problems(page, path: str, needs_chart: bool) -> list[str]:
+    text = page.inner_text('[data-testid="stAppViewContainer"]')
+    found = [w for w in ERROR_TEXT if w in text]
+    problems = []
+    if page.query_selector('[data-testid="stException"]') or found:
+        problems.append(f"/{path}: {found or 'stException'}")
+    if needs_chart and not page.query_selector(".js-plotly-plot"):
+        problems.append(f"/{path}: no chart")
+    return problems
+
+
+def test_every_page_renders_in_chromium(server: str, own_loop_store: OwnLoopStore) -> None:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
                     "the browser test needs it")
@@ -129,21 +152,25 @@ def test_every_page_renders_in_chromium(server: str) -> None:
             for name, (path, needs_chart) in PAGES.items():
                 page.goto(f"{server}/{path}", wait_until="domcontentloaded")
                 _wait_rendered(page, needs_chart)
-                # Streamlit scrolls inside its main section: grow the window to the content to see it all.
-                height = page.evaluate("""() => Math.max(...['stMain', 'stMainBlockContainer'].map(
-                    id => document.querySelector(`[data-testid="${id}"]`)?.scrollHeight || 0))""")
-                page.set_viewport_size({"width": 1400, "height": int(min(max(height + 40, 1000), 6000))})
-                page.wait_for_timeout(600)
-                page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-                text = page.inner_text('[data-testid="stAppViewContainer"]')
-                found = [w for w in ERROR_TEXT if w in text]
-                if page.query_selector('[data-testid="stException"]') or found:
-                    problems.append(f"/{path}: {found or 'stException'}")
-                if needs_chart and not page.query_selector(".js-plotly-plot"):
-                    problems.append(f"/{path}: no chart")
+                _grow_and_shoot(page, SHOTS / f"{name}.png")
+                problems += _page_problems(page, path, needs_chart)
                 if name == "compare" and not page.query_selector(".js-plotly-plot path.js-fill"):
                     problems.append("/compare: no shaded band for the group of two seeds")
                 page.set_viewport_size({"width": 1400, "height": 1000})
+            # The README example's runs of torchvision models in a plain loop, linked by ?run=.
+            for model, run_id in (("vit", own_loop_store.vit), ("video", own_loop_store.video)):
+                for name in ("convergence", "schedule"):
+                    path = f"{name}?run={run_id}"
+                    page.goto(f"{server}/{path}", wait_until="domcontentloaded")
+                    _wait_rendered(page, True)
+                    _grow_and_shoot(page, SHOTS / f"own_loop_{model}_{name}.png")
+                    problems += _page_problems(page, path, True)
+                    text = page.inner_text('[data-testid="stAppViewContainer"]')
+                    if f"{model}-own-loop" not in page.content():   # the run picker shows its name
+                        problems.append(f"/{path}: the page does not show run {model}-own-loop")
+                    if name == "schedule" and ("Predicted FLOP saving" not in text or "n/a" in text):
+                        problems.append(f"/{path}: no predicted saving")
+                    page.set_viewport_size({"width": 1400, "height": 1000})
         finally:
             browser.close()
     assert not problems, problems

@@ -119,3 +119,21 @@ def test_bench_data_times_each_dataset() -> None:
 
     out = bench_data(repeats=1, batch=4)
     assert set(out) == {"moving_digits", "photo_pans"} and all(v > 0 for v in out.values())
+
+
+def test_bench_monitor_and_own_freezing_run() -> None:
+    """The own-loop benches, tiny: they run and report their ratios (timings are never asserted)."""
+    import torch
+
+    from experiments.bench_own_loop import bench_monitor, bench_own_freezing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mon = bench_monitor("vit", steps=6, every=3, repeats=1)
+        frz = bench_own_freezing("vit", rounds=1, steps_per_round=1, warmup=0, repeats=1, every=2, steps=12)
+    finally:
+        torch.set_num_threads(threads)
+    assert mon["ratio"] > 0 and mon["in_calls_ratio"] >= 1 and len(mon["on_all_ms"]) == 1
+    assert [r["frozen"] for r in frz["per_k"]] == [0, 1, 2, 3] and frz["per_k"][0]["flop_ratio"] == 1
+    assert frz["schedule"]["steps"] == 12 and 0 < frz["schedule"]["flop_ratio"] <= 1

@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 import core.train as core_train
 from core.config import ExperimentConfig
 from core.errors import LayerLockError
+from core.schema import checkpoint_step
+from core.tracking import local_checkpoints, local_dir
 from core.train import load_run_checkpoint, train
 from tests.helpers import ROOT, tiny_dict, tiny_sets
 
@@ -27,15 +29,24 @@ def _cfg(**train_overrides) -> ExperimentConfig:
 
 
 def _checkpoint_files(tmp_path: Path, run_id: str) -> dict[int, Path]:
-    files = glob.glob(str(tmp_path / "mlartifacts" / "**" / run_id / "**" / "step_*.pt"), recursive=True)
+    """The store's copies of a run's checkpoints, by step."""
+    files = glob.glob(str(tmp_path / "mlartifacts" / "**" / run_id / "**" / "checkpoints" / "step_*.pt"),
+                      recursive=True)
     return {int(Path(f).stem.split("_")[1]): Path(f) for f in files}
+
+
+def _truncate(tmp_path: Path, run_id: str, step: int) -> None:
+    """Cut the checkpoint of ``step`` short in the store and in the run's local folder."""
+    local = {checkpoint_step(n): p for n, p in local_checkpoints(local_dir(run_id)).items()}
+    for path in (_checkpoint_files(tmp_path, run_id)[step], local.get(step)):
+        if path is not None:
+            path.write_bytes(path.read_bytes()[:100])
 
 
 def test_corrupt_newest_checkpoint_falls_back_for_load_and_resume(tmp_path, store, capsys):
     first = train(_cfg(), tracking_uri=store, progress=False, stop_after=8)   # checkpoints at 4 and 8
-    files = _checkpoint_files(tmp_path, first.run_id)
-    assert sorted(files) == [4, 8]
-    files[8].write_bytes(files[8].read_bytes()[:100])   # a kill in the middle of the write
+    assert sorted(_checkpoint_files(tmp_path, first.run_id)) == [4, 8]
+    _truncate(tmp_path, first.run_id, 8)   # a kill in the middle of a copy
     capsys.readouterr()
 
     ckpt = load_run_checkpoint(first.run_id, tracking_uri=store)   # what evaluate / freeze-test use
@@ -116,8 +127,7 @@ def test_evaluate_uses_the_previous_checkpoint_when_the_newest_is_truncated(tmp_
     from experiments.evaluate import evaluate_run
 
     done = train(_cfg(), tracking_uri=store, progress=False)   # checkpoints at 4, 8, 12
-    newest = _checkpoint_files(tmp_path, done.run_id)[12]
-    newest.write_bytes(newest.read_bytes()[:100])
+    _truncate(tmp_path, done.run_id, 12)
     capsys.readouterr()
     metrics = evaluate_run(done.run_id, tasks=["digit"], tracking_uri=store, probe="linear",
                            train_clips=16, val_clips=8, progress=False)

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analysis import LayerLockError, metric_help, schema
 from analysis.convergence import RULES
-from app.views import charts, controls, loaders, state
+from app.views import charts, controls, errors, loaders, state
 
 RULE_TEXT = {
     "posthoc": "post-hoc (cka_final)",
@@ -96,4 +96,4 @@ def draw(run_id: str, metric: str, method: str, threshold: float, patience: int 
         right.dataframe(table, hide_index=True, key="conv_table")
 
 
-st.fragment(run_every=5 if live else None)(draw)(run_id, metric, method, threshold, patience, log_y)
+errors.fragment(draw, run_every=5 if live else None)(run_id, metric, method, threshold, patience, log_y)

@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis import LayerLockError, first_line, schema
 from analysis.schedule import validate_schedule
-from app.views import charts, jobs, loaders, state
+from app.views import charts, errors, jobs, loaders, state
 
 FROM_CONFIG = "(from config)"
 OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
@@ -108,18 +108,25 @@ if submitted:
         st.success(f"Started {name} (pid {job.pid}).")
 
 
+def _job_run(job: jobs.Job) -> str | None:
+    """The job's run: tagged with its job id (a job started before job-id tags: by run name)."""
+    if f"{schema.TAG_JOB}={job.job_id}" in job.argv:
+        return loaders.job_run(uri, job.job_id)
+    runs = loaders.runs(uri)
+    match = runs[runs["name"] == job.run_name]
+    return None if match.empty else match.iloc[0]["run_id"]
+
+
 def _progress(job: jobs.Job, status: str) -> None:
-    """Progress read from MLflow: the run (found by name), its last step and its loss curve."""
+    """Progress read from MLflow: the run (found by its job-id tag), its last step and its loss curve."""
     try:
-        runs = loaders.runs(uri)
+        rid = _job_run(job)
     except LayerLockError:
         return
-    match = runs[runs["name"] == job.run_name]
-    if match.empty:
+    if rid is None:
         st.caption("Waiting for the run to appear in the tracking store…" if status == "running" else
                    "The run never reached the tracking store.")
         return
-    rid = match.iloc[0]["run_id"]
     try:
         rec, ver = loaders.run_version(uri, rid)
         hist = loaders.history(uri, rid, ver, (schema.LOSS,))
@@ -181,5 +188,6 @@ def jobs_section() -> None:
 
 st.subheader("Launched runs")
 live = any(jobs.status(j) == "running" for j in jobs.list_jobs())
-st.button("Refresh now", key="launch_refresh")
-st.fragment(run_every=2 if live else None)(jobs_section)()
+if st.button("Refresh now", key="launch_refresh"):
+    loaders.refresh_live()   # fresh data, not what the short-lived caches hold
+errors.fragment(jobs_section, run_every=2 if live else None)()

@@ -59,22 +59,27 @@ except LayerLockError as err:
     st.stop()
 
 stages = schedule["stages"]
+estimate = schedule.get("predicted_saving_basis") == "estimate"
+suffix = " (estimate)" if estimate else ""
 m = st.columns(4)
 m[0].metric("Stages", len(stages))
 m[1].metric("Frozen at the end", f"{stages[-1]['frozen'] if stages else 0} / {n_blocks}")
 flop_saving = schedule.get("predicted_flop_saving")
-m[2].metric("Predicted FLOP saving", "n/a" if flop_saving is None else f"{flop_saving:.1%}",
-            help="Counted FLOPs from the run's flop_model.json, against training with nothing frozen")
+m[2].metric(f"Predicted FLOP saving{suffix}", "n/a" if flop_saving is None else f"{flop_saving:.1%}",
+            help=(schedule["prediction"]["flop_model"] if estimate else
+                  "Counted FLOPs from the run's flop_model.json, against training with nothing frozen"))
 time_saving = schedule.get("predicted_time_saving")
 measured = schedule.get("predicted_time_basis") == "time_model"
-m[3].metric("Predicted time saving" + (" (measured)" if measured else " (from FLOPs)"),
+m[3].metric("Predicted time saving" + (" (measured)" if measured else f" (from FLOPs){suffix}"),
             "n/a" if time_saving is None else f"{time_saving:.1%}",
             help=("From the run's measured step time per frozen-prefix length (time_model.json): "
-                  if measured else "Assumed proportional to counted FLOPs: ") + schedule["prediction"]["time_model"])
-st.caption(f"Time saving {'from measured step times' if measured else 'from counted FLOPs'}: "
+                  if measured else "Assumed proportional to FLOPs: ") + schedule["prediction"]["time_model"])
+st.caption(f"Time saving {'from measured step times' if measured else 'from FLOPs'}: "
            f"{schedule['prediction']['time_model']}.")
-if flop_model is None and time_model is None:
-    st.info("This run has no flop_model.json, so savings cannot be predicted.")
+if estimate:
+    st.info(f"FLOP savings are an **estimate**: this run has no {io.FLOP_MODEL_ARTIFACT}, so its depth and a uniform "
+            "per-block cost stand in for counted FLOPs (every block costs the same, its backward twice its "
+            "forward, nothing outside the blocks counted: an upper bound).")
 if not stages:
     st.info("No block converged early enough under this rule: the schedule freezes nothing. "
             "Lower the threshold, or pick a longer run.")
@@ -101,6 +106,11 @@ if b[1].button("Save as artifact", key="sched_save",
         where = io.log_schedule_artifact(run_id, schedule, uri)
     st.success(f"Saved as {where}")
 
+if rec.method == schema.METHOD_OWN_LOOP:
+    st.caption("This run comes from your own training loop (`core.monitor.LayerMonitor`): apply the schedule "
+               "there with `core.freezing.apply_schedule(schedule, blocks, step, optimizer)` at the start of each "
+               "step (README, \"Use it in your own training loop\").")
+    st.stop()
 match = st.toggle("Match the source run's model, data and training settings", value=True, key="sched_match",
                   help=f"Otherwise {LAYERLOCK_CONFIG.name} as it is (its depth must equal n_blocks={n_blocks})")
 name = f"layerlock-from-{rec.name or run_id[:8]}"

@@ -4,4 +4,5 @@
 - ``loaders``: ``st.cache_data`` wrappers around ``analysis.io`` keyed by run version.
 - ``charts``: pure Plotly figure builders (no Streamlit).
 - ``jobs``: training runs launched as child processes (no Streamlit).
+- ``errors``: one line on the page for an unexpected error, for pages and auto-refreshing fragments.
 """

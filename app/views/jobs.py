@@ -14,8 +14,9 @@ Layout of the runs folder (``$LAYERLOCK_RUNS_DIR``, else ``runs/`` in the reposi
 
 Conventions:
 
-- A job is found in MLflow by its run name: every launch sets ``tracking.run_name`` (the run id
-  is only printed when training ends).
+- A job is found in MLflow by its job id: :func:`start` adds ``--tag layerlock.job_id=<job_id>``
+  (``schema.TAG_JOB``) to the pretrain command, so the run carries it from its creation on (the
+  run id is only printed when training ends; run names need not be unique).
 - ``Popen`` objects live in a module-level registry, so any session of this server process can
   poll (and reap) a child. A job started by an earlier server process is trusted only while its
   pid is > 1 and ``/proc/<pid>`` shows the job's command line and start time: a reused pid (after
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import LayerLockError
+from analysis import LayerLockError, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "experiments" / "configs"
@@ -190,8 +191,9 @@ class Job:
 
 def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "launch",
           extra: dict[str, Any] | None = None) -> Job:
-    """Start ``argv`` in the repository root with stdout/stderr to files; returns the job.
-    Raises JobLimitReached when ``max_jobs()`` jobs are running."""
+    """Start ``argv`` (a :func:`pretrain_argv`) in the repository root with stdout/stderr to files,
+    tagging the run with the job id; returns the job. Raises JobLimitReached when ``max_jobs()``
+    jobs are running."""
     running = sum(is_running(j) for j in list_jobs(limit=1000))
     if running >= max_jobs():
         raise JobLimitReached(f"{running} jobs are running (at most {max_jobs()}, ${MAX_JOBS_ENV}): "
@@ -199,6 +201,7 @@ def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "laun
     folder = launch_dir()
     folder.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    argv = [*argv, "--tag", f"{schema.TAG_JOB}={job_id}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": child_tracking_uri(tracking_uri)}
     out_path, log_path = folder / f"{job_id}.out", folder / f"{job_id}.log"
     with open(out_path, "wb") as out, open(log_path, "wb") as log:

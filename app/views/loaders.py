@@ -31,6 +31,13 @@ def runs(uri: str) -> pd.DataFrame:
     return io.list_runs(uri)
 
 
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=64)
+def job_run(uri: str, job_id: str) -> str | None:
+    """The run a Launch-page job started (tagged with its job id), once it is in the store."""
+    found = io.runs_with_tag(schema.TAG_JOB, job_id, uri)
+    return found[0].run_id if found else None
+
+
 @st.cache_data(ttl=RECORD_TTL_S, show_spinner=False, max_entries=256)
 def record(uri: str, run_id: str) -> io.RunRecord:
     return io.get_run(run_id, uri)
@@ -165,6 +172,7 @@ def agreement(uri: str, parent_id: str, tol: float) -> dict[str, Any]:
 def refresh_live() -> None:
     """Forget the short-lived caches (run list, snapshots): a user asked for fresh data."""
     runs.clear()
+    job_run.clear()
     record.clear()
     children.clear()
     freeze_grid.clear()

@@ -9,7 +9,8 @@ them when a page's widgets disappear):
 
 Each page's picker widget has its own key; it is re-seeded from the canonical selection on
 every render and writes back through ``on_change``, so a choice on one page shows on the next.
-With nothing selected, pickers fall back to the most recent run(s).
+With nothing selected, pickers fall back to the most recent run(s). A page opened with
+``?run=RUN_ID`` in its URL starts on that run (a link to one run's page).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from app.views import loaders
 
 URI_KEY = "tracking_uri"
 SELECTED_KEY = "selected_runs"
+URL_RUN_KEY = "run_from_url"  # the ?run= value already applied (later choices in the page win)
 # A run whose method is freeze_test is one cell of a sweep, not something to browse first.
 # Runs that are not training runs of their own: freeze-test cells, and study summaries.
 CHILD_METHODS = (schema.METHOD_FREEZE_TEST, schema.METHOD_STUDY)
@@ -139,6 +141,21 @@ def run_label(runs: pd.DataFrame) -> dict[str, str]:
             bits.append(row.status.lower())
         out[row.run_id] = " · ".join([*bits, row.run_id[:8]])
     return out
+
+
+def run_from_url() -> None:
+    """``?run=RUN_ID`` in the URL makes that run the current one, once per value (a later choice
+    in the page wins); an id that is not in the store is ignored."""
+    wanted = st.query_params.get("run")
+    if not wanted or st.session_state.get(URL_RUN_KEY) == wanted:
+        return
+    st.session_state[URL_RUN_KEY] = wanted
+    try:
+        known = set(loaders.runs(tracking_uri())["run_id"])
+    except LayerLockError:
+        return
+    if wanted in known:
+        promote(wanted)
 
 
 def _sync_single(key: str) -> None:

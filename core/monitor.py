@@ -1,0 +1,307 @@
+"""Per-block convergence probes for any PyTorch model in any training loop.
+
+``LayerMonitor`` logs, to an MLflow run, what the trainer logs: ``cka_prev``, ``cka_init``,
+``cka_final``, ``grad_norm``, ``update_ratio``, ``eff_rank``, ``feat_std`` per block
+(``<metric>/block_NN``), the tidy ``layer_metrics.parquet``, the stored probe features
+(``probe/``) and, given a training step to count, ``flop_model.json``. So ``python -m analysis
+convergence|schedule`` and the dashboard read a run of your own loop like one of the trainer's;
+:func:`core.freezing.apply_schedule` then applies a derived schedule in that loop::
+
+    mon = LayerMonitor(blocks, probe_batch, forward, every=50, model=model)
+    for step in range(steps):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        mon.after_backward(step)     # probe (every ``every`` steps), gradient norms, weight snapshot
+        optimizer.step()
+        optimizer.zero_grad()
+        mon.after_step(step, loss)   # update ratios, run-level metrics
+    mon.close()                      # final probe, cka_final, artifacts
+
+Step convention (as the trainer's, ``core/train.py``): ``step`` counts updates already done;
+the probe at ``step`` sees the weights after ``step`` updates; the final probe in
+:meth:`LayerMonitor.close` is at the number of steps seen. Gradient norms and update ratios are
+taken at log steps: ``step == 0``, every ``log_every``-th step and the last one (when
+``total_steps`` is known).
+
+The monitor does not change training: hooks are attached only while the probe runs, the probe
+runs in eval mode under ``no_grad`` with the RNG kept, and the FLOP count restores gradients,
+buffers and the RNG (``core.flops.count_flop_model``). Weights with and without it are the same
+bit for bit on CPU (tests/test_own_loop.py).
+
+The trainer (``core/train.py``) runs its probes, gradient norms, update ratios and the
+per-block artifacts through this class too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import schema
+from core.config import ProbeConfig
+from core.errors import LayerLockError
+from core.flops import count_flop_model
+from core.freezing import apply_schedule, freeze_prefix, frozen_prefix_length  # noqa: F401  (one import for users)
+from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.tracking import Tracker
+
+DEFAULT_EXPERIMENT = "layerlock"
+
+
+def _open_tracker(run: Any, tracking_uri: str | None, experiment: str, run_name: str | None,
+                  tags: dict[str, str]) -> tuple[Tracker, bool]:
+    """The tracker to log through and whether this monitor started (and so ends) its run.
+
+    ``run``: a :class:`core.tracking.Tracker` (the trainer's), an MLflow run id, an MLflow run
+    object (``mlflow.start_run()``), ``False`` (log nothing) or None: the active fluent run if
+    there is one, else a new run."""
+    if run is False:
+        return Tracker(enabled=False), False
+    if isinstance(run, Tracker):
+        return run, False
+    if run is None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is None:
+            return Tracker(uri=tracking_uri, experiment=experiment, run_name=run_name, tags=tags), True
+        run, tracking_uri = active, tracking_uri or mlflow.get_tracking_uri()
+    run_id = run if isinstance(run, str) else getattr(getattr(run, "info", None), "run_id", None)
+    if not run_id:
+        raise LayerLockError(f"run must be an MLflow run id, an MLflow run, a Tracker, False or None; "
+                             f"got {type(run).__name__}")
+    tracker = Tracker(uri=tracking_uri, run_id=run_id)
+    tracker.set_tags(tags)
+    return tracker, False
+
+
+class LayerMonitor:
+    """Convergence probes on a list of modules (the blocks, in depth order) of any model.
+
+    ``blocks``: the modules whose outputs are probed and whose parameters make up each block.
+    ``probe_batch``: a fixed batch (held-out inputs), passed to ``forward(probe_batch)``, which
+    runs the model on it (its return value is ignored; block outputs are read by hooks and
+    turned into ``(clips, positions, dim)`` by :func:`core.probes.clips_positions_dim`, or by
+    ``features``).
+    ``every``: probe interval in steps (None: no probes, gradient metrics only).
+    ``model``: the whole model. The probe runs it in eval mode (else only the blocks), and it is
+    needed to count FLOPs.
+    ``train_step``: a function that runs the forward and loss on one fixed training batch and
+    returns the loss; with it the FLOP model is counted for every frozen-prefix length and
+    logged as ``flop_model.json`` (``core.flops.count_flop_model``). Without it, ``python -m
+    analysis schedule`` predicts savings from an estimate (uniform per-block cost).
+    ``stem``: modules or parameters before block 0 that freeze with it (as in
+    :func:`core.freezing.freeze_prefix`), for the FLOP count.
+    ``run``: an MLflow run id, an ``mlflow.start_run()`` run, a ``core.tracking.Tracker``,
+    ``False`` (log nothing) or None (the active run, else a new one in ``experiment`` at
+    ``tracking_uri``). A run the monitor started is ended by :meth:`close`.
+    ``total_steps``: logged as ``train.steps`` (else the number of steps seen, at close).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], probe_batch: Any, forward: Callable[[Any], Any], *,
+                 every: int | None = 50, log_every: int = 10, total_steps: int | None = None,
+                 model: nn.Module | None = None, train_step: Callable[[], torch.Tensor] | None = None,
+                 stem: Iterable[nn.Module | nn.Parameter] = (),
+                 run: Any = None, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                 run_name: str | None = None, tags: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None,
+                 tokens_per_clip: int = 32, debiased: bool = True, seed: int = 0,
+                 features: Callable[[Any], torch.Tensor] | None = None, n_positions: int | None = None,
+                 run_metrics: bool = True, describe_run: bool = True) -> None:
+        self.blocks = list(blocks)
+        if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
+            raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
+        for name, value, least in (("every", every, 1), ("log_every", log_every, 1),
+                                   ("tokens_per_clip", tokens_per_clip, 1), ("total_steps", total_steps, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise LayerLockError(f"{name} must be an integer >= {least}, got {value!r}")
+        if train_step is not None and model is None:
+            raise LayerLockError("train_step needs model=: counting FLOPs runs real steps and puts the model's "
+                                 "gradients and buffers back afterwards")
+        self.model, self.stem = model, list(stem)
+        self.every, self.log_every, self.total_steps = every, log_every, total_steps
+        self.run_metrics = run_metrics
+        self.probes: ProbeRunner | None = None
+        if every is not None:
+            cfg = ProbeConfig(every=every, batch_size=max(4, _batch_len(probe_batch)),
+                              tokens_per_clip=tokens_per_clip, debiased=debiased)
+            self.probes = ProbeRunner(cfg, probe_batch, n_positions, seed, blocks=self.blocks, forward=forward,
+                                      owner=model, features=features)
+        self.flop_model = (count_flop_model(self.blocks, train_step, model=model, stem=self.stem)
+                           if train_step is not None else None)
+        all_tags = {schema.TAG_METHOD: schema.METHOD_OWN_LOOP, **(tags or {})} if describe_run else {}
+        self.tracker, self._owns_run = _open_tracker(run, tracking_uri, experiment, run_name, all_tags)
+        self.layer_rows: list[tuple[int, int, str, float]] = []   # (step, block, metric, value)
+        self._snapshot: list[list[torch.Tensor] | None] | None = None
+        self._losses: list[torch.Tensor] = []
+        self._interval_s = 0.0
+        self._interval_steps = 0
+        self.wall_s = 0.0
+        self.flops_total = 0.0
+        self.last_step: int | None = None
+        self._closed = False
+        self._steps_logged = not describe_run or total_steps is not None or "train.steps" in (params or {})
+        if describe_run:
+            self.tracker.log_params(self._params(params, probe_batch, tokens_per_clip, debiased))
+        if self.flop_model is not None:
+            self.tracker.log_json(self.flop_model, schema.FLOP_MODEL_ARTIFACT)
+        self._tick = time.perf_counter()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def _params(self, extra: dict[str, Any] | None, batch: Any, tokens_per_clip: int, debiased: bool) -> dict:
+        out: dict[str, Any] = {"model.depth": len(self.blocks), "train.log_every": self.log_every,
+                               "monitor.blocks": ", ".join(type(b).__name__ for b in self.blocks)}
+        if self.total_steps is not None:
+            out["train.steps"] = self.total_steps
+        if self.probes is not None:
+            out.update({"probe.every": self.every, "probe.batch_size": _batch_len(batch),
+                        "probe.tokens_per_clip": tokens_per_clip, "probe.debiased": debiased})
+        if self.model is not None:
+            out["monitor.parameters"] = sum(p.numel() for p in self.model.parameters())
+        return {**out, **(extra or {})}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def is_log_step(self, step: int) -> bool:
+        last = self.total_steps is not None and step + 1 == self.total_steps
+        return step == 0 or (step + 1) % self.log_every == 0 or last
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at ``step``; per-block ones (``<metric>/block_NN``) also go to the rows of
+        ``layer_metrics.parquet``."""
+        self.tracker.log_metrics(metrics, step)
+        for key, value in metrics.items():
+            name, _, blk = key.partition("/block_")
+            if blk:
+                self.layer_rows.append((step, int(blk), name, float(value)))
+
+    def probe(self, step: int) -> None:
+        """Probe now, as step ``step`` (the weights after ``step`` updates); once per step."""
+        if self.probes is None or (self.probes.steps and self.probes.steps[-1] == step):
+            return
+        self.record(self.probes.probe(None, step), step)
+        # The features once, in their own file: checkpoints keep only the probe steps.
+        state = self.probes.features_at(-1)
+        self.tracker.log_file(schema.probe_artifact(step), lambda f: torch.save(state, f))
+
+    def stored_features(self, step: int) -> list[torch.Tensor]:
+        """The features of this run's probe at ``step``: the local copy, else the stored artifact
+        (what :meth:`core.probes.ProbeRunner.load_state_dict` needs to resume)."""
+        name = schema.probe_artifact(step)
+        path = self.tracker.local_file(name)
+        if path is None:
+            path = self.tracker.download(name, tempfile.mkdtemp(prefix="layerlock-probe-"))
+        return torch.load(path, map_location="cpu", weights_only=True)["features"]
+
+    def probe_if_due(self, step: int) -> None:
+        if self.every is not None and step % self.every == 0:
+            self.probe(step)
+
+    def after_backward(self, step: int) -> None:
+        """Call after ``loss.backward()`` and before ``optimizer.step()`` (and before gradient
+        clipping: ``grad_norm`` is the raw gradient). Probes when due; at log steps, logs the
+        per-block gradient norms and keeps the weights for the update ratio."""
+        self.probe_if_due(step)
+        if self.is_log_step(step):
+            self.record(block_grad_norms(self.blocks), step)
+            self._snapshot = snapshot_blocks(self.blocks)
+
+    def after_step(self, step: int, loss: torch.Tensor | float | None = None) -> None:
+        """Call after ``optimizer.step()``. At log steps: the update ratio per block and (unless
+        ``run_metrics=False``) ``train/loss`` (mean of the losses passed since the last log step),
+        ``train/frozen_blocks``, ``train/step_ms``, ``train/wall_s`` and, with a FLOP model,
+        cumulative ``train/flops``."""
+        if self._snapshot is not None:
+            self.record(update_ratios(self.blocks, self._snapshot), step)
+            self._snapshot = None
+        self.last_step = step
+        if not self.run_metrics:
+            return
+        now = time.perf_counter()
+        self._interval_s += now - self._tick
+        self._tick = now
+        self._interval_steps += 1
+        frozen = frozen_prefix_length(self.blocks)
+        if self.flop_model is not None:
+            self.flops_total += self.flop_model["per_step"][str(frozen)]
+        if loss is not None:
+            self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
+        if not self.is_log_step(step):
+            return
+        self.wall_s += self._interval_s
+        metrics = {schema.FROZEN_BLOCKS: frozen, schema.STEP_MS: 1000 * self._interval_s / self._interval_steps,
+                   schema.WALL_S: self.wall_s}
+        if self._losses:
+            metrics[schema.LOSS] = float(torch.stack([v.float().reshape(()) for v in self._losses]).mean())
+        if self.flop_model is not None:
+            metrics[schema.FLOPS] = self.flops_total
+        self.record(metrics, step)
+        self.tracker.submit()
+        self._losses, self._interval_s, self._interval_steps = [], 0.0, 0
+
+    # -- the end -------------------------------------------------------------------------------
+    def close(self, step: int | None = None, *, final_probe: bool = True, status: str = "FINISHED",
+              reason: str | None = None) -> None:
+        """The final probe at ``step`` (default: the number of steps seen), ``cka_final`` for every
+        probe, the probe features (``probe/``) and ``layer_metrics.parquet``; ends the run if the
+        monitor started it (``status``; a FAILED run records ``reason``). ``final_probe=False``:
+        only the artifacts (a run stopped early). Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        at = step if step is not None else (self.last_step + 1 if self.last_step is not None else 0)
+        if final_probe and self.probes is not None and status == "FINISHED":
+            self.probe(at)
+            for s, values in self.probes.final().items():
+                self.record(values, s)
+        if self.tracker.enabled and self.layer_rows:
+            frame = self.layer_frame()
+            self.tracker.log_file(schema.LAYER_METRICS_ARTIFACT, lambda f: frame.to_parquet(f, index=False))
+        if not self._steps_logged and self.last_step is not None:
+            self.tracker.log_params({"train.steps": self.last_step + 1})
+        if self._owns_run and status == "FAILED":
+            self.tracker.fail(reason or "failed")
+        elif self._owns_run:
+            self.tracker.finish(status)
+        else:
+            self.tracker.flush()
+
+    def layer_frame(self):
+        """The per-block rows as the tidy frame of ``layer_metrics.parquet``: step, block, metric, value."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.layer_rows, columns=["step", "block", "metric", "value"])
+        return frame.drop_duplicates(["step", "block", "metric"], keep="last")
+
+    def __enter__(self) -> LayerMonitor:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is None:
+            self.close()
+        else:
+            self.close(final_probe=False, status="FAILED", reason=f"{kind.__name__}: {error}")
+
+
+def _batch_len(batch: Any) -> int:
+    """Clips in a probe batch: the first dimension of its first tensor (0 if there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 0
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            n = _batch_len(item)
+            if n:
+                return n
+    return 0
+
+
+__all__ = ["LayerMonitor", "apply_schedule", "freeze_prefix", "frozen_prefix_length"]
