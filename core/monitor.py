@@ -34,9 +34,12 @@ per-block artifacts through this class too.
 
 from __future__ import annotations
 
+import copy
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -47,7 +50,7 @@ from core.config import ProbeConfig
 from core.errors import LayerLockError
 from core.flops import count_flop_model
 from core.freezing import apply_schedule, freeze_prefix, frozen_prefix_length  # noqa: F401  (one import for users)
-from core.probes import ProbeRunner, block_grad_norms, snapshot_blocks, update_ratios
+from core.probes import ProbeRunner, ProbeTarget, block_grad_norms, snapshot_blocks, update_ratios
 from core.tracking import Tracker
 
 DEFAULT_EXPERIMENT = "layerlock"
@@ -101,6 +104,12 @@ class LayerMonitor:
     ``False`` (log nothing) or None (the active run, else a new one in ``experiment`` at
     ``tracking_uri``). A run the monitor started is ended by :meth:`close`.
     ``total_steps``: logged as ``train.steps`` (else the number of steps seen, at close).
+    ``background``: each probe reads a copy of ``model``'s weights in a background thread while
+    training goes on (worth it where a CPU core is idle, or on a GPU); the numbers are those of
+    a probe in the loop. Needs ``model=`` (the blocks must be its submodules), and ``forward``
+    then takes the model to run as well: ``forward(model, probe_batch)``. Its results are logged
+    when ready, at the latest by the next probe, :meth:`wait` or :meth:`close`; the forward must
+    draw no random numbers in eval mode (the RNG is not forked in the background thread).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], probe_batch: Any, forward: Callable[[Any], Any], *,
@@ -112,7 +121,7 @@ class LayerMonitor:
                  params: dict[str, Any] | None = None,
                  tokens_per_clip: int = 32, debiased: bool = True, seed: int = 0,
                  features: Callable[[Any], torch.Tensor] | None = None, n_positions: int | None = None,
-                 run_metrics: bool = True, describe_run: bool = True) -> None:
+                 run_metrics: bool = True, describe_run: bool = True, background: bool = False) -> None:
         self.blocks = list(blocks)
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
@@ -124,6 +133,18 @@ class LayerMonitor:
             raise LayerLockError("train_step needs model=: counting FLOPs runs real steps and puts the model's "
                                  "gradients and buffers back afterwards")
         self.model, self.stem = model, list(stem)
+        self._forward, self._pool, self._block_names = forward, None, []
+        if background and every is not None:
+            names = {id(m): name for name, m in (model.named_modules() if model is not None else ())}
+            if model is None or any(id(b) not in names for b in self.blocks):
+                raise LayerLockError("background=True needs model= with the blocks among its submodules: "
+                                     "the probe reads a copy of the model's weights")
+            self._block_names = [names[id(b)] for b in self.blocks]
+            forward = functools.partial(forward, model)   # the loop's own probes (the final one)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe")
+        self._shadow: ProbeTarget | None = None   # the copy a background probe reads
+        self._pending: tuple[int, Future[dict[str, float]]] | None = None
+        self._last_probe: int | None = None
         self.every, self.log_every, self.total_steps = every, log_every, total_steps
         self.run_metrics = run_metrics
         self.probes: ProbeRunner | None = None
@@ -182,14 +203,40 @@ class LayerMonitor:
             if blk:
                 self.layer_rows.append((step, int(blk), name, float(value)))
 
-    def probe(self, step: int) -> None:
-        """Probe now, as step ``step`` (the weights after ``step`` updates); once per step."""
-        if self.probes is None or (self.probes.steps and self.probes.steps[-1] == step):
+    def probe(self, step: int, now: bool = False) -> None:
+        """Probe as step ``step`` (the weights after ``step`` updates); once per step. With
+        ``background``, on a copy of the weights in the background thread unless ``now``."""
+        if self.probes is None or step == self._last_probe or (self.probes.steps and self.probes.steps[-1] == step):
             return
-        self.record(self.probes.probe(None, step), step)
+        self._last_probe = step
+        self.wait()   # one probe at a time, in step order (the copy is overwritten below)
+        if self._pool is None or now:
+            self._recorded(step, self.probes.probe(None, step))
+            return
+        with torch.no_grad():
+            if self._shadow is None:
+                copied = copy.deepcopy(self.model)
+                for p in copied.parameters():
+                    p.grad = None
+                    p.requires_grad_(False)
+                self._shadow = ProbeTarget([copied.get_submodule(n) for n in self._block_names],
+                                           functools.partial(self._forward, copied), [copied])
+            else:
+                self._shadow.owners[0].load_state_dict(self.model.state_dict())
+        self._pending = (step, self._pool.submit(self.probes.probe, None, step, self._shadow))
+
+    def _recorded(self, step: int, metrics: dict[str, float]) -> None:
+        self.record(metrics, step)
         # The features once, in their own file: checkpoints keep only the probe steps.
         state = self.probes.features_at(-1)
         self.tracker.log_file(schema.probe_artifact(step), lambda f: torch.save(state, f))
+
+    def wait(self, block: bool = True) -> None:
+        """Log the background probe's results (``block=False``: only if it has finished). The
+        trainer calls it before a checkpoint, whose probe history must include them."""
+        if self._pending is not None and (block or self._pending[1].done()):
+            (step, future), self._pending = self._pending, None
+            self._recorded(step, future.result())
 
     def stored_features(self, step: int) -> list[torch.Tensor]:
         """The features of this run's probe at ``step``: the local copy, else the stored artifact
@@ -201,6 +248,7 @@ class LayerMonitor:
         return torch.load(path, map_location="cpu", weights_only=True)["features"]
 
     def probe_if_due(self, step: int) -> None:
+        self.wait(block=False)
         if self.every is not None and step % self.every == 0:
             self.probe(step)
 
@@ -256,9 +304,17 @@ class LayerMonitor:
         if self._closed:
             return
         self._closed = True
+        try:
+            self.wait()
+        except Exception:
+            if status == "FINISHED":
+                raise   # else the run is failing already: its own error is the one to report
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         at = step if step is not None else (self.last_step + 1 if self.last_step is not None else 0)
         if final_probe and self.probes is not None and status == "FINISHED":
-            self.probe(at)
+            self.probe(at, now=True)
             for s, values in self.probes.final().items():
                 self.record(values, s)
         if self.tracker.enabled and self.layer_rows:

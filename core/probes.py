@@ -47,6 +47,7 @@ forward of 32 unmasked clips.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -177,16 +178,17 @@ def rng_preserved(modules: Iterable[nn.Module] = ()) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inference_mode_of(modules: Iterable[nn.Module]) -> Iterator[None]:
+def inference_mode_of(modules: Iterable[nn.Module], keep_rng: bool = True) -> Iterator[None]:
     """Every submodule of ``modules`` in eval mode (BatchNorm reads its running statistics and
-    does not update them, dropout is off), under ``no_grad``, with the RNG kept; each
-    submodule's own train/eval flag is restored afterwards."""
+    does not update them, dropout is off), under ``no_grad``, with the RNG kept (``keep_rng``;
+    off in a background thread, where restoring the generator would rewind the training
+    thread's draws); each submodule's own train/eval flag is restored afterwards."""
     modules = list(modules)
     flags = [(m, m.training) for root in modules for m in root.modules()]
     for m, _ in flags:
         m.training = False
     try:
-        with torch.no_grad(), rng_preserved(modules):
+        with torch.no_grad(), (rng_preserved(modules) if keep_rng else contextlib.nullcontext()):
             yield
     finally:
         for m, was in flags:
@@ -221,6 +223,16 @@ def capture_block_outputs(blocks: Sequence[nn.Module], run: Callable[[], Any],
 def encoder_forward(model: nn.Module, video: torch.Tensor) -> torch.Tensor:
     """The trainer's probe forward: a VideoMAE's encoder on unmasked clips, on the model's device."""
     return model.forward_encoder(video.to(next(model.parameters()).device), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTarget:
+    """What a probe reads when it is not the runner's own blocks: ``blocks`` in depth order,
+    ``forward(batch)`` that runs them, ``owners`` put in eval mode meanwhile."""
+
+    blocks: Sequence[nn.Module]
+    forward: Callable[[Any], Any]
+    owners: Sequence[nn.Module]
 
 
 class ProbeRunner:
@@ -279,9 +291,13 @@ class ProbeRunner:
             raise LayerLockError(f"block {i} now has {x.shape[1]} positions, fewer than at its first probe")
         return x[:, pos.to(x.device)].to("cpu", torch.float32)
 
-    def extract(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+    def extract(self, model: nn.Module | None = None, on: ProbeTarget | None = None) -> list[torch.Tensor]:
         """Every block's output at the probe positions: per block ``(C, P, dim)`` float32 on the CPU.
-        ``model``: a VideoMAE to probe (the trainer's form); else the blocks given at construction."""
+        ``model``: a VideoMAE to probe (the trainer's form); ``on``: other blocks and forward (a
+        copy of the model, probed in a background thread); else the blocks given at construction."""
+        if on is not None:
+            with inference_mode_of(on.owners, keep_rng=False):
+                return capture_block_outputs(on.blocks, lambda: on.forward(self.batch), self._keep)
         if model is not None:
             blocks, forward, owners = model.blocks, functools.partial(encoder_forward, model), [model]
         elif self.blocks is not None and self.forward is not None:
@@ -292,9 +308,10 @@ class ProbeRunner:
         with inference_mode_of(owners):
             return capture_block_outputs(blocks, lambda: forward(self.batch), self._keep)
 
-    def probe(self, model: nn.Module | None = None, step: int = 0) -> dict[str, float]:
-        """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``."""
-        feats = self.extract(model)
+    def probe(self, model: nn.Module | None = None, step: int = 0, on: ProbeTarget | None = None) -> dict[str, float]:
+        """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``.
+        ``model``, ``on``: what to probe (:meth:`extract`)."""
+        feats = self.extract(model, on)
         stored = [centre_positions(f).to(STORE_DTYPE) for f in feats]
         now = _prepare_probe(stored)   # the same numbers as probe_cka(stored[b], ...)
         out: dict[str, float] = {}

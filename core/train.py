@@ -282,8 +282,11 @@ class _Run:
         self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
         # Probes, gradient norms, update ratios and the per-block artifacts: the public API any
         # training loop uses (core.monitor), here on the encoder blocks and the unmasked encoder.
+        # Where a core is free, each probe reads a copy of the weights in a background thread.
+        background = self.device.type == "cpu" and spare_core("cpu", torch.get_num_threads())
         self.monitor = LayerMonitor(
-            self.model.blocks, probe_video, functools.partial(encoder_forward, self.model),
+            self.model.blocks, probe_video,
+            encoder_forward if background else functools.partial(encoder_forward, self.model), background=background,
             every=cfg.probe.every if cfg.probe.enabled and rank == 0 else None, log_every=t_cfg.log_every,
             total_steps=t_cfg.steps, model=self.model, run=tracker, tokens_per_clip=cfg.probe.tokens_per_clip,
             debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
@@ -515,6 +518,7 @@ class _Run:
         its upload; training does not wait for the store (core.tracking, "Write-ahead spool")."""
         if not self.tracker.enabled:
             return
+        self.monitor.wait()   # the checkpoint's probe history and layer rows include a pending probe
         done = self.done
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
                  "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,

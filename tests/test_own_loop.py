@@ -58,6 +58,36 @@ def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) ->
     assert all(a > b for a, b in zip(per_k, per_k[1:]))   # each frozen block saves its backward
 
 
+def test_background_probes_give_the_loop_probes_numbers_and_leave_training_unchanged() -> None:
+    """``background=True``: each probe reads a copy of the weights taken when it starts, in
+    another thread, while training goes on. Every probe metric equals the in-loop monitor's, and
+    the weights equal those of the loop without a monitor, bit for bit."""
+    steps = 9
+    plain = own_loop.SETUPS["vit"]()
+    own_loop.train(plain, steps)
+    frames = []
+    for background in (False, True):
+        setup = own_loop.SETUPS["vit"]()
+        forward = (lambda model, batch: model(batch)) if background else setup.model
+        mon = LayerMonitor(setup.blocks, setup.probe, forward, every=2, log_every=3, total_steps=steps,
+                           model=setup.model, run=False, background=background)
+        own_loop.train(setup, steps, monitor=mon)
+        mon.close()
+        a, b = _state(plain.model), _state(setup.model)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        frames.append(mon.layer_frame().sort_values(["step", "block", "metric"]).reset_index(drop=True))
+        if background:
+            shadow = mon._shadow.owners[0]
+            assert shadow is not setup.model and all(p.grad is None for p in shadow.parameters())
+    probe_metrics = frames[0]["metric"].isin(["cka_prev", "cka_init", "cka_final", "eff_rank", "feat_std"])
+    assert probe_metrics.sum() > 0
+    inline, background = frames
+    assert inline[probe_metrics].equals(background[probe_metrics])
+    assert sorted(set(inline.loc[probe_metrics, "step"])) == [0, 2, 4, 6, 8, 9]
+    with pytest.raises(LayerLockError, match="background=True needs model="):
+        LayerMonitor(setup.blocks, setup.probe, forward, every=2, run=False, background=True)
+
+
 def test_clips_positions_dim_rule() -> None:
     assert clips_positions_dim(torch.zeros(4, 7)).shape == (4, 1, 7)
     assert clips_positions_dim(torch.zeros(4, 17, 32)).shape == (4, 17, 32)           # tokens, batch first

@@ -269,3 +269,29 @@ def test_time_model_is_logged_and_calibration_changes_nothing_learned(store):
     assert set(tm["cpu"]["training"]) == {"0", "1", "3"} and set(tm["cpu"]["calibration"]) == {"0", "1", "3"}
     tm0 = json.loads(Path(client.download_artifacts(without.run_id, "time_model.json", tempfile.mkdtemp())).read_text())
     assert tm0["calibration"] == {} and set(tm0["training"]) == {"0", "1", "3"}
+
+
+def test_background_probes_in_the_trainer_log_the_same_numbers(monkeypatch, store):
+    """Where a core is free the trainer's probes read a copy of the weights in a background
+    thread (core.monitor, ``background``). Forced on and off here: the same probe metrics at
+    the same steps, the same layer_metrics rows, the same trained weights, checkpoints between."""
+    import core.train as core_train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {}
+    try:
+        for spare in (False, True):
+            monkeypatch.setattr(core_train, "spare_core", lambda device, n, _spare=spare: _spare)
+            cfg = ExperimentConfig.model_validate(tiny_dict(train={"checkpoint_every": 3, "time_calibration": 0}))
+            runs[spare] = train(cfg, tracking_uri=store, progress=False).run_id
+    finally:
+        torch.set_num_threads(threads)
+    client = MlflowClient(store)
+    for key in ("cka_prev/block_01", "cka_init/block_00", "eff_rank/block_01", "cka_final/block_00"):
+        hist = {s: sorted((m.step, m.value) for m in client.get_metric_history(runs[s], key)) for s in runs}
+        assert hist[False] and hist[False] == hist[True], key
+    a, b = _final_weights(runs[False], store), _final_weights(runs[True], store)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = load_run_checkpoint(runs[True], step=6, tracking_uri=store)
+    assert ckpt["probe"]["steps"] == load_run_checkpoint(runs[False], step=6, tracking_uri=store)["probe"]["steps"]
