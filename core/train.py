@@ -59,6 +59,7 @@ class TrainResult:
     flops: float
     loop_s: float = 0.0  # elapsed time of the training loop: steps, probes, log lines, checkpoints
     loop_cpu_s: float = 0.0  # CPU time of the process (all its threads) during the loop
+    step_s: list[float] = field(default_factory=list)  # each loop iteration's wall time, in step order
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -305,6 +306,7 @@ class _Run:
         # The next step's batch, built while this one trains where a core is free for it.
         self.batches = Prefetcher(self._host_batch, spare_core(self.device.type, torch.get_num_threads()))
         self.loop_s = self.loop_cpu_s = 0.0
+        self.step_s: list[float] = []   # each loop iteration: step, probe, log line, checkpoint
 
     def restore(self, ckpt: dict | None, init_state: dict | None) -> None:
         """Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's):
@@ -552,7 +554,7 @@ class _Run:
             tracker.close()
         return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
                            wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s,
-                           loop_cpu_s=self.loop_cpu_s)
+                           loop_cpu_s=self.loop_cpu_s, step_s=self.step_s)
 
 
 def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
@@ -574,7 +576,9 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     run.interval = _Interval()
     loop_started, loop_cpu = time.perf_counter(), time.process_time()
     while run.done.step < end and not (stop is not None and stop.is_set()):
+        t_step = time.perf_counter()
         run.step_once(bar)
+        run.step_s.append(time.perf_counter() - t_step)
     run.loop_s, run.loop_cpu_s = time.perf_counter() - loop_started, time.process_time() - loop_cpu
     run.batches.close()
     bar.close()

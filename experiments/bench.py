@@ -36,6 +36,31 @@ def ratio_stats(num: list[float], den: list[float], within: float) -> dict:
             "high": None if hi is None else round(hi, 4), "resolved": resolves(lo, hi, med, within)}
 
 
+def per_step_ratio(num_runs: list[list[float]], den_runs: list[list[float]], within: float,
+                   n_boot: int = 2000, seed: int = 0) -> dict:
+    """Two sets of runs of the same steps (each run: every step's seconds, in step order): the
+    ratio of their summed per-step medians over runs, with a 95% bootstrap interval (runs
+    resampled with replacement within each set, ``n_boot`` times) and whether it resolves
+    ``within``. Step i does the same work in every run of a set, so the per-step median drops
+    another process's burst from one run while keeping a cost that comes back at the same step
+    in every run (a probe, a log line, a checkpoint); whole-run times swing by +-10% with the
+    machine's load and cannot resolve a few percent."""
+    import numpy as np
+
+    from core.timemodel import resolves
+
+    a, b = np.asarray(num_runs, dtype=float), np.asarray(den_runs, dtype=float)   # (runs, steps)
+    point = float(np.median(a, axis=0).sum() / np.median(b, axis=0).sum())
+    if len(a) < 3 or len(b) < 3:
+        return {"ratio": round(point, 4), "low": None, "high": None, "resolved": False}
+    rng = np.random.default_rng(seed)
+    boots = [np.median(a[rng.integers(len(a), size=len(a))], axis=0).sum()
+             / np.median(b[rng.integers(len(b), size=len(b))], axis=0).sum() for _ in range(n_boot)]
+    lo, hi = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
+    return {"ratio": round(point, 4), "low": round(lo, 4), "high": round(hi, 4),
+            "resolved": resolves(lo, hi, point, within)}
+
+
 def _interval_text(r: dict) -> str:
     if r["low"] is None:
         return f"{r['ratio']:.3f} [too few]"
@@ -149,8 +174,10 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
                    max_repeats: int | None = None, within: float = 0.01) -> dict:
     """The same short run with probes and tracking off and on, alternated, ``repeats`` pairs at
     least (more, up to ``max_repeats``, until the on/off ratio's 95% interval is within
-    ``within``). Per run: the training loop's wall and CPU time per step (steps, probes, log
-    lines, checkpoints: ``TrainResult.loop_s``, ``loop_cpu_s``); set-up and the end-of-run
+    ``within``). The ratio: every loop iteration's wall time (step, probe, log line, checkpoint:
+    ``TrainResult.step_s``), its median over the runs of each mode, summed
+    (:func:`per_step_ratio`, bootstrap interval). Also per run: the loop's wall and CPU time per
+    step (``loop_s``, ``loop_cpu_s``), their on/off ratio over pairs; set-up and the end-of-run
     probe and uploads are outside the loop and reported apart."""
     from core.config import load_config
     from core.train import train
@@ -161,11 +188,12 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
     n_steps = cfg_on.train.steps
     max_repeats = max(repeats, max_repeats or repeats)
     runs: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": [], "total": []} for m in ("off", "on")}
+    per_step: dict[str, list[list[float]]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         r = 0
-        while r < repeats or (r < max_repeats and not ratio_stats(runs["on"]["wall"], runs["off"]["wall"],
-                                                                  within)["resolved"]):
+        while r < repeats or (r < max_repeats and not per_step_ratio(per_step["on"], per_step["off"],
+                                                                     within)["resolved"]):
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 print(f"bench tracking: repeat {r + 1}, tracking {mode}", file=sys.stderr)
                 started = time.perf_counter()
@@ -174,7 +202,9 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
                 runs[mode]["total"].append(time.perf_counter() - started)
                 runs[mode]["wall"].append(result.loop_s / n_steps)
                 runs[mode]["cpu"].append(result.loop_cpu_s / n_steps)
+                per_step[mode].append(result.step_s)
             r += 1
+    steps_ratio = per_step_ratio(per_step["on"], per_step["off"], within)
     wall = ratio_stats(runs["on"]["wall"], runs["off"]["wall"], within)
     cpu = ratio_stats(runs["on"]["cpu"], runs["off"]["cpu"], within)
     ms = {m: {k: [round(v * 1000, 3) for v in vals] for k, vals in d.items() if k != "total"} for m, d in runs.items()}
@@ -182,7 +212,11 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
             "repeats": r, "within": within,
             "off_ms": round(statistics.median(runs["off"]["wall"]) * 1000, 3),
             "on_ms": round(statistics.median(runs["on"]["wall"]) * 1000, 3),
-            "ratio": wall["ratio"], "low": wall["low"], "high": wall["high"], "resolved": wall["resolved"],
+            "ratio": steps_ratio["ratio"], "low": steps_ratio["low"], "high": steps_ratio["high"],
+            "resolved": steps_ratio["resolved"],
+            "step_off_ms": round(sum(statistics.median(c) for c in zip(*per_step["off"])) * 1000 / n_steps, 3),
+            "step_on_ms": round(sum(statistics.median(c) for c in zip(*per_step["on"])) * 1000 / n_steps, 3),
+            "run_ratio": wall["ratio"], "run_low": wall["low"], "run_high": wall["high"],
             "cpu_ratio": cpu["ratio"], "cpu_low": cpu["low"], "cpu_high": cpu["high"], "cpu_resolved": cpu["resolved"],
             "outside_loop_s": {m: round(statistics.median(runs[m]["total"]) - statistics.median(runs[m]["wall"])
                                         * n_steps, 2) for m in ("off", "on")},
@@ -253,13 +287,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 0
         print(f"{result['steps']} steps, probe.every {result['probe_every']}, checkpoint_every "
               f"{result['checkpoint_every']}, {result['repeats']} alternated pairs of runs")
-        print(f"training loop per step (steps, probes, log lines, checkpoints): off {result['off_ms']:.2f} ms, "
-              f"on {result['on_ms']:.2f} ms")
-        wall = {"ratio": result["ratio"], "low": result["low"], "high": result["high"]}
-        cpu = {"ratio": result["cpu_ratio"], "low": result["cpu_low"], "high": result["cpu_high"]}
-        print(f"on / off, median over pairs [95% interval]: wall {_interval_text(wall)}, "
-              f"CPU {_interval_text(cpu)}")
+        print(f"loop iteration (step, probe, log line, checkpoint), median over runs per step: off "
+              f"{result['step_off_ms']:.2f} ms, on {result['step_on_ms']:.2f} ms")
+        steps = {"ratio": result["ratio"], "low": result["low"], "high": result["high"]}
+        print(f"on / off, summed per-step medians [95% bootstrap interval over runs]: {_interval_text(steps)}")
         print(_say_resolved(result["resolved"], result["within"], "ratio", "--max-repeats"))
+        wall = {"ratio": result["run_ratio"], "low": result["run_low"], "high": result["run_high"]}
+        cpu = {"ratio": result["cpu_ratio"], "low": result["cpu_low"], "high": result["cpu_high"]}
+        print(f"whole loops (off {result['off_ms']:.2f}, on {result['on_ms']:.2f} ms/step), on / off median over "
+              f"pairs [95% interval]: wall {_interval_text(wall)}, CPU {_interval_text(cpu)} (swings with load)")
         print(f"outside the loop (set-up; end-of-run probe, uploads): off {result['outside_loop_s']['off']:.2f} s, "
               f"on {result['outside_loop_s']['on']:.2f} s per run")
         print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
