@@ -45,38 +45,40 @@ def _int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def grid_blocks(depth: int) -> list[int]:
+def grid_blocks(depth: int, shallowest: bool = True) -> list[int]:
     """Prefix lengths for ``--grid``: 1, depth/4, depth/2, 3*depth/4 rounded half up, kept within
-    1..depth-1, unique and sorted (depth 8 -> 1, 2, 4, 6; depth 4 -> 1, 2, 3)."""
+    1..depth-1, unique and sorted (depth 8 -> 1, 2, 4, 6; depth 4 -> 1, 2, 3); without
+    ``shallowest``, not 1 (a smaller grid: depth 8 -> 2, 4, 6)."""
     if depth < 2:
         raise LayerLockError(f"a freeze test needs model.depth >= 2 (one block must train), got {depth}")
-    values = {1} | {int(depth * f + 0.5) for f in (0.25, 0.5, 0.75)}
+    values = ({1} if shallowest else set()) | {int(depth * f + 0.5) for f in (0.25, 0.5, 0.75)}
     return sorted(v for v in values if 1 <= v <= depth - 1)
 
 
-def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int) -> tuple[list[int], list[int], str | None]:
-    """``(steps, blocks, note)`` for ``--grid``. ``steps``: up to ``GRID_STEPS`` of the interior
+def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int, n_steps: int = GRID_STEPS,
+              shallowest: bool = True) -> tuple[list[int], list[int], str | None]:
+    """``(steps, blocks, note)`` for ``--grid``. ``steps``: up to ``n_steps`` of the interior
     checkpoints (``0 < step < total_steps``), evenly spread and including the first and last;
-    ``note``: why the grid is thinner than asked (None when it is not)."""
+    ``blocks``: :func:`grid_blocks`; ``note``: why the grid is thinner than asked (None when it is not)."""
     interior = sorted({int(s) for s in checkpoints if 0 < int(s) < total_steps})
-    every = total_steps // (GRID_STEPS + 1)
-    advice = (f"train the baseline with train.checkpoint_every <= {every} (steps/{GRID_STEPS + 1}) to get "
-              f">= {GRID_STEPS}" if every >= 1 else
+    every = total_steps // (n_steps + 1)
+    advice = (f"train the baseline with train.checkpoint_every <= {every} (steps/{n_steps + 1}) to get "
+              f">= {n_steps}" if every >= 1 else
               f"a run of {total_steps} steps has at most {max(total_steps - 1, 0)}")
     if not interior:
         raise LayerLockError(f"the baseline has no checkpoint before its final step {total_steps}; {advice} "
                              "interior checkpoints")
     n = len(interior)
-    if n > GRID_STEPS:
-        picks = sorted({round(i * (n - 1) / (GRID_STEPS - 1)) for i in range(GRID_STEPS)})
+    if n > n_steps:
+        picks = sorted({round(i * (n - 1) / max(n_steps - 1, 1)) for i in range(n_steps)})
         steps = [interior[i] for i in picks]
     else:
         steps = interior
     note = None
-    if n < GRID_STEPS:
+    if n < n_steps:
         note = (f"checkpoints too sparse: the baseline has {n} interior checkpoint(s) "
-                f"({', '.join(map(str, interior))}), the grid wants {GRID_STEPS}; {advice} interior checkpoints")
-    return steps, grid_blocks(depth), note
+                f"({', '.join(map(str, interior))}), the grid wants {n_steps}; {advice} interior checkpoints")
+    return steps, grid_blocks(depth, shallowest), note
 
 
 def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
@@ -87,7 +89,8 @@ def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
     return sorted(checkpoint_step(n) for n in names if _CHECKPOINT.search(n))
 
 
-def plan_from_run(baseline: str, tracking_uri: str | None = None) -> tuple[list[int], list[int], str | None]:
+def plan_from_run(baseline: str, tracking_uri: str | None = None, n_steps: int = GRID_STEPS,
+                  shallowest: bool = True) -> tuple[list[int], list[int], str | None]:
     """:func:`grid_plan` for a stored baseline (its ``model.depth``/``train.steps`` params)."""
     from analysis import io
 
@@ -95,7 +98,7 @@ def plan_from_run(baseline: str, tracking_uri: str | None = None) -> tuple[list[
     depth, total = record.param_int("model.depth"), record.param_int("train.steps")
     if depth is None or total is None:
         raise LayerLockError(f"run {baseline} lacks the model.depth/train.steps params; pass --steps and --blocks")
-    return grid_plan(checkpoint_steps(baseline, tracking_uri), total, depth)
+    return grid_plan(checkpoint_steps(baseline, tracking_uri), total, depth, n_steps, shallowest)
 
 
 def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None,
@@ -126,13 +129,16 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
             child = cfg.model_copy(deep=True)
             child.freeze.schedule = [{"step": T, "frozen": L}]
             child.probe.enabled = False               # only the final loss matters here
+            child.train.time_calibration = 0          # and no schedule is predicted from a child's step times
             child.tracking.run_name = f"freeze_test T={T} L={L}"
             child = config_from_dict(child.model_dump(mode="json"), "freeze-test child")
             tags = {TAG_METHOD: METHOD_FREEZE_TEST, TAG_PARENT: baseline, MLFLOW_PARENT: baseline,
                     TAG_FREEZE_STEP: str(T), TAG_FREEZE_BLOCKS: str(L)}
             result = train(child, tracking_uri=tracking_uri, tags=tags, init_state=states[T], progress=progress)
             children.append(result.run_id)
-            bar.write(f"T={T} L={L}: final loss {result.final_loss:.4f} ({result.run_id})", file=sys.stderr)
+            held = "-" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
+            bar.write(f"T={T} L={L}: held-out loss {held}, last train loss {result.final_loss:.4f} "
+                      f"({result.run_id})", file=sys.stderr)
             bar.update(1)
     bar.close()
     return children

@@ -44,8 +44,14 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 # Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
 # 30 minutes for 3 seeds; ``full`` is the GPU size.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "small": {"config": "mae_tiny.yaml", "set": ["train.steps=300", "probe.every=20", "train.checkpoint_every=50"]},
-    "full": {"config": "mae_small.yaml", "set": ["probe.every=100", "train.checkpoint_every=500"]},
+    # small: mae_tiny's own 600 steps; a 3 x 3 freeze-test grid (T = 100, 300, 500; L = 2, 4, 6);
+    # no latent_scheduled ablation, and naive latent (a step costs 2.3 MAE steps; it collapses
+    # within the first hundred) for half the steps: with either, 3 seeds took 33 minutes
+    "small": {"config": "mae_tiny.yaml", "set": ["probe.every=30", "train.checkpoint_every=100"],
+              "grid": {"n_steps": 3, "shallowest": False},
+              "methods": ("freeze_only", "layerlock", "latent_naive"), "steps_fraction": {"latent_naive": 0.5}},
+    "full": {"config": "mae_small.yaml", "set": ["probe.every=100", "train.checkpoint_every=500"], "grid": {},
+             "methods": ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"), "steps_fraction": {}},
 }
 # Method -> (objective overrides, trained with the derived schedule?)
 METHODS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -105,13 +111,16 @@ def _fmt(est: dict[str, Any], pct: bool = False) -> str:
 
 # ----------------------------------------------------------------------------- training stages
 
-def _method_config(base, method: str, seed: int, schedule_path: Path | None):
-    """``base`` turned into ``method`` for ``seed`` (with the seed's derived schedule if the method uses one)."""
+def _method_config(base, method: str, seed: int, schedule_path: Path | None, steps_fraction: float = 1.0):
+    """``base`` turned into ``method`` for ``seed`` (with the seed's derived schedule if the method
+    uses one), trained for ``steps_fraction`` of the base's steps."""
     from core.config import with_overrides
 
     overrides, scheduled = METHODS[method]
     extra = [*overrides, f"train.seed={seed}", f"tracking.run_name={method}-seed{seed}",
              f"freeze.schedule={schedule_path}" if scheduled else "freeze.schedule=null"]
+    if steps_fraction != 1.0:
+        extra.append(f"train.steps={max(1, round(base.train.steps * steps_fraction))}")
     return with_overrides(base, extra, f"study ({method})")
 
 
@@ -140,11 +149,11 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     study_id = study_id or time.strftime("study-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    runs: dict[str, dict[int, str]] = {m: {} for m in METHODS}
+    runs: dict[str, dict[int, str]] = {m: {} for m in ("mae", *spec["methods"])}
     schedules: dict[int, dict] = {}
     children: dict[int, list[str]] = {}
 
-    n_stages = len(seeds) * (len(METHODS) + 2) + 1
+    n_stages = len(seeds) * (len(runs) + 2) + 1
     bar = tqdm(total=n_stages, desc=f"study {budget}", unit="stage", position=0, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
 
@@ -153,7 +162,8 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
 
     def fit(method: str, seed: int) -> str:
         bar.set_postfix_str(f"{method} seed {seed}")
-        cfg = _method_config(base, method, seed, schedules.get(seed, {}).get("path"))
+        cfg = _method_config(base, method, seed, schedules.get(seed, {}).get("path"),
+                             spec["steps_fraction"].get(method, 1.0))
         rid = train(cfg, tracking_uri=uri, tags=tags(method), progress=progress).run_id
         runs[method][seed] = rid
         _say(f"[study] {method} seed {seed}: run {rid}")
@@ -165,19 +175,19 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     for seed in seeds:
         mae = runs["mae"][seed]
         bar.set_postfix_str(f"freeze test seed {seed}")
-        steps, blocks, note = plan_from_run(mae, uri)
+        steps, blocks, note = plan_from_run(mae, uri, **spec["grid"])
         if note:
             _say(f"[study] {note}")
         children[seed] = run_freeze_test(mae, steps, blocks, uri, progress=progress)
         bar.update(1)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
-        for method in ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"):
+        for method in spec["methods"]:
             fit(method, seed)
 
     bar.set_postfix_str("evaluate")
     data = load_eval_data(base, tasks, progress=False)
-    evals: dict[str, dict[int, dict[str, float]]] = {m: {} for m in [*METHODS, "random_init"]}
+    evals: dict[str, dict[int, dict[str, float]]] = {m: {} for m in [*runs, "random_init"]}
     for method, by_seed in runs.items():
         for seed, rid in by_seed.items():
             evals[method][seed] = evaluate_run(rid, tasks, tracking_uri=uri, probe="both", data=data,
@@ -308,7 +318,7 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
         "methods": s3, "schedules": {str(s): schedules[s]["schedule"] for s in seeds}}
 
     # S4 -------------------------------------------------------------------------------
-    methods = ("mae", "layerlock", "latent_scheduled", "latent_naive")
+    methods = tuple(m for m in ("mae", "layerlock", "latent_scheduled", "latent_naive") if runs.get(m))
     coll = compare_runs([runs[m][s] for m in methods for s in seeds], uri).set_index("run_id")
     s4: dict[str, Any] = {}
     for m in methods:
@@ -317,7 +327,7 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
         s4[m] = {"feat_std_min": estimate(vals), "ratio_to_mae": estimate(ratio),
                  "eff_rank_mean": estimate([coll.loc[runs[m][s], "eff_rank_mean"] for s in seeds])}
     s4["latent_naive"]["verdict"] = claim_verdict(s4["latent_naive"]["ratio_to_mae"], COLLAPSED_BELOW, "below")
-    for m in ("layerlock", "latent_scheduled"):
+    for m in [m for m in ("layerlock", "latent_scheduled") if m in s4]:
         s4[m]["verdict"] = claim_verdict(s4[m]["ratio_to_mae"], HEALTHY_ABOVE, "above")
     claims["S4_collapse"] = {
         "claim": f"naive latent prediction collapses (feat_std below {COLLAPSED_BELOW:.0%} of MAE's); LayerLock "
@@ -565,7 +575,8 @@ def register(sub, add_tracking) -> None:
                                      "intervals (report.md, results.json, figures)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
-                   help="small: mae_tiny, 300 steps, under 30 min on a 2-core CPU; full: mae_small (GPU)")
+                   help="small: mae_tiny (600 steps), a 3 x 3 freeze-test grid, under 30 min on a 2-core CPU; "
+                        "full: mae_small (GPU)")
     p.add_argument("--config", default=None, help="base MAE config (default: the budget's); e.g. your data")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override on the base config (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated probe tasks (default: all of the dataset)")

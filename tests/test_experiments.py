@@ -53,6 +53,8 @@ def test_grid_plan_picks_steps_and_blocks():
     assert steps == [10, 30, 50, 70, 90] and blocks == [1, 2, 4, 6] and note is None
     steps, _, note = grid_plan([40, 80, 100], total_steps=100, depth=8)
     assert steps == [40, 80] and "too sparse" in note and "checkpoint_every <= 16" in note
+    steps, blocks, note = grid_plan(range(100, 601, 100), total_steps=600, depth=8, n_steps=3, shallowest=False)
+    assert steps == [100, 300, 500] and blocks == [2, 4, 6] and note is None   # the study's small grid
 
 
 def test_freeze_test_grid_end_to_end(store):

@@ -39,11 +39,11 @@ def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
     for rule in ("posthoc", "online", "gradnorm"):
         assert rule in claims["S1_depth_order"]["rules"] and rule in claims["S2_cheap_rules_vs_freeze_test"]["rules"]
     grid = claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
-    assert len(grid) == 3 and all(len(row) == 5 for row in grid.values())   # L = 1, 2, 3 x 5 steps T
+    assert len(grid) == 3 and all(len(row) == 3 for row in grid.values())   # small: L = 1, 2, 3 x 3 steps T
     assert "tolerance" in claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]
     s3 = claims["S3_compute"]["methods"]
     assert set(s3) == {"freeze_only", "layerlock"} and s3["freeze_only"]["flop_saving"]["n"] == 2
-    assert set(claims["S4_collapse"]["methods"]) == {"mae", "layerlock", "latent_scheduled", "latent_naive"}
+    assert set(claims["S4_collapse"]["methods"]) == {"mae", "layerlock", "latent_naive"}   # small: no ablation
     figures = {p.stem for p in (out / "figures").glob("*.html")}
     assert figures == set(results["figures"]) and len(figures) == 6
     assert (out / "figures" / "plotly.min.js").exists()   # the pages open offline
