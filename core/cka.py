@@ -97,6 +97,15 @@ def _centre(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return c, norm
 
 
+def _centred_rows(x: Any, what: str) -> tuple[torch.Tensor, float]:
+    """``x`` as float64 ``(n, d)`` with at least 2 rows (``what`` names the caller in the error),
+    column-centred, with its norm (:func:`_centre`)."""
+    t = _as_float64(x, "x")
+    if t.shape[0] < 2:
+        raise ValueError(f"{what} needs at least 2 examples (rows), got n={t.shape[0]}")
+    return _centre(t)
+
+
 def _use_gram(n: int, d1: int, d2: int) -> bool:
     """Whether the n x n Gram form is cheaper than the feature-space (d x d) form.
 
@@ -185,11 +194,8 @@ def prepare(x: Any) -> PreparedFeatures:
     ``linear_cka`` wherever that uses the feature-space form (n (d1 + d2) >= d1 d2 + d1^2 + d2^2,
     e.g. the probes' 1024 rows x 128 dims).
     """
-    t = _as_float64(x, "x")
-    n = t.shape[0]
-    if n < 2:
-        raise ValueError(f"CKA needs at least 2 examples (rows), got n={n}")
-    c, norm = _centre(t)
+    c, norm = _centred_rows(x, "CKA")
+    n = c.shape[0]
     if norm == 0.0:
         zero = torch.zeros(n, dtype=torch.float64, device=c.device)
         return PreparedFeatures(torch.zeros_like(c), True, 0.0, zero, zero, 0.0, 0.0)
@@ -382,11 +388,8 @@ def effective_rank(x: Any) -> float:
     Raises:
         ValueError: non-2-D or non-finite input, or ``n < 2``.
     """
-    t = _as_float64(x, "x")
-    n = t.shape[0]
-    if n < 2:
-        raise ValueError(f"effective_rank needs at least 2 examples (rows), got n={n}")
-    c, norm = _centre(t)
+    c, norm = _centred_rows(x, "effective_rank")
+    n = c.shape[0]
     if norm == 0.0:
         return 0.0
     c = c / norm  # normalised: the squared singular values sum to 1 up to rounding
