@@ -18,7 +18,8 @@ of a list of blocks, on the real model, and everything the count changes is put 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +63,32 @@ def flop_model(cfg: ExperimentConfig, batch_size: int | None = None) -> dict:
             "per_step_k": meaning}
 
 
+@contextlib.contextmanager
+def kept_as_is(model: nn.Module, blocks: Sequence[nn.Module], stem: Iterable[nn.Module | nn.Parameter] = (),
+               weights: bool = False) -> Iterator[None]:
+    """Run real training steps on ``model`` and put back, afterwards: the frozen prefix of
+    ``blocks`` (with ``stem``), every parameter's gradient, the buffers (BatchNorm statistics),
+    the RNG and, with ``weights``, the parameters' values, all bit for bit."""
+    blocks, stem = list(blocks), list(stem)
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    values = [p.detach().clone() for p in params] if weights else None
+    buffers = [b.detach().clone() for b in model.buffers()]
+    k_before = frozen_prefix_length(blocks)
+    try:
+        with rng_preserved([model]):
+            yield
+    finally:
+        freeze_prefix(blocks, k_before, None, stem=stem)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.grad = grads[i]
+                if values is not None:
+                    p.copy_(values[i])
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+
+
 def count_flop_model(blocks: Sequence[nn.Module], train_step: Callable[[], torch.Tensor], *, model: nn.Module,
                      stem: Iterable[nn.Module | nn.Parameter] = ()) -> dict:
     """The FLOP model of any model's training step: counted FLOPs for every k = 0..n-1 frozen blocks.
@@ -75,31 +102,18 @@ def count_flop_model(blocks: Sequence[nn.Module], train_step: Callable[[], torch
     The optimizer's step is not counted (it is elementwise).
     """
     blocks = list(blocks)
-    stem = list(stem)
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    buffers = [b.detach().clone() for b in model.buffers()]
-    k_before = frozen_prefix_length(blocks)
     per_step: dict[str, int] = {}
-    try:
-        with rng_preserved([model]):
-            for k in range(len(blocks)):
-                freeze_prefix(blocks, k, None, stem=stem)
-                for p in params:
-                    p.grad = None
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    loss = train_step()
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise LayerLockError("train_step must return the loss, a tensor with one element")
-                    loss.backward()
-                per_step[str(k)] = int(counter.get_total_flops())
-    finally:
-        freeze_prefix(blocks, k_before, None, stem=stem)
-        for p, g in zip(params, grads):
-            p.grad = g
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
+    with kept_as_is(model, blocks, stem):
+        for k in range(len(blocks)):
+            freeze_prefix(blocks, k, None, stem=stem)
+            for p in model.parameters():
+                p.grad = None
+            counter = FlopCounterMode(display=False)
+            with counter:
+                loss = train_step()
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise LayerLockError("train_step must return the loss, a tensor with one element")
+                loss.backward()
+            per_step[str(k)] = int(counter.get_total_flops())
     return {"n_blocks": len(blocks), "per_step": per_step, "per_step_k": PREFIX_MEANING,
             "counted": "FlopCounterMode on the caller's training step (forward, loss, backward)"}

@@ -38,6 +38,7 @@ import copy
 import functools
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -47,10 +48,11 @@ from torch import nn
 
 from core import schema
 from core.config import ProbeConfig
-from core.errors import LayerLockError
-from core.flops import count_flop_model
+from core.errors import LayerLockError, first_line
+from core.flops import count_flop_model, kept_as_is
 from core.freezing import apply_schedule, freeze_prefix, frozen_prefix_length  # noqa: F401  (one import for users)
 from core.probes import ProbeRunner, ProbeTarget, block_grad_norms, snapshot_blocks, update_ratios
+from core.timemodel import StepTimer, calibrate
 from core.tracking import Tracker
 
 DEFAULT_EXPERIMENT = "layerlock"
@@ -99,7 +101,16 @@ class LayerMonitor:
     logged as ``flop_model.json`` (``core.flops.count_flop_model``). Without it, ``python -m
     analysis schedule`` predicts savings from an estimate (uniform per-block cost).
     ``stem``: modules or parameters before block 0 that freeze with it (as in
-    :func:`core.freezing.freeze_prefix`), for the FLOP count.
+    :func:`core.freezing.freeze_prefix`), for the FLOP count and the calibration.
+    ``optimizer``: the loop's optimizer. With it (and ``train_step``) the calibration steps
+    include an optimizer update, by an optimizer of the same class and settings over the same
+    parameters: the loop's own optimizer is not touched.
+    ``calibration``: with ``train_step``, time this many steps (forward, backward and, with
+    ``optimizer``, an update) at each frozen-prefix length before training, interleaved
+    (:func:`core.timemodel.calibrate`), on the model itself, whose weights, gradients, buffers,
+    frozen prefix and RNG are then put back bit for bit. With the training steps' own times
+    (per frozen-prefix length, the monitor's time excluded) they make up ``time_model.json``,
+    from which ``python -m analysis schedule`` predicts a schedule's wall-time saving. 0: none.
     ``run``: an MLflow run id, an ``mlflow.start_run()`` run, a ``core.tracking.Tracker``,
     ``False`` (log nothing) or None (the active run, else a new one in ``experiment`` at
     ``tracking_uri``). A run the monitor started is ended by :meth:`close`.
@@ -121,12 +132,14 @@ class LayerMonitor:
                  params: dict[str, Any] | None = None,
                  tokens_per_clip: int = 32, debiased: bool = True, seed: int = 0,
                  features: Callable[[Any], torch.Tensor] | None = None, n_positions: int | None = None,
-                 run_metrics: bool = True, describe_run: bool = True, background: bool = False) -> None:
+                 run_metrics: bool = True, describe_run: bool = True, background: bool = False,
+                 optimizer: torch.optim.Optimizer | None = None, calibration: int = 5) -> None:
         self.blocks = list(blocks)
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
         for name, value, least in (("every", every, 1), ("log_every", log_every, 1),
-                                   ("tokens_per_clip", tokens_per_clip, 1), ("total_steps", total_steps, 1)):
+                                   ("tokens_per_clip", tokens_per_clip, 1), ("total_steps", total_steps, 1),
+                                   ("calibration", calibration, 0)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise LayerLockError(f"{name} must be an integer >= {least}, got {value!r}")
         if train_step is not None and model is None:
@@ -143,6 +156,9 @@ class LayerMonitor:
             forward = functools.partial(forward, model)   # the loop's own probes (the final one)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe")
         self._shadow: ProbeTarget | None = None   # the copy a background probe reads
+        # Each probe's features file is written (fsynced) by a thread of its own, off the loop.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
         self._pending: tuple[int, Future[dict[str, float]]] | None = None
         self._last_probe: int | None = None
         self.every, self.log_every, self.total_steps = every, log_every, total_steps
@@ -155,6 +171,12 @@ class LayerMonitor:
                                       owner=model, features=features)
         self.flop_model = (count_flop_model(self.blocks, train_step, model=model, stem=self.stem)
                            if train_step is not None else None)
+        # time_model.json: calibration now, then every training step at its frozen-prefix length.
+        self.timer = StepTimer()
+        self.calibration = calibration if train_step is not None and run_metrics else 0
+        self._calibrated = ""
+        if self.calibration:
+            self._calibrate(train_step, optimizer)
         all_tags = {schema.TAG_METHOD: schema.METHOD_OWN_LOOP, **(tags or {})} if describe_run else {}
         self.tracker, self._owns_run = _open_tracker(run, tracking_uri, experiment, run_name, all_tags)
         self.layer_rows: list[tuple[int, int, str, float]] = []   # (step, block, metric, value)
@@ -162,6 +184,7 @@ class LayerMonitor:
         self._losses: list[torch.Tensor] = []
         self._interval_s = 0.0
         self._interval_steps = 0
+        self._in_calls = [0.0, 0.0]   # wall and CPU seconds inside the monitor since the last step ended
         self.wall_s = 0.0
         self.flops_total = 0.0
         self.last_step: int | None = None
@@ -171,7 +194,8 @@ class LayerMonitor:
             self.tracker.log_params(self._params(params, probe_batch, tokens_per_clip, debiased))
         if self.flop_model is not None:
             self.tracker.log_json(self.flop_model, schema.FLOP_MODEL_ARTIFACT)
-        self._tick = time.perf_counter()
+        self.log_time_model()
+        self._tick, self._cpu_tick = time.perf_counter(), time.process_time()
 
     @property
     def run_id(self) -> str | None:
@@ -188,6 +212,42 @@ class LayerMonitor:
         if self.model is not None:
             out["monitor.parameters"] = sum(p.numel() for p in self.model.parameters())
         return {**out, **(extra or {})}
+
+    def _calibrate(self, train_step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+        """Time ``self.calibration`` steps at each calibrated frozen-prefix length (see the class
+        docstring); everything the steps change is put back."""
+        n = len(self.blocks)
+        stages = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 8 else list(range(n))
+        shadow = _optimizer_like(optimizer) if optimizer is not None else None
+        cuda = [p.device for p in self.model.parameters() if p.device.type == "cuda"]
+        params = list(self.model.parameters())
+
+        def step(_i: int) -> None:
+            loss = train_step()
+            loss.backward()
+            if shadow is not None:
+                shadow.step()
+            for p in params:
+                p.grad = None
+
+        with kept_as_is(self.model, self.blocks, self.stem, weights=True):
+            calibrate(self.timer, stages, self.calibration,
+                      lambda k: freeze_prefix(self.blocks, k, shadow, stem=self.stem), step,
+                      (lambda: torch.cuda.synchronize(cuda[0])) if cuda else None)
+        self._calibrated = ("forward, loss, backward" + (f" and {type(optimizer).__name__} update"
+                                                         if shadow is not None else "")
+                            + " on the fixed batch of train_step")
+
+    def log_time_model(self) -> None:
+        """``time_model.json`` (``core.timemodel``): the calibration and the training steps so far."""
+        if not self.run_metrics or not self.tracker.enabled or not (self.timer.training or self.timer.calibration):
+            return
+        device = next((p.device.type for p in self.model.parameters()), "cpu") if self.model is not None else "cpu"
+        meta = {"n_blocks": len(self.blocks), "device": device, "threads": torch.get_num_threads(),
+                "calibration_steps": self.calibration, "calibration_step": self._calibrated or None,
+                "excluded": "time inside the monitor's calls (probes, gradient metrics), as overhead_s_per_step"}
+        flops = self.flop_model["per_step"] if self.flop_model is not None else {}
+        self.tracker.log_json(self.timer.to_dict(flops, **meta), schema.TIME_MODEL_ARTIFACT)
 
     # -- the loop ------------------------------------------------------------------------------
     def is_log_step(self, step: int) -> bool:
@@ -227,20 +287,36 @@ class LayerMonitor:
 
     def _recorded(self, step: int, metrics: dict[str, float]) -> None:
         self.record(metrics, step)
-        # The features once, in their own file: checkpoints keep only the probe steps.
+        if not self.tracker.enabled:
+            return
+        # The features once, in their own file (checkpoints keep only the probe steps), written
+        # in the writer thread: serialising and fsyncing them is a fifth of a probe's time.
         state = self.probes.features_at(-1)
-        self.tracker.log_file(schema.probe_artifact(step), lambda f: torch.save(state, f))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe-file")
+        self._writes.append(self._writer.submit(self.tracker.log_file, schema.probe_artifact(step),
+                                                lambda f: torch.save(state, f)))
+
+    def _written(self, block: bool) -> None:
+        """Raise a failed probe-file write here; ``block``: wait for every write first."""
+        done = [w for w in self._writes if block or w.done()]
+        self._writes = [w for w in self._writes if w not in done]
+        for w in done:
+            w.result()
 
     def wait(self, block: bool = True) -> None:
-        """Log the background probe's results (``block=False``: only if it has finished). The
-        trainer calls it before a checkpoint, whose probe history must include them."""
+        """Log the background probe's results (``block=False``: only if it has finished) and,
+        with ``block``, finish writing every probe's features file. The trainer calls it before
+        a checkpoint, whose probe history must include them and find their files."""
         if self._pending is not None and (block or self._pending[1].done()):
             (step, future), self._pending = self._pending, None
             self._recorded(step, future.result())
+        self._written(block)
 
     def stored_features(self, step: int) -> list[torch.Tensor]:
         """The features of this run's probe at ``step``: the local copy, else the stored artifact
         (what :meth:`core.probes.ProbeRunner.load_state_dict` needs to resume)."""
+        self._written(block=True)
         name = schema.probe_artifact(step)
         path = self.tracker.local_file(name)
         if path is None:
@@ -256,27 +332,38 @@ class LayerMonitor:
         """Call after ``loss.backward()`` and before ``optimizer.step()`` (and before gradient
         clipping: ``grad_norm`` is the raw gradient). Probes when due; at log steps, logs the
         per-block gradient norms and keeps the weights for the update ratio."""
+        t0, c0 = time.perf_counter(), time.process_time()
         self.probe_if_due(step)
         if self.is_log_step(step):
             self.record(block_grad_norms(self.blocks), step)
             self._snapshot = snapshot_blocks(self.blocks)
+        self._in_calls[0] += time.perf_counter() - t0
+        self._in_calls[1] += time.process_time() - c0
 
     def after_step(self, step: int, loss: torch.Tensor | float | None = None) -> None:
         """Call after ``optimizer.step()``. At log steps: the update ratio per block and (unless
         ``run_metrics=False``) ``train/loss`` (mean of the losses passed since the last log step),
         ``train/frozen_blocks``, ``train/step_ms``, ``train/wall_s`` and, with a FLOP model,
-        cumulative ``train/flops``."""
+        cumulative ``train/flops``. The step's time, less the time spent inside the monitor, goes to
+        ``time_model.json`` under its frozen-prefix length."""
+        now, cpu_now = time.perf_counter(), time.process_time()
+        frozen = frozen_prefix_length(self.blocks)
+        if self.run_metrics:
+            whole, cpu_whole = now - self._tick, cpu_now - self._cpu_tick
+            self.timer.add(frozen, whole - self._in_calls[0], whole, cpu_whole - self._in_calls[1], cpu_whole)
+            self._interval_s += whole
+            self._interval_steps += 1
+            self._tick, self._cpu_tick = now, cpu_now
         if self._snapshot is not None:
             self.record(update_ratios(self.blocks, self._snapshot), step)
             self._snapshot = None
         self.last_step = step
-        if not self.run_metrics:
-            return
-        now = time.perf_counter()
-        self._interval_s += now - self._tick
-        self._tick = now
-        self._interval_steps += 1
-        frozen = frozen_prefix_length(self.blocks)
+        if self.run_metrics:
+            self._log_step(step, frozen, loss)
+        # What this call spent belongs to the monitor, not to the next step.
+        self._in_calls = [time.perf_counter() - now, time.process_time() - cpu_now]
+
+    def _log_step(self, step: int, frozen: int, loss: torch.Tensor | float | None) -> None:
         if self.flop_model is not None:
             self.flops_total += self.flop_model["per_step"][str(frozen)]
         if loss is not None:
@@ -317,6 +404,15 @@ class LayerMonitor:
             self.probe(at, now=True)
             for s, values in self.probes.final().items():
                 self.record(values, s)
+        try:
+            self._written(block=True)
+        except Exception:
+            if status == "FINISHED":
+                raise
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+        self.log_time_model()
         if self.tracker.enabled and self.layer_rows:
             frame = self.layer_frame()
             self.tracker.log_file(schema.LAYER_METRICS_ARTIFACT, lambda f: frame.to_parquet(f, index=False))
@@ -344,6 +440,18 @@ class LayerMonitor:
             self.close()
         else:
             self.close(final_probe=False, status="FAILED", reason=f"{kind.__name__}: {error}")
+
+
+def _optimizer_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """A new optimizer of ``optimizer``'s class and parameter groups (settings included), with no
+    state; None, with a warning, where its class cannot be built that way."""
+    groups = [dict(g) for g in optimizer.param_groups]
+    try:
+        return type(optimizer)(groups)
+    except Exception as err:   # noqa: BLE001 -- any constructor: the calibration then leaves the update out
+        warnings.warn(f"LayerMonitor: cannot build a {type(optimizer).__name__} for the timing calibration "
+                      f"({first_line(err)}); it times forward and backward only", stacklevel=3)
+        return None
 
 
 def _batch_len(batch: Any) -> int:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,6 @@ KIND = "measured step time per schedule stage"
 
 # ----------------------------------------------------------------------------- statistics
 
-def _binom_cdf(j: int, n: int) -> float:
-    """P(X <= j) for X ~ Binomial(n, 1/2)."""
-    return sum(math.comb(n, i) for i in range(j + 1)) / 2.0 ** n
-
-
 def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
     """``(median, low, high)``: the median and a distribution-free interval for it.
 
@@ -63,9 +59,12 @@ def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float
     if n == 0:
         raise ValueError("median_interval of no values")
     med = statistics.median(xs)
-    j = 0
-    while j + 1 <= n // 2 and _binom_cdf(j, n) <= (1 - level) / 2:
+    # P(X <= j) for X ~ Binomial(n, 1/2), in exact integers (2.0 ** n overflows past n = 1023).
+    j, term, below, total = 0, 1, 1, 1 << n   # term = comb(n, j), below = sum of comb(n, i), i <= j
+    while j + 1 <= n // 2 and below / total <= (1 - level) / 2:
         j += 1
+        term = term * (n - j + 1) // j
+        below += term
     if j == 0:
         return med, None, None
     return med, xs[j - 1], xs[n - j]
@@ -187,6 +186,29 @@ def _append(samples: list[float], value: float) -> None:
 def _summary(samples: Sequence[float]) -> dict[str, Any]:
     med, lo, hi = median_interval(samples)
     return {"median_s": med, "low_s": lo, "high_s": hi, "n": len(samples)}
+
+
+def calibrate(timer: StepTimer, stages: Sequence[int], rounds: int, set_stage: Callable[[int], None],
+              step: Callable[[int], None], sync: Callable[[], None] | None = None) -> None:
+    """Time ``rounds`` steps at each stage, interleaved across stages, into ``timer``'s calibration.
+
+    Round 0 warms every stage up (allocations, optimizer state) and is not kept; the order of the
+    stages is reversed every other round, so that a drift in machine load hits every stage alike.
+    ``set_stage(k)`` puts the model at stage k, ``step(i)`` runs calibration step i (counted from
+    0 over all rounds and stages) and ``sync()``, when given, waits for the device before the
+    clocks are read. The trainer and :class:`core.monitor.LayerMonitor` both calibrate with it.
+    """
+    ks, i = list(stages), 0
+    for r in range(rounds + 1):
+        for k in ks if r % 2 == 0 else ks[::-1]:
+            set_stage(k)
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(i)
+            if sync is not None:
+                sync()
+            if r:
+                timer.add_calibration(k, time.perf_counter() - t0, time.process_time() - c0)
+            i += 1
 
 
 def calibration_stages(stages: Iterable[int], depth: int) -> list[int]:

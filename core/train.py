@@ -40,7 +40,7 @@ from core.monitor import LayerMonitor
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.perf import Prefetcher, keep_freed_memory, spare_core
 from core.probes import encoder_forward
-from core.timemodel import StepTimer, calibration_stages
+from core.timemodel import StepTimer, calibrate, calibration_stages
 from core.tracking import Tracker, atomic_write, local_checkpoints
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
@@ -361,23 +361,19 @@ class _Run:
         real, done = (self.model, self.optimizer, self.net, self.stage, self.frozen), dataclasses.replace(self.done)
         batches = self.batches
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
+
+        def set_stage(k: int) -> None:
+            self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
+            set_frozen_prefix(self.model, self.optimizer, self.frozen)
+
         try:
             with torch.random.fork_rng(devices=devices):
                 self.model = self.net = copy.deepcopy(real[0])
                 self.optimizer = build_optimizer(self.model, self.cfg)
                 self.batches = Prefetcher(self._host_batch, batches.background)
-                step = done.step   # the batches of the steps ahead: pure functions of the step
-                for r in range(rounds + 1):   # round 0 warms every stage up (allocations, optimizer state)
-                    for k in ks if r % 2 == 0 else ks[::-1]:
-                        self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
-                        set_frozen_prefix(self.model, self.optimizer, self.frozen)
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        self.update(step, log_now=False)
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize(self.device)
-                        if r:
-                            self.timer.add_calibration(k, time.perf_counter() - t0, time.process_time() - c0)
-                        step += 1
+                # The batches of the steps ahead: pure functions of the step.
+                calibrate(self.timer, ks, rounds, set_stage, lambda i: self.update(done.step + i, log_now=False), sync)
         finally:
             if self.batches is not batches:
                 self.batches.close()

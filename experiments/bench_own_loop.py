@@ -8,7 +8,8 @@ reported apart.
 own-freezing: for k = 0..n-1 blocks frozen with ``freeze_prefix``, the median step time on one
 batch, rounds interleaved across k, against the counted FLOP model; then a schedule derived from
 a monitored run of the same loop, applied with ``apply_schedule``: the loop with it against
-without it (alternated), beside the FLOP model's prediction. On a busy machine whole-run wall
+without it (alternated), beside the FLOP model's prediction and the one ``analysis schedule``
+makes from the monitored run's ``time_model.json`` (its calibrated step times). On a busy machine whole-run wall
 times swing by tens of percent, so the time ratio sums, per stage, the median step time times
 the stage's steps (the wall ratio is printed too).
 Timings are measured here, never asserted in tests: the machine decides them.
@@ -59,12 +60,15 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
     same work: the per-step median over repeats removes another process's burst from a step while
     keeping the monitor's cost (its probe and log steps come back in every repeat). Also measured
     within each monitored run: the time inside the monitor's calls against the rest of the loop
-    (robust to load that changes between runs; MLflow's background logging thread not included)."""
+    (robust to load that changes between runs; MLflow's background sender and the probe-file writer
+    not included), and each loop's CPU time over every thread."""
+    from experiments.bench import per_step_ratio
     from experiments.examples.own_loop import SETUPS, attach_monitor
 
     setup = SETUPS[model]()
     initial = {k: v.clone() for k, v in setup.model.state_dict().items()}
     runs: dict[str, list[list[float]]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}   # the loop's CPU time, every thread (sender, writer)
     attach_s, close_s, in_calls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
@@ -76,11 +80,14 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
                 if mode == "on":
                     t0 = time.perf_counter()
                     monitor = attach_monitor(setup, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
+                    monitor.tracker.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
                     attach_s.append(time.perf_counter() - t0)
                 spent = [0.0]
                 if monitor is not None:
                     _timed(monitor, spent)
+                c0 = time.process_time()
                 runs[mode].append(_step_seconds(setup, steps, monitor=monitor))
+                cpu[mode].append(time.process_time() - c0)
                 if monitor is not None:
                     in_calls.append(spent[0] / (sum(runs[mode][-1]) - spent[0]))
                 if monitor is not None:
@@ -89,9 +96,11 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
                     close_s.append(time.perf_counter() - t0)
     per_step = {m: sum(statistics.median(col) for col in zip(*rs)) * 1000 / steps for m, rs in runs.items()}
     wall = {m: [sum(r) * 1000 / steps for r in rs] for m, rs in runs.items()}
+    interval = per_step_ratio(runs["on"], runs["off"], within=0.01)
     return {"model": model, "steps": steps, "every": every, "repeats": repeats,
             "off_ms": round(per_step["off"], 3), "on_ms": round(per_step["on"], 3),
-            "ratio": round(per_step["on"] / per_step["off"], 4),
+            "ratio": round(per_step["on"] / per_step["off"], 4), "low": interval["low"], "high": interval["high"],
+            "cpu_ratio": round(statistics.median(cpu["on"]) / statistics.median(cpu["off"]), 4),
             "wall_ratio": round(statistics.median(wall["on"]) / statistics.median(wall["off"]), 4),
             "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
             "attach_s": round(statistics.median(attach_s), 3), "close_s": round(statistics.median(close_s), 3),
@@ -155,12 +164,16 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
     wall_ratio = statistics.median(wall["schedule"]) / statistics.median(wall["plain"])
     stage_ratio = statistics.median(by_stage["schedule"]) / statistics.median(by_stage["plain"])
     flop_ratio = 1.0 - derived["predicted_flop_saving"]
+    time_pred = None if derived.get("predicted_time_saving") is None else 1.0 - derived["predicted_time_saving"]
     return {"model": model, "per_k": rows,
             "schedule": {"steps": total, "stages": derived["stages"], "repeats": repeats,
                          "plain_s": round(statistics.median(wall["plain"]), 3),
                          "schedule_s": round(statistics.median(wall["schedule"]), 3),
                          "wall_ratio": round(wall_ratio, 4), "time_ratio": round(stage_ratio, 4),
                          "flop_ratio": round(flop_ratio, 4), "time_vs_flop": round(stage_ratio / flop_ratio, 4),
+                         "predicted_time_ratio": None if time_pred is None else round(time_pred, 4),
+                         "predicted_time_basis": derived.get("predicted_time_basis"),
+                         "time_vs_predicted": None if time_pred is None else round(stage_ratio / time_pred, 4),
                          "plain_all_s": [round(v, 3) for v in wall["plain"]],
                          "schedule_all_s": [round(v, 3) for v in wall["schedule"]]}}
 
@@ -168,8 +181,11 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
 def print_monitor(result: dict) -> None:
     print(f"{result['model']}: {result['steps']} steps, probes every {result['every']}, "
           f"{result['repeats']} repeats each")
-    print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f}  "
-          f"(per step: median over repeats)")
+    interval = "too few repeats" if result["low"] is None else f"95% interval {result['low']:.3f}-{result['high']:.3f}"
+    print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f} ({interval}; "
+          f"per step: median over repeats, bootstrap over runs)")
+    print(f"CPU-time ratio {result['cpu_ratio']:.4f} (median run; every thread of the process: the monitor's "
+          "writer and MLflow's sender included)")
     print(f"in-call ratio {result['in_calls_ratio']:.4f} (1 + time inside the monitor's calls / the rest of the "
           "loop, within each monitored run)")
     print(f"wall ratio {result['wall_ratio']:.4f} (median run); each run (ms/step): off {result['off_all_ms']}  "
@@ -195,5 +211,8 @@ def print_own_freezing(result: dict) -> None:
     print(f"derived schedule (frozen@step: {stages}) over {s['steps']} steps, {s['repeats']} runs each:")
     print(f"  time ratio {s['time_ratio']:.3f} (per stage: median step time x its steps), FLOP ratio "
           f"{s['flop_ratio']:.3f}, time/FLOPs {s['time_vs_flop']:.3f}")
+    if s["predicted_time_ratio"] is not None:
+        print(f"  predicted by `analysis schedule` from the monitored run ({s['predicted_time_basis']}): time ratio "
+              f"{s['predicted_time_ratio']:.3f}, measured/predicted {s['time_vs_predicted']:.3f}")
     print(f"  wall {s['schedule_s']:.2f} s vs {s['plain_s']:.2f} s plain (ratio {s['wall_ratio']:.3f}); each run: "
           f"schedule {s['schedule_all_s']}, plain {s['plain_all_s']}")

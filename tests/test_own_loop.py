@@ -39,18 +39,24 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("name", "steps"), [("vit", 12), ("video", 5)])
 def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) -> None:
     """Weights and buffers (BatchNorm statistics) after the same loop with and without the monitor
-    (probes every 2 steps, gradient metrics every 3, the FLOP count) are equal bit for bit."""
+    (probes every 2 steps, gradient metrics every 3, the FLOP count, the timing calibration with
+    optimizer updates at every frozen-prefix length) are equal bit for bit."""
     plain = own_loop.SETUPS[name]()
     own_loop.train(plain, steps)
     watched = own_loop.SETUPS[name]()
     x0, y0 = own_loop.batch_at(watched, 0)
+    optimizer = own_loop.make_optimizer(watched)
     mon = LayerMonitor(watched.blocks, watched.probe, watched.model, every=2, log_every=3, total_steps=steps,
-                       model=watched.model, stem=watched.stem, run=False,
+                       model=watched.model, stem=watched.stem, run=False, optimizer=optimizer, calibration=2,
                        train_step=lambda: F.cross_entropy(watched.model(x0), y0))
-    own_loop.train(watched, steps, monitor=mon)
+    assert not optimizer.state and all(p.grad is None and p.requires_grad for p in watched.model.parameters())
+    own_loop.train(watched, steps, monitor=mon, optimizer=optimizer)
     mon.close()
     a, b = _state(plain.model), _state(watched.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    n = len(watched.blocks)
+    assert {k: len(v) for k, v in mon.timer.calibration.items()} == dict.fromkeys(range(n), 2)
+    assert mon.timer.wall.steps == {0: steps}
     frame = mon.layer_frame()
     assert set(frame["metric"]) == set(schema.BLOCK_METRICS)
     assert set(frame["block"]) == set(range(len(watched.blocks)))
@@ -156,6 +162,39 @@ def test_apply_schedule_follows_the_json_and_checks_it() -> None:
         apply_schedule({**schedule, "stages": [{"step": 1, "frozen": 2}, {"step": 2, "frozen": 1}]}, blocks, 0)
 
 
+def test_monitor_step_times_leave_out_the_monitors_own_time(monkeypatch) -> None:
+    """time_model.json's training record: each step's time less the time spent inside the
+    monitor (here a probe that costs 1 s on a fake clock), filed under the frozen-prefix length
+    it ran at; the monitor's time is the overhead per step."""
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "process_time", lambda: clock[0] / 2)
+    model, stem, blocks = _tiny_chain()
+
+    def forward(batch):
+        clock[0] += 1.0
+        return model(batch)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = LayerMonitor(blocks, torch.zeros(4, 3), forward, every=2, log_every=100, model=model, stem=[stem],
+                       run=False)
+    for step in range(6):
+        freeze_prefix(blocks, 0 if step < 3 else 2, optimizer, stem=[stem])
+        clock[0] += 0.1 if step < 3 else 0.04          # the step itself: faster with 2 blocks frozen
+        mon.after_backward(step)                       # probes at steps 0, 2, 4
+        mon.after_step(step)
+    record = mon.timer.to_dict({})
+    assert record["training"]["0"]["steps"] == 3 and record["training"]["2"]["steps"] == 3
+    assert record["training"]["0"]["median_s"] == pytest.approx(0.1)
+    assert record["training"]["2"]["median_s"] == pytest.approx(0.04)
+    assert record["overhead_s_per_step"] == pytest.approx(3.0 / 6)
+    assert record["cpu"]["training"]["2"]["median_s"] == pytest.approx(0.02)
+    assert record["total_s"] == pytest.approx(3 * 0.1 + 3 * 0.04 + 3.0)
+    mon.close(final_probe=False)
+
+
 def test_flop_count_puts_everything_back() -> None:
     setup = own_loop.video_setup(n_train=8, n_probe=4)
     model, (x, y) = setup.model, own_loop.batch_at(setup, 0)
@@ -190,7 +229,8 @@ def test_own_loop_runs_carry_the_trainers_schema(own_loop_store) -> None:
         assert rec.status == "FINISHED" and rec.method == schema.METHOD_OWN_LOOP
         assert rec.param_int("train.steps") == own_loop_store.steps[run_id]
         names = {a.path for a in io.client(own_loop_store.uri).list_artifacts(run_id)}
-        assert {schema.FLOP_MODEL_ARTIFACT, schema.LAYER_METRICS_ARTIFACT, schema.PROBE_DIR} <= names
+        assert {schema.FLOP_MODEL_ARTIFACT, schema.TIME_MODEL_ARTIFACT, schema.LAYER_METRICS_ARTIFACT,
+                schema.PROBE_DIR} <= names
         depth = rec.param_int("model.depth")
         assert {schema.block_key(m, b) for m in schema.BLOCK_METRICS for b in range(depth)} <= set(rec.metrics)
         assert {schema.LOSS, schema.FLOPS, schema.WALL_S, schema.FROZEN_BLOCKS} <= set(rec.metrics)
@@ -209,6 +249,9 @@ def test_analysis_convergence_and_schedule_on_own_loop_runs(own_loop_store, whic
     schedule = json.loads(out.read_text())
     assert schedule["stages"] and schedule["predicted_saving_basis"] == "counted"
     assert 0 < schedule["predicted_flop_saving"] < 1
+    # The wall-time saving from the run's own calibrated step times, at every frozen-prefix length.
+    assert schedule["predicted_time_basis"] == "time_model" and 0 < schedule["predicted_time_saving"] < 1
+    assert "affine" not in schedule["prediction"]["time_model"]
     assert "ESTIMATE" not in capsys.readouterr().err
 
 

@@ -199,3 +199,14 @@ def test_within_run_saving_measures_the_run_against_its_own_unfrozen_pace() -> N
     assert within_run_saving(slow.to_dict(FLOPS)) == pytest.approx(1 - 7.5 / (6 * 2.0))
     assert within_run_saving(timer_with(training={3: [1.0] * 3}).to_dict(FLOPS)) is None   # no unfrozen steps
     assert within_run_saving(tm, clock="cpu") is None   # no CPU record
+
+
+def test_median_interval_of_a_long_run_does_not_overflow() -> None:
+    """A run keeps up to MAX_SAMPLES step times per stage; past 1023 of them the Binomial(n, 1/2)
+    tail no longer fits 2.0 ** n. The interval is the normal approximation's: n/2 +- 1.96 sqrt(n)/2."""
+    from core.timemodel import MAX_SAMPLES
+
+    med, lo, hi = median_interval(range(MAX_SAMPLES))
+    half = 1.96 * MAX_SAMPLES ** 0.5 / 2
+    assert med == (MAX_SAMPLES - 1) / 2
+    assert abs((med - lo) - half) <= 2 and abs((hi - med) - half) <= 2

@@ -146,13 +146,18 @@ def train(s: Setup, steps: int, *, monitor: LayerMonitor | None = None, schedule
 
 
 def attach_monitor(s: Setup, steps: int, every: int, *, tracking_uri: str | None = None, run=None,
-                   run_name: str | None = None, count_flops: bool = True) -> LayerMonitor:
+                   run_name: str | None = None, count_flops: bool = True,
+                   optimizer: torch.optim.Optimizer | None = None, background: bool = False) -> LayerMonitor:
     """The monitor on ``s``'s blocks, probing the fixed held-out batch. ``count_flops``: count the
-    FLOP model on one training batch (``flop_model.json``, for predicted savings)."""
+    FLOP model on one training batch (``flop_model.json``) and time steps at every frozen-prefix
+    length on it (``time_model.json``), for predicted savings; ``optimizer``: the loop's (its
+    class and settings are what the timed steps use; default: :func:`make_optimizer`'s)."""
     x0, y0 = batch_at(s, 0)
     return LayerMonitor(  # LayerLock
-        s.blocks, s.probe, s.model, every=every, log_every=LOG_EVERY, total_steps=steps, model=s.model, stem=s.stem,
+        s.blocks, s.probe, (lambda model, batch: model(batch)) if background else s.model, background=background,
+        every=every, log_every=LOG_EVERY, total_steps=steps, model=s.model, stem=s.stem,
         train_step=(lambda: F.cross_entropy(s.model(x0), y0)) if count_flops else None,
+        optimizer=optimizer or make_optimizer(s),
         run=run, tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=run_name,
         tags={TAG_DATASET: "moving_digits"}, params={"train.batch_size": s.batch_size, "example.model": s.name})
 
@@ -177,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         if schedule is not None and schedule.n_blocks != len(s.blocks):
             raise LayerLockError(f"{args.schedule}: the schedule is for {schedule.n_blocks} blocks, "
                                  f"--model {args.model} has {len(s.blocks)}")
+        optimizer = make_optimizer(s)
         with attach_monitor(s, args.steps, args.every, tracking_uri=args.tracking_uri,
-                            run_name=f"{args.model}-own-loop") as monitor:
-            train(s, args.steps, monitor=monitor, schedule=schedule)
+                            run_name=f"{args.model}-own-loop", optimizer=optimizer) as monitor:
+            train(s, args.steps, monitor=monitor, schedule=schedule, optimizer=optimizer)
     except LayerLockError as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
