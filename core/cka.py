@@ -179,6 +179,7 @@ class PreparedFeatures:
     ones: torch.Tensor
     total: float
     hsic: float
+    gram: torch.Tensor | None = None   # K = rows rows^T when there are fewer rows than dims
 
 
 def _hsic(n: int, tr_full: float, diag_dot: float, s1: float, s2: float, v1: torch.Tensor, v2: torch.Tensor) -> float:
@@ -200,12 +201,15 @@ def prepare(x: Any) -> PreparedFeatures:
         zero = torch.zeros(n, dtype=torch.float64, device=c.device)
         return PreparedFeatures(torch.zeros_like(c), True, 0.0, zero, zero, 0.0, 0.0)
     a = c / norm
-    trace = float((a.T @ a).square().sum())
+    # ||a^T a||_F^2 = ||a a^T||_F^2: the smaller Gram. Wide features keep K (n x n), so that a
+    # comparison of two of them costs n^2 instead of n d1 d2 (the video ResNet's 512-channel stage).
+    gram = a @ a.T if n < a.shape[1] else None
+    trace = float((gram if gram is not None else a.T @ a).square().sum())
     diag = a.square().sum(dim=1)
     ones = a @ a.sum(dim=0) - diag
     total = float(ones.sum())
     hsic = _hsic(n, trace, float(diag @ diag), total, total, ones, ones) if n >= 4 else math.nan
-    return PreparedFeatures(a, False, trace, diag, ones, total, hsic)
+    return PreparedFeatures(a, False, trace, diag, ones, total, hsic, gram)
 
 
 def prepared_cka(x: PreparedFeatures, y: PreparedFeatures, debiased: bool = False) -> float:
@@ -218,7 +222,10 @@ def prepared_cka(x: PreparedFeatures, y: PreparedFeatures, debiased: bool = Fals
     if x.constant or y.constant:
         return 0.0
     a, b = x.rows, y.rows.to(x.rows.device)
-    kl = float((b.T @ a).square().sum())
+    if x.gram is not None and y.gram is not None:
+        kl = float((x.gram * y.gram.to(a.device)).sum())   # <K, L> = ||b^T a||_F^2
+    else:
+        kl = float((b.T @ a).square().sum())
     if not debiased:
         return _normalised_ratio(kl, x.trace, y.trace)
     cross = _hsic(n, kl, float(x.diag @ y.diag.to(a.device)), x.total, y.total, x.ones, y.ones.to(a.device))
@@ -393,12 +400,9 @@ def effective_rank(x: Any) -> float:
     if norm == 0.0:
         return 0.0
     c = c / norm  # normalised: the squared singular values sum to 1 up to rounding
-    if n >= 2 * c.shape[1]:
-        # Tall (the probes: 1024 rows x 128 dims): the eigenvalues of the d x d c^T c are the
-        # squared singular values, at a fraction of an SVD's cost (differences ~1e-12 here).
-        p = torch.linalg.eigvalsh(c.T @ c).clamp_min(0.0)
-    else:
-        p = torch.linalg.svdvals(c).square()
+    # The nonzero eigenvalues of the smaller Gram (d x d c^T c, or n x n c c^T) are the squared
+    # singular values, at a fraction of an SVD's cost (differences ~1e-12 here).
+    p = torch.linalg.eigvalsh(c.T @ c if n >= c.shape[1] else c @ c.T).clamp_min(0.0)
     p = p / p.sum()
     p = p[p > 0]  # 0 log 0 = 0
     entropy = float(-(p * p.log()).sum())

@@ -376,3 +376,29 @@ def test_effective_rank_degenerate() -> None:
         effective_rank(np.ones((1, 4)))
     with pytest.raises(ValueError, match="2-D"):
         effective_rank(np.ones(4))
+
+
+@pytest.mark.parametrize(("n", "d1", "d2"), [(64, 8, 16), (24, 48, 96), (24, 8, 96)])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_prepared_cka_equals_linear_cka_tall_and_wide(n: int, d1: int, d2: int, debiased: bool) -> None:
+    """The probes' prepared form (feature space for tall features, the n x n Gram for wide
+    ones, either when they are mixed) gives linear_cka's numbers."""
+    from core.cka import prepare, prepared_cka
+
+    g = torch.Generator().manual_seed(n + d1 + d2)
+    x = torch.randn(n, d1, generator=g)
+    y = x[:, :1].repeat(1, d2) * 0.5 + torch.randn(n, d2, generator=g)
+    px, py = prepare(x), prepare(y)
+    assert (px.gram is not None) == (n < d1) and (py.gram is not None) == (n < d2)
+    assert prepared_cka(px, py, debiased) == pytest.approx(linear_cka(x, y, debiased), rel=1e-9, abs=1e-12)
+    assert prepared_cka(px, px, debiased) == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize(("n", "d"), [(200, 16), (40, 30), (30, 200)])
+def test_effective_rank_equals_the_singular_value_definition(n: int, d: int) -> None:
+    g = torch.Generator().manual_seed(n * d)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(x - x.mean(dim=0)).square()
+    p = s / s.sum()
+    p = p[p > 0]
+    assert effective_rank(x) == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
