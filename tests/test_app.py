@@ -249,6 +249,7 @@ def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
     job = jobs.list_jobs()[0]
     at.button(key=f"launch_cancel_{job.job_id}").click().run()
     assert_clean(at)
+    job = jobs.get_job(job.job_id)   # as the page saved it: marked cancelled
     assert jobs.status(job) == "cancelled" and not jobs.is_running(job)
 
 

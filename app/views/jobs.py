@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "experiments" / "configs"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Exit status of the CLI: 0 done, 2 bad input, 1 diverged, 130 interrupted.
+# 143: the trainer's own exit after a SIGTERM it handled (checkpointed, run marked KILLED).
 EXIT_MEANING = {0: "finished", 1: "failed", 2: "bad input", 130: "cancelled", -2: "cancelled",
-                -15: "cancelled", -9: "killed"}
+                -15: "cancelled", 143: "terminated", -9: "killed"}
 
 _PROCS: dict[str, subprocess.Popen] = {}  # job_id -> child of this server process
 MAX_JOBS_ENV = "LAYERLOCK_MAX_JOBS"
@@ -266,7 +267,8 @@ def is_running(job: Job) -> bool:
 
 
 def status(job: Job) -> str:
-    """``running``, ``finished``, ``failed``, ``bad input``, ``cancelled``, ``killed`` or ``exited``."""
+    """``running``, ``finished``, ``failed``, ``bad input``, ``cancelled``, ``terminated``, ``killed``
+    or ``exited``."""
     if is_running(job):
         return "running"
     rc = returncode(job)
