@@ -219,7 +219,7 @@ class LayerMonitor:
         n = len(self.blocks)
         stages = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 8 else list(range(n))
         shadow = _optimizer_like(optimizer) if optimizer is not None else None
-        cuda = [p.device for p in self.model.parameters() if p.device.type == "cuda"]
+        cuda = next((p.device for p in self.model.parameters() if p.device.type == "cuda"), None)
         params = list(self.model.parameters())
 
         def step(_i: int) -> None:
@@ -233,7 +233,7 @@ class LayerMonitor:
         with kept_as_is(self.model, self.blocks, self.stem, weights=True):
             calibrate(self.timer, stages, self.calibration,
                       lambda k: freeze_prefix(self.blocks, k, shadow, stem=self.stem), step,
-                      (lambda: torch.cuda.synchronize(cuda[0])) if cuda else None)
+                      (lambda: torch.cuda.synchronize(cuda)) if cuda is not None else None)
         self._calibrated = ("forward, loss, backward" + (f" and {type(optimizer).__name__} update"
                                                          if shadow is not None else "")
                             + " on the fixed batch of train_step")

@@ -99,7 +99,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
     interval = per_step_ratio(runs["on"], runs["off"], within=0.01)
     return {"model": model, "steps": steps, "every": every, "repeats": repeats,
             "off_ms": round(per_step["off"], 3), "on_ms": round(per_step["on"], 3),
-            "ratio": round(per_step["on"] / per_step["off"], 4), "low": interval["low"], "high": interval["high"],
+            "ratio": interval["ratio"], "low": interval["low"], "high": interval["high"],
             "cpu_ratio": round(statistics.median(cpu["on"]) / statistics.median(cpu["off"]), 4),
             "wall_ratio": round(statistics.median(wall["on"]) / statistics.median(wall["off"]), 4),
             "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
