@@ -11,8 +11,9 @@ else ``runs/<run_id>`` in the working directory). While the run lives it is the 
     files/          small artifacts (config.yaml, flop_model.json, layer_metrics.parquet, ...)
 
 **Write-ahead spool.** The trainer appends what it logs to ``spool.jsonl`` (a buffered write:
-a killed process loses nothing the kernel has) and a sender thread sends the lines to the store
-in order. When the store does not answer — after MLflow's bounded HTTP retries
+a killed process loses nothing the kernel has) and a sender sends the lines to the store in
+order: a process of its own (:class:`_SenderProcess`), so that MLflow's store calls never hold
+the training loop's interpreter lock, or a thread with ``LAYERLOCK_SENDER=thread``. When the store does not answer — after MLflow's bounded HTTP retries
 (:data:`HTTP_ENV_DEFAULTS`, about 15 s for a refused connection) or sqlite's busy timeout — the
 line stays in the spool, a warning says so once, and the sender tries again every
 ``PROBE_INTERVAL_S``; once the store answers, everything that waited goes out in order. Training
@@ -30,17 +31,20 @@ read: metrics at those steps are dropped (per key), so a recomputed step appears
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -293,13 +297,30 @@ def _lock_folder(folder: Path, run_id: str) -> int:
 # ----------------------------------------------------------------------------- the spool
 
 class Spool:
-    """A run's ``spool.jsonl``: lines appended by the trainer, read and emptied by the sender."""
+    """A run's ``spool.jsonl``: lines appended by the trainer, read and emptied by the sender.
 
-    def __init__(self, folder: Path) -> None:
+    The sender may be another process: appends, reads and the emptying hold an exclusive
+    ``flock`` on the file (and a thread lock within a process), so a line is never cut by a trim.
+    ``written``: bytes the file held at open plus every byte appended through this object since
+    (what a sender has to have sent before it has caught up); ``reader``: the sender's side,
+    which leaves a partial tail to the appending side."""
+
+    def __init__(self, folder: Path, reader: bool = False) -> None:
         self.path = folder / SPOOL_FILE
         self._lock = threading.Lock()
-        self._drop_partial_tail()
+        if not reader:
+            self._drop_partial_tail()
         self._out = open(self.path, "ab")   # noqa: SIM115 - kept open for the run's life
+        self.written = self._out.tell()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._out.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._out.fileno(), fcntl.LOCK_UN)
 
     def _drop_partial_tail(self) -> None:
         """A process killed inside a write can leave half a line; it never reached the store
@@ -313,9 +334,10 @@ class Spool:
 
     def append(self, op: dict[str, Any]) -> None:
         line = (json.dumps(op, separators=(",", ":")) + "\n").encode()
-        with self._lock:
+        with self._locked():
             self._out.write(line)
             self._out.flush()   # in the kernel now: a killed process loses nothing
+            self.written += len(line)
 
     def fsync(self) -> None:
         """Durable also against a machine crash (before a checkpoint is published)."""
@@ -327,9 +349,14 @@ class Spool:
         with self._lock:
             return self.path.stat().st_size
 
+    def count_from_here(self) -> None:
+        """``written`` := what the file holds now (a sender that starts reading it at 0)."""
+        with self._locked():
+            self.written = self.path.stat().st_size
+
     def read(self, offset: int) -> list[tuple[int, dict[str, Any]]]:
         """``(end offset, op)`` of every complete line from ``offset`` on."""
-        with self._lock:
+        with self._locked():
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 data = f.read()
@@ -346,7 +373,7 @@ class Spool:
 
     def trim(self, offset: int) -> bool:
         """Empty the file when everything up to its end (``offset``) has been sent."""
-        with self._lock:
+        with self._locked():
             if self.path.stat().st_size != offset:
                 return False
             self._out.truncate(0)
@@ -423,12 +450,19 @@ def _quiet_store_errors() -> None:
 
 
 class _Sender(threading.Thread):
-    """Sends a run's spool in order; while the store is away, tries again every PROBE_INTERVAL_S."""
+    """Sends a run's spool in order; while the store is away, tries again every PROBE_INTERVAL_S.
 
-    def __init__(self, client, uri: str, run_id: str, folder: Path, spool: Spool) -> None:
+    A thread of the trainer (``LAYERLOCK_SENDER=thread``), or the main loop of the sender
+    process (:class:`_SenderProcess`), which passes ``report``: called with ``(bytes sent in
+    all, away_since)`` whenever either changes."""
+
+    def __init__(self, client, uri: str, run_id: str, folder: Path, spool: Spool,
+                 report: Callable[[int, float | None], None] | None = None) -> None:
         super().__init__(name=f"layerlock-sender-{run_id[:8]}", daemon=True)
         self.client, self.uri, self.run_id, self.folder, self.spool = client, uri, run_id, folder, spool
         self.offset = 0
+        self.sent = 0   # bytes of spool lines sent (or rejected), over every trim
+        self.report = report
         self.wake = threading.Event()
         self.stopping = False
         self.away_since: float | None = None   # monotonic time the store stopped answering
@@ -451,6 +485,12 @@ class _Sender(threading.Thread):
     def drain(self) -> None:
         if self.away_since is not None and not _answers(self.uri):
             return   # a refused connection: no need to read the spool or wait for MLflow's retries
+        if self.client is None:   # the sender process opens the store itself (it may be locked or away)
+            try:
+                self.client = _client(self.uri)
+            except Exception as err:
+                self.went_away(err, time.monotonic())
+                return
         for end, ops in _units(self.spool.read(self.offset)):
             tried = time.monotonic()
             try:
@@ -460,14 +500,20 @@ class _Sender(threading.Thread):
                     self.went_away(err, tried)
                     return
                 _reject(self.folder, ops, err)
+            self.sent += end - self.offset
             self.offset = end
             if self.away_since is not None:
                 self.came_back()
+            self._report()
         if self.spool.trim(self.offset):
             self.offset = 0
 
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(self.sent, self.away_since)
+
     def heartbeat(self) -> None:
-        if self.away_since is not None or time.monotonic() - self._last_beat < HEARTBEAT_S:
+        if self.client is None or self.away_since is not None or time.monotonic() - self._last_beat < HEARTBEAT_S:
             return
         self._last_beat = time.monotonic()
         try:
@@ -480,6 +526,7 @@ class _Sender(threading.Thread):
             self.away_since = since or time.monotonic()
             print(f"warning: tracking store {self.uri} does not answer ({first_line(err)[:160]}); training goes "
                   f"on, what it logs waits in {self.spool.path} and is sent when the store answers", file=sys.stderr)
+            self._report()
 
     def came_back(self) -> None:
         gone = time.monotonic() - (self.away_since or time.monotonic())
@@ -491,6 +538,136 @@ class _Sender(threading.Thread):
         self.stopping = True
         self.wake.set()
         self.join(timeout)
+
+
+SENDER_ENV = "LAYERLOCK_SENDER"   # "process" (default) or "thread"
+
+
+class _Wake:
+    """The sender process's wake-up: a byte down its stdin (never blocks: a full pipe already
+    holds a wake-up, and a gone process is found out by ``is_alive``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def set(self, what: bytes = b"w") -> None:
+        try:
+            os.write(self.fd, what)
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass
+
+
+class _SenderProcess:
+    """The sender (:class:`_Sender`) in a process of its own, so that MLflow's store calls (tens
+    of milliseconds of Python per batch with the sqlite store) never take the interpreter lock
+    from the training loop. The same interface as the thread: ``wake.set()``, ``caught_up()``,
+    ``away_since``, ``is_alive()``, ``stop()``.
+
+    The child reads the spool (both sides ``flock`` it), reports after every line it sent how
+    many bytes it has sent in all and whether the store is away, ignores SIGINT and SIGTERM (the
+    trainer decides when to stop: a Ctrl-C must not cut the run's last lines) and exits when its
+    stdin closes: at :meth:`stop` after a last drain, or without one when the trainer died
+    (what is left then waits in the spool for ``sync`` or ``--resume``, as after a kill)."""
+
+    def __init__(self, uri: str, run_id: str, folder: Path, spool: Spool) -> None:
+        self.spool = spool
+        self.sent = 0
+        self.away_since: float | None = None
+        spool.count_from_here()
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from core.tracking import _sender_main; _sender_main()", uri, run_id,
+             str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root)
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        self.wake = _Wake(self.proc.stdin.fileno())
+        self._reader = threading.Thread(target=self._read, name=f"layerlock-sender-{run_id[:8]}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            sent, _, away = line.decode(errors="replace").partition(" ")
+            try:
+                self.sent, self.away_since = int(sent), (None if away.strip() == "-" else float(away))
+            except ValueError:
+                print(f"warning: the tracking sender said {line[:200]!r}", file=sys.stderr)
+
+    def caught_up(self) -> bool:
+        return self.sent >= self.spool.written
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None and self._reader.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.wake.set(b"q")
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:   # stuck in a store call: what it did not send stays in the spool
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(1.0)
+        self.proc.stdout.close()
+
+
+def _sender_main() -> None:
+    """The sender process (``python -c``; argv: uri, run id, run folder): see :class:`_SenderProcess`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    uri, run_id, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    out = os.fdopen(os.dup(1), "wb")   # the reports' own pipe; what MLflow prints goes to stderr
+    os.dup2(2, 1)
+    write_lock = threading.Lock()
+
+    def report(sent: int, away: float | None) -> None:
+        with write_lock:
+            out.write(f"{sent} {'-' if away is None else repr(away)}\n".encode())
+            out.flush()
+
+    _quiet_store_errors()
+    sender = _Sender(None, uri, run_id, folder, Spool(folder, reader=True), report)   # the client: at the first drain
+
+    parent = os.getppid()
+
+    def listen() -> None:
+        while True:
+            data = os.read(0, 4096)
+            if not data:
+                if os.getppid() != parent:
+                    os._exit(0)   # the trainer died: the spool keeps what is left
+                sender.stopping = True   # closed by stop()
+                sender.wake.set()
+                return
+            if b"q" in data:
+                sender.stopping = True
+            sender.wake.set()
+
+    threading.Thread(target=listen, daemon=True).start()
+    report(0, None)
+    sender.run()
+    sender.drain()   # what came in while the last drain ran
+    report(sender.sent, sender.away_since)
+    sender.spool.close()
+
+
+def _start_sender(client, uri: str, run_id: str, folder: Path, spool: Spool):
+    """The run's sender: a process of its own unless ``LAYERLOCK_SENDER=thread`` (or it cannot
+    be started, with a warning)."""
+    kind = os.environ.get(SENDER_ENV, "process")
+    if kind not in ("process", "thread"):
+        raise LayerLockError(f"{SENDER_ENV}={kind!r}: use 'process' or 'thread'")
+    if kind == "process":
+        try:
+            return _SenderProcess(uri, run_id, folder, spool)
+        except OSError as err:
+            print(f"warning: cannot start the tracking sender process ({first_line(err)[:160]}); "
+                  "sending from a thread", file=sys.stderr)
+    sender = _Sender(client, uri, run_id, folder, spool)
+    sender.start()
+    return sender
 
 
 def push_spool(client, run_id: str, folder: Path) -> int:
@@ -544,7 +721,7 @@ class Tracker:
         self.run_id: str | None = run_id
         self.folder: Path | None = None
         self._spool: Spool | None = None
-        self._sender: _Sender | None = None
+        self._sender: _Sender | _SenderProcess | None = None
         self._lock_fd: int | None = None
         self._pending: list[list] = []
         self._last_step: dict[str, int] = {}
@@ -579,8 +756,7 @@ class Tracker:
             self.run_id = run.info.run_id
             self._open_folder(self.run_id)
         _quiet_store_errors()
-        self._sender = _Sender(self.client, self.uri, self.run_id, self.folder, self._spool)
-        self._sender.start()
+        self._sender = _start_sender(self.client, self.uri, self.run_id, self.folder, self._spool)
 
     def _take_over(self, run_id: str) -> None:
         """Resume: own the run, send what the last trainer left, then note the steps stored.

@@ -1,10 +1,9 @@
 """``bench monitor|own-freezing``: the public API on the README example's torchvision models.
 
 monitor: the example's plain loop with and without ``LayerMonitor`` (probes every ``--every``
-steps, gradient metrics every 25, MLflow logging), runs alternated; the time of the loop as the
-sum over steps of each step's median over repeats (and the plain ratio of median run times);
-attaching (FLOP count, run creation) and closing (final probe, artifacts) are one-off costs,
-reported apart.
+steps, gradient metrics every 25, MLflow logging to sqlite), two copies of the model stepped in
+lock-step so that the machine's drifts fall on both; attaching (FLOP count, calibration, run
+creation) and closing (final probe, artifacts) are one-off costs, reported apart.
 own-freezing: for k = 0..n-1 blocks frozen with ``freeze_prefix``, the median step time on one
 batch, rounds interleaved across k, against the counted FLOP model; then a schedule derived from
 a monitored run of the same loop, applied with ``apply_schedule``: the loop with it against
@@ -55,56 +54,91 @@ def _timed(monitor, spent: list[float]) -> None:
         setattr(monitor, name, wrapped)
 
 
-def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
-    """Both loops do the same steps on the same data and weights, so step i of every run is the
-    same work: the per-step median over repeats removes another process's burst from a step while
-    keeping the monitor's cost (its probe and log steps come back in every repeat). Also measured
-    within each monitored run: the time inside the monitor's calls against the rest of the loop
-    (robust to load that changes between runs; MLflow's background sender and the probe-file writer
-    not included), and each loop's CPU time over every thread."""
-    from experiments.bench import per_step_ratio
-    from experiments.examples.own_loop import SETUPS, attach_monitor
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far (Linux ``/proc``), None elsewhere."""
+    import os
 
-    setup = SETUPS[model]()
-    initial = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    runs: dict[str, list[list[float]]] = {"off": [], "on": []}
-    cpu: dict[str, list[float]] = {"off": [], "on": []}   # the loop's CPU time, every thread (sender, writer)
-    attach_s, close_s, in_calls = [], [], []
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
+    """The example's loop with and without the monitor, in lock-step: two copies of the model
+    (the same initial weights, the same batches) take step i in turn, the order swapped every
+    step, each step timed. What the machine does meanwhile (another process, a slower clock)
+    then falls on both loops alike, and a repeat's ratio (monitored loop's time / plain loop's)
+    keeps the monitor's whole cost: its calls, its probes and log steps, and whatever its
+    threads take from the loop's interpreter lock (the probe-file writer; MLflow's store calls
+    run in the sender process, see core/tracking.py). The ratio's 95% interval is a bootstrap
+    over repeats. Also: the share of the time inside the monitor's calls, and the sender
+    process's CPU time (on another core) against the loop's. One-off costs (attach: FLOP count,
+    calibration, run; close: final probe, artifacts) are timed apart."""
+    import numpy as np
+
+    from experiments.examples.own_loop import SETUPS, attach_monitor, make_optimizer, train_step
+
+    plain, watched = SETUPS[model](), SETUPS[model]()
+    initial = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    for s in (plain, watched):   # warm-up: first-call costs (allocator, lazy inits) are no loop's
+        opt = make_optimizer(s)
+        for step in range(min(steps, 10)):
+            train_step(s, step, steps, opt)
+    ratios, in_calls, sender_cpu, attach_s, close_s = [], [], [], [], []
+    plain_ms, watched_ms = [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         for r in range(repeats):
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                print(f"bench monitor: {model}, repeat {r + 1}/{repeats}, monitor {mode}", file=sys.stderr)
-                _fresh(setup, initial)
-                monitor = None
-                if mode == "on":
+            print(f"bench monitor: {model}, repeat {r + 1}/{repeats}", file=sys.stderr)
+            _fresh(plain, initial)
+            _fresh(watched, initial)
+            t0 = time.perf_counter()
+            monitor = attach_monitor(watched, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
+            monitor.tracker.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
+            attach_s.append(time.perf_counter() - t0)
+            spent = [0.0]
+            _timed(monitor, spent)
+            sender = getattr(getattr(monitor.tracker, "_sender", None), "proc", None)
+            cpu0 = _process_cpu_s(sender.pid) if sender is not None else None
+            loops = [(plain, make_optimizer(plain), None), (watched, make_optimizer(watched), monitor)]
+            times = [[], []]
+            for s, _, _ in loops:
+                s.model.train()
+            for step in range(steps):
+                for i in ((0, 1) if step % 2 == 0 else (1, 0)):
+                    s, opt, mon = loops[i]
                     t0 = time.perf_counter()
-                    monitor = attach_monitor(setup, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
-                    monitor.tracker.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
-                    attach_s.append(time.perf_counter() - t0)
-                spent = [0.0]
-                if monitor is not None:
-                    _timed(monitor, spent)
-                c0 = time.process_time()
-                runs[mode].append(_step_seconds(setup, steps, monitor=monitor))
-                cpu[mode].append(time.process_time() - c0)
-                if monitor is not None:
-                    in_calls.append(spent[0] / (sum(runs[mode][-1]) - spent[0]))
-                if monitor is not None:
-                    t0 = time.perf_counter()
-                    monitor.close()
-                    close_s.append(time.perf_counter() - t0)
-    per_step = {m: sum(statistics.median(col) for col in zip(*rs)) * 1000 / steps for m, rs in runs.items()}
-    wall = {m: [sum(r) * 1000 / steps for r in rs] for m, rs in runs.items()}
-    interval = per_step_ratio(runs["on"], runs["off"], within=0.01)
+                    train_step(s, step, steps, opt, monitor=mon)
+                    times[i].append(time.perf_counter() - t0)
+            monitor.tracker.flush()   # what the loop logged, sent: the sender's CPU for it is counted
+            cpu1 = _process_cpu_s(sender.pid) if sender is not None else None
+            plain_s, watched_s = sum(times[0]), sum(times[1])
+            ratios.append(watched_s / plain_s)
+            in_calls.append(spent[0] / (watched_s - spent[0]))
+            if cpu0 is not None and cpu1 is not None:
+                sender_cpu.append((cpu1 - cpu0) / watched_s)
+            plain_ms.append(plain_s * 1000 / steps)
+            watched_ms.append(watched_s * 1000 / steps)
+            t0 = time.perf_counter()
+            monitor.close()
+            close_s.append(time.perf_counter() - t0)
+    ratio = float(np.mean(ratios))
+    low = high = None
+    if repeats >= 3:
+        rng = np.random.default_rng(0)
+        boots = [float(np.mean(rng.choice(ratios, size=len(ratios)))) for _ in range(2000)]
+        low, high = (round(float(v), 4) for v in np.percentile(boots, [2.5, 97.5]))
     return {"model": model, "steps": steps, "every": every, "repeats": repeats,
-            "off_ms": round(per_step["off"], 3), "on_ms": round(per_step["on"], 3),
-            "ratio": interval["ratio"], "low": interval["low"], "high": interval["high"],
-            "cpu_ratio": round(statistics.median(cpu["on"]) / statistics.median(cpu["off"]), 4),
-            "wall_ratio": round(statistics.median(wall["on"]) / statistics.median(wall["off"]), 4),
+            "off_ms": round(statistics.median(plain_ms), 3), "on_ms": round(statistics.median(watched_ms), 3),
+            "ratio": round(ratio, 4), "low": low, "high": high,
             "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
+            "sender_cpu_share": round(statistics.median(sender_cpu), 4) if sender_cpu else None,
             "attach_s": round(statistics.median(attach_s), 3), "close_s": round(statistics.median(close_s), 3),
-            "off_all_ms": [round(v, 3) for v in wall["off"]], "on_all_ms": [round(v, 3) for v in wall["on"]]}
+            "ratios": [round(v, 4) for v in ratios],
+            "off_all_ms": [round(v, 3) for v in plain_ms], "on_all_ms": [round(v, 3) for v in watched_ms]}
 
 
 DEFAULT_STEPS = {"vit": 300, "video": 200}   # the README example's runs
@@ -179,18 +213,19 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
 
 
 def print_monitor(result: dict) -> None:
-    print(f"{result['model']}: {result['steps']} steps, probes every {result['every']}, "
-          f"{result['repeats']} repeats each")
-    interval = "too few repeats" if result["low"] is None else f"95% interval {result['low']:.3f}-{result['high']:.3f}"
-    print(f"off_ms {result['off_ms']:.2f}  on_ms {result['on_ms']:.2f}  ratio {result['ratio']:.4f} ({interval}; "
-          f"per step: median over repeats, bootstrap over runs)")
-    print(f"CPU-time ratio {result['cpu_ratio']:.4f} (median run; every thread of the process: the monitor's "
-          "writer and MLflow's sender included)")
+    print(f"{result['model']}: {result['steps']} steps, probes every {result['every']}, {result['repeats']} repeats, "
+          "the plain and the monitored loop in lock-step")
+    interval = "too few repeats" if result["low"] is None else f"95% interval {result['low']:.4f}-{result['high']:.4f}"
+    print(f"plain {result['off_ms']:.2f} ms/step  monitored {result['on_ms']:.2f} ms/step  ratio {result['ratio']:.4f} "
+          f"({interval}; mean over repeats of monitored / plain loop time, bootstrap over repeats)")
+    print(f"each repeat's ratio: {result['ratios']}")
     print(f"in-call ratio {result['in_calls_ratio']:.4f} (1 + time inside the monitor's calls / the rest of the "
-          "loop, within each monitored run)")
-    print(f"wall ratio {result['wall_ratio']:.4f} (median run); each run (ms/step): off {result['off_all_ms']}  "
-          f"on {result['on_all_ms']}")
-    print(f"once per run: attach {result['attach_s']:.2f} s (FLOP count, run), close {result['close_s']:.2f} s")
+          "monitored loop)")
+    if result["sender_cpu_share"] is not None:
+        print(f"sender process: {100 * result['sender_cpu_share']:.1f}% of the monitored loop's time in CPU, "
+              "on another core (MLflow's store calls)")
+    print(f"once per run: attach {result['attach_s']:.2f} s (FLOP count, calibration, run), "
+          f"close {result['close_s']:.2f} s")
 
 
 def _interval_text(row: dict) -> str:

@@ -104,9 +104,10 @@ def test_killed_server_on_postgres_loses_nothing_and_training_does_not_stall(tea
 
 # ----------------------------------------------------------------------------- a locked sqlite store
 
-def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, monkeypatch, capsys):
+def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, monkeypatch, capfd):
     """A second writer holds an exclusive lock on the sqlite file for 25 s (longer than sqlite's
-    20 s busy timeout) from step 6 on; training goes on and nothing is lost."""
+    20 s busy timeout) from step 6 on; training goes on and nothing is lost. (capfd: the sender
+    process warns on the same stderr.)"""
     db, holder = str(tmp_path / "mlflow.db"), {}
 
     def hold_lock() -> None:
@@ -131,7 +132,7 @@ def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, mo
                                                     probe={"every": 10}))
     result = train(cfg, tracking_uri=store, progress=False)
     holder["t"].join()
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "does not answer" in err and "database is locked" in err and "answers again" in err, err[-2000:]
     client = MlflowClient(store)
     assert client.get_run(result.run_id).info.status == "FINISHED"
@@ -174,6 +175,59 @@ def test_sigkill_during_a_checkpoint_write_then_evaluate_and_resume(tmp_path, st
     assert load_run_checkpoint(run_id, tracking_uri=store)["step"] == 12
 
 
+# ----------------------------------------------------------------------------- the sender process
+
+_TRAINER = """
+import os, sys, time
+from core.tracking import Tracker
+t = Tracker(uri=sys.argv[1], experiment="sender")
+t.log_metrics({"m": 1.0}, 0)
+assert t.flush(30)
+t.log_metrics({"m": 2.0}, 1)
+t.submit(force=True)
+t._sender.proc.send_signal(2)          # a Ctrl-C meant for the trainer reaches its group
+print(t.run_id, t._sender.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, store):
+    """MLflow's store calls run in a process of its own (in a thread they take the training
+    loop's interpreter lock: bench monitor). It shrugs off SIGINT, sends what was logged, and
+    when the trainer is killed it leaves too, without sending, so the spool keeps what is left
+    for ``sync`` (as after a kill of a trainer with a sender thread)."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, store], cwd=ROOT, env=_env(runs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id, sender_pid = proc.stdout.readline().split()
+    sender_pid = int(sender_pid)
+    assert sender_pid not in (proc.pid, os.getpid())
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 60
+    while _steps(client, run_id, "m") != [0, 1] and time.monotonic() < deadline:   # sent after the SIGINT too
+        time.sleep(0.2)
+    assert _steps(client, run_id, "m") == [0, 1]
+    os.kill(sender_pid, 0)   # still there: SIGINT is the trainer's business
+
+    tracker_folder = runs / run_id
+    with open(tracker_folder / tracking.SPOOL_FILE, "ab") as f:   # a line the sender has not seen yet
+        f.write(b'{"op":"metrics","m":[["m",3.0,1,2]]}\n')
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(sender_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the sender process outlived its trainer")
+    assert _steps(client, run_id, "m") == [0, 1]   # the unseen line waits in the spool ...
+    assert run_cli("-m", "experiments", "sync", run_id, env={tracking.RUNS_ENV: str(runs)}).returncode == 0
+    assert _steps(client, run_id, "m") == [0, 1, 2]   # ... for sync
+
+
 # ----------------------------------------------------------------------------- sync
 
 def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys):
@@ -183,6 +237,7 @@ def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys)
         raise OSError("store away")
 
     monkeypatch.setenv(tracking.RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.setenv(tracking.SENDER_ENV, "thread")   # the patched _send is this process's
     monkeypatch.setattr(tracking, "_send", refuse)
     monkeypatch.setattr(tracking, "END_WAIT_S", 1.0)
     result = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=store, progress=False)

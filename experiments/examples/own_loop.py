@@ -125,24 +125,31 @@ def train(s: Setup, steps: int, *, monitor: LayerMonitor | None = None, schedule
           optimizer: torch.optim.Optimizer | None = None, on_step: Callable[[int], None] | None = None) -> None:
     """The plain loop: cross-entropy, ``steps`` updates. ``monitor`` and ``schedule`` are the only
     additions LayerLock needs; ``on_step(step)`` runs at the start of each step (tests)."""
-    model, optimizer = s.model, optimizer or make_optimizer(s)
-    model.train()
+    optimizer = optimizer or make_optimizer(s)
+    s.model.train()
     for step in range(steps):
-        if schedule is not None:
-            apply_schedule(schedule, s.blocks, step, optimizer, stem=s.stem)  # LayerLock: the frozen prefix now
-        if on_step is not None:
-            on_step(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, s.lr)
-        x, y = batch_at(s, step)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if monitor is not None:
-            monitor.after_backward(step)  # LayerLock: probe, gradient norms
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if monitor is not None:
-            monitor.after_step(step, loss)  # LayerLock: update ratios, loss, step time
+        train_step(s, step, steps, optimizer, monitor=monitor, schedule=schedule, on_step=on_step)
+
+
+def train_step(s: Setup, step: int, steps: int, optimizer: torch.optim.Optimizer, *,
+               monitor: LayerMonitor | None = None, schedule: FreezeSchedule | None = None,
+               on_step: Callable[[int], None] | None = None) -> None:
+    """One step of :func:`train` (``bench monitor`` runs two loops' steps in turn)."""
+    if schedule is not None:
+        apply_schedule(schedule, s.blocks, step, optimizer, stem=s.stem)  # LayerLock: the frozen prefix now
+    if on_step is not None:
+        on_step(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, steps, s.lr)
+    x, y = batch_at(s, step)
+    loss = F.cross_entropy(s.model(x), y)
+    loss.backward()
+    if monitor is not None:
+        monitor.after_backward(step)  # LayerLock: probe, gradient norms
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if monitor is not None:
+        monitor.after_step(step, loss)  # LayerLock: update ratios, loss, step time
 
 
 def attach_monitor(s: Setup, steps: int, every: int, *, tracking_uri: str | None = None, run=None,
