@@ -565,9 +565,10 @@ class _SenderProcess:
 
     The child reads the spool (both sides ``flock`` it), reports after every line it sent how
     many bytes it has sent in all and whether the store is away, ignores SIGINT and SIGTERM (the
-    trainer decides when to stop: a Ctrl-C must not cut the run's last lines) and exits when its
-    stdin closes: at :meth:`stop` after a last drain, or without one when the trainer died
-    (what is left then waits in the spool for ``sync`` or ``--resume``, as after a kill)."""
+    trainer decides when to stop: a Ctrl-C must not cut the run's last lines) and exits after a
+    last drain when :meth:`stop` sends ``q``, or at once when its stdin closes without one: the
+    trainer died (what is left then waits in the spool for ``sync`` or ``--resume``, as after a
+    kill)."""
 
     def __init__(self, uri: str, run_id: str, folder: Path, spool: Spool) -> None:
         self.spool = spool
@@ -599,7 +600,17 @@ class _SenderProcess:
         return self.proc.poll() is None and self._reader.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.wake.set(b"q")
+        deadline = time.monotonic() + 2.0
+        while self.is_alive():   # "q" must arrive: stdin closing without it means the trainer died
+            try:
+                os.write(self.wake.fd, b"q")
+                break
+            except BlockingIOError:   # a full pipe: the child is reading it, or stuck
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break
         try:
             self.proc.stdin.close()
         except OSError:
@@ -630,16 +641,12 @@ def _sender_main() -> None:
     _quiet_store_errors()
     sender = _Sender(None, uri, run_id, folder, Spool(folder, reader=True), report)   # the client: at the first drain
 
-    parent = os.getppid()
-
     def listen() -> None:
         while True:
             data = os.read(0, 4096)
-            if not data:
-                if os.getppid() != parent:
-                    os._exit(0)   # the trainer died: the spool keeps what is left
-                sender.stopping = True   # closed by stop()
-                sender.wake.set()
+            if not data:   # stdin closed
+                if not sender.stopping:
+                    os._exit(0)   # without "q" first: the trainer died, the spool keeps what is left
                 return
             if b"q" in data:
                 sender.stopping = True

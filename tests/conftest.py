@@ -16,6 +16,10 @@ if str(ROOT) not in sys.path:
 # Training runs keep a local folder (core.tracking.local_dir): in tests, under one throwaway folder
 # (inherited by the commands tests start), never in runs/ of the repository.
 os.environ["LAYERLOCK_RUNS_DIR"] = tempfile.mkdtemp(prefix="layerlock-test-runs-")
+# Runs send to the store from a thread here: a sender process per run costs 2-3 s of CPU to start
+# (it imports MLflow), ten minutes over this suite's runs on two cores. tests/test_nothing_lost.py,
+# which takes stores away and kills trainers, runs with the default, the sender process.
+os.environ["LAYERLOCK_SENDER"] = "thread"
 
 from core.config import ExperimentConfig  # noqa: E402
 from tests.helpers import TINY, OwnLoopStore, build_own_loop_store, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401

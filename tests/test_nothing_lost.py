@@ -29,7 +29,14 @@ FAULTS = str(ROOT / "tests" / "pretrain_with_faults.py")
 
 
 def _env(runs: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", tracking.RUNS_ENV: str(runs)}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", tracking.RUNS_ENV: str(runs),
+            tracking.SENDER_ENV: "process"}
+
+
+@pytest.fixture(autouse=True)
+def sender_process(monkeypatch):
+    """Here runs send from the default sender process (conftest.py chooses threads elsewhere)."""
+    monkeypatch.setenv(tracking.SENDER_ENV, "process")
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -224,7 +231,7 @@ def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, 
     else:
         pytest.fail("the sender process outlived its trainer")
     assert _steps(client, run_id, "m") == [0, 1]   # the unseen line waits in the spool ...
-    assert run_cli("-m", "experiments", "sync", run_id, env={tracking.RUNS_ENV: str(runs)}).returncode == 0
+    assert run_cli("-m", "experiments", "sync", run_id, env=_env(runs)).returncode == 0
     assert _steps(client, run_id, "m") == [0, 1, 2]   # ... for sync
 
 
