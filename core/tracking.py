@@ -660,13 +660,17 @@ def _sender_main() -> None:
     sender.spool.close()
 
 
-def _start_sender(client, uri: str, run_id: str, folder: Path, spool: Spool):
-    """The run's sender: a process of its own unless ``LAYERLOCK_SENDER=thread`` (or it cannot
-    be started, with a warning)."""
+def _sender_kind() -> str:
     kind = os.environ.get(SENDER_ENV, "process")
     if kind not in ("process", "thread"):
         raise LayerLockError(f"{SENDER_ENV}={kind!r}: use 'process' or 'thread'")
-    if kind == "process":
+    return kind
+
+
+def _start_sender(client, uri: str, run_id: str, folder: Path, spool: Spool):
+    """The run's sender: a process of its own unless ``LAYERLOCK_SENDER=thread`` (or it cannot
+    be started, with a warning)."""
+    if _sender_kind() == "process":
         try:
             return _SenderProcess(uri, run_id, folder, spool)
         except OSError as err:
@@ -735,6 +739,8 @@ class Tracker:
         self._last_submit = time.monotonic()
         if not enabled:
             return
+        if not read_only:
+            _sender_kind()   # a bad LAYERLOCK_SENDER fails before a run is created
         try:
             self.client = _client(self.uri)
             if run_id is None:

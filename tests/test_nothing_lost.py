@@ -235,6 +235,13 @@ def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, 
     assert _steps(client, run_id, "m") == [0, 1, 2]   # ... for sync
 
 
+def test_a_bad_sender_setting_fails_before_any_run_exists(store, monkeypatch):
+    monkeypatch.setenv(tracking.SENDER_ENV, "fork")
+    with pytest.raises(LayerLockError, match="LAYERLOCK_SENDER='fork': use 'process' or 'thread'"):
+        tracking.Tracker(uri=store, experiment="bad-sender")
+    assert MlflowClient(store).get_experiment_by_name("bad-sender") is None
+
+
 # ----------------------------------------------------------------------------- sync
 
 def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys):
