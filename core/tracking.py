@@ -550,10 +550,10 @@ class _Wake:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def set(self, what: bytes = b"w") -> None:
+    def set(self) -> None:
         try:
-            os.write(self.fd, what)
-        except (BlockingIOError, BrokenPipeError, OSError):
+            os.write(self.fd, b"w")
+        except OSError:   # a full pipe (BlockingIOError) or a gone process (BrokenPipeError)
             pass
 
 
