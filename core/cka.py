@@ -39,8 +39,9 @@ __all__ = ["CKAAccumulator", "PreparedFeatures", "effective_rank", "linear_cka",
 _CONSTANT_RTOL = 1e-10
 
 
-def _as_float64(a: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
-    """Return ``a`` as a 2-D float64 torch tensor (detached), validating shape and finiteness."""
+def _as_float64(a: Any, name: str, device: torch.device | None = None, stack: bool = False) -> torch.Tensor:
+    """Return ``a`` as a 2-D float64 torch tensor (detached), validating shape and finiteness;
+    ``stack``: a 3-D stack of such matrices ``(L, n, d)`` is accepted too."""
     if isinstance(a, torch.Tensor):
         t = a.detach()
         if device is not None and t.device != device:
@@ -57,14 +58,16 @@ def _as_float64(a: Any, name: str, device: torch.device | None = None) -> torch.
         t = torch.from_numpy(arr)
         if device is not None:
             t = t.to(device)
-    if t.ndim != 2:
+    if t.ndim != 2 and not (stack and t.ndim == 3):
         raise ValueError(
             f"{name} must be a 2-D feature matrix (n_examples, n_features), got shape {tuple(t.shape)}; "
             "reshape a 1-D vector to (n, 1) explicitly"
         )
-    if t.shape[0] == 0 or t.shape[1] == 0:
+    if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if not bool(torch.isfinite(t).all()):
+    # A NaN or inf reaches the sum (one pass, no mask); a finite sum that overflowed is then
+    # checked element by element.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return t
 
@@ -83,27 +86,29 @@ def _pair(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return xt, yt
 
 
-def _centre(t: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Centre the columns of ``t``; return the centred matrix and its Frobenius norm.
+def _centre(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre the columns of ``t`` (``(n, d)``, or a stack ``(L, n, d)``); return the centred
+    matrix and its Frobenius norm (a float64 tensor, one per matrix).
 
     The norm is 0.0 when the features are numerically constant over the rows (see
     ``_CONSTANT_RTOL``), so callers can apply the "constant -> similarity 0" convention.
     """
-    c = t - t.mean(dim=0, keepdim=True)
-    norm = float(torch.linalg.matrix_norm(c))
-    raw = float(torch.linalg.matrix_norm(t))
-    if norm <= _CONSTANT_RTOL * raw:
-        return c, 0.0
-    return c, norm
+    c = t - t.mean(dim=-2, keepdim=True)
+    norm = torch.linalg.matrix_norm(c)
+    return c, torch.where(norm <= _CONSTANT_RTOL * torch.linalg.matrix_norm(t), 0.0, norm)
 
 
-def _centred_rows(x: Any, what: str) -> tuple[torch.Tensor, float]:
-    """``x`` as float64 ``(n, d)`` with at least 2 rows (``what`` names the caller in the error),
-    column-centred, with its norm (:func:`_centre`)."""
-    t = _as_float64(x, "x")
-    if t.shape[0] < 2:
-        raise ValueError(f"{what} needs at least 2 examples (rows), got n={t.shape[0]}")
-    return _centre(t)
+def _centred_rows(x: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as float64 ``(n, d)``, or a stack ``(L, n, d)`` of matrices of one shape, with at
+    least 2 rows (``what`` names the caller in the error), column-centred and scaled to unit
+    Frobenius norm (:func:`_centre`); with a bool per matrix (shape ``()`` or ``(L,)``):
+    numerically constant, whose rows come back as exact zeros."""
+    t = _as_float64(x, "x", stack=True)
+    if t.shape[-2] < 2:
+        raise ValueError(f"{what} needs at least 2 examples (rows), got n={t.shape[-2]}")
+    c, norm = _centre(t)
+    constant = norm == 0.0
+    return c * torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, norm))[..., None, None], constant
 
 
 def _use_gram(n: int, d1: int, d2: int) -> bool:
@@ -156,89 +161,98 @@ def _unbiased_hsic_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float
     l1 = b @ b.sum(dim=0) - dl
     sk, sl = float(k1.sum()), float(l1.sum())
     return (
-        _hsic(n, kl, float(dk @ dl), sk, sl, k1, l1),
-        _hsic(n, kk, float(dk @ dk), sk, sk, k1, k1),
-        _hsic(n, ll, float(dl @ dl), sl, sl, l1, l1),
+        float(_hsic(n, kl, float(dk @ dl), sk, sl, k1, l1)),
+        float(_hsic(n, kk, float(dk @ dk), sk, sk, k1, k1)),
+        float(_hsic(n, ll, float(dl @ dl), sl, sl, l1, l1)),
     )
 
 
 @dataclass(frozen=True)
 class PreparedFeatures:
-    """One representation made ready for linear CKA against several others (:func:`prepare`).
+    """One representation, or a stack of representations of one shape, made ready for linear
+    CKA against several others (:func:`prepare`). Shapes: ``(n, d)`` for one, with a leading
+    ``(L,)`` for a stack (the blocks of a probe that share a shape), so that one call covers them.
 
-    ``rows``: column-centred float64 features scaled to unit Frobenius norm (zeros when constant);
-    ``trace``: tr(KK) = ||rows^T rows||_F^2; ``diag``: K_ii; ``ones``: K~1 (zeroed diagonal);
-    ``total``: 1'K~1; ``hsic``: the unbiased HSIC_1(K, K). A probe compares every block with the
-    previous probe and with step 0: prepared once, these terms are not recomputed per comparison.
+    ``rows``: column-centred float64 features scaled to unit Frobenius norm (zeros when
+    ``constant``); ``trace``: tr(KK) = ||rows^T rows||_F^2; ``diag``: K_ii; ``ones``: K~1 (zeroed
+    diagonal); ``total``: 1'K~1; ``hsic``: the unbiased HSIC_1(K, K) (NaN below 4 rows). A probe
+    compares every block with the previous probe and with step 0: prepared once, these terms are
+    not recomputed per comparison.
     """
 
     rows: torch.Tensor
-    constant: bool
-    trace: float
+    constant: torch.Tensor
+    trace: torch.Tensor
     diag: torch.Tensor
     ones: torch.Tensor
-    total: float
-    hsic: float
+    total: torch.Tensor
+    hsic: torch.Tensor
     gram: torch.Tensor | None = None   # K = rows rows^T when there are fewer rows than dims
 
 
-def _hsic(n: int, tr_full: float, diag_dot: float, s1: float, s2: float, v1: torch.Tensor, v2: torch.Tensor) -> float:
-    """Unbiased HSIC_1 from its parts (see :func:`_unbiased_hsic_terms`)."""
+def _hsic(n: int, tr_full: Any, diag_dot: Any, s1: Any, s2: Any, v1: torch.Tensor, v2: torch.Tensor) -> Any:
+    """Unbiased HSIC_1 from its parts (see :func:`_unbiased_hsic_terms`); floats, or tensors
+    over a stack's leading dims (``v1``, ``v2``: ``(..., n)``)."""
     tr_tilde = tr_full - diag_dot
-    return (tr_tilde + s1 * s2 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(v1 @ v2)) / (n * (n - 3))
+    return (tr_tilde + s1 * s2 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (v1 * v2).sum(-1)) / (n * (n - 3))
 
 
 def prepare(x: Any) -> PreparedFeatures:
-    """Centre, scale and precompute ``x (n, d)`` once for :func:`prepared_cka`.
+    """Centre, scale and precompute ``x (n, d)`` once for :func:`prepared_cka`; or a stack
+    ``(L, n, d)`` of L representations of the same examples and width, prepared in one pass.
 
     Same conversions and checks as :func:`linear_cka`; the result gives the same numbers as
-    ``linear_cka`` wherever that uses the feature-space form (n (d1 + d2) >= d1 d2 + d1^2 + d2^2,
-    e.g. the probes' 1024 rows x 128 dims).
+    ``linear_cka`` (up to float64 rounding) wherever that uses the feature-space form
+    (n (d1 + d2) >= d1 d2 + d1^2 + d2^2, e.g. the probes' 1024 rows x 128 dims).
     """
-    c, norm = _centred_rows(x, "CKA")
-    n = c.shape[0]
-    if norm == 0.0:
-        zero = torch.zeros(n, dtype=torch.float64, device=c.device)
-        return PreparedFeatures(torch.zeros_like(c), True, 0.0, zero, zero, 0.0, 0.0)
-    a = c / norm
+    a, constant = _centred_rows(x, "CKA")
+    n = a.shape[-2]
     # ||a^T a||_F^2 = ||a a^T||_F^2: the smaller Gram. Wide features keep K (n x n), so that a
     # comparison of two of them costs n^2 instead of n d1 d2 (the video ResNet's 512-channel stage).
-    gram = a @ a.T if n < a.shape[1] else None
-    trace = float((gram if gram is not None else a.T @ a).square().sum())
-    diag = a.square().sum(dim=1)
-    ones = a @ a.sum(dim=0) - diag
-    total = float(ones.sum())
-    hsic = _hsic(n, trace, float(diag @ diag), total, total, ones, ones) if n >= 4 else math.nan
-    return PreparedFeatures(a, False, trace, diag, ones, total, hsic, gram)
+    gram = a @ a.mT if n < a.shape[-1] else None
+    trace = (gram if gram is not None else a.mT @ a).square().sum((-2, -1))
+    diag = a.square().sum(-1)
+    ones = (a @ a.sum(-2).unsqueeze(-1)).squeeze(-1) - diag
+    total = ones.sum(-1)
+    hsic = _hsic(n, trace, (diag * diag).sum(-1), total, total, ones, ones) if n >= 4 else torch.full_like(total, math.nan)
+    return PreparedFeatures(a, constant, trace, diag, ones, total, hsic, gram)
 
 
-def prepared_cka(x: PreparedFeatures, y: PreparedFeatures, debiased: bool = False) -> float:
-    """:func:`linear_cka` of two prepared representations of the same rows (feature-space form)."""
-    n = x.rows.shape[0]
-    if y.rows.shape[0] != n:
-        raise ValueError(f"x and y must have the same number of rows (examples): got {n} and {y.rows.shape[0]}")
+def prepared_cka(x: PreparedFeatures, y: PreparedFeatures, debiased: bool = False) -> torch.Tensor:
+    """:func:`linear_cka` of two prepared representations of the same rows (feature-space form):
+    a float64 tensor of shape ``()``, or ``(L,)`` for two stacks of L (representation i of ``x``
+    against representation i of ``y``). 0.0 where either is constant or a denominator is not
+    positive, as :func:`linear_cka`."""
+    n = x.rows.shape[-2]
+    if y.rows.shape[:-1] != x.rows.shape[:-1]:
+        raise ValueError(f"x and y must have the same number of rows (examples): got {n} and {y.rows.shape[-2]}"
+                         if y.rows.shape[-2] != n else
+                         f"x and y must be stacks of the same length: got {tuple(x.rows.shape[:-2])} and "
+                         f"{tuple(y.rows.shape[:-2])}")
     if debiased and n < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples (rows), got n={n}")
-    if x.constant or y.constant:
-        return 0.0
-    a, b = x.rows, y.rows.to(x.rows.device)
+    a = x.rows
+    other = (lambda t: t.to(a.device))
     if x.gram is not None and y.gram is not None:
-        kl = float((x.gram * y.gram.to(a.device)).sum())   # <K, L> = ||b^T a||_F^2
+        kl = (x.gram * other(y.gram)).sum((-2, -1))   # <K, L> = ||b^T a||_F^2
     else:
-        kl = float((b.T @ a).square().sum())
-    if not debiased:
-        return _normalised_ratio(kl, x.trace, y.trace)
-    cross = _hsic(n, kl, float(x.diag @ y.diag.to(a.device)), x.total, y.total, x.ones, y.ones.to(a.device))
-    return _normalised_ratio(cross, x.hsic, y.hsic)
+        kl = (other(y.rows).mT @ a).square().sum((-2, -1))
+    if debiased:
+        cross = _hsic(n, kl, (x.diag * other(y.diag)).sum(-1), x.total, other(y.total), x.ones, other(y.ones))
+        value = _normalised_ratio(cross, x.hsic, other(y.hsic))
+    else:
+        value = _normalised_ratio(kl, x.trace, other(y.trace))
+    return torch.where(x.constant | other(y.constant), 0.0, value)
 
 
-def _normalised_ratio(kl: float, kk: float, ll: float) -> float:
-    """kl / sqrt(kk * ll), defined as 0.0 when the denominator is not positive or not finite."""
+def _normalised_ratio(kl: Any, kk: Any, ll: Any) -> torch.Tensor:
+    """kl / sqrt(kk * ll) elementwise (floats or float64 tensors), defined as 0.0 where the
+    denominator is not positive or not finite."""
+    kl, kk, ll = (torch.as_tensor(v, dtype=torch.float64) for v in (kl, kk, ll))
     denom_sq = kk * ll
-    if not (kk > 0.0 and ll > 0.0 and math.isfinite(denom_sq) and denom_sq > 0.0):
-        return 0.0
-    value = kl / math.sqrt(denom_sq)
-    return value if math.isfinite(value) else 0.0
+    ok = (kk > 0.0) & (ll > 0.0) & torch.isfinite(denom_sq) & (denom_sq > 0.0)
+    value = kl / torch.where(ok, denom_sq, 1.0).sqrt()
+    return torch.where(ok & torch.isfinite(value), value, 0.0)
 
 
 def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
@@ -270,7 +284,7 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
     if n < 2:
         raise ValueError(f"CKA needs at least 2 examples (rows), got n={n}")
     if not _use_gram(n, xt.shape[1], yt.shape[1]):   # the feature-space form: one code path with prepare()
-        return prepared_cka(prepare(xt), prepare(yt), debiased)
+        return float(prepared_cka(prepare(xt), prepare(yt), debiased))
     xc, x_norm = _centre(xt)
     yc, y_norm = _centre(yt)
     if x_norm == 0.0 or y_norm == 0.0:
@@ -284,7 +298,7 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
     else:
         # On centred features tr(K H L H) = tr(KL); the 1/(n-1)^2 HSIC factors cancel.
         kl, kk, ll = _trace_products(xc, yc)
-    return _normalised_ratio(kl, kk, ll)
+    return float(_normalised_ratio(kl, kk, ll))
 
 
 class CKAAccumulator:
@@ -370,7 +384,7 @@ class CKAAccumulator:
         """
         if self._n_batches == 0:
             raise ValueError("CKAAccumulator.compute() called before any update()")
-        return _normalised_ratio(self._sum_kl, self._sum_kk, self._sum_ll)
+        return float(_normalised_ratio(self._sum_kl, self._sum_kk, self._sum_ll))
 
     def reset(self) -> None:
         """Forget all accumulated minibatches (the feature widths may change afterwards)."""
@@ -380,30 +394,28 @@ class CKAAccumulator:
         self._x_scale = self._y_scale = None
 
 
-def effective_rank(x: Any) -> float:
+def effective_rank(x: Any) -> Any:
     """Entropy effective rank (Roy & Vetterli 2007) of the feature covariance of ``x``.
 
-    ``x`` is ``(n, d)`` with rows = examples. With ``s_i`` the singular values of the
-    column-centred features, ``p_i = s_i^2 / sum_j s_j^2`` are the normalised covariance
-    eigenvalues and the result is ``exp(-sum_i p_i log p_i)``, in ``[1, min(n - 1, d)]``:
-    1.0 for rank-1 data, close to ``d`` for isotropic features with ``n >> d``. It drops as
-    features collapse onto fewer directions.
+    ``x`` is ``(n, d)`` with rows = examples: a float. A stack ``(L, n, d)`` of matrices of one
+    shape gives the L ranks in one pass, as a float64 tensor ``(L,)``. With ``s_i`` the singular
+    values of the column-centred features, ``p_i = s_i^2 / sum_j s_j^2`` are the normalised
+    covariance eigenvalues and the result is ``exp(-sum_i p_i log p_i)``, in
+    ``[1, min(n - 1, d)]``: 1.0 for rank-1 data, close to ``d`` for isotropic features with
+    ``n >> d``. It drops as features collapse onto fewer directions.
 
     For (numerically) constant features the covariance is zero and the effective rank is
     **defined as 0.0** (no direction carries variance), never NaN.
 
     Raises:
-        ValueError: non-2-D or non-finite input, or ``n < 2``.
+        ValueError: non-2-D (or 3-D stack) or non-finite input, or ``n < 2``.
     """
-    c, norm = _centred_rows(x, "effective_rank")
-    n = c.shape[0]
-    if norm == 0.0:
-        return 0.0
-    c = c / norm  # normalised: the squared singular values sum to 1 up to rounding
+    c, constant = _centred_rows(x, "effective_rank")   # normalised: the squared singular values sum to 1
+    n = c.shape[-2]
     # The nonzero eigenvalues of the smaller Gram (d x d c^T c, or n x n c c^T) are the squared
     # singular values, at a fraction of an SVD's cost (differences ~1e-12 here).
-    p = torch.linalg.eigvalsh(c.T @ c if n >= c.shape[1] else c @ c.T).clamp_min(0.0)
-    p = p / p.sum()
-    p = p[p > 0]  # 0 log 0 = 0
-    entropy = float(-(p * p.log()).sum())
-    return math.exp(entropy)
+    p = torch.linalg.eigvalsh(c.mT @ c if n >= c.shape[-1] else c @ c.mT).clamp_min(0.0)
+    p = p / torch.where(constant, 1.0, p.sum(-1))[..., None]
+    entropy = -torch.special.xlogy(p, p).sum(-1)   # 0 log 0 = 0
+    ranks = torch.where(constant, 0.0, entropy.exp())
+    return float(ranks) if ranks.ndim == 0 else ranks

@@ -96,28 +96,63 @@ def centre_positions(x: torch.Tensor) -> torch.Tensor:
     position-only block reads as constant (CKA 0, effective rank 0), not as rounding noise.
     """
     _check(x)
+    return _centred(x)
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    """:func:`centre_positions` of ``(C, P, D)`` features or of a stack ``(L, C, P, D)`` of
+    blocks of one shape (each block's constant test on its own)."""
     x = x.double()
-    c = x - x.mean(dim=0, keepdim=True)
-    if float(torch.linalg.vector_norm(c)) <= _CONSTANT_RTOL * float(torch.linalg.vector_norm(x)):
-        return torch.zeros_like(c)
-    return c
+    c = x - x.mean(dim=-3, keepdim=True)
+    dims = (-3, -2, -1)
+    constant = torch.linalg.vector_norm(c, dim=dims) <= _CONSTANT_RTOL * torch.linalg.vector_norm(x, dim=dims)
+    return torch.where(constant[..., None, None, None], 0.0, c) if bool(constant.any()) else c
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Position-centred features as a CKA matrix: rows = clips x positions."""
-    return centre_positions(x).flatten(0, 1)
+    """Position-centred features as a CKA matrix: rows = clips x positions (per block of a stack)."""
+    return _centred(x).flatten(-3, -2)
 
 
 def probe_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float:
     """Linear CKA of two ``(C, P, D)`` feature sets of the same clips and positions, position-centred."""
     if x.shape[:2] != y.shape[:2]:
         raise LayerLockError(f"probe features describe different clips/positions: {tuple(x.shape)} vs {tuple(y.shape)}")
+    _check(x)
+    _check(y)
     return linear_cka(_rows(x), _rows(y), debiased)
 
 
-def _prepare_probe(features: list[torch.Tensor]) -> list[PreparedFeatures]:
+def _by_shape(features: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """The blocks of one probe grouped by shape: ``(block indices, stacked features)`` per shape,
+    so that every metric is computed in one pass per group (a probe of a 12-block transformer
+    is then one batched computation, not twelve: the per-call overhead dominates at probe
+    sizes on a CPU)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(features):
+        _check(f, f"features of block {i}")
+        groups.setdefault(tuple(f.shape), []).append(i)
+    return [(idx, torch.stack([features[i] for i in idx])) for idx in groups.values()]
+
+
+# One probe in CKA-ready form: per group of blocks of one shape, their indices and the stack.
+ProbeForms = list[tuple[list[int], PreparedFeatures]]
+
+
+def _prepare_probe(features: Sequence[torch.Tensor]) -> ProbeForms:
     """Every block's ``(C, P, D)`` features of one probe in CKA-ready form (as :func:`probe_cka` reads them)."""
-    return [prepare(_rows(x)) for x in features]
+    return [(idx, prepare(_rows(x))) for idx, x in _by_shape(features)]
+
+
+def _probe_ckas(a: ProbeForms, b: ProbeForms, debiased: bool) -> list[float]:
+    """Per block, the CKA of probe ``a`` against probe ``b`` (the same blocks and shapes)."""
+    if [idx for idx, _ in a] != [idx for idx, _ in b]:
+        raise LayerLockError("the blocks' probe features changed shape between two probes of one run")
+    out = [0.0] * sum(len(idx) for idx, _ in a)
+    for (idx, p), (_, q) in zip(a, b):
+        for i, value in zip(idx, prepared_cka(p, q, debiased).tolist()):
+            out[i] = value
+    return out
 
 
 def feature_stats(x: torch.Tensor) -> dict[str, float]:
@@ -136,12 +171,20 @@ def feature_stats(x: torch.Tensor) -> dict[str, float]:
       positions would mostly see when it is close to 1).
     """
     _check(x)
+    return {key: float(value[0]) for key, value in _feature_stats(x[None]).items()}
+
+
+def _feature_stats(x: torch.Tensor, centred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`feature_stats` of a stack ``(L, C, P, D)`` of blocks of one shape: each value ``(L,)``.
+    ``centred``: ``_centred(x)`` where the caller has it already."""
     normed = F.layer_norm(x.double(), x.shape[-1:])
-    within = centre_positions(normed)
-    feat_std = float(within.square().sum(dim=0).div(x.shape[0] - 1).sqrt().mean())
-    total = float((normed - normed.mean(dim=(0, 1), keepdim=True)).square().sum())
-    share = 1.0 - float(within.square().sum()) / total if total > 0 else 0.0
-    return {"feat_std": feat_std, "eff_rank": effective_rank(_rows(x)), "position_share": max(share, 0.0)}
+    within = _centred(normed).square()
+    dims = (-3, -2, -1)
+    feat_std = within.sum(dim=-3).div(x.shape[-3] - 1).sqrt().mean(dim=(-2, -1))
+    total = (normed - normed.mean(dim=(-3, -2), keepdim=True)).square().sum(dim=dims)
+    share = torch.where(total > 0, 1.0 - within.sum(dim=dims) / torch.where(total > 0, total, 1.0), 0.0)
+    rows = (_centred(x) if centred is None else centred).flatten(-3, -2)
+    return {"feat_std": feat_std, "eff_rank": effective_rank(rows), "position_share": share.clamp_min(0.0)}
 
 
 def clips_positions_dim(output: Any) -> torch.Tensor:
@@ -274,7 +317,7 @@ class ProbeRunner:
         self.features: list[list[torch.Tensor]] = []   # per probe, per block: (C, P, dim) position-centred bf16
         # CKA-ready forms of the first and the latest probe, kept between probes so that each
         # probe prepares only its own features (core.cka.prepare); rebuilt after a resume.
-        self._prepared: dict[str, list[PreparedFeatures]] = {}
+        self._prepared: dict[str, ProbeForms] = {}
 
     def _positions(self, i: int, n: int) -> torch.Tensor:
         if self.positions is not None:
@@ -315,18 +358,30 @@ class ProbeRunner:
         """Run the probe at ``step``; returns per-block metrics keyed like ``cka_prev/block_03``.
         ``model``, ``on``: what to probe (:meth:`extract`)."""
         feats = self.extract(model, on)
-        stored = [centre_positions(f).to(STORE_DTYPE) for f in feats]
-        now = _prepare_probe(stored)   # the same numbers as probe_cka(stored[b], ...)
+        n = len(feats)
+        stored: list[torch.Tensor | None] = [None] * n
+        now: ProbeForms = []   # what _prepare_probe(stored) gives, from the stacks at hand
+        stats = {"eff_rank": [0.0] * n, "feat_std": [0.0] * n}
+        for idx, x in _by_shape(feats):
+            centred = _centred(x)
+            kept = centred.to(STORE_DTYPE)
+            now.append((idx, prepare(_rows(kept))))   # the same numbers as probe_cka(stored[b], ...)
+            block_stats = {key: values.tolist() for key, values in _feature_stats(x, centred).items()}
+            for j, i in enumerate(idx):
+                stored[i] = kept[j]
+                for key, values in stats.items():
+                    values[i] = block_stats[key][j]
+        if self.features:
+            prev = _probe_ckas(now, self._prepared_of("prev", -1), self.cfg.debiased)
+            init = _probe_ckas(now, self._prepared_of("init", 0), self.cfg.debiased)
+        else:
+            prev = init = [1.0] * n
         out: dict[str, float] = {}
-        prev = self._prepared_of("prev", -1) if self.features else None
-        init = self._prepared_of("init", 0) if self.features else None
-        debiased = self.cfg.debiased
-        for b, (f, p) in enumerate(zip(feats, now)):
-            out[block_key("cka_prev", b)] = prepared_cka(p, prev[b], debiased) if prev else 1.0
-            out[block_key("cka_init", b)] = prepared_cka(p, init[b], debiased) if init else 1.0
-            stats = feature_stats(f)
-            out[block_key("eff_rank", b)] = stats["eff_rank"]
-            out[block_key("feat_std", b)] = stats["feat_std"]
+        for b in range(n):
+            out[block_key("cka_prev", b)] = prev[b]
+            out[block_key("cka_init", b)] = init[b]
+            out[block_key("eff_rank", b)] = stats["eff_rank"][b]
+            out[block_key("feat_std", b)] = stats["feat_std"][b]
         self.steps.append(step)
         self.features.append(stored)
         self._prepared["prev"] = now
@@ -344,8 +399,8 @@ class ProbeRunner:
         if not self.features:
             return {}
         last = _prepare_probe(self.features[-1])
-        return {s: {block_key("cka_final", b): prepared_cka(p, last[b], self.cfg.debiased)
-                    for b, p in enumerate(_prepare_probe(feats))}
+        return {s: {block_key("cka_final", b): value
+                    for b, value in enumerate(_probe_ckas(_prepare_probe(feats), last, self.cfg.debiased))}
                 for s, feats in zip(self.steps, self.features)}
 
     def _saved_positions(self) -> torch.Tensor | list[torch.Tensor | None]:

@@ -143,3 +143,34 @@ def test_probe_twice_on_same_weights_gives_cka_one_and_resume_checks_positions()
     old_format = {"steps": [0], "features": [[torch.zeros(32, cfg.model.dim, dtype=torch.float16)]]}
     with pytest.raises(LayerLockError, match="other token positions"):
         fresh.load_state_dict(old_format)
+
+
+def test_one_pass_over_blocks_of_a_shape_gives_each_blocks_own_numbers():
+    """The probe computes its metrics once per group of blocks of one shape; every block's
+    numbers must be those of the one-block functions, whatever the grouping (two widths
+    interleaved, one block constant across clips, i.e. CKA 0 and effective rank 0)."""
+    torch.manual_seed(0)
+    widths = [16, 24, 16, 24, 16]
+    first = [torch.randn(8, 6, w) for w in widths]
+    first[2] = torch.randn(1, 6, 16).expand(8, -1, -1).clone()   # position only: constant across clips
+    later = [f + 0.3 * torch.randn_like(f) for f in first]
+    later[2] = first[2].clone()
+    rounds = iter([first, later])
+    runner = ProbeRunner(ExperimentConfig().probe, torch.zeros(8), blocks=[torch.nn.Identity()] * 5,
+                         forward=lambda batch: None)
+    runner.extract = lambda *args, **kwargs: next(rounds)
+    runner.probe(None, 0)
+    metrics = runner.probe(None, 10)
+    stored = runner.features
+    for b, w in enumerate(widths):
+        assert stored[1][b].shape == (8, 6, w) and stored[1][b].dtype == STORE_DTYPE
+        stats = feature_stats(later[b])
+        for key in ("eff_rank", "feat_std"):
+            assert metrics[f"{key}/block_{b:02d}"] == pytest.approx(stats[key], rel=1e-9, abs=1e-12)
+        for key, other in (("cka_prev", stored[0][b]), ("cka_init", stored[0][b])):
+            assert metrics[f"{key}/block_{b:02d}"] == pytest.approx(probe_cka(stored[1][b], other, True),
+                                                                    rel=1e-9, abs=1e-12)
+    assert metrics["cka_prev/block_02"] == 0.0 and metrics["eff_rank/block_02"] == 0.0
+    assert 0.5 < metrics["cka_prev/block_01"] < 1.0
+    final = runner.final()[0]
+    assert final["cka_final/block_03"] == pytest.approx(probe_cka(stored[0][3], stored[1][3], True), rel=1e-9)
