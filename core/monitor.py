@@ -121,6 +121,10 @@ class LayerMonitor:
     then takes the model to run as well: ``forward(model, probe_batch)``. Its results are logged
     when ready, at the latest by the next probe, :meth:`wait` or :meth:`close`; the forward must
     draw no random numbers in eval mode (the RNG is not forked in the background thread).
+
+    The blocks' parameters are listed once, here (the gradient norms and update ratios read
+    those lists): attach the monitor after anything that replaces a model's parameter objects
+    (FSDP's flattening, say; ``.to(device)`` keeps them).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], probe_batch: Any, forward: Callable[[Any], Any], *,
@@ -137,6 +141,7 @@ class LayerMonitor:
         self.blocks = list(blocks)
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
+        self._block_params = [list(b.parameters()) for b in self.blocks]   # read once: see the class docstring
         for name, value, least in (("every", every, 1), ("log_every", log_every, 1),
                                    ("tokens_per_clip", tokens_per_clip, 1), ("total_steps", total_steps, 1),
                                    ("calibration", calibration, 0)):
@@ -172,7 +177,7 @@ class LayerMonitor:
         self.flop_model = (count_flop_model(self.blocks, train_step, model=model, stem=self.stem)
                            if train_step is not None else None)
         # time_model.json: calibration now, then every training step at its frozen-prefix length.
-        self.timer = StepTimer()
+        self._timer = StepTimer()
         self.calibration = calibration if train_step is not None and run_metrics else 0
         self._calibrated = ""
         if self.calibration:
@@ -184,7 +189,9 @@ class LayerMonitor:
         self._losses: list[torch.Tensor] = []
         self._interval_s = 0.0
         self._interval_steps = 0
-        self._in_calls = [0.0, 0.0]   # wall and CPU seconds inside the monitor since the last step ended
+        self._in_calls = (0.0, 0.0)   # wall and CPU seconds inside the monitor since the last step ended
+        # Per step since the last log step: (end time, CPU time, in-call times, frozen prefix, loss).
+        self._steps: list[tuple[float, float, tuple[float, float], int, Any]] = []
         self.wall_s = 0.0
         self.flops_total = 0.0
         self.last_step: int | None = None
@@ -196,6 +203,12 @@ class LayerMonitor:
             self.tracker.log_json(self.flop_model, schema.FLOP_MODEL_ARTIFACT)
         self.log_time_model()
         self._tick, self._cpu_tick = time.perf_counter(), time.process_time()
+
+    @property
+    def timer(self) -> StepTimer:
+        """The step times so far (``time_model.json``'s record), every step seen filed."""
+        self._settle()
+        return self._timer
 
     @property
     def run_id(self) -> str | None:
@@ -231,7 +244,7 @@ class LayerMonitor:
                 p.grad = None
 
         with kept_as_is(self.model, self.blocks, self.stem, weights=True):
-            calibrate(self.timer, stages, self.calibration,
+            calibrate(self._timer, stages, self.calibration,
                       lambda k: freeze_prefix(self.blocks, k, shadow, stem=self.stem), step,
                       (lambda: torch.cuda.synchronize(cuda)) if cuda is not None else None)
         self._calibrated = ("forward, loss, backward" + (f" and {type(optimizer).__name__} update"
@@ -338,10 +351,9 @@ class LayerMonitor:
         t0, c0 = time.perf_counter(), time.process_time()
         self.probe_if_due(step)
         if log:
-            self.record(block_grad_norms(self.blocks), step)
-            self._snapshot = snapshot_blocks(self.blocks)
-        self._in_calls[0] += time.perf_counter() - t0
-        self._in_calls[1] += time.process_time() - c0
+            self.record(block_grad_norms(self._block_params), step)
+            self._snapshot = snapshot_blocks(self._block_params)
+        self._in_calls = (self._in_calls[0] + time.perf_counter() - t0, self._in_calls[1] + time.process_time() - c0)
 
     def after_step(self, step: int, loss: torch.Tensor | float | None = None) -> None:
         """Call after ``optimizer.step()``. At log steps: the update ratio per block and (unless
@@ -352,27 +364,36 @@ class LayerMonitor:
         now, cpu_now = time.perf_counter(), time.process_time()
         frozen = frozen_prefix_length(self.blocks)
         if self.run_metrics:
+            # Filed at the next log step (_settle): a quiet step's call stays a list append.
+            self._steps.append((now, cpu_now, self._in_calls, frozen,
+                                loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if self._snapshot is not None:
+            self.record(update_ratios(self._block_params, self._snapshot), step)
+            self._snapshot = None
+        self.last_step = step
+        if self.run_metrics and self.is_log_step(step):
+            self._log_step(step, frozen)
+        # What this call spent belongs to the monitor, not to the next step.
+        self._in_calls = (time.perf_counter() - now, time.process_time() - cpu_now)
+
+    def _settle(self) -> None:
+        """File the steps seen since the last log step: their times (less the monitor's) in the
+        time model under their frozen-prefix length, their FLOPs and losses."""
+        per_step = self.flop_model["per_step"] if self.flop_model is not None else None
+        for now, cpu_now, (in_wall, in_cpu), frozen, loss in self._steps:
             whole, cpu_whole = now - self._tick, cpu_now - self._cpu_tick
-            self.timer.add(frozen, whole - self._in_calls[0], whole, cpu_whole - self._in_calls[1], cpu_whole)
+            self._timer.add(frozen, whole - in_wall, whole, cpu_whole - in_cpu, cpu_whole)
             self._interval_s += whole
             self._interval_steps += 1
             self._tick, self._cpu_tick = now, cpu_now
-        if self._snapshot is not None:
-            self.record(update_ratios(self.blocks, self._snapshot), step)
-            self._snapshot = None
-        self.last_step = step
-        if self.run_metrics:
-            self._log_step(step, frozen, loss)
-        # What this call spent belongs to the monitor, not to the next step.
-        self._in_calls = [time.perf_counter() - now, time.process_time() - cpu_now]
+            if per_step is not None:
+                self.flops_total += per_step[str(frozen)]
+            if loss is not None:
+                self._losses.append(loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
+        self._steps.clear()
 
-    def _log_step(self, step: int, frozen: int, loss: torch.Tensor | float | None) -> None:
-        if self.flop_model is not None:
-            self.flops_total += self.flop_model["per_step"][str(frozen)]
-        if loss is not None:
-            self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
-        if not self.is_log_step(step):
-            return
+    def _log_step(self, step: int, frozen: int) -> None:
+        self._settle()
         self.wall_s += self._interval_s
         metrics = {schema.FROZEN_BLOCKS: frozen, schema.STEP_MS: 1000 * self._interval_s / self._interval_steps,
                    schema.WALL_S: self.wall_s}

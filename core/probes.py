@@ -447,31 +447,34 @@ class ProbeRunner:
                 "layout": "per block: (clips, positions, dim), position-centred, bfloat16"}
 
 
-def block_grad_norms(blocks: Sequence[nn.Module]) -> dict[str, float]:
-    """L2 norm of each trainable block's gradient (frozen blocks are skipped: they have none)."""
+def block_grad_norms(params: Sequence[Sequence[nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of each trainable block's gradient (frozen blocks are skipped: they have none).
+    ``params``: each block's parameters (``list(block.parameters())``, read once by the caller:
+    walking a block's submodules at every log step costs more than the norms on a small model)."""
     out = {}
-    for b, blk in enumerate(blocks):
-        grads = [p.grad for p in blk.parameters() if p.grad is not None]
+    for b, block in enumerate(params):
+        grads = [p.grad for p in block if p.grad is not None]
         if grads:
             out[block_key("grad_norm", b)] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
     return out
 
 
-def snapshot_blocks(blocks: Sequence[nn.Module]) -> list[list[torch.Tensor] | None]:
-    """Copies of trainable blocks' parameters, to measure the next update's size."""
-    return [[p.detach().clone() for p in blk.parameters()] if any(p.requires_grad for p in blk.parameters())
-            else None for blk in blocks]
+def snapshot_blocks(params: Sequence[Sequence[nn.Parameter]]) -> list[list[torch.Tensor] | None]:
+    """Copies of trainable blocks' parameters (``params``: as :func:`block_grad_norms`), to
+    measure the next update's size."""
+    return [[p.detach().clone() for p in block] if any(p.requires_grad for p in block) else None for block in params]
 
 
-def update_ratios(blocks: Sequence[nn.Module], before: list[list[torch.Tensor] | None]) -> dict[str, float]:
-    """||W_after - W_before|| / ||W_before|| per trainable block. Consumes ``before`` (the
-    snapshot's copies are overwritten by the difference: no second copy of the weights)."""
+def update_ratios(params: Sequence[Sequence[nn.Parameter]], before: list[list[torch.Tensor] | None]) -> dict[str, float]:
+    """||W_after - W_before|| / ||W_before|| per trainable block (``params``: as
+    :func:`block_grad_norms`). Consumes ``before`` (the snapshot's copies are overwritten by the
+    difference: no second copy of the weights)."""
     out = {}
-    for b, (blk, old) in enumerate(zip(blocks, before)):
+    for b, (block, old) in enumerate(zip(params, before)):
         if old is None:
             continue
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
-        torch._foreach_sub_(old, [p.detach() for p in blk.parameters()])    # W_before - W_after, in place
+        torch._foreach_sub_(old, [p.detach() for p in block])    # W_before - W_after, in place
         delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
         out[block_key("update_ratio", b)] = float(delta / norm.clamp_min(1e-12))
     return out
