@@ -170,6 +170,7 @@ def test_bench_monitor_and_own_freezing_run() -> None:
         frz = bench_own_freezing("vit", rounds=1, steps_per_round=1, warmup=0, repeats=1, every=2, steps=12)
     finally:
         torch.set_num_threads(threads)
-    assert mon["ratio"] > 0 and mon["in_calls_ratio"] >= 1 and len(mon["on_all_ms"]) == 1
+    assert mon["ratio"] > 0 and mon["in_calls_ratio"] >= 1 and len(mon["on_all_ms"]) == 1 == len(mon["ratios"])
+    assert mon["warm_up_ratio"] > 0   # the warm-up repeat ran and is reported apart
     assert [r["frozen"] for r in frz["per_k"]] == [0, 1, 2, 3] and frz["per_k"][0]["flop_ratio"] == 1
     assert frz["schedule"]["steps"] == 12 and 0 < frz["schedule"]["flop_ratio"] <= 1

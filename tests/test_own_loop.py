@@ -162,6 +162,27 @@ def test_apply_schedule_follows_the_json_and_checks_it() -> None:
         apply_schedule({**schedule, "stages": [{"step": 1, "frozen": 2}, {"step": 2, "frozen": 1}]}, blocks, 0)
 
 
+def test_attaching_runs_the_full_garbage_collection_training_would_otherwise_pay() -> None:
+    """The first full collection after MLflow's import walks every object it left (0.4-0.5 s):
+    attaching runs it, so that it does not fall in a training step."""
+    import gc
+
+    model, stem, blocks = _tiny_chain()
+    full = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(info)
+
+    gc.callbacks.append(seen)
+    try:
+        mon = LayerMonitor(blocks, torch.zeros(4, 3), model, every=2, model=model, run=False)
+    finally:
+        gc.callbacks.remove(seen)
+    assert full, "no full collection while attaching"
+    mon.close(final_probe=False)
+
+
 def test_monitor_step_times_leave_out_the_monitors_own_time(monkeypatch) -> None:
     """time_model.json's training record: each step's time less the time spent inside the
     monitor (here a probe that costs 1 s on a fake clock), filed under the frozen-prefix length
