@@ -126,8 +126,8 @@ def probe_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float
 def _by_shape(features: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """The blocks of one probe grouped by shape: ``(block indices, stacked features)`` per shape,
     so that every metric is computed in one pass per group (a probe of a 12-block transformer
-    is then one batched computation, not twelve: the per-call overhead dominates at probe
-    sizes on a CPU)."""
+    is then one batched computation, not twelve: at probe sizes on a CPU, the cost of each
+    call is a large part of the whole)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, f in enumerate(features):
         _check(f, f"features of block {i}")
