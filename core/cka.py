@@ -214,7 +214,8 @@ def prepare(x: Any) -> PreparedFeatures:
     diag = a.square().sum(-1)
     ones = (a @ a.sum(-2).unsqueeze(-1)).squeeze(-1) - diag
     total = ones.sum(-1)
-    hsic = _hsic(n, trace, (diag * diag).sum(-1), total, total, ones, ones) if n >= 4 else torch.full_like(total, math.nan)
+    hsic = (_hsic(n, trace, (diag * diag).sum(-1), total, total, ones, ones) if n >= 4
+            else torch.full_like(total, math.nan))
     return PreparedFeatures(a, constant, trace, diag, ones, total, hsic, gram)
 
 

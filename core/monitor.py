@@ -352,7 +352,8 @@ class LayerMonitor:
         clipping: ``grad_norm`` is the raw gradient). Probes when due; at log steps, logs the
         per-block gradient norms and keeps the weights for the update ratio."""
         log = self.is_log_step(step)
-        if not (log or self._pending is not None or self._writes or (self.every is not None and step % self.every == 0)):
+        due = self.every is not None and step % self.every == 0
+        if not (log or due or self._pending is not None or self._writes):
             return   # most steps: nothing to do (a few microseconds, so not counted as the monitor's)
         t0, c0 = time.perf_counter(), time.process_time()
         self.probe_if_due(step)

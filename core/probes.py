@@ -465,7 +465,8 @@ def snapshot_blocks(params: Sequence[Sequence[nn.Parameter]]) -> list[list[torch
     return [[p.detach().clone() for p in block] if any(p.requires_grad for p in block) else None for block in params]
 
 
-def update_ratios(params: Sequence[Sequence[nn.Parameter]], before: list[list[torch.Tensor] | None]) -> dict[str, float]:
+def update_ratios(params: Sequence[Sequence[nn.Parameter]],
+                  before: list[list[torch.Tensor] | None]) -> dict[str, float]:
     """||W_after - W_before|| / ||W_before|| per trainable block (``params``: as
     :func:`block_grad_norms`). Consumes ``before`` (the snapshot's copies are overwritten by the
     difference: no second copy of the weights)."""

@@ -13,7 +13,8 @@ else ``runs/<run_id>`` in the working directory). While the run lives it is the 
 **Write-ahead spool.** The trainer appends what it logs to ``spool.jsonl`` (a buffered write:
 a killed process loses nothing the kernel has) and a sender sends the lines to the store in
 order: a process of its own (:class:`_SenderProcess`), so that MLflow's store calls never hold
-the training loop's interpreter lock, or a thread with ``LAYERLOCK_SENDER=thread``. When the store does not answer — after MLflow's bounded HTTP retries
+the training loop's interpreter lock, or a thread with ``LAYERLOCK_SENDER=thread``. When the
+store does not answer — after MLflow's bounded HTTP retries
 (:data:`HTTP_ENV_DEFAULTS`, about 15 s for a refused connection) or sqlite's busy timeout — the
 line stays in the spool, a warning says so once, and the sender tries again every
 ``PROBE_INTERVAL_S``; once the store answers, everything that waited goes out in order. Training
