@@ -64,8 +64,8 @@ def parse_tags(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
-    """``pretrain --seeds 0,1,2``: one run per seed, one group, through the executor; each run id
-    printed as it finishes."""
+    """``pretrain --seeds 0,1,2``: one run per seed, one group, through the executor; the run ids
+    printed in the order of the seeds once all have finished."""
     import os
 
     from core.config import group_name, parse_overrides
@@ -82,11 +82,10 @@ def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
     seeds = parse_seeds(args.seeds)
     print(f"group {tags.get(TAG_GROUP, group_name(cfg))}: seeds {', '.join(map(str, seeds))}", file=sys.stderr)
 
-    def report(result) -> None:
-        if result.run_id and result.status == "FINISHED":   # a non-zero torchrun rank has none
-            print(result.run_id, flush=True)
-
-    train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, on_result=report, **executor)
+    results = train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, **executor)
+    for result in results:   # in the order of --seeds; a non-zero torchrun rank has no run id
+        if result.run_id:
+            print(result.run_id)
     import torch.distributed as dist
 
     if dist.is_initialized():
