@@ -209,8 +209,6 @@ def _settle(spec: RunSpec, uri: str, reason: str) -> RunResult | None:
 def _plan(specs: Sequence[RunSpec], uri: str) -> tuple[dict[int, RunResult], dict[int, str | None]]:
     """``(done, todo)``: results of specs that FINISHED before; for the others, the run to resume
     (an earlier attempt with a checkpoint) or None (a new run; an attempt without one is deleted)."""
-    from analysis import io
-
     done: dict[int, RunResult] = {}
     todo: dict[int, str | None] = {}
     for i, spec in enumerate(specs):
@@ -224,11 +222,26 @@ def _plan(specs: Sequence[RunSpec], uri: str) -> tuple[dict[int, RunResult], dic
             if run.status == "RUNNING" and not _mark_failed(run.run_id, WORKER_DIED, uri):
                 raise LayerLockError(f"{spec.label}: run {run.run_id} is still being trained by "
                                      f"{run.tags.get('layerlock.owner', 'another process')}; wait for it to end")
-            if todo[i] is None and _has_checkpoint(run.run_id, uri):
-                todo[i] = run.run_id
-            else:   # nothing to resume from (or a newer attempt is resumed): it would count twice
-                io.delete_run(run.run_id, uri)
+            if todo[i] is None:
+                todo[i] = _resumable(run.run_id, uri)
+            else:   # a newer attempt is resumed: this one would count twice
+                _drop(run.run_id, uri)
     return done, todo
+
+
+def _resumable(run_id: str, uri: str) -> str | None:
+    """``run_id`` when the stopped run has a checkpoint to resume from; else it is deleted (a new run
+    replaces it, and the store holds the run once) and None."""
+    if _has_checkpoint(run_id, uri):
+        return run_id
+    _drop(run_id, uri)
+    return None
+
+
+def _drop(run_id: str, uri: str) -> None:
+    from analysis import io
+
+    io.delete_run(run_id, uri)
 
 
 # ----------------------------------------------------------------------------- the worker side
@@ -344,7 +357,7 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
                 report(i, settled or RunResult(specs[i].key, specs[i].label, None, FAILED, WORKER_DIED))
             else:   # KILLED by the pool's SIGTERM: resumed; not started: started
                 retried.add(i)
-                queue[i] = None if settled is None else settled.run_id
+                queue[i] = None if settled is None else _resumable(settled.run_id, uri)
 
 
 def _stop_workers(pool) -> None:
