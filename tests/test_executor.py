@@ -183,7 +183,8 @@ def _wait_for_running_child(store: str, parent: str, proc, timeout: float = 240)
             if r.info.status == "RUNNING" and " pid " in owner and r.data.metrics.get("train/loss") is not None:
                 return r.info.run_id, int(owner.rsplit(" pid ", 1)[1])
         time.sleep(0.5)
-    raise AssertionError(f"no child started training: {proc.communicate()[1][-2000:] if proc.poll() is not None else ''}")
+    ended = proc.communicate()[1][-2000:] if proc.poll() is not None else ""
+    raise AssertionError(f"no child started training: {ended}")
 
 
 @pytest.mark.system
@@ -225,3 +226,26 @@ def test_freeze_test_specs_check_the_grid_before_anything_trains(store: str) -> 
         freeze_test_specs(baseline, [4], [4], store)
     (spec,) = freeze_test_specs(baseline, [4], [2], store)
     assert spec.init_from == (baseline, 4) and spec.tags[TAG_PARENT] == baseline
+
+
+@pytest.mark.system
+def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None:
+    baseline = _baseline(store, steps=40)
+    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16",
+           "--blocks", "1,2", "--executor", "local", "--workers", "2", "--tracking-uri", store]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_running_child(store, baseline, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    stopped = _children(store, baseline)
+    assert stopped and all(r.info.status in ("KILLED", "FAILED", "FINISHED") for r in stopped)
+    again = run_cli(*cmd[1:], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored = _children(store, baseline)
+    assert len(stored) == 4 and all(r.info.status == "FINISHED" for r in stored)
