@@ -411,13 +411,12 @@ def connect_ray(address: str | None, uri: str) -> bool:
     return started
 
 
-def _ray(specs, todo, uri, address, progress, report) -> None:
+def _ray(specs, todo, uri, progress, report) -> None:
     import ray
     from ray.exceptions import RayError, TaskCancelledError
 
     from core.tracking import runs_root
 
-    started = connect_ray(address, uri)
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     # One host: workers use this process's run folders and code, wherever Ray started them.
     env = ({"env_vars": {"LAYERLOCK_RUNS_DIR": str(runs_root()),
@@ -449,9 +448,6 @@ def _ray(specs, todo, uri, address, progress, report) -> None:
             ray.cancel(ref)   # KeyboardInterrupt inside the task: the trainer marks its run and stops
         ray.wait(list(refs), num_returns=len(refs), timeout=120)
         raise
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- the one entry point
@@ -475,8 +471,9 @@ def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, wor
     if len(set(keys)) != len(keys):
         raise LayerLockError("run_specs: two specs have one key (their identifying tags are equal)")
     uri = absolute_uri(resolve_uri(uri))   # workers may start in other folders
-    if executor == "ray":
-        connect_ray(ray_address, uri)   # refuse before anything trains
+    started = False   # Ray, when this call starts or joins it (and so shuts it down)
+    if executor == "ray" and ray_address is not None:
+        started = connect_ray(ray_address, uri)   # a cluster that is not there: refused before anything
     _open_store(uri)
     done, todo = _plan(specs, uri)
     results: dict[int, RunResult] = dict(done)
@@ -501,9 +498,14 @@ def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, wor
             elif executor == "local":
                 _local(specs, todo, uri, workers or default_workers(), bar, report)
             else:
-                _ray(specs, todo, uri, ray_address, bar, report)
+                started = connect_ray(ray_address, uri) or started
+                _ray(specs, todo, uri, bar, report)
     finally:
         bar.close()
+        if started:
+            import ray
+
+            ray.shutdown()
     out = [results[i] for i in range(len(specs))]
     if raise_failed and any(r.status != FINISHED for r in out):
         raise RunsFailed(out)
