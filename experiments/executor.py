@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.errors import LayerLockError, RunTerminated, first_line
-from core.schema import CHECKPOINT_DIR, TAG_RUN_KEY
+from core.schema import CHECKPOINT_DIR, TAG_FAILURE, TAG_OWNER, TAG_RUN_KEY
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from core.config import ExperimentConfig
@@ -200,7 +200,7 @@ def _settle(spec: RunSpec, uri: str, reason: str) -> RunResult | None:
     if not runs:
         return None
     run = runs[0]
-    status, why = run.status, run.tags.get("layerlock.failure_reason")
+    status, why = run.status, run.tags.get(TAG_FAILURE)
     if status == "RUNNING" and _mark_failed(run.run_id, reason, uri):
         status, why = FAILED, reason
     return RunResult(spec.key, spec.label, run.run_id, status, why or (None if status == FINISHED else status))
@@ -221,7 +221,7 @@ def _plan(specs: Sequence[RunSpec], uri: str) -> tuple[dict[int, RunResult], dic
         for run in runs:
             if run.status == "RUNNING" and not _mark_failed(run.run_id, WORKER_DIED, uri):
                 raise LayerLockError(f"{spec.label}: run {run.run_id} is still being trained by "
-                                     f"{run.tags.get('layerlock.owner', 'another process')}; wait for it to end")
+                                     f"{run.tags.get(TAG_OWNER, 'another process')}; wait for it to end")
             if todo[i] is None:
                 todo[i] = _resumable(run.run_id, uri)
             else:   # a newer attempt is resumed: this one would count twice
