@@ -249,3 +249,33 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None
     assert again.returncode == 0, again.stderr[-3000:]
     stored = _children(store, baseline)
     assert len(stored) == 4 and all(r.info.status == "FINISHED" for r in stored)
+
+
+def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from app.views import jobs
+    from tests.helpers import HOME, TIMEOUT, point_app_at
+
+    point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "3")
+    # No training on a shared CPU: the job sleeps; what matters is the command it was given.
+    monkeypatch.setattr(jobs, "pretrain_argv", lambda *a, **k: [sys.executable, "-c", "import time; time.sleep(30)"])
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("screens/launch.py").run()
+    assert at.number_input(key="launch_workers").value == 2
+    at.number_input(key="launch_seed").set_value(3)
+    at.text_input(key="launch_seeds").input("0,1,2")
+    at.button(key="launch_submit").click().run()
+    assert any("Seed and Seeds" in w.value for w in at.warning) and not jobs.list_jobs()
+    at.number_input(key="launch_seed").set_value(None)
+    at.selectbox(key="launch_executor").set_value("serial")
+    at.number_input(key="launch_workers").set_value(3)
+    at.button(key="launch_submit").click().run()
+    assert not at.exception and any("Started" in s.value for s in at.success), [w.value for w in at.warning]
+    (job,) = jobs.list_jobs()
+    try:
+        tail = job.argv[job.argv.index("--seeds"):]
+        assert tail[:6] == ["--seeds", "0,1,2", "--executor", "serial", "--workers", "3"]
+    finally:
+        jobs.cancel(job)
