@@ -154,8 +154,9 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
                        within: float = 0.01) -> dict:
     import torch.nn.functional as F
 
+    from analysis import io
     from analysis.flops import stage_segments
-    from analysis.schedule import derive_run_schedule
+    from analysis.schedule import derive_run_schedule, schedule_parts
     from core.flops import count_flop_model
     from core.freezing import FreezeSchedule, freeze_prefix
     from experiments.bench import freezing_rows, interleaved_timings
@@ -186,7 +187,7 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
         print(f"bench own-freezing: {model}, monitored run of {total} steps to derive a schedule", file=sys.stderr)
         with attach_monitor(setup, total, every, tracking_uri=uri) as monitor:
             train(setup, total, monitor=monitor)
-        derived = derive_run_schedule(monitor.run_id, uri)
+        derived = derive_run_schedule(io.load_run(monitor.run_id, uri, schedule_parts()))
     schedule = FreezeSchedule.from_dict(derived)
     segments = stage_segments(derived, total)
     wall: dict[str, list[float]] = {"plain": [], "schedule": []}

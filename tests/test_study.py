@@ -6,7 +6,7 @@ import json
 
 from mlflow import MlflowClient
 
-from experiments.study import claim_verdict, estimate
+from analysis.claims import claim_verdict, estimate
 from tests.helpers import run_cli, tiny_sets
 
 
