@@ -202,7 +202,7 @@ def rule_agreement(rule_steps: pd.Series, truth: pd.DataFrame) -> dict[str, Any]
     n_ranked`` (blocks where the freeze test is determined) and ``n_compared`` (blocks where
     both steps are numbers).
     """
-    from scipy import stats  # ~0.5 s to import; only needed here
+    from scipy import stats  # imported where needed: most callers never rank
 
     determined = truth[truth["status"] != UNDETERMINED].set_index("block")
     rule = pd.Series(rule_steps).reindex(determined.index)

@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.records import (
-    HISTORY_COLUMNS,
     LAYER_COLUMNS,
     FreezeTestRuns,
     GroupSpec,
@@ -361,68 +360,6 @@ def compare_groups(
     rows = [{"group": spec.name, **run_row(runs[run_id], include_block_evals, last)}
             for spec in specs for run_id in spec.run_ids]
     return group_comparison(rows, baseline, specs)
-
-
-# ----------------------------------------------------------------------------- equal-step / equal-cost views
-
-def _as_frame(histories: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.DataFrame:
-    if isinstance(histories, pd.DataFrame):
-        return histories
-    frames = list(histories)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS)
-
-
-def loss_at_steps(
-    histories: pd.DataFrame | Iterable[pd.DataFrame],
-    steps: Sequence[int],
-    metric: str = schema.LOSS,
-    window: int = 1,
-) -> pd.DataFrame:
-    """``metric`` of each run at equal steps: rows ``run_id``, columns the requested steps.
-
-    The value at step s is the mean of the last ``window`` values logged at or before s
-    (NaN when nothing was logged by then), so runs with different log intervals line up.
-    """
-    frame = _as_frame(histories)
-    out: dict[str, list[float]] = {}
-    for run_id, run_hist in frame.groupby("run_id", sort=False):
-        series = _series(run_hist, metric)
-        logged = series.index.to_numpy()
-        values = []
-        for s in steps:
-            n = int(np.searchsorted(logged, s, side="right"))  # entries with step <= s
-            values.append(float(series.iloc[max(0, n - window):n].mean()) if n else float("nan"))
-        out[str(run_id)] = values
-    result = pd.DataFrame.from_dict(out, orient="index", columns=list(steps))
-    result.index.name = "run_id"
-    return result
-
-
-def _cost_to_reach(history: pd.DataFrame, target: float, cost_metric: str, metric: str, smooth: int) -> float | None:
-    _single_run(history)
-    loss = _series(history, metric).rolling(max(1, smooth), min_periods=1).mean()
-    reached = loss[loss <= target]
-    if reached.empty:
-        return None
-    step = reached.index[0]
-    cost = _series(history, cost_metric)
-    cost = cost[cost.index <= step]
-    return float(cost.iloc[-1]) if len(cost) else None
-
-
-def flops_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
-) -> float | None:
-    """Cumulative ``train/flops`` when ``metric`` (trailing mean over ``smooth`` logged values)
-    first reaches ``target_loss``; None if it never does. One run's history."""
-    return _cost_to_reach(history, target_loss, schema.FLOPS, metric, smooth)
-
-
-def wall_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
-) -> float | None:
-    """Like :func:`flops_to_reach`, in ``train/wall_s`` seconds."""
-    return _cost_to_reach(history, target_loss, schema.WALL_S, metric, smooth)
 
 
 # ----------------------------------------------------------------------------- freeze test

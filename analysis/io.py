@@ -18,8 +18,8 @@ Reading conventions:
   layer can print one line and exit 2.
 - Nothing is cached here; the dashboard caches on its side.
 
-``mlflow`` is imported lazily (inside functions) because importing it costs about a second and
-pure callers such as ``python -m analysis --help`` should not pay for it.
+``mlflow`` is imported lazily (inside functions): importing it is slow, and pure callers such as
+``python -m analysis --help`` should not pay for it.
 """
 
 from __future__ import annotations
@@ -143,27 +143,6 @@ def _fetch_run(run_id: str, uri: str | None) -> tuple[MlflowClient, str, Run]:
 # ----------------------------------------------------------------------------- runs
 
 
-def _ms_to_timestamp(ms: int | None) -> pd.Timestamp | None:
-    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
-
-
-def _record(run: Run, experiment_name: str) -> RunRecord:
-    info, data = run.info, run.data
-    return RunRecord(
-        run_id=info.run_id,
-        name=info.run_name or "",
-        experiment=experiment_name,
-        experiment_id=info.experiment_id,
-        status=info.status,
-        start_time=_ms_to_timestamp(info.start_time),
-        end_time=_ms_to_timestamp(info.end_time),
-        artifact_uri=info.artifact_uri,
-        tags=dict(data.tags),
-        params=dict(data.params),
-        metrics=dict(data.metrics),
-    )
-
-
 def _experiment_name(c: MlflowClient, experiment_id: str, cache: dict[str, str] | None = None) -> str:
     if cache is not None and experiment_id in cache:
         return cache[experiment_id]
@@ -182,12 +161,7 @@ def get_run(run_id: str, uri: str | None = None) -> RunRecord:
     """Snapshot of one run. Unknown id -> ``RunNotFoundError``."""
     c, resolved, run = _fetch_run(run_id, uri)
     with _mlflow_errors(resolved):
-        return _record(run, _experiment_name(c, run.info.experiment_id))
-
-
-def load_params(run_id: str, uri: str | None = None) -> dict[str, str]:
-    """Logged params (the flattened config, dotted keys, string values)."""
-    return get_run(run_id, uri).params
+        return RunRecord.from_mlflow(run, _experiment_name(c, run.info.experiment_id))
 
 
 
@@ -230,7 +204,7 @@ def list_runs(
         wanted = set(experiment_names) if experiment_names is not None else None
         names = {e.experiment_id: e.name for e in experiments if wanted is None or e.name in wanted}
         runs = _search_all(c, list(names), "", max_results)
-    return runs_frame([_record(r, names[r.info.experiment_id]) for r in runs], include_block_evals)
+    return runs_frame([RunRecord.from_mlflow(r, names[r.info.experiment_id]) for r in runs], include_block_evals)
 
 
 def find_children(parent_run_id: str, uri: str | None = None) -> pd.DataFrame:
@@ -250,7 +224,7 @@ def _child_records(parent_run_id: str, uri: str | None) -> list[RunRecord]:
         experiment_ids = [e.experiment_id for e in c.search_experiments()]
         runs = _search_all(c, experiment_ids, f"tags.`{TAG_PARENT}` = '{parent_run_id}'", 10_000)
         cache: dict[str, str] = {}
-        return [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
+        return [RunRecord.from_mlflow(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
 def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecord]:
@@ -263,7 +237,7 @@ def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecor
         experiment_ids = [e.experiment_id for e in c.search_experiments()]
         runs = _search_all(c, experiment_ids, f"tags.`{key}` = '{value}'", 10_000)
         cache: dict[str, str] = {}
-        return [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
+        return [RunRecord.from_mlflow(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
 def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
@@ -280,9 +254,9 @@ def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
 
 
 def _histories(c: MlflowClient, run_id: str, keys: Iterable[str]) -> Iterator[tuple[str, list[Any]]]:
-    # One query per key; on sqlite that is a few milliseconds each (12 blocks x 7 metrics
-    # stays well under a second). Entries come back in logging order, so "keep last" in the
-    # tidy builders keeps the value logged last for a repeated step.
+    # One query per key (a run still training has no layer_metrics.parquet to read at once).
+    # Entries come back in logging order, so "keep last" in the tidy builders keeps the value
+    # logged last for a repeated step.
     for key in keys:
         yield key, sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
@@ -309,7 +283,7 @@ def load_layer_metrics(
     """Per-block metrics of a run, tidy: ``run_id, step, block, metric, value``.
 
     ``source="auto"`` reads the ``layer_metrics.parquet`` artifact when the run has one (one
-    file read, fast for 12 blocks x 5000 steps) and otherwise the metric history of the
+    file read, however many blocks and steps) and otherwise the metric history of the
     ``<metric>/block_NN`` keys (a run still training has no artifact yet). ``"artifact"`` and
     ``"history"`` force one path. ``metrics`` restricts the metric names.
     Rows are sorted by metric, block, step. No per-block metrics -> an empty frame.

@@ -81,12 +81,26 @@ class RunRecord:
     def dataset(self) -> str | None:
         return self.tags.get(TAG_DATASET)
 
+    @classmethod
+    def from_mlflow(cls, run: Any, experiment_name: str) -> RunRecord:
+        """The snapshot of an ``mlflow.entities.Run`` (``analysis.io`` reads it)."""
+        info, data = run.info, run.data
+        return cls(run_id=info.run_id, name=info.run_name or "", experiment=experiment_name,
+                   experiment_id=info.experiment_id, status=info.status, start_time=_timestamp(info.start_time),
+                   end_time=_timestamp(info.end_time), artifact_uri=info.artifact_uri, tags=dict(data.tags),
+                   params=dict(data.params), metrics=dict(data.metrics))
+
     def param_int(self, key: str) -> int | None:
         """A param parsed as int (params are stored as strings), None if absent or not a number."""
         try:
             return int(float(self.params[key]))
         except (KeyError, ValueError, TypeError):
             return None
+
+
+def _timestamp(ms: int | None) -> pd.Timestamp | None:
+    """MLflow's milliseconds since the epoch (0 or None: not set)."""
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
 
 
 def eval_metrics(metrics: dict[str, float], include_block_evals: bool = False) -> dict[str, float]:

@@ -95,7 +95,7 @@ def test_get_run_and_unknown_ids(runs: SyntheticRuns, tmp_path: Path) -> None:
     assert record.run_id == runs.mae and record.experiment == "layerlock" and record.status == "FINISHED"
     assert record.method == "mae" and record.param_int("train.steps") == TOTAL
     assert record.metrics["eval/digit/acc"] == 0.8 and record.name == "mae"
-    assert io.load_params(runs.mae, runs.uri)["model.depth"] == str(N_BLOCKS)
+    assert io.get_run(runs.mae, runs.uri).params["model.depth"] == str(N_BLOCKS)
     with pytest.raises(RunNotFoundError, match=f"run not found: {MISSING}"):
         io.get_run(MISSING, runs.uri)
     with pytest.raises(RunNotFoundError):

@@ -99,7 +99,7 @@ def test_dashboard_refuses_to_serve_beyond_loopback_without_opt_in(remote_addres
 # ----------------------------------------------------------------------------- launcher
 
 def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monkeypatch):
-    from app.views import jobs
+    from app import jobs
 
     monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path))
     jobs.launch_dir().mkdir(parents=True)
@@ -130,7 +130,7 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
     from mlflow import MlflowClient
 
     from analysis import load_config, schema
-    from app.views import jobs
+    from app import jobs
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
     monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
@@ -194,7 +194,7 @@ DASHBOARD_ROWS: list[tuple[str, dict[str, str], str]] = [
 
 @pytest.mark.parametrize("fields, message", [r[1:] for r in DASHBOARD_ROWS], ids=[r[0] for r in DASHBOARD_ROWS])
 def test_launch_field_gets_one_warning_and_starts_nothing(fields, message, tmp_path, monkeypatch):
-    from app.views import jobs
+    from app import jobs
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()

@@ -58,7 +58,7 @@ clip = int(c[0].number_input("Validation clip", 0, max(n_val - 1, 0), 0, key="at
 n_steps = int(c[1].select_slider("Integration steps", [8, 16, 32, 64], value=16, key="attr_steps"))
 
 try:
-    with st.spinner("Fitting a linear probe and integrating gradients (a few seconds on a CPU)…"):
+    with st.spinner("Fitting a linear probe and integrating gradients…"):
         result = explain(uri, run_id, ver, task, clip, method, n_steps)
 except LayerLockError as err:
     st.warning(first_line(err))
