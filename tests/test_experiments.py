@@ -112,7 +112,7 @@ def test_per_step_ratio_keeps_recurring_costs_and_drops_one_runs_bursts():
     the true one within 0.2%, its bootstrap interval holds it; whole-run sums are off by more."""
     import numpy as np
 
-    from experiments.bench import per_step_ratio
+    from experiments.bench.timing import per_step_ratio
 
     rng = np.random.default_rng(1)
     base = 0.1 + 0.002 * rng.standard_normal(100)
@@ -151,7 +151,7 @@ def test_bench_profile_reports_phases_modules_and_ops():
 
 def test_bench_data_times_each_dataset() -> None:
     """The timing that used to be asserted in test_data is a bench; here only that it runs."""
-    from experiments.bench import bench_data
+    from experiments.bench.data import bench_data
 
     out = bench_data(repeats=1, batch=4)
     assert set(out) == {"moving_digits", "photo_pans"} and all(v > 0 for v in out.values())
@@ -161,7 +161,8 @@ def test_bench_monitor_and_own_freezing_run() -> None:
     """The own-loop benches, tiny: they run and report their ratios (timings are never asserted)."""
     import torch
 
-    from experiments.bench_own_loop import bench_monitor, bench_own_freezing
+    from experiments.bench.monitor import bench_monitor
+    from experiments.bench.own_freezing import bench_own_freezing
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
