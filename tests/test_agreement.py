@@ -152,6 +152,7 @@ def test_calibrated_tolerance_from_group(group_store, store) -> None:
     assert explicit.tol == 0.3 and explicit.line() == "tolerance 30% = given explicitly (--tol)"
 
 
+@pytest.mark.system
 def test_no_group_falls_back_and_says_so(group_store, store) -> None:
     tol = calibrated_tolerance(_freeze_test(group_store["lone"], store))
     assert tol.tol == DEFAULT_TOL and not tol.calibrated
@@ -161,6 +162,7 @@ def test_no_group_falls_back_and_says_so(group_store, store) -> None:
     assert "tolerance 2% = default, not calibrated: no seed group of the baseline" in proc.stdout
 
 
+@pytest.mark.system
 def test_agreement_cli(group_store, store) -> None:
     proc = run_cli("-m", "analysis", "agreement", "--run", group_store["baseline"], "--json", "--tracking-uri", store)
     assert proc.returncode == 0, proc.stderr

@@ -245,6 +245,7 @@ def run_analysis_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
+@pytest.mark.system
 def test_cli_subprocess_json_and_bad_run_id(runs: SyntheticRuns) -> None:
     # Its time (start-up included) is `python -m experiments bench cli`, not asserted here.
     done = run_analysis_cli("convergence", "--run", runs.mae, "--json", "--tracking-uri", runs.uri)

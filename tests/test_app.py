@@ -102,6 +102,7 @@ def test_failed_run_shows_a_warning(env: Store) -> None:
     assert any("failed" in w.value for w in at.warning)
 
 
+@pytest.mark.system
 def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     at.session_state["selected_runs"] = [env.synthetic]
@@ -199,6 +200,7 @@ def test_attribution_page(env: Store) -> None:
     assert any("checkpoints" in w.value for w in at.warning)
 
 
+@pytest.mark.system
 def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     from app import jobs
     from core.schema import TAG_JOB
@@ -234,6 +236,7 @@ def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     assert jobs.run_id(job) in set(at.dataframe[0].value["run_id"])
 
 
+@pytest.mark.system
 def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
     from app import jobs
 

@@ -355,6 +355,7 @@ def test_convergence_and_schedule_pages_on_own_loop_runs(own_loop_store, tmp_pat
 
 # ----------------------------------------------------------------------------- the example file
 
+@pytest.mark.system
 def test_example_file_runs_and_rejects_bad_input(tmp_path, capsys) -> None:
     from tests.helpers import run_cli
 
