@@ -83,7 +83,8 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
     through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/``workers``/
     ``ray_address``), evaluate them and a random-init encoder per seed; returns runs, schedules,
     evals and the table."""
-    from analysis.compare import compare_runs
+    from analysis import io
+    from analysis.compare import COMPARE_PARTS, compare_runs
     from core.config import load_config
     from core.readout import load_eval_data
     from experiments.evaluate import evaluate_run, random_init_baseline
@@ -140,7 +141,8 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
              for name, by_seed in runs.items()}
     evals["random_init"] = {seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both",
                                                        data=data, progress=progress) for seed in seeds}
-    table = compare_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri)
+    table = compare_runs(io.load_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri,
+                                      COMPARE_PARTS).values())
     return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
             "demo_id": demo_id, "wall_s": time.perf_counter() - t0, "uri": uri}
 

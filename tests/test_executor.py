@@ -251,6 +251,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None
     assert len(stored) == 4 and all(r.info.status == "FINISHED" for r in stored)
 
 
+@pytest.mark.system
 def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
