@@ -255,7 +255,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None
 def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
-    from app.views import jobs
+    from app import jobs
     from tests.helpers import HOME, TIMEOUT, point_app_at
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
