@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from mlflow import MlflowClient
 
-from experiments.study import claim_verdict, estimate
+from analysis.claims import claim_verdict, estimate
 from tests.helpers import run_cli, tiny_sets
 
 
@@ -22,6 +23,7 @@ def test_estimate_and_verdicts() -> None:
     assert claim_verdict(estimate([]), 0.0, "above") == "n/a"
 
 
+@pytest.mark.system
 def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
     sets = tiny_sets(**{"train.steps": 12, "probe.every": 2, "train.checkpoint_every": 2, "model.depth": 4})
     out = tmp_path / "study"
@@ -62,6 +64,7 @@ def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
         assert tags["layerlock.study"] == results["study_id"] and tags["layerlock.group"].endswith(method)
 
 
+@pytest.mark.system
 def test_study_bad_input_exits_2(store) -> None:
     proc = run_cli("-m", "experiments", "study", "--seeds", "0,x", "--tracking-uri", store)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
