@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from experiments import config_path
+
 
 def ratio_stats(num: list[float], den: list[float], within: float) -> dict:
     """Paired ratios ``num[i] / den[i]`` (one per interleaved round or repeat): their median, its
@@ -90,7 +92,7 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
     from core.objectives import compute_losses
     from core.train import build_optimizer
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config_path(config), overrides)
     depth = cfg.model.depth
     max_rounds = max(rounds, max_rounds or rounds)
     torch.manual_seed(cfg.train.seed)
@@ -182,7 +184,7 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
     from core.config import load_config
     from core.train import train
 
-    cfg_on = load_config(config, [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
+    cfg_on = load_config(config_path(config), [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
     cfg_off = cfg_on.model_copy(deep=True)
     cfg_off.probe.enabled = False
     n_steps = cfg_on.train.steps
