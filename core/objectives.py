@@ -122,9 +122,8 @@ def latent_loss(blocks: Sequence[nn.Module], stage: int, run_prefix: Callable[[i
     at stage 0 (nothing frozen yet: the pixel loss alone). The target costs a forward of the stem
     and k blocks over all N tokens, under ``no_grad`` (docs/integrations.md, "What it costs").
     """
-    n = len(blocks)
-    if not is_int(stage) or not 0 <= stage <= n:
-        raise LayerLockError(f"stage must be an integer 0..{n} (the model has {n} blocks), got {stage!r}")
+    if not is_int(stage) or stage < 0:
+        raise LayerLockError(f"stage must be a non-negative integer (the frozen-prefix length), got {stage!r}")
     if stage == 0:
         return None
     target = latent_target(blocks, stage, run_prefix)
