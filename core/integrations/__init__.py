@@ -54,9 +54,16 @@ def _attr(model: nn.Module, path: str) -> Any:
     return obj
 
 
+def _roots(model: nn.Module) -> list[nn.Module]:
+    """Where to look for blocks and stem: the model, then its direct children (a LightningModule
+    or a wrapper that holds the network as an attribute)."""
+    return [model, *model.children()]
+
+
 def find_blocks(model: nn.Module, blocks: Sequence[nn.Module] | str | None = None) -> list[nn.Module]:
     """The model's blocks in depth order: ``blocks`` as given (modules of ``model``, or a dotted
-    path such as ``"videomae.encoder.layer"``), else the first of :data:`BLOCK_PATHS` it has."""
+    path such as ``"videomae.encoder.layer"``), else the first of :data:`BLOCK_PATHS` found on
+    the model or one of its direct children."""
     if isinstance(blocks, str):
         found = _attr(model, blocks)
         if not isinstance(found, (nn.ModuleList, nn.Sequential)) or len(found) == 0:
@@ -69,22 +76,26 @@ def find_blocks(model: nn.Module, blocks: Sequence[nn.Module] | str | None = Non
             raise LayerLockError(f"blocks are not in the model: every block must be a submodule of the "
                                  f"{type(model).__name__} being trained, in depth order")
         return blocks
-    for path in BLOCK_PATHS:
-        found = _attr(model, path)
-        if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
-            return list(found)
+    for root in _roots(model):
+        for path in BLOCK_PATHS:
+            found = _attr(root, path)
+            if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
+                return list(found)
     raise LayerLockError(f"cannot find the blocks of a {type(model).__name__} (looked for "
                          f"{', '.join(BLOCK_PATHS)}): pass blocks=[...] explicitly")
 
 
-def find_stem(model: nn.Module) -> list[nn.Module | nn.Parameter]:
-    """What runs before block 0 and freezes with it (:data:`STEM_PATHS` the model has)."""
-    out: list[nn.Module | nn.Parameter] = []
-    for path in STEM_PATHS:
-        found = _attr(model, path)
-        if isinstance(found, (nn.Module, nn.Parameter)):
-            out.append(found)
-    return out
+def find_stem(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module | nn.Parameter]:
+    """What runs before block 0 and freezes with it: the :data:`STEM_PATHS` of the module that
+    holds ``blocks`` (the model or one of its direct children)."""
+    first = blocks[0]
+    for root in _roots(model):
+        if any(m is first for m in root.modules()):
+            out = [found for path in STEM_PATHS
+                   if isinstance(found := _attr(root, path), (nn.Module, nn.Parameter))]
+            if out:
+                return out
+    return []
 
 
 class LayerLockSession:
@@ -109,7 +120,7 @@ class LayerLockSession:
                  params: dict[str, Any] | None = None) -> None:
         self.model = model
         self.blocks = find_blocks(model, blocks)
-        self.stem = list(stem) if stem is not None else find_stem(model)
+        self.stem = list(stem) if stem is not None else find_stem(model, self.blocks)
         self.schedule = as_schedule(schedule, len(self.blocks)) if schedule is not None else None
         if latent and self.schedule is None:
             raise LayerLockError("latent=True needs a schedule: the latent target is the last frozen block's output")
@@ -159,6 +170,14 @@ class LayerLockSession:
         return latent_loss(self.blocks, self.stage, lambda k: prefix_output(self.blocks, k, run_input),
                            predictions, mask_idx)
 
+    def add_latent(self, loss: torch.Tensor, run_input: Callable[[], Any], predictions: torch.Tensor,
+                   mask_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``loss`` (the model's own, e.g. its pixel loss) plus the weighted latent loss once the
+        schedule's first stage has begun (with ``latent=True``); both parts noted for logging."""
+        latent = self.latent_loss(run_input, predictions, mask_idx) if self.latent else None
+        self.note_losses(loss.detach(), None if latent is None else latent.detach())
+        return loss if latent is None else loss + self.latent_weight * latent
+
     def note_losses(self, pixel: torch.Tensor | float | None, latent: torch.Tensor | float | None) -> None:
         """The step's loss parts, logged (as means) at the monitor's log steps."""
         for key, value in ((schema.LOSS_PIXEL, pixel), (schema.LOSS_LATENT, latent)):
@@ -178,8 +197,12 @@ class LayerLockSession:
             self._losses = {k: [] for k in self._losses}
 
     def close(self, step: int | None = None, **kwargs: Any) -> None:
+        """The monitor's end (final probe, artifacts); then let go of the run's writer, which the
+        monitor keeps open for a run it did not start (a framework logger's), so that a resume in
+        this process (or a sync) can take the run over."""
         if self.monitor is not None:
             self.monitor.close(step, **kwargs)
+            self.monitor.tracker.close()
 
     def _require_started(self):
         if self.monitor is None:
