@@ -1,15 +1,18 @@
 """Pure analysis of logged runs: load, convergence, schedules, FLOPs, comparison.
 
-Modules: ``io`` (the only one that talks to MLflow), ``convergence``, ``schedule``, ``flops``,
-``timing`` (predicted wall saving), ``compare``, ``testing`` (runs with known convergence, for
-tests and benches); ``attribution`` (captum) is the only one that imports torch. No submodule
+Modules: ``io`` (the store: the only one that talks to MLflow, it returns the records of
+``records``), and pure functions of those records: ``convergence``, ``schedule``, ``flops``,
+``timing`` (predicted wall saving), ``compare``, ``stats``, ``claims`` (a study's estimates and
+verdicts), ``agreement``; ``testing`` (runs with known convergence, for tests and benches);
+``attribution`` (captum) is the only one that imports torch. No submodule
 is imported here, so that importing one does not pull in the others (and ``mlflow``/``scipy``)
 at start-up.
 
 The dashboard (``app``) imports ``analysis`` only, never ``core`` (docs/architecture.md,
 "Layers"): what it needs from core -- the error type users can fix, the run schema and the
-metric descriptions, the config check -- is re-exported here. These core modules are plain
-Python (no torch).
+metric descriptions, the config check, a tracking URI usable from any working directory
+(``absolute_uri``, for the processes the dashboard launches) -- is re-exported here. These core
+modules are plain Python (no torch).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from core import schema
 from core.errors import LayerLockError, first_line
 from core.schema import HELDOUT_KEY, METRIC_HELP, metric_help
+from core.tracking import absolute_uri
 
 
 def load_config(path: Any, overrides: list[str] | None = None) -> Any:
@@ -28,4 +32,5 @@ def load_config(path: Any, overrides: list[str] | None = None) -> Any:
     return load(path, overrides)
 
 
-__all__ = ["HELDOUT_KEY", "METRIC_HELP", "LayerLockError", "first_line", "load_config", "metric_help", "schema"]
+__all__ = ["HELDOUT_KEY", "METRIC_HELP", "LayerLockError", "absolute_uri", "first_line", "load_config", "metric_help",
+           "schema"]

@@ -77,9 +77,11 @@ def cmd_convergence(args: argparse.Namespace) -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
-    from analysis.schedule import derive_run_schedule
+    from analysis import io
+    from analysis.schedule import derive_run_schedule, schedule_parts
 
-    schedule = derive_run_schedule(args.run, args.tracking_uri, args.method, args.threshold, args.patience,
+    run = io.load_run(args.run, args.tracking_uri, schedule_parts(args.method))
+    schedule = derive_run_schedule(run, args.method, args.threshold, args.patience,
                                    total_steps=args.total_steps, margin=args.margin, max_frozen=args.max_frozen,
                                    quantize=args.quantize)
     text = _dump(schedule)
@@ -106,10 +108,13 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from analysis.compare import compare_groups, prediction_lines
+    from analysis import io
+    from analysis.compare import COMPARE_PARTS, compare_groups, prediction_lines
     from analysis.stats import INTERVAL_NAME, summary_table
 
-    result = compare_groups(args.runs, args.tracking_uri, baseline=args.baseline)
+    specs = io.resolve_groups(args.runs, args.tracking_uri)
+    runs = io.load_runs([r for spec in specs for r in spec.run_ids], args.tracking_uri, COMPARE_PARTS)
+    result = compare_groups(specs, runs, baseline=args.baseline)
     for spec in result.specs:
         if spec.skipped:
             print(f"group {spec.name}: left out {len(spec.skipped)} unfinished run(s): {', '.join(spec.skipped)}",
@@ -146,9 +151,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_freeze_grid(args: argparse.Namespace) -> None:
+    from analysis import io
     from analysis.agreement import freeze_grid
+    from analysis.compare import FINAL_LOSS_PARTS
 
-    grid, tolerance = freeze_grid(args.parent, args.tracking_uri, tol=args.tol)
+    grid, tolerance = freeze_grid(io.load_freeze_test(args.parent, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol)
     if args.json:
         print(tolerance.line(), file=sys.stderr)
         print(_dump({**grid.to_dict(), "tolerance": tolerance.to_dict()}))
@@ -165,9 +172,12 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_agreement(args: argparse.Namespace) -> None:
-    from analysis.agreement import agreement_report, format_report
+    from analysis import io
+    from analysis.agreement import AGREEMENT_BASELINE_PARTS, agreement_report, format_report
+    from analysis.compare import FINAL_LOSS_PARTS
 
-    report = agreement_report(args.run, args.tracking_uri, tol=args.tol)
+    runs = io.load_freeze_test(args.run, args.tracking_uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
+    report = agreement_report(runs, tol=args.tol)
     if args.json:
         print(report["tolerance"]["line"], file=sys.stderr)
         print(_dump(report))

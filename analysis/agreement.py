@@ -48,13 +48,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import io
-from analysis.compare import FINAL_LAST, FreezeGrid, final_losses, freeze_test_grid
+from analysis.compare import FINAL_LAST, FINAL_LOSS_PARTS, FreezeGrid, final_losses, freeze_test_grid
 from analysis.convergence import RULES, detect_convergence
+from analysis.records import FreezeTestRuns
 from core import schema
 from core.errors import LayerLockError
 
 DEFAULT_TOL = 0.02
+# What the agreement report reads of a freeze test (analysis.io.load_freeze_test): every run's
+# final loss, and the baseline's per-block metrics the rules read.
+AGREEMENT_BASELINE_PARTS = replace(FINAL_LOSS_PARTS, layers=tuple(sorted({r["metric"] for r in RULES.values()})))
 # Freeze-test status of a block.
 CONVERGED, NEVER, UNDETERMINED = "converged", "never", "undetermined"
 
@@ -127,23 +130,23 @@ def _fallback(tol: float | None, note: str, group: str | None = None) -> Toleran
     return Tolerance(tol=DEFAULT_TOL, source="default", group=group, note=note)
 
 
-def calibrated_tolerance(baseline_id: str, uri: str | None = None, tol: float | None = None,
-                         last: int = FINAL_LAST) -> Tolerance:
-    """The tolerance for freeze tests of ``baseline_id``: ``tol`` when given, else the
-    relative seed spread of the baseline's group (module docstring), else ``DEFAULT_TOL``."""
+def calibrated_tolerance(runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST) -> Tolerance:
+    """The tolerance for the freeze test ``runs`` (read with ``FINAL_LOSS_PARTS``): ``tol`` when
+    given, else the relative seed spread of the baseline's group (module docstring), else ``DEFAULT_TOL``."""
     if tol is not None:
         if not math.isfinite(tol) or tol < 0:
             raise LayerLockError(f"--tol must be a non-negative number, got {tol}")
         return _fallback(tol, "")
-    record = io.get_run(baseline_id, uri)
-    group = record.tags.get(io.TAG_GROUP)
+    baseline_id = runs.baseline.run_id
+    group = runs.baseline.record.tags.get(schema.TAG_GROUP)
     if not group:
         return _fallback(None, f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no "
-                               f"{io.TAG_GROUP} tag)")
-    members = [r for r in io.runs_with_tag(io.TAG_GROUP, group, uri)
-               if r.status == "FINISHED" and io.TAG_PARENT not in r.tags and r.method != schema.METHOD_FREEZE_TEST]
-    ordered = [r.run_id for r in sorted(members, key=lambda r: r.start_time or pd.Timestamp(0, tz="UTC"))]
-    losses, how = final_losses(ordered, uri, last)
+                               f"{schema.TAG_GROUP} tag)")
+    members = [r for r in runs.seed_group
+               if r.record.status == "FINISHED" and schema.TAG_PARENT not in r.record.tags
+               and r.record.method != schema.METHOD_FREEZE_TEST]
+    ordered = sorted(members, key=lambda r: r.record.start_time or pd.Timestamp(0, tz="UTC"))
+    losses, how = final_losses(ordered, last)
     losses = {r: v for r, v in losses.items() if math.isfinite(v)}
     if len(losses) < 2:
         return _fallback(None, f"not calibrated: no seed group of the baseline (group {group} has {len(losses)} "
@@ -152,11 +155,11 @@ def calibrated_tolerance(baseline_id: str, uri: str | None = None, tol: float | 
     return replace(tolerance_from_final_losses(losses, group), loss=how)
 
 
-def freeze_grid(baseline_id: str, uri: str | None = None, tol: float | None = None,
+def freeze_grid(runs: FreezeTestRuns, tol: float | None = None,
                 last: int = FINAL_LAST) -> tuple[FreezeGrid, Tolerance]:
     """:func:`analysis.compare.freeze_test_grid` at the calibrated (or given) tolerance."""
-    tolerance = calibrated_tolerance(baseline_id, uri, tol, last)
-    return freeze_test_grid(baseline_id, uri, tol=tolerance.tol, last=last), tolerance
+    tolerance = calibrated_tolerance(runs, tol, last)
+    return freeze_test_grid(runs, tol=tolerance.tol, last=last), tolerance
 
 
 # ----------------------------------------------------------------------------- freeze-test steps
@@ -199,7 +202,7 @@ def rule_agreement(rule_steps: pd.Series, truth: pd.DataFrame) -> dict[str, Any]
     n_ranked`` (blocks where the freeze test is determined) and ``n_compared`` (blocks where
     both steps are numbers).
     """
-    from scipy import stats  # ~0.5 s to import; only needed here
+    from scipy import stats  # imported where needed: most callers never rank
 
     determined = truth[truth["status"] != UNDETERMINED].set_index("block")
     rule = pd.Series(rule_steps).reindex(determined.index)
@@ -261,15 +264,17 @@ def agreement_from_frames(grid: FreezeGrid, steps_by_rule: Mapping[str, pd.Serie
             "tested_blocks": [int(b) for b in grid.converged.index], "blocks": blocks, "rules": rules}
 
 
-def agreement_report(run_id: str, uri: str | None = None, tol: float | None = None) -> dict[str, Any]:
-    """Cheap rules of ``run_id`` (a baseline with freeze-test children) against its freeze test.
+def agreement_report(runs: FreezeTestRuns, tol: float | None = None) -> dict[str, Any]:
+    """Cheap rules of a baseline against its freeze test (``runs``: its children and seed group
+    read with ``FINAL_LOSS_PARTS``, the baseline with ``AGREEMENT_BASELINE_PARTS``).
 
     Keys: ``run_id, tolerance`` (:meth:`Tolerance.to_dict`), ``baseline_final_loss``,
     ``n_blocks`` and those of :func:`agreement_from_frames`.
     """
-    grid, tolerance = freeze_grid(run_id, uri, tol)
-    layer_df = io.load_layer_metrics(run_id, uri, metrics=sorted({r["metric"] for r in RULES.values()}))
-    depth = io.get_run(run_id, uri).param_int("model.depth")
+    run_id = runs.baseline.run_id
+    grid, tolerance = freeze_grid(runs, tol)
+    layer_df = runs.baseline.layers
+    depth = runs.baseline.record.param_int("model.depth")
     if depth is None:  # a run logged without its config: the deepest block seen anywhere
         known = [int(layer_df["block"].max()) + 1] if not layer_df.empty else []
         depth = max(known + [int(grid.converged.index.max()) + 1])

@@ -1,12 +1,12 @@
 """Captum attributions of a probe's prediction: per encoder block and over the input clip.
 
 The one ``analysis`` module that imports torch; it holds only the captum part, the model,
-checkpoint and probe work is core's. For a run's checkpoint it
+checkpoint and probe work is core's. For a run's checkpoint (``analysis.io.load_checkpoint``) it
 
-1. rebuilds the encoder (``core.checkpoint.encoder_from_checkpoint``, weights fixed by
-   ``core.freezing.freeze_all``) and fits a small linear probe (``core.readout.fit_linear_probe``:
-   mean-pooled final tokens -> LayerNorm -> Linear) on frozen features of a few training clips,
-   for one classification task of the run's dataset;
+1. rebuilds the encoder with every weight fixed (:func:`frozen_encoder`: ``core.checkpoint``'s
+   ``encoder_from_checkpoint``, then ``core.freezing.freeze_all``) and fits a small linear probe
+   (``core.readout.fit_linear_probe``: mean-pooled final tokens -> LayerNorm -> Linear) on
+   frozen features of a few training clips, for one classification task of the run's dataset;
 2. explains the probe's predicted class on one validation clip:
 
    - per block: ``LayerConductance`` (or ``LayerIntegratedGradients``) over the output of
@@ -21,7 +21,7 @@ Note that, by completeness, a block's attributions summed over all its neurons a
 same ``F(x) - F(baseline)`` for every block (both methods), so the signed totals are nearly
 equal across blocks -- a check on the integral, not a finding; the absolute share (how much
 attribution mass passes through each block's units) is the informative per-block number.
-Everything runs on the CPU in a few seconds for the tiny configs (``n_steps`` 16-32).
+For the tiny configs (``n_steps`` 16-32) it is cheap enough to run on the CPU.
 """
 
 from __future__ import annotations
@@ -63,14 +63,7 @@ class Attribution:
     saliency_delta: float  # IntegratedGradients convergence delta (small: the integral is accurate)
 
 
-def load_checkpoint(run_id: str, uri: str | None = None, step: int | None = None) -> dict:
-    """A run's checkpoint (``core.train.load_run_checkpoint``: core reads its own artifacts)."""
-    from core.train import load_run_checkpoint
-
-    return load_run_checkpoint(run_id, step=step, tracking_uri=uri)
-
-
-def encoder_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, ExperimentConfig]:
+def frozen_encoder(checkpoint: dict) -> tuple[nn.Module, ExperimentConfig]:
     """The checkpoint's encoder (``core.checkpoint``) with every weight fixed
     (``core.freezing.freeze_all``), so attributions get input/activation gradients only."""
     from core.checkpoint import encoder_from_checkpoint as rebuild
@@ -130,7 +123,7 @@ def explain(checkpoint: dict, task: str | None = None, clip: int = 0, method: Me
 
     if n_steps < 2:
         raise LayerLockError(f"n_steps must be at least 2, got {n_steps}")
-    model, cfg = encoder_from_checkpoint(checkpoint)
+    model, cfg = frozen_encoder(checkpoint)
     tasks, _ = checkpoint_tasks(checkpoint)
     if not tasks:
         raise LayerLockError(f"dataset {cfg.data.name} has no classification task to attribute")

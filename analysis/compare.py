@@ -1,9 +1,10 @@
 """Compare runs (MAE vs LayerLock): loss, compute, wall time, probes, collapse indicators.
 
-The pure functions take the tidy frames of :mod:`analysis.io` (history:
-``run_id, step, metric, value``; layer metrics: ``run_id, step, block, metric, value``).
-Only :func:`compare_runs`, :func:`compare_groups` and :func:`freeze_test_grid` load anything,
-and only through ``io``.
+Pure functions of the tidy frames and run records of :mod:`analysis.records` (history:
+``run_id, step, metric, value``; layer metrics: ``run_id, step, block, metric, value``). The
+caller reads the runs through ``analysis.io``: :func:`compare_runs` and :func:`compare_groups`
+take runs read with ``COMPARE_PARTS``, :func:`freeze_test_grid` a freeze test read with
+``FINAL_LOSS_PARTS`` (``io.load_freeze_test``).
 
 Conventions:
 
@@ -28,16 +29,24 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis import io
+from analysis.records import (
+    LAYER_COLUMNS,
+    FreezeTestRuns,
+    GroupSpec,
+    Parts,
+    RunData,
+    children_frame,
+    eval_metrics,
+)
 from core import schema
-from core.errors import LayerLockError, RunNotFoundError
+from core.errors import LayerLockError
 from core.schema import HELDOUT_KEY
 
 FINAL_LAST = 3
@@ -48,8 +57,11 @@ COMPARE_COLUMNS = [
     "wall_saving_within_run",
     "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
 ]
-# Run-level keys compare_runs reads (the history of all train/* keys is not needed).
-_HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S)
+# What a comparison reads of each run (the history of all train/* keys is not needed), and what
+# a freeze test reads of its runs (final_losses).
+COMPARE_PARTS = Parts(history=(schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S),
+                      layers=("eff_rank", "feat_std"), flop_model=True, time_model=True, schedule=True, source=True)
+FINAL_LOSS_PARTS = Parts(history=(HELDOUT_KEY, schema.LOSS))
 # Columns a group comparison adds to each run row, and the ones summarised per group
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
@@ -117,7 +129,7 @@ def summarize_run(
         wall_s=last_value(history, schema.WALL_S),
         cpu_s=last_value(history, schema.CPU_S),
     )
-    row.update(collapse_indicators(layer_df if layer_df is not None else pd.DataFrame(columns=io.LAYER_COLUMNS)))
+    row.update(collapse_indicators(layer_df if layer_df is not None else pd.DataFrame(columns=LAYER_COLUMNS)))
     row.update(evals or {})
     return row
 
@@ -163,17 +175,12 @@ def comparison_frame(rows: Sequence[dict[str, Any]], baseline: Any = None, by: s
     return frame
 
 
-def compare_runs(
-    run_ids: Sequence[str],
-    uri: str | None = None,
-    include_block_evals: bool = False,
-    last: int = FINAL_LAST,
-) -> pd.DataFrame:
-    """Load each run through ``io`` and build the comparison table, one row per run in order."""
-    return comparison_frame([_load_row(run_id, uri, include_block_evals, last) for run_id in run_ids])
+def compare_runs(runs: Iterable[RunData], include_block_evals: bool = False, last: int = FINAL_LAST) -> pd.DataFrame:
+    """The comparison table of runs read with ``COMPARE_PARTS``, one row per run in order."""
+    return comparison_frame([run_row(run, include_block_evals, last) for run in runs])
 
 
-def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str, Any]:
+def predicted_savings(run: RunData) -> dict[str, Any]:
     """What a run's schedule (``schedule.json``) was predicted to save against the same run with
     nothing frozen: ``predicted_flop_saving``, ``predicted_wall_saving`` and ``predicted_from``.
 
@@ -190,23 +197,20 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     """
     out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan,
                            "predicted_cpu_saving": np.nan, "predicted_from": None, "wall_saving_within_run": np.nan}
+    record = run.record
     steps = record.param_int("train.steps")
-    schedule = io.load_schedule(record.run_id, uri) if steps else None
+    schedule = run.schedule if steps else None
     if not schedule:
         return out
     from analysis.flops import predicted_saving
     from analysis.timing import predict_wall_saving
     from core.timemodel import within_run_saving
 
-    source, origin = record.run_id, "own"
-    source_id = record.tags.get(schema.TAG_SCHEDULE_SOURCE)
-    if source_id:
-        try:
-            if io.get_run(source_id, uri).method == record.method:
-                source, origin = source_id, "source"
-        except RunNotFoundError:
-            pass
-    flop_model, time_model = io.load_flop_model(source, uri), io.load_time_model(source, uri)
+    models, origin = run, "own"
+    if run.source is not None and run.source.record.method == record.method:
+        models, origin = run.source, "source"
+    source = models.run_id
+    flop_model, time_model = models.flop_model, models.time_model
     wall = predict_wall_saving(schedule, steps, flop_model, time_model)
     cpu = predict_wall_saving(schedule, steps, flop_model, time_model, clock="cpu")
     try:
@@ -216,7 +220,7 @@ def predicted_savings(record: io.RunRecord, uri: str | None = None) -> dict[str,
     out.update(predicted_flop_saving=flop, predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
                predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
                predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
-    own = time_model if source == record.run_id else io.load_time_model(record.run_id, uri)
+    own = run.time_model
     within = within_run_saving(own) if isinstance(own, dict) else None
     out["wall_saving_within_run"] = np.nan if within is None else within
     return out
@@ -256,52 +260,18 @@ def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -
     return out
 
 
-def _load_row(run_id: str, uri: str | None, include_block_evals: bool, last: int) -> dict[str, Any]:
-    """One :func:`summarize_run` row read through ``io``, with the run's ``seed`` (``train.seed``)
-    and its :func:`predicted_savings`."""
-    record = io.get_run(run_id, uri)
-    history = io.load_history(run_id, _HISTORY_KEYS, uri)
-    layer_df = io.load_layer_metrics(run_id, uri, metrics=("eff_rank", "feat_std"))
+def run_row(run: RunData, include_block_evals: bool = False, last: int = FINAL_LAST) -> dict[str, Any]:
+    """One :func:`summarize_run` row of a run read with ``COMPARE_PARTS``, with the run's ``seed``
+    (``train.seed``) and its :func:`predicted_savings`."""
+    record = run.record
     meta = {"run_id": record.run_id, "name": record.name, "method": record.method,
             "dataset": record.dataset, "status": record.status, "steps": record.param_int("train.steps")}
-    evals = io.eval_metrics(record.metrics, include_block_evals)
-    return {"seed": record.param_int("train.seed"), **summarize_run(meta, history, layer_df, evals, last),
-            **predicted_savings(record, uri)}
+    evals = eval_metrics(record.metrics, include_block_evals)
+    return {"seed": record.param_int("train.seed"), **summarize_run(meta, run.history, run.layers, evals, last),
+            **predicted_savings(run)}
 
 
 # ----------------------------------------------------------------------------- groups of seeds
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One compared group: a ``layerlock.group`` name and its runs, or one run on its own."""
-
-    name: str
-    kind: str  # "group" or "run"
-    run_ids: tuple[str, ...]
-    skipped: tuple[str, ...] = ()  # runs of the group left out because they did not finish
-
-
-def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSpec]:
-    """Each name is a ``layerlock.group`` tag value (expanded to its FINISHED runs, by seed) or a
-    run id (a group of one, whatever its status). Neither -> ``RunNotFoundError``."""
-    specs: list[GroupSpec] = []
-    for name in dict.fromkeys(names):   # a name given twice is compared once
-        members = io.runs_in_group(name, uri)
-        if not members.empty:
-            done = members["status"] == "FINISHED"
-            if not done.any():
-                raise LayerLockError(f"group {name} has no finished run yet ({len(members)} run(s) in it)")
-            specs.append(GroupSpec(name, "group", tuple(members.loc[done, "run_id"]),
-                                   tuple(members.loc[~done, "run_id"])))
-            continue
-        try:
-            io.get_run(name, uri)
-        except RunNotFoundError:
-            raise RunNotFoundError(f"not a run id or a {io.TAG_GROUP} name: {name} "
-                                   f"(tracking URI {io.resolve_tracking_uri(uri)})") from None
-        specs.append(GroupSpec(name, "run", (name,)))
-    return specs
-
 
 def stat_columns(frame: pd.DataFrame) -> list[str]:
     """The columns summarised per group: ``STAT_COLUMNS`` then the ``eval/*`` ones present."""
@@ -375,83 +345,21 @@ def group_comparison(rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: st
 
 
 def compare_groups(
-    names: Sequence[str],
-    uri: str | None = None,
+    specs: Sequence[GroupSpec],
+    runs: Mapping[str, RunData],
     baseline: str | None = None,
     include_block_evals: bool = False,
     last: int = FINAL_LAST,
 ) -> GroupComparison:
-    """Load groups of seeds (or single runs) through ``io`` and compare them against ``baseline``
-    (a name from ``names``; default the first)."""
-    specs = resolve_groups(names, uri)
+    """Groups of seeds (or single runs; ``analysis.io.resolve_groups``) compared against
+    ``baseline`` (a group's name; default the first). ``runs``: run id -> the run read with
+    ``COMPARE_PARTS``, for every run of the groups."""
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise LayerLockError(f"--baseline {baseline} is not one of the compared groups "
                              f"({', '.join(s.name for s in specs)})")
-    rows = [{"group": spec.name, **_load_row(run_id, uri, include_block_evals, last)}
+    rows = [{"group": spec.name, **run_row(runs[run_id], include_block_evals, last)}
             for spec in specs for run_id in spec.run_ids]
     return group_comparison(rows, baseline, specs)
-
-
-# ----------------------------------------------------------------------------- equal-step / equal-cost views
-
-def _as_frame(histories: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.DataFrame:
-    if isinstance(histories, pd.DataFrame):
-        return histories
-    frames = list(histories)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=io.HISTORY_COLUMNS)
-
-
-def loss_at_steps(
-    histories: pd.DataFrame | Iterable[pd.DataFrame],
-    steps: Sequence[int],
-    metric: str = schema.LOSS,
-    window: int = 1,
-) -> pd.DataFrame:
-    """``metric`` of each run at equal steps: rows ``run_id``, columns the requested steps.
-
-    The value at step s is the mean of the last ``window`` values logged at or before s
-    (NaN when nothing was logged by then), so runs with different log intervals line up.
-    """
-    frame = _as_frame(histories)
-    out: dict[str, list[float]] = {}
-    for run_id, run_hist in frame.groupby("run_id", sort=False):
-        series = _series(run_hist, metric)
-        logged = series.index.to_numpy()
-        values = []
-        for s in steps:
-            n = int(np.searchsorted(logged, s, side="right"))  # entries with step <= s
-            values.append(float(series.iloc[max(0, n - window):n].mean()) if n else float("nan"))
-        out[str(run_id)] = values
-    result = pd.DataFrame.from_dict(out, orient="index", columns=list(steps))
-    result.index.name = "run_id"
-    return result
-
-
-def _cost_to_reach(history: pd.DataFrame, target: float, cost_metric: str, metric: str, smooth: int) -> float | None:
-    _single_run(history)
-    loss = _series(history, metric).rolling(max(1, smooth), min_periods=1).mean()
-    reached = loss[loss <= target]
-    if reached.empty:
-        return None
-    step = reached.index[0]
-    cost = _series(history, cost_metric)
-    cost = cost[cost.index <= step]
-    return float(cost.iloc[-1]) if len(cost) else None
-
-
-def flops_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
-) -> float | None:
-    """Cumulative ``train/flops`` when ``metric`` (trailing mean over ``smooth`` logged values)
-    first reaches ``target_loss``; None if it never does. One run's history."""
-    return _cost_to_reach(history, target_loss, schema.FLOPS, metric, smooth)
-
-
-def wall_to_reach(
-    history: pd.DataFrame, target_loss: float, metric: str = schema.LOSS, smooth: int = 1
-) -> float | None:
-    """Like :func:`flops_to_reach`, in ``train/wall_s`` seconds."""
-    return _cost_to_reach(history, target_loss, schema.WALL_S, metric, smooth)
 
 
 # ----------------------------------------------------------------------------- freeze test
@@ -523,15 +431,15 @@ def freeze_grid_from_frames(children: pd.DataFrame, baseline_final_loss: float, 
                       baseline_final_loss=float(baseline_final_loss), tol=float(tol))
 
 
-def final_losses(run_ids: Sequence[str], uri: str | None = None,
-                 last: int = FINAL_LAST) -> tuple[dict[str, float], str]:
-    """The final loss of each run, measured the same way for all: ``(losses, how)``.
+def final_losses(runs: Iterable[RunData], last: int = FINAL_LAST) -> tuple[dict[str, float], str]:
+    """The final loss of each run (read with ``FINAL_LOSS_PARTS``), measured the same way for
+    all: ``(losses, how)``, losses by run id.
 
     The held-out ``val/loss_pixel`` (fixed val clips and masks, logged at the end) when every
     run has it; otherwise the mean of the last ``last`` logged ``train/loss`` values, which
     also carries the minibatch noise of the run's last batches. ``how`` names the one used.
     """
-    histories = {r: io.load_history(r, [HELDOUT_KEY, schema.LOSS], uri) for r in run_ids}
+    histories = {run.run_id: run.history for run in runs}
     if histories and all((h["metric"] == HELDOUT_KEY).any() for h in histories.values()):
         return ({r: last_value(h, HELDOUT_KEY) for r, h in histories.items()},
                 f"{HELDOUT_KEY} (held-out clips, fixed masks)")
@@ -539,14 +447,14 @@ def final_losses(run_ids: Sequence[str], uri: str | None = None,
             f"mean of the last {last} logged train/loss")
 
 
-def freeze_test_grid(parent_id: str, uri: str | None = None, tol: float = 0.02, last: int = FINAL_LAST) -> FreezeGrid:
-    """Load a freeze-test parent and its children; final losses from :func:`final_losses`."""
-    children = io.find_children(parent_id, uri)
-    if children.empty:
+def freeze_test_grid(runs: FreezeTestRuns, tol: float = 0.02, last: int = FINAL_LAST) -> FreezeGrid:
+    """The grid of a freeze test read with ``FINAL_LOSS_PARTS``; final losses from :func:`final_losses`."""
+    parent_id = runs.baseline.run_id
+    if not runs.children:
         raise LayerLockError(
-            f"run {parent_id} has no freeze-test children (no runs tagged {io.TAG_PARENT}={parent_id})")
-    children = children.copy()
-    losses, how = final_losses([parent_id, *children["run_id"]], uri, last)
+            f"run {parent_id} has no freeze-test children (no runs tagged {schema.TAG_PARENT}={parent_id})")
+    children = children_frame([child.record for child in runs.children])
+    losses, how = final_losses([runs.baseline, *runs.children], last)
     baseline = losses[parent_id]
     if not np.isfinite(baseline):
         raise LayerLockError(f"run {parent_id} has no train/loss to serve as the freeze-test baseline")
@@ -554,5 +462,6 @@ def freeze_test_grid(parent_id: str, uri: str | None = None, tol: float = 0.02, 
     grid = freeze_grid_from_frames(children, baseline, tol)
     grid = replace(grid, loss=how)
     if grid.ratio.empty:
-        raise LayerLockError(f"run {parent_id}: no child carries both {io.TAG_FREEZE_STEP} and {io.TAG_FREEZE_BLOCKS}")
+        raise LayerLockError(f"run {parent_id}: no child carries both {schema.TAG_FREEZE_STEP} "
+                             f"and {schema.TAG_FREEZE_BLOCKS}")
     return grid

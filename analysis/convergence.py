@@ -50,7 +50,7 @@ RULES: dict[str, dict[str, Any]] = {
 DEFAULT_GRADNORM_WINDOW = 5
 
 
-def run_label(layer_df: pd.DataFrame) -> str | None:
+def single_run_id(layer_df: pd.DataFrame) -> str | None:
     """The frame's single ``run_id`` (None when the column is absent or empty)."""
     if "run_id" not in layer_df.columns:
         return None
@@ -65,7 +65,7 @@ def metric_wide(layer_df: pd.DataFrame, metric: str, needed_by: str = "") -> pd.
 
     Raises LayerLockError naming the metric and the run when the frame has no such rows.
     """
-    run = run_label(layer_df)
+    run = single_run_id(layer_df)
     rows = layer_df[layer_df["metric"] == metric]
     if rows.empty:
         who = f"run {run}" if run else "the layer metrics"
@@ -208,7 +208,7 @@ def order_statistics(conv: pd.Series) -> dict[str, float | None]:
     Returns None for both statistics when fewer than two blocks converged or when all
     values are equal (the correlation is undefined).
     """
-    from scipy import stats  # ~0.5 s to import; only needed here
+    from scipy import stats  # imported where needed: most callers never rank
 
     steps = pd.to_numeric(conv.sort_index(), errors="coerce").astype(float)
     none: dict[str, float | None] = {"spearman_rho": None, "kendall_tau": None}
@@ -246,7 +246,7 @@ def convergence_report(
     stats = order_statistics(conv)
     used = layer_df[layer_df["metric"] == rule["metric"]]
     return {
-        "run_id": run_id if run_id is not None else run_label(layer_df),
+        "run_id": run_id if run_id is not None else single_run_id(layer_df),
         "method": method,
         "metric": rule["metric"],
         "threshold": float(rule["threshold"] if threshold is None else threshold),

@@ -1,11 +1,11 @@
-"""The one module of ``analysis`` that talks to MLflow (``analysis.testing`` logs synthetic runs
-for tests through its client; the trainer's side is ``core.tracking``: docs/architecture.md,
-"Who talks to MLflow").
+"""The store module: the one module of ``analysis`` that talks to MLflow (docs/architecture.md,
+"Who talks to MLflow"; the trainer's side is ``core.tracking``). It owns every tracking URI.
 
-Everything else in ``analysis`` works on the plain values and tidy DataFrames returned here:
-
-- layer metrics: ``run_id, step, block, metric, value`` (one row per logged per-block value),
-- run-level history: ``run_id, step, metric, value``.
+It returns plain values (:mod:`analysis.records`): a run's snapshot (:func:`get_run`), a run
+with the parts an analysis needs (:func:`load_run`: history, layer metrics, FLOP and time
+models, schedule, the run its schedule was derived from), groups of seeds
+(:func:`resolve_groups`), a freeze test's runs (:func:`load_freeze_test`), run tables and tidy
+frames. Every other analysis module is pure functions of those.
 
 Reading conventions:
 
@@ -18,25 +18,35 @@ Reading conventions:
   layer can print one line and exit 2.
 - Nothing is cached here; the dashboard caches on its side.
 
-``mlflow`` is imported lazily (inside functions) because importing it costs about a second and
-pure callers such as ``python -m analysis --help`` should not pay for it.
+``mlflow`` is imported lazily (inside functions): importing it is slow, and pure callers such as
+``python -m analysis --help`` should not pay for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
+from analysis.records import (
+    WHOLE_RUN,
+    FreezeTestRuns,
+    GroupSpec,
+    Parts,
+    RunData,
+    RunRecord,
+    children_frame,
+    parse_block_key,
+    runs_frame,
+    tidy_history_frame,
+    tidy_layer_frame,
+)
 from core import schema
 from core.errors import LayerLockError, RunNotFoundError, first_line
 
@@ -63,25 +73,6 @@ from core.tracking import DEFAULT_URI, resolve_uri, sqlite_path  # noqa: F401  (
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
-
-
-# One path component, then ``block_<digits>``: ``eval/digit/block_03/acc`` does not match.
-_BLOCK_KEY = re.compile(r"^(?P<metric>[A-Za-z0-9_.-]+)/block_(?P<block>\d+)$")
-# Final-probe evaluation keys ``eval/<task>/<metric>``; per-block probes have one more level.
-_FINAL_EVAL_KEY = re.compile(r"^eval/[^/]+/[^/]+$")
-
-LAYER_COLUMNS = ["run_id", "step", "block", "metric", "value"]
-HISTORY_COLUMNS = ["run_id", "step", "metric", "value"]
-RUN_COLUMNS = [
-    "run_id", "experiment", "name", "status", "method", "dataset", "start_time", "end_time",
-    "steps", "final_loss", "schedule_source", "parent", "failure_reason", "group", "seed",
-]
-
-
-def parse_block_key(key: str) -> tuple[str, int] | None:
-    """Inverse of :func:`block_key`: ``"cka_final/block_03" -> ("cka_final", 3)``; None otherwise."""
-    m = _BLOCK_KEY.match(key)
-    return (m["metric"], int(m["block"])) if m else None
 
 
 # ----------------------------------------------------------------------------- connection
@@ -151,62 +142,6 @@ def _fetch_run(run_id: str, uri: str | None) -> tuple[MlflowClient, str, Run]:
 
 # ----------------------------------------------------------------------------- runs
 
-@dataclass(frozen=True)
-class RunRecord:
-    """What the analysis needs to know about one run (a plain snapshot, no MLflow objects).
-
-    ``metrics`` holds the latest value of every run metric; ``tags`` include MLflow's own
-    ``mlflow.*`` tags.
-    """
-
-    run_id: str
-    name: str
-    experiment: str
-    experiment_id: str
-    status: str
-    start_time: pd.Timestamp | None
-    end_time: pd.Timestamp | None
-    artifact_uri: str
-    tags: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def method(self) -> str | None:
-        return self.tags.get(TAG_METHOD)
-
-    @property
-    def dataset(self) -> str | None:
-        return self.tags.get(TAG_DATASET)
-
-    def param_int(self, key: str) -> int | None:
-        """A param parsed as int (params are stored as strings), None if absent or not a number."""
-        try:
-            return int(float(self.params[key]))
-        except (KeyError, ValueError, TypeError):
-            return None
-
-
-def _ms_to_timestamp(ms: int | None) -> pd.Timestamp | None:
-    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
-
-
-def _record(run: Run, experiment_name: str) -> RunRecord:
-    info, data = run.info, run.data
-    return RunRecord(
-        run_id=info.run_id,
-        name=info.run_name or "",
-        experiment=experiment_name,
-        experiment_id=info.experiment_id,
-        status=info.status,
-        start_time=_ms_to_timestamp(info.start_time),
-        end_time=_ms_to_timestamp(info.end_time),
-        artifact_uri=info.artifact_uri,
-        tags=dict(data.tags),
-        params=dict(data.params),
-        metrics=dict(data.metrics),
-    )
-
 
 def _experiment_name(c: MlflowClient, experiment_id: str, cache: dict[str, str] | None = None) -> str:
     if cache is not None and experiment_id in cache:
@@ -226,54 +161,8 @@ def get_run(run_id: str, uri: str | None = None) -> RunRecord:
     """Snapshot of one run. Unknown id -> ``RunNotFoundError``."""
     c, resolved, run = _fetch_run(run_id, uri)
     with _mlflow_errors(resolved):
-        return _record(run, _experiment_name(c, run.info.experiment_id))
+        return RunRecord.from_mlflow(run, _experiment_name(c, run.info.experiment_id))
 
-
-def load_params(run_id: str, uri: str | None = None) -> dict[str, str]:
-    """Logged params (the flattened config, dotted keys, string values)."""
-    return get_run(run_id, uri).params
-
-
-def eval_metrics(metrics: dict[str, float], include_block_evals: bool = False) -> dict[str, float]:
-    """The ``eval/<task>/<metric>`` entries of a metrics dict (plus per-block ones if asked)."""
-    return {
-        k: v for k, v in metrics.items()
-        if k.startswith(schema.EVAL) and (include_block_evals or _FINAL_EVAL_KEY.match(k))
-    }
-
-
-def _runs_frame(records: Sequence[RunRecord], include_block_evals: bool = False) -> pd.DataFrame:
-    """One row per run with RUN_COLUMNS, then the ``eval/*`` columns in sorted order."""
-    rows = []
-    for r in records:
-        row: dict[str, Any] = {
-            "run_id": r.run_id,
-            "experiment": r.experiment,
-            "name": r.name,
-            "status": r.status,
-            "method": r.method,
-            "dataset": r.dataset,
-            "start_time": r.start_time,
-            "end_time": r.end_time,
-            "steps": r.param_int("train.steps"),
-            "final_loss": r.metrics.get(schema.LOSS, np.nan),
-            "schedule_source": r.tags.get(TAG_SCHEDULE_SOURCE),
-            "parent": r.tags.get(TAG_PARENT),
-            "failure_reason": r.tags.get(TAG_FAILURE),
-            "group": r.tags.get(TAG_GROUP),
-            "seed": r.param_int("train.seed"),
-        }
-        row.update(eval_metrics(r.metrics, include_block_evals))
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    eval_cols = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
-    frame = frame.reindex(columns=RUN_COLUMNS + eval_cols)
-    frame["steps"] = frame["steps"].astype("Int64")
-    frame["seed"] = frame["seed"].astype("Int64")
-    frame["final_loss"] = frame["final_loss"].astype(float)
-    for col in ("start_time", "end_time"):
-        frame[col] = pd.to_datetime(frame[col], utc=True)
-    return frame
 
 
 def _search_all(c: MlflowClient, experiment_ids: list[str], filter_string: str, max_results: int) -> list[Run]:
@@ -308,14 +197,14 @@ def list_runs(
     """
     resolved = resolve_tracking_uri(uri)
     if _store_missing(resolved):
-        return _runs_frame([])
+        return runs_frame([])
     c = client(resolved)
     with _mlflow_errors(resolved):
         experiments = c.search_experiments()
         wanted = set(experiment_names) if experiment_names is not None else None
         names = {e.experiment_id: e.name for e in experiments if wanted is None or e.name in wanted}
         runs = _search_all(c, list(names), "", max_results)
-    return _runs_frame([_record(r, names[r.info.experiment_id]) for r in runs], include_block_evals)
+    return runs_frame([RunRecord.from_mlflow(r, names[r.info.experiment_id]) for r in runs], include_block_evals)
 
 
 def find_children(parent_run_id: str, uri: str | None = None) -> pd.DataFrame:
@@ -324,15 +213,18 @@ def find_children(parent_run_id: str, uri: str | None = None) -> pd.DataFrame:
     Columns as :func:`list_runs` plus ``freeze_step`` (T) and ``freeze_blocks`` (L) from the
     ``layerlock.freeze_test.*`` tags (``<NA>`` where missing), sorted by L then T.
     """
+    return children_frame(_child_records(parent_run_id, uri))
+
+
+def _child_records(parent_run_id: str, uri: str | None) -> list[RunRecord]:
     c, resolved, _ = _fetch_run(parent_run_id, uri)  # unknown parent -> RunNotFoundError
     if "'" in parent_run_id or "\\" in parent_run_id:
-        return _children_frame([])  # cannot be a real run id; keeps the filter string well-formed
+        return []  # cannot be a real run id; keeps the filter string well-formed
     with _mlflow_errors(resolved):
         experiment_ids = [e.experiment_id for e in c.search_experiments()]
         runs = _search_all(c, experiment_ids, f"tags.`{TAG_PARENT}` = '{parent_run_id}'", 10_000)
         cache: dict[str, str] = {}
-        records = [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
-    return _children_frame(records)
+        return [RunRecord.from_mlflow(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
 def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecord]:
@@ -345,7 +237,7 @@ def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecor
         experiment_ids = [e.experiment_id for e in c.search_experiments()]
         runs = _search_all(c, experiment_ids, f"tags.`{key}` = '{value}'", 10_000)
         cache: dict[str, str] = {}
-        return [_record(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
+        return [RunRecord.from_mlflow(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
 def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
@@ -354,62 +246,17 @@ def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
     Columns as :func:`list_runs`, sorted by ``seed`` then start time. An unknown group, or a
     missing store, gives an empty frame (the caller decides whether that is an error).
     """
-    frame = _runs_frame(runs_with_tag(TAG_GROUP, group, uri) if group else [])
+    frame = runs_frame(runs_with_tag(TAG_GROUP, group, uri) if group else [])
     return frame.sort_values(["seed", "start_time"], kind="stable", na_position="last").reset_index(drop=True)
-
-
-def _children_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
-    frame = _runs_frame(records)
-    by_id = {r.run_id: r for r in records}
-
-    def tag_int(run_id: str, key: str) -> int | None:
-        try:
-            return int(by_id[run_id].tags[key])
-        except (KeyError, ValueError):
-            return None
-
-    frame["freeze_step"] = pd.array([tag_int(r, TAG_FREEZE_STEP) for r in frame["run_id"]], dtype="Int64")
-    frame["freeze_blocks"] = pd.array([tag_int(r, TAG_FREEZE_BLOCKS) for r in frame["run_id"]], dtype="Int64")
-    return frame.sort_values(["freeze_blocks", "freeze_step"], kind="stable").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- metric frames
 
-def _empty_layer_frame() -> pd.DataFrame:
-    return _tidy_layer_frame("", [], [], [], [])
-
-
-def _tidy_layer_frame(run_id: str, step: Any, block: Any, metric: Any, value: Any) -> pd.DataFrame:
-    """Canonical dtypes and order, so the artifact and history paths give equal frames.
-
-    Duplicate (metric, block, step) rows - a resumed run may log a step twice - keep the last.
-    """
-    frame = pd.DataFrame({
-        "run_id": pd.Series([run_id] * len(step), dtype=str),
-        "step": np.asarray(step, dtype=np.int64),
-        "block": np.asarray(block, dtype=np.int64),
-        "metric": pd.Series(list(metric), dtype=str),
-        "value": np.asarray(value, dtype=np.float64),
-    })
-    frame = frame.drop_duplicates(["metric", "block", "step"], keep="last")
-    return frame.sort_values(["metric", "block", "step"], kind="stable").reset_index(drop=True)
-
-
-def _tidy_history_frame(run_id: str, step: Any, metric: Any, value: Any) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "run_id": pd.Series([run_id] * len(step), dtype=str),
-        "step": np.asarray(step, dtype=np.int64),
-        "metric": pd.Series(list(metric), dtype=str),
-        "value": np.asarray(value, dtype=np.float64),
-    })
-    frame = frame.drop_duplicates(["metric", "step"], keep="last")
-    return frame.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
-
 
 def _histories(c: MlflowClient, run_id: str, keys: Iterable[str]) -> Iterator[tuple[str, list[Any]]]:
-    # One query per key; on sqlite that is a few milliseconds each (12 blocks x 7 metrics
-    # stays well under a second). Entries come back in logging order, so "keep last" in the
-    # tidy builders keeps the value logged last for a repeated step.
+    # One query per key (a run still training has no layer_metrics.parquet to read at once).
+    # Entries come back in logging order, so "keep last" in the tidy builders keeps the value
+    # logged last for a repeated step.
     for key in keys:
         yield key, sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
@@ -436,7 +283,7 @@ def load_layer_metrics(
     """Per-block metrics of a run, tidy: ``run_id, step, block, metric, value``.
 
     ``source="auto"`` reads the ``layer_metrics.parquet`` artifact when the run has one (one
-    file read, fast for 12 blocks x 5000 steps) and otherwise the metric history of the
+    file read, however many blocks and steps) and otherwise the metric history of the
     ``<metric>/block_NN`` keys (a run still training has no artifact yet). ``"artifact"`` and
     ``"history"`` force one path. ``metrics`` restricts the metric names.
     Rows are sorted by metric, block, step. No per-block metrics -> an empty frame.
@@ -453,9 +300,9 @@ def load_layer_metrics(
             raise LayerLockError(f"run {run_id} has no {LAYER_METRICS_ARTIFACT} artifact")
         keys = []
         for key in run.data.metrics:
-            m = _BLOCK_KEY.match(key)
-            if m and (wanted is None or m["metric"] in wanted):
-                keys.append((key, m["metric"], int(m["block"])))
+            parsed = parse_block_key(key)
+            if parsed and (wanted is None or parsed[0] in wanted):
+                keys.append((key, *parsed))
         steps: list[int] = []
         blocks: list[int] = []
         names: list[str] = []
@@ -467,7 +314,7 @@ def load_layer_metrics(
                 blocks.append(block)
                 names.append(name)
                 values.append(entry.value)
-    return _tidy_layer_frame(run_id, steps, blocks, names, values)
+    return tidy_layer_frame(run_id, steps, blocks, names, values)
 
 
 def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
@@ -480,7 +327,7 @@ def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
     missing = [col for col in ("step", "block", "metric", "value") if col not in raw.columns]
     if missing:
         raise LayerLockError(f"run {run_id}: {LAYER_METRICS_ARTIFACT} lacks column(s) {', '.join(missing)}")
-    return _tidy_layer_frame(run_id, raw["step"], raw["block"], raw["metric"].astype(str), raw["value"])
+    return tidy_layer_frame(run_id, raw["step"], raw["block"], raw["metric"].astype(str), raw["value"])
 
 
 def load_history(run_id: str, keys: Iterable[str] | None = None, uri: str | None = None) -> pd.DataFrame:
@@ -503,7 +350,7 @@ def load_history(run_id: str, keys: Iterable[str] | None = None, uri: str | None
                 steps.append(entry.step)
                 names.append(key)
                 values.append(entry.value)
-    return _tidy_history_frame(run_id, steps, names, values)
+    return tidy_history_frame(run_id, steps, names, values)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -556,11 +403,95 @@ def log_schedule_artifact(
     artifact_file: str = DERIVED_SCHEDULE_ARTIFACT,
 ) -> str:
     """Validate ``schedule`` and store it as a JSON artifact of the run; returns its artifact URI."""
-    # A pure module; imported here so that importing io does not pull in the schedule code.
-    from analysis.schedule import validate_schedule
+    from core.freezing import validate_schedule
 
     validate_schedule(schedule)
     c, resolved, run = _fetch_run(run_id, uri)
     with _mlflow_errors(resolved):
         c.log_dict(run_id, schedule, artifact_file)
     return f"{run.info.artifact_uri.rstrip('/')}/{artifact_file}"
+
+
+# ----------------------------------------------------------------------------- a run with its parts
+
+def load_run(run_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN) -> RunData:
+    """A run's record and the ``parts`` of it an analysis reads (:class:`analysis.records.Parts`;
+    default: everything of the run itself). Unknown id -> ``RunNotFoundError``."""
+    return _with_parts(get_run(run_id, uri), uri, parts)
+
+
+def load_runs(run_ids: Iterable[str], uri: str | None = None, parts: Parts = WHOLE_RUN) -> dict[str, RunData]:
+    """:func:`load_run` for each id, in order (an id given twice is read once)."""
+    return {run_id: load_run(run_id, uri, parts) for run_id in dict.fromkeys(run_ids)}
+
+
+def _with_parts(record: RunRecord, uri: str | None, parts: Parts) -> RunData:
+    run_id, read = record.run_id, {}
+    if parts.history is not False:
+        read["history"] = load_history(run_id, None if parts.history is True else parts.history, uri)
+    if parts.layers is not False:
+        read["layers"] = load_layer_metrics(run_id, uri, metrics=None if parts.layers is True else parts.layers)
+    if parts.flop_model:
+        read["flop_model"] = load_flop_model(run_id, uri)
+    if parts.time_model:
+        read["time_model"] = load_time_model(run_id, uri)
+    if parts.schedule:
+        read["schedule"] = load_schedule(run_id, uri)
+    if parts.source:
+        read["source"] = _schedule_source(record, uri)
+    return RunData(record, read)
+
+
+def _schedule_source(record: RunRecord, uri: str | None) -> RunData | None:
+    """The run ``record``'s schedule was derived from, with its FLOP and time models (None when
+    the run has no ``layerlock.schedule_source`` tag or that run is no longer in the store)."""
+    source_id = record.tags.get(TAG_SCHEDULE_SOURCE)
+    if not source_id:
+        return None
+    try:
+        return load_run(source_id, uri, Parts(flop_model=True, time_model=True))
+    except RunNotFoundError:
+        return None
+
+
+def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSpec]:
+    """Each name is a ``layerlock.group`` tag value (expanded to its FINISHED runs, by seed) or a
+    run id (a group of one, whatever its status). Neither -> ``RunNotFoundError``."""
+    specs: list[GroupSpec] = []
+    for name in dict.fromkeys(names):   # a name given twice is compared once
+        members = runs_in_group(name, uri)
+        if not members.empty:
+            done = members["status"] == "FINISHED"
+            if not done.any():
+                raise LayerLockError(f"group {name} has no finished run yet ({len(members)} run(s) in it)")
+            specs.append(GroupSpec(name, "group", tuple(members.loc[done, "run_id"]),
+                                   tuple(members.loc[~done, "run_id"])))
+            continue
+        try:
+            get_run(name, uri)
+        except RunNotFoundError:
+            raise RunNotFoundError(f"not a run id or a {TAG_GROUP} name: {name} "
+                                   f"(tracking URI {resolve_tracking_uri(uri)})") from None
+        specs.append(GroupSpec(name, "run", (name,)))
+    return specs
+
+
+def load_freeze_test(baseline_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN,
+                     baseline_parts: Parts | None = None) -> FreezeTestRuns:
+    """A freeze-test baseline (read with ``baseline_parts``, default ``parts``), its children
+    (tagged ``layerlock.parent``) and the runs of its seed group (its ``layerlock.group`` tag;
+    the baseline's entry is the baseline itself), each read with ``parts``."""
+    baseline = load_run(baseline_id, uri, baseline_parts or parts)
+    children = tuple(_with_parts(r, uri, parts) for r in _child_records(baseline_id, uri))
+    group = baseline.record.tags.get(TAG_GROUP)
+    members = runs_with_tag(TAG_GROUP, group, uri) if group else []
+    seed_group = tuple(baseline if r.run_id == baseline_id else _with_parts(r, uri, parts) for r in members)
+    return FreezeTestRuns(baseline, children, seed_group)
+
+
+def load_checkpoint(run_id: str, uri: str | None = None, step: int | None = None) -> dict:
+    """A run's checkpoint, the latest or at ``step`` (``core.train.load_run_checkpoint``: core
+    reads the artifacts it writes, local copy first)."""
+    from core.train import load_run_checkpoint
+
+    return load_run_checkpoint(run_id, step=step, tracking_uri=uri)

@@ -27,6 +27,7 @@ from analysis.flops import (
     schedule_flops,
     stage_segments,
 )
+from analysis.records import Parts, RunData
 from core.errors import LayerLockError, ScheduleError
 from core.freezing import frozen_at as _frozen_at
 from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
@@ -184,9 +185,17 @@ def schedule_for_run(
     return schedule_with_prediction(schedule, flop_model, int(total_steps), time_model)
 
 
+def schedule_parts(method: str = "posthoc") -> Parts:
+    """What :func:`derive_run_schedule` reads of a run with rule ``method`` (for ``analysis.io.load_run``)."""
+    from analysis.convergence import RULES
+
+    if method not in RULES:
+        raise LayerLockError(f"unknown convergence method '{method}' (choose from {', '.join(RULES)})")
+    return Parts(layers=(RULES[method]["metric"],), flop_model=True, time_model=True)
+
+
 def derive_run_schedule(
-    run_id: str,
-    uri: str | None = None,
+    run: RunData,
     method: str = "posthoc",
     threshold: float | None = None,
     patience: int | None = None,
@@ -196,17 +205,14 @@ def derive_run_schedule(
     max_frozen: int | None = None,
     quantize: int | None = None,
 ) -> dict[str, Any]:
-    """:func:`schedule_for_run` on a logged run read from the store (``analysis.io``)."""
-    from analysis import io
-    from analysis.convergence import RULES, detect_convergence
+    """:func:`schedule_for_run` on a logged run, read with :func:`schedule_parts` (its layer
+    metrics, FLOP and time models); ``total_steps`` defaults to its ``train.steps``."""
+    from analysis.convergence import detect_convergence
 
-    if method not in RULES:
-        raise LayerLockError(f"unknown convergence method '{method}' (choose from {', '.join(RULES)})")
-    record = io.get_run(run_id, uri)
-    layer_df = io.load_layer_metrics(run_id, uri, metrics=(RULES[method]["metric"],))
-    conv = detect_convergence(layer_df, method, threshold, patience)
-    return schedule_for_run(run_id, conv, method=method, threshold=threshold, patience=patience,
+    schedule_parts(method)  # an unknown method fails here, not as a missing part
+    conv = detect_convergence(run.layers, method, threshold, patience)
+    record = run.record
+    return schedule_for_run(run.run_id, conv, method=method, threshold=threshold, patience=patience,
                             total_steps=total_steps or record.param_int("train.steps"),
-                            n_blocks=record.param_int("model.depth"), flop_model=io.load_flop_model(run_id, uri),
-                            margin=margin, max_frozen=max_frozen, quantize=quantize,
-                            time_model=io.load_time_model(run_id, uri))
+                            n_blocks=record.param_int("model.depth"), flop_model=run.flop_model,
+                            margin=margin, max_frozen=max_frozen, quantize=quantize, time_model=run.time_model)

@@ -48,7 +48,7 @@ def sidebar() -> None:
         chosen = state.selected()
         if chosen:
             try:
-                labels = state.run_label(loaders.runs(uri))
+                labels = state.picker_labels(loaders.runs(uri))
             except Exception:  # the selection summary must never break a page
                 labels = {}
             st.caption("Selected runs (the first is the current run):")

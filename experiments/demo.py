@@ -80,7 +80,8 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
              seeds: list[int] | None = None, progress: bool = True) -> dict:
     """Train every demo run for each seed (the schedule of a seed comes from that seed's MAE run),
     evaluate them and a random-init encoder per seed; returns runs, schedules, evals and the table."""
-    from analysis.compare import compare_runs
+    from analysis import io
+    from analysis.compare import COMPARE_PARTS, compare_runs
     from core.config import load_config
     from core.readout import load_eval_data
     from core.train import train
@@ -132,7 +133,8 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
                                                            data=data, progress=progress) for seed in seeds}
         bar.update(1)
 
-    table = compare_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri)
+    table = compare_runs(io.load_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri,
+                                      COMPARE_PARTS).values())
     return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
             "demo_id": demo_id, "wall_s": time.perf_counter() - t0, "uri": uri}
 

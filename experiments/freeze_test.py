@@ -157,9 +157,11 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
             raise LayerLockError("freeze-test needs --steps and --blocks, or --grid")
         steps, blocks = _int_list(args.steps, "steps"), _int_list(args.blocks, "blocks")
     run_freeze_test(args.baseline, steps, blocks, args.tracking_uri)
+    from analysis import io
     from analysis.agreement import freeze_grid
+    from analysis.compare import FINAL_LOSS_PARTS
 
-    grid, tolerance = freeze_grid(args.baseline, uri=args.tracking_uri, tol=args.tol)
+    grid, tolerance = freeze_grid(io.load_freeze_test(args.baseline, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol)
     print(tolerance.line(), file=sys.stderr)
     print("final-loss ratio (child / baseline), rows L = frozen blocks, columns T = step:", file=sys.stderr)
     print(grid.ratio.round(4).to_string(), file=sys.stderr)

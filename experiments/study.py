@@ -19,16 +19,16 @@ Claims (each: the measured figure, its 95% t interval over seeds, a verdict):
 - S4 collapse: the smallest per-block ``feat_std`` of naive latent, ``latent_scheduled``,
   LayerLock and MAE.
 
-Verdicts: "held" when the interval lies on the claimed side, "not held" when it lies on the
-other side, "inconclusive" when it contains the threshold (with one seed there is no interval:
-"one seed").
+Each figure is an ``analysis.claims`` estimate. Verdicts: "held" when the interval lies on the
+claimed side, "not held" when it lies on the other side, "inconclusive" when it contains the
+threshold (with one seed there is no interval: "one seed"); paired probe differences read
+"no difference" when their interval contains 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -69,43 +69,6 @@ def _say(msg: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(msg, file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- statistics helpers
-
-def estimate(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sd, N and the 95% t interval of the finite values (None where undefined)."""
-    from analysis.stats import t_interval
-
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(xs)
-    mean = sum(xs) / n if n else None
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
-    ci = t_interval(xs) if n > 1 else None
-    return {"values": xs, "n": n, "mean": mean, "sd": sd,
-            "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
-
-
-def claim_verdict(est: dict[str, Any], threshold: float = 0.0, side: str = "above") -> str:
-    """'held' if the interval lies beyond ``threshold`` on ``side``, 'not held' if entirely on
-    the other side, else 'inconclusive'; 'one seed' without an interval, 'n/a' without values."""
-    if not est["n"]:
-        return "n/a"
-    if est["ci_low"] is None:
-        return "one seed"
-    lo, hi = est["ci_low"], est["ci_high"]
-    if side == "above":
-        return "held" if lo > threshold else ("not held" if hi < threshold else "inconclusive")
-    return "held" if hi < threshold else ("not held" if lo > threshold else "inconclusive")
-
-
-def _fmt(est: dict[str, Any], pct: bool = False) -> str:
-    if est["mean"] is None:
-        return "n/a"
-    f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:+.3f}")
-    if est["ci_low"] is None:
-        return f"{f(est['mean'])} (N={est['n']})"
-    return f"{f(est['mean'])} [{f(est['ci_low'])}, {f(est['ci_high'])}] (N={est['n']})"
 
 
 # ----------------------------------------------------------------------------- training stages
@@ -228,10 +191,12 @@ def _lower_is_better(key: str) -> bool:
 
 def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str, float]]],
             schedules: dict[int, dict], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
-    """The claims S0-S4 from stored runs (read through ``analysis``)."""
+    """The claims S0-S4 from stored runs (read through ``analysis.io``, each figure an
+    ``analysis.claims`` estimate with its verdict)."""
     from analysis import io
-    from analysis.agreement import agreement_report
-    from analysis.compare import compare_runs
+    from analysis.agreement import AGREEMENT_BASELINE_PARTS, agreement_report, freeze_grid
+    from analysis.claims import claim, claim_verdict, difference, estimate, freeze_cost
+    from analysis.compare import COMPARE_PARTS, FINAL_LOSS_PARTS, compare_runs
     from analysis.convergence import RULES, convergence_report
 
     claims: dict[str, Any] = {}
@@ -242,10 +207,9 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
     for key in keys:
         diffs = [evals["mae"][s][key] - evals["random_init"][s][key] for s in seeds
                  if key in evals["mae"].get(s, {}) and key in evals["random_init"].get(s, {})]
-        est = estimate(diffs)
-        s0[key] = {**est, "mae": estimate([evals["mae"][s].get(key) for s in seeds]),
-                   "random_init": estimate([evals["random_init"][s].get(key) for s in seeds]),
-                   "verdict": claim_verdict(est, 0.0, "below" if _lower_is_better(key) else "above")}
+        s0[key] = {**claim(diffs, 0.0, "below" if _lower_is_better(key) else "above"),
+                   "mae": estimate([evals["mae"][s].get(key) for s in seeds]),
+                   "random_init": estimate([evals["random_init"][s].get(key) for s in seeds])}
     claims["S0_pretraining_matters"] = {
         "claim": "MAE features probe better than a random-init encoder of the same shape",
         "figure": "MAE minus random init per probe metric, paired on the seed (absrel: lower is better)",
@@ -260,17 +224,18 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
             rep = convergence_report(layer, rule, run_id=runs["mae"][s])
             rhos.append(rep["spearman_rho"])
             steps[str(s)] = [b["converged_step"] for b in rep["blocks"]]
-        est = estimate(rhos)
-        s1[rule] = {**est, "metric": RULES[rule]["metric"], "threshold": RULES[rule]["threshold"],
-                    "undefined_seeds": sum(r is None for r in rhos), "steps": steps,
-                    "verdict": claim_verdict(est, 0.0, "above")}
+        s1[rule] = {**claim(rhos, 0.0, "above"), "metric": RULES[rule]["metric"],
+                    "threshold": RULES[rule]["threshold"], "undefined_seeds": sum(r is None for r in rhos),
+                    "steps": steps}
     claims["S1_depth_order"] = {
         "claim": "shallow blocks converge before deep ones (Spearman rho of depth vs convergence step > 0)",
         "figure": "Spearman rho per rule on the MAE runs (rho undefined when fewer than 2 blocks converge or all tie)",
         "rules": s1, "verdict": s1["posthoc"]["verdict"]}
 
     # S2 -------------------------------------------------------------------------------
-    reports = {s: agreement_report(runs["mae"][s], uri) for s in seeds}
+    tests = {s: io.load_freeze_test(runs["mae"][s], uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
+             for s in seeds}
+    reports = {s: agreement_report(tests[s]) for s in seeds}
     s2_rules = {}
     for rule in RULES:
         rows = [reports[s]["rules"].get(rule, {}) for s in seeds]
@@ -281,16 +246,17 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
     grids = {str(s): {"tested_steps": reports[s]["tested_steps"], "tested_blocks": reports[s]["tested_blocks"],
                       "tolerance": reports[s]["tolerance"], "baseline_final_loss": reports[s]["baseline_final_loss"],
                       "blocks": reports[s]["blocks"]} for s in seeds}
-    cost = freeze_cost(runs, uri, seeds)
+    tested = [freeze_grid(tests[s]) for s in seeds]
+    cost = freeze_cost([grid.ratio for grid, _ in tested], [tol.tol for _, tol in tested])
     claims["S2_cheap_rules_vs_freeze_test"] = {
         "claim": "the cheap convergence rules rank blocks as the paper's freeze test does (rho > 0)",
         "figure": "Spearman/Kendall rank agreement with the freeze test per rule, over seeds",
         "rules": s2_rules, "freeze_test": grids, "freeze_cost": cost}
 
     # S3 -------------------------------------------------------------------------------
-    ids = {m: [runs[m][s] for s in seeds] for m in ("mae", "freeze_only", "layerlock")}
-    table = compare_runs([r for m in ids for r in ids[m]], uri)
-    by_id = table.set_index("run_id")
+    compared = tuple(m for m in ("mae", "freeze_only", "layerlock", "latent_scheduled", "latent_naive") if runs.get(m))
+    loaded = io.load_runs([runs[m][s] for m in compared for s in seeds], uri, COMPARE_PARTS)
+    by_id = compare_runs(loaded.values()).set_index("run_id")
     s3 = {}
     for method in ("freeze_only", "layerlock"):
         flop, wall = [], []
@@ -302,13 +268,10 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
         for key in keys:
             d = [evals[method][s][key] - evals["mae"][s][key] for s in seeds
                  if key in evals[method].get(s, {}) and key in evals["mae"].get(s, {})]
-            est = estimate(d)
-            deltas[key] = {**est, "verdict": _diff_verdict(est)}
+            deltas[key] = difference(d)
         predicted = [schedules[s]["schedule"].get("predicted_flop_saving") for s in seeds] \
             if method == "freeze_only" else None
-        fl, wa = estimate(flop), estimate(wall)
-        s3[method] = {"flop_saving": {**fl, "verdict": claim_verdict(fl, 0.0, "above")},
-                      "wall_saving": {**wa, "verdict": claim_verdict(wa, 0.0, "above")},
+        s3[method] = {"flop_saving": claim(flop, 0.0, "above"), "wall_saving": claim(wall, 0.0, "above"),
                       "predicted_flop_saving": estimate(predicted) if predicted else None,
                       "probe_deltas": deltas}
     claims["S3_compute"] = {
@@ -318,7 +281,7 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
 
     # S4 -------------------------------------------------------------------------------
     methods = tuple(m for m in ("mae", "layerlock", "latent_scheduled", "latent_naive") if runs.get(m))
-    coll = compare_runs([runs[m][s] for m in methods for s in seeds], uri).set_index("run_id")
+    coll = by_id
     s4: dict[str, Any] = {}
     for m in methods:
         vals = [coll.loc[runs[m][s], "feat_std_min"] for s in seeds]
@@ -336,42 +299,6 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
         "methods": s4}
     return {"claims": claims, "interval": "95% t interval over seeds (Student's t, N-1 degrees of freedom)",
             "rule_defaults": {r: {k: v for k, v in RULES[r].items()} for r in RULES}}
-
-
-def _diff_verdict(est: dict[str, Any]) -> str:
-    """:func:`analysis.stats.verdict` of a paired-difference estimate."""
-    from analysis.stats import verdict
-
-    ci = None if est["ci_low"] is None else (est["ci_low"], est["ci_high"])
-    return verdict(est["mean"], ci, est["n"])
-
-
-def freeze_cost(runs: dict[str, dict[int, str]], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
-    """Mean freeze-test ratio per (L, T) over seeds, and the early-deep against late cells,
-    compared with the tolerance (the seed noise)."""
-    from analysis.agreement import freeze_grid
-
-    ratios, tols = [], []
-    for s in seeds:
-        grid, tol = freeze_grid(runs["mae"][s], uri)
-        ratios.append(grid.ratio)
-        tols.append(tol.tol)
-    import pandas as pd
-
-    mean = pd.concat(ratios).groupby(level=0).mean()
-    steps, blocks = list(mean.columns), list(mean.index)
-    early_deep = [float(r.loc[blocks[-1], steps[0]]) - 1 for r in ratios]
-    late_deep = [float(r.loc[blocks[-1], steps[-1]]) - 1 for r in ratios]
-    tol = estimate(tols)
-    ed, ld = estimate(early_deep), estimate(late_deep)
-    return {"mean_ratio": {str(L): {str(T): float(mean.loc[L, T]) for T in steps} for L in blocks},
-            "early_deep": {"T": int(steps[0]), "L": int(blocks[-1]), **ed},
-            "late_deep": {"T": int(steps[-1]), "L": int(blocks[-1]), **ld},
-            "tolerance": tol,
-            "early_costs_more_than_noise": bool(ed["mean"] is not None and tol["mean"] is not None
-                                                and ed["mean"] > tol["mean"]),
-            "late_within_noise": bool(ld["mean"] is not None and tol["mean"] is not None
-                                      and ld["mean"] <= tol["mean"])}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -441,6 +368,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_markdown(results: dict[str, Any]) -> str:
+    from analysis.claims import format_estimate as fmt
+
     c = results["claims"]
     lines = [f"# LayerLock Lab study {results['study_id']}", "",
              f"- seeds: {', '.join(map(str, results['seeds']))} (N={len(results['seeds'])}); budget "
@@ -456,7 +385,7 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines += ["## S0 Pretraining matters", "", s0["claim"] + ".", "",
               "| probe metric | MAE | random init | MAE - random [95% CI] | verdict |", "|---|---|---|---|---|"]
     for k, v in s0["metrics"].items():
-        lines.append(f"| {k} | {v['mae']['mean']:.3f} | {v['random_init']['mean']:.3f} | {_fmt(v)} | {v['verdict']} |")
+        lines.append(f"| {k} | {v['mae']['mean']:.3f} | {v['random_init']['mean']:.3f} | {fmt(v)} | {v['verdict']} |")
 
     s1 = c["S1_depth_order"]
     lines += ["", "## S1 Depth order", "", s1["claim"] + ".", "",
@@ -464,7 +393,7 @@ def report_markdown(results: dict[str, Any]) -> str:
     for r, v in s1["rules"].items():
         test = (f"relative change of {v['metric']} < {v['threshold']}" if r == "gradnorm"
                 else f"{v['metric']} >= {v['threshold']}")
-        lines.append(f"| {r} | {test} | {_fmt(v)} | {v['undefined_seeds']} | {v['verdict']} |")
+        lines.append(f"| {r} | {test} | {fmt(v)} | {v['undefined_seeds']} | {v['verdict']} |")
     lines += ["", "Convergence steps (post-hoc), per seed: "
               + "; ".join(f"seed {s}: {st}" for s, st in s1["rules"]["posthoc"]["steps"].items())]
 
@@ -473,8 +402,8 @@ def report_markdown(results: dict[str, Any]) -> str:
               "| rule | Spearman [95% CI] | Kendall [95% CI] | mean abs step error | verdict |",
               "|---|---|---|---|---|"]
     for r, v in s2["rules"].items():
-        lines.append(f"| {r} | {_fmt(v['spearman'])} | {_fmt(v['kendall'])} | "
-                     f"{_fmt(v['mean_abs_error'])} | {v['verdict']} |")
+        lines.append(f"| {r} | {fmt(v['spearman'])} | {fmt(v['kendall'])} | "
+                     f"{fmt(v['mean_abs_error'])} | {v['verdict']} |")
     fc = s2["freeze_cost"]
     lines += ["", "Freeze-test final-loss ratio (child / baseline), mean over seeds (rows L, columns T):", "",
               "| L \\ T | " + " | ".join(next(iter(fc["mean_ratio"].values()))) + " |",
@@ -482,10 +411,10 @@ def report_markdown(results: dict[str, Any]) -> str:
     for L, row in fc["mean_ratio"].items():
         lines.append(f"| {L} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
     lines += ["", "- seed noise (tolerance, relative sd of the baseline group's final loss): "
-              f"{_fmt(fc['tolerance'], True)}",
-              f"- freezing L={fc['early_deep']['L']} at T={fc['early_deep']['T']} costs {_fmt(fc['early_deep'], True)}"
+              f"{fmt(fc['tolerance'], True)}",
+              f"- freezing L={fc['early_deep']['L']} at T={fc['early_deep']['T']} costs {fmt(fc['early_deep'], True)}"
               f" -> {'more than' if fc['early_costs_more_than_noise'] else 'not more than'} the seed noise",
-              f"- freezing L={fc['late_deep']['L']} at T={fc['late_deep']['T']} costs {_fmt(fc['late_deep'], True)}"
+              f"- freezing L={fc['late_deep']['L']} at T={fc['late_deep']['T']} costs {fmt(fc['late_deep'], True)}"
               f" -> {'within' if fc['late_within_noise'] else 'beyond'} the seed noise",
               "- tolerance per seed: "
               + "; ".join(f"seed {s}: {g['tolerance']['line']}" for s, g in s2["freeze_test"].items())]
@@ -495,22 +424,22 @@ def report_markdown(results: dict[str, Any]) -> str:
               "| method | FLOP saving [95% CI] | predicted | wall saving [95% CI] | verdict (wall) |",
               "|---|---|---|---|---|"]
     for m, v in s3["methods"].items():
-        pred = _fmt(v["predicted_flop_saving"], True) if v["predicted_flop_saving"] else "-"
-        lines.append(f"| {m} | {_fmt(v['flop_saving'], True)} | {pred} | {_fmt(v['wall_saving'], True)} | "
+        pred = fmt(v["predicted_flop_saving"], True) if v["predicted_flop_saving"] else "-"
+        lines.append(f"| {m} | {fmt(v['flop_saving'], True)} | {pred} | {fmt(v['wall_saving'], True)} | "
                      f"{v['wall_saving']['verdict']} |")
     lines += ["", "Probe deltas against MAE (method - MAE):", "", "| method | metric | delta [95% CI] | verdict |",
               "|---|---|---|---|"]
     for m, v in s3["methods"].items():
         for k, d in v["probe_deltas"].items():
-            lines.append(f"| {m} | {k} | {_fmt(d)} | {d['verdict']} |")
+            lines.append(f"| {m} | {k} | {fmt(d)} | {d['verdict']} |")
 
     s4 = c["S4_collapse"]
     lines += ["", "## S4 Collapse", "", s4["claim"] + ".", "",
               "| method | feat_std min [95% CI] | ratio to MAE [95% CI] | eff_rank mean | verdict |",
               "|---|---|---|---|---|"]
     for m, v in s4["methods"].items():
-        lines.append(f"| {m} | {_fmt(v['feat_std_min'])} | {_fmt(v['ratio_to_mae'])} | "
-                     f"{_fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |")
+        lines.append(f"| {m} | {fmt(v['feat_std_min'])} | {fmt(v['ratio_to_mae'])} | "
+                     f"{fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |")
     lines += ["", "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in results.get("figures", []))]
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,7 @@ from analysis.agreement import (
     rule_steps,
     tolerance_from_final_losses,
 )
-from analysis.compare import freeze_grid_from_frames
+from analysis.compare import FINAL_LOSS_PARTS, freeze_grid_from_frames
 from analysis.testing import create_run_from_frames, synthetic_layer_metrics
 from core.errors import LayerLockError
 from tests.helpers import run_cli
@@ -139,17 +139,22 @@ def group_store(store: str, tmp_path) -> dict[str, str]:
     return {"baseline": seeds[0], "lone": lone, "seeds": ",".join(seeds)}
 
 
+def _freeze_test(run_id: str, uri: str):
+    return io.load_freeze_test(run_id, uri, FINAL_LOSS_PARTS)
+
+
 def test_calibrated_tolerance_from_group(group_store, store) -> None:
-    tol = calibrated_tolerance(group_store["baseline"], store)
+    tol = calibrated_tolerance(_freeze_test(group_store["baseline"], store))
     assert tol.source == "calibrated" and tol.group == "grp"
     assert sorted(tol.runs) == sorted(group_store["seeds"].split(","))
     assert tol.tol == pytest.approx(0.1 / 1.1)
-    explicit = calibrated_tolerance(group_store["baseline"], store, tol=0.3)
+    explicit = calibrated_tolerance(_freeze_test(group_store["baseline"], store), tol=0.3)
     assert explicit.tol == 0.3 and explicit.line() == "tolerance 30% = given explicitly (--tol)"
 
 
+@pytest.mark.system
 def test_no_group_falls_back_and_says_so(group_store, store) -> None:
-    tol = calibrated_tolerance(group_store["lone"], store)
+    tol = calibrated_tolerance(_freeze_test(group_store["lone"], store))
     assert tol.tol == DEFAULT_TOL and not tol.calibrated
     assert "not calibrated: no seed group of the baseline" in tol.line()
     proc = run_cli("-m", "analysis", "freeze-grid", "--parent", group_store["lone"], "--tracking-uri", store)
@@ -157,6 +162,7 @@ def test_no_group_falls_back_and_says_so(group_store, store) -> None:
     assert "tolerance 2% = default, not calibrated: no seed group of the baseline" in proc.stdout
 
 
+@pytest.mark.system
 def test_agreement_cli(group_store, store) -> None:
     proc = run_cli("-m", "analysis", "agreement", "--run", group_store["baseline"], "--json", "--tracking-uri", store)
     assert proc.returncode == 0, proc.stderr
@@ -186,10 +192,11 @@ def test_final_losses_prefer_the_heldout_loss_only_when_every_run_has_it(store, 
     a = create_run_from_frames("h", history=_with_heldout(_loss_history(1.0), 0.50), **common)
     b = create_run_from_frames("h", history=_with_heldout(_loss_history(1.2), 0.55), **common)
     c = create_run_from_frames("h", history=_loss_history(1.4), **common)
-    losses, how = final_losses([a, b], store)
+    runs = io.load_runs([a, b, c], store, FINAL_LOSS_PARTS)
+    losses, how = final_losses([runs[a], runs[b]])
     assert losses == {a: pytest.approx(0.50), b: pytest.approx(0.55)} and how.startswith("val/loss_pixel")
     # one run without it: every run falls back to train/loss, never a mix of the two
-    losses, how = final_losses([a, b, c], store)
+    losses, how = final_losses(runs.values())
     assert losses == {a: pytest.approx(1.0), b: pytest.approx(1.2), c: pytest.approx(1.4)}
     assert how == "mean of the last 3 logged train/loss"
 

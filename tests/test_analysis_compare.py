@@ -10,11 +10,8 @@ from analysis.compare import (
     collapse_indicators,
     comparison_frame,
     final_value,
-    flops_to_reach,
     freeze_grid_from_frames,
-    loss_at_steps,
     summarize_run,
-    wall_to_reach,
 )
 from analysis.flops import schedule_flops
 from analysis.testing import (
@@ -67,23 +64,6 @@ def test_collapse_indicators_at_last_probe() -> None:
     assert healthy["eff_rank_mean"] > 10 and collapsed["eff_rank_mean"] < 2
     assert collapsed["eff_rank_min"] <= collapsed["eff_rank_mean"]
     assert collapsed["feat_std_mean"] < 0.1 < healthy["feat_std_mean"]
-
-
-def test_loss_at_steps_and_cost_to_reach() -> None:
-    a = hist("a", {"train/loss": [(0, 4.0), (10, 3.0), (20, 2.0), (30, 1.0)],
-                   "train/flops": [(0, 1.0), (10, 11.0), (20, 21.0), (30, 31.0)],
-                   "train/wall_s": [(0, 0.5), (10, 5.5), (20, 10.5), (30, 15.5)]})
-    b = hist("b", {"train/loss": [(0, 4.0), (20, 3.5)]})
-    at = loss_at_steps([a, b], [0, 15, 30])
-    assert at.loc["a"].tolist() == [4.0, 3.0, 1.0]  # value at the last logged step <= s
-    assert at.loc["b"].tolist() == [4.0, 4.0, 3.5]
-    assert loss_at_steps(a, [30], window=2).loc["a", 30] == pytest.approx(1.5)
-    assert np.isnan(loss_at_steps(hist("c", {"train/loss": [(10, 1.0)]}), [5]).loc["c", 5])
-    assert flops_to_reach(a, 2.0) == 21.0
-    assert wall_to_reach(a, 2.0) == 10.5
-    assert flops_to_reach(a, 0.5) is None
-    # Smoothed over two logged values, 2.0 is first reached at step 30 ((2 + 1) / 2 = 1.5).
-    assert flops_to_reach(a, 2.0, smooth=2) == 31.0
 
 
 def test_freeze_grid_ratio_and_verdict() -> None:

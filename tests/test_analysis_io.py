@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import io
+from analysis import io, records
 from analysis.__main__ import main
-from analysis.compare import compare_runs, freeze_test_grid
+from analysis.compare import COMPARE_PARTS, FINAL_LOSS_PARTS, compare_runs, freeze_test_grid
 from analysis.schedule import validate_schedule
 from analysis.testing import (
     create_run_from_frames,
@@ -95,7 +95,7 @@ def test_get_run_and_unknown_ids(runs: SyntheticRuns, tmp_path: Path) -> None:
     assert record.run_id == runs.mae and record.experiment == "layerlock" and record.status == "FINISHED"
     assert record.method == "mae" and record.param_int("train.steps") == TOTAL
     assert record.metrics["eval/digit/acc"] == 0.8 and record.name == "mae"
-    assert io.load_params(runs.mae, runs.uri)["model.depth"] == str(N_BLOCKS)
+    assert io.get_run(runs.mae, runs.uri).params["model.depth"] == str(N_BLOCKS)
     with pytest.raises(RunNotFoundError, match=f"run not found: {MISSING}"):
         io.get_run(MISSING, runs.uri)
     with pytest.raises(RunNotFoundError):
@@ -106,13 +106,13 @@ def test_get_run_and_unknown_ids(runs: SyntheticRuns, tmp_path: Path) -> None:
         io.get_run(runs.mae, f"sqlite:///{missing_db}")
     assert not missing_db.exists()
     empty = io.list_runs(f"sqlite:///{missing_db}")
-    assert empty.empty and list(empty.columns) == io.RUN_COLUMNS
+    assert empty.empty and list(empty.columns) == records.RUN_COLUMNS
 
 
 def test_list_runs_and_children(runs: SyntheticRuns) -> None:
     listed = io.list_runs(runs.uri)
     assert set(listed["run_id"]) == {runs.mae, runs.ll, *runs.children.values()}
-    assert list(listed.columns[: len(io.RUN_COLUMNS)]) == io.RUN_COLUMNS
+    assert list(listed.columns[: len(records.RUN_COLUMNS)]) == records.RUN_COLUMNS
     ll = listed.set_index("run_id").loc[runs.ll]
     assert ll["method"] == "layerlock" and ll["schedule_source"] == runs.mae and ll["steps"] == TOTAL
     assert ll["eval/digit/acc"] == 0.85
@@ -126,7 +126,7 @@ def test_list_runs_and_children(runs: SyntheticRuns) -> None:
 def test_layer_metrics_same_frame_from_history_and_artifact(runs: SyntheticRuns) -> None:
     from_history = io.load_layer_metrics(runs.mae, runs.uri)  # this run has no artifact
     from_artifact = io.load_layer_metrics(runs.ll, runs.uri)  # this run has no per-block history
-    assert list(from_history.columns) == io.LAYER_COLUMNS
+    assert list(from_history.columns) == records.LAYER_COLUMNS
     assert (from_history["run_id"] == runs.mae).all()
     pd.testing.assert_frame_equal(from_history.drop(columns="run_id"), from_artifact.drop(columns="run_id"))
     expected = runs.layer_df.drop(columns="run_id").reset_index(drop=True)
@@ -139,7 +139,7 @@ def test_layer_metrics_same_frame_from_history_and_artifact(runs: SyntheticRuns)
 
 def test_history_and_artifacts(runs: SyntheticRuns) -> None:
     h = io.load_history(runs.mae, uri=runs.uri)
-    assert list(h.columns) == io.HISTORY_COLUMNS
+    assert list(h.columns) == records.HISTORY_COLUMNS
     assert set(h["metric"]) == set(runs.mae_history["metric"])  # train/* only: no eval/*
     loss = io.load_history(runs.mae, ["train/loss", "train/nope"], runs.uri)
     assert set(loss["metric"]) == {"train/loss"} and len(loss) == TOTAL // LOG
@@ -158,8 +158,25 @@ def test_log_schedule_artifact_round_trip(runs: SyntheticRuns) -> None:
         io.log_schedule_artifact(runs.mae, {"n_blocks": 2, "stages": [{"step": 1, "frozen": 2}]}, runs.uri)
 
 
+def test_load_run_reads_the_parts_asked_for(runs: SyntheticRuns) -> None:
+    only_loss = io.load_run(runs.ll, runs.uri, records.Parts(history=("train/loss",), schedule=True, source=True))
+    assert set(only_loss.history["metric"]) == {"train/loss"} and only_loss.schedule == SCHEDULE
+    # the schedule's source run (the MAE), with its models: what the run's saving was predicted from
+    assert only_loss.source.run_id == runs.mae and only_loss.source.flop_model == MODEL
+    assert only_loss.source.time_model is None   # read, and absent: not the same as not read
+    for part in ("layers", "flop_model"):
+        with pytest.raises(LayerLockError, match=f"{part} was not loaded"):
+            getattr(only_loss, part)
+    whole = io.load_run(runs.mae, runs.uri)   # default: everything of the run itself
+    pd.testing.assert_frame_equal(whole.layers, io.load_layer_metrics(runs.mae, runs.uri))
+    assert whole.flop_model == MODEL and whole.schedule is None
+    with pytest.raises(LayerLockError, match="source was not loaded"):
+        _ = whole.source
+    assert list(io.load_runs([runs.mae, runs.ll, runs.mae], runs.uri, records.Parts())) == [runs.mae, runs.ll]
+
+
 def test_compare_runs(runs: SyntheticRuns) -> None:
-    frame = compare_runs([runs.ll, runs.mae], runs.uri).set_index("run_id")
+    frame = compare_runs(io.load_runs([runs.ll, runs.mae], runs.uri, COMPARE_PARTS).values()).set_index("run_id")
     assert frame.loc[runs.ll, "method"] == "layerlock" and frame.loc[runs.mae, "flop_saving"] == 0.0
     # Cumulative FLOPs are logged through step 590: steps 0-149 at k=0, 150-299 at k=1, 300-590 at k=3.
     per = {int(k): v for k, v in MODEL["per_step"].items()}
@@ -171,15 +188,15 @@ def test_compare_runs(runs: SyntheticRuns) -> None:
     assert frame.loc[runs.ll, "eval/digit/acc"] == 0.85
     assert frame.loc[runs.mae, "eff_rank_mean"] > 10
     with pytest.raises(RunNotFoundError):
-        compare_runs([runs.mae, MISSING], runs.uri)
+        io.load_runs([runs.mae, MISSING], runs.uri, COMPARE_PARTS)
 
 
 def test_freeze_test_grid(runs: SyntheticRuns) -> None:
-    grid = freeze_test_grid(runs.mae, runs.uri, tol=0.02)
+    grid = freeze_test_grid(io.load_freeze_test(runs.mae, runs.uri, FINAL_LOSS_PARTS), tol=0.02)
     assert grid.ratio.loc[2, 200] == pytest.approx(1.01)
     assert grid.max_converged_prefix().to_dict() == {200: 2}
     with pytest.raises(LayerLockError, match="no freeze-test children"):
-        freeze_test_grid(runs.ll, runs.uri)
+        freeze_test_grid(io.load_freeze_test(runs.ll, runs.uri, FINAL_LOSS_PARTS))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -228,6 +245,7 @@ def run_analysis_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
+@pytest.mark.system
 def test_cli_subprocess_json_and_bad_run_id(runs: SyntheticRuns) -> None:
     # Its time (start-up included) is `python -m experiments bench cli`, not asserted here.
     done = run_analysis_cli("convergence", "--run", runs.mae, "--json", "--tracking-uri", runs.uri)

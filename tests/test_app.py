@@ -102,6 +102,7 @@ def test_failed_run_shows_a_warning(env: Store) -> None:
     assert any("failed" in w.value for w in at.warning)
 
 
+@pytest.mark.system
 def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
     at.session_state["selected_runs"] = [env.synthetic]
@@ -128,7 +129,7 @@ def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
 
     at.button(key="sched_launch").click().run()  # a twin of the source: 12 steps of a 4-block model
     assert_clean(at)
-    from app.views import jobs
+    from app import jobs
 
     job = jobs.list_jobs()[0]
     assert job.source == "schedule" and f"layerlock.schedule_source={env.synthetic}" in job.argv
@@ -199,8 +200,9 @@ def test_attribution_page(env: Store) -> None:
     assert any("checkpoints" in w.value for w in at.warning)
 
 
+@pytest.mark.system
 def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
-    from app.views import jobs
+    from app import jobs
     from core.schema import TAG_JOB
 
     at = open_page("launch")
@@ -234,8 +236,9 @@ def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     assert jobs.run_id(job) in set(at.dataframe[0].value["run_id"])
 
 
+@pytest.mark.system
 def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
-    from app.views import jobs
+    from app import jobs
 
     at = open_page("launch")
     at.text_area(key="launch_overrides").input("model.depthh=3")
@@ -249,7 +252,7 @@ def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
     job = jobs.list_jobs()[0]
     at.button(key=f"launch_cancel_{job.job_id}").click().run()
     assert_clean(at)
-    job = jobs.get_job(job.job_id)   # as the page saved it: marked cancelled
+    job = jobs.Job.load(job.meta_path)   # as the page saved it: marked cancelled
     assert jobs.status(job) == "cancelled" and not jobs.is_running(job)
 
 
@@ -291,14 +294,16 @@ def test_sidebar_offers_only_configured_uris(env: Store, tmp_path: Path) -> None
 
 
 def test_job_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.views import jobs
+    from app import jobs
 
     monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path))
-    assert jobs.parse_overrides("a.b=1\n\n# note\n c=x y \n") == ["a.b=1", "c=x y"]
+    assert jobs.override_lines("a.b=1\n\n# note\n c=x y \n") == ["a.b=1", "c=x y"]
     with pytest.raises(ValueError, match="line 1"):
-        jobs.parse_overrides("nonsense")
-    assert jobs.child_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{Path('mlflow.db').resolve()}"
-    assert jobs.child_tracking_uri("http://h:5000") == "http://h:5000"
+        jobs.override_lines("nonsense")
+    # the child runs in the repository root: a relative sqlite file is made absolute, a server URI kept
+    argv = jobs.pretrain_argv("c.yaml", tracking_uri="sqlite:///mlflow.db")
+    assert argv[-2:] == ["--tracking-uri", f"sqlite:///{Path('mlflow.db').resolve()}"]
+    assert jobs.pretrain_argv("c.yaml", tracking_uri="http://h:5000")[-1] == "http://h:5000"
     assert jobs.twin_overrides({"model.depth": "4", "data.root": "None", "objective.name": "pixel",
                                 "train.lr": "0.0015"}) == ["model.depth=4", "train.lr=0.0015"]
     log = tmp_path / "x.log"

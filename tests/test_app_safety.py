@@ -3,6 +3,7 @@ no page beyond it without the operator's opt-in, XSRF protection on."""
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
@@ -42,6 +43,7 @@ def _listeners(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.system
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc")
 def test_streamlit_started_from_another_folder_listens_only_on_loopback(tmp_path):
     port = _free_port()
@@ -98,8 +100,9 @@ def test_dashboard_refuses_to_serve_beyond_loopback_without_opt_in(remote_addres
 
 # ----------------------------------------------------------------------------- launcher
 
+@pytest.mark.system
 def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monkeypatch):
-    from app.views import jobs
+    from app import jobs
 
     monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path))
     jobs.launch_dir().mkdir(parents=True)
@@ -126,11 +129,12 @@ def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monk
         other.wait()
 
 
+@pytest.mark.system
 def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from analysis import load_config, schema
-    from app.views import jobs
+    from app import jobs
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
     monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
@@ -194,7 +198,7 @@ DASHBOARD_ROWS: list[tuple[str, dict[str, str], str]] = [
 
 @pytest.mark.parametrize("fields, message", [r[1:] for r in DASHBOARD_ROWS], ids=[r[0] for r in DASHBOARD_ROWS])
 def test_launch_field_gets_one_warning_and_starts_nothing(fields, message, tmp_path, monkeypatch):
-    from app.views import jobs
+    from app import jobs
 
     point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
@@ -238,6 +242,29 @@ def test_auto_refreshing_fragments_show_one_line_not_a_traceback():
     assert [e.value for e in at.error] == [
         "This page could not be drawn (ZeroDivisionError: division by zero). The server log has the details."]
     # Every fragment of the dashboard is made by errors.fragment (its timed reruns skip Home.py's handler).
-    direct = [str(p.relative_to(ROOT)) for p in (ROOT / "app").rglob("*.py")
-              if "st.fragment(" in p.read_text() and p.name != "errors.py"]
-    assert direct == []
+    errors_py = ROOT / "app" / "views" / "errors.py"
+    assert _direct_fragments(errors_py)   # the scan sees the one place that may use st.fragment
+    direct = {str(p.relative_to(ROOT)): lines for p in (ROOT / "app").rglob("*.py")
+              if p != errors_py and (lines := _direct_fragments(p))}
+    assert direct == {}
+
+
+def _direct_fragments(path: Path) -> list[int]:
+    """Lines where a file uses Streamlit's own fragment: ``st.fragment`` called, as a decorator or
+    passed on, or ``from streamlit import fragment``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (isinstance(node, ast.Attribute) and node.attr == "fragment" and isinstance(node.value, ast.Name)
+                and node.value.id in ("st", "streamlit")):
+            found.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "streamlit" and any(
+                alias.name == "fragment" for alias in node.names):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_the_fragment_scan_sees_every_form(tmp_path):
+    src = tmp_path / "page.py"
+    src.write_text("import streamlit as st\n@st.fragment\ndef a():\n    pass\n"
+                   "st.fragment(run_every=2)(a)\nfrom streamlit import fragment\nerrors.fragment(a)()\n")
+    assert _direct_fragments(src) == [2, 5, 6]

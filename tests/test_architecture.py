@@ -4,6 +4,10 @@
 other layers, ``analysis`` imports only ``core``, ``app`` only ``analysis`` (what it needs from
 core is re-exported by ``analysis/__init__.py``), ``experiments`` never ``app``. In ``analysis``
 only ``attribution.py`` (captum) imports torch. Every import counts, also those inside functions.
+
+No import circle among the product modules of all four layers; in ``analysis`` only the store
+module ``io.py`` reads MLflow (and ``testing.py``, which logs synthetic runs, and the command
+line): no other module takes a tracking URI.
 """
 
 from __future__ import annotations
@@ -72,4 +76,113 @@ def test_the_check_sees_violations(tmp_path: Path) -> None:
 def test_attribution_is_the_one_torch_module_in_analysis() -> None:
     path = ROOT / "analysis" / "attribution.py"
     assert any(m.split(".")[0] == "torch" for m, _ in imported_modules(path))
-    assert "torch" in (ROOT / "analysis" / "__init__.py").read_text()  # the rule is written down there
+
+
+# ----------------------------------------------------------------------------- import circles
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = ROOT, layers: tuple[str, ...] = LAYERS) -> dict[str, set[str]]:
+    """Module -> the product modules it imports (anywhere in the file). ``from a import b`` is an
+    edge to ``a.b`` when that is a module, else to ``a``."""
+    files = {module_name(p, root): p for layer in layers for p in sorted((root / layer).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                           for alias in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in files and t != name}
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan), each a circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_among_product_modules() -> None:
+    assert [sorted(c) for c in import_cycles(import_graph())] == []
+
+
+def test_the_cycle_check_sees_circles(tmp_path: Path) -> None:
+    """A circle through a function-level import and ``from pkg import module`` is found; a chain is not."""
+    pkg = tmp_path / "analysis"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from analysis import b\n")
+    (pkg / "b.py").write_text("def f():\n    import analysis.c\n")
+    (pkg / "c.py").write_text("from analysis.a import thing\n")
+    (pkg / "d.py").write_text("import analysis.a\n")
+    graph = import_graph(tmp_path, ("analysis",))
+    assert graph["analysis.a"] == {"analysis.b"} and graph["analysis.d"] == {"analysis.a"}
+    assert import_cycles(graph) == [frozenset({"analysis.a", "analysis.b", "analysis.c"})]
+
+
+# ----------------------------------------------------------------------------- the store module
+
+STORE_READERS = {"analysis/io.py", "analysis/testing.py", "analysis/__main__.py"}
+
+
+def test_only_the_store_module_reads_the_store() -> None:
+    """Outside ``io.py`` (and ``testing.py``, the command line), no analysis module imports
+    ``analysis.io`` or mlflow, and no function takes a tracking URI: they are pure functions of
+    the records ``io`` returns."""
+    found = []
+    for path in sources("analysis"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in STORE_READERS:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for module, line in imported_modules(path):
+            if module in ("analysis.io", "mlflow") or module.startswith("mlflow."):
+                found.append(f"{rel}:{line}: imports {module}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "analysis" and any(
+                    a.name == "io" for a in node.names):
+                found.append(f"{rel}:{node.lineno}: imports analysis.io")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                found += [f"{rel}:{node.lineno}: {node.name}({n}=...)" for n in names if n in ("uri", "tracking_uri")]
+    assert found == []
+

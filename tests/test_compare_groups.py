@@ -18,7 +18,7 @@ from scipy import stats as sps
 
 from analysis import io
 from analysis.__main__ import main
-from analysis.compare import compare_groups, group_comparison
+from analysis.compare import COMPARE_PARTS, compare_groups, group_comparison
 from analysis.testing import create_run_from_frames
 from core.errors import LayerLockError, RunNotFoundError
 
@@ -76,8 +76,15 @@ def test_runs_in_group_and_list_columns(store: Store) -> None:
     assert pd.isna(listed.loc[store.lone, "group"]) and listed.loc[store.runs[MAE][1], "seed"] == 1
 
 
+def _compare(names: list[str], uri: str, baseline: str | None = None):
+    """What ``python -m analysis compare`` does: resolve the names, read the runs, compare."""
+    specs = io.resolve_groups(names, uri)
+    runs = io.load_runs([r for spec in specs for r in spec.run_ids], uri, COMPARE_PARTS)
+    return compare_groups(specs, runs, baseline=baseline)
+
+
 def test_compare_groups_summary_savings_and_paired(store: Store) -> None:
-    result = compare_groups([MAE, LL, store.lone], store.uri)
+    result = _compare([MAE, LL, store.lone], store.uri)
     assert result.baseline == MAE and result.groups == [MAE, LL, store.lone]
     assert [s.kind for s in result.specs] == ["group", "group", "run"]
     assert result.specs[1].skipped == (store.running,) and store.running not in set(result.runs["run_id"])
@@ -100,12 +107,12 @@ def test_compare_groups_summary_savings_and_paired(store: Store) -> None:
     assert lone["n"] == 1 and lone["verdict"] == "n/a (one seed)"
 
     # Another baseline moves the savings with it.
-    again = compare_groups([MAE, LL], store.uri, baseline=LL).summary.set_index(["group", "metric"])
+    again = _compare([MAE, LL], store.uri, baseline=LL).summary.set_index(["group", "metric"])
     assert again.loc[(MAE, "flop_saving"), "mean"] == pytest.approx(1 - 100 / 80)
     with pytest.raises(LayerLockError, match="--baseline nope"):
-        compare_groups([MAE, LL], store.uri, baseline="nope")
+        _compare([MAE, LL], store.uri, baseline="nope")
     with pytest.raises(RunNotFoundError, match="not a run id or a layerlock.group name: nope"):
-        compare_groups([MAE, "nope"], store.uri)
+        io.resolve_groups([MAE, "nope"], store.uri)
 
 
 def test_group_comparison_is_pure() -> None:

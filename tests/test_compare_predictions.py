@@ -9,7 +9,7 @@ import pytest
 
 from analysis import io
 from analysis.__main__ import main
-from analysis.compare import compare_runs, prediction_lines
+from analysis.compare import COMPARE_PARTS, compare_runs, prediction_lines
 from analysis.testing import create_run_from_frames, synthetic_flop_model, synthetic_time_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -42,7 +42,7 @@ def test_scheduled_runs_show_predicted_against_measured(tmp_path, capsys) -> Non
         json_artifacts={**scheduled, io.TIME_MODEL_ARTIFACT: own_times},
         tags={io.TAG_METHOD: "layerlock", io.TAG_SCHEDULE_SOURCE: mae}, **common)
 
-    frame = compare_runs([mae, freeze_only, layerlock], uri).set_index("run_id")
+    frame = compare_runs(io.load_runs([mae, freeze_only, layerlock], uri, COMPARE_PARTS).values()).set_index("run_id")
     assert pd.isna(frame.loc[mae, "predicted_wall_saving"])   # no schedule, nothing predicted
     assert frame.loc[freeze_only, "predicted_wall_saving"] == pytest.approx(FLOP_SAVING / 2)
     assert frame.loc[freeze_only, "predicted_flop_saving"] == pytest.approx(FLOP_SAVING)

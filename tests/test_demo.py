@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.helpers import run_cli, tiny_sets
+
+pytestmark = pytest.mark.system   # every test runs the command line
 
 
 def test_demo_smoke(tmp_path, store):

@@ -41,7 +41,8 @@ PAGES = {
     "attribution": ("attribution", True),
 }
 ERROR_TEXT = ("Traceback", "Error", "Exception")
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.system,   # a Streamlit server and a browser
+              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")]
 
 
 def _free_port() -> int:

@@ -29,6 +29,7 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
 
 
+@pytest.mark.system
 def test_evaluate_logs_eval_metrics_into_the_run(tiny_run):
     run_id, uri = tiny_run
     res = run_cli("-m", "experiments", "evaluate", "--run", run_id, "--tracking-uri", uri, "--per-block")
@@ -54,6 +55,7 @@ def test_evaluate_python_api_and_random_baseline(tiny_run):
     assert set(base) == {"eval/digit/acc", "eval/depth/absrel", "eval/depth/delta1"}
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", ["unknown_run", "unknown_task"])
 def test_bad_input_exits_2_with_one_line(tiny_run, case):
     run_id, uri = tiny_run

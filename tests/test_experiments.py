@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.helpers import run_cli, tiny_sets
@@ -16,6 +17,7 @@ def _pretrain(store: str, *extra: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.system
 def test_freeze_test_children_and_grid(store):
     baseline = _pretrain(store)
     proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "4,8",
@@ -36,6 +38,7 @@ def test_freeze_test_children_and_grid(store):
     assert len(json.loads(grid.stdout)["cells"]) == 4
 
 
+@pytest.mark.system
 def test_freeze_test_bad_input_exit_2(store):
     baseline = _pretrain(store)
     for args, needle in ((["--steps", "5", "--blocks", "1"], "no checkpoint at step 5"),
@@ -57,6 +60,7 @@ def test_grid_plan_picks_steps_and_blocks():
     assert steps == [100, 300, 500] and blocks == [2, 4, 6] and note is None   # the study's small grid
 
 
+@pytest.mark.system
 def test_freeze_test_grid_end_to_end(store):
     # 6 steps, checkpoints at 2, 4 (and 6, the end): sparse, so the grid uses T = 2, 4 and says so.
     baseline = _pretrain(store, "--set", "model.depth=3", "--set", "train.steps=6", "--set", "train.checkpoint_every=2")
@@ -74,12 +78,14 @@ def test_freeze_test_grid_end_to_end(store):
     assert cells == {("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")}
 
 
+@pytest.mark.system
 def test_freeze_test_grid_conflicts_exit_2():
     for args, needle in ((["--grid", "--steps", "4"], "--grid picks"), ([], "needs --steps and --blocks")):
         proc = run_cli("-m", "experiments", "freeze-test", "--baseline", "nope", *args)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.system
 def test_bench_freezing_json_reports_ratios():
     proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--max-rounds", "1",
                    "--steps-per-round", "1", "--warmup", "0", "--batch-size", "4", *tiny_sets())
@@ -94,6 +100,7 @@ def test_bench_freezing_json_reports_ratios():
     assert out["rounds"] == 1 and rows[1]["time_low"] is None and out["resolved"] is False
 
 
+@pytest.mark.system
 def test_bench_tracking_json_reports_ratio():
     proc = run_cli("-m", "experiments", "bench", "tracking", "--json", "--repeats", "1", "--max-repeats", "1",
                    "--steps", "6", *tiny_sets())
@@ -112,7 +119,7 @@ def test_per_step_ratio_keeps_recurring_costs_and_drops_one_runs_bursts():
     the true one within 0.2%, its bootstrap interval holds it; whole-run sums are off by more."""
     import numpy as np
 
-    from experiments.bench import per_step_ratio
+    from experiments.bench.timing import per_step_ratio
 
     rng = np.random.default_rng(1)
     base = 0.1 + 0.002 * rng.standard_normal(100)
@@ -138,6 +145,7 @@ def test_per_step_ratio_keeps_recurring_costs_and_drops_one_runs_bursts():
     assert per_step_ratio(on[:2], off[:2], within=0.01)["low"] is None   # too few runs for an interval
 
 
+@pytest.mark.system
 def test_bench_profile_reports_phases_modules_and_ops():
     proc = run_cli("-m", "experiments", "bench", "profile", "--json", "--steps-per-round", "2", "--warmup", "1",
                    "--batch-size", "4", "--frozen", "2", *tiny_sets())
@@ -151,7 +159,7 @@ def test_bench_profile_reports_phases_modules_and_ops():
 
 def test_bench_data_times_each_dataset() -> None:
     """The timing that used to be asserted in test_data is a bench; here only that it runs."""
-    from experiments.bench import bench_data
+    from experiments.bench.data import bench_data
 
     out = bench_data(repeats=1, batch=4)
     assert set(out) == {"moving_digits", "photo_pans"} and all(v > 0 for v in out.values())
@@ -161,7 +169,8 @@ def test_bench_monitor_and_own_freezing_run() -> None:
     """The own-loop benches, tiny: they run and report their ratios (timings are never asserted)."""
     import torch
 
-    from experiments.bench_own_loop import bench_monitor, bench_own_freezing
+    from experiments.bench.monitor import bench_monitor
+    from experiments.bench.own_freezing import bench_own_freezing
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -98,6 +98,7 @@ def test_layerlock_command_dispatches_to_both_command_lines(capsys):
 
 # ----------------------------------------------------------------------------- Hugging Face Trainer
 
+@pytest.mark.system   # trains several framework runs in process (tens of seconds each)
 def test_hf_mae_then_derived_schedule_then_layerlock(tmp_path):
     uri = _store(tmp_path)
     mae = hf.train(tmp_path / "mae", 30, tracking_uri=uri, every=10)
@@ -137,6 +138,7 @@ def test_hf_mae_then_derived_schedule_then_layerlock(tmp_path):
     assert all(ll_flops[str(k)] > mae_flops[str(k)] for k in range(1, 4))
 
 
+@pytest.mark.system   # trains several framework runs in process (tens of seconds each)
 def test_hf_resume_mid_stage_equals_a_run_that_never_stopped(tmp_path):
     uri = _store(tmp_path)
     schedule = {"n_blocks": 4, "stages": [{"step": 6, "frozen": 2}]}
@@ -167,6 +169,7 @@ def _lightning():
     return pytest.importorskip("experiments.examples.lightning_timm")
 
 
+@pytest.mark.system   # trains several framework runs in process (tens of seconds each)
 def test_lightning_timm_schedule_latent_loss_into_the_mlflow_logger_run(tmp_path):
     lt = _lightning()
     uri = _store(tmp_path)
@@ -186,6 +189,7 @@ def test_lightning_timm_schedule_latent_loss_into_the_mlflow_logger_run(tmp_path
     assert schema.block_key("cka_prev", 3) in io.get_run(run["run_id"], uri).metrics
 
 
+@pytest.mark.system   # trains several framework runs in process (tens of seconds each)
 def test_lightning_resume_mid_stage_equals_a_run_that_never_stopped(tmp_path):
     lt = _lightning()
     uri = _store(tmp_path)

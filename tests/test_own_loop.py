@@ -280,10 +280,11 @@ def test_analysis_convergence_and_schedule_on_own_loop_runs(own_loop_store, whic
 def test_derived_schedule_in_the_plain_loop_keeps_frozen_weights(own_loop_store, which) -> None:
     """A run's derived schedule, applied with apply_schedule in the same loop: each stage's frozen
     parameters stay bitwise what they were when it froze, and drop out of the optimizer."""
-    from analysis.schedule import derive_run_schedule
+    from analysis import io
+    from analysis.schedule import derive_run_schedule, schedule_parts
 
     run_id = getattr(own_loop_store, which)
-    schedule = FreezeSchedule.from_dict(derive_run_schedule(run_id, own_loop_store.uri))
+    schedule = FreezeSchedule.from_dict(derive_run_schedule(io.load_run(run_id, own_loop_store.uri, schedule_parts())))
     s = own_loop.SETUPS[which]()
     optimizer = own_loop.make_optimizer(s)
     at_freeze: dict[int, list[torch.Tensor]] = {}
@@ -354,6 +355,7 @@ def test_convergence_and_schedule_pages_on_own_loop_runs(own_loop_store, tmp_pat
 
 # ----------------------------------------------------------------------------- the example file
 
+@pytest.mark.system
 def test_example_file_runs_and_rejects_bad_input(tmp_path, capsys) -> None:
     from tests.helpers import run_cli
 

@@ -35,6 +35,7 @@ def test_parse_seeds() -> None:
             parse_seeds(text)
 
 
+@pytest.mark.system
 def test_pretrain_seeds_share_a_group(store: str) -> None:
     proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
                    *tiny_sets(**{"train.steps": 4, "probe.every": 2}), "--seeds", "3,5", "--tracking-uri", store)
@@ -51,6 +52,7 @@ def test_pretrain_seeds_share_a_group(store: str) -> None:
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.system
 def test_pretrain_seeds_bad_input_exit_2(store: str) -> None:
     base = ["-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", store]
     for extra, needle in ((["--seeds", "0,x"], "comma-separated integers"),

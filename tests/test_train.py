@@ -22,6 +22,7 @@ from core.train import load_run_checkpoint, train
 from tests.helpers import ROOT, run_cli, tiny_dict
 
 
+@pytest.mark.system
 def test_pretrain_entry_point_smoke(tmp_path, store):
     proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
                    "--set", "train.steps=6", "--set", "train.batch_size=4", "--set", "probe.every=3",
@@ -47,6 +48,7 @@ def _final_weights(run_id: str, store: str) -> dict:
     return load_run_checkpoint(run_id, tracking_uri=store)["model"]
 
 
+@pytest.mark.system
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, store):
     sets = ["--set", "train.steps=120", "--set", "train.batch_size=8", "--set", "train.checkpoint_every=20",
             "--set", "probe.every=20", "--set", "train.log_every=5"]
@@ -173,6 +175,7 @@ def test_analysis_convergence_prints_what_its_metric_measures(store, capsys):
     (["--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", "bogus://nowhere"],
      "tracking URI bogus://nowhere: unsupported scheme 'bogus'"),
 ])
+@pytest.mark.system
 def test_bad_input_exits_2_with_one_line(args, needle, store):
     if "--tracking-uri" not in args:
         args = [*args, "--tracking-uri", store]
@@ -209,6 +212,7 @@ def test_every_block_key_logged_and_parquet_matches_mlflow(tmp_path, store):
     assert frame[(frame.metric == "cka_final") & (frame.step == last)].value.round(6).eq(1.0).all()
 
 
+@pytest.mark.system
 def test_torchrun_two_processes_ddp_across_freeze_changes(store):
     """DDP (gloo on CPU) is rebuilt when the frozen prefix changes; rank 0 alone logs."""
     proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "experiments", "pretrain",
@@ -227,6 +231,7 @@ def test_torchrun_two_processes_ddp_across_freeze_changes(store):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.system
 def test_pretrain_on_video_folder_counts_skipped_files(tmp_path, store):
     from tests.helpers import tiny_sets, write_video
 

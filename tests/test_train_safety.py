@@ -96,6 +96,7 @@ def test_nonfinite_gradients_skip_the_step_and_are_counted(store, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
+@pytest.mark.system
 def test_sigterm_flushes_checkpoints_and_marks_the_run_killed(tmp_path, store):
     cmd = [sys.executable, "-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
            *tiny_sets(**{"train.steps": 5000, "train.checkpoint_every": 10, "train.log_every": 1,

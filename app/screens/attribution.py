@@ -21,16 +21,16 @@ runs = state.load_runs()
 @st.cache_data(show_spinner=False, max_entries=16)
 def run_tasks(uri: str, run_id: str, version: str) -> tuple[dict[str, int], int]:
     """Classification tasks of the run's dataset and the size of its validation split."""
-    from analysis import attribution
+    from analysis import attribution, io
 
-    return attribution.checkpoint_tasks(attribution.load_checkpoint(run_id, uri))
+    return attribution.checkpoint_tasks(io.load_checkpoint(run_id, uri))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def explain(uri: str, run_id: str, version: str, task: str, clip: int, method: str, n_steps: int):
-    from analysis import attribution
+    from analysis import attribution, io
 
-    return attribution.explain(attribution.load_checkpoint(run_id, uri), task, clip, method, n_steps,
+    return attribution.explain(io.load_checkpoint(run_id, uri), task, clip, method, n_steps,
                                run_id=run_id)
 
 
@@ -58,7 +58,7 @@ clip = int(c[0].number_input("Validation clip", 0, max(n_val - 1, 0), 0, key="at
 n_steps = int(c[1].select_slider("Integration steps", [8, 16, 32, 64], value=16, key="attr_steps"))
 
 try:
-    with st.spinner("Fitting a linear probe and integrating gradients (a few seconds on a CPU)…"):
+    with st.spinner("Fitting a linear probe and integrating gradients…"):
         result = explain(uri, run_id, ver, task, clip, method, n_steps)
 except LayerLockError as err:
     st.warning(first_line(err))

@@ -10,6 +10,7 @@ import streamlit as st
 
 from analysis import io, metric_help, schema
 from analysis.compare import group_comparison, summarize_run
+from analysis.records import eval_metrics
 from analysis.stats import INTERVAL_NAME, spread_over_runs, summary_table
 from app.views import charts, groups, loaders, state
 
@@ -52,7 +53,7 @@ with state.notice_errors():
             meta = {"run_id": rid, "name": rec.name, "method": rec.method, "dataset": rec.dataset,
                     "status": rec.status, "steps": rec.param_int("train.steps")}
             rows.append({"group": item, "seed": rec.param_int("train.seed"),
-                         **summarize_run(meta, histories[rid], layer[rid], io.eval_metrics(rec.metrics))})
+                         **summarize_run(meta, histories[rid], layer[rid], eval_metrics(rec.metrics))})
             methods.setdefault(item, rec.method)
             if rec.status == "FAILED":
                 st.warning(f"{label} failed: {rec.tags.get(io.TAG_FAILURE, 'no reason recorded')}")

@@ -11,7 +11,8 @@ import streamlit as st
 
 from analysis import LayerLockError, first_line, schema
 from analysis.schedule import validate_schedule
-from app.views import charts, errors, jobs, loaders, state
+from app import jobs
+from app.views import charts, errors, loaders, state
 
 FROM_CONFIG = "(from config)"
 OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
@@ -83,7 +84,7 @@ def build_overrides() -> tuple[list[str], str]:
         path = Path(raw).expanduser().resolve()
         check_schedule(path)
         overrides.append(jobs.string_override("freeze.schedule", str(path)))
-    overrides += jobs.parse_overrides(extra)
+    overrides += jobs.override_lines(extra)
     name = run_name.strip() or jobs.new_run_name(objective if objective != FROM_CONFIG else Path(config).stem)
     overrides.append(jobs.string_override("tracking.run_name", name))   # `exp #2` stays `exp #2`
     return overrides, name

@@ -12,7 +12,8 @@ import streamlit as st
 from analysis import LayerLockError, first_line, io, schema
 from analysis.convergence import RULES
 from analysis.schedule import schedule_for_run
-from app.views import charts, controls, jobs, loaders, state
+from app import jobs
+from app.views import charts, controls, loaders, state
 
 LAYERLOCK_CONFIG = jobs.CONFIG_DIR / "layerlock_tiny.yaml"
 

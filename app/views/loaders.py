@@ -19,6 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import io, schema
+from analysis.records import FreezeTestRuns, RunRecord, parse_block_key
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 RUNS_TTL_S = 5
@@ -39,11 +40,11 @@ def job_run(uri: str, job_id: str) -> str | None:
 
 
 @st.cache_data(ttl=RECORD_TTL_S, show_spinner=False, max_entries=256)
-def record(uri: str, run_id: str) -> io.RunRecord:
+def record(uri: str, run_id: str) -> RunRecord:
     return io.get_run(run_id, uri)
 
 
-def version_of(rec: io.RunRecord) -> str:
+def version_of(rec: RunRecord) -> str:
     if rec.status in TERMINAL:
         return f"{rec.status}:{rec.end_time}"
     digest = hashlib.blake2b(repr(sorted(rec.metrics.items())).encode(), digest_size=8).hexdigest()
@@ -55,7 +56,7 @@ def row_version(status: str, end_time: Any) -> str:
     return f"{status}:{end_time}"
 
 
-def run_version(uri: str, run_id: str) -> tuple[io.RunRecord, str]:
+def run_version(uri: str, run_id: str) -> tuple[RunRecord, str]:
     """The run's snapshot and its cache version."""
     rec = record(uri, run_id)
     return rec, version_of(rec)
@@ -83,7 +84,7 @@ def block_metric_names(uri: str, run_id: str, version: str) -> list[str]:
     """Per-block metric names the run logged (from its latest metrics, no history read)."""
     names = set()
     for key in record(uri, run_id).metrics:
-        parsed = io.parse_block_key(key)
+        parsed = parse_block_key(key)
         if parsed:
             names.add(parsed[0])
     if not names:  # an artifact-only run (no per-block history keys)
@@ -147,10 +148,20 @@ def children(uri: str, parent_id: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
+def freeze_test(uri: str, parent_id: str) -> FreezeTestRuns:
+    """A freeze test's runs (``io.load_freeze_test``), read once for the grid, its tolerance and
+    the agreement report: every run's final loss, the baseline's per-block metrics too."""
+    from analysis.agreement import AGREEMENT_BASELINE_PARTS
+    from analysis.compare import FINAL_LOSS_PARTS
+
+    return io.load_freeze_test(parent_id, uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
+
+
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
 def freeze_grid(uri: str, parent_id: str, tol: float):
     from analysis.compare import freeze_test_grid
 
-    return freeze_test_grid(parent_id, uri, tol=tol)
+    return freeze_test_grid(freeze_test(uri, parent_id), tol=tol)
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
@@ -158,7 +169,7 @@ def freeze_tolerance(uri: str, parent_id: str):
     """The freeze test's calibrated tolerance (``analysis.agreement.calibrated_tolerance``)."""
     from analysis.agreement import calibrated_tolerance
 
-    return calibrated_tolerance(parent_id, uri)
+    return calibrated_tolerance(freeze_test(uri, parent_id))
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
@@ -166,7 +177,7 @@ def agreement(uri: str, parent_id: str, tol: float) -> dict[str, Any]:
     """Cheap rules against the freeze test at ``tol`` (``analysis.agreement.agreement_report``)."""
     from analysis.agreement import agreement_report
 
-    return agreement_report(parent_id, uri, tol=tol)
+    return agreement_report(freeze_test(uri, parent_id), tol=tol)
 
 
 def refresh_live() -> None:
@@ -175,6 +186,7 @@ def refresh_live() -> None:
     job_run.clear()
     record.clear()
     children.clear()
+    freeze_test.clear()
     freeze_grid.clear()
     freeze_tolerance.clear()
     agreement.clear()

@@ -132,7 +132,7 @@ def recent_per_method(runs: pd.DataFrame, n: int = 3) -> list[str]:
     return (firsts + rest)[:n]
 
 
-def run_label(runs: pd.DataFrame) -> dict[str, str]:
+def picker_labels(runs: pd.DataFrame) -> dict[str, str]:
     """run id -> ``name · method · status · id8`` for pickers."""
     out = {}
     for row in runs.itertuples(index=False):
@@ -174,7 +174,7 @@ def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str
     options = list(options)
     if not options:
         return None
-    labels = run_label(runs)
+    labels = picker_labels(runs)
     current = next((r for r in selected() if r in options), None)
     if current is None:
         recent = most_recent(runs[runs["run_id"].isin(options)], 1)
@@ -194,7 +194,7 @@ def pick_runs(runs: pd.DataFrame, key: str, label: str = "Runs", default_n: int 
               allow_empty: bool = False, help: str | None = None) -> list[str]:
     """A multiselect of runs seeded with the selection (else recent runs, one per method)."""
     options = list(runs["run_id"])
-    labels = run_label(runs)
+    labels = picker_labels(runs)
     current = [r for r in selected() if r in options]
     if not current and not allow_empty:
         current = recent_per_method(runs, default_n)

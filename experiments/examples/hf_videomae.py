@@ -115,9 +115,10 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
 
 def derive(run_id: str, tracking_uri: str | None, steps: int) -> dict:
     """The schedule ``layerlock schedule --run RUN_ID`` derives from the MAE run."""
-    from analysis.schedule import derive_run_schedule
+    from analysis import io
+    from analysis.schedule import derive_run_schedule, schedule_parts
 
-    return derive_run_schedule(run_id, tracking_uri, total_steps=steps)
+    return derive_run_schedule(io.load_run(run_id, tracking_uri, schedule_parts()), total_steps=steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Training runs launched from the dashboard as child processes (no Streamlit in here).
+"""Training runs launched from the dashboard as child processes: the supervision the Launch and
+Schedule pages call (no Streamlit in here; the pages render).
 
 The dashboard never trains in its own process (docs/architecture.md, "Layers"): it starts
 ``python -m experiments pretrain ...`` with an argument list (no shell), writes the child's
@@ -44,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import LayerLockError, schema
+from analysis import LayerLockError, absolute_uri, schema
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "experiments" / "configs"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Exit status of the CLI: 0 done, 2 bad input, 1 diverged, 130 interrupted.
@@ -97,21 +98,6 @@ def config_files() -> list[Path]:
     return sorted(files, key=lambda p: (p.name != "mae_tiny.yaml", p.name))
 
 
-def child_tracking_uri(uri: str) -> str:
-    """``uri`` usable from the child's working directory (the repository root).
-
-    A relative ``sqlite:///mlflow.db`` means a file in the dashboard's working directory; the
-    child runs in the repository root, so the path is made absolute.
-    """
-    from analysis.io import sqlite_path
-
-    path = sqlite_path(uri)
-    if path is not None and not path.is_absolute():
-        _, sep, query = uri.partition("?")
-        return f"sqlite:///{path.resolve()}{sep}{query}"
-    return uri
-
-
 def pretrain_argv(
     config: str | Path,
     overrides: list[str] | None = None,
@@ -125,11 +111,13 @@ def pretrain_argv(
     for key, value in (tags or {}).items():
         argv += ["--tag", f"{key}={value}"]
     if tracking_uri:
-        argv += ["--tracking-uri", child_tracking_uri(tracking_uri)]
+        # A relative sqlite file is one in the dashboard's working directory; the child runs in the
+        # repository root.
+        argv += ["--tracking-uri", absolute_uri(tracking_uri)]
     return argv
 
 
-def parse_overrides(text: str) -> list[str]:
+def override_lines(text: str) -> list[str]:
     """One ``key=value`` per line (blank lines and ``#`` comments skipped); raises ValueError."""
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -203,7 +191,7 @@ def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "laun
     folder.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     argv = [*argv, "--tag", f"{schema.TAG_JOB}={job_id}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": child_tracking_uri(tracking_uri)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": absolute_uri(tracking_uri)}
     out_path, log_path = folder / f"{job_id}.out", folder / f"{job_id}.log"
     with open(out_path, "wb") as out, open(log_path, "wb") as log:
         # Own session: a Ctrl-C on the dashboard server does not reach the training run.
@@ -223,10 +211,6 @@ def list_jobs(limit: int = 20) -> list[Job]:
         return []
     jobs = [j for p in folder.glob("*.json") if (j := Job.load(p)) is not None]
     return sorted(jobs, key=lambda j: j.started, reverse=True)[:limit]
-
-
-def get_job(job_id: str) -> Job | None:
-    return Job.load(launch_dir() / f"{job_id}.json")
 
 
 def _start_time(pid: int) -> int | None:
