@@ -298,7 +298,7 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
     machine, spinning OpenMP threads make these small steps ten times slower)."""
     import torch
 
-    from experiments.examples.own_loop import SETUPS, attach_monitor, train
+    from experiments.examples.own_loop import SETUPS, attach_monitor, open_run, train
 
     uri = f"sqlite:///{folder}/mlflow.db"
     threads = torch.get_num_threads()
@@ -307,7 +307,8 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
         ids = {}
         for name, steps in OWN_LOOP_STEPS.items():
             setup = SETUPS[name]()
-            with attach_monitor(setup, steps, OWN_LOOP_EVERY, tracking_uri=uri, run_name=f"{name}-own-loop") as mon:
+            with (open_run(uri, f"{name}-own-loop") as writer,
+                  attach_monitor(setup, steps, OWN_LOOP_EVERY, writer=writer) as mon):
                 train(setup, steps, monitor=mon)
             ids[name] = mon.run_id
     finally:

@@ -56,7 +56,7 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     from core.config import load_config
     from core.errors import LayerLockError
     from core.freezing import set_frozen_prefix
-    from core.tracking import Tracker
+    from core.tracking import NullWriter
     from experiments import config_path
 
     cfg = load_config(config_path(config),
@@ -65,7 +65,7 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     k = depth - 1 if frozen is None else frozen
     if not 0 <= k < depth:
         raise LayerLockError(f"--frozen must be between 0 and {depth - 1} (model.depth={depth}), got {k}")
-    run = trainer._Run(cfg, Tracker(enabled=False), 0, 1)
+    run = trainer._Run(cfg, NullWriter(), 0, 1)
     set_frozen_prefix(run.model, run.optimizer, k)
     run.stage = run.frozen = k
     run.net = run.model
