@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 from core import schema
+from core.cost import CostSpec
 from core.errors import LayerLockError
 from core.freezing import FreezeSchedule, apply_schedule, as_schedule, frozen_prefix_length
+from core.monitor import LayerMonitor, ProbeSpec
 from core.objectives import latent_loss, prefix_output
+from core.tracking import open_writer
 
 # Where the common model families keep their blocks (in depth order) and what runs before them.
 BLOCK_PATHS = ("videomae.encoder.layer",   # transformers VideoMAEForPreTraining / VideoMAEForVideoClassification
@@ -127,13 +130,17 @@ class LayerLockSession:
         if (probe_batch is None) != (probe_forward is None):
             raise LayerLockError("probe_batch and probe_forward go together (or neither: no probes)")
         self.latent, self.latent_weight = latent, float(latent_weight)
-        self._monitor_args = dict(probe_batch=probe_batch, forward=probe_forward or (lambda _b: None),
-                                  every=every if probe_batch is not None else None, log_every=log_every,
-                                  train_step=train_step, calibration=calibration, stem=self.stem, run=run,
-                                  tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, params=params,
-                                  tags={schema.TAG_METHOD: "layerlock" if latent else schema.METHOD_OWN_LOOP,
-                                        **(tags or {})})
-        self.monitor = None
+        self.probe = (ProbeSpec(probe_batch, probe_forward, every=every)
+                      if probe_batch is not None and every is not None else None)
+        self.train_step, self.calibration, self.log_every, self.params = train_step, calibration, log_every, params
+        # Where to log: ``run`` (an MLflow run id or run, e.g. a framework logger's), else a new run.
+        self.run, self.tracking_uri = run, tracking_uri
+        self._writer_args = dict(experiment=experiment, run_name=run_name,
+                                 tags={schema.TAG_METHOD: "layerlock" if latent else schema.METHOD_OWN_LOOP,
+                                       **(tags or {})})
+        self.monitor: LayerMonitor | None = None
+        self._owns_run = False
+        self._total_steps: int | None = None
         self._losses: dict[str, list[float]] = {schema.LOSS_PIXEL: [], schema.LOSS_LATENT: []}
 
     # -- the run ---------------------------------------------------------------------------------
@@ -141,13 +148,23 @@ class LayerLockSession:
               state: dict | None = None) -> None:
         """Attach the monitor (continuing ``state``'s MLflow run on a resume) and freeze the prefix
         the schedule holds at ``step`` through ``optimizer``."""
-        args = dict(self._monitor_args, total_steps=total_steps, optimizer=optimizer)
+        self.begin_step(step, optimizer)   # before the monitor's FLOP count, which puts the prefix back as it is
         if state is not None:
-            args.update(run=state["run_id"], train_step=None, calibration=0, describe_run=False)
-        self.begin_step(step, optimizer)   # before the monitor's FLOP count puts the prefix back as it is
-        from core.monitor import LayerMonitor
-
-        self.monitor = LayerMonitor(self.blocks, model=self.model, **args)
+            writer = open_writer(state["run_id"], tracking_uri=self.tracking_uri, **self._writer_args)
+            self._owns_run = bool(state.get("owns_run"))
+        else:
+            writer = open_writer(self.run, tracking_uri=self.tracking_uri, **self._writer_args)
+            self._owns_run = writer.created   # a run it started is this session's to end; a logger's is not
+        # A resume keeps the FLOP model and calibration the run logged when it began.
+        cost = (CostSpec(self.train_step, stem=self.stem, optimizer=optimizer, calibration=self.calibration)
+                if self.train_step is not None and state is None else None)
+        params = dict(self.params or {})
+        if state is not None and state.get("total_steps") is not None:
+            # MLflow keeps a param's first value: a resume with another max_steps keeps the logged one.
+            params["train.steps"], total_steps = state["total_steps"], None
+        self._total_steps = total_steps if state is None else state.get("total_steps")
+        self.monitor = LayerMonitor(self.blocks, self.probe, model=self.model, writer=writer, cost=cost,
+                                    log_every=self.log_every, total_steps=total_steps, params=params)
         if state is not None:
             self.load_state_dict(state)
 
@@ -196,13 +213,22 @@ class LayerLockSession:
                 mon.record(means, step)
             self._losses = {k: [] for k in self._losses}
 
-    def close(self, step: int | None = None, **kwargs: Any) -> None:
-        """The monitor's end (final probe, artifacts); then let go of the run's writer, which the
-        monitor keeps open for a run it did not start (a framework logger's), so that a resume in
-        this process (or a sync) can take the run over."""
-        if self.monitor is not None:
-            self.monitor.close(step, **kwargs)
-            self.monitor.tracker.close()
+    def close(self, step: int | None = None, *, final_probe: bool = True, status: str = "FINISHED",
+              reason: str | None = None) -> None:
+        """The monitor's end (final probe, artifacts); the run ends too if this session started it,
+        else its writer lets go of it (a framework logger's run is the logger's to end), so that a
+        resume in this process (or a sync) can take it over."""
+        if self.monitor is None:
+            return
+        self.monitor.close(step, final_probe=final_probe, status=status, reason=reason)
+        writer = self.monitor.writer
+        if self._owns_run and status == "FAILED":
+            writer.fail(reason or "failed")
+        elif self._owns_run:
+            writer.finish(status)
+        else:
+            writer.flush()
+            writer.close()
 
     def _require_started(self):
         if self.monitor is None:
@@ -211,12 +237,12 @@ class LayerLockSession:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What the framework's checkpoint keeps: the MLflow run, the frozen prefix, the monitor's
-        rows, probe history (the features are in the run's ``probe/`` files) and step times."""
+        """What the framework's checkpoint keeps: the MLflow run (and whether this session ends it),
+        the frozen prefix, the monitor's rows and probe history (the features are in the run's
+        ``probe/`` files), the step times and the loss parts not yet logged."""
         mon = self._require_started()
-        mon.wait()
-        return {"run_id": mon.run_id, "frozen": self.stage, "layer_rows": [list(r) for r in mon.layer_rows],
-                "probe": mon.probes.state_dict() if mon.probes is not None else {},
+        return {"run_id": mon.run_id, "owns_run": self._owns_run, "total_steps": self._total_steps,
+                "frozen": self.stage, "monitor": mon.state_dict(),
                 "time_model": mon.timer.state_dict(),
                 "schedule": self.schedule.to_dict() if self.schedule is not None else None,
                 "losses": {k: list(v) for k, v in self._losses.items()}}
@@ -226,8 +252,6 @@ class LayerLockSession:
         if state.get("frozen") != self.stage:
             raise LayerLockError(f"the checkpoint was saved with {state.get('frozen')} frozen blocks, but the "
                                  f"schedule holds {self.stage} at the step resumed: resume with the same schedule")
-        mon.layer_rows = [tuple(r) for r in state.get("layer_rows", [])]
-        if mon.probes is not None and state.get("probe"):
-            mon.probes.load_state_dict(state["probe"], mon.stored_features)
+        mon.load_state_dict(state["monitor"], mon.writer.reader())
         mon.timer.load_state_dict(state.get("time_model") or {})
         self._losses = {k: list(v) for k, v in (state.get("losses") or {}).items()} or self._losses

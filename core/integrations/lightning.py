@@ -69,10 +69,10 @@ def callback_for(pl: Any) -> type:
 
         def on_train_start(self, trainer, pl_module) -> None:
             session = self.session
-            if session._monitor_args["run"] is None:
+            if session.run is None:
                 for logger in trainer.loggers:
                     if type(logger).__name__ == "MLFlowLogger":   # log into the trainer's MLflow run
-                        session._monitor_args.update(run=logger.run_id, tracking_uri=logger._tracking_uri)
+                        session.run, session.tracking_uri = logger.run_id, logger._tracking_uri
                         break
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             session.start(trainer.global_step, optimizer, total_steps=trainer.max_steps if trainer.max_steps > 0
