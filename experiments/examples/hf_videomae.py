@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from core import schema
 from core.config import DataConfig
 from core.data import build_dataset
 from core.errors import LayerLockError, first_line
@@ -93,7 +94,7 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
     cb = LayerLockCallback(model, schedule, latent=latent, probe_batch=probe["pixel_values"],
                            probe_forward=lambda pv: model.videomae(pv), every=every, log_every=5,
                            flop_batch=batch_of(train_ds, 8), tracking_uri=tracking_uri, experiment=EXPERIMENT,
-                           tags={"layerlock.dataset": "moving_digits"})
+                           tags={schema.TAG_DATASET: "moving_digits"})
     callbacks = [cb, *(callbacks or [])]
     if stop_at is not None:
         class Stop(TrainerCallback):
