@@ -147,7 +147,7 @@ class VideoMAE(nn.Module):
         """``video (B, C, T, H, W)`` -> ``(B, N, tubelet*patch*patch*C)`` in token order.
 
         Two copies, channels last first: one 8-d permute whose innermost axis is the channel
-        (stride T*H*W) gathers element by element and cost 3x as much on CPU.
+        (stride T*H*W) gathers element by element, which is slow on CPU.
         """
         g = self.geometry
         t, h, w = g.grid

@@ -7,7 +7,7 @@
 convergence|schedule`` and the dashboard read a run of your own loop like one of the trainer's;
 :func:`core.freezing.apply_schedule` then applies a derived schedule in that loop::
 
-    mon = LayerMonitor(blocks, probe_batch, forward, every=50, model=model)
+    mon = LayerMonitor(blocks, ProbeSpec(probe_batch, forward, every=50), model=model)
     for step in range(steps):
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -16,6 +16,10 @@ convergence|schedule`` and the dashboard read a run of your own loop like one of
         optimizer.zero_grad()
         mon.after_step(step, loss)   # update ratios, run-level metrics
     mon.close()                      # final probe, cka_final, artifacts
+
+The monitor is made of three named parts: what to probe (:class:`ProbeSpec`), where to log (a
+:class:`core.tracking.Writer`: by default :func:`core.tracking.open_writer`'s run) and what a
+step costs (:class:`CostSpec`: the FLOP model and the timing calibration).
 
 Step convention (as the trainer's, ``core/train.py``): ``step`` counts updates already done;
 the probe at ``step`` sees the weights after ``step`` updates; the final probe in
@@ -29,7 +33,8 @@ buffers and the RNG (``core.flops.count_flop_model``). Weights with and without 
 bit for bit on CPU (tests/test_own_loop.py).
 
 The trainer (``core/train.py``) runs its probes, gradient norms, update ratios and the
-per-block artifacts through this class too.
+per-block artifacts through this class too (``loop_metrics=False``), and checkpoints and
+resumes it through :meth:`LayerMonitor.state_dict` / :meth:`LayerMonitor.load_state_dict`.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ import functools
 import gc
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,111 +54,93 @@ from torch import nn
 
 from core import schema
 from core.config import ProbeConfig
-from core.errors import LayerLockError, first_line
-from core.flops import count_flop_model, kept_as_is
+from core.cost import CostSpec, calibrate_on_model, check_int
+from core.errors import LayerLockError
+from core.flops import count_flop_model
 from core.freezing import apply_schedule, freeze_prefix, frozen_prefix_length  # noqa: F401  (one import for users)
 from core.probes import ProbeRunner, ProbeTarget, block_grad_norms, snapshot_blocks, update_ratios
-from core.timemodel import StepTimer, calibrate
-from core.tracking import Tracker
-
-DEFAULT_EXPERIMENT = "layerlock"
+from core.timemodel import StepTimer
+from core.tracking import NullWriter, RunReader, Writer, open_writer
 
 
-def _open_tracker(run: Any, tracking_uri: str | None, experiment: str, run_name: str | None,
-                  tags: dict[str, str]) -> tuple[Tracker, bool]:
-    """The tracker to log through and whether this monitor started (and so ends) its run.
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What to probe, and how often.
 
-    ``run``: a :class:`core.tracking.Tracker` (the trainer's), an MLflow run id, an MLflow run
-    object (``mlflow.start_run()``), ``False`` (log nothing) or None: the active fluent run if
-    there is one, else a new run."""
-    if run is False:
-        return Tracker(enabled=False), False
-    if isinstance(run, Tracker):
-        return run, False
-    if run is None:
-        import mlflow
+    ``batch``: a fixed batch (held-out inputs), passed to ``forward(batch)``, which runs the model
+    on it (its return value is ignored; block outputs are read by hooks and turned into
+    ``(clips, positions, dim)`` by :func:`core.probes.clips_positions_dim`, or by ``features``).
+    ``every``: probe interval in steps. ``tokens_per_clip``: positions read per clip (a seeded
+    subset, ``seed``) out of ``n_positions`` (default: what the first probe sees). ``debiased``:
+    debiased CKA. ``background``: each probe reads a copy of the model's weights in a background
+    thread while training goes on (worth it where a CPU core is idle, or on a GPU); the numbers
+    are those of a probe in the loop. Needs the monitor's ``model=`` (the blocks must be its
+    submodules), and ``forward`` then takes the model to run as well: ``forward(model, batch)``.
+    Its results are logged when ready, at the latest by the next probe, ``wait()`` or
+    ``close()``; the forward must draw no random numbers in eval mode (the RNG is not forked in
+    the background thread)."""
 
-        active = mlflow.active_run()
-        if active is None:
-            return Tracker(uri=tracking_uri, experiment=experiment, run_name=run_name, tags=tags), True
-        run, tracking_uri = active, tracking_uri or mlflow.get_tracking_uri()
-    run_id = run if isinstance(run, str) else getattr(getattr(run, "info", None), "run_id", None)
-    if not run_id:
-        raise LayerLockError(f"run must be an MLflow run id, an MLflow run, a Tracker, False or None; "
-                             f"got {type(run).__name__}")
-    tracker = Tracker(uri=tracking_uri, run_id=run_id)
-    tracker.set_tags(tags)
-    return tracker, False
+    batch: Any
+    forward: Callable[..., Any]
+    every: int = 50
+    tokens_per_clip: int = 32
+    debiased: bool = True
+    seed: int = 0
+    features: Callable[[Any], torch.Tensor] | None = None
+    n_positions: int | None = None
+    background: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("every", self.every, 1)
+        check_int("tokens_per_clip", self.tokens_per_clip, 1)
 
 
 class LayerMonitor:
     """Convergence probes on a list of modules (the blocks, in depth order) of any model.
 
     ``blocks``: the modules whose outputs are probed and whose parameters make up each block.
-    ``probe_batch``: a fixed batch (held-out inputs), passed to ``forward(probe_batch)``, which
-    runs the model on it (its return value is ignored; block outputs are read by hooks and
-    turned into ``(clips, positions, dim)`` by :func:`core.probes.clips_positions_dim`, or by
-    ``features``).
-    ``every``: probe interval in steps (None: no probes, gradient metrics only).
-    ``model``: the whole model. The probe runs it in eval mode (else only the blocks), and it is
-    needed to count FLOPs.
-    ``train_step``: a function that runs the forward and loss on one fixed training batch and
-    returns the loss; with it the FLOP model is counted for every frozen-prefix length and
-    logged as ``flop_model.json`` (``core.flops.count_flop_model``). Without it, ``python -m
-    analysis schedule`` predicts savings from an estimate (uniform per-block cost).
-    ``stem``: modules or parameters before block 0 that freeze with it (as in
-    :func:`core.freezing.freeze_prefix`), for the FLOP count and the calibration.
-    ``optimizer``: the loop's optimizer. With it (and ``train_step``) the calibration steps
-    include an optimizer update, by an optimizer of the same class and settings over the same
-    parameters: the loop's own optimizer is not touched.
-    ``calibration``: with ``train_step``, time this many steps (forward, backward and, with
-    ``optimizer``, an update) at each frozen-prefix length before training, interleaved
-    (:func:`core.timemodel.calibrate`), on the model itself, whose weights, gradients, buffers,
-    frozen prefix and RNG are then put back bit for bit. With the training steps' own times
-    (per frozen-prefix length, the monitor's time excluded) they make up ``time_model.json``,
-    from which ``python -m analysis schedule`` predicts a schedule's wall-time saving. 0: none.
-    ``run``: an MLflow run id, an ``mlflow.start_run()`` run, a ``core.tracking.Tracker``,
-    ``False`` (log nothing) or None (the active run, else a new one in ``experiment`` at
-    ``tracking_uri``). A run the monitor started is ended by :meth:`close`.
+    ``probe``: what to probe (:class:`ProbeSpec`); None: no probes, gradient metrics only.
+    ``model``: the whole model. The probe runs it in eval mode (else only the blocks); counting
+    FLOPs and background probes need it.
+    ``writer``: where to log: a :class:`core.tracking.Tracker` (the trainer's, or
+    :func:`core.tracking.open_writer`'s for a run id, an ``mlflow.start_run()`` run or a new run
+    with a name and experiment: its run is the caller's to end), a
+    :class:`core.tracking.NullWriter` (log nothing), or None: ``open_writer()``, the active MLflow
+    run, else a new run that :meth:`close` ends.
+    ``cost``: what a step costs (:class:`CostSpec`: the FLOP model and the timing calibration).
     ``total_steps``: logged as ``train.steps`` (else the number of steps seen, at close).
-    ``background``: each probe reads a copy of ``model``'s weights in a background thread while
-    training goes on (worth it where a CPU core is idle, or on a GPU); the numbers are those of
-    a probe in the loop. Needs ``model=`` (the blocks must be its submodules), and ``forward``
-    then takes the model to run as well: ``forward(model, probe_batch)``. Its results are logged
-    when ready, at the latest by the next probe, :meth:`wait` or :meth:`close`; the forward must
-    draw no random numbers in eval mode (the RNG is not forked in the background thread).
+    ``params``: more params to log. ``loop_metrics=False``: the caller logs the run's params,
+    its ``train/*`` metrics and its step times itself (the trainer); the monitor then logs only
+    the per-block metrics and artifacts, and times nothing.
 
     The blocks' parameters are listed once, here (the gradient norms and update ratios read
     those lists): attach the monitor after anything that replaces a model's parameter objects
     (FSDP's flattening, say; ``.to(device)`` keeps them).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], probe_batch: Any, forward: Callable[[Any], Any], *,
-                 every: int | None = 50, log_every: int = 10, total_steps: int | None = None,
-                 model: nn.Module | None = None, train_step: Callable[[], torch.Tensor] | None = None,
-                 stem: Iterable[nn.Module | nn.Parameter] = (),
-                 run: Any = None, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                 run_name: str | None = None, tags: dict[str, str] | None = None,
-                 params: dict[str, Any] | None = None,
-                 tokens_per_clip: int = 32, debiased: bool = True, seed: int = 0,
-                 features: Callable[[Any], torch.Tensor] | None = None, n_positions: int | None = None,
-                 run_metrics: bool = True, describe_run: bool = True, background: bool = False,
-                 optimizer: torch.optim.Optimizer | None = None, calibration: int = 5) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], probe: ProbeSpec | None, *, model: nn.Module | None = None,
+                 writer: Writer | None = None, cost: CostSpec | None = None, log_every: int = 10,
+                 total_steps: int | None = None, params: dict[str, Any] | None = None,
+                 loop_metrics: bool = True) -> None:
         self.blocks = list(blocks)
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
+        if probe is not None and not isinstance(probe, ProbeSpec):
+            raise LayerLockError(f"probe must be a ProbeSpec or None, got {type(probe).__name__}")
+        if writer is not None and not isinstance(writer, Writer):
+            raise LayerLockError("writer must be a core.tracking writer (a Tracker, open_writer(...), NullWriter()) "
+                                 f"or None; got {type(writer).__name__}")
         self._block_params = [list(b.parameters()) for b in self.blocks]   # read once: see the class docstring
-        for name, value, least in (("every", every, 1), ("log_every", log_every, 1),
-                                   ("tokens_per_clip", tokens_per_clip, 1), ("total_steps", total_steps, 1),
-                                   ("calibration", calibration, 0)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-                raise LayerLockError(f"{name} must be an integer >= {least}, got {value!r}")
-        if train_step is not None and model is None:
-            raise LayerLockError("train_step needs model=: counting FLOPs runs real steps and puts the model's "
-                                 "gradients and buffers back afterwards")
-        self.model, self.stem = model, list(stem)
-        self._forward, self._pool, self._block_names = forward, None, []
-        if background and every is not None:
+        check_int("log_every", log_every, 1)
+        check_int("total_steps", total_steps, 1)
+        if cost is not None and model is None:
+            raise LayerLockError("cost= needs model=: counting FLOPs runs real steps of train_step and puts the "
+                                 "model's gradients and buffers back afterwards")
+        self.model, self.stem = model, list(cost.stem) if cost is not None else []
+        self.probe_spec = probe
+        self._forward, self._pool, self._block_names = (probe.forward if probe else None), None, []
+        forward = self._forward
+        if probe is not None and probe.background:
             names = {id(m): name for name, m in (model.named_modules() if model is not None else ())}
             if model is None or any(id(b) not in names for b in self.blocks):
                 raise LayerLockError("background=True needs model= with the blocks among its submodules: "
@@ -167,24 +154,28 @@ class LayerMonitor:
         self._writes: list[Future] = []
         self._pending: tuple[int, Future[dict[str, float]]] | None = None
         self._last_probe: int | None = None
-        self.every, self.log_every, self.total_steps = every, log_every, total_steps
-        self.run_metrics = run_metrics
+        self.every = probe.every if probe is not None else None
+        self.log_every, self.total_steps = log_every, total_steps
+        self.loop_metrics = loop_metrics
         self.probes: ProbeRunner | None = None
-        if every is not None:
-            cfg = ProbeConfig(every=every, batch_size=max(4, _batch_len(probe_batch)),
-                              tokens_per_clip=tokens_per_clip, debiased=debiased)
-            self.probes = ProbeRunner(cfg, probe_batch, n_positions, seed, blocks=self.blocks, forward=forward,
-                                      owner=model, features=features)
-        self.flop_model = (count_flop_model(self.blocks, train_step, model=model, stem=self.stem)
-                           if train_step is not None else None)
+        if probe is not None:
+            cfg = ProbeConfig(every=probe.every, batch_size=max(4, _batch_len(probe.batch)),
+                              tokens_per_clip=probe.tokens_per_clip, debiased=probe.debiased)
+            self.probes = ProbeRunner(cfg, probe.batch, probe.n_positions, probe.seed, blocks=self.blocks,
+                                      forward=forward, owner=model, features=probe.features)
+        self.flop_model = (count_flop_model(self.blocks, cost.train_step, model=model, stem=self.stem)
+                           if cost is not None else None)
         # time_model.json: calibration now, then every training step at its frozen-prefix length.
         self._timer = StepTimer()
-        self.calibration = calibration if train_step is not None and run_metrics else 0
+        self.calibration = cost.calibration if cost is not None and loop_metrics else 0
         self._calibrated = ""
         if self.calibration:
-            self._calibrate(train_step, optimizer)
-        all_tags = {schema.TAG_METHOD: schema.METHOD_OWN_LOOP, **(tags or {})} if describe_run else {}
-        self.tracker, self._owns_run = _open_tracker(run, tracking_uri, experiment, run_name, all_tags)
+            self._calibrated = calibrate_on_model(cost, self.blocks, model, self._timer)
+        self._owns_run = False
+        if writer is None:
+            writer = open_writer()
+            self._owns_run = writer.created   # a new run, this monitor's to end; the active run is its owner's
+        self.writer: Writer = writer
         self.layer_rows: list[tuple[int, int, str, float]] = []   # (step, block, metric, value)
         self._snapshot: list[list[torch.Tensor] | None] | None = None
         self._losses: list[torch.Tensor] = []
@@ -197,16 +188,16 @@ class LayerMonitor:
         self.flops_total = 0.0
         self.last_step: int | None = None
         self._closed = False
-        self._steps_logged = not describe_run or total_steps is not None or "train.steps" in (params or {})
-        if describe_run:
-            self.tracker.log_params(self._params(params, probe_batch, tokens_per_clip, debiased))
+        self._steps_logged = not loop_metrics or total_steps is not None or "train.steps" in (params or {})
+        if loop_metrics:
+            self.writer.log_params(self._params(params))
         if self.flop_model is not None:
-            self.tracker.log_json(self.flop_model, schema.FLOP_MODEL_ARTIFACT)
+            self.writer.log_json(self.flop_model, schema.FLOP_MODEL_ARTIFACT)
         self.log_time_model()
         # A full garbage collection now, a one-off cost of attaching: importing MLflow (and what it
         # pulls in) leaves hundreds of thousands of new objects, and the first full collection that
-        # walks them (0.4-0.5 s on a 2-core CPU) would otherwise fall in a training step, typically
-        # the first probe's. After it, the next full collection waits for a quarter as many again.
+        # walks them would otherwise fall in a training step, typically the first probe's. After
+        # it, the next full collection waits for a quarter as many again.
         gc.collect()
         self._tick, self._cpu_tick = time.perf_counter(), time.process_time()
 
@@ -218,55 +209,31 @@ class LayerMonitor:
 
     @property
     def run_id(self) -> str | None:
-        return self.tracker.run_id
+        return self.writer.run_id
 
-    def _params(self, extra: dict[str, Any] | None, batch: Any, tokens_per_clip: int, debiased: bool) -> dict:
+    def _params(self, extra: dict[str, Any] | None) -> dict:
         out: dict[str, Any] = {"model.depth": len(self.blocks), "train.log_every": self.log_every,
                                "monitor.blocks": ", ".join(type(b).__name__ for b in self.blocks)}
         if self.total_steps is not None:
             out["train.steps"] = self.total_steps
-        if self.probes is not None:
-            out.update({"probe.every": self.every, "probe.batch_size": _batch_len(batch),
-                        "probe.tokens_per_clip": tokens_per_clip, "probe.debiased": debiased})
+        spec = self.probe_spec
+        if spec is not None:
+            out.update({"probe.every": spec.every, "probe.batch_size": _batch_len(spec.batch),
+                        "probe.tokens_per_clip": spec.tokens_per_clip, "probe.debiased": spec.debiased})
         if self.model is not None:
             out["monitor.parameters"] = sum(p.numel() for p in self.model.parameters())
         return {**out, **(extra or {})}
 
-    def _calibrate(self, train_step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
-        """Time ``self.calibration`` steps at each calibrated frozen-prefix length (see the class
-        docstring); everything the steps change is put back."""
-        n = len(self.blocks)
-        stages = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 8 else list(range(n))
-        shadow = _optimizer_like(optimizer) if optimizer is not None else None
-        cuda = next((p.device for p in self.model.parameters() if p.device.type == "cuda"), None)
-        params = list(self.model.parameters())
-
-        def step(_i: int) -> None:
-            loss = train_step()
-            loss.backward()
-            if shadow is not None:
-                shadow.step()
-            for p in params:
-                p.grad = None
-
-        with kept_as_is(self.model, self.blocks, self.stem, weights=True):
-            calibrate(self._timer, stages, self.calibration,
-                      lambda k: freeze_prefix(self.blocks, k, shadow, stem=self.stem), step,
-                      (lambda: torch.cuda.synchronize(cuda)) if cuda is not None else None)
-        self._calibrated = ("forward, loss, backward" + (f" and {type(optimizer).__name__} update"
-                                                         if shadow is not None else "")
-                            + " on the fixed batch of train_step")
-
     def log_time_model(self) -> None:
         """``time_model.json`` (``core.timemodel``): the calibration and the training steps so far."""
-        if not self.run_metrics or not self.tracker.enabled or not (self.timer.training or self.timer.calibration):
+        if not self.loop_metrics or not self.writer.stores or not (self.timer.training or self.timer.calibration):
             return
         device = next((p.device.type for p in self.model.parameters()), "cpu") if self.model is not None else "cpu"
         meta = {"n_blocks": len(self.blocks), "device": device, "threads": torch.get_num_threads(),
                 "calibration_steps": self.calibration, "calibration_step": self._calibrated or None,
                 "excluded": "time inside the monitor's calls (probes, gradient metrics), as overhead_s_per_step"}
         flops = self.flop_model["per_step"] if self.flop_model is not None else {}
-        self.tracker.log_json(self.timer.to_dict(flops, **meta), schema.TIME_MODEL_ARTIFACT)
+        self.writer.log_json(self.timer.to_dict(flops, **meta), schema.TIME_MODEL_ARTIFACT)
 
     # -- the loop ------------------------------------------------------------------------------
     def is_log_step(self, step: int) -> bool:
@@ -276,7 +243,7 @@ class LayerMonitor:
     def record(self, metrics: dict[str, float], step: int) -> None:
         """Log metrics at ``step``; per-block ones (``<metric>/block_NN``) also go to the rows of
         ``layer_metrics.parquet``."""
-        self.tracker.log_metrics(metrics, step)
+        self.writer.log_metrics(metrics, step)
         for key, value in metrics.items():
             name, _, blk = key.partition("/block_")
             if blk:
@@ -306,14 +273,14 @@ class LayerMonitor:
 
     def _recorded(self, step: int, metrics: dict[str, float]) -> None:
         self.record(metrics, step)
-        if not self.tracker.enabled:
+        if not self.writer.stores:
             return
         # The features once, in their own file (checkpoints keep only the probe steps), written
         # in the writer thread: serialising and fsyncing them is a fifth of a probe's time.
         state = self.probes.features_at(-1)
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe-file")
-        self._writes.append(self._writer.submit(self.tracker.log_file, schema.probe_artifact(step),
+        self._writes.append(self._writer.submit(self.writer.log_file, schema.probe_artifact(step),
                                                 lambda f: torch.save(state, f)))
 
     def _written(self, block: bool) -> None:
@@ -332,15 +299,24 @@ class LayerMonitor:
             self._recorded(step, future.result())
         self._written(block)
 
-    def stored_features(self, step: int) -> list[torch.Tensor]:
-        """The features of this run's probe at ``step``: the local copy, else the stored artifact
-        (what :meth:`core.probes.ProbeRunner.load_state_dict` needs to resume)."""
-        self._written(block=True)
-        name = schema.probe_artifact(step)
-        path = self.tracker.local_file(name)
-        if path is None:
-            path = self.tracker.download(name, tempfile.mkdtemp(prefix="layerlock-probe-"))
-        return torch.load(path, map_location="cpu", weights_only=True)["features"]
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: the per-block rows logged so far (``layer_metrics.parquet``'s) and
+        the probe history (its steps and positions; the features stay in the run's ``probe/``
+        files). A pending background probe and the probe files are finished first, so the state
+        includes them and finds their files."""
+        self.wait()
+        return {"layer_rows": [list(r) for r in self.layer_rows],
+                "probe": self.probes.state_dict() if self.probes is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any], reader: RunReader | None = None) -> None:
+        """Continue from :meth:`state_dict`'s ``state``: the rows, and the probe history, whose
+        features ``reader`` (the run's :class:`core.tracking.RunReader`) reads from the run's
+        stored probe files (``cka_prev`` and ``cka_init`` of the next probes need them)."""
+        self.layer_rows = [tuple(r) for r in state["layer_rows"]]
+        if self.probes is not None and state.get("probe"):
+            if reader is None:
+                raise LayerLockError("a probe history to restore needs the run's reader (its stored probe features)")
+            self.probes.load_state_dict(state["probe"], functools.partial(_stored_features, reader))
 
     def probe_if_due(self, step: int) -> None:
         self.wait(block=False)
@@ -355,30 +331,38 @@ class LayerMonitor:
         due = self.every is not None and step % self.every == 0
         if not (log or due or self._pending is not None or self._writes):
             return   # most steps: nothing to do (a few microseconds, so not counted as the monitor's)
-        t0, c0 = time.perf_counter(), time.process_time()
+        if self.loop_metrics:
+            t0, c0 = time.perf_counter(), time.process_time()
         self.probe_if_due(step)
         if log:
             self.record(block_grad_norms(self._block_params), step)
             self._snapshot = snapshot_blocks(self._block_params)
-        self._in_calls = (self._in_calls[0] + time.perf_counter() - t0, self._in_calls[1] + time.process_time() - c0)
+        if self.loop_metrics:
+            self._in_calls = (self._in_calls[0] + time.perf_counter() - t0,
+                              self._in_calls[1] + time.process_time() - c0)
 
     def after_step(self, step: int, loss: torch.Tensor | float | None = None) -> None:
         """Call after ``optimizer.step()``. At log steps: the update ratio per block and (unless
-        ``run_metrics=False``) ``train/loss`` (mean of the losses passed since the last log step),
+        ``loop_metrics=False``) ``train/loss`` (mean of the losses passed since the last log step),
         ``train/frozen_blocks``, ``train/step_ms``, ``train/wall_s`` and, with a FLOP model,
         cumulative ``train/flops``. The step's time, less the time spent inside the monitor, goes to
         ``time_model.json`` under its frozen-prefix length."""
+        if not self.loop_metrics:   # the caller times its steps and logs its run-level metrics
+            if self._snapshot is not None:
+                self.record(update_ratios(self._block_params, self._snapshot), step)
+                self._snapshot = None
+            self.last_step = step
+            return
         now, cpu_now = time.perf_counter(), time.process_time()
         frozen = frozen_prefix_length(self.blocks)
-        if self.run_metrics:
-            # Filed at the next log step (_settle): a quiet step's call stays a list append.
-            self._steps.append((now, cpu_now, self._in_calls, frozen,
-                                loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        # Filed at the next log step (_settle): a quiet step's call stays a list append.
+        self._steps.append((now, cpu_now, self._in_calls, frozen,
+                            loss.detach() if isinstance(loss, torch.Tensor) else loss))
         if self._snapshot is not None:
             self.record(update_ratios(self._block_params, self._snapshot), step)
             self._snapshot = None
         self.last_step = step
-        if self.run_metrics and self.is_log_step(step):
+        if self.is_log_step(step):
             self._log_step(step, frozen)
         # What this call spent belongs to the monitor, not to the next step.
         self._in_calls = (time.perf_counter() - now, time.process_time() - cpu_now)
@@ -409,7 +393,7 @@ class LayerMonitor:
         if self.flop_model is not None:
             metrics[schema.FLOPS] = self.flops_total
         self.record(metrics, step)
-        self.tracker.submit()
+        self.writer.submit()
         self._losses, self._interval_s, self._interval_steps = [], 0.0, 0
 
     # -- the end -------------------------------------------------------------------------------
@@ -444,17 +428,17 @@ class LayerMonitor:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
         self.log_time_model()
-        if self.tracker.enabled and self.layer_rows:
+        if self.writer.stores and self.layer_rows:
             frame = self.layer_frame()
-            self.tracker.log_file(schema.LAYER_METRICS_ARTIFACT, lambda f: frame.to_parquet(f, index=False))
+            self.writer.log_file(schema.LAYER_METRICS_ARTIFACT, lambda f: frame.to_parquet(f, index=False))
         if not self._steps_logged and self.last_step is not None:
-            self.tracker.log_params({"train.steps": self.last_step + 1})
+            self.writer.log_params({"train.steps": self.last_step + 1})
         if self._owns_run and status == "FAILED":
-            self.tracker.fail(reason or "failed")
+            self.writer.fail(reason or "failed")
         elif self._owns_run:
-            self.tracker.finish(status)
+            self.writer.finish(status)
         else:
-            self.tracker.flush()
+            self.writer.flush()
 
     def layer_frame(self):
         """The per-block rows as the tidy frame of ``layer_metrics.parquet``: step, block, metric, value."""
@@ -473,16 +457,13 @@ class LayerMonitor:
             self.close(final_probe=False, status="FAILED", reason=f"{kind.__name__}: {error}")
 
 
-def _optimizer_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
-    """A new optimizer of ``optimizer``'s class and parameter groups (settings included), with no
-    state; None, with a warning, where its class cannot be built that way."""
-    groups = [dict(g) for g in optimizer.param_groups]
-    try:
-        return type(optimizer)(groups)
-    except Exception as err:   # noqa: BLE001 -- any constructor: the calibration then leaves the update out
-        warnings.warn(f"LayerMonitor: cannot build a {type(optimizer).__name__} for the timing calibration "
-                      f"({first_line(err)}); it times forward and backward only", stacklevel=3)
-        return None
+def _stored_features(reader: RunReader, step: int) -> list[torch.Tensor]:
+    """The features of a run's probe at ``step``: the local copy, else the stored artifact."""
+    name = schema.probe_artifact(step)
+    path = reader.local_file(name)
+    if path is None:
+        path = reader.download(name, tempfile.mkdtemp(prefix="layerlock-probe-"))
+    return torch.load(path, map_location="cpu", weights_only=True)["features"]
 
 
 def _batch_len(batch: Any) -> int:
@@ -499,4 +480,5 @@ def _batch_len(batch: Any) -> int:
     return 0
 
 
-__all__ = ["LayerMonitor", "apply_schedule", "freeze_prefix", "frozen_prefix_length"]
+__all__ = ["CostSpec", "LayerMonitor", "NullWriter", "ProbeSpec", "apply_schedule", "freeze_prefix",
+           "frozen_prefix_length", "open_writer"]

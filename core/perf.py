@@ -4,8 +4,9 @@ Measured with ``python -m experiments bench profile`` (docs/performance.md):
 
 - *Pages*: glibc serves every allocation above its mmap threshold (128 KiB to 32 MiB, adapting)
   with fresh pages from the kernel and returns them on free, so each step's activations fault
-  in and zero their pages again: thousands of page faults per step on mae_tiny, 10-15% of a
-  deeply frozen step on CPU. :func:`keep_freed_memory` keeps freed memory in the process.
+  in and zero their pages again: thousands of page faults per step on mae_tiny, a share of a
+  deeply frozen step that grows as freezing shrinks the compute. :func:`keep_freed_memory` keeps
+  freed memory in the process.
 - *Batches*: a step's clips and masks are a pure function of ``(seed, step)``, so the next
   step's batch can be built in a background thread while this one trains (:class:`Prefetcher`),
   where a core is free for it (:func:`spare_core`).

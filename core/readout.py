@@ -57,7 +57,7 @@ class AttentiveProbe(nn.Module):
 
     Relation to ``nn.MultiheadAttention`` with a learned query: the value and output projections
     are linear and fold into the linear head, so they are left out and every query attends
-    with a full-width head (about 4x cheaper on CPU). Hence ``heads`` and ``n_queries`` play the
+    with a full-width head (cheaper). Hence ``heads`` and ``n_queries`` play the
     same role here and only their product (the number of pooled vectors) matters; both are kept
     so the constructor reads like an attention layer. The key projection would fold into the
     queries too, but it is kept: the product ``q . (W_k x)`` trains much faster than a bare query
@@ -238,8 +238,8 @@ def whitening(feats: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, t
 class ProbeSettings:
     """Hyper-parameters of one probe fit.
 
-    Defaults sized for a 2-core CPU: an attentive fit on 1024 clips x 64 tokens x 96 dims takes
-    2-5 s. Chosen on a split *inside* the train split of moving_digits (fit on 768 clips, score
+    Defaults sized for a CPU (an attentive fit on 1024 clips x 64 tokens x 96 dims in seconds).
+    Chosen on a split *inside* the train split of moving_digits (fit on 768 clips, score
     on 256 others), never on the val split: ``lr`` 1e-2 instead of 2e-3 (the probe underfit,
     train accuracy 0.3), 16 pooled vectors instead of 4 (+0.1 digit accuracy), whitening
     shrinkage 0.1 (0.01 and 1.0 were worse).
@@ -285,8 +285,8 @@ def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Te
     :func:`whitening`); None leaves them as they are.
 
     ``threads``: intra-op threads while fitting (default 1). A probe's ops are tiny, so threads
-    cost more in synchronisation than they save -- on a shared 2-core CPU two threads measured
-    10-20x slower than one -- and a fixed count keeps results independent of the machine.
+    cost more in synchronisation than they save, and a fixed count keeps results independent of
+    the machine.
     """
     with _threads(threads):
         if settings.whiten is not None:
@@ -438,8 +438,8 @@ def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dic
 # ----------------------------------------------------------------------------- evaluate
 
 # Per-block sweeps fit depth x tasks probes, so they use a lighter attentive probe: 15 epochs
-# instead of 40 (mae_tiny: ~50 s for the whole sweep instead of ~2 min). Good enough to rank
-# blocks; the headline numbers come from the full probe on the final output.
+# instead of 40. Good enough to rank blocks; the headline numbers come from the full probe on
+# the final output.
 BLOCK_SETTINGS = ProbeSettings(epochs=15)
 
 

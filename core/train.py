@@ -36,12 +36,12 @@ from core.flops import flop_model as build_flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
-from core.monitor import LayerMonitor
+from core.monitor import LayerMonitor, ProbeSpec
 from core.objectives import compute_losses, freezes, heldout_pixel_loss
 from core.perf import Prefetcher, keep_freed_memory, spare_core
 from core.probes import encoder_forward
 from core.timemodel import StepTimer, calibrate, calibration_stages
-from core.tracking import Tracker, atomic_write, local_checkpoints
+from core.tracking import NullWriter, RunReader, Tracker, Writer, atomic_write
 
 METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
               "latent_scheduled": "latent_scheduled"}
@@ -81,7 +81,7 @@ def lr_at(step: int, cfg: ExperimentConfig) -> float:
 def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW:
     """AdamW over *all* parameters, so (un)freezing never needs a rebuild: frozen ones have no
     grad, and AdamW skips them before any arithmetic. Fused (one kernel over all parameters)
-    on CPU and CUDA: on mae_tiny's CPU step 4x faster than the per-parameter loop."""
+    on CPU and CUDA: much faster than the per-parameter loop."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "mask_token" in n]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
@@ -117,44 +117,38 @@ def _load_checkpoint_file(path: Path | str) -> dict:
     return state
 
 
-def _load_newest_good(tracker: Tracker, names: list[str], local: dict[str, Path]) -> dict | None:
+def _load_newest_good(reader: RunReader, names: list[str], local: dict[str, Path]) -> dict | None:
     """The newest of ``names`` that loads, from the run's local folder (``local``: the source of
     truth while the run lives; it may hold checkpoints not uploaded yet) or else from the store.
     A truncated or corrupt file (a kill during a copy) falls back to the previous checkpoint, and
     stderr says which one was used."""
     failed: list[str] = []
-    stored = set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) if tracker.enabled else set()
+    stored = set(reader.list_artifacts(schema.CHECKPOINT_DIR))
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(names, reverse=True):
             sources = ([local[name]] if name in local else []) + ([name] if name in stored else [])
             for source in sources:
                 try:
-                    state = _load_checkpoint_file(source if isinstance(source, Path) else tracker.download(source, tmp))
+                    state = _load_checkpoint_file(source if isinstance(source, Path) else reader.download(source, tmp))
                     break
                 except Exception as err:
                     error = err
             else:
-                print(f"warning: checkpoint {name} of run {tracker.run_id} does not load "
+                print(f"warning: checkpoint {name} of run {reader.run_id} does not load "
                       f"({type(error).__name__ if sources else 'missing'}); trying the previous one", file=sys.stderr)
                 failed.append(name)
                 continue
             if failed:
-                print(f"using checkpoint {name} of run {tracker.run_id} (newer ones do not load: "
+                print(f"using checkpoint {name} of run {reader.run_id} (newer ones do not load: "
                       f"{', '.join(failed)})", file=sys.stderr)
             return state
     return None
 
 
-def _checkpoint_names(tracker: Tracker) -> tuple[list[str], dict[str, Path]]:
-    """A run's checkpoint names (stored or only local) and its local checkpoint files."""
-    local = local_checkpoints(tracker.folder)
-    return sorted(set(tracker.list_artifacts(schema.CHECKPOINT_DIR)) | set(local)), local
-
-
-def _load_latest_checkpoint(tracker: Tracker) -> dict | None:
+def _load_latest_checkpoint(reader: RunReader) -> dict | None:
     """Newest checkpoint of the run that loads (falling back to older ones)."""
-    names, local = _checkpoint_names(tracker)
-    return _load_newest_good(tracker, names, local)
+    names, local = reader.checkpoints()
+    return _load_newest_good(reader, names, local)
 
 
 @contextlib.contextmanager
@@ -205,15 +199,19 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
     """
     rank, world = init_distributed()
     is_main = rank == 0
-    tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
-                      run_name=cfg.tracking.run_name, enabled=is_main and track,
-                      tags={schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
-                            schema.TAG_DATASET: cfg.data.name, schema.TAG_GROUP: group_name(cfg),
-                            **(tags or {})})
+    if resume_run_id is not None and not track:
+        raise LayerLockError("resume_run_id needs track=True: a resumed run is logged")
+    tracker: Writer = NullWriter()   # non-zero ranks, and runs that log nothing
+    if is_main and track:
+        tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
+                          run_name=cfg.tracking.run_name,
+                          tags={schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
+                                schema.TAG_DATASET: cfg.data.name, schema.TAG_GROUP: group_name(cfg),
+                                **(tags or {})})
     ckpt = None
     if resume_run_id is not None:
         if is_main:
-            ckpt = _load_latest_checkpoint(tracker)
+            ckpt = _load_latest_checkpoint(tracker.reader())
             if ckpt is None:
                 tracker.close()
                 raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
@@ -265,7 +263,7 @@ class _Interval:
 class _Run:
     """One run's training state and its named steps; :func:`_train` calls them in order."""
 
-    def __init__(self, cfg: ExperimentConfig, tracker: Tracker, rank: int, world: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, tracker: Writer, rank: int, world: int) -> None:
         t_cfg = cfg.train
         self.cfg, self.tracker, self.rank, self.world = cfg, tracker, rank, world
         self.device = pick_device(t_cfg.device)
@@ -285,13 +283,15 @@ class _Run:
         # training loop uses (core.monitor), here on the encoder blocks and the unmasked encoder.
         # Where a core is free, each probe reads a copy of the weights in a background thread.
         background = self.device.type == "cpu" and spare_core("cpu", torch.get_num_threads())
-        self.monitor = LayerMonitor(
-            self.model.blocks, probe_video,
-            encoder_forward if background else functools.partial(encoder_forward, self.model), background=background,
-            every=cfg.probe.every if cfg.probe.enabled and rank == 0 else None, log_every=t_cfg.log_every,
-            total_steps=t_cfg.steps, model=self.model, run=tracker, tokens_per_clip=cfg.probe.tokens_per_clip,
-            debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
-            run_metrics=False, describe_run=False)
+        probe = None
+        if cfg.probe.enabled and rank == 0:
+            forward = encoder_forward if background else functools.partial(encoder_forward, self.model)
+            probe = ProbeSpec(probe_video, forward, every=cfg.probe.every, tokens_per_clip=cfg.probe.tokens_per_clip,
+                              debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
+                              background=background)
+        # The trainer logs its params and train/* metrics and times its steps itself (loop_metrics).
+        self.monitor = LayerMonitor(self.model.blocks, probe, model=self.model, writer=tracker,
+                                    log_every=t_cfg.log_every, total_steps=t_cfg.steps, loop_metrics=False)
         self.flops = build_flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
@@ -320,10 +320,9 @@ class _Run:
             done.cpu_s = float(start.get("cpu_s", 0.0))
             torch.set_rng_state(start["rng"])
         if ckpt is not None:
-            self.monitor.layer_rows = [tuple(r) for r in ckpt["layer_rows"]]
+            reader = self.tracker.reader() if isinstance(self.tracker, Tracker) else None   # rank 0's
+            self.monitor.load_state_dict({"layer_rows": ckpt["layer_rows"], "probe": ckpt.get("probe")}, reader)
             done.skipped = int(ckpt.get("skipped_steps", 0))
-            if self.monitor.probes is not None and ckpt.get("probe"):
-                self.monitor.probes.load_state_dict(ckpt["probe"], self.monitor.stored_features)
             self.timer.load_state_dict(ckpt.get("time_model") or {})
         if start is not None:
             self.optimizer.load_state_dict(start["optimizer"])
@@ -383,7 +382,7 @@ class _Run:
 
     def log_time_model(self) -> None:
         """``time_model.json``: the run's measured step times per stage (``core.timemodel``)."""
-        if self.tracker.enabled and (self.timer.training or self.timer.calibration):
+        if self.tracker.stores and (self.timer.training or self.timer.calibration):
             t_cfg = self.cfg.train
             self.tracker.log_json(self.timer.to_dict(self.flops["per_step"], n_blocks=self.cfg.model.depth,
                                                      batch_size=t_cfg.batch_size, objective=self.cfg.objective.name,
@@ -514,16 +513,14 @@ class _Run:
     def checkpoint(self, next_step: int) -> None:
         """Publish ``checkpoints/step_NNNNNN.pt`` in the run's local folder, atomically, and queue
         its upload; training does not wait for the store (core.tracking, "Write-ahead spool")."""
-        if not self.tracker.enabled:
+        if not self.tracker.stores:
             return
-        self.monitor.wait()   # the checkpoint's probe history and layer rows include a pending probe
         done = self.done
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
                  "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
                  "cpu_s": done.cpu_s, "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
-                 "layer_rows": [list(r) for r in self.monitor.layer_rows], "skipped_steps": done.skipped,
-                 "probe": self.monitor.probes.state_dict() if self.monitor.probes else {},
-                 "time_model": self.timer.state_dict()}
+                 "skipped_steps": done.skipped, "time_model": self.timer.state_dict(),
+                 **self.monitor.state_dict()}   # layer_rows, probe: a pending probe's included
         self.tracker.make_durable()   # the metrics up to this step are on disk before the checkpoint is
         path = self.run_dir / schema.checkpoint_artifact(next_step)
         atomic_write(path, lambda f: torch.save(state, f))
@@ -553,7 +550,7 @@ class _Run:
                            loop_cpu_s=self.loop_cpu_s, step_s=self.step_s)
 
 
-def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int, world: int,
+def _train(cfg: ExperimentConfig, tracker: Writer, ckpt: dict | None, rank: int, world: int,
            init_state: dict | None, progress: bool, stop_after: int | None,
            stop: threading.Event | None = None) -> TrainResult:
     """The loop as its named steps: set up, restore, log the header, step, finish (or stop on SIGTERM)."""
@@ -566,7 +563,7 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
     run.model.train()
     t_cfg, started_at = cfg.train, run.done.step
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, started_at + stop_after)
-    bar = tqdm(total=t_cfg.steps, initial=started_at, disable=not (progress and tracker.enabled),
+    bar = tqdm(total=t_cfg.steps, initial=started_at, disable=not (progress and tracker.stores),
                desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
                unit="step", dynamic_ncols=True)
     run.interval = _Interval()
@@ -593,8 +590,8 @@ def _train(cfg: ExperimentConfig, tracker: Tracker, ckpt: dict | None, rank: int
 def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str | None = None) -> dict:
     """A run's checkpoint (the latest, or the one after ``step`` updates), loaded with weights_only.
     When the latest does not load (truncated by a kill), the previous good one is used (said on stderr)."""
-    tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)
-    names, local = _checkpoint_names(tracker)
+    reader = RunReader.open(run_id, tracking_uri)
+    names, local = reader.checkpoints()
     if not names:
         raise LayerLockError(f"run {run_id} has no checkpoints")
     if step is not None:
@@ -603,7 +600,7 @@ def load_run_checkpoint(run_id: str, step: int | None = None, tracking_uri: str 
             have = ", ".join(str(schema.checkpoint_step(n)) for n in names)
             raise LayerLockError(f"run {run_id} has no checkpoint at step {step} (has: {have})")
         names = [wanted]
-    state = _load_newest_good(tracker, names, local)
+    state = _load_newest_good(reader, names, local)
     if state is None:
         which = f"its checkpoint at step {step}" if step is not None else "none of its checkpoints"
         raise LayerLockError(f"run {run_id}: {which} loads (truncated or corrupt files)")

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from core.errors import LayerLockError, RunTerminated, TrainingDiverged
+from experiments import config_path
 from experiments.executor import RunsFailed
 
 EXIT_BAD_INPUT = 2
@@ -35,7 +36,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise LayerLockError("pretrain needs --config FILE (or --resume RUN_ID)")
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(config_path(args.config), args.set)
     tags = parse_tags(args.tag)
     if args.seeds is not None:
         return _pretrain_seeds(args, cfg, tags)
@@ -93,10 +94,10 @@ def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser:
     from experiments.executor import add_options as add_executor_options
 
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train one run (MAE, LayerLock or naive latent) and log it to MLflow")
@@ -123,8 +124,8 @@ def _extra_commands() -> list[Callable]:
     return [freeze_test.register, evaluate.register, demo.register, study.register, bench.register, sync.register]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m experiments") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

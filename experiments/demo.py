@@ -23,8 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from core.schema import EVAL, TAG_GROUP, TAG_SCHEDULE_SOURCE
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from experiments import CONFIGS
 
 
 def _say(msg: str) -> None:

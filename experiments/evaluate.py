@@ -24,7 +24,7 @@ from core.config import ExperimentConfig
 from core.errors import LayerLockError
 from core.model import VideoMAE, build_model
 from core.readout import EvalData, evaluate_encoder, load_eval_data
-from core.tracking import Tracker, resolve_uri
+from core.tracking import log_metrics_to_run, resolve_uri
 from core.train import load_run_checkpoint, pick_device
 
 ProbeChoice = Literal["attentive", "linear", "both"]
@@ -49,9 +49,7 @@ def load_run_encoder(run_id: str, tracking_uri: str | None = None, *, step: int 
 def log_eval_metrics(run_id: str, metrics: dict[str, float], step: int,
                      tracking_uri: str | None = None) -> None:
     """Write ``eval/...`` metrics into an existing run without changing its status."""
-    tracker = Tracker(uri=tracking_uri, run_id=run_id, read_only=True)  # read_only: not RUNNING
-    tracker.log_metrics(metrics, step)
-    tracker.flush()
+    log_metrics_to_run(run_id, metrics, step, tracking_uri)
 
 
 def evaluate_run(run_id: str, tasks: Sequence[str] | None = None, per_block: bool = False,

@@ -83,9 +83,9 @@ def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int, n_steps:
 
 def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
     """Steps of the checkpoints a run stored (``checkpoints/step_NNNNNN.pt``), ascending."""
-    from core.tracking import Tracker
+    from core.tracking import RunReader
 
-    names = Tracker(uri=tracking_uri, run_id=run_id, read_only=True).list_artifacts(CHECKPOINT_DIR)
+    names = RunReader.open(run_id, tracking_uri).list_artifacts(CHECKPOINT_DIR)
     return sorted(checkpoint_step(n) for n in names if _CHECKPOINT.search(n))
 
 

@@ -38,8 +38,7 @@ from typing import Any
 
 from core.errors import LayerLockError
 from core.schema import METHOD_STUDY, STUDY, STUDY_DIR, TAG_GROUP, TAG_METHOD, TAG_STUDY
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from experiments import CONFIGS, config_path
 
 # Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
 # 30 minutes for 3 seeds; ``full`` is the GPU size.
@@ -107,7 +106,7 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     if budget not in BUDGETS:
         raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     spec = BUDGETS[budget]
-    base = load_config(config or CONFIGS / spec["config"],
+    base = load_config(config_path(config) if config else CONFIGS / spec["config"],
                        [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])])
     if base.objective.name != "pixel":
         raise LayerLockError("study: the base config must be an MAE (objective.name=pixel); the study "

@@ -1,6 +1,6 @@
 """``python -m experiments sync [RUN_ID]``: send what runs left in their local spool.
 
-A trainer sends its own spool while it runs (core/tracking.py, "Write-ahead spool"). What is left
+A trainer sends its own spool while it runs (core/tracking/, "Write-ahead spool"). What is left
 — the store was still away when the run ended, or the process was killed — waits in
 ``runs/<run_id>/spool.jsonl`` (``$LAYERLOCK_RUNS_DIR``) until this command, or the run's next
 ``--resume``, sends it: metric batches, uploads (checkpoints, probe features, config) and the

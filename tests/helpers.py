@@ -12,18 +12,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from analysis import io  # noqa: E402
-from analysis.testing import (  # noqa: E402
+from analysis import io
+from analysis.testing import (
     create_run_from_frames,
     synthetic_flop_model,
     synthetic_history,
     synthetic_layer_metrics,
     synthetic_time_model,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:  # pragma: no cover - streamlit loads only where a test opens a page
     from streamlit.testing.v1 import AppTest
@@ -300,7 +298,7 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
     machine, spinning OpenMP threads make these small steps ten times slower)."""
     import torch
 
-    from experiments.examples.own_loop import SETUPS, attach_monitor, train
+    from experiments.examples.own_loop import SETUPS, attach_monitor, open_run, train
 
     uri = f"sqlite:///{folder}/mlflow.db"
     threads = torch.get_num_threads()
@@ -309,7 +307,8 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
         ids = {}
         for name, steps in OWN_LOOP_STEPS.items():
             setup = SETUPS[name]()
-            with attach_monitor(setup, steps, OWN_LOOP_EVERY, tracking_uri=uri, run_name=f"{name}-own-loop") as mon:
+            with (open_run(uri, f"{name}-own-loop") as writer,
+                  attach_monitor(setup, steps, OWN_LOOP_EVERY, writer=writer) as mon):
                 train(setup, steps, monitor=mon)
             ids[name] = mon.run_id
     finally:

@@ -22,6 +22,7 @@ import core.train as core_train
 from core import schema
 from core.config import ExperimentConfig
 from core.errors import LayerLockError
+from core.tracking.sender import SENDER_ENV
 from core.train import load_run_checkpoint, train
 from tests.helpers import ROOT, TeamServer, run_cli, tiny_dict, tiny_sets
 
@@ -33,13 +34,13 @@ pytestmark = pytest.mark.system
 
 def _env(runs: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", tracking.RUNS_ENV: str(runs),
-            tracking.SENDER_ENV: "process"}
+            SENDER_ENV: "process"}
 
 
 @pytest.fixture(autouse=True)
 def sender_process(monkeypatch):
     """Here runs send from the default sender process (conftest.py chooses threads elsewhere)."""
-    monkeypatch.setenv(tracking.SENDER_ENV, "process")
+    monkeypatch.setenv(SENDER_ENV, "process")
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -241,8 +242,21 @@ def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, 
     assert _steps(client, run_id, "m") == [0, 1, 2]   # ... for sync
 
 
+def test_the_sender_process_is_the_module_entry_point(store, capfd):
+    """The sender process runs ``python -m core.tracking.sender`` (the module, not code pasted into
+    ``python -c``), without the warning ``runpy`` gives for a module its package imported already;
+    a tracker used in ``with`` ends its run FINISHED once everything is sent."""
+    with tracking.Tracker(uri=store, experiment="entry") as t:
+        args = t._sender.proc.args
+        t.log_metrics({"m": 1.0}, 0)
+    assert args[1:3] == ["-m", "core.tracking.sender"] and args[3:5] == [store, t.run_id]
+    client = MlflowClient(store)
+    assert _steps(client, t.run_id, "m") == [0] and client.get_run(t.run_id).info.status == "FINISHED"
+    assert "RuntimeWarning" not in capfd.readouterr().err
+
+
 def test_a_bad_sender_setting_fails_before_any_run_exists(store, monkeypatch):
-    monkeypatch.setenv(tracking.SENDER_ENV, "fork")
+    monkeypatch.setenv(SENDER_ENV, "fork")
     with pytest.raises(LayerLockError, match="LAYERLOCK_SENDER='fork': use 'process' or 'thread'"):
         tracking.Tracker(uri=store, experiment="bad-sender")
     assert MlflowClient(store).get_experiment_by_name("bad-sender") is None
@@ -257,9 +271,9 @@ def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys)
         raise OSError("store away")
 
     monkeypatch.setenv(tracking.RUNS_ENV, str(tmp_path / "runs"))
-    monkeypatch.setenv(tracking.SENDER_ENV, "thread")   # the patched _send is this process's
-    monkeypatch.setattr(tracking, "_send", refuse)
-    monkeypatch.setattr(tracking, "END_WAIT_S", 1.0)
+    monkeypatch.setenv(SENDER_ENV, "thread")   # the patched send is this process's
+    monkeypatch.setattr(tracking.store, "send", refuse)
+    monkeypatch.setattr(tracking.tracker, "END_WAIT_S", 1.0)
     result = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=store, progress=False)
     err = capsys.readouterr().err
     assert f"python -m experiments sync {result.run_id}" in err, err[-2000:]

@@ -16,7 +16,7 @@ from core import schema
 from core.errors import LayerLockError, ScheduleError
 from core.flops import count_flop_model
 from core.freezing import FreezeSchedule, apply_schedule, freeze_prefix, frozen_prefix_length
-from core.monitor import LayerMonitor
+from core.monitor import CostSpec, LayerMonitor, NullWriter, ProbeSpec, open_writer
 from core.probes import clips_positions_dim
 from experiments.examples import own_loop
 from tests.helpers import assert_clean, open_page, point_app_at
@@ -46,9 +46,10 @@ def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) ->
     watched = own_loop.SETUPS[name]()
     x0, y0 = own_loop.batch_at(watched, 0)
     optimizer = own_loop.make_optimizer(watched)
-    mon = LayerMonitor(watched.blocks, watched.probe, watched.model, every=2, log_every=3, total_steps=steps,
-                       model=watched.model, stem=watched.stem, run=False, optimizer=optimizer, calibration=2,
-                       train_step=lambda: F.cross_entropy(watched.model(x0), y0))
+    cost = CostSpec(lambda: F.cross_entropy(watched.model(x0), y0), stem=watched.stem, optimizer=optimizer,
+                    calibration=2)
+    mon = LayerMonitor(watched.blocks, ProbeSpec(watched.probe, watched.model, every=2), log_every=3,
+                       total_steps=steps, model=watched.model, writer=NullWriter(), cost=cost)
     assert not optimizer.state and all(p.grad is None and p.requires_grad for p in watched.model.parameters())
     own_loop.train(watched, steps, monitor=mon, optimizer=optimizer)
     mon.close()
@@ -75,8 +76,8 @@ def test_background_probes_give_the_loop_probes_numbers_and_leave_training_uncha
     for background in (False, True):
         setup = own_loop.SETUPS["vit"]()
         forward = (lambda model, batch: model(batch)) if background else setup.model
-        mon = LayerMonitor(setup.blocks, setup.probe, forward, every=2, log_every=3, total_steps=steps,
-                           model=setup.model, run=False, background=background)
+        mon = LayerMonitor(setup.blocks, ProbeSpec(setup.probe, forward, every=2, background=background),
+                           log_every=3, total_steps=steps, model=setup.model, writer=NullWriter())
         own_loop.train(setup, steps, monitor=mon)
         mon.close()
         a, b = _state(plain.model), _state(setup.model)
@@ -91,7 +92,7 @@ def test_background_probes_give_the_loop_probes_numbers_and_leave_training_uncha
     assert inline[probe_metrics].equals(background[probe_metrics])
     assert sorted(set(inline.loc[probe_metrics, "step"])) == [0, 2, 4, 6, 8, 9]
     with pytest.raises(LayerLockError, match="background=True needs model="):
-        LayerMonitor(setup.blocks, setup.probe, forward, every=2, run=False, background=True)
+        LayerMonitor(setup.blocks, ProbeSpec(setup.probe, forward, every=2, background=True), writer=NullWriter())
 
 
 def test_clips_positions_dim_rule() -> None:
@@ -163,8 +164,8 @@ def test_apply_schedule_follows_the_json_and_checks_it() -> None:
 
 
 def test_attaching_runs_the_full_garbage_collection_training_would_otherwise_pay() -> None:
-    """The first full collection after MLflow's import walks every object it left (0.4-0.5 s):
-    attaching runs it, so that it does not fall in a training step."""
+    """The first full collection after MLflow's import walks every object it left: attaching
+    runs it, so that it does not fall in a training step."""
     import gc
 
     model, stem, blocks = _tiny_chain()
@@ -176,7 +177,7 @@ def test_attaching_runs_the_full_garbage_collection_training_would_otherwise_pay
 
     gc.callbacks.append(seen)
     try:
-        mon = LayerMonitor(blocks, torch.zeros(4, 3), model, every=2, model=model, run=False)
+        mon = LayerMonitor(blocks, ProbeSpec(torch.zeros(4, 3), model, every=2), model=model, writer=NullWriter())
     finally:
         gc.callbacks.remove(seen)
     assert full, "no full collection while attaching"
@@ -199,8 +200,8 @@ def test_monitor_step_times_leave_out_the_monitors_own_time(monkeypatch) -> None
         return model(batch)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = LayerMonitor(blocks, torch.zeros(4, 3), forward, every=2, log_every=100, model=model, stem=[stem],
-                       run=False)
+    mon = LayerMonitor(blocks, ProbeSpec(torch.zeros(4, 3), forward, every=2), log_every=100, model=model,
+                       writer=NullWriter())
     for step in range(6):
         freeze_prefix(blocks, 0 if step < 3 else 2, optimizer, stem=[stem])
         clock[0] += 0.1 if step < 3 else 0.04          # the step itself: faster with 2 blocks frozen
@@ -228,16 +229,102 @@ def test_flop_count_puts_everything_back() -> None:
     assert fm["n_blocks"] == 5 and fm["per_step_k"] == "k = blocks 0..k-1 frozen"
 
 
+def test_null_writer_logs_nothing_and_the_monitor_runs_with_it(tmp_path, monkeypatch) -> None:
+    """A monitor on a NullWriter measures everything (per-block metrics, FLOP model, step times)
+    and stores nothing: no tracking store, no run folder, no file written."""
+    from core.tracking import RUNS_ENV, Writer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
+    writer = NullWriter()
+    assert isinstance(writer, Writer) and not writer.stores
+
+    def never(f) -> None:
+        raise AssertionError("the NullWriter wrote a file")
+
+    assert writer.log_file("x.bin", never) is None and writer.flush() is True
+    model, stem, blocks = _tiny_chain()
+    cost = CostSpec(lambda: model(torch.randn(4, 3)).square().mean(), stem=[stem], calibration=1)
+    mon = LayerMonitor(blocks, ProbeSpec(torch.randn(8, 3), model, every=2), log_every=2, model=model,
+                       writer=writer, cost=cost)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        model(torch.randn(4, 3)).square().mean().backward()
+        mon.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        mon.after_step(step, 1.0)
+    mon.close()
+    assert mon.run_id is None
+    assert set(mon.layer_frame()["metric"]) == set(schema.BLOCK_METRICS)
+    assert mon.flop_model is not None and mon.timer.wall.steps == {0: 4}
+    assert list(tmp_path.iterdir()) == []
+
+
+def _probe_steps(mon: LayerMonitor, model: nn.Module, steps: range) -> None:
+    """The trainer's calls on a plain loop whose data is a function of the step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in steps:
+        torch.manual_seed(step)
+        model(torch.randn(4, 3)).square().mean().backward()
+        mon.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        mon.after_step(step)
+
+
+def test_monitor_state_dict_round_trip_continues_as_an_uninterrupted_run(tmp_path) -> None:
+    """What the trainer's resume needs (its checkpoint keeps ``state_dict()``): a monitor that
+    loads the state of one stopped at step 3 has its rows and probe history, and its next probes
+    (``cka_prev`` and ``cka_init`` read the earlier probes' stored features) give the numbers of a
+    monitor that never stopped."""
+    from core.tracking import open_writer
+
+    probe_batch = torch.randn(8, 3)
+
+    def monitor(model, blocks, writer):
+        return LayerMonitor(blocks, ProbeSpec(probe_batch, model, every=2), model=model, writer=writer,
+                            log_every=2, loop_metrics=False)
+
+    model, _, blocks = _tiny_chain()
+    whole = monitor(model, blocks, NullWriter())
+    _probe_steps(whole, model, range(7))
+    model, _, blocks = _tiny_chain()
+    with open_writer(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db") as writer:
+        first = monitor(model, blocks, writer)
+        _probe_steps(first, model, range(4))
+        state = first.state_dict()
+        first.close(final_probe=False)
+        resumed = monitor(model, blocks, writer)
+        resumed.load_state_dict(state, writer.reader())
+        assert resumed.layer_rows == first.layer_rows and resumed.probes.steps == [0, 2]
+        _probe_steps(resumed, model, range(4, 7))
+        resumed.close(final_probe=False)
+    assert resumed.probes.steps == whole.probes.steps == [0, 2, 4, 6]
+    key = ["step", "block", "metric"]
+    a, b = (m.layer_frame().sort_values(key).reset_index(drop=True) for m in (whole, resumed))
+    assert set(b.query("step == 6")["metric"]) >= {"cka_prev", "cka_init"}
+    assert a[key].equals(b[key]) and a["value"].tolist() == pytest.approx(b["value"].tolist(), abs=1e-6)
+    with pytest.raises(LayerLockError, match="needs the run's reader"):
+        monitor(model, blocks, NullWriter()).load_state_dict(state)
+
+
 def test_monitor_rejects_bad_arguments() -> None:
     model, stem, blocks = _tiny_chain()
+    probe = ProbeSpec(torch.zeros(4, 3), model)
     with pytest.raises(LayerLockError, match="non-empty list"):
-        LayerMonitor([], torch.zeros(4, 3), model, run=False)
+        LayerMonitor([], probe, writer=NullWriter())
     with pytest.raises(LayerLockError, match="every must be"):
-        LayerMonitor(blocks, torch.zeros(4, 3), model, every=0, run=False)
-    with pytest.raises(LayerLockError, match="train_step needs model="):
-        LayerMonitor(blocks, torch.zeros(4, 3), model, run=False, train_step=lambda: model(torch.zeros(1, 3)).sum())
+        ProbeSpec(torch.zeros(4, 3), model, every=0)
+    with pytest.raises(LayerLockError, match="calibration must be"):
+        CostSpec(lambda: model(torch.zeros(1, 3)).sum(), calibration=-1)
+    with pytest.raises(LayerLockError, match="cost= needs model="):
+        LayerMonitor(blocks, probe, writer=NullWriter(), cost=CostSpec(lambda: model(torch.zeros(1, 3)).sum()))
+    with pytest.raises(LayerLockError, match="writer must be"):
+        LayerMonitor(blocks, probe, writer=3.5)
     with pytest.raises(LayerLockError, match="run must be"):
-        LayerMonitor(blocks, torch.zeros(4, 3), model, run=3.5)
+        open_writer(run=3.5)
 
 
 # ----------------------------------------------------------------------------- two torchvision runs
@@ -388,7 +475,7 @@ def test_monitor_logs_into_the_active_mlflow_run_and_leaves_it_open(tmp_path) ->
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run() as run:
-            mon = LayerMonitor(blocks, torch.randn(8, 3), model, every=2, log_every=2, model=model, stem=[stem])
+            mon = LayerMonitor(blocks, ProbeSpec(torch.randn(8, 3), model, every=2), log_every=2, model=model)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             for step in range(4):
                 loss = model(torch.randn(4, 3)).square().mean()

@@ -50,13 +50,13 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
     then falls on both loops alike, and a repeat's ratio (monitored loop's time / plain loop's)
     keeps the monitor's whole cost: its calls, its probes and log steps, and whatever its
     threads take from the loop's interpreter lock (the probe-file writer; MLflow's store calls
-    run in the sender process, see core/tracking.py). The ratio's 95% interval is a bootstrap
+    run in the sender process, see core/tracking/sender.py). The ratio's 95% interval is a bootstrap
     over repeats. Also: the share of the time inside the monitor's calls, and the sender
     process's CPU time (on another core) against the loop's. One-off costs (attach: FLOP count,
     calibration, run; close: final probe, artifacts) are timed apart. A first repeat warms up
     (the store's tables, the first probe file, the first call of every path in this process)
     and is left out of the statistics; its ratio is reported as ``warm_up_ratio``."""
-    from experiments.examples.own_loop import SETUPS, attach_monitor, make_optimizer, train_step
+    from experiments.examples.own_loop import SETUPS, attach_monitor, make_optimizer, open_run, train_step
 
     plain, watched = SETUPS[model](), SETUPS[model]()
     initial = {k: v.clone() for k, v in plain.model.state_dict().items()}
@@ -73,12 +73,13 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             fresh(plain, initial)
             fresh(watched, initial)
             t0 = time.perf_counter()
-            monitor = attach_monitor(watched, steps, every, tracking_uri=uri, run_name=f"bench-{model}")
-            monitor.tracker.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
+            writer = open_run(uri, f"bench-{model}")
+            monitor = attach_monitor(watched, steps, every, writer=writer)
+            writer.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
             attach_s.append(time.perf_counter() - t0)
             spent = [0.0]
             _timed(monitor, spent)
-            sender = getattr(getattr(monitor.tracker, "_sender", None), "proc", None)
+            sender = getattr(writer._sender, "proc", None)
             cpu0 = _process_cpu_s(sender.pid) if sender is not None else None
             loops = [(plain, make_optimizer(plain), None), (watched, make_optimizer(watched), monitor)]
             times = [[], []]
@@ -90,7 +91,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
                     t0 = time.perf_counter()
                     train_step(s, step, steps, opt, monitor=mon)
                     times[i].append(time.perf_counter() - t0)
-            monitor.tracker.flush()   # what the loop logged, sent: the sender's CPU for it is counted
+            writer.flush()   # what the loop logged, sent: the sender's CPU for it is counted
             cpu1 = _process_cpu_s(sender.pid) if sender is not None else None
             plain_s, watched_s = sum(times[0]), sum(times[1])
             ratios.append(watched_s / plain_s)
@@ -101,6 +102,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             watched_ms.append(watched_s * 1000 / steps)
             t0 = time.perf_counter()
             monitor.close()
+            writer.finish()
             close_s.append(time.perf_counter() - t0)
     warm_up = ratios[0]
     for values in (ratios, in_calls, sender_cpu, attach_s, close_s, plain_ms, watched_ms):

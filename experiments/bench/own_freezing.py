@@ -30,7 +30,7 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
     from analysis.schedule import derive_run_schedule, schedule_parts
     from core.flops import count_flop_model
     from core.freezing import FreezeSchedule, freeze_prefix
-    from experiments.examples.own_loop import SETUPS, attach_monitor, batch_at, make_optimizer, train
+    from experiments.examples.own_loop import SETUPS, attach_monitor, batch_at, make_optimizer, open_run, train
 
     setup = SETUPS[model]()
     initial = {k: v.clone() for k, v in setup.model.state_dict().items()}
@@ -55,7 +55,7 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
         uri = f"sqlite:///{tmp}/bench.db"
         fresh(setup, initial)
         print(f"bench own-freezing: {model}, monitored run of {total} steps to derive a schedule", file=sys.stderr)
-        with attach_monitor(setup, total, every, tracking_uri=uri) as monitor:
+        with open_run(uri) as writer, attach_monitor(setup, total, every, writer=writer) as monitor:
             train(setup, total, monitor=monitor)
         derived = derive_run_schedule(io.load_run(monitor.run_id, uri, schedule_parts()))
     schedule = FreezeSchedule.from_dict(derived)

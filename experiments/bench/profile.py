@@ -56,14 +56,16 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     from core.config import load_config
     from core.errors import LayerLockError
     from core.freezing import set_frozen_prefix
-    from core.tracking import Tracker
+    from core.tracking import NullWriter
+    from experiments import config_path
 
-    cfg = load_config(config, [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"])
+    cfg = load_config(config_path(config),
+                      [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"])
     depth = cfg.model.depth
     k = depth - 1 if frozen is None else frozen
     if not 0 <= k < depth:
         raise LayerLockError(f"--frozen must be between 0 and {depth - 1} (model.depth={depth}), got {k}")
-    run = trainer._Run(cfg, Tracker(enabled=False), 0, 1)
+    run = trainer._Run(cfg, NullWriter(), 0, 1)
     set_frozen_prefix(run.model, run.optimizer, k)
     run.stage = run.frozen = k
     run.net = run.model

@@ -31,8 +31,9 @@ from torch import nn
 
 from core.errors import LayerLockError, first_line
 from core.freezing import FreezeSchedule, apply_schedule  # LayerLock
-from core.monitor import LayerMonitor  # LayerLock
+from core.monitor import CostSpec, LayerMonitor, ProbeSpec, open_writer  # LayerLock
 from core.schema import TAG_DATASET
+from core.tracking import Tracker
 
 MODELS = ("vit", "video")
 EXPERIMENT = "own-loop"
@@ -152,21 +153,29 @@ def train_step(s: Setup, step: int, steps: int, optimizer: torch.optim.Optimizer
         monitor.after_step(step, loss)  # LayerLock: update ratios, loss, step time
 
 
-def attach_monitor(s: Setup, steps: int, every: int, *, tracking_uri: str | None = None, run=None,
-                   run_name: str | None = None, count_flops: bool = True,
+def open_run(tracking_uri: str | None = None, run_name: str | None = None) -> Tracker:
+    """A new MLflow run of this example (experiment ``own-loop``), for :func:`attach_monitor`;
+    ``with open_run(...) as writer:`` ends it (FINISHED, or FAILED on an error)."""
+    return open_writer(tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=run_name,  # LayerLock
+                       tags={TAG_DATASET: "moving_digits"})
+
+
+def attach_monitor(s: Setup, steps: int, every: int, *, writer=None, count_flops: bool = True,
                    optimizer: torch.optim.Optimizer | None = None, background: bool = False) -> LayerMonitor:
-    """The monitor on ``s``'s blocks, probing the fixed held-out batch. ``count_flops``: count the
-    FLOP model on one training batch (``flop_model.json``) and time steps at every frozen-prefix
-    length on it (``time_model.json``), for predicted savings; ``optimizer``: the loop's (its
-    class and settings are what the timed steps use; default: :func:`make_optimizer`'s)."""
+    """The monitor on ``s``'s blocks, probing the fixed held-out batch, logging through ``writer``
+    (:func:`open_run`'s; None: the active MLflow run, else a new one the monitor ends).
+    ``count_flops``: count the FLOP model on one training batch (``flop_model.json``) and time
+    steps at every frozen-prefix length on it (``time_model.json``), for predicted savings;
+    ``optimizer``: the loop's (its class and settings are what the timed steps use; default:
+    :func:`make_optimizer`'s)."""
     x0, y0 = batch_at(s, 0)
+    forward = (lambda model, batch: model(batch)) if background else s.model
+    cost = CostSpec(lambda: F.cross_entropy(s.model(x0), y0), stem=s.stem,  # LayerLock
+                    optimizer=optimizer or make_optimizer(s)) if count_flops else None
     return LayerMonitor(  # LayerLock
-        s.blocks, s.probe, (lambda model, batch: model(batch)) if background else s.model, background=background,
-        every=every, log_every=LOG_EVERY, total_steps=steps, model=s.model, stem=s.stem,
-        train_step=(lambda: F.cross_entropy(s.model(x0), y0)) if count_flops else None,
-        optimizer=optimizer or make_optimizer(s),
-        run=run, tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=run_name,
-        tags={TAG_DATASET: "moving_digits"}, params={"train.batch_size": s.batch_size, "example.model": s.name})
+        s.blocks, ProbeSpec(s.probe, forward, every=every, background=background), model=s.model, writer=writer,
+        cost=cost, log_every=LOG_EVERY, total_steps=steps,
+        params={"train.batch_size": s.batch_size, "example.model": s.name})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             raise LayerLockError(f"{args.schedule}: the schedule is for {schedule.n_blocks} blocks, "
                                  f"--model {args.model} has {len(s.blocks)}")
         optimizer = make_optimizer(s)
-        with attach_monitor(s, args.steps, args.every, tracking_uri=args.tracking_uri,
-                            run_name=f"{args.model}-own-loop", optimizer=optimizer) as monitor:
+        with (open_run(args.tracking_uri, f"{args.model}-own-loop") as writer,
+              attach_monitor(s, args.steps, args.every, writer=writer, optimizer=optimizer) as monitor):
             train(s, args.steps, monitor=monitor, schedule=schedule, optimizer=optimizer)
     except LayerLockError as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
