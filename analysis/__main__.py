@@ -194,8 +194,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description="Analyse logged LayerLock Lab runs.")
+def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Analyse logged LayerLock Lab runs.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m analysis") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         args.func(args)
     except LayerLockError as err:

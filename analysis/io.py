@@ -240,6 +240,14 @@ def runs_with_tag(key: str, value: str, uri: str | None = None) -> list[RunRecor
         return [RunRecord.from_mlflow(r, _experiment_name(c, r.info.experiment_id, cache)) for r in runs]
 
 
+def delete_run(run_id: str, uri: str | None = None) -> None:
+    """Move a run to MLflow's trash (searches no longer see it; ``mlflow gc`` removes it for good):
+    an attempt the executor replaces, so the store holds each run of a set once."""
+    c, resolved = _open_for_run(run_id, uri)
+    with _mlflow_errors(resolved, run_id):
+        c.delete_run(run_id)
+
+
 def runs_in_group(group: str, uri: str | None = None) -> pd.DataFrame:
     """Runs tagged ``layerlock.group = group`` (seeds of one config), in any experiment.
 

@@ -207,11 +207,7 @@ class Parts:
     schedule: bool = False
     source: bool = False
 
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for name in PART_NAMES if getattr(self, name) is not False)
 
-
-PART_NAMES = ("history", "layers", "flop_model", "time_model", "schedule", "source")
 # What load_run reads when not told: everything of the run itself (not the schedule's source run).
 WHOLE_RUN = Parts(history=True, layers=True, flop_model=True, time_model=True, schedule=True)
 

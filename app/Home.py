@@ -6,16 +6,11 @@ navigation; each page lives in ``app/screens`` and reads runs through ``analysis
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run app/Home.py` puts only app/ on the path
-    sys.path.insert(0, str(ROOT))
-
-import streamlit as st  # noqa: E402
-
-from app.views import errors, loaders, serving, state  # noqa: E402
+# `streamlit run app/Home.py` puts only app/ on the path: `app` and `analysis` come from the
+# installed project (`pip install -e .`, .ci/setup).
+from app.views import errors, loaders, serving, state
 
 st.set_page_config(page_title="LayerLock Lab", page_icon=":material/ac_unit:", layout="wide")
 

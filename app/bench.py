@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HOME = str(ROOT / "app" / "Home.py")
 COLD_TARGET_S, WARM_TARGET_S = 2.0, 0.5

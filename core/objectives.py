@@ -14,17 +14,25 @@ target depth comes from the objective and k (:func:`latent_target_block`):
   with the student;
 * ``latent_naive``: target = output of ``latent_block`` of the same trainable network at every
   step (the collapse baseline; given a schedule it freezes like ``pixel``).
+
+Any model: :func:`latent_loss` is LayerLock's latent loss over a list of blocks (the public API,
+docs/integrations.md); :func:`compute_losses`, the trainer's, calls it with this project's
+``VideoMAE``, and the framework callbacks (``core.integrations``) with a user's model.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from core.config import ObjectiveConfig
 from core.errors import LayerLockError
+from core.freezing import is_int
 from core.masking import apply_masks
 from core.model import VideoMAE
 
@@ -45,21 +53,86 @@ def normalise_patches(patches: torch.Tensor, norm: bool = True) -> torch.Tensor:
     return F.layer_norm(patches, (n,), eps=PIX_EPS * c) * math.sqrt(c)
 
 
-def pixel_target(model: VideoMAE, video: torch.Tensor, norm: bool = True) -> torch.Tensor:
-    """Patchified pixels ``(B, N, patch_dim)``, normalised per patch (MAE's ``norm_pix_loss``)."""
-    return normalise_patches(model.patchify(video), norm)
+class _PrefixDone(Exception):
+    """Raised by :func:`prefix_output`'s hook to stop a forward after the block it needs."""
+
+
+def prefix_output(blocks: Sequence[nn.Module], k: int, forward: Callable[[], Any]) -> torch.Tensor:
+    """Run ``forward()`` (the model's stem and blocks on the *unmasked* input) only as far as
+    ``blocks[k-1]`` and return that block's output: a forward hook stops the forward there, so
+    blocks k.. (and any head) cost nothing. A block that returns a tuple (Hugging Face layers)
+    gives its first element. For models whose forward can stop at a depth itself (this project's
+    ``VideoMAE.forward_encoder(..., upto=k)``) that is simpler; this works on any model."""
+    blocks = list(blocks)
+    if not 1 <= k <= len(blocks):
+        raise LayerLockError(f"the latent target is the output of block {k - 1}, which does not exist: "
+                             f"the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    seen: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, _args: tuple, output: Any) -> None:
+        seen.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _PrefixDone
+
+    handle = blocks[k - 1].register_forward_hook(stop)
+    try:
+        forward()
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise LayerLockError(f"block {k - 1} did not run in the target forward: are the blocks the model's own, "
+                             "in depth order?")
+    return seen[0]
 
 
 @torch.no_grad()
-def latent_target(model: VideoMAE, video: torch.Tensor, k: int) -> torch.Tensor:
-    """Output of block ``k-1`` on the *unmasked* clip, normalised per token: ``(B, N, dim)``.
+def latent_target(blocks: Sequence[nn.Module], k: int, run_prefix: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """LayerLock's latent target: the output of block ``k-1`` on the *unmasked* input, normalised
+    per token (layer norm without affine), under ``no_grad``: ``(B, N, dim)``.
 
-    ``video``: clips or their patches (``VideoMAE.embed``). For LayerLock, blocks 0..k-1 are
-    frozen, so the target cannot drift with the student; for ``latent_scheduled`` and
-    ``latent_naive`` they train, and the target drifts with them.
+    ``run_prefix(k)`` runs the stem and blocks 0..k-1 on the unmasked input and returns block
+    k-1's output as ``(B, N, dim)`` (tokens). For LayerLock, blocks 0..k-1 are frozen, so the
+    target cannot drift with the student; for ``latent_scheduled`` and ``latent_naive`` they
+    train, and the target drifts with them.
     """
-    out = model.forward_encoder(video, None, upto=k)
+    n = len(blocks)
+    if not 1 <= k <= n:
+        raise LayerLockError(f"the latent target is the output of block {k - 1}, which does not exist: "
+                             f"the model has {n} blocks (0..{n - 1})")
+    out = run_prefix(k)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LayerLockError(f"run_prefix({k}) must return block {k - 1}'s output as (batch, tokens, dim), got {shape}")
     return F.layer_norm(out.float(), out.shape[-1:])
+
+
+def latent_loss(blocks: Sequence[nn.Module], stage: int, run_prefix: Callable[[int], torch.Tensor],
+                predictions: torch.Tensor, mask_idx: torch.Tensor | None = None) -> torch.Tensor | None:
+    """LayerLock's latent loss on any model, to add (weighted) to the model's own pixel loss.
+
+    ``blocks``: the encoder blocks in depth order. ``stage``: the schedule's stage k at this step
+    (for LayerLock the frozen-prefix length; :func:`latent_target_block` for the other
+    objectives). ``run_prefix(k)``: runs the stem and blocks 0..k-1 on the *unmasked* input and
+    returns block k-1's output ``(B, N, dim)`` (:func:`prefix_output` does it for any model).
+    ``predictions``: the student's latent predictions at the masked positions ``(B, K, dim)``;
+    ``mask_idx (B, K)``: those positions' token indices (None: ``predictions`` covers all N).
+
+    Returns the mean squared error against :func:`latent_target` at the masked positions, or None
+    at stage 0 (nothing frozen yet: the pixel loss alone). The target costs a forward of the stem
+    and k blocks over all N tokens, under ``no_grad`` (docs/integrations.md, "What it costs").
+    """
+    if not is_int(stage) or stage < 0:
+        raise LayerLockError(f"stage must be a non-negative integer (the frozen-prefix length), got {stage!r}")
+    if stage == 0:
+        return None
+    target = latent_target(blocks, stage, run_prefix)
+    if mask_idx is not None:
+        target = apply_masks(target, mask_idx)
+    if predictions.shape != target.shape:
+        raise LayerLockError(f"latent predictions have shape {tuple(predictions.shape)}, the target (block "
+                             f"{stage - 1}'s output at the masked positions) {tuple(target.shape)}: they must match")
+    return F.mse_loss(predictions.float(), target)
 
 
 def freezes(cfg: ObjectiveConfig) -> bool:
@@ -99,9 +172,9 @@ def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, k
     loss_pixel = F.mse_loss(pix_pred.float(), target.float())
     out["loss_pixel"] = loss_pixel
     loss = cfg.pixel_weight * loss_pixel
-    if k > 0:
-        target = apply_masks(latent_target(model, patches, k), mask_idx)
-        loss_latent = F.mse_loss(lat_pred.float(), target)
+    loss_latent = latent_loss(model.blocks, k, lambda depth: model.forward_encoder(patches, None, upto=depth),
+                              lat_pred, mask_idx)
+    if loss_latent is not None:
         out["loss_latent"] = loss_latent
         loss = loss + cfg.latent_weight * loss_latent
     out["loss"] = loss

@@ -23,6 +23,9 @@ TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.see
 TAG_STUDY = "layerlock.study"  # every run of one `python -m experiments study`
 TAG_LAUNCHED_FROM = "layerlock.launched_from"  # "dashboard" for runs its Launch page started
 TAG_JOB = "layerlock.job_id"  # the Launch page's job id: how it finds the run it started
+# What makes a run of a set (experiments.executor) that run: its identifying tags (and seed) as one
+# string, so a re-run of the command finds the runs already FINISHED and trains only the others.
+TAG_RUN_KEY = "layerlock.run_key"
 # The process training a run: "HOST pid PID", and its heartbeat (unix seconds, refreshed while it
 # trains). A second trainer of a RUNNING run is refused while the heartbeat is fresh.
 TAG_OWNER = "layerlock.owner"

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 
 from core.errors import LayerLockError, RunTerminated, TrainingDiverged
+from experiments import config_path
+from experiments.executor import RunsFailed
 
 EXIT_BAD_INPUT = 2
 EXIT_TERMINATED = 128 + 15   # what a shell reports for a process ended by SIGTERM
@@ -24,7 +26,9 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from core.config import load_config
     from core.train import train
+    from experiments.executor import options
 
+    options(args)   # bad executor options are bad input with or without --seeds
     if args.resume:
         if args.config or args.set:
             raise LayerLockError("--resume continues a run with its own config: drop --config/--set")
@@ -32,7 +36,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise LayerLockError("pretrain needs --config FILE (or --resume RUN_ID)")
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(config_path(args.config), args.set)
     tags = parse_tags(args.tag)
     if args.seeds is not None:
         return _pretrain_seeds(args, cfg, tags)
@@ -61,26 +65,28 @@ def parse_tags(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
-    """``pretrain --seeds 0,1,2``: one run per seed, one group; each run id printed as it finishes."""
-    from tqdm.auto import tqdm
+    """``pretrain --seeds 0,1,2``: one run per seed, one group, through the executor; the run ids
+    printed in the order of the seeds once all have finished."""
+    import os
 
     from core.config import group_name, parse_overrides
+    from experiments.executor import options
     from experiments.seeds import TAG_GROUP, parse_seeds, train_seeds
 
+    executor = options(args)
     if args.resume:
         raise LayerLockError("--seeds trains new runs: drop --resume")
     if "seed" in (parse_overrides(args.set).get("train") or {}):
         raise LayerLockError("--seeds and --set train.seed=... both choose the seed: keep one")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and executor["executor"] != "serial":
+        raise LayerLockError("under torchrun every run of --seeds uses all the processes: add --executor serial")
     seeds = parse_seeds(args.seeds)
     print(f"group {tags.get(TAG_GROUP, group_name(cfg))}: seeds {', '.join(map(str, seeds))}", file=sys.stderr)
 
-    def report(seed: int, result) -> None:
-        if result.run_id:   # a non-zero torchrun rank has none: rank 0 reports
-            tqdm.write(f"seed {seed}: {result.steps} steps, final loss {result.final_loss:.4f}, "
-                       f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
-            tqdm.write(result.run_id, file=sys.stdout)
-
-    train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, on_result=report)
+    results = train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, **executor)
+    for result in results:   # in the order of --seeds; a non-zero torchrun rank has no run id
+        if result.run_id:
+            print(result.run_id)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -88,8 +94,10 @@ def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser:
+    from experiments.executor import add_options as add_executor_options
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train one run (MAE, LayerLock or naive latent) and log it to MLflow")
@@ -98,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its latest checkpoint")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra MLflow tag (repeatable)")
     p.add_argument("--seeds", metavar="S,S,...",
-                   help="train one run per seed (e.g. 0,1,2), in sequence, all tagged with one layerlock.group; "
-                        "prints each run id")
+                   help="train one run per seed (e.g. 0,1,2), all tagged with one layerlock.group, through "
+                        "--executor; prints each run id")
+    add_executor_options(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -115,14 +124,17 @@ def _extra_commands() -> list[Callable]:
     return [freeze_test.register, evaluate.register, demo.register, study.register, bench.register, sync.register]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m experiments") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except LayerLockError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunsFailed as err:
+        print("\n".join(err.lines()), file=sys.stderr)
+        return 1
     except TrainingDiverged as err:
         print(f"error: training diverged: {err} (run marked FAILED)", file=sys.stderr)
         return 1

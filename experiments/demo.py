@@ -23,8 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from core.schema import EVAL, TAG_GROUP, TAG_SCHEDULE_SOURCE
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from experiments import CONFIGS
 
 
 def _say(msg: str) -> None:
@@ -78,15 +77,17 @@ DEMO_RUNS: dict[str, tuple[str, bool]] = {
 def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, margin: int, max_frac: float,
              tasks: list[str] | None, out_dir: Path, freeze_only: bool = True, overrides: list[str] | None = None,
              eval_train_clips: int | None = None, eval_val_clips: int | None = None,
-             seeds: list[int] | None = None, progress: bool = True) -> dict:
-    """Train every demo run for each seed (the schedule of a seed comes from that seed's MAE run),
-    evaluate them and a random-init encoder per seed; returns runs, schedules, evals and the table."""
+             seeds: list[int] | None = None, progress: bool = True, executor: dict | None = None) -> dict:
+    """Train every demo run for each seed (the schedule of a seed comes from that seed's MAE run)
+    through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/``workers``/
+    ``ray_address``), evaluate them and a random-init encoder per seed; returns runs, schedules,
+    evals and the table."""
     from analysis import io
     from analysis.compare import COMPARE_PARTS, compare_runs
     from core.config import load_config
     from core.readout import load_eval_data
-    from core.train import train
     from experiments.evaluate import evaluate_run, random_init_baseline
+    from experiments.executor import run_specs, spec_for
     from experiments.seeds import seed_config
 
     seeds = seeds or [0]
@@ -96,44 +97,49 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
     names = [n for n in DEMO_RUNS if freeze_only or n != "freeze_only"]
     runs: dict[str, dict[int, str]] = {n: {} for n in names}
     schedules: dict[int, dict] = {}
-    total = len(seeds) * (len(names) + 1) + 1
     t0 = time.perf_counter()
-    with tqdm(total=total, desc="demo", unit="stage", file=sys.stderr, position=0, disable=not progress) as bar:
-        def stage(label: str) -> None:
-            bar.set_postfix_str(label)
-            if not progress:   # a log, not progress-bar frames
-                _say(f"[demo {time.perf_counter() - t0:6.0f} s] {label}")
 
-        for seed in seeds:
-            for name in names:
-                if name == "layerlock":   # the schedule comes first: derived from this seed's MAE run
-                    stage(f"schedule (seed {seed})")
-                    path, sched = derive_demo_schedule(runs["mae"][seed], uri, threshold, margin, max_frac, out_dir)
-                    schedules[seed] = {"path": path, "schedule": sched}
-                    bar.update(1)
-                config, scheduled = DEMO_RUNS[name]
-                stage(f"{name} (seed {seed})")
-                extra = [*common, f"tracking.run_name={name}", f"train.seed={seed}"]
-                tags = {TAG_GROUP: f"{demo_id}-{name}"}
-                if scheduled:
-                    extra.append(f"freeze.schedule={schedules[seed]['path']}")
-                    tags[TAG_SCHEDULE_SOURCE] = runs["mae"][seed]
-                cfg = load_config(CONFIGS / config, extra)
-                runs[name][seed] = train(cfg, tracking_uri=uri, tags=tags, progress=progress).run_id
-                bar.update(1)
+    def stage(label: str) -> None:
+        _say(f"[demo {time.perf_counter() - t0:6.0f} s] {label}")
 
-        stage("evaluate")
-        base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
-        # one set of probe clips for every encoder, so all are scored on the same examples
-        data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips,
-                              progress=progress)
-        evals = {name: {seed: evaluate_run(rid, tasks=tasks, tracking_uri=uri, probe="both", data=data,
-                                           progress=progress) for seed, rid in by_seed.items()}
-                 for name, by_seed in runs.items()}
-        evals["random_init"] = {seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both",
-                                                           data=data, progress=progress) for seed in seeds}
-        bar.update(1)
+    def spec(name: str, seed: int):
+        config, scheduled = DEMO_RUNS[name]
+        extra = [*common, f"tracking.run_name={name}", f"train.seed={seed}"]
+        tags = {TAG_GROUP: f"{demo_id}-{name}"}
+        if scheduled:
+            extra.append(f"freeze.schedule={schedules[seed]['path']}")
+            tags[TAG_SCHEDULE_SOURCE] = runs["mae"][seed]
+        return spec_for(load_config(CONFIGS / config, extra), f"{name} seed {seed}", tags,
+                        identity={**tags, "train.seed": str(seed)})
 
+    def train_all(pairs: list[tuple[str, int]]) -> None:
+        results = run_specs([spec(n, s) for n, s in pairs], uri=uri, desc="demo runs", progress=progress,
+                            **(executor or {}))
+        for (name, seed), result in zip(pairs, results, strict=True):
+            runs[name][seed] = result.run_id
+
+    # Two stages: the runs without a schedule (MAE, naive latent), then, with each seed's schedule
+    # derived from its MAE run, the scheduled ones.
+    first = [n for n in names if not DEMO_RUNS[n][1]]
+    stage("train " + ", ".join(first))
+    train_all([(n, s) for s in seeds for n in first])
+    for seed in seeds:
+        stage(f"schedule (seed {seed})")
+        path, sched = derive_demo_schedule(runs["mae"][seed], uri, threshold, margin, max_frac, out_dir)
+        schedules[seed] = {"path": path, "schedule": sched}
+    second = [n for n in names if DEMO_RUNS[n][1]]
+    stage("train " + ", ".join(second))
+    train_all([(n, s) for s in seeds for n in second])
+    stage("evaluate")
+    base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
+    # one set of probe clips for every encoder, so all are scored on the same examples
+    data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips,
+                          progress=progress)
+    evals = {name: {seed: evaluate_run(rid, tasks=tasks, tracking_uri=uri, probe="both", data=data,
+                                       progress=progress) for seed, rid in by_seed.items()}
+             for name, by_seed in runs.items()}
+    evals["random_init"] = {seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both",
+                                                       data=data, progress=progress) for seed in seeds}
     table = compare_runs(io.load_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri,
                                       COMPARE_PARTS).values())
     return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
@@ -243,8 +249,10 @@ def check_demo_args(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.executor import options
     from experiments.seeds import parse_seeds
 
+    executor = options(args)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     seeds = parse_seeds(args.seeds)
     check_demo_args(args)   # before minutes of training, not after
@@ -254,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.steps, args.tracking_uri, args.probe_every, args.threshold, args.margin,
                       args.max_frozen_fraction, tasks, Path(args.out_dir), freeze_only=not args.no_freeze_only,
                       overrides=args.set, eval_train_clips=args.eval_train_clips, eval_val_clips=args.eval_val_clips,
-                      seeds=seeds, progress=progress)
+                      seeds=seeds, progress=progress, executor=executor)
     n = len(seeds)
     print()
     print(f"LayerLock Lab demo: MAE vs LayerLock vs ablations (moving_digits), {n} seed{'s' if n > 1 else ''} "
@@ -290,6 +298,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub, add_tracking) -> None:
+    from experiments.executor import add_options as add_executor_options
+
     p = sub.add_parser("demo", help="train MAE, derive a schedule, train LayerLock and the naive baseline, compare")
     p.add_argument("--steps", type=int, default=300, help="training steps of every run")
     p.add_argument("--probe-every", type=int, default=20, help="probe interval (finer: sharper convergence steps)")
@@ -303,5 +313,6 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--eval-train-clips", type=int, default=None, help="probe training clips (default 1024)")
     p.add_argument("--eval-val-clips", type=int, default=None, help="probe validation clips (default 512)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains every demo run (default 0)")
+    add_executor_options(p)
     add_tracking(p)
     p.set_defaults(func=cmd_demo)

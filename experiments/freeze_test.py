@@ -101,11 +101,13 @@ def plan_from_run(baseline: str, tracking_uri: str | None = None, n_steps: int =
     return grid_plan(checkpoint_steps(baseline, tracking_uri), total, depth, n_steps, shallowest)
 
 
-def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None,
-                    progress: bool = True) -> list[str]:
-    """Train one child run per (T, L); returns their run ids."""
+def freeze_test_specs(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None) -> list:
+    """One :class:`experiments.executor.RunSpec` per (T, L): the baseline's config with blocks
+    0..L-1 frozen from step T, branched off its checkpoint at T. Raises LayerLockError for a T or
+    L outside the baseline's run, or a T without a checkpoint."""
     from core.config import config_from_dict
-    from core.train import load_run_checkpoint, train
+    from core.train import load_run_checkpoint
+    from experiments.executor import spec_for
 
     final = load_run_checkpoint(baseline, tracking_uri=tracking_uri)
     cfg = config_from_dict(final["config"], f"run {baseline}")
@@ -113,19 +115,15 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
     for L in blocks:
         if not 1 <= L <= depth - 1:
             raise LayerLockError(f"--blocks {L}: must be between 1 and {depth - 1} (model.depth={depth})")
+    stored = checkpoint_steps(baseline, tracking_uri)
     for T in steps:
         if not 0 <= T < total:
             raise LayerLockError(f"--steps {T}: must be within the baseline's run (0..{total - 1})")
-    states = {T: load_run_checkpoint(baseline, step=T, tracking_uri=tracking_uri) for T in steps}
-    from tqdm.auto import tqdm
-
-    children = []
-    # One bar over the children (position 0) above the trainer's per-run bar.
-    bar = tqdm(total=len(steps) * len(blocks), desc=f"freeze test of {baseline[:8]}", unit="run", position=0,
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+        if T not in stored:
+            raise LayerLockError(f"run {baseline} has no checkpoint at step {T} (has: {', '.join(map(str, stored))})")
+    specs = []
     for T in steps:
         for L in blocks:
-            bar.set_postfix(T=T, L=L)
             child = cfg.model_copy(deep=True)
             child.freeze.schedule = [{"step": T, "frozen": L}]
             child.probe.enabled = False               # only the final loss matters here
@@ -134,17 +132,27 @@ def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking
             child = config_from_dict(child.model_dump(mode="json"), "freeze-test child")
             tags = {TAG_METHOD: METHOD_FREEZE_TEST, TAG_PARENT: baseline, MLFLOW_PARENT: baseline,
                     TAG_FREEZE_STEP: str(T), TAG_FREEZE_BLOCKS: str(L)}
-            result = train(child, tracking_uri=tracking_uri, tags=tags, init_state=states[T], progress=progress)
-            children.append(result.run_id)
-            held = "-" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
-            bar.write(f"T={T} L={L}: held-out loss {held}, last train loss {result.final_loss:.4f} "
-                      f"({result.run_id})", file=sys.stderr)
-            bar.update(1)
-    bar.close()
-    return children
+            specs.append(spec_for(child, f"T={T} L={L}", tags, init_from=(baseline, T)))
+    return specs
+
+
+def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None,
+                    progress: bool | None = None, **executor) -> list[str]:
+    """Train one child run per (T, L) through :func:`experiments.executor.run_specs` (``executor``:
+    its ``executor``/``workers``/``ray_address``); returns their run ids. Children that FINISHED
+    before are kept; :class:`experiments.executor.RunsFailed` when some do not finish."""
+    from experiments.executor import run_specs
+
+    specs = freeze_test_specs(baseline, steps, blocks, tracking_uri)
+    results = run_specs(specs, uri=tracking_uri, desc=f"freeze test of {baseline[:8]}", progress=progress,
+                        **executor)
+    return [r.run_id for r in results]
 
 
 def cmd_freeze_test(args: argparse.Namespace) -> int:
+    from experiments.executor import options
+
+    executor = options(args)   # bad options fail before the store is read
     if args.grid:
         if args.steps or args.blocks:
             raise LayerLockError("--grid picks the steps and blocks itself: drop --steps/--blocks (or --grid)")
@@ -156,7 +164,7 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
         if not (args.steps and args.blocks):
             raise LayerLockError("freeze-test needs --steps and --blocks, or --grid")
         steps, blocks = _int_list(args.steps, "steps"), _int_list(args.blocks, "blocks")
-    run_freeze_test(args.baseline, steps, blocks, args.tracking_uri)
+    run_freeze_test(args.baseline, steps, blocks, args.tracking_uri, **executor)
     from analysis import io
     from analysis.agreement import freeze_grid
     from analysis.compare import FINAL_LOSS_PARTS
@@ -172,6 +180,8 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
 
 
 def register(sub, add_tracking) -> None:
+    from experiments.executor import add_options as add_executor_options
+
     p = sub.add_parser(
         "freeze-test", help="the paper's convergence test: freeze blocks 0..L-1 at step T",
         description="Branch one child run per (T, L) off a baseline's checkpoint at step T with blocks 0..L-1 "
@@ -191,5 +201,6 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--tol", type=float, default=None,
                    help="converged if child loss <= (1 + tol) * baseline (default: calibrated, the relative sd of "
                         "the final loss over the baseline's seed group; 0.02 without one)")
+    add_executor_options(p)
     add_tracking(p)
     p.set_defaults(func=cmd_freeze_test)

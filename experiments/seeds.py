@@ -8,7 +8,6 @@ dashboard summarise as mean, spread and N, with differences paired on the seed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from core.errors import LayerLockError
 from core.schema import TAG_GROUP
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from core.train import TrainResult
+    from experiments.executor import RunResult
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -50,25 +49,10 @@ def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return out
 
 
-def train_seeds(
-    cfg: ExperimentConfig,
-    seeds: Sequence[int],
-    *,
-    tracking_uri: str | None = None,
-    tags: dict[str, str] | None = None,
-    progress: bool = True,
-    on_result: Callable[[int, TrainResult], None] | None = None,
-) -> list[TrainResult]:
-    """Train ``cfg`` once per seed, in order; every run carries the same ``layerlock.group`` tag.
-
-    One overall progress bar over the seeds (position 0) sits above the trainer's per-run bar.
-    ``on_result(seed, result)`` is called as each run finishes (the command line prints its id
-    then, so the runs already done are known if a later one fails). A run that diverges raises
-    (``TrainingDiverged``) and the remaining seeds are not trained.
-    """
-    from tqdm.auto import tqdm
-
-    from core.train import train
+def seed_specs(cfg: ExperimentConfig, seeds: Sequence[int], tags: dict[str, str] | None = None) -> list:
+    """One :class:`experiments.executor.RunSpec` per seed, all tagged with one ``layerlock.group``;
+    a run is identified by its tags and its seed."""
+    from experiments.executor import spec_for
 
     seeds = list(seeds)
     if not seeds:
@@ -77,14 +61,28 @@ def train_seeds(
         raise LayerLockError(f"train_seeds: repeated seeds in {seeds}")
     # Explicit, although the trainer derives the same tag: a caller's own tags cannot split the group.
     run_tags = {TAG_GROUP: group_name(cfg), **(tags or {})}
-    results: list[TrainResult] = []
-    bar = tqdm(seeds, desc=f"seeds of {run_tags[TAG_GROUP]}", unit="run", position=0, disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
-    for seed in bar:
-        bar.set_postfix(seed=seed)
-        result = train(seed_config(cfg, seed), tracking_uri=tracking_uri, tags=run_tags, progress=progress)
-        results.append(result)
-        if on_result is not None:
-            on_result(seed, result)
-    bar.close()
-    return results
+    return [spec_for(seed_config(cfg, seed), f"seed {seed}", run_tags, identity={**run_tags, "train.seed": str(seed)})
+            for seed in seeds]
+
+
+def train_seeds(
+    cfg: ExperimentConfig,
+    seeds: Sequence[int],
+    *,
+    tracking_uri: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+    **executor,
+) -> list[RunResult]:
+    """Train ``cfg`` once per seed through :func:`experiments.executor.run_specs` (``executor``: its
+    ``executor``/``workers``/``ray_address``); every run carries the same ``layerlock.group`` tag.
+
+    ``on_result(result)`` is called as each run ends (the command line prints its id then). Seeds
+    that FINISHED before are kept; :class:`experiments.executor.RunsFailed` when some do not finish.
+    """
+    from experiments.executor import run_specs
+
+    specs = seed_specs(cfg, seeds, tags)
+    return run_specs(specs, uri=tracking_uri, desc=f"seeds of {specs[0].tags[TAG_GROUP]}", progress=progress,
+                     on_result=on_result, **executor)

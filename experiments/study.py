@@ -38,8 +38,7 @@ from typing import Any
 
 from core.errors import LayerLockError
 from core.schema import METHOD_STUDY, STUDY, STUDY_DIR, TAG_GROUP, TAG_METHOD, TAG_STUDY
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
+from experiments import CONFIGS, config_path
 
 # Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
 # 30 minutes for 3 seeds; ``full`` is the GPU size.
@@ -89,22 +88,25 @@ def _method_config(base, method: str, seed: int, schedule_path: Path | None, ste
 
 def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int], budget: str,
               out_dir: Path, uri: str | None, tasks: Sequence[str] | None = None, progress: bool = True,
-              study_id: str | None = None) -> dict[str, Any]:
-    """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``)."""
+              study_id: str | None = None, executor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``).
+    The runs train through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/
+    ``workers``/``ray_address``); a study run again with the same ``study_id`` keeps the runs that
+    FINISHED."""
     from tqdm.auto import tqdm
 
     from core.config import load_config
     from core.readout import load_eval_data
-    from core.train import train
     from experiments.demo import derive_demo_schedule
     from experiments.evaluate import evaluate_run, random_init_baseline
-    from experiments.freeze_test import plan_from_run, run_freeze_test
+    from experiments.executor import run_specs, spec_for
+    from experiments.freeze_test import freeze_test_specs, plan_from_run
     from experiments.seeds import seed_config
 
     if budget not in BUDGETS:
         raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     spec = BUDGETS[budget]
-    base = load_config(config or CONFIGS / spec["config"],
+    base = load_config(config_path(config) if config else CONFIGS / spec["config"],
                        [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])])
     if base.objective.name != "pixel":
         raise LayerLockError("study: the base config must be an MAE (objective.name=pixel); the study "
@@ -116,49 +118,58 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     schedules: dict[int, dict] = {}
     children: dict[int, list[str]] = {}
 
-    n_stages = len(seeds) * (len(runs) + 2) + 1
-    bar = tqdm(total=n_stages, desc=f"study {budget}", unit="stage", position=0, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-
     def tags(method: str) -> dict[str, str]:
         return {TAG_STUDY: study_id, TAG_GROUP: f"{study_id}-{method}"}
 
-    def fit(method: str, seed: int) -> str:
-        bar.set_postfix_str(f"{method} seed {seed}")
+    def method_spec(method: str, seed: int):
         cfg = _method_config(base, method, seed, schedules.get(seed, {}).get("path"),
                              spec["steps_fraction"].get(method, 1.0))
-        rid = train(cfg, tracking_uri=uri, tags=tags(method), progress=progress).run_id
-        runs[method][seed] = rid
-        _say(f"[study] {method} seed {seed}: run {rid}")
-        bar.update(1)
-        return rid
+        return spec_for(cfg, f"{method} seed {seed}", tags(method), identity={**tags(method), "train.seed": str(seed)})
 
-    for seed in seeds:   # every MAE first: the freeze test's tolerance is their seed spread
-        fit("mae", seed)
+    # Stages, each one call of the executor: every MAE first (the freeze test's tolerance is their
+    # seed spread, and the schedules come from them); then, with each seed's schedule derived, its
+    # freeze-test grid and the other methods, all independent of each other.
+    _say(f"[study] MAE, seeds {', '.join(map(str, seeds))}")
+    for seed, result in zip(seeds, run_specs([method_spec("mae", s) for s in seeds], uri=uri,
+                                             desc="study: MAE", progress=progress, **(executor or {})), strict=True):
+        runs["mae"][seed] = result.run_id
+    specs, slots = [], []
     for seed in seeds:
         mae = runs["mae"][seed]
-        bar.set_postfix_str(f"freeze test seed {seed}")
         steps, blocks, note = plan_from_run(mae, uri, **spec["grid"])
         if note:
             _say(f"[study] {note}")
-        children[seed] = run_freeze_test(mae, steps, blocks, uri, progress=progress)
-        bar.update(1)
+        grid = freeze_test_specs(mae, steps, blocks, uri)
+        specs += grid
+        slots += [("freeze_test", seed)] * len(grid)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
         for method in spec["methods"]:
-            fit(method, seed)
+            specs.append(method_spec(method, seed))
+            slots.append((method, seed))
+    _say(f"[study] freeze tests and {', '.join(spec['methods'])}: {len(specs)} runs")
+    results = run_specs(specs, uri=uri, desc="study: freeze tests and methods", progress=progress,
+                        **(executor or {}))
+    for (method, seed), result in zip(slots, results, strict=True):
+        if method == "freeze_test":
+            children.setdefault(seed, []).append(result.run_id)
+        else:
+            runs[method][seed] = result.run_id
 
-    bar.set_postfix_str("evaluate")
+    _say("[study] evaluate")
     data = load_eval_data(base, tasks, progress=False)
     evals: dict[str, dict[int, dict[str, float]]] = {m: {} for m in [*runs, "random_init"]}
+    bar = tqdm(total=sum(map(len, runs.values())) + len(seeds) + 1, desc="study: evaluate", unit="encoder",
+               position=0, disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for method, by_seed in runs.items():
         for seed, rid in by_seed.items():
             evals[method][seed] = evaluate_run(rid, tasks, tracking_uri=uri, probe="both", data=data,
                                                progress=False)
+            bar.update(1)
     for seed in seeds:
         evals["random_init"][seed] = random_init_baseline(seed_config(base, seed), tasks, probe="both",
                                                           data=data, progress=False)
-    bar.update(len(seeds))
+        bar.update(1)
     bar.set_postfix_str("analyse")
     results = analyse(runs, evals, schedules, uri, seeds)
     results.update({"study_id": study_id, "budget": budget, "seeds": list(seeds),
@@ -484,8 +495,10 @@ def log_study_run(results: dict[str, Any], out_dir: Path, uri: str | None, exper
 # ----------------------------------------------------------------------------- command line
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from experiments.executor import options
     from experiments.seeds import parse_seeds
 
+    executor = options(args)
     seeds = parse_seeds(args.seeds)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
@@ -493,13 +506,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not progress:   # a file or CI log: stage lines, not progress-bar frames
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     results = run_study(args.config, args.set or [], seeds, args.budget, out, args.tracking_uri, tasks,
-                        progress=progress, study_id=out.name)
+                        progress=progress, study_id=out.name, executor=executor)
     print(report_markdown(results))
     print(results.get("study_run_id", ""))
     return 0
 
 
 def register(sub, add_tracking) -> None:
+    from experiments.executor import add_options as add_executor_options
+
     p = sub.add_parser("study", help="the paper's claims on your data: seeds, freeze test, schedules, probes, "
                                      "intervals (report.md, results.json, figures)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -509,6 +524,8 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--config", default=None, help="base MAE config (default: the budget's); e.g. your data")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override on the base config (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated probe tasks (default: all of the dataset)")
-    p.add_argument("--out", default=None, help="output folder (default runs/study-<time>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/study-<time>); a study run again "
+                                               "with the same --out trains only the runs it does not have yet")
+    add_executor_options(p)
     add_tracking(p)
     p.set_defaults(func=cmd_study)

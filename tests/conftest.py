@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Training runs keep a local folder (core.tracking.local_dir): in tests, under one throwaway folder
 # (inherited by the commands tests start), never in runs/ of the repository.
@@ -21,8 +15,8 @@ os.environ["LAYERLOCK_RUNS_DIR"] = tempfile.mkdtemp(prefix="layerlock-test-runs-
 # which takes stores away and kills trainers, runs with the default, the sender process.
 os.environ["LAYERLOCK_SENDER"] = "thread"
 
-from core.config import ExperimentConfig  # noqa: E402
-from tests.helpers import TINY, OwnLoopStore, build_own_loop_store, run_cli, tiny_dict, tiny_sets  # noqa: E402, F401
+from core.config import ExperimentConfig
+from tests.helpers import TINY, OwnLoopStore, build_own_loop_store, run_cli, tiny_dict, tiny_sets  # noqa: F401
 
 
 @pytest.fixture

@@ -12,18 +12,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from analysis import io  # noqa: E402
-from analysis.testing import (  # noqa: E402
+from analysis import io
+from analysis.testing import (
     create_run_from_frames,
     synthetic_flop_model,
     synthetic_history,
     synthetic_layer_metrics,
     synthetic_time_model,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:  # pragma: no cover - streamlit loads only where a test opens a page
     from streamlit.testing.v1 import AppTest

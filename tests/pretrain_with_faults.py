@@ -13,17 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import core.train as core_train  # noqa: E402
-from experiments.cli import main  # noqa: E402
+import core.train as core_train
+from experiments.cli import main
 
 
 def slow_steps(seconds: float) -> None:

@@ -158,6 +158,23 @@ def test_log_schedule_artifact_round_trip(runs: SyntheticRuns) -> None:
         io.log_schedule_artifact(runs.mae, {"n_blocks": 2, "stages": [{"step": 1, "frozen": 2}]}, runs.uri)
 
 
+def test_load_run_reads_the_parts_asked_for(runs: SyntheticRuns) -> None:
+    only_loss = io.load_run(runs.ll, runs.uri, records.Parts(history=("train/loss",), schedule=True, source=True))
+    assert set(only_loss.history["metric"]) == {"train/loss"} and only_loss.schedule == SCHEDULE
+    # the schedule's source run (the MAE), with its models: what the run's saving was predicted from
+    assert only_loss.source.run_id == runs.mae and only_loss.source.flop_model == MODEL
+    assert only_loss.source.time_model is None   # read, and absent: not the same as not read
+    for part in ("layers", "flop_model"):
+        with pytest.raises(LayerLockError, match=f"{part} was not loaded"):
+            getattr(only_loss, part)
+    whole = io.load_run(runs.mae, runs.uri)   # default: everything of the run itself
+    pd.testing.assert_frame_equal(whole.layers, io.load_layer_metrics(runs.mae, runs.uri))
+    assert whole.flop_model == MODEL and whole.schedule is None
+    with pytest.raises(LayerLockError, match="source was not loaded"):
+        _ = whole.source
+    assert list(io.load_runs([runs.mae, runs.ll, runs.mae], runs.uri, records.Parts())) == [runs.mae, runs.ll]
+
+
 def test_compare_runs(runs: SyntheticRuns) -> None:
     frame = compare_runs(io.load_runs([runs.ll, runs.mae], runs.uri, COMPARE_PARTS).values()).set_index("run_id")
     assert frame.loc[runs.ll, "method"] == "layerlock" and frame.loc[runs.mae, "flop_saving"] == 0.0

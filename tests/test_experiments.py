@@ -165,6 +165,7 @@ def test_bench_data_times_each_dataset() -> None:
     assert set(out) == {"moving_digits", "photo_pans"} and all(v > 0 for v in out.values())
 
 
+@pytest.mark.system   # heavy in process: the slowest fast-tier test, a bench smoke like the CLI ones above
 def test_bench_monitor_and_own_freezing_run() -> None:
     """The own-loop benches, tiny: they run and report their ratios (timings are never asserted)."""
     import torch

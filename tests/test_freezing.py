@@ -13,7 +13,7 @@ from core.flops import count_step_flops, flop_model
 from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
 from core.masking import tube_mask
 from core.model import build_model
-from core.objectives import compute_losses, freezes, latent_target
+from core.objectives import compute_losses, freezes, latent_target, prefix_output
 from core.train import build_optimizer
 from tests.helpers import ROOT, tiny_dict
 
@@ -76,7 +76,11 @@ def test_latent_target_is_frozen_block_output_on_unmasked_clip():
         for blk in model.blocks[:2]:
             x = blk(x)
     expected = torch.nn.functional.layer_norm(x, x.shape[-1:])
-    assert torch.allclose(latent_target(model, video, 2), expected, atol=1e-6)
+    run_prefix = lambda k: model.forward_encoder(video, None, upto=k)
+    assert torch.allclose(latent_target(model.blocks, 2, run_prefix), expected, atol=1e-6)
+    # The same target from any model's own forward, stopped after block 1 by a hook
+    got = latent_target(model.blocks, 2, lambda k: prefix_output(model.blocks, k, lambda: model.forward_encoder(video)))
+    assert torch.equal(got, latent_target(model.blocks, 2, run_prefix))
     losses = compute_losses(model, model, video, keep, mask, cfg.objective)
     assert "loss_latent" in losses
     set_frozen_prefix(model, opt, 0)
@@ -157,8 +161,8 @@ def test_latent_scheduled_freezes_nothing_and_targets_the_current_block_output(m
     seen = []
     real = objectives.latent_target
 
-    def spy(m, v, k):
-        out = real(m, v, k)
+    def spy(blocks, k, run_prefix):
+        out = real(blocks, k, run_prefix)
         seen.append((k, out.detach().clone()))
         return out
 

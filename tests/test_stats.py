@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from analysis.claims import claim, claim_verdict, difference, estimate, format_estimate, freeze_cost
 from analysis.stats import (
     NO_DIFFERENCE,
     NO_PAIRS,
@@ -135,3 +136,38 @@ def test_spread_over_runs_band() -> None:
     assert (band.loc[2, "lo"], band.loc[2, "hi"]) == (pytest.approx(0.6), pytest.approx(0.8))
     assert band.loc[0, "sd"] == pytest.approx(0.1)
     assert spread_over_runs({}).empty
+
+
+# ----------------------------------------------------------------------------- a study's claims
+
+def test_estimate_and_claim_verdicts() -> None:
+    est = estimate([0.1, 0.2, 0.3, None, float("nan")])
+    assert est["n"] == 3 and est["mean"] == pytest.approx(0.2) and est["sd"] == pytest.approx(0.1)
+    half = sps.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert (est["ci_low"], est["ci_high"]) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
+    assert claim_verdict(est, 0.0, "above") == "inconclusive"        # the interval contains 0
+    assert claim([0.5, 0.52, 0.49], 0.0, "above")["verdict"] == "held"
+    assert claim([0.5, 0.52, 0.49], 0.0, "below")["verdict"] == "not held"
+    assert claim([0.5, 0.52, 0.49], 0.6, "below")["verdict"] == "held"
+    assert claim([0.5])["verdict"] == "one seed" and claim([])["verdict"] == "n/a"
+    assert format_estimate(estimate([0.5])) == "+0.500 (N=1)" and format_estimate(estimate([])) == "n/a"
+
+
+def test_difference_verdict_is_the_stats_verdict() -> None:
+    assert difference([-0.1, 0.1, 0.05])["verdict"] == "no difference"   # interval straddles 0
+    assert difference([0.2, 0.21, 0.19])["verdict"] == "higher"
+    assert difference([-0.2, -0.21, -0.19])["verdict"] == "lower"
+    assert difference([0.2])["verdict"] == "n/a (one seed)"
+
+
+def test_freeze_cost_against_the_seed_noise() -> None:
+    cells = {"index": [2, 4], "columns": [100, 300]}
+    seed0 = pd.DataFrame([[1.00, 1.00], [1.10, 1.01]], **cells)
+    seed1 = pd.DataFrame([[1.02, 1.00], [1.14, 1.00]], **cells)
+    cost = freeze_cost([seed0, seed1], [0.02, 0.03])
+    assert cost["mean_ratio"]["4"] == {"100": pytest.approx(1.12), "300": pytest.approx(1.005)}
+    assert cost["early_deep"]["L"] == 4 and cost["early_deep"]["T"] == 100
+    assert cost["early_deep"]["mean"] == pytest.approx(0.12) and cost["late_deep"]["mean"] == pytest.approx(0.005)
+    assert cost["tolerance"]["mean"] == pytest.approx(0.025)
+    assert cost["early_costs_more_than_noise"] and cost["late_within_noise"]
+

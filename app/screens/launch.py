@@ -18,6 +18,7 @@ FROM_CONFIG = "(from config)"
 OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
 DATASETS = [FROM_CONFIG, "moving_digits", "photo_pans", "video_folder"]
 NO_SCHEDULE, CUSTOM = "none (nothing frozen)", "custom path…"
+EXECUTORS = ["local", "serial", "ray"]   # python -m experiments ... --executor
 
 st.title("Launch a training run")
 uri = state.tracking_uri()
@@ -42,6 +43,13 @@ with st.form("launch_form"):
     schedule_choice = a.selectbox("Freezing schedule", schedule_choices, key="launch_schedule",
                                   format_func=lambda s: Path(s).name if s.endswith(".json") else s)
     schedule_path = b.text_input("Schedule JSON path", key="launch_schedule_path", placeholder="for custom path…")
+    a, b, c = st.columns(3)
+    seeds = a.text_input("Seeds (a seed group)", key="launch_seeds", placeholder="e.g. 0,1,2: one run per seed",
+                         help="trains one run per seed, all in one layerlock.group, through the executor")
+    executor = b.selectbox("Executor", EXECUTORS, key="launch_executor",
+                           help="local: a pool of worker processes; serial: one run after another; ray: Ray tasks")
+    workers = c.number_input("Workers", min_value=1, max_value=jobs.max_jobs(), value=min(2, jobs.max_jobs()),
+                             key="launch_workers", help=f"worker processes for local (at most ${jobs.MAX_JOBS_ENV})")
     a, b = st.columns([1, 2])
     run_name = a.text_input("Run name", key="launch_run_name", placeholder="generated")
     extra = b.text_area("More overrides (key=value per line)", key="launch_overrides", height=80,
@@ -90,6 +98,19 @@ def build_overrides() -> tuple[list[str], str]:
     return overrides, name
 
 
+def seed_group_args() -> list[str]:
+    """``--seeds S,S --executor E --workers N`` for a seed group (none without seeds); raises LayerLockError."""
+    text = seeds.strip()
+    if not text:
+        return []
+    if seed is not None:
+        raise LayerLockError("Seed and Seeds both choose the seed: keep one")
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("-").isdigit() for item in items) or len(set(items)) != len(items):
+        raise LayerLockError(f"Seeds expects distinct comma-separated integers, got '{text}'")
+    return ["--seeds", ",".join(items), "--executor", executor, "--workers", str(int(workers))]
+
+
 if submitted:
     try:
         overrides, name = build_overrides()
@@ -100,6 +121,7 @@ if submitted:
         if isinstance(cfg.freeze.schedule, str):
             check_schedule(Path(cfg.freeze.schedule), cfg.model.depth, cfg.train.steps)
         argv = jobs.pretrain_argv(config, overrides, {schema.TAG_LAUNCHED_FROM: "dashboard"}, uri)
+        argv += seed_group_args()
         job = jobs.start(argv, name, uri, source="launch")
     except (LayerLockError, ValueError) as err:   # bad input, or jobs.JobLimitReached
         st.warning(f"Not started: {first_line(err)}")

@@ -9,6 +9,7 @@ Timings are measured here, never asserted in tests: the machine decides them.
 
 from __future__ import annotations
 
+from experiments import config_path
 from experiments.bench.timing import freezing_rows, interleaved_timings, interval_text, say_resolved
 
 
@@ -35,7 +36,7 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
     from core.objectives import compute_losses
     from core.train import build_optimizer
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config_path(config), overrides)
     depth = cfg.model.depth
     max_rounds = max(rounds, max_rounds or rounds)
     torch.manual_seed(cfg.train.seed)

@@ -57,8 +57,10 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     from core.errors import LayerLockError
     from core.freezing import set_frozen_prefix
     from core.tracking import NullWriter
+    from experiments import config_path
 
-    cfg = load_config(config, [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"])
+    cfg = load_config(config_path(config),
+                      [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"])
     depth = cfg.model.depth
     k = depth - 1 if frozen is None else frozen
     if not 0 <= k < depth:

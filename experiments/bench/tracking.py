@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+from experiments import config_path
 from experiments.bench.timing import alternated, interval_text, per_step_ratio, ratio_stats, say_resolved
 
 
@@ -29,7 +30,7 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
     from core.config import load_config
     from core.train import train
 
-    cfg_on = load_config(config, [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
+    cfg_on = load_config(config_path(config), [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
     cfg_off = cfg_on.model_copy(deep=True)
     cfg_off.probe.enabled = False
     n_steps = cfg_on.train.steps

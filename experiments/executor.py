@@ -1,0 +1,512 @@
+"""Many independent runs at once: one executor for freeze-test children, seed groups, the demo and the study.
+
+A :class:`RunSpec` is one run to train (its resolved config, tags, the checkpoint it branches
+off); :func:`run_specs` trains a list of them through one of three back ends and returns one
+:class:`RunResult` each, in the order given:
+
+- ``serial``: one after another in this process (per-run progress bars on a terminal);
+- ``local``: a pool of worker processes on this machine (``concurrent.futures.ProcessPoolExecutor``
+  with the ``spawn`` context), one torch thread each;
+- ``ray``: each run a Ray task with the spec's ``num_cpus``/``num_gpus``, on the cluster at
+  ``ray_address`` (a local one when None).
+
+Every back end calls the same function, :func:`train_spec`, around :func:`core.train.train`.
+Dependencies are stages: the caller trains a baseline with one call and its freeze-test children
+with the next; nothing here orders runs inside one call.
+
+Re-running: every run carries ``layerlock.run_key`` (:attr:`RunSpec.key`, made of its identifying
+tags). Before training, a spec whose key already has a FINISHED run is not trained again; one
+whose earlier run stopped (FAILED or KILLED, or RUNNING with a dead worker) resumes that run from
+its last checkpoint, or, without one, replaces it (the old run is deleted), so the store holds
+each run once. A run that fails, or whose worker dies, is marked FAILED with
+``layerlock.failure_reason`` and the others go on; :class:`RunsFailed` is raised at the end.
+docs/executor.md has the user's side.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from core.errors import LayerLockError, RunTerminated, first_line
+from core.schema import CHECKPOINT_DIR, TAG_FAILURE, TAG_OWNER, TAG_RUN_KEY
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from core.config import ExperimentConfig
+    from core.train import TrainResult
+
+EXECUTORS = ("serial", "local", "ray")
+DEFAULT_EXECUTOR = "local"
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+WORKER_DIED = "its worker process died"
+RAY_CONNECT_TIMEOUT_S = 10.0
+# A team tracking server (README, "Past one machine"): what a multi-host cluster logs to.
+TEAM_SERVER = "a tracking server, e.g. --tracking-uri http://HOST:5000 (mlflow server with a PostgreSQL backend)"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to train.
+
+    ``config``: the resolved config (``ExperimentConfig.model_dump(mode="json")``); ``tags``: logged on
+    the run; ``identity``: what makes the run this run (default: ``tags``), its :attr:`key`;
+    ``init_from``: ``(run id, step)`` of a checkpoint to branch off (freeze-test children), loaded by
+    the worker itself; ``num_cpus``/``num_gpus``: what a Ray task asks for.
+    """
+
+    label: str
+    config: dict[str, Any]
+    tags: dict[str, str]
+    identity: dict[str, str] | None = None
+    init_from: tuple[str, int] | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """``k=v;k=v`` over the sorted identity: stable across re-runs of one command."""
+        ident = self.tags if self.identity is None else self.identity
+        return ";".join(f"{k}={v}" for k, v in sorted(ident.items()))
+
+
+def spec_for(cfg: ExperimentConfig, label: str, tags: dict[str, str], *, identity: dict[str, str] | None = None,
+             init_from: tuple[str, int] | None = None) -> RunSpec:
+    """A :class:`RunSpec` of ``cfg``; a run on ``train.device=cuda`` asks Ray for one GPU."""
+    return RunSpec(label=label, config=cfg.model_dump(mode="json"), tags=dict(tags),
+                   identity=None if identity is None else {k: str(v) for k, v in identity.items()},
+                   init_from=init_from, num_gpus=1.0 if cfg.train.device == "cuda" else 0.0)
+
+
+@dataclass
+class RunResult:
+    """What became of one spec: ``status`` FINISHED, FAILED or KILLED; ``reused``: it had FINISHED
+    before this call and was not trained again; ``train``: the trainer's result when it trained here."""
+
+    key: str
+    label: str
+    run_id: str | None
+    status: str
+    reason: str | None = None
+    reused: bool = False
+    train: TrainResult | None = field(default=None, repr=False)
+
+    def line(self) -> str:
+        """One line for a log: the run, what became of it, its held-out loss."""
+        if self.status != FINISHED:
+            return f"{self.label}: {self.status} ({self.run_id or 'no run'}): {self.reason}"
+        if self.reused:
+            return f"{self.label}: already FINISHED ({self.run_id}), not trained again"
+        t = self.train
+        held = "" if t is None or t.heldout_loss is None else f", held-out loss {t.heldout_loss:.4f}"
+        took = "" if t is None else f" in {t.wall_s:.0f} s, last train loss {t.final_loss:.4f}"
+        return f"{self.label}: FINISHED{took}{held} ({self.run_id})"
+
+
+class RunsFailed(Exception):
+    """Some runs of a set did not finish; the command line lists them and exits 1."""
+
+    def __init__(self, results: Sequence[RunResult]) -> None:
+        self.results = list(results)
+        self.failed = [r for r in self.results if r.status != FINISHED]
+        super().__init__(f"{len(self.failed)} of {len(self.results)} runs did not finish")
+
+    def lines(self) -> list[str]:
+        return [f"  {r.line()}" for r in self.failed] + [
+            f"{self}; run the same command again to train only what is missing"]
+
+
+# ----------------------------------------------------------------------------- options
+
+def check_options(executor: str, workers: int | None) -> None:
+    """LayerLockError for an unknown back end or a worker count below 1."""
+    if executor not in EXECUTORS:
+        raise LayerLockError(f"--executor must be one of {', '.join(EXECUTORS)}, got '{executor}'")
+    if workers is not None and workers < 1:
+        raise LayerLockError(f"--workers must be at least 1, got {workers}")
+
+
+def default_workers() -> int:
+    """One worker per core this process may use (each trains with one torch thread)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def add_options(p) -> None:
+    """``--executor``, ``--workers``, ``--ray-address`` on a command that trains several runs."""
+    p.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="|".join(EXECUTORS),
+                   help="how the independent runs train: serial (one after another, here), local (a pool of "
+                        "worker processes, one torch thread each), ray (Ray tasks) (default local)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for --executor local (default: one per core)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="Ray cluster for --executor ray (default: start one on this machine)")
+
+
+def options(args) -> dict[str, Any]:
+    """The executor keywords of :func:`run_specs` from parsed ``add_options`` arguments (checked)."""
+    check_options(args.executor, args.workers)
+    return {"executor": args.executor, "workers": args.workers, "ray_address": args.ray_address}
+
+
+# ----------------------------------------------------------------------------- the store (all of it here)
+
+def _runs_of(key: str, uri: str) -> list:
+    from analysis import io
+
+    return io.runs_with_tag(TAG_RUN_KEY, key, uri)
+
+
+def _has_checkpoint(run_id: str, uri: str) -> bool:
+    from core.tracking import Tracker, local_checkpoints, local_dir
+
+    if local_checkpoints(local_dir(run_id)):
+        return True
+    return bool(Tracker(uri=uri, run_id=run_id, read_only=True).list_artifacts(CHECKPOINT_DIR))
+
+
+def _mark_failed(run_id: str, reason: str, uri: str) -> bool:
+    """A RUNNING run whose trainer is gone: send what its spool kept, tag why, mark it FAILED.
+    False when its owner still looks alive (another host, fresh heartbeat): it is left as it is."""
+    from core.tracking import Tracker
+
+    try:
+        Tracker(uri=uri, run_id=run_id).fail(reason)
+    except LayerLockError:
+        return False
+    return True
+
+
+def _open_store(uri: str) -> None:
+    """Create the store before workers write to it: several processes creating one sqlite file
+    would race on its schema migrations."""
+    from analysis import io
+
+    io.client(uri).search_experiments(max_results=1)
+
+
+def _settle(spec: RunSpec, uri: str, reason: str) -> RunResult | None:
+    """The stored state of ``spec`` after its worker stopped without answering: its run FINISHED,
+    KILLED (resumable) or FAILED; a RUNNING one has lost its worker and is marked FAILED with
+    ``reason``. None when it has no run (it had not started)."""
+    runs = _runs_of(spec.key, uri)
+    if not runs:
+        return None
+    run = runs[0]
+    status, why = run.status, run.tags.get(TAG_FAILURE)
+    if status == "RUNNING" and _mark_failed(run.run_id, reason, uri):
+        status, why = FAILED, reason
+    return RunResult(spec.key, spec.label, run.run_id, status, why or (None if status == FINISHED else status))
+
+
+def _plan(specs: Sequence[RunSpec], uri: str) -> tuple[dict[int, RunResult], dict[int, str | None]]:
+    """``(done, todo)``: results of specs that FINISHED before; for the others, the run to resume
+    (an earlier attempt with a checkpoint) or None (a new run; an attempt without one is deleted)."""
+    done: dict[int, RunResult] = {}
+    todo: dict[int, str | None] = {}
+    for i, spec in enumerate(specs):
+        runs = _runs_of(spec.key, uri)
+        finished = [r for r in runs if r.status == FINISHED]
+        if finished:
+            done[i] = RunResult(spec.key, spec.label, finished[0].run_id, FINISHED, reused=True)
+            continue
+        todo[i] = None
+        for run in runs:
+            if run.status == "RUNNING" and not _mark_failed(run.run_id, WORKER_DIED, uri):
+                raise LayerLockError(f"{spec.label}: run {run.run_id} is still being trained by "
+                                     f"{run.tags.get(TAG_OWNER, 'another process')}; wait for it to end")
+            if todo[i] is None:
+                todo[i] = _resumable(run.run_id, uri)
+            else:   # a newer attempt is resumed: this one would count twice
+                _drop(run.run_id, uri)
+    return done, todo
+
+
+def _resumable(run_id: str, uri: str) -> str | None:
+    """``run_id`` when the stopped run has a checkpoint to resume from; else it is deleted (a new run
+    replaces it, and the store holds the run once) and None."""
+    if _has_checkpoint(run_id, uri):
+        return run_id
+    _drop(run_id, uri)
+    return None
+
+
+def _drop(run_id: str, uri: str) -> None:
+    from analysis import io
+
+    io.delete_run(run_id, uri)
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+def _pool_worker() -> None:
+    """A pool worker's setup: one torch thread (the workers share the cores), and Ctrl-C left to
+    the command, which stops its workers with SIGTERM (each trainer checkpoints and marks KILLED)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _one_thread()
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "pool") -> RunResult:
+    """Train one spec: every back end's worker. ``where``: ``here`` (serial, in the command's own
+    process), ``pool`` or ``ray``. A run that raises comes back FAILED (the trainer has marked it so,
+    with its reason). Stopped by SIGTERM, a pool worker ends with its run KILLED and stored (so it
+    starts nothing more); in the command's own process Ctrl-C and SIGTERM end the command."""
+    if where == "ray":
+        _one_thread()
+    from core.config import config_from_dict
+    from core.train import load_run_checkpoint, train
+
+    try:
+        cfg = config_from_dict(spec.config, spec.label)
+        init = None
+        if spec.init_from is not None and resume is None:
+            init = load_run_checkpoint(spec.init_from[0], step=spec.init_from[1], tracking_uri=uri)
+        result = train(cfg, tracking_uri=uri, resume_run_id=resume, tags={**spec.tags, TAG_RUN_KEY: spec.key},
+                       init_state=init, progress=where == "here" and sys.stderr.isatty())
+    except RunTerminated as err:
+        if where == "pool":
+            os._exit(128 + signal.SIGTERM)
+        if where == "here":
+            raise
+        return RunResult(spec.key, spec.label, resume, KILLED, first_line(err))
+    except Exception as err:
+        return RunResult(spec.key, spec.label, resume, FAILED, f"{type(err).__name__}: {first_line(err)}")
+    return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result)
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _Progress:
+    """One bar over runs on a terminal (done / total, running now, ETA); a line per finished run."""
+
+    def __init__(self, total: int, done: int, desc: str, bar: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="run", position=0, disable=not bar,
+                        dynamic_ncols=True, file=sys.stderr)
+        self.n, self.total = done, total
+
+    def running(self, labels: Sequence[str]) -> None:
+        self.bar.set_postfix_str(", ".join(labels)[:120] if labels else "")
+
+    def finished(self, result: RunResult) -> None:
+        self.n += 1
+        self._tqdm.write(f"[{self.n}/{self.total}] {result.line()}", file=sys.stderr)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- back ends
+
+def _serial(specs, todo, uri, progress, report) -> None:
+    for i, resume in todo.items():
+        progress.running([specs[i].label])
+        report(i, train_spec(specs[i], resume, uri, where="here"))
+
+
+def _local(specs, todo, uri, workers, progress, report) -> None:
+    """A spawn-context process pool. When a worker dies the pool breaks: the other workers are
+    stopped with SIGTERM (their trainers checkpoint and mark their runs KILLED); those, and runs
+    that had not started, go to a new pool, once; the run whose worker died is FAILED."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    queue, retried = dict(todo), set()
+    while queue:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(queue)), initializer=_pool_worker,
+                                   mp_context=multiprocessing.get_context("spawn"))
+        futures = {pool.submit(train_spec, specs[i], resume, uri): i for i, resume in queue.items()}
+        queue, broken, pending = {}, [], set(futures)
+        try:
+            while pending:
+                progress.running([specs[futures[f]].label for f in pending if f.running()])
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for f in done:
+                    try:
+                        report(futures[f], f.result())
+                    except BrokenProcessPool:
+                        broken.append(futures[f])
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            for f in pending:
+                _settle(specs[futures[f]], uri, "interrupted (Ctrl-C)")
+            raise
+        pool.shutdown(wait=True)
+        for i in broken:
+            settled = _settle(specs[i], uri, f"{WORKER_DIED} (the process pool broke)")
+            if settled is not None and settled.status in (FINISHED, FAILED):
+                report(i, settled)
+            elif i in retried:
+                report(i, settled or RunResult(specs[i].key, specs[i].label, None, FAILED, WORKER_DIED))
+            else:   # KILLED by the pool's SIGTERM: resumed; not started: started
+                retried.add(i)
+                queue[i] = None if settled is None else _resumable(settled.run_id, uri)
+
+
+def _stop_workers(pool) -> None:
+    """Ctrl-C: no new runs; SIGTERM to every worker (each trainer checkpoints, marks its run
+    KILLED and its process ends), then wait for them."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(timeout=120)
+
+
+def _check_ray_address(address: str) -> None:
+    """A HOST:PORT that does not answer: say so now (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise LayerLockError(f"--ray-address must be auto or HOST:PORT, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise LayerLockError(f"no Ray cluster answers at {address} ({err.strerror or type(err).__name__}); "
+                             "start one with `ray start --head` or pass --ray-address") from None
+
+
+def connect_ray(address: str | None, uri: str) -> bool:
+    """Join (or start, without ``address``) a Ray cluster; returns whether this call started Ray.
+
+    Raises LayerLockError when no cluster answers at ``address``, and for a sqlite (or file) store
+    with a cluster on more than one host: workers elsewhere cannot write to this machine's file."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address not in (None, "auto"):
+            _check_ray_address(address)
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                     configure_logging=True)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise LayerLockError(f"no Ray cluster at --ray-address {address}: {first_line(err)}") from None
+        started = True
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    from core.tracking import sqlite_path
+
+    if len(hosts) > 1 and (sqlite_path(uri) is not None or uri.startswith("file:")):
+        if started:
+            ray.shutdown()
+        raise LayerLockError(f"the Ray cluster spans {len(hosts)} hosts, but the tracking store {uri} is a file on "
+                             f"this one; log to {TEAM_SERVER}")
+    return started
+
+
+def _ray(specs, todo, uri, progress, report) -> None:
+    import ray
+    from ray.exceptions import RayError, TaskCancelledError
+
+    from core.tracking import runs_root
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    # One host: workers use this process's run folders and code, wherever Ray started them.
+    env = ({"env_vars": {"LAYERLOCK_RUNS_DIR": str(runs_root()),
+                         "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
+                         **{k: os.environ[k] for k in ("LAYERLOCK_SENDER",) if k in os.environ}}}
+           if len(hosts) == 1 else None)
+    remote = ray.remote(train_spec)
+    refs = {}
+    for i, resume in todo.items():
+        opts = {"num_cpus": specs[i].num_cpus, "num_gpus": specs[i].num_gpus, "max_retries": 0}
+        if env is not None:
+            opts["runtime_env"] = env
+        refs[remote.options(**opts).remote(specs[i], resume, uri, where="ray")] = i
+    try:
+        pending = list(refs)
+        while pending:
+            progress.running([specs[refs[r]].label for r in pending][:8])
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                i = refs[ref]
+                try:
+                    report(i, ray.get(ref))
+                except (RayError, TaskCancelledError) as err:   # WorkerCrashedError, a lost node, ...
+                    reason = f"{WORKER_DIED} ({type(err).__name__})"
+                    report(i, _settle(specs[i], uri, reason)
+                           or RunResult(specs[i].key, specs[i].label, None, FAILED, reason))
+    except KeyboardInterrupt:
+        for ref in refs:
+            ray.cancel(ref)   # KeyboardInterrupt inside the task: the trainer marks its run and stops
+        ray.wait(list(refs), num_returns=len(refs), timeout=120)
+        raise
+
+
+# ----------------------------------------------------------------------------- the one entry point
+
+def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, workers: int | None = None,
+              ray_address: str | None = None, uri: str | None = None, desc: str = "runs",
+              progress: bool | None = None, on_result: Callable[[RunResult], None] | None = None,
+              raise_failed: bool = True) -> list[RunResult]:
+    """Train every spec not FINISHED before; one :class:`RunResult` per spec, in their order.
+
+    ``progress``: the bar over runs (default: when stderr is a terminal); a line per finished run
+    is written either way. ``on_result`` is called as each run ends. Raises LayerLockError for bad
+    options, and :class:`RunsFailed` (after every run has ended) when some did not finish, unless
+    ``raise_failed`` is False.
+    """
+    from core.tracking import absolute_uri, resolve_uri
+
+    check_options(executor, workers)
+    specs = list(specs)
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise LayerLockError("run_specs: two specs have one key (their identifying tags are equal)")
+    uri = absolute_uri(resolve_uri(uri))   # workers may start in other folders
+    started = False   # Ray, when this call starts or joins it (and so shuts it down)
+    if executor == "ray" and ray_address is not None:
+        started = connect_ray(ray_address, uri)   # a cluster that is not there: refused before anything
+    _open_store(uri)
+    done, todo = _plan(specs, uri)
+    results: dict[int, RunResult] = dict(done)
+    bar = _Progress(len(specs), 0, desc, sys.stderr.isatty() if progress is None else progress)
+    for i in sorted(done):
+        bar.finished(done[i])
+
+    def report(i: int, result: RunResult) -> None:
+        if result.run_id is None and result.status != FINISHED:   # the run's id, for the list of failures
+            settled = _settle(specs[i], uri, result.reason or WORKER_DIED)
+            if settled is not None:
+                result.run_id = settled.run_id
+        results[i] = result
+        bar.finished(result)
+        if on_result is not None:
+            on_result(result)
+
+    try:
+        if todo:
+            if executor == "serial":
+                _serial(specs, todo, uri, bar, report)
+            elif executor == "local":
+                _local(specs, todo, uri, workers or default_workers(), bar, report)
+            else:
+                started = connect_ray(ray_address, uri) or started
+                _ray(specs, todo, uri, bar, report)
+    finally:
+        bar.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    out = [results[i] for i in range(len(specs))]
+    if raise_failed and any(r.status != FINISHED for r in out):
+        raise RunsFailed(out)
+    return out

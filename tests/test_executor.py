@@ -1,0 +1,282 @@
+"""experiments.executor: one way to train a set of runs (serial, a local process pool, Ray), with
+re-runs that train only what is missing, failures that stop nothing else, and bad options refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from core.config import ExperimentConfig
+from core.errors import LayerLockError
+from core.schema import MLFLOW_PARENT, TAG_FREEZE_BLOCKS, TAG_FREEZE_STEP, TAG_OWNER, TAG_PARENT, TAG_RUN_KEY
+from experiments import executor as ex
+from experiments.cli import main
+from experiments.freeze_test import freeze_test_specs, run_freeze_test
+from experiments.seeds import seed_specs
+from tests.helpers import ROOT, run_cli, tiny_dict, tiny_sets
+
+
+def _cfg(**train) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(tiny_dict(train={"steps": 8, **train}))
+
+
+def _children(store: str, parent: str) -> list:
+    client = MlflowClient(store)
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`{TAG_PARENT}` = '{parent}'")
+
+
+def _baseline(store: str, steps: int = 12) -> str:
+    from core.train import train
+
+    cfg = _cfg(steps=steps, checkpoint_every=4)
+    return train(cfg, tracking_uri=store, progress=False).run_id
+
+
+# ----------------------------------------------------------------------------- options, keys
+
+
+def test_key_is_the_sorted_identity_and_specs_of_one_set_differ() -> None:
+    specs = seed_specs(_cfg(), [0, 1], {"x": "1"})
+    assert specs[0].key != specs[1].key and "train.seed=0" in specs[0].key
+    assert specs[0].key == ex.RunSpec("other label", {}, {}, identity={"x": "1", "train.seed": "0",
+                                                                       "layerlock.group": specs[0].tags[
+                                                                           "layerlock.group"]}).key
+    assert specs[0].num_gpus == 0
+    assert ex.spec_for(ExperimentConfig.model_validate(tiny_dict(train={"device": "cuda"})), "g", {}).num_gpus == 1
+    with pytest.raises(LayerLockError, match="one key"):
+        ex.run_specs([specs[0], specs[0]], executor="serial", uri="sqlite:///unused.db")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--executor", "nosuch"], "--executor must be one of serial, local, ray"),
+])
+def test_bad_executor_options_exit_2(capsys, args: list[str], needle: str) -> None:
+    for command in (["freeze-test", "--baseline", "0" * 32, "--steps", "4", "--blocks", "1"],
+                    ["pretrain", "--config", "experiments/configs/mae_tiny.yaml", "--seeds", "0,1"],
+                    ["study", "--seeds", "0"], ["demo"]):
+        assert main([*command, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {needle}"), err
+
+
+def test_sqlite_with_a_multi_host_ray_cluster_is_refused(monkeypatch, capsys, store: str) -> None:
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeManagerAddress": "10.0.0.1", "Alive": True},
+                                               {"NodeManagerAddress": "10.0.0.2", "Alive": True}])
+    with pytest.raises(LayerLockError, match="spans 2 hosts.*tracking server"):
+        ex.connect_ray(None, store)
+    assert ex.connect_ray(None, "http://127.0.0.1:5000") is False   # a server: fine
+    code = main(["pretrain", "--config", "experiments/configs/mae_tiny.yaml", *tiny_sets(), "--seeds", "0,1",
+                 "--executor", "ray", "--tracking-uri", store])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the Ray cluster spans 2 hosts") and "--tracking-uri http" in err[-1]
+
+
+@pytest.mark.system
+def test_ray_without_a_cluster_exits_2_within_30_s(store: str) -> None:
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", "auto"):
+        proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
+                       *tiny_sets(), "--seeds", "0,1", "--executor", "ray", "--ray-address", address,
+                       "--tracking-uri", store, env={"RAY_ADDRESS": ""}, timeout=30)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1].startswith("error: no Ray cluster") and "Traceback" not in proc.stderr
+    assert not MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])
+
+
+# ----------------------------------------------------------------------------- skip-if-done, failures
+
+
+def test_finished_runs_are_kept_and_a_failing_run_stops_nothing_else(store: str) -> None:
+    good = seed_specs(_cfg(), [0, 1])
+    no_videos = ExperimentConfig.model_validate(tiny_dict(data={"name": "video_folder", "root": "/nonexistent"}))
+    bad = ex.spec_for(no_videos, "bad", {"which": "bad"})
+    with pytest.raises(ex.RunsFailed) as caught:
+        ex.run_specs([good[0], bad, good[1]], executor="serial", uri=store, progress=False)
+    results = caught.value.results
+    assert [r.status for r in results] == ["FINISHED", "FAILED", "FINISHED"]
+    assert caught.value.failed[0].label == "bad" and caught.value.failed[0].reason
+    assert any("run the same command again" in line for line in caught.value.lines())
+    again = ex.run_specs(good, executor="serial", uri=store, progress=False)
+    assert [r.run_id for r in again] == [results[0].run_id, results[2].run_id] and all(r.reused for r in again)
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    keys = [r.data.tags[TAG_RUN_KEY] for r in runs if r.info.status == "FINISHED"]
+    assert sorted(keys) == sorted(s.key for s in good)
+
+
+@pytest.mark.system
+def test_local_pool_gives_the_serial_results_and_loses_no_metric(tmp_path) -> None:
+    """Three tiny runs, two worker processes writing to one sqlite store at once: every run is there
+    once, with the full metric history and the held-out loss of the same run trained serially."""
+    serial_store, local_store = (f"sqlite:///{tmp_path}/{n}.db" for n in ("serial", "local"))
+    specs = seed_specs(_cfg(steps=10), [0, 1, 2])
+    serial = ex.run_specs(specs, executor="serial", uri=serial_store, progress=False)
+    local = ex.run_specs(specs, executor="local", workers=2, uri=local_store, progress=False)
+    assert [r.train.heldout_loss for r in local] == [r.train.heldout_loss for r in serial]
+    client_s, client_l = MlflowClient(serial_store), MlflowClient(local_store)
+    runs = client_l.search_runs([e.experiment_id for e in client_l.search_experiments()])
+    assert sorted(r.info.run_id for r in runs) == sorted(r.run_id for r in local)   # each once
+    for s, loc in zip(serial, local, strict=True):
+        metrics = client_s.get_run(s.run_id).data.metrics
+        assert set(client_l.get_run(loc.run_id).data.metrics) == set(metrics)
+        for key in ("train/loss", "train/frozen_blocks", "cka_prev/block_01"):
+            hist_s = [(m.step, m.value) for m in client_s.get_metric_history(s.run_id, key)]
+            hist_l = sorted((m.step, m.value) for m in client_l.get_metric_history(loc.run_id, key))
+            assert hist_l == sorted(hist_s) and len({st for st, _ in hist_l}) == len(hist_l)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.system
+def test_freeze_test_grid_on_a_local_ray_cluster_matches_serial(tmp_path, ray_cluster) -> None:
+    """The grid through Ray tasks, against the same grid trained serially on a copy of the store
+    (the baseline's checkpoints are shared: the copy points at the same artifact folder)."""
+    serial_store = f"sqlite:///{tmp_path}/serial.db"
+    baseline = _baseline(serial_store)
+    shutil.copy(tmp_path / "serial.db", tmp_path / "ray.db")
+    ray_store = f"sqlite:///{tmp_path}/ray.db"
+    steps, blocks = [4, 8], [1, 3]
+    serial = run_freeze_test(baseline, steps, blocks, serial_store, progress=False, executor="serial")
+    children = run_freeze_test(baseline, steps, blocks, ray_store, progress=False, executor="ray")
+    stored = _children(ray_store, baseline)
+    assert sorted(r.info.run_id for r in stored) == sorted(children) and len(set(children)) == 4
+    cells = {(r.data.tags[TAG_FREEZE_STEP], r.data.tags[TAG_FREEZE_BLOCKS]) for r in stored}
+    assert cells == {(str(t), str(b)) for t in steps for b in blocks}
+    assert all(r.info.status == "FINISHED" and r.data.tags[TAG_PARENT] == baseline
+               and r.data.tags[MLFLOW_PARENT] == baseline for r in stored)
+    client_s, client_r = MlflowClient(serial_store), MlflowClient(ray_store)
+    for s, r in zip(serial, children, strict=True):
+        assert client_r.get_run(r).data.metrics["val/loss_pixel"] == client_s.get_run(s).data.metrics["val/loss_pixel"]
+
+
+# ----------------------------------------------------------------------------- a worker killed mid-grid
+
+
+def _wait_for_running_child(store: str, parent: str, proc, timeout: float = 240) -> tuple[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for r in _children(store, parent) if os.path.exists(store.removeprefix("sqlite:///")) else []:
+            owner = r.data.tags.get(TAG_OWNER, "")
+            if r.info.status == "RUNNING" and " pid " in owner and r.data.metrics.get("train/loss") is not None:
+                return r.info.run_id, int(owner.rsplit(" pid ", 1)[1])
+        time.sleep(0.5)
+    ended = proc.communicate()[1][-2000:] if proc.poll() is not None else ""
+    raise AssertionError(f"no child started training: {ended}")
+
+
+@pytest.mark.system
+def test_a_worker_killed_mid_grid_is_reported_and_the_rerun_trains_only_the_rest(store: str) -> None:
+    baseline = _baseline(store, steps=40)
+    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16",
+           "--blocks", "1,2", "--executor", "local", "--workers", "2", "--tracking-uri", store]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim, pid = _wait_for_running_child(store, baseline, proc)
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert f"FAILED ({victim}): {ex.WORKER_DIED}" in err and "1 of 4 runs did not finish" in err
+    client = MlflowClient(store)
+    assert client.get_run(victim).info.status == "FAILED"
+    assert client.get_run(victim).data.tags["layerlock.failure_reason"].startswith(ex.WORKER_DIED)
+    before = {r.info.run_id for r in _children(store, baseline) if r.info.status == "FINISHED"}
+    assert len(before) == 3
+
+    again = run_cli(*cmd[1:], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already FINISHED") == 3
+    stored = _children(store, baseline)
+    cells = [(r.data.tags[TAG_FREEZE_STEP], r.data.tags[TAG_FREEZE_BLOCKS]) for r in stored]
+    assert sorted(cells) == sorted({(t, b) for t in ("8", "16") for b in ("1", "2")})   # each cell once
+    assert all(r.info.status == "FINISHED" for r in stored) and before < {r.info.run_id for r in stored}
+
+
+def test_freeze_test_specs_check_the_grid_before_anything_trains(store: str) -> None:
+    baseline = _baseline(store)
+    with pytest.raises(LayerLockError, match="no checkpoint at step 5"):
+        freeze_test_specs(baseline, [5], [1], store)
+    with pytest.raises(LayerLockError, match="between 1 and 3"):
+        freeze_test_specs(baseline, [4], [4], store)
+    (spec,) = freeze_test_specs(baseline, [4], [2], store)
+    assert spec.init_from == (baseline, 4) and spec.tags[TAG_PARENT] == baseline
+
+
+@pytest.mark.system
+def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None:
+    baseline = _baseline(store, steps=40)
+    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16",
+           "--blocks", "1,2", "--executor", "local", "--workers", "2", "--tracking-uri", store]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_running_child(store, baseline, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    stopped = _children(store, baseline)
+    assert stopped and all(r.info.status in ("KILLED", "FAILED", "FINISHED") for r in stopped)
+    again = run_cli(*cmd[1:], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored = _children(store, baseline)
+    assert len(stored) == 4 and all(r.info.status == "FINISHED" for r in stored)
+
+
+@pytest.mark.system
+def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from app.views import jobs
+    from tests.helpers import HOME, TIMEOUT, point_app_at
+
+    point_app_at(f"sqlite:///{tmp_path}/m.db", tmp_path, monkeypatch)
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "3")
+    # No training on a shared CPU: the job sleeps; what matters is the command it was given.
+    monkeypatch.setattr(jobs, "pretrain_argv", lambda *a, **k: [sys.executable, "-c", "import time; time.sleep(30)"])
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("screens/launch.py").run()
+    assert at.number_input(key="launch_workers").value == 2
+    at.number_input(key="launch_seed").set_value(3)
+    at.text_input(key="launch_seeds").input("0,1,2")
+    at.button(key="launch_submit").click().run()
+    assert any("Seed and Seeds" in w.value for w in at.warning) and not jobs.list_jobs()
+    at.number_input(key="launch_seed").set_value(None)
+    at.selectbox(key="launch_executor").set_value("serial")
+    at.number_input(key="launch_workers").set_value(3)
+    at.button(key="launch_submit").click().run()
+    assert not at.exception and any("Started" in s.value for s in at.success), [w.value for w in at.warning]
+    (job,) = jobs.list_jobs()
+    try:
+        tail = job.argv[job.argv.index("--seeds"):]
+        assert tail[:6] == ["--seeds", "0,1,2", "--executor", "serial", "--workers", "3"]
+    finally:
+        jobs.cancel(job)
