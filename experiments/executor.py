@@ -165,11 +165,11 @@ def _runs_of(key: str, uri: str) -> list:
 
 
 def _has_checkpoint(run_id: str, uri: str) -> bool:
-    from core.tracking import Tracker, local_checkpoints, local_dir
+    from core.tracking import RunReader, local_checkpoints, local_dir
 
     if local_checkpoints(local_dir(run_id)):
         return True
-    return bool(Tracker(uri=uri, run_id=run_id, read_only=True).list_artifacts(CHECKPOINT_DIR))
+    return bool(RunReader.open(run_id, uri).list_artifacts(CHECKPOINT_DIR))
 
 
 def _mark_failed(run_id: str, reason: str, uri: str) -> bool:

@@ -25,7 +25,7 @@ timestamp it got when logged and MLflow's SQL store drops a metric whose key, st
 and value it already holds; uploads and tags overwrite. The spool is emptied whenever
 everything in it was sent.
 
-**Resume** (:class:`Tracker` with ``run_id``): first the owner check (:func:`check_owner`: a run
+**Resume** (:class:`Tracker` with ``run_id``): first the owner check (``owner.check_owner``: a run
 whose heartbeat is fresh belongs to a live trainer and is refused), then the local lock, then
 what the last trainer left in the spool is sent, and only then the steps the store holds are
 read: metrics at those steps are dropped (per key), so a recomputed step appears exactly once.
@@ -42,26 +42,17 @@ The modules, one job each: ``uri`` (which store, and a fast failure for a bad on
 ``writer`` and ``tracker``.
 """
 
-from core.tracking.folders import (
-    META_FILE,
-    RUNS_ENV,
-    SPOOL_FILE,
-    atomic_write,
-    local_checkpoints,
-    local_dir,
-    runs_root,
-)
-from core.tracking.owner import STALE_S, check_owner, owner_tags
+from core.tracking.folders import RUNS_ENV, SPOOL_FILE, atomic_write, local_checkpoints, local_dir, runs_root
+from core.tracking.owner import STALE_S
 from core.tracking.reader import RunReader
 from core.tracking.store import log_metrics_to_run
-from core.tracking.sync import push_spool, runs_with_spool, sync_run
-from core.tracking.tracker import DEFAULT_EXPERIMENT, Tracker, open_writer
+from core.tracking.sync import runs_with_spool, sync_run
+from core.tracking.tracker import Tracker, open_writer
 from core.tracking.uri import DEFAULT_URI, absolute_uri, check_uri, resolve_uri, sqlite_path
 from core.tracking.writer import NullWriter, Writer
 
 __all__ = [
-    "DEFAULT_EXPERIMENT", "DEFAULT_URI", "META_FILE", "RUNS_ENV", "SPOOL_FILE", "STALE_S", "NullWriter", "RunReader",
-    "Tracker", "Writer", "absolute_uri", "atomic_write", "check_owner", "check_uri", "local_checkpoints",
-    "local_dir", "log_metrics_to_run", "open_writer", "owner_tags", "push_spool", "resolve_uri", "runs_root",
-    "runs_with_spool", "sqlite_path", "sync_run",
+    "DEFAULT_URI", "RUNS_ENV", "SPOOL_FILE", "STALE_S", "NullWriter", "RunReader", "Tracker", "Writer", "absolute_uri",
+    "atomic_write", "check_uri", "local_checkpoints", "local_dir", "log_metrics_to_run", "open_writer", "resolve_uri",
+    "runs_root", "runs_with_spool", "sqlite_path", "sync_run",
 ]
