@@ -32,5 +32,13 @@ def load_config(path: Any, overrides: list[str] | None = None) -> Any:
     return load(path, overrides)
 
 
-__all__ = ["HELDOUT_KEY", "METRIC_HELP", "LayerLockError", "absolute_uri", "first_line", "load_config", "metric_help",
-           "schema"]
+__all__ = [
+    "HELDOUT_KEY",
+    "METRIC_HELP",
+    "LayerLockError",
+    "absolute_uri",
+    "first_line",
+    "load_config",
+    "metric_help",
+    "schema",
+]

@@ -48,6 +48,7 @@ def _dump(obj: Any) -> str:
 
 # ----------------------------------------------------------------------------- commands
 
+
 def cmd_convergence(args: argparse.Namespace) -> None:
     from analysis import io
     from analysis.convergence import convergence_report
@@ -55,12 +56,14 @@ def cmd_convergence(args: argparse.Namespace) -> None:
 
     layer_df = io.load_layer_metrics(args.run, args.tracking_uri)
     report = convergence_report(layer_df, args.method, args.threshold, args.patience, run_id=args.run)
-    report["metric_help"] = metric_help(report["metric"])   # what the rule's indicator measures
+    report["metric_help"] = metric_help(report["metric"])  # what the rule's indicator measures
     if args.json:
         print(_dump(report))
         return
-    print(f"run {report['run_id']}  method {report['method']}  metric {report['metric']}  "
-          f"threshold {report['threshold']:g}" + (f"  patience {report['patience']}" if report["patience"] else ""))
+    print(
+        f"run {report['run_id']}  method {report['method']}  metric {report['metric']}  "
+        f"threshold {report['threshold']:g}" + (f"  patience {report['patience']}" if report["patience"] else "")
+    )
     if report["metric_help"]:
         print(f"{report['metric']}: {report['metric_help']}")
     print(f"{'block':>5}  {'converged_step':>14}")
@@ -72,8 +75,10 @@ def cmd_convergence(args: argparse.Namespace) -> None:
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:+.3f}"
 
-    print(f"{report['n_converged']}/{report['n_blocks']} blocks converged by step {report['last_step']}; "
-          f"depth order: spearman rho {fmt(rho)}, kendall tau {fmt(tau)}")
+    print(
+        f"{report['n_converged']}/{report['n_blocks']} blocks converged by step {report['last_step']}; "
+        f"depth order: spearman rho {fmt(rho)}, kendall tau {fmt(tau)}"
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
@@ -81,9 +86,16 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     from analysis.schedule import derive_run_schedule, schedule_parts
 
     run = io.load_run(args.run, args.tracking_uri, schedule_parts(args.method))
-    schedule = derive_run_schedule(run, args.method, args.threshold, args.patience,
-                                   total_steps=args.total_steps, margin=args.margin, max_frozen=args.max_frozen,
-                                   quantize=args.quantize)
+    schedule = derive_run_schedule(
+        run,
+        args.method,
+        args.threshold,
+        args.patience,
+        total_steps=args.total_steps,
+        margin=args.margin,
+        max_frozen=args.max_frozen,
+        quantize=args.quantize,
+    )
     text = _dump(schedule)
     if args.out:
         out = Path(args.out)
@@ -101,9 +113,12 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         return "n/a" if v is None else f"{v:.1%}"
 
     basis = {"time_model": "measured step times", "flops": "FLOPs"}.get(schedule["predicted_time_basis"], "-")
-    print(f"predicted saving: FLOPs {pct(flop)}, wall time {pct(wall)} (from {basis}: "
-          f"{schedule['prediction']['time_model']})", file=sys.stderr)
-    if schedule.get("predicted_saving_basis") == "estimate":   # last: what the user must not miss
+    print(
+        f"predicted saving: FLOPs {pct(flop)}, wall time {pct(wall)} (from {basis}: "
+        f"{schedule['prediction']['time_model']})",
+        file=sys.stderr,
+    )
+    if schedule.get("predicted_saving_basis") == "estimate":  # last: what the user must not miss
         print(f"note: the predicted saving is an ESTIMATE: {schedule['prediction']['flop_model']}", file=sys.stderr)
 
 
@@ -117,8 +132,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     result = compare_groups(specs, runs, baseline=args.baseline)
     for spec in result.specs:
         if spec.skipped:
-            print(f"group {spec.name}: left out {len(spec.skipped)} unfinished run(s): {', '.join(spec.skipped)}",
-                  file=sys.stderr)
+            print(
+                f"group {spec.name}: left out {len(spec.skipped)} unfinished run(s): {', '.join(spec.skipped)}",
+                file=sys.stderr,
+            )
     if args.json:
         print(_dump(result.to_dict()))
         return
@@ -134,12 +151,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
             def num(v) -> str:
                 return "n/a" if v is None or pd.isna(v) else f"{v:+.4g}"
 
-            shown = pd.DataFrame({
-                "group": result.paired["group_b"], "metric": result.paired["metric"],
-                "mean diff": [num(v) for v in result.paired["mean_diff"]],
-                "95% t interval": ["n/a" if pd.isna(lo) else f"[{num(lo)}, {num(hi)}]"
-                                   for lo, hi in zip(result.paired["ci_low"], result.paired["ci_high"], strict=True)],
-                "N pairs": result.paired["n"], "verdict": result.paired["verdict"]})
+            shown = pd.DataFrame(
+                {
+                    "group": result.paired["group_b"],
+                    "metric": result.paired["metric"],
+                    "mean diff": [num(v) for v in result.paired["mean_diff"]],
+                    "95% t interval": [
+                        "n/a" if pd.isna(lo) else f"[{num(lo)}, {num(hi)}]"
+                        for lo, hi in zip(result.paired["ci_low"], result.paired["ci_high"], strict=True)
+                    ],
+                    "N pairs": result.paired["n"],
+                    "verdict": result.paired["verdict"],
+                }
+            )
             print(shown.to_string(index=False))
         predicted = prediction_lines(result.runs)
         if predicted:
@@ -167,8 +191,9 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
     print("final loss / baseline (rows: frozen blocks L, columns: freeze step T)")
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
         print(grid.ratio.to_string())
-    print("largest converged prefix per T: "
-          + ", ".join(f"T={t}: L={v}" for t, v in grid.max_converged_prefix().items()))
+    print(
+        "largest converged prefix per T: " + ", ".join(f"T={t}: L={v}" for t, v in grid.max_converged_prefix().items())
+    )
 
 
 def cmd_agreement(args: argparse.Namespace) -> None:
@@ -187,6 +212,7 @@ def cmd_agreement(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- parser
 
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -197,15 +223,22 @@ def _non_negative_int(text: str) -> int:
 def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Analyse logged LayerLock Lab runs.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    common.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convergence", parents=[common], help="per-block convergence steps and the order statistic")
     conv.add_argument("--run", required=True, help="MLflow run id")
     conv.add_argument("--method", choices=("posthoc", "online", "gradnorm"), default="posthoc")
-    conv.add_argument("--threshold", type=float, default=None,
-                      help="posthoc: cka_final (0.95); online: cka_prev (0.99); gradnorm: relative change eps (0.05)")
+    conv.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="posthoc: cka_final (0.95); online: cka_prev (0.99); gradnorm: relative change eps (0.05)",
+    )
     conv.add_argument("--patience", type=_non_negative_int, default=None, help="online/gradnorm streak length (3)")
     conv.add_argument("--json", action="store_true", help="print the report as JSON")
     conv.set_defaults(func=cmd_convergence)
@@ -219,32 +252,51 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     sched.add_argument("--margin", type=_non_negative_int, default=0, help="safety margin in steps (0)")
     sched.add_argument("--max-frozen", type=_non_negative_int, default=None, help="cap on frozen blocks (n_blocks-1)")
     sched.add_argument("--quantize", type=_non_negative_int, default=None, help="round stage steps up to a multiple")
-    sched.add_argument("--total-steps", type=_non_negative_int, default=None,
-                       help="horizon (default: the run's train.steps)")
+    sched.add_argument(
+        "--total-steps", type=_non_negative_int, default=None, help="horizon (default: the run's train.steps)"
+    )
     sched.set_defaults(func=cmd_schedule)
 
-    comp = sub.add_parser("compare", parents=[common],
-                          help="compare groups of seeds or runs (loss, FLOPs, wall time, probes, collapse)")
-    comp.add_argument("runs", nargs="+", metavar="RUN_ID_OR_GROUP",
-                      help="a run id (a group of one) or a layerlock.group name (its finished runs)")
-    comp.add_argument("--baseline", default=None, metavar="GROUP",
-                      help="group that savings and paired differences are measured against (default: the first)")
+    comp = sub.add_parser(
+        "compare", parents=[common], help="compare groups of seeds or runs (loss, FLOPs, wall time, probes, collapse)"
+    )
+    comp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_ID_OR_GROUP",
+        help="a run id (a group of one) or a layerlock.group name (its finished runs)",
+    )
+    comp.add_argument(
+        "--baseline",
+        default=None,
+        metavar="GROUP",
+        help="group that savings and paired differences are measured against (default: the first)",
+    )
     comp.add_argument("--json", action="store_true", help='print {"baseline", "groups", "paired", "runs"} as JSON')
     comp.set_defaults(func=cmd_compare)
 
     grid = sub.add_parser("freeze-grid", parents=[common], help="freeze-test grid of a parent run")
     grid.add_argument("--parent", required=True, help="baseline run id whose children are freeze tests")
-    grid.add_argument("--tol", type=float, default=None,
-                      help="converged if final loss <= (1+tol) x baseline (default: calibrated, the relative sd "
-                           "of the final loss over the baseline's seed group; 0.02 without a group)")
+    grid.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="converged if final loss <= (1+tol) x baseline (default: calibrated, the relative sd "
+        "of the final loss over the baseline's seed group; 0.02 without a group)",
+    )
     grid.add_argument("--json", action="store_true")
     grid.set_defaults(func=cmd_freeze_grid)
 
-    agree = sub.add_parser("agreement", parents=[common],
-                           help="score the cheap convergence rules against a baseline's freeze test")
+    agree = sub.add_parser(
+        "agreement", parents=[common], help="score the cheap convergence rules against a baseline's freeze test"
+    )
     agree.add_argument("--run", required=True, help="baseline run id with freeze-test children")
-    agree.add_argument("--tol", type=float, default=None,
-                       help="freeze-test tolerance (default: calibrated on the baseline's seed group, else 0.02)")
+    agree.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="freeze-test tolerance (default: calibrated on the baseline's seed group, else 0.02)",
+    )
     agree.add_argument("--json", action="store_true", help="print the report as JSON")
     agree.set_defaults(func=cmd_agreement)
     return parser

@@ -72,6 +72,7 @@ def _short(run_id: str) -> str:
 
 # ----------------------------------------------------------------------------- tolerance
 
+
 @dataclass(frozen=True)
 class Tolerance:
     """The freeze test's tolerance and where it came from.
@@ -87,7 +88,7 @@ class Tolerance:
     runs: tuple[str, ...] = ()
     final_losses: tuple[float, ...] = ()
     note: str | None = None
-    loss: str = "final loss"   # how each run's final loss was measured (analysis.compare.final_losses)
+    loss: str = "final loss"  # how each run's final loss was measured (analysis.compare.final_losses)
 
     @property
     def calibrated(self) -> bool:
@@ -97,15 +98,22 @@ class Tolerance:
         """One line saying how the tolerance was obtained (what every command prints)."""
         head = f"tolerance {_pct(self.tol)}"
         if self.source == "calibrated":
-            return (f"{head} = relative sd of final loss over {len(self.runs)} seeds of group {self.group} "
-                    f"(runs {', '.join(_short(r) for r in self.runs)}); final loss = {self.loss}")
+            return (
+                f"{head} = relative sd of final loss over {len(self.runs)} seeds of group {self.group} "
+                f"(runs {', '.join(_short(r) for r in self.runs)}); final loss = {self.loss}"
+            )
         if self.source == "explicit":
             return f"{head} = given explicitly (--tol)" + (f"; {self.note}" if self.note else "")
         return f"{head} = default, {self.note or 'not calibrated'}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "runs": list(self.runs), "final_losses": list(self.final_losses),
-                "calibrated": self.calibrated, "line": self.line()}
+        return {
+            **asdict(self),
+            "runs": list(self.runs),
+            "final_losses": list(self.final_losses),
+            "calibrated": self.calibrated,
+            "line": self.line(),
+        }
 
 
 def tolerance_from_final_losses(final_losses: Mapping[str, float], group: str | None = None) -> Tolerance:
@@ -120,8 +128,13 @@ def tolerance_from_final_losses(final_losses: Mapping[str, float], group: str | 
     mean = float(values.mean())
     if mean <= 0:
         raise LayerLockError(f"calibrating the tolerance needs positive final losses, mean is {mean:g}")
-    return Tolerance(tol=float(values.std(ddof=1)) / mean, source="calibrated", group=group,
-                     runs=tuple(usable), final_losses=tuple(usable.values()))
+    return Tolerance(
+        tol=float(values.std(ddof=1)) / mean,
+        source="calibrated",
+        group=group,
+        runs=tuple(usable),
+        final_losses=tuple(usable.values()),
+    )
 
 
 def _fallback(tol: float | None, note: str, group: str | None = None) -> Tolerance:
@@ -140,29 +153,38 @@ def calibrated_tolerance(runs: FreezeTestRuns, tol: float | None = None, last: i
     baseline_id = runs.baseline.run_id
     group = runs.baseline.record.tags.get(schema.TAG_GROUP)
     if not group:
-        return _fallback(None, f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no "
-                               f"{schema.TAG_GROUP} tag)")
-    members = [r for r in runs.seed_group
-               if r.record.status == "FINISHED" and schema.TAG_PARENT not in r.record.tags
-               and r.record.method != schema.METHOD_FREEZE_TEST]
+        return _fallback(
+            None,
+            f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no {schema.TAG_GROUP} tag)",
+        )
+    members = [
+        r
+        for r in runs.seed_group
+        if r.record.status == "FINISHED"
+        and schema.TAG_PARENT not in r.record.tags
+        and r.record.method != schema.METHOD_FREEZE_TEST
+    ]
     ordered = sorted(members, key=lambda r: r.record.start_time or pd.Timestamp(0, tz="UTC"))
     losses, how = final_losses(ordered, last)
     losses = {r: v for r, v in losses.items() if math.isfinite(v)}
     if len(losses) < 2:
-        return _fallback(None, f"not calibrated: no seed group of the baseline (group {group} has {len(losses)} "
-                               "finished run(s) with a train/loss; train more seeds, e.g. pretrain --seeds 0,1,2)",
-                         group)
+        return _fallback(
+            None,
+            f"not calibrated: no seed group of the baseline (group {group} has {len(losses)} "
+            "finished run(s) with a train/loss; train more seeds, e.g. pretrain --seeds 0,1,2)",
+            group,
+        )
     return replace(tolerance_from_final_losses(losses, group), loss=how)
 
 
-def freeze_grid(runs: FreezeTestRuns, tol: float | None = None,
-                last: int = FINAL_LAST) -> tuple[FreezeGrid, Tolerance]:
+def freeze_grid(runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST) -> tuple[FreezeGrid, Tolerance]:
     """:func:`analysis.compare.freeze_test_grid` at the calibrated (or given) tolerance."""
     tolerance = calibrated_tolerance(runs, tol, last)
     return freeze_test_grid(runs, tol=tolerance.tol, last=last), tolerance
 
 
 # ----------------------------------------------------------------------------- freeze-test steps
+
 
 def freeze_test_steps(grid: FreezeGrid, n_blocks: int) -> pd.DataFrame:
     """Per block: ``block, prefix`` (the row ``L_b`` used, <NA> when none), ``step`` (the
@@ -206,8 +228,13 @@ def rule_agreement(rule_steps: pd.Series, truth: pd.DataFrame) -> dict[str, Any]
 
     determined = truth[truth["status"] != UNDETERMINED].set_index("block")
     rule = pd.Series(rule_steps).reindex(determined.index)
-    out: dict[str, Any] = {"spearman_rho": None, "kendall_tau": None, "mean_abs_error": None,
-                           "n_ranked": int(len(determined)), "n_compared": 0}
+    out: dict[str, Any] = {
+        "spearman_rho": None,
+        "kendall_tau": None,
+        "mean_abs_error": None,
+        "n_ranked": int(len(determined)),
+        "n_compared": 0,
+    }
     both = rule.notna() & determined["step"].notna()
     if both.any():
         diff = rule[both].astype(float) - determined.loc[both, "step"].astype(float)
@@ -239,15 +266,19 @@ def rule_steps(layer_df: pd.DataFrame, rules: Sequence[str] = tuple(RULES)) -> d
     return out
 
 
-def agreement_from_frames(grid: FreezeGrid, steps_by_rule: Mapping[str, pd.Series | str],
-                          n_blocks: int) -> dict[str, Any]:
+def agreement_from_frames(
+    grid: FreezeGrid, steps_by_rule: Mapping[str, pd.Series | str], n_blocks: int
+) -> dict[str, Any]:
     """Pure part of :func:`agreement_report`: per-block table and per-rule agreement."""
     truth = freeze_test_steps(grid, n_blocks)
     blocks = []
     for row in truth.itertuples(index=False):
-        entry: dict[str, Any] = {"block": int(row.block), "prefix": None if pd.isna(row.prefix) else int(row.prefix),
-                                 "freeze_test_step": None if pd.isna(row.step) else int(row.step),
-                                 "freeze_test": row.status}
+        entry: dict[str, Any] = {
+            "block": int(row.block),
+            "prefix": None if pd.isna(row.prefix) else int(row.prefix),
+            "freeze_test_step": None if pd.isna(row.step) else int(row.step),
+            "freeze_test": row.status,
+        }
         for name, steps in steps_by_rule.items():
             value = steps.get(row.block, pd.NA) if isinstance(steps, pd.Series) else pd.NA
             entry[name] = None if pd.isna(value) else int(value)
@@ -256,12 +287,24 @@ def agreement_from_frames(grid: FreezeGrid, steps_by_rule: Mapping[str, pd.Serie
     for name, steps in steps_by_rule.items():
         info = {"metric": RULES[name]["metric"], "threshold": RULES[name]["threshold"]} if name in RULES else {}
         if isinstance(steps, str):
-            rules[name] = {**info, "available": False, "note": steps, "spearman_rho": None, "kendall_tau": None,
-                           "mean_abs_error": None, "n_ranked": 0, "n_compared": 0}
+            rules[name] = {
+                **info,
+                "available": False,
+                "note": steps,
+                "spearman_rho": None,
+                "kendall_tau": None,
+                "mean_abs_error": None,
+                "n_ranked": 0,
+                "n_compared": 0,
+            }
         else:
             rules[name] = {**info, "available": True, "note": None, **rule_agreement(steps, truth)}
-    return {"tested_steps": [int(t) for t in grid.converged.columns],
-            "tested_blocks": [int(b) for b in grid.converged.index], "blocks": blocks, "rules": rules}
+    return {
+        "tested_steps": [int(t) for t in grid.converged.columns],
+        "tested_blocks": [int(b) for b in grid.converged.index],
+        "blocks": blocks,
+        "rules": rules,
+    }
 
 
 def agreement_report(runs: FreezeTestRuns, tol: float | None = None) -> dict[str, Any]:
@@ -279,8 +322,13 @@ def agreement_report(runs: FreezeTestRuns, tol: float | None = None) -> dict[str
         known = [int(layer_df["block"].max()) + 1] if not layer_df.empty else []
         depth = max(known + [int(grid.converged.index.max()) + 1])
     steps = rule_steps(layer_df)  # a missing metric makes that rule "not available", not an error
-    return {"run_id": run_id, "tolerance": tolerance.to_dict(), "baseline_final_loss": grid.baseline_final_loss,
-            "n_blocks": int(depth), **agreement_from_frames(grid, steps, int(depth))}
+    return {
+        "run_id": run_id,
+        "tolerance": tolerance.to_dict(),
+        "baseline_final_loss": grid.baseline_final_loss,
+        "n_blocks": int(depth),
+        **agreement_from_frames(grid, steps, int(depth)),
+    }
 
 
 def rule_markers(report: Mapping[str, Any]) -> pd.DataFrame:
@@ -310,25 +358,36 @@ def format_report(report: Mapping[str, Any]) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    lines = [report["tolerance"]["line"],
-             f"run {report['run_id']}: baseline final loss {report['baseline_final_loss']:.4f}; tested T "
-             f"{', '.join(map(str, report['tested_steps']))}; tested L {', '.join(map(str, report['tested_blocks']))}",
-             "", f"{'block':>5}  {'L used':>6}  {'freeze-test':>11}  " + "  ".join(f"{n:>9}" for n in names)]
+    lines = [
+        report["tolerance"]["line"],
+        f"run {report['run_id']}: baseline final loss {report['baseline_final_loss']:.4f}; tested T "
+        f"{', '.join(map(str, report['tested_steps']))}; tested L {', '.join(map(str, report['tested_blocks']))}",
+        "",
+        f"{'block':>5}  {'L used':>6}  {'freeze-test':>11}  " + "  ".join(f"{n:>9}" for n in names),
+    ]
     for b in report["blocks"]:
-        lines.append(f"{b['block']:>5}  {cell(b['prefix'], b['freeze_test']):>6}  "
-                     f"{cell(b['freeze_test_step'], b['freeze_test']):>11}  "
-                     + "  ".join(f"{cell(b[n]):>9}" for n in names))
-    lines += ["", f"{'rule':<9}  {'metric':<10}  {'spearman':>8}  {'kendall':>8}  {'mean |step err|':>15}  "
-                  f"{'blocks':>6}"]
+        lines.append(
+            f"{b['block']:>5}  {cell(b['prefix'], b['freeze_test']):>6}  "
+            f"{cell(b['freeze_test_step'], b['freeze_test']):>11}  " + "  ".join(f"{cell(b[n]):>9}" for n in names)
+        )
+    lines += [
+        "",
+        f"{'rule':<9}  {'metric':<10}  {'spearman':>8}  {'kendall':>8}  {'mean |step err|':>15}  {'blocks':>6}",
+    ]
     for name, r in report["rules"].items():
         if not r["available"]:
             lines.append(f"{name:<9}  {r.get('metric', ''):<10}  not available: {r['note']}")
             continue
-        lines.append(f"{name:<9}  {r['metric']:<10}  {num(r['spearman_rho'], '+.3f'):>8}  "
-                     f"{num(r['kendall_tau'], '+.3f'):>8}  {num(r['mean_abs_error'], '.1f'):>15}  "
-                     f"{r['n_ranked']:>6}")
-    lines += ["", "freeze-test: the first tested T from which freezing blocks 0..L-1 (L used: the shortest tested",
-              "L > block) passes at that and every later tested T; never: fails at the last tested T; n/d: the",
-              "block is deeper than the largest tested L. Ranks put 'never' after the end (blocks: how many",
-              "were ranked); the step error is over blocks where both steps are numbers."]
+        lines.append(
+            f"{name:<9}  {r['metric']:<10}  {num(r['spearman_rho'], '+.3f'):>8}  "
+            f"{num(r['kendall_tau'], '+.3f'):>8}  {num(r['mean_abs_error'], '.1f'):>15}  "
+            f"{r['n_ranked']:>6}"
+        )
+    lines += [
+        "",
+        "freeze-test: the first tested T from which freezing blocks 0..L-1 (L used: the shortest tested",
+        "L > block) passes at that and every later tested T; never: fails at the last tested T; n/d: the",
+        "block is deeper than the largest tested L. Ranks put 'never' after the end (blocks: how many",
+        "were ranked); the step error is over blocks where both steps are numbers.",
+    ]
     return "\n".join(lines)

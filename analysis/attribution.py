@@ -74,8 +74,9 @@ def frozen_encoder(checkpoint: dict) -> tuple[nn.Module, ExperimentConfig]:
     return model, cfg
 
 
-def block_attributions(wrapper: ProbedEncoder, video: torch.Tensor, target: int, method: Method = "conductance",
-                       n_steps: int = 16) -> tuple[pd.DataFrame, np.ndarray]:
+def block_attributions(
+    wrapper: ProbedEncoder, video: torch.Tensor, target: int, method: Method = "conductance", n_steps: int = 16
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Attribution of ``target`` to each block's output.
 
     Returns a frame (``block, total, abs_total, abs_share``) and ``(n_blocks, t_tokens)``: each
@@ -103,20 +104,30 @@ def block_attributions(wrapper: ProbedEncoder, video: torch.Tensor, target: int,
     return frame, np.stack(per_time)
 
 
-def input_saliency(wrapper: ProbedEncoder, video: torch.Tensor, target: int,
-                   n_steps: int = 16) -> tuple[np.ndarray, float]:
+def input_saliency(
+    wrapper: ProbedEncoder, video: torch.Tensor, target: int, n_steps: int = 16
+) -> tuple[np.ndarray, float]:
     """IntegratedGradients over the clip: ``(T, H, W)`` |attribution| summed over channels, and
     the convergence delta."""
     from captum.attr import IntegratedGradients
 
     attr, delta = IntegratedGradients(wrapper).attribute(
-        video, baselines=torch.zeros_like(video), target=target, n_steps=n_steps, return_convergence_delta=True)
+        video, baselines=torch.zeros_like(video), target=target, n_steps=n_steps, return_convergence_delta=True
+    )
     sal = attr.detach()[0].abs().sum(0)  # (T, H, W)
     return sal.numpy().astype(np.float32), float(delta.abs().max())
 
 
-def explain(checkpoint: dict, task: str | None = None, clip: int = 0, method: Method = "conductance",
-            n_steps: int = 16, n_probe_clips: int = 96, seed: int = 0, run_id: str = "") -> Attribution:
+def explain(
+    checkpoint: dict,
+    task: str | None = None,
+    clip: int = 0,
+    method: Method = "conductance",
+    n_steps: int = 16,
+    n_probe_clips: int = 96,
+    seed: int = 0,
+    run_id: str = "",
+) -> Attribution:
     """Fit a probe for ``task`` (default: the dataset's first classification task) and explain
     its prediction on validation clip ``clip``."""
     from core.data import build_dataset, get_batch
@@ -140,8 +151,19 @@ def explain(checkpoint: dict, task: str | None = None, clip: int = 0, method: Me
     blocks, block_time = block_attributions(wrapper, video, target, method, n_steps)
     saliency, delta = input_saliency(wrapper, video, target, n_steps)
     return Attribution(
-        run_id=run_id, task=task, clip=int(clip), method=METHODS[method], n_steps=int(n_steps), target=target,
-        label=int(labels[task][0]), probs=probs.numpy(), probe_acc=acc, probe_chance=1.0 / n_classes,
-        blocks=blocks, block_time=block_time, frames=video[0].permute(1, 2, 3, 0).numpy().clip(0, 1),
-        saliency=saliency, saliency_delta=delta,
+        run_id=run_id,
+        task=task,
+        clip=int(clip),
+        method=METHODS[method],
+        n_steps=int(n_steps),
+        target=target,
+        label=int(labels[task][0]),
+        probs=probs.numpy(),
+        probe_acc=acc,
+        probe_chance=1.0 / n_classes,
+        blocks=blocks,
+        block_time=block_time,
+        frames=video[0].permute(1, 2, 3, 0).numpy().clip(0, 1),
+        saliency=saliency,
+        saliency_delta=delta,
     )

@@ -36,8 +36,14 @@ def estimate(values: Iterable[float | None]) -> dict[str, Any]:
     mean = sum(xs) / n if n else None
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
     ci = t_interval(xs)
-    return {"values": xs, "n": n, "mean": mean, "sd": sd,
-            "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
+    return {
+        "values": xs,
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "ci_low": ci[0] if ci else None,
+        "ci_high": ci[1] if ci else None,
+    }
 
 
 def claim_verdict(est: dict[str, Any], threshold: float = 0.0, side: Literal["above", "below"] = "above") -> str:
@@ -58,8 +64,9 @@ def difference_verdict(est: dict[str, Any]) -> str:
     return verdict(est["mean"], ci, est["n"])
 
 
-def claim(values: Iterable[float | None], threshold: float = 0.0,
-          side: Literal["above", "below"] = "above") -> dict[str, Any]:
+def claim(
+    values: Iterable[float | None], threshold: float = 0.0, side: Literal["above", "below"] = "above"
+) -> dict[str, Any]:
     """The estimate of ``values`` with its :func:`claim_verdict` under ``"verdict"``."""
     est = estimate(values)
     return {**est, "verdict": claim_verdict(est, threshold, side)}
@@ -95,11 +102,13 @@ def freeze_cost(ratios: Sequence[pd.DataFrame], tolerances: Sequence[float]) -> 
     late_deep = [float(r.loc[blocks[-1], steps[-1]]) - 1 for r in ratios]
     tol = estimate(tolerances)
     ed, ld = estimate(early_deep), estimate(late_deep)
-    return {"mean_ratio": {str(L): {str(T): float(mean.loc[L, T]) for T in steps} for L in blocks},
-            "early_deep": {"T": int(steps[0]), "L": int(blocks[-1]), **ed},
-            "late_deep": {"T": int(steps[-1]), "L": int(blocks[-1]), **ld},
-            "tolerance": tol,
-            "early_costs_more_than_noise": bool(ed["mean"] is not None and tol["mean"] is not None
-                                                and ed["mean"] > tol["mean"]),
-            "late_within_noise": bool(ld["mean"] is not None and tol["mean"] is not None
-                                      and ld["mean"] <= tol["mean"])}
+    return {
+        "mean_ratio": {str(L): {str(T): float(mean.loc[L, T]) for T in steps} for L in blocks},
+        "early_deep": {"T": int(steps[0]), "L": int(blocks[-1]), **ed},
+        "late_deep": {"T": int(steps[-1]), "L": int(blocks[-1]), **ld},
+        "tolerance": tol,
+        "early_costs_more_than_noise": bool(
+            ed["mean"] is not None and tol["mean"] is not None and ed["mean"] > tol["mean"]
+        ),
+        "late_within_noise": bool(ld["mean"] is not None and tol["mean"] is not None and ld["mean"] <= tol["mean"]),
+    }

@@ -51,22 +51,58 @@ from core.schema import HELDOUT_KEY
 
 FINAL_LAST = 3
 COMPARE_COLUMNS = [
-    "run_id", "name", "method", "dataset", "status", "steps", "final_loss", "final_loss_pixel",
-    "heldout_loss_pixel", "total_flops", "wall_s", "cpu_s", "flop_saving", "wall_saving", "cpu_saving",
-    "predicted_flop_saving", "predicted_wall_saving", "predicted_cpu_saving", "predicted_from",
+    "run_id",
+    "name",
+    "method",
+    "dataset",
+    "status",
+    "steps",
+    "final_loss",
+    "final_loss_pixel",
+    "heldout_loss_pixel",
+    "total_flops",
+    "wall_s",
+    "cpu_s",
+    "flop_saving",
+    "wall_saving",
+    "cpu_saving",
+    "predicted_flop_saving",
+    "predicted_wall_saving",
+    "predicted_cpu_saving",
+    "predicted_from",
     "wall_saving_within_run",
-    "eff_rank_mean", "eff_rank_min", "feat_std_mean", "feat_std_min",
+    "eff_rank_mean",
+    "eff_rank_min",
+    "feat_std_mean",
+    "feat_std_min",
 ]
 # What a comparison reads of each run (the history of all train/* keys is not needed), and what
 # a freeze test reads of its runs (final_losses).
-COMPARE_PARTS = Parts(history=(schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S),
-                      layers=("eff_rank", "feat_std"), flop_model=True, time_model=True, schedule=True, source=True)
+COMPARE_PARTS = Parts(
+    history=(schema.LOSS, schema.LOSS_PIXEL, HELDOUT_KEY, schema.FLOPS, schema.WALL_S, schema.CPU_S),
+    layers=("eff_rank", "feat_std"),
+    flop_model=True,
+    time_model=True,
+    schedule=True,
+    source=True,
+)
 FINAL_LOSS_PARTS = Parts(history=(HELDOUT_KEY, schema.LOSS))
 # Columns a group comparison adds to each run row, and the ones summarised per group
 # (followed by every eval/<task>/<metric> column).
 GROUP_COLUMNS = ["group", "seed"]
-STAT_COLUMNS = ["final_loss", "final_loss_pixel", "heldout_loss_pixel", "total_flops", "wall_s", "flop_saving",
-                "wall_saving", "cpu_saving", "predicted_wall_saving", "feat_std_min", "eff_rank_mean"]
+STAT_COLUMNS = [
+    "final_loss",
+    "final_loss_pixel",
+    "heldout_loss_pixel",
+    "total_flops",
+    "wall_s",
+    "flop_saving",
+    "wall_saving",
+    "cpu_saving",
+    "predicted_wall_saving",
+    "feat_std_min",
+    "eff_rank_mean",
+]
 # Summarised per group, never differenced against the baseline (a prediction is not a measurement).
 UNPAIRED = ("predicted_wall_saving", "predicted_cpu_saving")
 
@@ -96,8 +132,12 @@ def last_value(history: pd.DataFrame, metric: str) -> float:
 
 def collapse_indicators(layer_df: pd.DataFrame) -> dict[str, float]:
     """``eff_rank_mean``, ``eff_rank_min``, ``feat_std_mean``, ``feat_std_min`` over blocks at the last probe step."""
-    out = {"eff_rank_mean": float("nan"), "eff_rank_min": float("nan"), "feat_std_mean": float("nan"),
-           "feat_std_min": float("nan")}
+    out = {
+        "eff_rank_mean": float("nan"),
+        "eff_rank_min": float("nan"),
+        "feat_std_mean": float("nan"),
+        "feat_std_min": float("nan"),
+    }
     for metric, stats in (("eff_rank", ("mean", "min")), ("feat_std", ("mean", "min"))):
         rows = layer_df[layer_df["metric"] == metric]
         if rows.empty:
@@ -148,7 +188,7 @@ def add_savings(frame: pd.DataFrame, baseline: Any = None, by: str = "group") ->
         mae = out.index[out["method"] == "mae"] if "method" in out.columns else []
         rows = out.loc[mae[:1]]
     for col, base in (("flop_saving", "total_flops"), ("wall_saving", "wall_s"), ("cpu_saving", "cpu_s")):
-        if base not in out:   # e.g. runs logged before train/cpu_s existed
+        if base not in out:  # e.g. runs logged before train/cpu_s existed
             out[col] = np.nan
             continue
         ref_values = pd.to_numeric(rows[base], errors="coerce").astype(float)
@@ -195,8 +235,13 @@ def predicted_savings(run: RunData) -> dict[str, Any]:
     its own ``time_model.json``): a measurement of the run alone, so a change in machine load
     between it and the baseline run does not enter it (one within the run still does).
     """
-    out: dict[str, Any] = {"predicted_flop_saving": np.nan, "predicted_wall_saving": np.nan,
-                           "predicted_cpu_saving": np.nan, "predicted_from": None, "wall_saving_within_run": np.nan}
+    out: dict[str, Any] = {
+        "predicted_flop_saving": np.nan,
+        "predicted_wall_saving": np.nan,
+        "predicted_cpu_saving": np.nan,
+        "predicted_from": None,
+        "wall_saving_within_run": np.nan,
+    }
     record = run.record
     steps = record.param_int("train.steps")
     schedule = run.schedule if steps else None
@@ -217,9 +262,12 @@ def predicted_savings(run: RunData) -> dict[str, Any]:
         flop = predicted_saving(schedule, flop_model, steps) if flop_model else np.nan
     except LayerLockError:
         flop = np.nan
-    out.update(predicted_flop_saving=flop, predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
-               predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
-               predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None)
+    out.update(
+        predicted_flop_saving=flop,
+        predicted_wall_saving=np.nan if wall.saving is None else wall.saving,
+        predicted_cpu_saving=cpu.saving if cpu.basis == "time_model" else np.nan,
+        predicted_from=f"{origin} {source[:8]}: {wall.basis}" if wall.basis else None,
+    )
     own = run.time_model
     within = within_run_saving(own) if isinstance(own, dict) else None
     out["wall_saving_within_run"] = np.nan if within is None else within
@@ -236,27 +284,34 @@ def _pts(measured: Any, predicted: Any) -> str:
 def prediction_lines(frame: pd.DataFrame, names: dict[str, str] | None = None) -> list[str]:
     """Predicted against measured savings, one line per run that has a prediction (text for the
     command lines). ``names``: run id -> label (default: the run name)."""
-    rows = frame[pd.to_numeric(frame.get("predicted_wall_saving"), errors="coerce").notna()] \
-        if "predicted_wall_saving" in frame else frame.iloc[0:0]
+    rows = (
+        frame[pd.to_numeric(frame.get("predicted_wall_saving"), errors="coerce").notna()]
+        if "predicted_wall_saving" in frame
+        else frame.iloc[0:0]
+    )
     if rows.empty:
         return []
 
     def pct(v: Any) -> str:
         return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):5.1f}%"
 
-    out = [f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10} {'within run':>10} {'diff':>10}   "
-           f"{'CPU: predicted':>14} {'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} {'measured':>9}   "
-           "predicted from"]
+    out = [
+        f"{'run':<20} {'wall: predicted':>15} {'measured':>9} {'diff':>10} {'within run':>10} {'diff':>10}   "
+        f"{'CPU: predicted':>14} {'measured':>9} {'diff':>10}   {'FLOPs: predicted':>16} {'measured':>9}   "
+        "predicted from"
+    ]
     for _, r in rows.iterrows():
         label = (names or {}).get(r["run_id"]) or r.get("name") or str(r["run_id"])[:8]
         diff = _pts(r.get("wall_saving"), r["predicted_wall_saving"])
         cpu_diff = _pts(r.get("cpu_saving"), r.get("predicted_cpu_saving"))
         within = r.get("wall_saving_within_run")
-        out.append(f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
-                   f"{diff:>10} {pct(within):>10} {_pts(within, r['predicted_wall_saving']):>10}   "
-                   f"{pct(r.get('predicted_cpu_saving')):>14} {pct(r.get('cpu_saving')):>9} "
-                   f"{cpu_diff:>10}   "
-                   f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}")
+        out.append(
+            f"{str(label)[:20]:<20} {pct(r['predicted_wall_saving']):>15} {pct(r.get('wall_saving')):>9} "
+            f"{diff:>10} {pct(within):>10} {_pts(within, r['predicted_wall_saving']):>10}   "
+            f"{pct(r.get('predicted_cpu_saving')):>14} {pct(r.get('cpu_saving')):>9} "
+            f"{cpu_diff:>10}   "
+            f"{pct(r.get('predicted_flop_saving')):>16} {pct(r.get('flop_saving')):>9}   {r['predicted_from']}"
+        )
     return out
 
 
@@ -264,14 +319,24 @@ def run_row(run: RunData, include_block_evals: bool = False, last: int = FINAL_L
     """One :func:`summarize_run` row of a run read with ``COMPARE_PARTS``, with the run's ``seed``
     (``train.seed``) and its :func:`predicted_savings`."""
     record = run.record
-    meta = {"run_id": record.run_id, "name": record.name, "method": record.method,
-            "dataset": record.dataset, "status": record.status, "steps": record.param_int("train.steps")}
+    meta = {
+        "run_id": record.run_id,
+        "name": record.name,
+        "method": record.method,
+        "dataset": record.dataset,
+        "status": record.status,
+        "steps": record.param_int("train.steps"),
+    }
     evals = eval_metrics(record.metrics, include_block_evals)
-    return {"seed": record.param_int("train.seed"), **summarize_run(meta, run.history, run.layers, evals, last),
-            **predicted_savings(run)}
+    return {
+        "seed": record.param_int("train.seed"),
+        **summarize_run(meta, run.history, run.layers, evals, last),
+        **predicted_savings(run),
+    }
 
 
 # ----------------------------------------------------------------------------- groups of seeds
+
 
 def stat_columns(frame: pd.DataFrame) -> list[str]:
     """The columns summarised per group: ``STAT_COLUMNS`` then the ``eval/*`` ones present."""
@@ -306,21 +371,33 @@ class GroupComparison:
             methods = sorted(set(part["method"].dropna()))
             stats = self.summary[self.summary["group"] == name]
             spec = kinds.get(name)
-            groups.append({
-                "group": name, "kind": spec.kind if spec else "group", "n_runs": len(part),
-                "method": methods[0] if len(methods) == 1 else ("mixed" if methods else None),
-                "run_ids": list(part["run_id"]), "seeds": list(part["seed"]),
-                "skipped_unfinished": list(spec.skipped) if spec else [],
-                "metrics": {m: {"mean": mu, "sd": sd, "n": int(n)}
-                            for m, mu, sd, n in zip(stats["metric"], stats["mean"], stats["sd"], stats["n"],
-                                                    strict=True)},
-            })
-        return {"baseline": self.baseline, "interval": INTERVAL_NAME, "groups": groups,
-                "paired": self.paired.to_dict(orient="records"), "runs": self.runs.to_dict(orient="records")}
+            groups.append(
+                {
+                    "group": name,
+                    "kind": spec.kind if spec else "group",
+                    "n_runs": len(part),
+                    "method": methods[0] if len(methods) == 1 else ("mixed" if methods else None),
+                    "run_ids": list(part["run_id"]),
+                    "seeds": list(part["seed"]),
+                    "skipped_unfinished": list(spec.skipped) if spec else [],
+                    "metrics": {
+                        m: {"mean": mu, "sd": sd, "n": int(n)}
+                        for m, mu, sd, n in zip(stats["metric"], stats["mean"], stats["sd"], stats["n"], strict=True)
+                    },
+                }
+            )
+        return {
+            "baseline": self.baseline,
+            "interval": INTERVAL_NAME,
+            "groups": groups,
+            "paired": self.paired.to_dict(orient="records"),
+            "runs": self.runs.to_dict(orient="records"),
+        }
 
 
-def group_comparison(rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: str | None = None,
-                     specs: Sequence[GroupSpec] = ()) -> GroupComparison:
+def group_comparison(
+    rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: str | None = None, specs: Sequence[GroupSpec] = ()
+) -> GroupComparison:
     """Pure part of :func:`compare_groups`: run rows carrying ``group`` and ``seed`` -> the comparison.
 
     ``baseline`` defaults to the first group; savings, paired differences and verdicts are
@@ -339,8 +416,9 @@ def group_comparison(rows: pd.DataFrame | Sequence[dict[str, Any]], baseline: st
     # Metrics no compared run logged (e.g. probes never run) would only fill the tables with n/a.
     metrics = [m for m in stat_columns(runs) if pd.to_numeric(runs[m], errors="coerce").notna().any()]
     summary = group_summary(runs, metrics, by="group")
-    paired = paired_against(runs, [m for m in metrics if m not in UNPAIRED], baseline, groups, pair_on="seed",
-                            by="group")
+    paired = paired_against(
+        runs, [m for m in metrics if m not in UNPAIRED], baseline, groups, pair_on="seed", by="group"
+    )
     return GroupComparison(runs, summary, paired, baseline, groups, list(specs))
 
 
@@ -355,14 +433,19 @@ def compare_groups(
     ``baseline`` (a group's name; default the first). ``runs``: run id -> the run read with
     ``COMPARE_PARTS``, for every run of the groups."""
     if baseline is not None and baseline not in {s.name for s in specs}:
-        raise LayerLockError(f"--baseline {baseline} is not one of the compared groups "
-                             f"({', '.join(s.name for s in specs)})")
-    rows = [{"group": spec.name, **run_row(runs[run_id], include_block_evals, last)}
-            for spec in specs for run_id in spec.run_ids]
+        raise LayerLockError(
+            f"--baseline {baseline} is not one of the compared groups ({', '.join(s.name for s in specs)})"
+        )
+    rows = [
+        {"group": spec.name, **run_row(runs[run_id], include_block_evals, last)}
+        for spec in specs
+        for run_id in spec.run_ids
+    ]
     return group_comparison(rows, baseline, specs)
 
 
 # ----------------------------------------------------------------------------- freeze test
+
 
 @dataclass(frozen=True)
 class FreezeGrid:
@@ -376,7 +459,7 @@ class FreezeGrid:
     converged: pd.DataFrame
     baseline_final_loss: float
     tol: float
-    loss: str = "final loss"   # how the final losses were measured (see final_losses)
+    loss: str = "final loss"  # how the final losses were measured (see final_losses)
 
     def max_converged_prefix(self) -> pd.Series:
         """Per T: the largest tested L whose test and all smaller tested L's passed (0: none)."""
@@ -401,11 +484,21 @@ class FreezeGrid:
                 if pd.isna(r) and pd.isna(self.converged.loc[blocks, step]):
                     continue
                 ok = self.converged.loc[blocks, step]
-                cells.append({"blocks": int(blocks), "step": int(step),
-                              "ratio": None if pd.isna(r) else float(r),
-                              "converged": None if pd.isna(ok) else bool(ok)})
-        return {"baseline_final_loss": self.baseline_final_loss, "tol": self.tol, "loss": self.loss, "cells": cells,
-                "max_converged_prefix": {str(k): int(v) for k, v in self.max_converged_prefix().items()}}
+                cells.append(
+                    {
+                        "blocks": int(blocks),
+                        "step": int(step),
+                        "ratio": None if pd.isna(r) else float(r),
+                        "converged": None if pd.isna(ok) else bool(ok),
+                    }
+                )
+        return {
+            "baseline_final_loss": self.baseline_final_loss,
+            "tol": self.tol,
+            "loss": self.loss,
+            "cells": cells,
+            "max_converged_prefix": {str(k): int(v) for k, v in self.max_converged_prefix().items()},
+        }
 
 
 def freeze_grid_from_frames(children: pd.DataFrame, baseline_final_loss: float, tol: float = 0.02) -> FreezeGrid:
@@ -421,14 +514,18 @@ def freeze_grid_from_frames(children: pd.DataFrame, baseline_final_loss: float, 
     tested["freeze_step"] = tested["freeze_step"].astype(int)
     tested["freeze_blocks"] = tested["freeze_blocks"].astype(int)
     tested["ratio"] = tested["final_loss"].astype(float) / baseline_final_loss
-    ratio = tested.pivot_table(index="freeze_blocks", columns="freeze_step", values="ratio",
-                               aggfunc="mean", dropna=False).sort_index().sort_index(axis=1)
+    ratio = (
+        tested.pivot_table(index="freeze_blocks", columns="freeze_step", values="ratio", aggfunc="mean", dropna=False)
+        .sort_index()
+        .sort_index(axis=1)
+    )
     # Verdict: NA where untested, False where tested without a usable loss.
     present = tested.groupby(["freeze_blocks", "freeze_step"]).size().unstack("freeze_step")
     present = present.reindex(index=ratio.index, columns=ratio.columns)
     converged = (ratio <= 1.0 + tol).astype("boolean").where(present.notna(), pd.NA)
-    return FreezeGrid(ratio=ratio.astype(float), converged=converged,
-                      baseline_final_loss=float(baseline_final_loss), tol=float(tol))
+    return FreezeGrid(
+        ratio=ratio.astype(float), converged=converged, baseline_final_loss=float(baseline_final_loss), tol=float(tol)
+    )
 
 
 def final_losses(runs: Iterable[RunData], last: int = FINAL_LAST) -> tuple[dict[str, float], str]:
@@ -441,10 +538,14 @@ def final_losses(runs: Iterable[RunData], last: int = FINAL_LAST) -> tuple[dict[
     """
     histories = {run.run_id: run.history for run in runs}
     if histories and all((h["metric"] == HELDOUT_KEY).any() for h in histories.values()):
-        return ({r: last_value(h, HELDOUT_KEY) for r, h in histories.items()},
-                f"{HELDOUT_KEY} (held-out clips, fixed masks)")
-    return ({r: final_value(h, schema.LOSS, last) for r, h in histories.items()},
-            f"mean of the last {last} logged train/loss")
+        return (
+            {r: last_value(h, HELDOUT_KEY) for r, h in histories.items()},
+            f"{HELDOUT_KEY} (held-out clips, fixed masks)",
+        )
+    return (
+        {r: final_value(h, schema.LOSS, last) for r, h in histories.items()},
+        f"mean of the last {last} logged train/loss",
+    )
 
 
 def freeze_test_grid(runs: FreezeTestRuns, tol: float = 0.02, last: int = FINAL_LAST) -> FreezeGrid:
@@ -452,7 +553,8 @@ def freeze_test_grid(runs: FreezeTestRuns, tol: float = 0.02, last: int = FINAL_
     parent_id = runs.baseline.run_id
     if not runs.children:
         raise LayerLockError(
-            f"run {parent_id} has no freeze-test children (no runs tagged {schema.TAG_PARENT}={parent_id})")
+            f"run {parent_id} has no freeze-test children (no runs tagged {schema.TAG_PARENT}={parent_id})"
+        )
     children = children_frame([child.record for child in runs.children])
     losses, how = final_losses([runs.baseline, *runs.children], last)
     baseline = losses[parent_id]
@@ -462,6 +564,7 @@ def freeze_test_grid(runs: FreezeTestRuns, tol: float = 0.02, last: int = FINAL_
     grid = freeze_grid_from_frames(children, baseline, tol)
     grid = replace(grid, loss=how)
     if grid.ratio.empty:
-        raise LayerLockError(f"run {parent_id}: no child carries both {schema.TAG_FREEZE_STEP} "
-                             f"and {schema.TAG_FREEZE_BLOCKS}")
+        raise LayerLockError(
+            f"run {parent_id}: no child carries both {schema.TAG_FREEZE_STEP} and {schema.TAG_FREEZE_BLOCKS}"
+        )
     return grid

@@ -254,8 +254,6 @@ def convergence_report(
         "last_step": int(used["step"].max()),
         "n_blocks": int(conv.size),
         "n_converged": int(conv.notna().sum()),
-        "blocks": [
-            {"block": int(b), "converged_step": None if pd.isna(s) else int(s)} for b, s in conv.items()
-        ],
+        "blocks": [{"block": int(b), "converged_step": None if pd.isna(s) else int(s)} for b, s in conv.items()],
         **stats,
     }

@@ -25,8 +25,10 @@ from core.errors import LayerLockError
 from core.freezing import frozen_at
 
 # What an estimated FLOP model assumes (shown with every prediction made from one).
-ESTIMATE_BASIS = ("estimate (the run has no flop_model.json): every block costs the same, its backward twice "
-                  "its forward, and nothing outside the blocks is counted, so the saving is an upper bound")
+ESTIMATE_BASIS = (
+    "estimate (the run has no flop_model.json): every block costs the same, its backward twice "
+    "its forward, and nothing outside the blocks is counted, so the saving is an upper bound"
+)
 
 
 def estimated_flop_model(n_blocks: int) -> dict[str, Any]:
@@ -35,8 +37,13 @@ def estimated_flop_model(n_blocks: int) -> dict[str, Any]:
     Marked ``"estimate": True``; ``basis`` says what it assumes."""
     if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or n_blocks < 1:
         raise LayerLockError(f"cannot estimate a FLOP model for n_blocks={n_blocks!r}")
-    return {"n_blocks": n_blocks, "per_step": {str(k): float(3 * n_blocks - 2 * k) for k in range(n_blocks)},
-            "per_step_k": "k = blocks 0..k-1 frozen", "estimate": True, "basis": ESTIMATE_BASIS}
+    return {
+        "n_blocks": n_blocks,
+        "per_step": {str(k): float(3 * n_blocks - 2 * k) for k in range(n_blocks)},
+        "per_step_k": "k = blocks 0..k-1 frozen",
+        "estimate": True,
+        "basis": ESTIMATE_BASIS,
+    }
 
 
 def is_estimate(flop_model: dict[str, Any] | None) -> bool:
@@ -99,8 +106,9 @@ def predicted_saving(schedule: dict[str, Any], flop_model: dict[str, Any], total
     return 1.0 - schedule_flops(schedule, flop_model, total_steps) / baseline_flops(flop_model, total_steps)
 
 
-def logged_saving(total_flops: float | None, total_steps: int | None,
-                  flop_model: dict[str, Any] | None) -> float | None:
+def logged_saving(
+    total_flops: float | None, total_steps: int | None, flop_model: dict[str, Any] | None
+) -> float | None:
     """``1 - logged cumulative FLOPs / (total_steps * per_step[0])``: what a finished run saved
     against the same run with nothing frozen. None when any input is missing or the flop model
     is malformed (it hides this one number, nothing else)."""

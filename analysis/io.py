@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 # ----------------------------------------------------------------------------- connection
 
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Explicit ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (as the trainer)."""
     return resolve_uri(uri)
@@ -102,7 +103,7 @@ def client(uri: str | None = None) -> MlflowClient:
 
     from core.tracking import check_uri
 
-    check_uri(resolved)   # an http(s) server that is not there fails in seconds, not minutes
+    check_uri(resolved)  # an http(s) server that is not there fails in seconds, not minutes
     try:
         return MlflowClient(tracking_uri=resolved)
     except MlflowException as err:
@@ -164,15 +165,17 @@ def get_run(run_id: str, uri: str | None = None) -> RunRecord:
         return RunRecord.from_mlflow(run, _experiment_name(c, run.info.experiment_id))
 
 
-
 def _search_all(c: MlflowClient, experiment_ids: list[str], filter_string: str, max_results: int) -> list[Run]:
     """search_runs over several experiments, following page tokens up to ``max_results``."""
     runs: list[Run] = []
     token = None
     while experiment_ids and len(runs) < max_results:
         page = c.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=min(1000, max_results - len(runs)),
-            order_by=["attributes.start_time DESC"], page_token=token,
+            experiment_ids,
+            filter_string=filter_string,
+            max_results=min(1000, max_results - len(runs)),
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
         )
         runs.extend(page)
         token = page.token
@@ -363,6 +366,7 @@ def load_history(run_id: str, keys: Iterable[str] | None = None, uri: str | None
 
 # ----------------------------------------------------------------------------- artifacts
 
+
 def load_text_artifact(run_id: str, path: str, uri: str | None = None) -> str | None:
     """A text artifact's content, or None when the run does not have it."""
     c, resolved, _ = _fetch_run(run_id, uri)
@@ -422,6 +426,7 @@ def log_schedule_artifact(
 
 # ----------------------------------------------------------------------------- a run with its parts
 
+
 def load_run(run_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN) -> RunData:
     """A run's record and the ``parts`` of it an analysis reads (:class:`analysis.records.Parts`;
     default: everything of the run itself). Unknown id -> ``RunNotFoundError``."""
@@ -466,26 +471,29 @@ def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSp
     """Each name is a ``layerlock.group`` tag value (expanded to its FINISHED runs, by seed) or a
     run id (a group of one, whatever its status). Neither -> ``RunNotFoundError``."""
     specs: list[GroupSpec] = []
-    for name in dict.fromkeys(names):   # a name given twice is compared once
+    for name in dict.fromkeys(names):  # a name given twice is compared once
         members = runs_in_group(name, uri)
         if not members.empty:
             done = members["status"] == "FINISHED"
             if not done.any():
                 raise LayerLockError(f"group {name} has no finished run yet ({len(members)} run(s) in it)")
-            specs.append(GroupSpec(name, "group", tuple(members.loc[done, "run_id"]),
-                                   tuple(members.loc[~done, "run_id"])))
+            specs.append(
+                GroupSpec(name, "group", tuple(members.loc[done, "run_id"]), tuple(members.loc[~done, "run_id"]))
+            )
             continue
         try:
             get_run(name, uri)
         except RunNotFoundError:
-            raise RunNotFoundError(f"not a run id or a {TAG_GROUP} name: {name} "
-                                   f"(tracking URI {resolve_tracking_uri(uri)})") from None
+            raise RunNotFoundError(
+                f"not a run id or a {TAG_GROUP} name: {name} (tracking URI {resolve_tracking_uri(uri)})"
+            ) from None
         specs.append(GroupSpec(name, "run", (name,)))
     return specs
 
 
-def load_freeze_test(baseline_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN,
-                     baseline_parts: Parts | None = None) -> FreezeTestRuns:
+def load_freeze_test(
+    baseline_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN, baseline_parts: Parts | None = None
+) -> FreezeTestRuns:
     """A freeze-test baseline (read with ``baseline_parts``, default ``parts``), its children
     (tagged ``layerlock.parent``) and the runs of its seed group (its ``layerlock.group`` tag;
     the baseline's entry is the baseline itself), each read with ``parts``."""

@@ -42,8 +42,21 @@ _FINAL_EVAL_KEY = re.compile(r"^eval/[^/]+/[^/]+$")
 LAYER_COLUMNS = ["run_id", "step", "block", "metric", "value"]
 HISTORY_COLUMNS = ["run_id", "step", "metric", "value"]
 RUN_COLUMNS = [
-    "run_id", "experiment", "name", "status", "method", "dataset", "start_time", "end_time",
-    "steps", "final_loss", "schedule_source", "parent", "failure_reason", "group", "seed",
+    "run_id",
+    "experiment",
+    "name",
+    "status",
+    "method",
+    "dataset",
+    "start_time",
+    "end_time",
+    "steps",
+    "final_loss",
+    "schedule_source",
+    "parent",
+    "failure_reason",
+    "group",
+    "seed",
 ]
 
 
@@ -85,10 +98,19 @@ class RunRecord:
     def from_mlflow(cls, run: Any, experiment_name: str) -> RunRecord:
         """The snapshot of an ``mlflow.entities.Run`` (``analysis.io`` reads it)."""
         info, data = run.info, run.data
-        return cls(run_id=info.run_id, name=info.run_name or "", experiment=experiment_name,
-                   experiment_id=info.experiment_id, status=info.status, start_time=_timestamp(info.start_time),
-                   end_time=_timestamp(info.end_time), artifact_uri=info.artifact_uri, tags=dict(data.tags),
-                   params=dict(data.params), metrics=dict(data.metrics))
+        return cls(
+            run_id=info.run_id,
+            name=info.run_name or "",
+            experiment=experiment_name,
+            experiment_id=info.experiment_id,
+            status=info.status,
+            start_time=_timestamp(info.start_time),
+            end_time=_timestamp(info.end_time),
+            artifact_uri=info.artifact_uri,
+            tags=dict(data.tags),
+            params=dict(data.params),
+            metrics=dict(data.metrics),
+        )
 
     def param_int(self, key: str) -> int | None:
         """A param parsed as int (params are stored as strings), None if absent or not a number."""
@@ -106,7 +128,8 @@ def _timestamp(ms: int | None) -> pd.Timestamp | None:
 def eval_metrics(metrics: dict[str, float], include_block_evals: bool = False) -> dict[str, float]:
     """The ``eval/<task>/<metric>`` entries of a metrics dict (plus per-block ones if asked)."""
     return {
-        k: v for k, v in metrics.items()
+        k: v
+        for k, v in metrics.items()
         if k.startswith(schema.EVAL) and (include_block_evals or _FINAL_EVAL_KEY.match(k))
     }
 
@@ -160,35 +183,39 @@ def children_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
     return frame.sort_values(["freeze_blocks", "freeze_step"], kind="stable").reset_index(drop=True)
 
 
-
 def tidy_layer_frame(run_id: str, step: Any, block: Any, metric: Any, value: Any) -> pd.DataFrame:
     """Canonical dtypes and order, so the artifact and history paths give equal frames.
 
     Duplicate (metric, block, step) rows - a resumed run may log a step twice - keep the last.
     """
-    frame = pd.DataFrame({
-        "run_id": pd.Series([run_id] * len(step), dtype=str),
-        "step": np.asarray(step, dtype=np.int64),
-        "block": np.asarray(block, dtype=np.int64),
-        "metric": pd.Series(list(metric), dtype=str),
-        "value": np.asarray(value, dtype=np.float64),
-    })
+    frame = pd.DataFrame(
+        {
+            "run_id": pd.Series([run_id] * len(step), dtype=str),
+            "step": np.asarray(step, dtype=np.int64),
+            "block": np.asarray(block, dtype=np.int64),
+            "metric": pd.Series(list(metric), dtype=str),
+            "value": np.asarray(value, dtype=np.float64),
+        }
+    )
     frame = frame.drop_duplicates(["metric", "block", "step"], keep="last")
     return frame.sort_values(["metric", "block", "step"], kind="stable").reset_index(drop=True)
 
 
 def tidy_history_frame(run_id: str, step: Any, metric: Any, value: Any) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "run_id": pd.Series([run_id] * len(step), dtype=str),
-        "step": np.asarray(step, dtype=np.int64),
-        "metric": pd.Series(list(metric), dtype=str),
-        "value": np.asarray(value, dtype=np.float64),
-    })
+    frame = pd.DataFrame(
+        {
+            "run_id": pd.Series([run_id] * len(step), dtype=str),
+            "step": np.asarray(step, dtype=np.int64),
+            "metric": pd.Series(list(metric), dtype=str),
+            "value": np.asarray(value, dtype=np.float64),
+        }
+    )
     frame = frame.drop_duplicates(["metric", "step"], keep="last")
     return frame.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- a run and its parts
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -226,8 +253,9 @@ class RunData:
 
     def _part(self, name: str) -> Any:
         if name not in self.parts:
-            raise LayerLockError(f"run {self.record.run_id}: its {name} was not loaded "
-                                 f"(analysis.io.load_run with Parts({name}=...))")
+            raise LayerLockError(
+                f"run {self.record.run_id}: its {name} was not loaded (analysis.io.load_run with Parts({name}=...))"
+            )
         return self.parts[name]
 
     @property

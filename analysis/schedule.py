@@ -94,8 +94,13 @@ def derive_schedule(
         else:
             stages.append({"step": at, "frozen": k})
 
-    meta = {"rule": "monotone_prefix", "margin": int(margin), "max_frozen": cap,
-            "quantize": quantize, "total_steps": int(total_steps)}
+    meta = {
+        "rule": "monotone_prefix",
+        "margin": int(margin),
+        "max_frozen": cap,
+        "quantize": quantize,
+        "total_steps": int(total_steps),
+    }
     return validate_schedule(
         {"n_blocks": int(n_blocks), "stages": stages, "source": {**meta, **(source or {})}},
         total_steps=total_steps,
@@ -129,15 +134,20 @@ def schedule_with_prediction(
         prediction["note"] = "run has no flop_model.json"
     else:
         flop_basis = "estimate" if is_estimate(flop_model) else "counted"
-        prediction.update(flops=schedule_flops(out, flop_model, total_steps),
-                          baseline_flops=baseline_flops(flop_model, total_steps),
-                          flop_model=flop_model.get("basis") if flop_basis == "estimate"
-                          else "counted (the run's flop_model.json)",
-                          flop_model_objective=flop_model.get("objective"))
+        prediction.update(
+            flops=schedule_flops(out, flop_model, total_steps),
+            baseline_flops=baseline_flops(flop_model, total_steps),
+            flop_model=flop_model.get("basis") if flop_basis == "estimate" else "counted (the run's flop_model.json)",
+            flop_model_objective=flop_model.get("objective"),
+        )
     prediction["time_model"] = wall.note
-    out.update(predicted_flop_saving=None if flop_model is None else predicted_saving(out, flop_model, total_steps),
-               predicted_saving_basis=flop_basis, predicted_time_saving=wall.saving,
-               predicted_time_basis=wall.basis, prediction=prediction)
+    out.update(
+        predicted_flop_saving=None if flop_model is None else predicted_saving(out, flop_model, total_steps),
+        predicted_saving_basis=flop_basis,
+        predicted_time_saving=wall.saving,
+        predicted_time_basis=wall.basis,
+        prediction=prediction,
+    )
     return out
 
 
@@ -174,12 +184,16 @@ def schedule_for_run(
     if not depth:
         raise LayerLockError(f"run {run_id}: cannot tell its depth (no model.depth param, flop model or block metrics)")
     rule = RULES[method]
-    source: dict[str, Any] = {"run_id": run_id, "method": method,
-                              "threshold": rule["threshold"] if threshold is None else threshold}
+    source: dict[str, Any] = {
+        "run_id": run_id,
+        "method": method,
+        "threshold": rule["threshold"] if threshold is None else threshold,
+    }
     if rule["patience"] is not None or patience is not None:
         source["patience"] = rule["patience"] if patience is None else patience
-    schedule = derive_schedule(conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen,
-                               quantize=quantize, source=source)
+    schedule = derive_schedule(
+        conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen, quantize=quantize, source=source
+    )
     if flop_model is None:
         flop_model = estimated_flop_model(int(depth))
     return schedule_with_prediction(schedule, flop_model, int(total_steps), time_model)
@@ -212,7 +226,17 @@ def derive_run_schedule(
     schedule_parts(method)  # an unknown method fails here, not as a missing part
     conv = detect_convergence(run.layers, method, threshold, patience)
     record = run.record
-    return schedule_for_run(run.run_id, conv, method=method, threshold=threshold, patience=patience,
-                            total_steps=total_steps or record.param_int("train.steps"),
-                            n_blocks=record.param_int("model.depth"), flop_model=run.flop_model,
-                            margin=margin, max_frozen=max_frozen, quantize=quantize, time_model=run.time_model)
+    return schedule_for_run(
+        run.run_id,
+        conv,
+        method=method,
+        threshold=threshold,
+        patience=patience,
+        total_steps=total_steps or record.param_int("train.steps"),
+        n_blocks=record.param_int("model.depth"),
+        flop_model=run.flop_model,
+        margin=margin,
+        max_frozen=max_frozen,
+        quantize=quantize,
+        time_model=run.time_model,
+    )

@@ -69,10 +69,15 @@ def group_summary(frame: pd.DataFrame, metrics: Sequence[str], by: str = "group"
                 continue
             values = _numeric(part[metric])
             n = len(values)
-            rows.append({by: group, "metric": metric,
-                         "mean": float(values.mean()) if n else math.nan,
-                         "sd": float(values.std(ddof=1)) if n > 1 else math.nan,
-                         "n": n})
+            rows.append(
+                {
+                    by: group,
+                    "metric": metric,
+                    "mean": float(values.mean()) if n else math.nan,
+                    "sd": float(values.std(ddof=1)) if n > 1 else math.nan,
+                    "n": n,
+                }
+            )
     return pd.DataFrame(rows, columns=[by, *SUMMARY_COLUMNS]).astype({"n": "int64"})
 
 
@@ -105,11 +110,18 @@ def _per_seed(frame: pd.DataFrame, metric: str, group: Any, by: str, pair_on: st
     part = frame[frame[by] == group]
     values = pd.DataFrame({"seed": part[pair_on], "value": pd.to_numeric(part[metric], errors="coerce")})
     values = values[values["seed"].notna() & np.isfinite(values["value"].astype(float))]
-    return values.groupby("seed")["value"].mean()   # a seed run twice: the mean of its runs
+    return values.groupby("seed")["value"].mean()  # a seed run twice: the mean of its runs
 
 
-def paired_differences(frame: pd.DataFrame, metric: str, group_a: Any, group_b: Any, pair_on: str = "seed",
-                       by: str = "group", confidence: float = CONFIDENCE) -> dict[str, Any]:
+def paired_differences(
+    frame: pd.DataFrame,
+    metric: str,
+    group_a: Any,
+    group_b: Any,
+    pair_on: str = "seed",
+    by: str = "group",
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
     """Paired difference ``b - a`` of ``metric`` between two groups, pairs matched on ``pair_on``.
 
     Returns ``metric, group_a, group_b, mean_diff, sd, n`` (pairs), ``interval`` (the name,
@@ -125,17 +137,28 @@ def paired_differences(frame: pd.DataFrame, metric: str, group_a: Any, group_b: 
     mean = float(diffs.mean()) if n else None
     interval = t_interval(diffs, confidence)
     return {
-        "metric": metric, "group_a": group_a, "group_b": group_b,
-        "mean_diff": mean, "sd": float(diffs.std(ddof=1)) if n > 1 else None, "n": n,
+        "metric": metric,
+        "group_a": group_a,
+        "group_b": group_b,
+        "mean_diff": mean,
+        "sd": float(diffs.std(ddof=1)) if n > 1 else None,
+        "n": n,
         "interval": f"{confidence:.0%} t interval",
-        "ci_low": interval[0] if interval else None, "ci_high": interval[1] if interval else None,
+        "ci_low": interval[0] if interval else None,
+        "ci_high": interval[1] if interval else None,
         "verdict": verdict(mean, interval, n),
         "pairs": [_plain(s) for s in common],
     }
 
 
-def paired_against(frame: pd.DataFrame, metrics: Sequence[str], baseline: Any, groups: Sequence[Any] | None = None,
-                   pair_on: str = "seed", by: str = "group") -> pd.DataFrame:
+def paired_against(
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    baseline: Any,
+    groups: Sequence[Any] | None = None,
+    pair_on: str = "seed",
+    by: str = "group",
+) -> pd.DataFrame:
     """:func:`paired_differences` of every group but ``baseline`` against it, for each metric
     present in ``frame`` (one row per group and metric, groups in the order given)."""
     _require(frame, [by])
@@ -143,10 +166,26 @@ def paired_against(frame: pd.DataFrame, metrics: Sequence[str], baseline: Any, g
         groups = list(dict.fromkeys(frame[by]))
     if baseline not in set(frame[by]):
         raise LayerLockError(f"baseline group '{baseline}' is not among the compared groups")
-    rows = [paired_differences(frame, m, baseline, g, pair_on, by)
-            for g in groups if g != baseline for m in metrics if m in frame.columns]
-    columns = ["metric", "group_a", "group_b", "mean_diff", "sd", "n", "interval", "ci_low", "ci_high",
-               "verdict", "pairs"]
+    rows = [
+        paired_differences(frame, m, baseline, g, pair_on, by)
+        for g in groups
+        if g != baseline
+        for m in metrics
+        if m in frame.columns
+    ]
+    columns = [
+        "metric",
+        "group_a",
+        "group_b",
+        "mean_diff",
+        "sd",
+        "n",
+        "interval",
+        "ci_low",
+        "ci_high",
+        "verdict",
+        "pairs",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -163,16 +202,18 @@ def summary_table(summary: pd.DataFrame, by: str = "group", fmt: str = "{:.4g}")
     """The tidy :func:`group_summary` as text, groups x metrics, each cell ``mean ± sd (N)``."""
     if summary.empty:
         return pd.DataFrame()
-    cells = summary.assign(text=[format_mean_sd(m, s, n, fmt)
-                                 for m, s, n in zip(summary["mean"], summary["sd"], summary["n"], strict=True)])
+    cells = summary.assign(
+        text=[
+            format_mean_sd(m, s, n, fmt) for m, s, n in zip(summary["mean"], summary["sd"], summary["n"], strict=True)
+        ]
+    )
     table = cells.pivot(index=by, columns="metric", values="text")
     order_rows = list(dict.fromkeys(summary[by]))
     order_cols = list(dict.fromkeys(summary["metric"]))
     return table.reindex(index=order_rows, columns=order_cols)
 
 
-def spread_over_runs(curves: Mapping[str, pd.DataFrame], on: str = "step", x: str = "x",
-                     y: str = "y") -> pd.DataFrame:
+def spread_over_runs(curves: Mapping[str, pd.DataFrame], on: str = "step", x: str = "x", y: str = "y") -> pd.DataFrame:
     """A group's curve: at each value of ``on`` (a logged step), the mean, sd, min and max of
     ``y`` over the runs that logged it, and the mean of ``x`` (the step itself, or FLOPs or wall
     time, which differ slightly between seeds).
@@ -181,22 +222,27 @@ def spread_over_runs(curves: Mapping[str, pd.DataFrame], on: str = "step", x: st
     ``step, x, mean, sd, lo, hi, n`` (``lo``/``hi``: min/max over runs; ``sd`` NaN where n is 1),
     sorted by ``on``.
     """
-    parts = [frame[[on, x, y]].assign(run=str(run)).rename(columns={on: "_on", x: "_x", y: "_y"})
-             for run, frame in curves.items() if not frame.empty]
+    parts = [
+        frame[[on, x, y]].assign(run=str(run)).rename(columns={on: "_on", x: "_x", y: "_y"})
+        for run, frame in curves.items()
+        if not frame.empty
+    ]
     columns = ["step", "x", "mean", "sd", "lo", "hi", "n"]
     if not parts:
         return pd.DataFrame(columns=columns)
     long = pd.concat(parts, ignore_index=True).dropna(subset=["_y"])
     grouped = long.groupby("_on")
-    out = pd.DataFrame({
-        "step": grouped["_y"].mean().index.to_numpy(),
-        "x": grouped["_x"].mean().to_numpy(),
-        "mean": grouped["_y"].mean().to_numpy(),
-        "sd": grouped["_y"].std(ddof=1).to_numpy(),
-        "lo": grouped["_y"].min().to_numpy(),
-        "hi": grouped["_y"].max().to_numpy(),
-        "n": grouped["_y"].count().to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            "step": grouped["_y"].mean().index.to_numpy(),
+            "x": grouped["_x"].mean().to_numpy(),
+            "mean": grouped["_y"].mean().to_numpy(),
+            "sd": grouped["_y"].std(ddof=1).to_numpy(),
+            "lo": grouped["_y"].min().to_numpy(),
+            "hi": grouped["_y"].max().to_numpy(),
+            "n": grouped["_y"].count().to_numpy(),
+        }
+    )
     return out.sort_values("step").reset_index(drop=True)
 
 

@@ -84,8 +84,9 @@ def synthetic_layer_metrics(
                 np.clip(0.3 + 0.55 * probes / max(c, 1) + 0.01 * noise[0], 0.0, 0.87),
             )
             stable = (probes - probe_every) >= c
-            prev = np.where(stable, np.clip(0.995 + 0.002 * noise[1], 0.991, 1.0),
-                            np.clip(0.9 + 0.03 * noise[1], 0.0, 0.98))
+            prev = np.where(
+                stable, np.clip(0.995 + 0.002 * noise[1], 0.991, 1.0), np.clip(0.9 + 0.03 * noise[1], 0.0, 0.98)
+            )
             if dips:
                 spike = int(np.argmin(np.abs(probes - c / 2)))
                 if probes[spike] + probe_every < c and spike > 0:  # stays strictly pre-convergence
@@ -159,13 +160,16 @@ def synthetic_time_model(
     def summary(k: int, n: int) -> dict[str, Any]:
         return {"median_s": t(k), "low_s": t(k), "high_s": t(k), "n": n}
 
-    return {"kind": "measured step time per schedule stage", "n_blocks": len(per),
-            "training": {str(k): {**summary(k, n), "steps": n, "mean_s": t(k)} for k, n in trained.items()},
-            "calibration": {str(k): summary(k, 5) for k in ks},
-            "overhead_s_per_step": overhead_s,
-            "total_s": sum(n * (t(k) + overhead_s) for k, n in trained.items()),
-            "total_steps": sum(trained.values()),
-            "flops_per_step": {str(k): v for k, v in per.items()}}
+    return {
+        "kind": "measured step time per schedule stage",
+        "n_blocks": len(per),
+        "training": {str(k): {**summary(k, n), "steps": n, "mean_s": t(k)} for k, n in trained.items()},
+        "calibration": {str(k): summary(k, 5) for k in ks},
+        "overhead_s_per_step": overhead_s,
+        "total_s": sum(n * (t(k) + overhead_s) for k, n in trained.items()),
+        "total_steps": sum(trained.values()),
+        "flops_per_step": {str(k): v for k, v in per.items()},
+    }
 
 
 def synthetic_history(
@@ -212,6 +216,7 @@ def synthetic_history(
 
 # ----------------------------------------------------------------------------- logging a synthetic run
 
+
 def create_run_from_frames(
     experiment: str,
     *,
@@ -252,15 +257,16 @@ def create_run_from_frames(
             metrics += [Metric(m, float(v), ts + int(s), int(s)) for s, m, v in zip(*cols, strict=True)]
         if layer_df is not None and layer_history:
             cols = (layer_df["step"], layer_df["block"], layer_df["metric"], layer_df["value"])
-            metrics += [Metric(io.block_key(m, int(b)), float(v), ts + int(s), int(s))
-                        for s, b, m, v in zip(*cols, strict=True)]
+            metrics += [
+                Metric(io.block_key(m, int(b)), float(v), ts + int(s), int(s)) for s, b, m, v in zip(*cols, strict=True)
+            ]
         str_params = [Param(k, str(v)) for k, v in (params or {}).items()]
         str_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         # log_batch limits: 1000 metrics, 100 params, 100 tags per call.
         for i in range(0, max(len(str_params), len(str_tags), 1), 100):
-            c.log_batch(run_id, params=str_params[i:i + 100], tags=str_tags[i:i + 100])
+            c.log_batch(run_id, params=str_params[i : i + 100], tags=str_tags[i : i + 100])
         for i in range(0, len(metrics), 1000):
-            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+            c.log_batch(run_id, metrics=metrics[i : i + 1000])
         if layer_df is not None and layer_artifact:
             with tempfile.TemporaryDirectory(prefix="layerlock-") as tmp:
                 path = Path(tmp) / io.LAYER_METRICS_ARTIFACT

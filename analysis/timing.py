@@ -15,8 +15,8 @@ from analysis.flops import is_estimate, predicted_saving, stage_segments
 from core.errors import LayerLockError, first_line
 from core.timemodel import predicted_time_saving, time_table
 
-BASIS_TIME_MODEL = "time_model"   # measured step times
-BASIS_FLOPS = "flops"             # assumed proportional to counted FLOPs
+BASIS_TIME_MODEL = "time_model"  # measured step times
+BASIS_FLOPS = "flops"  # assumed proportional to counted FLOPs
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,13 @@ class WallPrediction:
     note: str
 
 
-def predict_wall_saving(schedule: dict[str, Any], total_steps: int, flop_model: dict[str, Any] | None,
-                        time_model: dict[str, Any] | None, clock: str = "wall") -> WallPrediction:
+def predict_wall_saving(
+    schedule: dict[str, Any],
+    total_steps: int,
+    flop_model: dict[str, Any] | None,
+    time_model: dict[str, Any] | None,
+    clock: str = "wall",
+) -> WallPrediction:
     """The schedule's wall saving over ``total_steps`` against training with nothing frozen
     (``clock="cpu"``: its CPU-time saving, from the time model's CPU record).
 
@@ -48,6 +53,9 @@ def predict_wall_saving(schedule: dict[str, Any], total_steps: int, flop_model: 
     if flop_model is None:
         return WallPrediction(None, None, f"nothing to predict from: {why} and no flop_model.json")
     counted = "estimated" if is_estimate(flop_model) else "counted"
-    return WallPrediction(predicted_saving(schedule, flop_model, total_steps), BASIS_FLOPS,
-                          f"assumed proportional to {counted} FLOPs ({why}); "
-                          "`python -m experiments bench freezing` measures how far time follows FLOPs")
+    return WallPrediction(
+        predicted_saving(schedule, flop_model, total_steps),
+        BASIS_FLOPS,
+        f"assumed proportional to {counted} FLOPs ({why}); "
+        "`python -m experiments bench freezing` measures how far time follows FLOPs",
+    )

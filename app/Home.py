@@ -21,8 +21,9 @@ if _refused:
 
 PAGES = [
     st.Page("screens/runs.py", title="Runs", icon=":material/table_rows:", url_path="runs", default=True),
-    st.Page("screens/convergence.py", title="Convergence", icon=":material/stacked_line_chart:",
-            url_path="convergence"),
+    st.Page(
+        "screens/convergence.py", title="Convergence", icon=":material/stacked_line_chart:", url_path="convergence"
+    ),
     st.Page("screens/schedule.py", title="Schedule", icon=":material/ac_unit:", url_path="schedule"),
     st.Page("screens/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("screens/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
@@ -40,11 +41,16 @@ def sidebar() -> None:
     uri = state.tracking_uri()
     allowed = state.allowed_uris()
     with st.sidebar:
-        st.selectbox("Tracking URI", allowed, index=allowed.index(uri), key="sidebar_uri",
-                     on_change=_on_uri_change,
-                     help="The MLflow stores the operator configured: $MLFLOW_TRACKING_URI (else "
-                          "sqlite:///mlflow.db in the working directory), $LAYERLOCK_TRACKING_URIS "
-                          "(comma-separated), `streamlit run app/Home.py -- --tracking-uri URI`.")
+        st.selectbox(
+            "Tracking URI",
+            allowed,
+            index=allowed.index(uri),
+            key="sidebar_uri",
+            on_change=_on_uri_change,
+            help="The MLflow stores the operator configured: $MLFLOW_TRACKING_URI (else "
+            "sqlite:///mlflow.db in the working directory), $LAYERLOCK_TRACKING_URIS "
+            "(comma-separated), `streamlit run app/Home.py -- --tracking-uri URI`.",
+        )
         chosen = state.selected()
         if chosen:
             try:
@@ -52,8 +58,10 @@ def sidebar() -> None:
             except Exception:  # the selection summary must never break a page
                 labels = {}
             st.caption("Selected runs (the first is the current run):")
-            st.markdown("\n".join(f"- {labels.get(r, r[:8])}" for r in chosen[:6])
-                        + (f"\n- … and {len(chosen) - 6} more" if len(chosen) > 6 else ""))
+            st.markdown(
+                "\n".join(f"- {labels.get(r, r[:8])}" for r in chosen[:6])
+                + (f"\n- … and {len(chosen) - 6} more" if len(chosen) > 6 else "")
+            )
         else:
             st.caption("No runs selected: pages show the most recent run(s).")
         left, right = st.columns(2)

@@ -53,17 +53,27 @@ def make_run(uri: str, blocks: int, steps: int) -> str:
     model = synthetic_flop_model(blocks)
     history = synthetic_history(steps, 1, model)
     run_id = create_run_from_frames(
-        "bench", uri=uri, layer_df=layer_df, layer_history=False, history=history,
+        "bench",
+        uri=uri,
+        layer_df=layer_df,
+        layer_history=False,
+        history=history,
         params={"model.depth": blocks, "train.steps": steps, "probe.every": 1},
-        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, run_name="bench-12x5000",
+        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
+        run_name="bench-12x5000",
         json_artifacts={io.FLOP_MODEL_ARTIFACT: model},
-        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri())
+        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri(),
+    )
     # The trainer also logs every per-block key as a metric; keep the latest value of each, as
     # MLflow's run snapshot would show it (the full history would only slow the setup).
     last = layer_df.sort_values("step").groupby(["metric", "block"]).tail(1)
-    io.client(uri).log_batch(run_id, metrics=[
-        Metric(io.block_key(m, int(b)), float(v), 1_700_000_000_000 + int(s), int(s))
-        for m, b, v, s in zip(last["metric"], last["block"], last["value"], last["step"], strict=True)])
+    io.client(uri).log_batch(
+        run_id,
+        metrics=[
+            Metric(io.block_key(m, int(b)), float(v), 1_700_000_000_000 + int(s), int(s))
+            for m, b, v, s in zip(last["metric"], last["block"], last["value"], last["step"], strict=True)
+        ],
+    )
     return run_id, len(layer_df)
 
 
@@ -83,11 +93,17 @@ def make_live_run(uri: str, blocks: int, steps: int) -> str:
     full = layer_df[layer_df["metric"] == "cka_final"]
     last = layer_df[layer_df["metric"] != "cka_final"].sort_values("step").groupby(["metric", "block"]).tail(1)
     return create_run_from_frames(
-        "bench", uri=uri, layer_df=pd.concat([full, last]), layer_artifact=False,
-        history=synthetic_history(steps, 1), status="RUNNING", run_name="bench-live",
+        "bench",
+        uri=uri,
+        layer_df=pd.concat([full, last]),
+        layer_artifact=False,
+        history=synthetic_history(steps, 1),
+        status="RUNNING",
+        run_name="bench-live",
         params={"model.depth": blocks, "train.steps": steps, "probe.every": 1},
         tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
-        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri())
+        artifact_root=(io.sqlite_path(uri).parent / "artifacts").as_uri(),
+    )
 
 
 def render(at=None):
@@ -139,11 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=6,
-                        help="cold and warm renders each (median and, from 6 on, its 95%% interval reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=6,
+        help="cold and warm renders each (median and, from 6 on, its 95%% interval reported)",
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    parser.add_argument("--live", action="store_true",
-                        help="also time a RUNNING run of the same size (no artifact: metric histories are read)")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="also time a RUNNING run of the same size (no artifact: metric histories are read)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -181,13 +204,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.stats import median_interval
 
-    intervals = {name: median_interval(values)[1:] for name, values in
-                 (("cold_s", cold), ("warm_same_session_s", warm_same), ("warm_new_session_s", warm_new))}
+    intervals = {
+        name: median_interval(values)[1:]
+        for name, values in (("cold_s", cold), ("warm_same_session_s", warm_same), ("warm_new_session_s", warm_new))
+    }
     result = {
-        "blocks": args.blocks, "steps": args.steps, "values": n_values, "setup_s": setup_s,
-        "first_render_s": first, "cold_s": statistics.median(cold), "cold_all_s": cold,
-        "warm_same_session_s": statistics.median(warm_same), "warm_new_session_s": statistics.median(warm_new),
-        "intervals_95": intervals, "cold_breakdown": parts,
+        "blocks": args.blocks,
+        "steps": args.steps,
+        "values": n_values,
+        "setup_s": setup_s,
+        "first_render_s": first,
+        "cold_s": statistics.median(cold),
+        "cold_all_s": cold,
+        "warm_same_session_s": statistics.median(warm_same),
+        "warm_new_session_s": statistics.median(warm_new),
+        "intervals_95": intervals,
+        "cold_breakdown": parts,
         "targets": {"cold_s": COLD_TARGET_S, "warm_s": WARM_TARGET_S},
     }
     if live:
@@ -197,18 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"Convergence page, synthetic run: {args.blocks} blocks x {args.steps} steps x 7 metrics "
-          f"({n_values:,} values; setup {setup_s:.1f} s)")
+    print(
+        f"Convergence page, synthetic run: {args.blocks} blocks x {args.steps} steps x 7 metrics "
+        f"({n_values:,} values; setup {setup_s:.1f} s)"
+    )
     print(f"  first visit in this process (Runs then Convergence, app imports included): {first:.2f} s")
+
     def ci(name: str) -> str:
         lo, hi = intervals[name]
         return "(too few repeats for an interval)" if lo is None else f"95% interval [{lo:.2f}, {hi:.2f}]"
 
     print(f"  medians of {args.repeats} renders each")
-    print(f"  cold (caches cleared, new session): {result['cold_s']:6.2f} s {ci('cold_s')}   "
-          f"target < {COLD_TARGET_S} s   all: {', '.join(f'{c:.2f}' for c in cold)}")
-    print(f"  warm, same session:                 {result['warm_same_session_s']:6.2f} s "
-          f"{ci('warm_same_session_s')}   target < {WARM_TARGET_S} s")
+    print(
+        f"  cold (caches cleared, new session): {result['cold_s']:6.2f} s {ci('cold_s')}   "
+        f"target < {COLD_TARGET_S} s   all: {', '.join(f'{c:.2f}' for c in cold)}"
+    )
+    print(
+        f"  warm, same session:                 {result['warm_same_session_s']:6.2f} s "
+        f"{ci('warm_same_session_s')}   target < {WARM_TARGET_S} s"
+    )
     print(f"  warm, new session:                  {result['warm_new_session_s']:6.2f} s {ci('warm_new_session_s')}")
     print("  cold path outside Streamlit: " + ", ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in parts.items()))
     if live:

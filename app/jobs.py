@@ -52,8 +52,16 @@ CONFIG_DIR = ROOT / "experiments" / "configs"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Exit status of the CLI: 0 done, 2 bad input, 1 diverged, 130 interrupted.
 # 143: the trainer's own exit after a SIGTERM it handled (checkpointed, run marked KILLED).
-EXIT_MEANING = {0: "finished", 1: "failed", 2: "bad input", 130: "cancelled", -2: "cancelled",
-                -15: "cancelled", 143: "terminated", -9: "killed"}
+EXIT_MEANING = {
+    0: "finished",
+    1: "failed",
+    2: "bad input",
+    130: "cancelled",
+    -2: "cancelled",
+    -15: "cancelled",
+    143: "terminated",
+    -9: "killed",
+}
 
 _PROCS: dict[str, subprocess.Popen] = {}  # job_id -> child of this server process
 MAX_JOBS_ENV = "LAYERLOCK_MAX_JOBS"
@@ -178,15 +186,17 @@ class Job:
             return None  # a half-written or foreign file is not a job
 
 
-def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "launch",
-          extra: dict[str, Any] | None = None) -> Job:
+def start(
+    argv: list[str], run_name: str, tracking_uri: str, source: str = "launch", extra: dict[str, Any] | None = None
+) -> Job:
     """Start ``argv`` (a :func:`pretrain_argv`) in the repository root with stdout/stderr to files,
     tagging the run with the job id; returns the job. Raises JobLimitReached when ``max_jobs()``
     jobs are running."""
     running = sum(is_running(j) for j in list_jobs(limit=1000))
     if running >= max_jobs():
-        raise JobLimitReached(f"{running} jobs are running (at most {max_jobs()}, ${MAX_JOBS_ENV}): "
-                              "wait for one to finish or cancel one")
+        raise JobLimitReached(
+            f"{running} jobs are running (at most {max_jobs()}, ${MAX_JOBS_ENV}): wait for one to finish or cancel one"
+        )
     folder = launch_dir()
     folder.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -195,11 +205,21 @@ def start(argv: list[str], run_name: str, tracking_uri: str, source: str = "laun
     out_path, log_path = folder / f"{job_id}.out", folder / f"{job_id}.log"
     with open(out_path, "wb") as out, open(log_path, "wb") as log:
         # Own session: a Ctrl-C on the dashboard server does not reach the training run.
-        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=log, env=env, start_new_session=True
+        )
     _PROCS[job_id] = proc
-    job = Job(job_id=job_id, argv=list(argv), pid=proc.pid, run_name=run_name, tracking_uri=tracking_uri,
-              started=time.time(), source=source, extra=dict(extra or {}), pid_start=_start_time(proc.pid))
+    job = Job(
+        job_id=job_id,
+        argv=list(argv),
+        pid=proc.pid,
+        run_name=run_name,
+        tracking_uri=tracking_uri,
+        started=time.time(),
+        source=source,
+        extra=dict(extra or {}),
+        pid_start=_start_time(proc.pid),
+    )
     job.save()
     return job
 
@@ -217,7 +237,7 @@ def _start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks after boot (field 22 of /proc/<pid>/stat), None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])   # fields after "(comm)" start at field 3
+        return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)" start at field 3
     except (OSError, IndexError, ValueError):
         return None
 

@@ -187,7 +187,7 @@ class PreparedFeatures:
     ones: torch.Tensor
     total: torch.Tensor
     hsic: torch.Tensor
-    gram: torch.Tensor | None = None   # K = rows rows^T when there are fewer rows than dims
+    gram: torch.Tensor | None = None  # K = rows rows^T when there are fewer rows than dims
 
 
 def _hsic(n: int, tr_full: Any, diag_dot: Any, s1: Any, s2: Any, v1: torch.Tensor, v2: torch.Tensor) -> Any:
@@ -214,8 +214,9 @@ def prepare(x: Any) -> PreparedFeatures:
     diag = a.square().sum(-1)
     ones = (a @ a.sum(-2).unsqueeze(-1)).squeeze(-1) - diag
     total = ones.sum(-1)
-    hsic = (_hsic(n, trace, (diag * diag).sum(-1), total, total, ones, ones) if n >= 4
-            else torch.full_like(total, math.nan))
+    hsic = (
+        _hsic(n, trace, (diag * diag).sum(-1), total, total, ones, ones) if n >= 4 else torch.full_like(total, math.nan)
+    )
     return PreparedFeatures(a, constant, trace, diag, ones, total, hsic, gram)
 
 
@@ -226,16 +227,18 @@ def prepared_cka(x: PreparedFeatures, y: PreparedFeatures, debiased: bool = Fals
     positive, as :func:`linear_cka`."""
     n = x.rows.shape[-2]
     if y.rows.shape[:-1] != x.rows.shape[:-1]:
-        raise ValueError(f"x and y must have the same number of rows (examples): got {n} and {y.rows.shape[-2]}"
-                         if y.rows.shape[-2] != n else
-                         f"x and y must be stacks of the same length: got {tuple(x.rows.shape[:-2])} and "
-                         f"{tuple(y.rows.shape[:-2])}")
+        raise ValueError(
+            f"x and y must have the same number of rows (examples): got {n} and {y.rows.shape[-2]}"
+            if y.rows.shape[-2] != n
+            else f"x and y must be stacks of the same length: got {tuple(x.rows.shape[:-2])} and "
+            f"{tuple(y.rows.shape[:-2])}"
+        )
     if debiased and n < 4:
         raise ValueError(f"debiased CKA needs at least 4 examples (rows), got n={n}")
     a = x.rows
-    other = (lambda t: t.to(a.device))
+    other = lambda t: t.to(a.device)
     if x.gram is not None and y.gram is not None:
-        kl = (x.gram * other(y.gram)).sum((-2, -1))   # <K, L> = ||b^T a||_F^2
+        kl = (x.gram * other(y.gram)).sum((-2, -1))  # <K, L> = ||b^T a||_F^2
     else:
         kl = (other(y.rows).mT @ a).square().sum((-2, -1))
     if debiased:
@@ -284,7 +287,7 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
         raise ValueError(f"debiased CKA needs at least 4 examples (rows), got n={n}")
     if n < 2:
         raise ValueError(f"CKA needs at least 2 examples (rows), got n={n}")
-    if not _use_gram(n, xt.shape[1], yt.shape[1]):   # the feature-space form: one code path with prepare()
+    if not _use_gram(n, xt.shape[1], yt.shape[1]):  # the feature-space form: one code path with prepare()
         return float(prepared_cka(prepare(xt), prepare(yt), debiased))
     xc, x_norm = _centre(xt)
     yc, y_norm = _centre(yt)
@@ -411,12 +414,12 @@ def effective_rank(x: Any) -> Any:
     Raises:
         ValueError: non-2-D (or 3-D stack) or non-finite input, or ``n < 2``.
     """
-    c, constant = _centred_rows(x, "effective_rank")   # normalised: the squared singular values sum to 1
+    c, constant = _centred_rows(x, "effective_rank")  # normalised: the squared singular values sum to 1
     n = c.shape[-2]
     # The nonzero eigenvalues of the smaller Gram (d x d c^T c, or n x n c c^T) are the squared
     # singular values, at a fraction of an SVD's cost (differences ~1e-12 here).
     p = torch.linalg.eigvalsh(c.mT @ c if n >= c.shape[-1] else c @ c.mT).clamp_min(0.0)
     p = p / torch.where(constant, 1.0, p.sum(-1))[..., None]
-    entropy = -torch.special.xlogy(p, p).sum(-1)   # 0 log 0 = 0
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0
     ranks = torch.where(constant, 0.0, entropy.exp())
     return float(ranks) if ranks.ndim == 0 else ranks

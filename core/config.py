@@ -99,8 +99,12 @@ class ProbeConfig(_Strict):
     # 32 clips x 32 positions = 1024 CKA rows per block: unrelated 128-dim features read 0.004 +- 0.002
     # (debiased; biased 0.11, ~dim / rows), while one probe stores 2 MiB on mae_tiny (core.probes).
     batch_size: int = Field(32, ge=4, description="clips in the fixed probe batch (its forward is the probe's cost)")
-    tokens_per_clip: int = Field(32, ge=1, description="token positions read in every probe clip, the same for "
-                                 "all clips (all tokens if a clip has fewer); bounds storage")
+    tokens_per_clip: int = Field(
+        32,
+        ge=1,
+        description="token positions read in every probe clip, the same for "
+        "all clips (all tokens if a clip has fewer); bounds storage",
+    )
     # Debiased by default: on real mae_tiny features it moves CKA by <= 0.002, while it removes the
     # biased estimator's ~0.11 floor for unrelated features at 1024 rows x 128 dims (README, Probes).
     debiased: bool = Field(True, description="unbiased HSIC estimator (Nguyen et al. 2021); false: biased CKA")
@@ -120,11 +124,19 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    heldout_clips: int = Field(256, ge=0, description="val clips of the held-out pixel loss logged at the end "
-                                                      "(val/loss_pixel; fixed clips and masks); 0 disables")
+    heldout_clips: int = Field(
+        256,
+        ge=0,
+        description="val clips of the held-out pixel loss logged at the end "
+        "(val/loss_pixel; fixed clips and masks); 0 disables",
+    )
     # Measuring is not training: the steps run on a copy of the model and change nothing it learns.
-    time_calibration: int = Field(5, ge=0, le=100, description="timed steps per schedule stage before the "
-                                                               "first step, for time_model.json; 0 disables")
+    time_calibration: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="timed steps per schedule stage before the first step, for time_model.json; 0 disables",
+    )
 
 
 class TrackingConfig(_Strict):
@@ -152,8 +164,10 @@ class ExperimentConfig(_Strict):
             raise ValueError("data.root is required for data.name=video_folder")
         lb = self.objective.latent_block
         if not -m.depth <= lb < m.depth:
-            raise ValueError(f"objective.latent_block={lb} is not a block of the model (model.depth={m.depth}: "
-                             f"0..{m.depth - 1}, or -1..-{m.depth} counted from the last)")
+            raise ValueError(
+                f"objective.latent_block={lb} is not a block of the model (model.depth={m.depth}: "
+                f"0..{m.depth - 1}, or -1..-{m.depth} counted from the last)"
+            )
         return self
 
     @property
@@ -173,8 +187,13 @@ class Geometry:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> Geometry:
-        return cls(channels=3, frames=cfg.data.frames, size=cfg.data.size,
-                   tubelet=cfg.model.tubelet, patch=cfg.model.patch_size)
+        return cls(
+            channels=3,
+            frames=cfg.data.frames,
+            size=cfg.data.size,
+            tubelet=cfg.model.tubelet,
+            patch=cfg.model.patch_size,
+        )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -193,6 +212,7 @@ class Geometry:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -301,6 +321,6 @@ def group_name(cfg: ExperimentConfig) -> str:
     tree = cfg.model_dump(mode="json")
     tree["train"].pop("seed", None)
     tree["tracking"].pop("run_name", None)
-    tree["train"].pop("time_calibration", None)   # measures the run, changes nothing it learns
+    tree["train"].pop("time_calibration", None)  # measures the run, changes nothing it learns
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
     return f"{cfg.objective.name}-{cfg.data.name}-{digest}"

@@ -70,8 +70,14 @@ def calibrate_on_model(cost: CostSpec, blocks: Sequence[nn.Module], model: nn.Mo
             p.grad = None
 
     with kept_as_is(model, blocks, stem, weights=True):
-        calibrate(timer, stages, cost.calibration, lambda k: freeze_prefix(blocks, k, shadow, stem=stem), step,
-                  (lambda: torch.cuda.synchronize(cuda)) if cuda is not None else None)
+        calibrate(
+            timer,
+            stages,
+            cost.calibration,
+            lambda k: freeze_prefix(blocks, k, shadow, stem=stem),
+            step,
+            (lambda: torch.cuda.synchronize(cuda)) if cuda is not None else None,
+        )
     update = f" and {type(cost.optimizer).__name__} update" if shadow is not None else ""
     return f"forward, loss, backward{update} on the fixed batch of train_step"
 
@@ -82,7 +88,10 @@ def optimizer_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | 
     groups = [dict(g) for g in optimizer.param_groups]
     try:
         return type(optimizer)(groups)
-    except Exception as err:   # noqa: BLE001 -- any constructor: the calibration then leaves the update out
-        warnings.warn(f"LayerMonitor: cannot build a {type(optimizer).__name__} for the timing calibration "
-                      f"({first_line(err)}); it times forward and backward only", stacklevel=3)
+    except Exception as err:  # noqa: BLE001 -- any constructor: the calibration then leaves the update out
+        warnings.warn(
+            f"LayerMonitor: cannot build a {type(optimizer).__name__} for the timing calibration "
+            f"({first_line(err)}); it times forward and backward only",
+            stacklevel=3,
+        )
         return None

@@ -101,11 +101,14 @@ class ClipDataset(Dataset):
         return self._item(index)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(split={self.split!r}, len={len(self)}, "
-                f"frames={self.frames}, size={self.size}, tasks={sorted(self.tasks)})")
+        return (
+            f"{type(self).__name__}(split={self.split!r}, len={len(self)}, "
+            f"frames={self.frames}, size={self.size}, tasks={sorted(self.tasks)})"
+        )
 
 
 # ----------------------------------------------------------------------------- moving digits
+
 
 class MovingDigits(ClipDataset):
     """One handwritten sklearn digit drifting over a black canvas at a random depth.
@@ -161,8 +164,11 @@ class MovingDigits(ClipDataset):
         speed = float(rng.uniform(*self.SPEED_RANGE))
 
         side = self.sprite_side(depth)
-        sprite = F.interpolate(self._images[k : k + 1], size=(side, side), mode="bilinear",
-                               align_corners=False)[0, 0].clamp_(0, 1).numpy()  # (s, s)
+        sprite = (
+            F.interpolate(self._images[k : k + 1], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+            .clamp_(0, 1)
+            .numpy()
+        )  # (s, s)
 
         step = DIRECTION_STEPS[direction]
         if T > 1:
@@ -171,8 +177,7 @@ class MovingDigits(ClipDataset):
             fit = (S - side) / ((T - 1) * np.abs(step).max())
             speed = max(min(speed, fit), self.MIN_SPEED)
         travel = step * speed * (T - 1)  # (dx, dy) over the whole clip
-        start = np.array([_start_coord(rng, S, side, travel[0]),
-                          _start_coord(rng, S, side, travel[1])])
+        start = np.array([_start_coord(rng, S, side, travel[0]), _start_coord(rng, S, side, travel[1])])
         path = np.rint(start + step * speed * np.arange(T)[:, None]).astype(int)  # (T, 2) as (x, y)
         return k, depth, direction, sprite, path
 
@@ -228,6 +233,7 @@ def _paste(frame: np.ndarray, sprite: np.ndarray, top: int, left: int) -> None:
 
 
 # ----------------------------------------------------------------------------- photo pans
+
 
 # Bundled photographs: (name, loader). Each loader reads a file shipped inside the package
 # (no pooch download); loaders that fail on a given install are skipped.
@@ -305,8 +311,7 @@ class PhotoPans(ClipDataset):
     fourth photo is held out for val).
     """
 
-    MOTIONS = ("pan_E", "pan_NE", "pan_N", "pan_NW", "pan_W", "pan_SW", "pan_S", "pan_SE",
-               "zoom_in", "zoom_out")
+    MOTIONS = ("pan_E", "pan_NE", "pan_N", "pan_NW", "pan_W", "pan_SW", "pan_S", "pan_SE", "zoom_in", "zoom_out")
     PAN_WINDOW = (0.45, 0.7)  # pan window side / photo short side
     PAN_SPEED = (1.0, 2.0)  # content speed in output pixels per frame
     ZOOM_WINDOW = (0.6, 0.95)  # largest zoom window side / photo short side
@@ -318,8 +323,9 @@ class PhotoPans(ClipDataset):
         # 4x the output side keeps crops sharp; at least 128 px so zooms have room.
         photos = _load_photos(max(128, 4 * self.size))
         if len(photos) < 2:
-            raise DataError("photo_pans: fewer than 2 bundled photographs could be loaded "
-                            "from scikit-image / scikit-learn")
+            raise DataError(
+                "photo_pans: fewer than 2 bundled photographs could be loaded from scikit-image / scikit-learn"
+            )
         held_out = [j % 4 == 3 for j in range(len(photos))]
         self.photo_names = [n for (n, _), v in zip(photos, held_out) if v == (split == "val")]
         self._photos = [p for (_, p), v in zip(photos, held_out) if v == (split == "val")]
@@ -334,13 +340,20 @@ class PhotoPans(ClipDataset):
         photo = self._photos[int(rng.integers(len(self._photos)))]
         motion = int(rng.integers(len(self.MOTIONS)))
         _, H, W = photo.shape
-        boxes = self._pan_boxes(rng, motion, H, W) if motion < 8 else self._zoom_boxes(
-            rng, zoom_in=motion == 8, H=H, W=W)
+        boxes = (
+            self._pan_boxes(rng, motion, H, W) if motion < 8 else self._zoom_boxes(rng, zoom_in=motion == 8, H=H, W=W)
+        )
         rois = torch.cat([torch.zeros(self.frames, 1), torch.from_numpy(boxes).float()], dim=1)
         # roi_align = bilinear crop-and-resize at sub-pixel box positions, averaging several
         # samples per output pixel (anti-aliasing) -- one call renders the whole clip.
-        clip = roi_align(photo.unsqueeze(0), rois, output_size=(self.size, self.size),
-                         spatial_scale=1.0, sampling_ratio=-1, aligned=True)  # (T, 3, S, S)
+        clip = roi_align(
+            photo.unsqueeze(0),
+            rois,
+            output_size=(self.size, self.size),
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )  # (T, 3, S, S)
         return {
             "video": clip.clamp_(0, 1).permute(1, 0, 2, 3).contiguous(),
             "labels": {"motion": _class_label(motion)},
@@ -356,8 +369,7 @@ class PhotoPans(ClipDataset):
         # Shrink the speed if the path would leave the photo (long clips).
         shrink = min(1.0, *(room[a] / abs(travel[a]) for a in range(2) if abs(travel[a]) > 1e-9))
         step, travel = step * shrink, travel * shrink
-        start = np.array([rng.uniform(max(0.0, -travel[a]), room[a] - max(0.0, travel[a]))
-                          for a in range(2)])
+        start = np.array([rng.uniform(max(0.0, -travel[a]), room[a] - max(0.0, travel[a])) for a in range(2)])
         tl = start + step * np.arange(T)[:, None]  # (T, 2) top-left corners
         return np.concatenate([tl, tl + side], axis=1)
 
@@ -366,8 +378,7 @@ class PhotoPans(ClipDataset):
         T = self.frames
         largest = rng.uniform(*self.ZOOM_WINDOW) * min(H, W)
         rate = min(rng.uniform(*self.ZOOM_RATE), self.MAX_ZOOM ** (1 / max(T - 1, 1)))
-        centre = np.array([rng.uniform(largest / 2, W - largest / 2),
-                           rng.uniform(largest / 2, H - largest / 2)])
+        centre = np.array([rng.uniform(largest / 2, W - largest / 2), rng.uniform(largest / 2, H - largest / 2)])
         sides = largest / rate ** np.arange(T)  # shrinking: zoom in
         if not zoom_in:
             sides = sides[::-1]
@@ -376,6 +387,7 @@ class PhotoPans(ClipDataset):
 
 
 # ----------------------------------------------------------------------------- video folder
+
 
 @dataclass(frozen=True)
 class _DecodedFolder:
@@ -394,13 +406,14 @@ def _list_videos(root_arg: str | None) -> tuple[Path, list[str], list[tuple[int,
         raise DataError(f"video folder is not a directory: {root}")
     per_class: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in sub.iterdir()
-                       if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        files = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
         if files:  # a folder without videos is not a class
             per_class[sub.name] = files
     if not per_class:
-        raise DataError(f"no videos found in {root}: expected {root}/<class>/<video> with "
-                        f"extensions {', '.join(e[1:] for e in VIDEO_EXTENSIONS)}")
+        raise DataError(
+            f"no videos found in {root}: expected {root}/<class>/<video> with "
+            f"extensions {', '.join(e[1:] for e in VIDEO_EXTENSIONS)}"
+        )
     classes = sorted(per_class)
     files = [(c, f) for c, name in enumerate(classes) for f in per_class[name]]
     return root, classes, files
@@ -446,8 +459,7 @@ def decode_clip(path: str | Path, frames: int, size: int, max_kept: int = 0) -> 
 
 
 @functools.lru_cache(maxsize=1)
-def _decode_folder(files: tuple[tuple[int, str, int, int], ...], frames: int,
-                   size: int) -> _DecodedFolder:
+def _decode_folder(files: tuple[tuple[int, str, int, int], ...], frames: int, size: int) -> _DecodedFolder:
     """Decode every file once, with a progress bar on stderr (hidden when not a terminal).
 
     Cached (keyed by path, mtime and byte size of each file) so the train and val splits of one
@@ -456,8 +468,7 @@ def _decode_folder(files: tuple[tuple[int, str, int, int], ...], frames: int,
     from tqdm.auto import tqdm
 
     clips, skipped = [], []
-    for c, path, _mtime, _nbytes in tqdm(files, desc="decoding videos", unit="file",
-                                         disable=None):
+    for c, path, _mtime, _nbytes in tqdm(files, desc="decoding videos", unit="file", disable=None):
         try:
             clips.append((c, path, decode_clip(path, frames, size)))
         except Exception as err:  # noqa: BLE001 -- av raises many types; all mean "unreadable"
@@ -499,8 +510,9 @@ class VideoFolder(ClipDataset):
             part = order[:n_val] if split == "val" else order[n_val:]
             chosen.extend(members[k] for k in sorted(part))
         if not chosen:
-            raise DataError(f"the {split} split of {root} is empty: a class needs at least 2 "
-                            "readable videos to put one in val")
+            raise DataError(
+                f"the {split} split of {root} is empty: a class needs at least 2 readable videos to put one in val"
+            )
         self.paths = [decoded.clips[j][1] for j in chosen]
         self._labels = [decoded.clips[j][0] for j in chosen]
         self._videos = [decoded.clips[j][2] for j in chosen]  # shared with the cache, read-only
@@ -550,9 +562,7 @@ def collate(items: Sequence[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return video, labels
 
 
-def get_batch(
-    ds: ClipDataset, indices: Iterable[int]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def get_batch(ds: ClipDataset, indices: Iterable[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``collate([ds[i] for i in indices])``; ``indices`` may be a list, range or tensor."""
     return collate([ds[int(i)] for i in indices])
 
@@ -570,4 +580,3 @@ __all__ = [
     "decode_clip",
     "get_batch",
 ]
-

@@ -57,15 +57,24 @@ def flop_model(cfg: ExperimentConfig, batch_size: int | None = None) -> dict:
     """The run's FLOP model: per-step FLOPs for every schedule stage k = 0..depth-1."""
     b = batch_size or cfg.train.batch_size
     per = {str(k): count_step_flops(cfg, b, k) for k in range(cfg.model.depth)}
-    meaning = (PREFIX_MEANING if freezes(cfg.objective)
-               else "k = schedule stage (latent target = block k-1 output); nothing frozen")
-    return {"n_blocks": cfg.model.depth, "batch_size": b, "objective": cfg.objective.name, "per_step": per,
-            "per_step_k": meaning}
+    meaning = (
+        PREFIX_MEANING
+        if freezes(cfg.objective)
+        else "k = schedule stage (latent target = block k-1 output); nothing frozen"
+    )
+    return {
+        "n_blocks": cfg.model.depth,
+        "batch_size": b,
+        "objective": cfg.objective.name,
+        "per_step": per,
+        "per_step_k": meaning,
+    }
 
 
 @contextlib.contextmanager
-def kept_as_is(model: nn.Module, blocks: Sequence[nn.Module], stem: Iterable[nn.Module | nn.Parameter] = (),
-               weights: bool = False) -> Iterator[None]:
+def kept_as_is(
+    model: nn.Module, blocks: Sequence[nn.Module], stem: Iterable[nn.Module | nn.Parameter] = (), weights: bool = False
+) -> Iterator[None]:
     """Run real training steps on ``model`` and put back, afterwards: the frozen prefix of
     ``blocks`` (with ``stem``), every parameter's gradient, the buffers (BatchNorm statistics),
     the RNG and, with ``weights``, the parameters' values, all bit for bit."""
@@ -89,8 +98,13 @@ def kept_as_is(model: nn.Module, blocks: Sequence[nn.Module], stem: Iterable[nn.
                 b.copy_(saved)
 
 
-def count_flop_model(blocks: Sequence[nn.Module], train_step: Callable[[], torch.Tensor], *, model: nn.Module,
-                     stem: Iterable[nn.Module | nn.Parameter] = ()) -> dict:
+def count_flop_model(
+    blocks: Sequence[nn.Module],
+    train_step: Callable[[], torch.Tensor],
+    *,
+    model: nn.Module,
+    stem: Iterable[nn.Module | nn.Parameter] = (),
+) -> dict:
     """The FLOP model of any model's training step: counted FLOPs for every k = 0..n-1 frozen blocks.
 
     ``train_step()`` runs the caller's forward and loss on one fixed training batch and returns
@@ -115,5 +129,9 @@ def count_flop_model(blocks: Sequence[nn.Module], train_step: Callable[[], torch
                     raise LayerLockError("train_step must return the loss, a tensor with one element")
                 loss.backward()
             per_step[str(k)] = int(counter.get_total_flops())
-    return {"n_blocks": len(blocks), "per_step": per_step, "per_step_k": PREFIX_MEANING,
-            "counted": "FlopCounterMode on the caller's training step (forward, loss, backward)"}
+    return {
+        "n_blocks": len(blocks),
+        "per_step": per_step,
+        "per_step_k": PREFIX_MEANING,
+        "counted": "FlopCounterMode on the caller's training step (forward, loss, backward)",
+    }

@@ -45,8 +45,7 @@ class FreezeSchedule:
         validate_schedule(self.to_dict(), total_steps=total_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n_blocks": self.n_blocks,
-                               "stages": [{"step": s, "frozen": f} for s, f in self.stages]}
+        out: dict[str, Any] = {"n_blocks": self.n_blocks, "stages": [{"step": s, "frozen": f} for s, f in self.stages]}
         out["source"] = self.source or {}
         return out
 
@@ -56,8 +55,9 @@ class FreezeSchedule:
             d = validate_schedule(d)
         except ScheduleError as err:
             raise ScheduleError(f"{where}: {str(err).removeprefix('schedule: ')}") from None
-        return cls(n_blocks=d["n_blocks"], stages=tuple((s["step"], s["frozen"]) for s in d["stages"]),
-                   source=d["source"])
+        return cls(
+            n_blocks=d["n_blocks"], stages=tuple((s["step"], s["frozen"]) for s in d["stages"]), source=d["source"]
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> FreezeSchedule:
@@ -81,8 +81,9 @@ class FreezeSchedule:
         stages: dict[int, int] = {}
         for k, s in enumerate(steps, start=1):
             stages[min(s, total_steps - 1)] = k
-        return cls(n_blocks=n_blocks, stages=tuple(sorted(stages.items())),
-                   source={"kind": "linear", **spec.model_dump()})
+        return cls(
+            n_blocks=n_blocks, stages=tuple(sorted(stages.items())), source={"kind": "linear", **spec.model_dump()}
+        )
 
 
 def is_int(x: Any) -> bool:
@@ -154,11 +155,14 @@ def validate_schedule(
         if stages:
             prev = stages[-1]
             if step <= prev["step"]:
-                raise ScheduleError(f"{where}.step={step} is not after stages[{i - 1}].step={prev['step']} "
-                                    "(steps must strictly increase)")
+                raise ScheduleError(
+                    f"{where}.step={step} is not after stages[{i - 1}].step={prev['step']} "
+                    "(steps must strictly increase)"
+                )
             if frozen < prev["frozen"]:
-                raise ScheduleError(f"{where}.frozen={frozen} is below stages[{i - 1}].frozen={prev['frozen']} "
-                                    "(blocks cannot unfreeze)")
+                raise ScheduleError(
+                    f"{where}.frozen={frozen} is below stages[{i - 1}].frozen={prev['frozen']} (blocks cannot unfreeze)"
+                )
         stages.append({"step": step, "frozen": frozen})
 
     out = dict(d)
@@ -178,8 +182,9 @@ def schedule_from_config(cfg: FreezeConfig, n_blocks: int, total_steps: int) -> 
     elif isinstance(spec, LinearSchedule):
         sched = FreezeSchedule.linear(n_blocks, total_steps, spec)
     else:
-        sched = FreezeSchedule(n_blocks=n_blocks, stages=tuple((s.step, s.frozen) for s in spec),
-                               source={"kind": "inline"})
+        sched = FreezeSchedule(
+            n_blocks=n_blocks, stages=tuple((s.step, s.frozen) for s in spec), source={"kind": "inline"}
+        )
     if sched.n_blocks != n_blocks:
         raise ScheduleError(f"schedule is for n_blocks={sched.n_blocks} but model.depth={n_blocks}")
     sched.check_within(total_steps)
@@ -189,10 +194,10 @@ def schedule_from_config(cfg: FreezeConfig, n_blocks: int, total_steps: int) -> 
 # ----------------------------------------------------------------------------- any list of modules
 
 # Attributes this module keeps on the objects it freezes (and removes when it unfreezes them):
-_SAVED_FLAG = "_layerlock_requires_grad"   # on a parameter: its requires_grad before it was frozen
-_NO_GRAD = "_layerlock_no_grad"            # on a frozen block: its two hook handles
-_GRAD_MODES = "_layerlock_grad_modes"      # on a frozen block: grad modes to restore after its forward
-_WARNED = "_layerlock_warned"              # on a frozen block: the stem warning was given
+_SAVED_FLAG = "_layerlock_requires_grad"  # on a parameter: its requires_grad before it was frozen
+_NO_GRAD = "_layerlock_no_grad"  # on a frozen block: its two hook handles
+_GRAD_MODES = "_layerlock_grad_modes"  # on a frozen block: grad modes to restore after its forward
+_WARNED = "_layerlock_warned"  # on a frozen block: the stem warning was given
 
 
 def _stem_parameters(stem: Iterable[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
@@ -212,9 +217,12 @@ def _enter_no_grad(block: nn.Module, args: tuple) -> None:
     if torch.is_grad_enabled() and not getattr(block, _WARNED, False):
         if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             setattr(block, _WARNED, True)
-            warnings.warn(f"frozen block {type(block).__name__} received an input that requires grad: whatever "
-                          "runs before it gets no gradient through it now. Pass the modules that run before "
-                          "block 0 as stem=... so that they freeze with it", stacklevel=2)
+            warnings.warn(
+                f"frozen block {type(block).__name__} received an input that requires grad: whatever "
+                "runs before it gets no gradient through it now. Pass the modules that run before "
+                "block 0 as stem=... so that they freeze with it",
+                stacklevel=2,
+            )
     block.__dict__.setdefault(_GRAD_MODES, []).append(torch.is_grad_enabled())
     torch.set_grad_enabled(False)
 
@@ -235,8 +243,13 @@ def frozen_prefix_length(blocks: Sequence[nn.Module]) -> int:
     return k
 
 
-def freeze_prefix(blocks: Sequence[nn.Module], k: int, optimizer: torch.optim.Optimizer | None = None, *,
-                  stem: Iterable[nn.Module | nn.Parameter] = ()) -> None:
+def freeze_prefix(
+    blocks: Sequence[nn.Module],
+    k: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    stem: Iterable[nn.Module | nn.Parameter] = (),
+) -> None:
     """Freeze ``blocks[0..k-1]`` (and ``stem`` when k > 0); unfreeze the rest. Any model.
 
     The only place that touches ``requires_grad`` and optimizer state. Frozen parameters get
@@ -269,8 +282,10 @@ def freeze_prefix(blocks: Sequence[nn.Module], k: int, optimizer: torch.optim.Op
     for i, blk in enumerate(blocks):
         hooked = _NO_GRAD in blk.__dict__
         if i < k and not hooked:
-            blk.__dict__[_NO_GRAD] = (blk.register_forward_pre_hook(_enter_no_grad),
-                                      blk.register_forward_hook(_exit_no_grad, always_call=True))
+            blk.__dict__[_NO_GRAD] = (
+                blk.register_forward_pre_hook(_enter_no_grad),
+                blk.register_forward_hook(_exit_no_grad, always_call=True),
+            )
         elif i >= k and hooked:
             for handle in blk.__dict__.pop(_NO_GRAD):
                 handle.remove()
@@ -285,9 +300,14 @@ def as_schedule(schedule: FreezeSchedule | dict[str, Any], n_blocks: int | None 
     return sched
 
 
-def apply_schedule(schedule: FreezeSchedule | dict[str, Any], blocks: Sequence[nn.Module], step: int,
-                   optimizer: torch.optim.Optimizer | None = None, *,
-                   stem: Iterable[nn.Module | nn.Parameter] = ()) -> int:
+def apply_schedule(
+    schedule: FreezeSchedule | dict[str, Any],
+    blocks: Sequence[nn.Module],
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    stem: Iterable[nn.Module | nn.Parameter] = (),
+) -> int:
     """Freeze the prefix ``schedule`` holds at training ``step`` (call it at the start of every
     step of your own loop); returns that prefix length. Does nothing while the prefix is already
     in force, so it costs a few microseconds on other steps. ``schedule``: the JSON dict of

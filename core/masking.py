@@ -17,8 +17,9 @@ def n_keep(grid: tuple[int, int, int], ratio: float) -> int:
     return t * max(1, min(h * w - 1, round(h * w * (1.0 - ratio))))
 
 
-def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tube_mask(
+    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample which tokens each clip keeps.
 
     Returns ``keep_idx (B, N_keep)`` and ``mask_idx (B, N_mask)``, int64, each row sorted,
@@ -26,13 +27,13 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float,
     """
     t, h, w = grid
     hw = h * w
-    keep_sp_n = n_keep(grid, ratio) // t                     # kept spatial positions per clip
+    keep_sp_n = n_keep(grid, ratio) // t  # kept spatial positions per clip
     noise = torch.rand(batch, hw, generator=generator)
     order = noise.argsort(dim=1)
-    keep_sp = order[:, :keep_sp_n].sort(dim=1).values        # (B, keep_sp_n) spatial positions
-    mask_sp = order[:, keep_sp_n:].sort(dim=1).values        # (B, hw - keep_sp_n)
-    offsets = torch.arange(t).mul(hw).view(1, t, 1)           # (1, t, 1)
-    keep_idx = (offsets + keep_sp[:, None, :]).flatten(1)     # (B, t * n_keep), sorted
+    keep_sp = order[:, :keep_sp_n].sort(dim=1).values  # (B, keep_sp_n) spatial positions
+    mask_sp = order[:, keep_sp_n:].sort(dim=1).values  # (B, hw - keep_sp_n)
+    offsets = torch.arange(t).mul(hw).view(1, t, 1)  # (1, t, 1)
+    keep_idx = (offsets + keep_sp[:, None, :]).flatten(1)  # (B, t * n_keep), sorted
     mask_idx = (offsets + mask_sp[:, None, :]).flatten(1)
     return keep_idx, mask_idx
 

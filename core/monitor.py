@@ -118,24 +118,37 @@ class LayerMonitor:
     (FSDP's flattening, say; ``.to(device)`` keeps them).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], probe: ProbeSpec | None, *, model: nn.Module | None = None,
-                 writer: Writer | None = None, cost: CostSpec | None = None, log_every: int = 10,
-                 total_steps: int | None = None, params: dict[str, Any] | None = None,
-                 loop_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        probe: ProbeSpec | None,
+        *,
+        model: nn.Module | None = None,
+        writer: Writer | None = None,
+        cost: CostSpec | None = None,
+        log_every: int = 10,
+        total_steps: int | None = None,
+        params: dict[str, Any] | None = None,
+        loop_metrics: bool = True,
+    ) -> None:
         self.blocks = list(blocks)
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise LayerLockError("blocks must be a non-empty list of torch.nn.Module, in depth order")
         if probe is not None and not isinstance(probe, ProbeSpec):
             raise LayerLockError(f"probe must be a ProbeSpec or None, got {type(probe).__name__}")
         if writer is not None and not isinstance(writer, Writer):
-            raise LayerLockError("writer must be a core.tracking writer (a Tracker, open_writer(...), NullWriter()) "
-                                 f"or None; got {type(writer).__name__}")
-        self._block_params = [list(b.parameters()) for b in self.blocks]   # read once: see the class docstring
+            raise LayerLockError(
+                "writer must be a core.tracking writer (a Tracker, open_writer(...), NullWriter()) "
+                f"or None; got {type(writer).__name__}"
+            )
+        self._block_params = [list(b.parameters()) for b in self.blocks]  # read once: see the class docstring
         check_int("log_every", log_every, 1)
         check_int("total_steps", total_steps, 1)
         if cost is not None and model is None:
-            raise LayerLockError("cost= needs model=: counting FLOPs runs real steps of train_step and puts the "
-                                 "model's gradients and buffers back afterwards")
+            raise LayerLockError(
+                "cost= needs model=: counting FLOPs runs real steps of train_step and puts the "
+                "model's gradients and buffers back afterwards"
+            )
         self.model, self.stem = model, list(cost.stem) if cost is not None else []
         self.probe_spec = probe
         self._forward, self._pool, self._block_names = (probe.forward if probe else None), None, []
@@ -143,12 +156,14 @@ class LayerMonitor:
         if probe is not None and probe.background:
             names = {id(m): name for name, m in (model.named_modules() if model is not None else ())}
             if model is None or any(id(b) not in names for b in self.blocks):
-                raise LayerLockError("background=True needs model= with the blocks among its submodules: "
-                                     "the probe reads a copy of the model's weights")
+                raise LayerLockError(
+                    "background=True needs model= with the blocks among its submodules: "
+                    "the probe reads a copy of the model's weights"
+                )
             self._block_names = [names[id(b)] for b in self.blocks]
-            forward = functools.partial(forward, model)   # the loop's own probes (the final one)
+            forward = functools.partial(forward, model)  # the loop's own probes (the final one)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe")
-        self._shadow: ProbeTarget | None = None   # the copy a background probe reads
+        self._shadow: ProbeTarget | None = None  # the copy a background probe reads
         # Each probe's features file is written (fsynced) by a thread of its own, off the loop.
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
@@ -159,12 +174,25 @@ class LayerMonitor:
         self.loop_metrics = loop_metrics
         self.probes: ProbeRunner | None = None
         if probe is not None:
-            cfg = ProbeConfig(every=probe.every, batch_size=max(4, _batch_len(probe.batch)),
-                              tokens_per_clip=probe.tokens_per_clip, debiased=probe.debiased)
-            self.probes = ProbeRunner(cfg, probe.batch, probe.n_positions, probe.seed, blocks=self.blocks,
-                                      forward=forward, owner=model, features=probe.features)
-        self.flop_model = (count_flop_model(self.blocks, cost.train_step, model=model, stem=self.stem)
-                           if cost is not None else None)
+            cfg = ProbeConfig(
+                every=probe.every,
+                batch_size=max(4, _batch_len(probe.batch)),
+                tokens_per_clip=probe.tokens_per_clip,
+                debiased=probe.debiased,
+            )
+            self.probes = ProbeRunner(
+                cfg,
+                probe.batch,
+                probe.n_positions,
+                probe.seed,
+                blocks=self.blocks,
+                forward=forward,
+                owner=model,
+                features=probe.features,
+            )
+        self.flop_model = (
+            count_flop_model(self.blocks, cost.train_step, model=model, stem=self.stem) if cost is not None else None
+        )
         # time_model.json: calibration now, then every training step at its frozen-prefix length.
         self._timer = StepTimer()
         self.calibration = cost.calibration if cost is not None and loop_metrics else 0
@@ -174,14 +202,14 @@ class LayerMonitor:
         self._owns_run = False
         if writer is None:
             writer = open_writer()
-            self._owns_run = writer.created   # a new run, this monitor's to end; the active run is its owner's
+            self._owns_run = writer.created  # a new run, this monitor's to end; the active run is its owner's
         self.writer: Writer = writer
-        self.layer_rows: list[tuple[int, int, str, float]] = []   # (step, block, metric, value)
+        self.layer_rows: list[tuple[int, int, str, float]] = []  # (step, block, metric, value)
         self._snapshot: list[list[torch.Tensor] | None] | None = None
         self._losses: list[torch.Tensor] = []
         self._interval_s = 0.0
         self._interval_steps = 0
-        self._in_calls = (0.0, 0.0)   # wall and CPU seconds inside the monitor since the last step ended
+        self._in_calls = (0.0, 0.0)  # wall and CPU seconds inside the monitor since the last step ended
         # Per step since the last log step: (end time, CPU time, in-call times, frozen prefix, loss).
         self._steps: list[tuple[float, float, tuple[float, float], int, Any]] = []
         self.wall_s = 0.0
@@ -212,14 +240,23 @@ class LayerMonitor:
         return self.writer.run_id
 
     def _params(self, extra: dict[str, Any] | None) -> dict:
-        out: dict[str, Any] = {"model.depth": len(self.blocks), "train.log_every": self.log_every,
-                               "monitor.blocks": ", ".join(type(b).__name__ for b in self.blocks)}
+        out: dict[str, Any] = {
+            "model.depth": len(self.blocks),
+            "train.log_every": self.log_every,
+            "monitor.blocks": ", ".join(type(b).__name__ for b in self.blocks),
+        }
         if self.total_steps is not None:
             out["train.steps"] = self.total_steps
         spec = self.probe_spec
         if spec is not None:
-            out.update({"probe.every": spec.every, "probe.batch_size": _batch_len(spec.batch),
-                        "probe.tokens_per_clip": spec.tokens_per_clip, "probe.debiased": spec.debiased})
+            out.update(
+                {
+                    "probe.every": spec.every,
+                    "probe.batch_size": _batch_len(spec.batch),
+                    "probe.tokens_per_clip": spec.tokens_per_clip,
+                    "probe.debiased": spec.debiased,
+                }
+            )
         if self.model is not None:
             out["monitor.parameters"] = sum(p.numel() for p in self.model.parameters())
         return {**out, **(extra or {})}
@@ -229,9 +266,14 @@ class LayerMonitor:
         if not self.loop_metrics or not self.writer.stores or not (self.timer.training or self.timer.calibration):
             return
         device = next((p.device.type for p in self.model.parameters()), "cpu") if self.model is not None else "cpu"
-        meta = {"n_blocks": len(self.blocks), "device": device, "threads": torch.get_num_threads(),
-                "calibration_steps": self.calibration, "calibration_step": self._calibrated or None,
-                "excluded": "time inside the monitor's calls (probes, gradient metrics), as overhead_s_per_step"}
+        meta = {
+            "n_blocks": len(self.blocks),
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "calibration_steps": self.calibration,
+            "calibration_step": self._calibrated or None,
+            "excluded": "time inside the monitor's calls (probes, gradient metrics), as overhead_s_per_step",
+        }
         flops = self.flop_model["per_step"] if self.flop_model is not None else {}
         self.writer.log_json(self.timer.to_dict(flops, **meta), schema.TIME_MODEL_ARTIFACT)
 
@@ -255,7 +297,7 @@ class LayerMonitor:
         if self.probes is None or step == self._last_probe or (self.probes.steps and self.probes.steps[-1] == step):
             return
         self._last_probe = step
-        self.wait()   # one probe at a time, in step order (the copy is overwritten below)
+        self.wait()  # one probe at a time, in step order (the copy is overwritten below)
         if self._pool is None or now:
             self._recorded(step, self.probes.probe(None, step))
             return
@@ -265,8 +307,11 @@ class LayerMonitor:
                 for p in copied.parameters():
                     p.grad = None
                     p.requires_grad_(False)
-                self._shadow = ProbeTarget([copied.get_submodule(n) for n in self._block_names],
-                                           functools.partial(self._forward, copied), [copied])
+                self._shadow = ProbeTarget(
+                    [copied.get_submodule(n) for n in self._block_names],
+                    functools.partial(self._forward, copied),
+                    [copied],
+                )
             else:
                 self._shadow.owners[0].load_state_dict(self.model.state_dict())
         self._pending = (step, self._pool.submit(self.probes.probe, None, step, self._shadow))
@@ -280,8 +325,9 @@ class LayerMonitor:
         state = self.probes.features_at(-1)
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerlock-probe-file")
-        self._writes.append(self._writer.submit(self.writer.log_file, schema.probe_artifact(step),
-                                                lambda f: torch.save(state, f)))
+        self._writes.append(
+            self._writer.submit(self.writer.log_file, schema.probe_artifact(step), lambda f: torch.save(state, f))
+        )
 
     def _written(self, block: bool) -> None:
         """Raise a failed probe-file write here; ``block``: wait for every write first."""
@@ -305,8 +351,10 @@ class LayerMonitor:
         files). A pending background probe and the probe files are finished first, so the state
         includes them and finds their files."""
         self.wait()
-        return {"layer_rows": [list(r) for r in self.layer_rows],
-                "probe": self.probes.state_dict() if self.probes is not None else {}}
+        return {
+            "layer_rows": [list(r) for r in self.layer_rows],
+            "probe": self.probes.state_dict() if self.probes is not None else {},
+        }
 
     def load_state_dict(self, state: dict[str, Any], reader: RunReader | None = None) -> None:
         """Continue from :meth:`state_dict`'s ``state``: the rows, and the probe history, whose
@@ -330,7 +378,7 @@ class LayerMonitor:
         log = self.is_log_step(step)
         due = self.every is not None and step % self.every == 0
         if not (log or due or self._pending is not None or self._writes):
-            return   # most steps: nothing to do (a few microseconds, so not counted as the monitor's)
+            return  # most steps: nothing to do (a few microseconds, so not counted as the monitor's)
         if self.loop_metrics:
             t0, c0 = time.perf_counter(), time.process_time()
         self.probe_if_due(step)
@@ -338,8 +386,10 @@ class LayerMonitor:
             self.record(block_grad_norms(self._block_params), step)
             self._snapshot = snapshot_blocks(self._block_params)
         if self.loop_metrics:
-            self._in_calls = (self._in_calls[0] + time.perf_counter() - t0,
-                              self._in_calls[1] + time.process_time() - c0)
+            self._in_calls = (
+                self._in_calls[0] + time.perf_counter() - t0,
+                self._in_calls[1] + time.process_time() - c0,
+            )
 
     def after_step(self, step: int, loss: torch.Tensor | float | None = None) -> None:
         """Call after ``optimizer.step()``. At log steps: the update ratio per block and (unless
@@ -347,7 +397,7 @@ class LayerMonitor:
         ``train/frozen_blocks``, ``train/step_ms``, ``train/wall_s`` and, with a FLOP model,
         cumulative ``train/flops``. The step's time, less the time spent inside the monitor, goes to
         ``time_model.json`` under its frozen-prefix length."""
-        if not self.loop_metrics:   # the caller times its steps and logs its run-level metrics
+        if not self.loop_metrics:  # the caller times its steps and logs its run-level metrics
             if self._snapshot is not None:
                 self.record(update_ratios(self._block_params, self._snapshot), step)
                 self._snapshot = None
@@ -356,8 +406,9 @@ class LayerMonitor:
         now, cpu_now = time.perf_counter(), time.process_time()
         frozen = frozen_prefix_length(self.blocks)
         # Filed at the next log step (_settle): a quiet step's call stays a list append.
-        self._steps.append((now, cpu_now, self._in_calls, frozen,
-                            loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        self._steps.append(
+            (now, cpu_now, self._in_calls, frozen, loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        )
         if self._snapshot is not None:
             self.record(update_ratios(self._block_params, self._snapshot), step)
             self._snapshot = None
@@ -386,8 +437,11 @@ class LayerMonitor:
     def _log_step(self, step: int, frozen: int) -> None:
         self._settle()
         self.wall_s += self._interval_s
-        metrics = {schema.FROZEN_BLOCKS: frozen, schema.STEP_MS: 1000 * self._interval_s / self._interval_steps,
-                   schema.WALL_S: self.wall_s}
+        metrics = {
+            schema.FROZEN_BLOCKS: frozen,
+            schema.STEP_MS: 1000 * self._interval_s / self._interval_steps,
+            schema.WALL_S: self.wall_s,
+        }
         if self._losses:
             metrics[schema.LOSS] = float(torch.stack([v.float().reshape(()) for v in self._losses]).mean())
         if self.flop_model is not None:
@@ -397,8 +451,9 @@ class LayerMonitor:
         self._losses, self._interval_s, self._interval_steps = [], 0.0, 0
 
     # -- the end -------------------------------------------------------------------------------
-    def close(self, step: int | None = None, *, final_probe: bool = True, status: str = "FINISHED",
-              reason: str | None = None) -> None:
+    def close(
+        self, step: int | None = None, *, final_probe: bool = True, status: str = "FINISHED", reason: str | None = None
+    ) -> None:
         """The final probe at ``step`` (default: the number of steps seen), ``cka_final`` for every
         probe, the probe features (``probe/``) and ``layer_metrics.parquet``; ends the run if the
         monitor started it (``status``; a FAILED run records ``reason``). ``final_probe=False``:
@@ -410,7 +465,7 @@ class LayerMonitor:
             self.wait()
         except Exception:
             if status == "FINISHED":
-                raise   # else the run is failing already: its own error is the one to report
+                raise  # else the run is failing already: its own error is the one to report
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -480,5 +535,13 @@ def _batch_len(batch: Any) -> int:
     return 0
 
 
-__all__ = ["CostSpec", "LayerMonitor", "NullWriter", "ProbeSpec", "apply_schedule", "freeze_prefix",
-           "frozen_prefix_length", "open_writer"]
+__all__ = [
+    "CostSpec",
+    "LayerMonitor",
+    "NullWriter",
+    "ProbeSpec",
+    "apply_schedule",
+    "freeze_prefix",
+    "frozen_prefix_length",
+    "open_writer",
+]

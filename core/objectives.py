@@ -36,7 +36,7 @@ from core.freezing import is_int
 from core.masking import apply_masks
 from core.model import VideoMAE
 
-PIX_EPS = 1e-6   # MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased variance per patch
+PIX_EPS = 1e-6  # MAE's norm_pix_loss: (x - mean) / sqrt(var + 1e-6), unbiased variance per patch
 
 
 def normalise_patches(patches: torch.Tensor, norm: bool = True) -> torch.Tensor:
@@ -65,8 +65,10 @@ def prefix_output(blocks: Sequence[nn.Module], k: int, forward: Callable[[], Any
     ``VideoMAE.forward_encoder(..., upto=k)``) that is simpler; this works on any model."""
     blocks = list(blocks)
     if not 1 <= k <= len(blocks):
-        raise LayerLockError(f"the latent target is the output of block {k - 1}, which does not exist: "
-                             f"the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise LayerLockError(
+            f"the latent target is the output of block {k - 1}, which does not exist: "
+            f"the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
     seen: list[torch.Tensor] = []
 
     def stop(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -81,8 +83,9 @@ def prefix_output(blocks: Sequence[nn.Module], k: int, forward: Callable[[], Any
     finally:
         handle.remove()
     if not seen:
-        raise LayerLockError(f"block {k - 1} did not run in the target forward: are the blocks the model's own, "
-                             "in depth order?")
+        raise LayerLockError(
+            f"block {k - 1} did not run in the target forward: are the blocks the model's own, in depth order?"
+        )
     return seen[0]
 
 
@@ -98,8 +101,10 @@ def latent_target(blocks: Sequence[nn.Module], k: int, run_prefix: Callable[[int
     """
     n = len(blocks)
     if not 1 <= k <= n:
-        raise LayerLockError(f"the latent target is the output of block {k - 1}, which does not exist: "
-                             f"the model has {n} blocks (0..{n - 1})")
+        raise LayerLockError(
+            f"the latent target is the output of block {k - 1}, which does not exist: "
+            f"the model has {n} blocks (0..{n - 1})"
+        )
     out = run_prefix(k)
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -107,8 +112,13 @@ def latent_target(blocks: Sequence[nn.Module], k: int, run_prefix: Callable[[int
     return F.layer_norm(out.float(), out.shape[-1:])
 
 
-def latent_loss(blocks: Sequence[nn.Module], stage: int, run_prefix: Callable[[int], torch.Tensor],
-                predictions: torch.Tensor, mask_idx: torch.Tensor | None = None) -> torch.Tensor | None:
+def latent_loss(
+    blocks: Sequence[nn.Module],
+    stage: int,
+    run_prefix: Callable[[int], torch.Tensor],
+    predictions: torch.Tensor,
+    mask_idx: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """LayerLock's latent loss on any model, to add (weighted) to the model's own pixel loss.
 
     ``blocks``: the encoder blocks in depth order. ``stage``: the schedule's stage k at this step
@@ -130,8 +140,10 @@ def latent_loss(blocks: Sequence[nn.Module], stage: int, run_prefix: Callable[[i
     if mask_idx is not None:
         target = apply_masks(target, mask_idx)
     if predictions.shape != target.shape:
-        raise LayerLockError(f"latent predictions have shape {tuple(predictions.shape)}, the target (block "
-                             f"{stage - 1}'s output at the masked positions) {tuple(target.shape)}: they must match")
+        raise LayerLockError(
+            f"latent predictions have shape {tuple(predictions.shape)}, the target (block "
+            f"{stage - 1}'s output at the masked positions) {tuple(target.shape)}: they must match"
+        )
     return F.mse_loss(predictions.float(), target)
 
 
@@ -150,8 +162,15 @@ def latent_target_block(cfg: ObjectiveConfig, model: VideoMAE, stage: int) -> in
     return 0
 
 
-def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, keep_idx: torch.Tensor,
-                   mask_idx: torch.Tensor, cfg: ObjectiveConfig, stage: int | None = None) -> dict[str, torch.Tensor]:
+def compute_losses(
+    net: torch.nn.Module,
+    model: VideoMAE,
+    video: torch.Tensor,
+    keep_idx: torch.Tensor,
+    mask_idx: torch.Tensor,
+    cfg: ObjectiveConfig,
+    stage: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Forward pass and losses for one batch at schedule stage ``stage``.
 
     ``net`` is what runs the forward (the model, or its DDP/compiled wrapper); ``model`` is the
@@ -164,7 +183,7 @@ def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, k
             raise LayerLockError(f"objective {cfg.name} freezes nothing: pass the schedule stage explicitly")
         stage = model.frozen_prefix
     k = latent_target_block(cfg, model, stage)
-    patches = model.patchify(video)   # once: the encoder's input and the pixel target
+    patches = model.patchify(video)  # once: the encoder's input and the pixel target
     # Predictions at the masked tokens only (B, N_mask, ...): the only ones the losses read.
     pix_pred, lat_pred = net(patches, keep_idx, with_latent=k > 0, pred_idx=mask_idx)
     out: dict[str, torch.Tensor] = {}
@@ -172,8 +191,9 @@ def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, k
     loss_pixel = F.mse_loss(pix_pred.float(), target.float())
     out["loss_pixel"] = loss_pixel
     loss = cfg.pixel_weight * loss_pixel
-    loss_latent = latent_loss(model.blocks, k, lambda depth: model.forward_encoder(patches, None, upto=depth),
-                              lat_pred, mask_idx)
+    loss_latent = latent_loss(
+        model.blocks, k, lambda depth: model.forward_encoder(patches, None, upto=depth), lat_pred, mask_idx
+    )
     if loss_latent is not None:
         out["loss_latent"] = loss_latent
         loss = loss + cfg.latent_weight * loss_latent
@@ -181,12 +201,13 @@ def compute_losses(net: torch.nn.Module, model: VideoMAE, video: torch.Tensor, k
     return out
 
 
-HELDOUT_MASK_SEED = 20250910   # one fixed set of masks, the same for every run of a dataset
+HELDOUT_MASK_SEED = 20250910  # one fixed set of masks, the same for every run of a dataset
 
 
 @torch.no_grad()
-def heldout_pixel_loss(model: VideoMAE, video: torch.Tensor, mask_ratio: float, norm_pix_loss: bool = True,
-                       batch_size: int = 64) -> float:
+def heldout_pixel_loss(
+    model: VideoMAE, video: torch.Tensor, mask_ratio: float, norm_pix_loss: bool = True, batch_size: int = 64
+) -> float:
     """Masked-patch pixel loss of ``model`` on fixed held-out clips ``video (n, C, T, H, W)`` with
     fixed masks (generator seeded by ``HELDOUT_MASK_SEED``): the same clips and masks for every run.
 

@@ -24,8 +24,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters (malloc.h)
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024          # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
 _kept = False
 _lock = threading.Lock()
 
@@ -62,7 +62,7 @@ def spare_core(device_type: str, threads: int) -> bool:
         return True
     try:
         cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
+    except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return threads < cores
 

@@ -199,8 +199,10 @@ def clips_positions_dim(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        raise LayerLockError(f"a block returned {type(output).__name__}, not a tensor: pass features=fn "
-                             "that maps its output to (clips, positions, dim)")
+        raise LayerLockError(
+            f"a block returned {type(output).__name__}, not a tensor: pass features=fn "
+            "that maps its output to (clips, positions, dim)"
+        )
     if output.ndim == 2:
         return output[:, None, :]
     if output.ndim == 3:
@@ -215,8 +217,11 @@ def rng_preserved(modules: Iterable[nn.Module] = ()) -> Iterator[None]:
     """Run a block of code and put the random number generators back as they were (CPU, and
     the CUDA devices of ``modules`` that are initialised): a probe or a FLOP count in the
     middle of training must not shift the random stream (dropout, data order) of the run."""
-    devices = (sorted({p.device.index or 0 for m in modules for p in m.parameters() if p.device.type == "cuda"})
-               if torch.cuda.is_initialized() else [])   # no CUDA generator to keep: skip the walk over parameters
+    devices = (
+        sorted({p.device.index or 0 for m in modules for p in m.parameters() if p.device.type == "cuda"})
+        if torch.cuda.is_initialized()
+        else []
+    )  # no CUDA generator to keep: skip the walk over parameters
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -234,15 +239,16 @@ def inference_mode_of(modules: Iterable[nn.Module], keep_rng: bool = True) -> It
     for m, _ in flags:
         m.__dict__["training"] = False
     try:
-        with torch.no_grad(), (rng_preserved(modules) if keep_rng else contextlib.nullcontext()):
+        with torch.no_grad(), rng_preserved(modules) if keep_rng else contextlib.nullcontext():
             yield
     finally:
         for m, was in flags:
             m.__dict__["training"] = was
 
 
-def capture_block_outputs(blocks: Sequence[nn.Module], run: Callable[[], Any],
-                          keep: Callable[[int, Any], torch.Tensor]) -> list[torch.Tensor]:
+def capture_block_outputs(
+    blocks: Sequence[nn.Module], run: Callable[[], Any], keep: Callable[[int, Any], torch.Tensor]
+) -> list[torch.Tensor]:
     """Run ``run()`` with a forward hook on every block; ``keep(i, output)`` turns block i's
     output into what is kept (the last call wins when a block runs more than once). The hooks
     exist only during this call, so training forwards never see them."""
@@ -251,6 +257,7 @@ def capture_block_outputs(blocks: Sequence[nn.Module], run: Callable[[], Any],
     def hook(i: int):
         def store(module: nn.Module, args: tuple, output: Any) -> None:
             kept[i] = keep(i, output)
+
         return store
 
     handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(blocks)]
@@ -261,8 +268,10 @@ def capture_block_outputs(blocks: Sequence[nn.Module], run: Callable[[], Any],
             h.remove()
     missing = [i for i, k in enumerate(kept) if k is None]
     if missing:
-        raise LayerLockError(f"block(s) {', '.join(map(str, missing))} did not run during the probe forward: "
-                             "the blocks must be modules that the forward calls")
+        raise LayerLockError(
+            f"block(s) {', '.join(map(str, missing))} did not run during the probe forward: "
+            "the blocks must be modules that the forward calls"
+        )
     return kept  # type: ignore[return-value]
 
 
@@ -297,10 +306,18 @@ class ProbeRunner:
     probe from its own number of positions.
     """
 
-    def __init__(self, cfg: ProbeConfig, batch: Any, n_positions: int | None = None, seed: int = 0, *,
-                 blocks: Sequence[nn.Module] | None = None, forward: Callable[[Any], Any] | None = None,
-                 owner: nn.Module | None = None,
-                 features: Callable[[Any], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ProbeConfig,
+        batch: Any,
+        n_positions: int | None = None,
+        seed: int = 0,
+        *,
+        blocks: Sequence[nn.Module] | None = None,
+        forward: Callable[[Any], Any] | None = None,
+        owner: nn.Module | None = None,
+        features: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
         """``batch``: the fixed probe batch (for the trainer, ``video (C, channels, T, H, W)``,
         held-out unmasked clips); whatever ``forward`` takes."""
         self.cfg = cfg
@@ -314,7 +331,7 @@ class ProbeRunner:
         self.positions = probe_positions(n_positions, cfg.tokens_per_clip, seed) if n_positions else None
         self.block_positions: list[torch.Tensor | None] = []
         self.steps: list[int] = []
-        self.features: list[list[torch.Tensor]] = []   # per probe, per block: (C, P, dim) position-centred bf16
+        self.features: list[list[torch.Tensor]] = []  # per probe, per block: (C, P, dim) position-centred bf16
         # CKA-ready forms of the first and the latest probe, kept between probes so that each
         # probe prepares only its own features (core.cka.prepare); rebuilt after a resume.
         self._prepared: dict[str, ProbeForms] = {}
@@ -360,12 +377,12 @@ class ProbeRunner:
         feats = self.extract(model, on)
         n = len(feats)
         stored: list[torch.Tensor | None] = [None] * n
-        now: ProbeForms = []   # what _prepare_probe(stored) gives, from the stacks at hand
+        now: ProbeForms = []  # what _prepare_probe(stored) gives, from the stacks at hand
         stats = {"eff_rank": [0.0] * n, "feat_std": [0.0] * n}
         for idx, x in _by_shape(feats):
             centred = _centred(x)
             kept = centred.to(STORE_DTYPE)
-            now.append((idx, prepare(_rows(kept))))   # the same numbers as probe_cka(stored[b], ...)
+            now.append((idx, prepare(_rows(kept))))  # the same numbers as probe_cka(stored[b], ...)
             block_stats = {key: values.tolist() for key, values in _feature_stats(x, centred).items()}
             for j, i in enumerate(idx):
                 stored[i] = kept[j]
@@ -399,9 +416,13 @@ class ProbeRunner:
         if not self.features:
             return {}
         last = _prepare_probe(self.features[-1])
-        return {s: {block_key("cka_final", b): value
-                    for b, value in enumerate(_probe_ckas(_prepare_probe(feats), last, self.cfg.debiased))}
-                for s, feats in zip(self.steps, self.features)}
+        return {
+            s: {
+                block_key("cka_final", b): value
+                for b, value in enumerate(_probe_ckas(_prepare_probe(feats), last, self.cfg.debiased))
+            }
+            for s, feats in zip(self.steps, self.features)
+        }
 
     def _saved_positions(self) -> torch.Tensor | list[torch.Tensor | None]:
         if self.positions is not None:
@@ -420,14 +441,20 @@ class ProbeRunner:
         saved = state.get("positions")
         if self.positions is not None:
             same = isinstance(saved, torch.Tensor) and torch.equal(saved, self.positions)
-        else:   # chosen per block at the first probe: take the saved ones if nothing was probed yet
-            same = isinstance(saved, list) and (not self.steps or all(
-                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-                for a, b in zip(saved, self.block_positions)))
+        else:  # chosen per block at the first probe: take the saved ones if nothing was probed yet
+            same = isinstance(saved, list) and (
+                not self.steps
+                or all(
+                    (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                    for a, b in zip(saved, self.block_positions)
+                )
+            )
         if not same:
             # Older checkpoints kept random tokens per clip (flat rows): CKA against them is meaningless.
-            raise LayerLockError("the checkpoint's probe features were taken at other token positions (an older "
-                                 "probe format or another probe config); this run cannot resume, start a new one")
+            raise LayerLockError(
+                "the checkpoint's probe features were taken at other token positions (an older "
+                "probe format or another probe config); this run cannot resume, start a new one"
+            )
         if self.positions is None:
             self.block_positions = list(saved)
         self.steps = list(state["steps"])
@@ -442,9 +469,12 @@ class ProbeRunner:
     def features_at(self, index: int = -1) -> dict:
         """One probe as a file's content: its step, positions and features (per block
         ``(clips, positions, dim)``, position-centred, bfloat16)."""
-        return {"step": self.steps[index], "features": list(self.features[index]),
-                "positions": self._saved_positions(),
-                "layout": "per block: (clips, positions, dim), position-centred, bfloat16"}
+        return {
+            "step": self.steps[index],
+            "features": list(self.features[index]),
+            "positions": self._saved_positions(),
+            "layout": "per block: (clips, positions, dim), position-centred, bfloat16",
+        }
 
 
 def block_grad_norms(params: Sequence[Sequence[nn.Parameter]]) -> dict[str, float]:
@@ -465,8 +495,9 @@ def snapshot_blocks(params: Sequence[Sequence[nn.Parameter]]) -> list[list[torch
     return [[p.detach().clone() for p in block] if any(p.requires_grad for p in block) else None for block in params]
 
 
-def update_ratios(params: Sequence[Sequence[nn.Parameter]],
-                  before: list[list[torch.Tensor] | None]) -> dict[str, float]:
+def update_ratios(
+    params: Sequence[Sequence[nn.Parameter]], before: list[list[torch.Tensor] | None]
+) -> dict[str, float]:
     """||W_after - W_before|| / ||W_before|| per trainable block (``params``: as
     :func:`block_grad_norms`). Consumes ``before`` (the snapshot's copies are overwritten by the
     difference: no second copy of the weights)."""
@@ -475,7 +506,7 @@ def update_ratios(params: Sequence[Sequence[nn.Parameter]],
         if old is None:
             continue
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
-        torch._foreach_sub_(old, [p.detach() for p in block])    # W_before - W_after, in place
+        torch._foreach_sub_(old, [p.detach() for p in block])  # W_before - W_after, in place
         delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
         out[block_key("update_ratio", b)] = float(delta / norm.clamp_min(1e-12))
     return out

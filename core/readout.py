@@ -45,6 +45,7 @@ MIN_DEPTH = 1e-3  # predictions are clamped to this before relative depth metric
 
 # ----------------------------------------------------------------------------- probe heads
 
+
 class AttentiveProbe(nn.Module):
     """Cross-attention readout: learned queries attend over frozen tokens, then a linear head.
 
@@ -68,7 +69,7 @@ class AttentiveProbe(nn.Module):
         super().__init__()
         self.token_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.key = nn.Linear(dim, dim)
-        nn.init.eye_(self.key.weight)       # start as plain dot-product attention over the tokens
+        nn.init.eye_(self.key.weight)  # start as plain dot-product attention over the tokens
         nn.init.zeros_(self.key.bias)
         # (heads, n_queries, dim); unit-variance entries make the initial attention logits O(1)
         # after the 1/sqrt(dim) scale, neither uniform nor one-hot.
@@ -82,14 +83,14 @@ class AttentiveProbe(nn.Module):
         Softmax attention of every query over the N tokens, as two matmuls (faster on CPU than
         ``F.scaled_dot_product_attention`` with the tokens expanded per head).
         """
-        x = self.token_norm(tokens)                                   # (B, N, D): values
-        q = self.query.flatten(0, 1)                                  # (H*Q, D)
-        logits = self.key(x) @ q.T * x.shape[-1] ** -0.5              # (B, N, H*Q)
-        weights = logits.softmax(dim=1)                               # sums to 1 over the N tokens
-        return (weights.transpose(1, 2) @ x).flatten(1)               # (B, H*Q*D)
+        x = self.token_norm(tokens)  # (B, N, D): values
+        q = self.query.flatten(0, 1)  # (H*Q, D)
+        logits = self.key(x) @ q.T * x.shape[-1] ** -0.5  # (B, N, H*Q)
+        weights = logits.softmax(dim=1)  # sums to 1 over the N tokens
+        return (weights.transpose(1, 2) @ x).flatten(1)  # (B, H*Q*D)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.out_norm(self.pool(tokens)))            # (B, n_out)
+        return self.head(self.out_norm(self.pool(tokens)))  # (B, n_out)
 
 
 class LinearProbe(nn.Module):
@@ -132,7 +133,7 @@ def pool_dense_targets(maps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """
     g = geometry
     pooled = F.avg_pool3d(maps.unsqueeze(1).float(), kernel_size=(g.tubelet, g.patch, g.patch))
-    return pooled.flatten(1)                                          # (B, t*h*w)
+    return pooled.flatten(1)  # (B, t*h*w)
 
 
 def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -145,8 +146,9 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     return {"absrel": float(((pred - gt).abs() / gt).mean()), "delta1": float((ratio < 1.25).float().mean())}
 
 
-def build_probe(kind: ProbeKind, *, dim: int, n_classes: int | None = None, heads: int = 4,
-                n_queries: int = 4) -> nn.Module:
+def build_probe(
+    kind: ProbeKind, *, dim: int, n_classes: int | None = None, heads: int = 4, n_queries: int = 4
+) -> nn.Module:
     if kind == "dense":
         return DenseProbe(dim=dim)
     if n_classes is None:
@@ -160,6 +162,7 @@ def build_probe(kind: ProbeKind, *, dim: int, n_classes: int | None = None, head
 
 # ----------------------------------------------------------------------------- features
 
+
 def _layer_keys(block: None | int | str, depth: int) -> list[LayerKey]:
     if block is None:
         return ["final"]
@@ -172,10 +175,16 @@ def _layer_keys(block: None | int | str, depth: int) -> list[LayerKey]:
     raise LayerLockError(f"block must be None, an int or 'all', got {block!r}")
 
 
-def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], *,
-                     block: None | int | str = None, device: torch.device | str | None = None,
-                     batch_size: int = 64, progress: bool = True,
-                     total: int | None = None) -> dict[LayerKey, torch.Tensor]:
+def extract_features(
+    model: nn.Module,
+    videos: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    block: None | int | str = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[LayerKey, torch.Tensor]:
     """Run the frozen encoder once over clips and cache token features on the CPU (float32).
 
     ``videos``: one tensor ``(n, 3, T, H, W)`` (split into ``batch_size`` chunks) or an iterable of
@@ -185,14 +194,28 @@ def extract_features(model: nn.Module, videos: torch.Tensor | Iterable[torch.Ten
     unmasked clips under no_grad and is put back in its previous mode afterwards. ``total``:
     number of batches for the progress bar when ``videos`` is a generator.
     """
-    return _extract(model, videos, _layer_keys(block, len(model.blocks)), device=device,
-                    batch_size=batch_size, progress=progress, total=total)
+    return _extract(
+        model,
+        videos,
+        _layer_keys(block, len(model.blocks)),
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        total=total,
+    )
 
 
 @torch.no_grad()
-def _extract(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], keys: Sequence[LayerKey], *,
-             device: torch.device | str | None, batch_size: int, progress: bool,
-             total: int | None) -> dict[LayerKey, torch.Tensor]:
+def _extract(
+    model: nn.Module,
+    videos: torch.Tensor | Iterable[torch.Tensor],
+    keys: Sequence[LayerKey],
+    *,
+    device: torch.device | str | None,
+    batch_size: int,
+    progress: bool,
+    total: int | None,
+) -> dict[LayerKey, torch.Tensor]:
     if isinstance(videos, torch.Tensor):
         total = math.ceil(len(videos) / batch_size)
         videos = videos.split(batch_size)
@@ -202,8 +225,7 @@ def _extract(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], ke
     model.eval()
     out: dict[LayerKey, list[torch.Tensor]] = {k: [] for k in keys}
     try:
-        for video in tqdm(videos, total=total, desc="features", unit="batch", leave=False,
-                          disable=not progress):
+        for video in tqdm(videos, total=total, desc="features", unit="batch", leave=False, disable=not progress):
             final, blocks = model.forward_encoder(video.to(device), None, return_blocks=True)
             for k in keys:
                 feats = final if k == "final" else blocks[k]
@@ -214,6 +236,7 @@ def _extract(model: nn.Module, videos: torch.Tensor | Iterable[torch.Tensor], ke
 
 
 # ----------------------------------------------------------------------------- fitting
+
 
 def whitening(feats: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA-whitening fitted on ``feats (n, N, D)`` (all tokens pooled): returns ``mean (D,)`` and
@@ -270,9 +293,18 @@ def _eval_batches(module: nn.Module, feats: torch.Tensor, batch_size: int = 256)
     return torch.cat([module(chunk) for chunk in feats.split(batch_size)])
 
 
-def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
-              val_feats: torch.Tensor, val_labels: torch.Tensor, *, n_classes: int | None = None,
-              settings: ProbeSettings = ProbeSettings(), seed: int = 0, threads: int | None = 1) -> dict[str, float]:
+def fit_probe(
+    kind: ProbeKind,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    n_classes: int | None = None,
+    settings: ProbeSettings = ProbeSettings(),
+    seed: int = 0,
+    threads: int | None = 1,
+) -> dict[str, float]:
     """Train one probe on cached features and return its validation metrics.
 
     Features are ``(n, N, D)``. ``kind`` "attentive" / "linear": labels ``(n,)`` int64, returns
@@ -292,12 +324,22 @@ def fit_probe(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Te
         if settings.whiten is not None:
             mean, w = whitening(train_feats, settings.whiten)
             train_feats, val_feats = (train_feats - mean) @ w, (val_feats - mean) @ w
-        return _fit(kind, train_feats, train_labels, val_feats, val_labels, n_classes=n_classes,
-                    settings=settings, seed=seed)
+        return _fit(
+            kind, train_feats, train_labels, val_feats, val_labels, n_classes=n_classes, settings=settings, seed=seed
+        )
 
 
-def _fit(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-         val_labels: torch.Tensor, *, n_classes: int | None, settings: ProbeSettings, seed: int) -> dict[str, float]:
+def _fit(
+    kind: ProbeKind,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    n_classes: int | None,
+    settings: ProbeSettings,
+    seed: int,
+) -> dict[str, float]:
     epochs, batch_size = settings.epochs, settings.batch_size
     if len(train_feats) != len(train_labels) or len(val_feats) != len(val_labels):
         raise ValueError("features and labels differ in length")
@@ -345,6 +387,7 @@ def _fit(kind: ProbeKind, train_feats: torch.Tensor, train_labels: torch.Tensor,
 
 # ----------------------------------------------------------------------------- evaluation data
 
+
 @dataclass
 class EvalData:
     """Probe clips of one dataset: ``train`` clips fit the probes, ``val`` clips score them.
@@ -385,8 +428,9 @@ def default_clips(cfg: ExperimentConfig) -> tuple[int, int]:
     return min(1024, cfg.data.train_clips), min(512, cfg.data.val_clips)
 
 
-def _collect(ds: ClipDataset, n: int, tasks: dict[str, Task], geometry: Geometry,
-             progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _collect(
+    ds: ClipDataset, n: int, tasks: dict[str, Task], geometry: Geometry, progress: bool, desc: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     videos: list[torch.Tensor] = []
     labels: dict[str, list[torch.Tensor]] = {k: [] for k in tasks}
     for start in tqdm(range(0, n, 128), desc=desc, unit="batch", leave=False, disable=not progress):
@@ -398,9 +442,14 @@ def _collect(ds: ClipDataset, n: int, tasks: dict[str, Task], geometry: Geometry
     return torch.cat(videos), {k: torch.cat(v) for k, v in labels.items()}
 
 
-def load_eval_data(cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
-                   train_clips: int | None = None, val_clips: int | None = None,
-                   progress: bool = True) -> EvalData:
+def load_eval_data(
+    cfg: ExperimentConfig,
+    tasks: Sequence[str] | None = None,
+    *,
+    train_clips: int | None = None,
+    val_clips: int | None = None,
+    progress: bool = True,
+) -> EvalData:
     """Draw the probe clips of ``cfg.data``: the first ``train_clips`` items of the "train" split
     and the first ``val_clips`` of the "val" split.
 
@@ -420,8 +469,15 @@ def load_eval_data(cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
     g = cfg.geometry
     tv, tl = _collect(train_ds, n_train, chosen, g, progress, "probe train clips")
     vv, vl = _collect(val_ds, n_val, chosen, g, progress, "probe val clips")
-    return EvalData(tasks=chosen, geometry=g, train_video=tv, train_labels=tl, val_video=vv,
-                    val_labels=vl, info={"data_s": time.perf_counter() - t0})
+    return EvalData(
+        tasks=chosen,
+        geometry=g,
+        train_video=tv,
+        train_labels=tl,
+        val_video=vv,
+        val_labels=vl,
+        info={"data_s": time.perf_counter() - t0},
+    )
 
 
 def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dict[str, Task]:
@@ -430,8 +486,9 @@ def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dic
         return dict(available)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise LayerLockError(f"unknown task {', '.join(repr(n) for n in unknown)}; "
-                             f"this dataset has: {', '.join(available)}")
+        raise LayerLockError(
+            f"unknown task {', '.join(repr(n) for n in unknown)}; this dataset has: {', '.join(available)}"
+        )
     return {n: available[n] for n in names}
 
 
@@ -443,18 +500,43 @@ def select_tasks(available: dict[str, Task], names: Sequence[str] | None) -> dic
 BLOCK_SETTINGS = ProbeSettings(epochs=15)
 
 
-def _fit_task(kind: ProbeKind, task: Task, train: torch.Tensor, val: torch.Tensor, data: EvalData,
-              settings: ProbeSettings, seed: int) -> dict[str, float]:
-    return fit_probe("dense" if task.kind == "dense" else kind, train, data.train_labels[task.name],
-                     val, data.val_labels[task.name], n_classes=task.n_classes, settings=settings, seed=seed)
+def _fit_task(
+    kind: ProbeKind,
+    task: Task,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    data: EvalData,
+    settings: ProbeSettings,
+    seed: int,
+) -> dict[str, float]:
+    return fit_probe(
+        "dense" if task.kind == "dense" else kind,
+        train,
+        data.train_labels[task.name],
+        val,
+        data.val_labels[task.name],
+        n_classes=task.n_classes,
+        settings=settings,
+        seed=seed,
+    )
 
 
-def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[str] | None = None, *,
-                     per_block: bool = False, probe: Literal["attentive", "linear", "both"] = "attentive",
-                     train_clips: int | None = None, val_clips: int | None = None, seed: int = 0,
-                     data: EvalData | None = None, settings: ProbeSettings = ProbeSettings(),
-                     block_settings: ProbeSettings = BLOCK_SETTINGS, device: torch.device | str | None = None,
-                     progress: bool = True) -> dict[str, float]:
+def evaluate_encoder(
+    model: nn.Module,
+    cfg: ExperimentConfig,
+    tasks: Sequence[str] | None = None,
+    *,
+    per_block: bool = False,
+    probe: Literal["attentive", "linear", "both"] = "attentive",
+    train_clips: int | None = None,
+    val_clips: int | None = None,
+    seed: int = 0,
+    data: EvalData | None = None,
+    settings: ProbeSettings = ProbeSettings(),
+    block_settings: ProbeSettings = BLOCK_SETTINGS,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Probe a frozen encoder on every task of its dataset; returns ``{metric key: value}``.
 
     Keys: ``eval/<task>/<metric>`` for the attentive probe on the final (normed) encoder output
@@ -472,10 +554,8 @@ def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[st
     chosen = select_tasks(data.tasks, tasks)
     # One encoder pass per split: the headline probe reads the normed output, the sweep every block.
     keys: list[LayerKey] = ["final", *(range(len(model.blocks)) if per_block else ())]
-    feats_train = _extract(model, data.train_video, keys, device=device, batch_size=64,
-                           progress=progress, total=None)
-    feats_val = _extract(model, data.val_video, keys, device=device, batch_size=64,
-                         progress=progress, total=None)
+    feats_train = _extract(model, data.train_video, keys, device=device, batch_size=64, progress=progress, total=None)
+    feats_val = _extract(model, data.val_video, keys, device=device, batch_size=64, progress=progress, total=None)
 
     # (key prefix, probe kind, task, feature layer, settings) for every fit, then one progress bar.
     jobs: list[tuple[str, ProbeKind, Task, LayerKey, ProbeSettings]] = []
@@ -485,8 +565,9 @@ def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[st
         if task.kind == "class" and probe in ("linear", "both"):
             jobs.append((f"eval/{name}/linear_", "linear", task, "final", settings))
         if per_block:
-            jobs += [(f"eval/{name}/block_{i:02d}/", "attentive", task, i, block_settings)
-                     for i in range(len(model.blocks))]
+            jobs += [
+                (f"eval/{name}/block_{i:02d}/", "attentive", task, i, block_settings) for i in range(len(model.blocks))
+            ]
     out: dict[str, float] = {}
     for prefix, kind, task, layer, s in tqdm(jobs, desc="probes", unit="fit", leave=False, disable=not progress):
         for metric, value in _fit_task(kind, task, feats_train[layer], feats_val[layer], data, s, seed).items():
@@ -494,8 +575,8 @@ def evaluate_encoder(model: nn.Module, cfg: ExperimentConfig, tasks: Sequence[st
     return out
 
 
-
 # ----------------------------------------------------------------------------- probe for attribution
+
 
 class ProbedEncoder(nn.Module):
     """``video (B, 3, T, H, W)`` -> probe logits ``(B, n_classes)`` through the full encoder."""
@@ -521,8 +602,15 @@ def _final_tokens(model: nn.Module, video: torch.Tensor, batch_size: int = 32) -
     return torch.cat([model.forward_encoder(v) for v in video.split(batch_size)])
 
 
-def fit_linear_probe(model: nn.Module, cfg: ExperimentConfig, task: str, n_train: int = 96, n_val: int = 32,
-                     epochs: int = 150, seed: int = 0) -> tuple[nn.Module, float, int]:
+def fit_linear_probe(
+    model: nn.Module,
+    cfg: ExperimentConfig,
+    task: str,
+    n_train: int = 96,
+    n_val: int = 32,
+    epochs: int = 150,
+    seed: int = 0,
+) -> tuple[nn.Module, float, int]:
     """Fit ``LinearProbe`` on frozen final tokens of ``n_train`` train clips (full batch AdamW).
 
     Returns ``(probe, val_accuracy, n_classes)``; the global RNG is left untouched.

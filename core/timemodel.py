@@ -46,6 +46,7 @@ KIND = "measured step time per schedule stage"
 
 # ----------------------------------------------------------------------------- statistics
 
+
 def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
     """``(median, low, high)``: the median and a distribution-free interval for it.
 
@@ -60,7 +61,7 @@ def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float
         raise ValueError("median_interval of no values")
     med = statistics.median(xs)
     # P(X <= j) for X ~ Binomial(n, 1/2), in exact integers (2.0 ** n overflows past n = 1023).
-    j, term, below, total = 0, 1, 1, 1 << n   # term = comb(n, j), below = sum of comb(n, i), i <= j
+    j, term, below, total = 0, 1, 1, 1 << n  # term = comb(n, j), below = sum of comb(n, i), i <= j
     while j + 1 <= n // 2 and below / total <= (1 - level) / 2:
         j += 1
         term = term * (n - j + 1) // j
@@ -74,10 +75,11 @@ def resolves(low: float | None, high: float | None, centre: float, within: float
     """Whether an interval around ``centre`` is narrow enough: half-width <= ``within`` (relative)."""
     if low is None or high is None or centre == 0:
         return False
-    return (high - low) / 2 <= within * abs(centre) * (1 + 1e-9)   # 1e-9: rounding of the bounds
+    return (high - low) / 2 <= within * abs(centre) * (1 + 1e-9)  # 1e-9: rounding of the bounds
 
 
 # ----------------------------------------------------------------------------- recording
+
 
 @dataclass
 class _Clock:
@@ -86,9 +88,9 @@ class _Clock:
 
     training: dict[int, list[float]] = field(default_factory=dict)
     calibration: dict[int, list[float]] = field(default_factory=dict)
-    whole_sum: dict[int, float] = field(default_factory=dict)   # with probes (what train/wall_s adds up)
-    step_sum: dict[int, float] = field(default_factory=dict)    # without
-    steps: dict[int, int] = field(default_factory=dict)   # training steps per k (never thinned)
+    whole_sum: dict[int, float] = field(default_factory=dict)  # with probes (what train/wall_s adds up)
+    step_sum: dict[int, float] = field(default_factory=dict)  # without
+    steps: dict[int, int] = field(default_factory=dict)  # training steps per k (never thinned)
 
     def add(self, k: int, step_s: float, whole_s: float) -> None:
         _append(self.training.setdefault(k, []), step_s)
@@ -97,31 +99,45 @@ class _Clock:
         self.steps[k] = self.steps.get(k, 0) + 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"training": {int(k): list(v) for k, v in self.training.items()},
-                "calibration": {int(k): list(v) for k, v in self.calibration.items()},
-                "whole_sum": dict(self.whole_sum), "step_sum": dict(self.step_sum), "steps": dict(self.steps)}
+        return {
+            "training": {int(k): list(v) for k, v in self.training.items()},
+            "calibration": {int(k): list(v) for k, v in self.calibration.items()},
+            "whole_sum": dict(self.whole_sum),
+            "step_sum": dict(self.step_sum),
+            "steps": dict(self.steps),
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> _Clock:
         def numbers(key: str, kind: type) -> dict:
             return {int(k): kind(v) for k, v in state.get(key, {}).items()}
 
-        return cls({int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()},
-                   {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()},
-                   numbers("whole_sum", float), numbers("step_sum", float), numbers("steps", int))
+        return cls(
+            {int(k): [float(x) for x in v] for k, v in state.get("training", {}).items()},
+            {int(k): [float(x) for x in v] for k, v in state.get("calibration", {}).items()},
+            numbers("whole_sum", float),
+            numbers("step_sum", float),
+            numbers("steps", int),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         n_steps = sum(self.steps.values())
         probes = sum(self.whole_sum.values()) - sum(self.step_sum.values())
         return {
-            "training": {str(k): {**_summary(v), "steps": self.steps.get(k, len(v)),
-                                  "mean_s": self.step_sum[k] / self.steps[k] if self.steps.get(k) else None}
-                         for k, v in sorted(self.training.items()) if v},
+            "training": {
+                str(k): {
+                    **_summary(v),
+                    "steps": self.steps.get(k, len(v)),
+                    "mean_s": self.step_sum[k] / self.steps[k] if self.steps.get(k) else None,
+                }
+                for k, v in sorted(self.training.items())
+                if v
+            },
             "calibration": {str(k): _summary(v) for k, v in sorted(self.calibration.items()) if v},
             # Probe time per training step: the same at every k. Measured, not the gap between
             # mean and median step, which on a shared machine is mostly other jobs' load.
             "overhead_s_per_step": probes / n_steps if n_steps else 0.0,
-            "total_s": sum(self.whole_sum.values()),   # the training steps, probes included
+            "total_s": sum(self.whole_sum.values()),  # the training steps, probes included
             "total_steps": n_steps,
         }
 
@@ -148,8 +164,9 @@ class StepTimer:
     def calibration(self) -> dict[int, list[float]]:
         return self.wall.calibration
 
-    def add(self, k: int, step_s: float, whole_s: float, cpu_step_s: float | None = None,
-            cpu_whole_s: float | None = None) -> None:
+    def add(
+        self, k: int, step_s: float, whole_s: float, cpu_step_s: float | None = None, cpu_whole_s: float | None = None
+    ) -> None:
         self.wall.add(k, step_s, whole_s)
         if cpu_step_s is not None:
             self.cpu.add(k, cpu_step_s, cpu_step_s if cpu_whole_s is None else cpu_whole_s)
@@ -188,8 +205,14 @@ def _summary(samples: Sequence[float]) -> dict[str, Any]:
     return {"median_s": med, "low_s": lo, "high_s": hi, "n": len(samples)}
 
 
-def calibrate(timer: StepTimer, stages: Sequence[int], rounds: int, set_stage: Callable[[int], None],
-              step: Callable[[int], None], sync: Callable[[], None] | None = None) -> None:
+def calibrate(
+    timer: StepTimer,
+    stages: Sequence[int],
+    rounds: int,
+    set_stage: Callable[[int], None],
+    step: Callable[[int], None],
+    sync: Callable[[], None] | None = None,
+) -> None:
     """Time ``rounds`` steps at each stage, interleaved across stages, into ``timer``'s calibration.
 
     Round 0 warms every stage up (allocations, optimizer state) and is not kept; the order of the
@@ -222,6 +245,7 @@ def calibration_stages(stages: Iterable[int], depth: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- prediction
 
+
 @dataclass(frozen=True)
 class TimeTable:
     """Step time relative to k=0 for every stage k, and where each number came from.
@@ -235,7 +259,7 @@ class TimeTable:
     source: tuple[str, ...]
     overhead: float
     intercept: float | None
-    step_s: float   # t(0) in seconds
+    step_s: float  # t(0) in seconds
 
     def describe(self) -> str:
         measured = [k for k, s in enumerate(self.source) if s in ("training", "calibration")]
@@ -270,8 +294,9 @@ def _medians(time_model: Mapping[str, Any], part: str) -> dict[int, float]:
     return out
 
 
-def time_table(time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None = None,
-               clock: str = "wall") -> TimeTable:
+def time_table(
+    time_model: Mapping[str, Any], flop_model: Mapping[str, Any] | None = None, clock: str = "wall"
+) -> TimeTable:
     """Relative step time for every stage (see the module docstring for the rules).
 
     ``flop_model`` (``flop_model.json``) supplies FLOPs per stage for the fit; the time model's

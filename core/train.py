@@ -43,8 +43,12 @@ from core.probes import encoder_forward
 from core.timemodel import StepTimer, calibrate, calibration_stages
 from core.tracking import NullWriter, RunReader, Tracker, Writer, atomic_write
 
-METHOD_TAG = {"pixel": "mae", "layerlock": "layerlock", "latent_naive": "latent_naive",
-              "latent_scheduled": "latent_scheduled"}
+METHOD_TAG = {
+    "pixel": "mae",
+    "layerlock": "layerlock",
+    "latent_naive": "latent_naive",
+    "latent_scheduled": "latent_scheduled",
+}
 # Steps whose gradients are not finite are skipped; this many in a row means the run has diverged.
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -63,6 +67,7 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """Generator for one step's data indices (salt 0) or masks (salt 1): a pure function of the step."""
@@ -85,9 +90,12 @@ def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "mask_token" in n]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.95),
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr,
+        betas=(0.9, 0.95),
+        fused=fused or None,
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -134,13 +142,18 @@ def _load_newest_good(reader: RunReader, names: list[str], local: dict[str, Path
                 except Exception as err:
                     error = err
             else:
-                print(f"warning: checkpoint {name} of run {reader.run_id} does not load "
-                      f"({type(error).__name__ if sources else 'missing'}); trying the previous one", file=sys.stderr)
+                print(
+                    f"warning: checkpoint {name} of run {reader.run_id} does not load "
+                    f"({type(error).__name__ if sources else 'missing'}); trying the previous one",
+                    file=sys.stderr,
+                )
                 failed.append(name)
                 continue
             if failed:
-                print(f"using checkpoint {name} of run {reader.run_id} (newer ones do not load: "
-                      f"{', '.join(failed)})", file=sys.stderr)
+                print(
+                    f"using checkpoint {name} of run {reader.run_id} (newer ones do not load: {', '.join(failed)})",
+                    file=sys.stderr,
+                )
             return state
     return None
 
@@ -176,8 +189,8 @@ def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: i
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            static_graph=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+        )
     if cfg.train.compile:
         net = torch.compile(net)
     return net
@@ -185,9 +198,18 @@ def _wrap(model: VideoMAE, device: torch.device, cfg: ExperimentConfig, world: i
 
 # ----------------------------------------------------------------------------- train
 
-def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_id: str | None = None,
-          tags: dict[str, str] | None = None, init_state: dict | None = None,
-          progress: bool = True, stop_after: int | None = None, track: bool = True) -> TrainResult:
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    tracking_uri: str | None = None,
+    resume_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    init_state: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    track: bool = True,
+) -> TrainResult:
     """Run (or resume) one training run and log it to MLflow.
 
     ``init_state``: a checkpoint of another run to branch off (freeze tests), as a new run.
@@ -201,13 +223,20 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
     is_main = rank == 0
     if resume_run_id is not None and not track:
         raise LayerLockError("resume_run_id needs track=True: a resumed run is logged")
-    tracker: Writer = NullWriter()   # non-zero ranks, and runs that log nothing
+    tracker: Writer = NullWriter()  # non-zero ranks, and runs that log nothing
     if is_main and track:
-        tracker = Tracker(uri=tracking_uri, experiment=cfg.tracking.experiment, run_id=resume_run_id,
-                          run_name=cfg.tracking.run_name,
-                          tags={schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
-                                schema.TAG_DATASET: cfg.data.name, schema.TAG_GROUP: group_name(cfg),
-                                **(tags or {})})
+        tracker = Tracker(
+            uri=tracking_uri,
+            experiment=cfg.tracking.experiment,
+            run_id=resume_run_id,
+            run_name=cfg.tracking.run_name,
+            tags={
+                schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
+                schema.TAG_DATASET: cfg.data.name,
+                schema.TAG_GROUP: group_name(cfg),
+                **(tags or {}),
+            },
+        )
     ckpt = None
     if resume_run_id is not None:
         if is_main:
@@ -216,7 +245,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
                 tracker.close()
                 raise LayerLockError(f"run {resume_run_id} has no checkpoint to resume from")
             cfg = config_from_dict(ckpt["config"], f"checkpoint of run {resume_run_id}")
-            tracker.mark_running()   # only now: a resume that cannot load leaves the status alone
+            tracker.mark_running()  # only now: a resume that cannot load leaves the status alone
         if world > 1:
             holder = [ckpt]
             dist.broadcast_object_list(holder, src=0)
@@ -226,7 +255,7 @@ def train(cfg: ExperimentConfig, *, tracking_uri: str | None = None, resume_run_
         with _sigterm_requests_stop() as stop:
             return _train(cfg, tracker, ckpt, rank, world, init_state, progress, stop_after, stop)
     except RunTerminated:
-        raise   # already checkpointed and marked KILLED
+        raise  # already checkpointed and marked KILLED
     except TrainingDiverged as err:
         tracker.fail(str(err))
         raise
@@ -268,7 +297,7 @@ class _Run:
         self.cfg, self.tracker, self.rank, self.world = cfg, tracker, rank, world
         self.device = pick_device(t_cfg.device)
         if self.device.type == "cpu":
-            keep_freed_memory()   # activations reuse freed pages instead of faulting in new ones
+            keep_freed_memory()  # activations reuse freed pages instead of faulting in new ones
         torch.manual_seed(t_cfg.seed)
         if t_cfg.batch_size % world:
             raise LayerLockError(f"train.batch_size={t_cfg.batch_size} is not divisible by {world} processes")
@@ -286,27 +315,44 @@ class _Run:
         probe = None
         if cfg.probe.enabled and rank == 0:
             forward = encoder_forward if background else functools.partial(encoder_forward, self.model)
-            probe = ProbeSpec(probe_video, forward, every=cfg.probe.every, tokens_per_clip=cfg.probe.tokens_per_clip,
-                              debiased=cfg.probe.debiased, seed=cfg.data.seed, n_positions=cfg.geometry.n_tokens,
-                              background=background)
+            probe = ProbeSpec(
+                probe_video,
+                forward,
+                every=cfg.probe.every,
+                tokens_per_clip=cfg.probe.tokens_per_clip,
+                debiased=cfg.probe.debiased,
+                seed=cfg.data.seed,
+                n_positions=cfg.geometry.n_tokens,
+                background=background,
+            )
         # The trainer logs its params and train/* metrics and times its steps itself (loop_metrics).
-        self.monitor = LayerMonitor(self.model.blocks, probe, model=self.model, writer=tracker,
-                                    log_every=t_cfg.log_every, total_steps=t_cfg.steps, loop_metrics=False)
+        self.monitor = LayerMonitor(
+            self.model.blocks,
+            probe,
+            model=self.model,
+            writer=tracker,
+            log_every=t_cfg.log_every,
+            total_steps=t_cfg.steps,
+            loop_metrics=False,
+        )
         self.flops = build_flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
         self.interval = _Interval()
         # The run's local folder (core.tracking: checkpoints, probe features, the spool).
         self.run_dir = tracker.folder or Path(tempfile.mkdtemp(prefix="layerlock-run-"))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and t_cfg.amp
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and t_cfg.amp
+            else contextlib.nullcontext()
+        )
         self.stage = self.frozen = 0
         self.net: torch.nn.Module = self.model
-        self.timer = StepTimer()   # time_model.json
+        self.timer = StepTimer()  # time_model.json
         # The next step's batch, built while this one trains where a core is free for it.
         self.batches = Prefetcher(self._host_batch, spare_core(self.device.type, torch.get_num_threads()))
         self.loop_s = self.loop_cpu_s = 0.0
-        self.step_s: list[float] = []   # each loop iteration: step, probe, log line, checkpoint
+        self.step_s: list[float] = []  # each loop iteration: step, probe, log line, checkpoint
 
     def restore(self, ckpt: dict | None, init_state: dict | None) -> None:
         """Resume (``ckpt``, this run's own checkpoint) or branch (``init_state``, another run's):
@@ -320,7 +366,7 @@ class _Run:
             done.cpu_s = float(start.get("cpu_s", 0.0))
             torch.set_rng_state(start["rng"])
         if ckpt is not None:
-            reader = self.tracker.reader() if isinstance(self.tracker, Tracker) else None   # rank 0's
+            reader = self.tracker.reader() if isinstance(self.tracker, Tracker) else None  # rank 0's
             self.monitor.load_state_dict({"layer_rows": ckpt["layer_rows"], "probe": ckpt.get("probe")}, reader)
             done.skipped = int(ckpt.get("skipped_steps", 0))
             self.timer.load_state_dict(ckpt.get("time_model") or {})
@@ -384,11 +430,18 @@ class _Run:
         """``time_model.json``: the run's measured step times per stage (``core.timemodel``)."""
         if self.tracker.stores and (self.timer.training or self.timer.calibration):
             t_cfg = self.cfg.train
-            self.tracker.log_json(self.timer.to_dict(self.flops["per_step"], n_blocks=self.cfg.model.depth,
-                                                     batch_size=t_cfg.batch_size, objective=self.cfg.objective.name,
-                                                     device=self.device.type, threads=torch.get_num_threads(),
-                                                     calibration_steps=t_cfg.time_calibration),
-                                  schema.TIME_MODEL_ARTIFACT)
+            self.tracker.log_json(
+                self.timer.to_dict(
+                    self.flops["per_step"],
+                    n_blocks=self.cfg.model.depth,
+                    batch_size=t_cfg.batch_size,
+                    objective=self.cfg.objective.name,
+                    device=self.device.type,
+                    threads=torch.get_num_threads(),
+                    calibration_steps=t_cfg.time_calibration,
+                ),
+                schema.TIME_MODEL_ARTIFACT,
+            )
 
     def record(self, metrics: dict[str, float], at: int) -> None:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
@@ -419,8 +472,12 @@ class _Run:
         gen = step_generator(t_cfg.seed, step)
         idx = torch.randint(len(self.dataset), (t_cfg.batch_size,), generator=gen)[lo:hi]
         video, _ = get_batch(self.dataset, idx.tolist())
-        keep_idx, mask_idx = tube_mask(t_cfg.batch_size, self.cfg.geometry.grid, self.cfg.model.mask_ratio,
-                                       step_generator(t_cfg.seed, step, salt=1))
+        keep_idx, mask_idx = tube_mask(
+            t_cfg.batch_size,
+            self.cfg.geometry.grid,
+            self.cfg.model.mask_ratio,
+            step_generator(t_cfg.seed, step, salt=1),
+        )
         return video, keep_idx[lo:hi], mask_idx[lo:hi]
 
     def update(self, step: int, log_now: bool = True) -> dict[str, torch.Tensor]:
@@ -444,8 +501,9 @@ class _Run:
             done.skipped += 1
             done.skipped_in_a_row += 1
             if done.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise TrainingDiverged(f"gradients not finite for {done.skipped_in_a_row} steps in a row "
-                                       f"(up to step {step})")
+                raise TrainingDiverged(
+                    f"gradients not finite for {done.skipped_in_a_row} steps in a row (up to step {step})"
+                )
             return losses
         done.skipped_in_a_row = 0
         if log_now:
@@ -465,16 +523,23 @@ class _Run:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - iv.started
         metrics = {f"{schema.TRAIN}{k}": sum(v) / len(v) for k, v in iv.losses.items()}
-        if self.world > 1:   # log the global-batch loss, not rank 0's shard
+        if self.world > 1:  # log the global-batch loss, not rank 0's shard
             keys = sorted(metrics)
             vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(vals)
             metrics = dict(zip(keys, (vals / self.world).tolist()))
-        metrics.update({schema.LR: lr, schema.FROZEN_BLOCKS: self.frozen,
-                        schema.STEP_MS: 1000 * elapsed / iv.steps,
-                        schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
-                        schema.FLOPS: done.flops_total, schema.WALL_S: done.wall_s, schema.CPU_S: done.cpu_s,
-                        schema.SKIPPED_STEPS: done.skipped})
+        metrics.update(
+            {
+                schema.LR: lr,
+                schema.FROZEN_BLOCKS: self.frozen,
+                schema.STEP_MS: 1000 * elapsed / iv.steps,
+                schema.CLIPS_PER_S: iv.steps * t_cfg.batch_size / elapsed,
+                schema.FLOPS: done.flops_total,
+                schema.WALL_S: done.wall_s,
+                schema.CPU_S: done.cpu_s,
+                schema.SKIPPED_STEPS: done.skipped,
+            }
+        )
         self.record(metrics, step)
         self.tracker.submit()
         bar.set_postfix(loss=f"{metrics[schema.LOSS]:.4f}", frozen=self.frozen, refresh=False)
@@ -508,7 +573,7 @@ class _Run:
         bar.update(1)
         if done.step % t_cfg.checkpoint_every == 0 or done.step == t_cfg.steps:
             self.checkpoint(done.step)
-            self.interval.started = time.perf_counter()   # checkpoint I/O is not step time
+            self.interval.started = time.perf_counter()  # checkpoint I/O is not step time
 
     def checkpoint(self, next_step: int) -> None:
         """Publish ``checkpoints/step_NNNNNN.pt`` in the run's local folder, atomically, and queue
@@ -516,12 +581,21 @@ class _Run:
         if not self.tracker.stores:
             return
         done = self.done
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": next_step,
-                 "run_id": self.tracker.run_id, "rng": torch.get_rng_state(), "wall_s": done.wall_s,
-                 "cpu_s": done.cpu_s, "flops_total": done.flops_total, "config": self.cfg.model_dump(mode="json"),
-                 "skipped_steps": done.skipped, "time_model": self.timer.state_dict(),
-                 **self.monitor.state_dict()}   # layer_rows, probe: a pending probe's included
-        self.tracker.make_durable()   # the metrics up to this step are on disk before the checkpoint is
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": next_step,
+            "run_id": self.tracker.run_id,
+            "rng": torch.get_rng_state(),
+            "wall_s": done.wall_s,
+            "cpu_s": done.cpu_s,
+            "flops_total": done.flops_total,
+            "config": self.cfg.model_dump(mode="json"),
+            "skipped_steps": done.skipped,
+            "time_model": self.timer.state_dict(),
+            **self.monitor.state_dict(),
+        }  # layer_rows, probe: a pending probe's included
+        self.tracker.make_durable()  # the metrics up to this step are on disk before the checkpoint is
         path = self.run_dir / schema.checkpoint_artifact(next_step)
         atomic_write(path, lambda f: torch.save(state, f))
         self.tracker.log_artifact(path, schema.CHECKPOINT_DIR)
@@ -542,17 +616,33 @@ class _Run:
         self.log_time_model()
         if ended:
             tracker.finish()
-        else:   # stopped early (stop_after): everything sent, the run left to a later resume
+        else:  # stopped early (stop_after): everything sent, the run left to a later resume
             tracker.flush()
             tracker.close()
-        return TrainResult(run_id=tracker.run_id or "", steps=step, final_loss=done.loss, heldout_loss=heldout,
-                           wall_s=done.wall_s, flops=done.flops_total, loop_s=self.loop_s,
-                           loop_cpu_s=self.loop_cpu_s, step_s=self.step_s)
+        return TrainResult(
+            run_id=tracker.run_id or "",
+            steps=step,
+            final_loss=done.loss,
+            heldout_loss=heldout,
+            wall_s=done.wall_s,
+            flops=done.flops_total,
+            loop_s=self.loop_s,
+            loop_cpu_s=self.loop_cpu_s,
+            step_s=self.step_s,
+        )
 
 
-def _train(cfg: ExperimentConfig, tracker: Writer, ckpt: dict | None, rank: int, world: int,
-           init_state: dict | None, progress: bool, stop_after: int | None,
-           stop: threading.Event | None = None) -> TrainResult:
+def _train(
+    cfg: ExperimentConfig,
+    tracker: Writer,
+    ckpt: dict | None,
+    rank: int,
+    world: int,
+    init_state: dict | None,
+    progress: bool,
+    stop_after: int | None,
+    stop: threading.Event | None = None,
+) -> TrainResult:
     """The loop as its named steps: set up, restore, log the header, step, finish (or stop on SIGTERM)."""
     run = _Run(cfg, tracker, rank, world)
     run.restore(ckpt, init_state)
@@ -563,9 +653,14 @@ def _train(cfg: ExperimentConfig, tracker: Writer, ckpt: dict | None, rank: int,
     run.model.train()
     t_cfg, started_at = cfg.train, run.done.step
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, started_at + stop_after)
-    bar = tqdm(total=t_cfg.steps, initial=started_at, disable=not (progress and tracker.stores),
-               desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=t_cfg.steps,
+        initial=started_at,
+        disable=not (progress and tracker.stores),
+        desc=f"{METHOD_TAG[cfg.objective.name]} {tracker.run_id[:8] if tracker.run_id else ''}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     run.interval = _Interval()
     loop_started, loop_cpu = time.perf_counter(), time.process_time()
     while run.done.step < end and not (stop is not None and stop.is_set()):
@@ -578,12 +673,14 @@ def _train(cfg: ExperimentConfig, tracker: Writer, ckpt: dict | None, rank: int,
     step = run.done.step
     if stop is not None and stop.is_set() and step < end:
         fresh = ckpt is None and init_state is None and step == 0
-        if step % t_cfg.checkpoint_every or fresh:   # not just written by the loop
+        if step % t_cfg.checkpoint_every or fresh:  # not just written by the loop
             run.checkpoint(step)
         run.log_time_model()
         tracker.finish("KILLED")
-        raise RunTerminated(f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
-                            f"continue it with --resume {tracker.run_id}")
+        raise RunTerminated(
+            f"SIGTERM: run {tracker.run_id} checkpointed at step {step} and marked KILLED; "
+            f"continue it with --resume {tracker.run_id}"
+        )
     return run.finish()
 
 

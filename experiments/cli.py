@@ -15,12 +15,15 @@ from experiments import config_path
 from experiments.executor import RunsFailed
 
 EXIT_BAD_INPUT = 2
-EXIT_TERMINATED = 128 + 15   # what a shell reports for a process ended by SIGTERM
+EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -28,7 +31,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from core.train import train
     from experiments.executor import options
 
-    options(args)   # bad executor options are bad input with or without --seeds
+    options(args)  # bad executor options are bad input with or without --seeds
     if args.resume:
         if args.config or args.set:
             raise LayerLockError("--resume continues a run with its own config: drop --config/--set")
@@ -45,10 +48,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    if not result.run_id:   # a non-zero torchrun rank: rank 0 reports
+    if not result.run_id:  # a non-zero torchrun rank: rank 0 reports
         return 0
-    print(f"finished {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP", file=sys.stderr)
+    print(
+        f"finished {result.steps} steps, final loss {result.final_loss:.4f}, "
+        f"{result.wall_s:.1f} s, {result.flops / 1e12:.3f} TFLOP",
+        file=sys.stderr,
+    )
     print(result.run_id)
     return 0
 
@@ -84,7 +90,7 @@ def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
     print(f"group {tags.get(TAG_GROUP, group_name(cfg))}: seeds {', '.join(map(str, seeds))}", file=sys.stderr)
 
     results = train_seeds(cfg, seeds, tracking_uri=args.tracking_uri, tags=tags, **executor)
-    for result in results:   # in the order of --seeds; a non-zero torchrun rank has no run id
+    for result in results:  # in the order of --seeds; a non-zero torchrun rank has no run id
         if result.run_id:
             print(result.run_id)
     import torch.distributed as dist
@@ -105,9 +111,12 @@ def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its latest checkpoint")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra MLflow tag (repeatable)")
-    p.add_argument("--seeds", metavar="S,S,...",
-                   help="train one run per seed (e.g. 0,1,2), all tagged with one layerlock.group, through "
-                        "--executor; prints each run id")
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="train one run per seed (e.g. 0,1,2), all tagged with one layerlock.group, through "
+        "--executor; prints each run id",
+    )
     add_executor_options(p)
     _add_tracking(p)
     p.set_defaults(func=cmd_pretrain)

@@ -30,8 +30,9 @@ def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin: int, max_frac: float,
-                         out_dir: Path) -> tuple[Path, dict]:
+def derive_demo_schedule(
+    mae_run: str, uri: str | None, threshold: float, margin: int, max_frac: float, out_dir: Path
+) -> tuple[Path, dict]:
     """Schedule from the MAE run's post-hoc convergence (analysis), written to a JSON file."""
     from analysis import io
     from analysis.convergence import convergence_report, posthoc_convergence
@@ -42,10 +43,18 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     depth = int(record.params["model.depth"])
     report = convergence_report(layer, method="posthoc", threshold=threshold, run_id=mae_run)
     cap = max(1, min(depth - 1, math.floor(max_frac * depth)))
-    sched = schedule_for_run(mae_run, posthoc_convergence(layer, threshold=threshold), method="posthoc",
-                             threshold=threshold, total_steps=record.param_int("train.steps"), n_blocks=depth,
-                             flop_model=io.load_flop_model(mae_run, uri), margin=margin, max_frozen=cap,
-                             time_model=io.load_time_model(mae_run, uri))
+    sched = schedule_for_run(
+        mae_run,
+        posthoc_convergence(layer, threshold=threshold),
+        method="posthoc",
+        threshold=threshold,
+        total_steps=record.param_int("train.steps"),
+        n_blocks=depth,
+        flop_model=io.load_flop_model(mae_run, uri),
+        margin=margin,
+        max_frozen=cap,
+        time_model=io.load_time_model(mae_run, uri),
+    )
     if not sched["stages"]:
         _say(f"no block converged at threshold {threshold}: nothing to freeze; LayerLock will run unfrozen")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,9 +63,12 @@ def derive_demo_schedule(mae_run: str, uri: str | None, threshold: float, margin
     io.log_schedule_artifact(mae_run, sched, uri)
     conv_txt = ", ".join(f"b{b['block']}:{b['converged_step']}" for b in report["blocks"])
     _say(f"convergence (cka_final >= {threshold}): {conv_txt}; spearman rho {report['spearman_rho']}")
-    _say("derived schedule: " + ", ".join(f"step {s['step']} -> {s['frozen']} frozen" for s in sched["stages"])
-         + f"; predicted saving (freezing, pixel loss): FLOPs {sched['predicted_flop_saving']:.1%}, "
-         + f"wall time {_pct(sched['predicted_time_saving'])} ({sched['prediction']['time_model']})")
+    _say(
+        "derived schedule: "
+        + ", ".join(f"step {s['step']} -> {s['frozen']} frozen" for s in sched["stages"])
+        + f"; predicted saving (freezing, pixel loss): FLOPs {sched['predicted_flop_saving']:.1%}, "
+        + f"wall time {_pct(sched['predicted_time_saving'])} ({sched['prediction']['time_model']})"
+    )
     return path, sched
 
 
@@ -74,10 +86,23 @@ DEMO_RUNS: dict[str, tuple[str, bool]] = {
 }
 
 
-def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, margin: int, max_frac: float,
-             tasks: list[str] | None, out_dir: Path, freeze_only: bool = True, overrides: list[str] | None = None,
-             eval_train_clips: int | None = None, eval_val_clips: int | None = None,
-             seeds: list[int] | None = None, progress: bool = True, executor: dict | None = None) -> dict:
+def run_demo(
+    steps: int,
+    uri: str | None,
+    probe_every: int,
+    threshold: float,
+    margin: int,
+    max_frac: float,
+    tasks: list[str] | None,
+    out_dir: Path,
+    freeze_only: bool = True,
+    overrides: list[str] | None = None,
+    eval_train_clips: int | None = None,
+    eval_val_clips: int | None = None,
+    seeds: list[int] | None = None,
+    progress: bool = True,
+    executor: dict | None = None,
+) -> dict:
     """Train every demo run for each seed (the schedule of a seed comes from that seed's MAE run)
     through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/``workers``/
     ``ray_address``), evaluate them and a random-init encoder per seed; returns runs, schedules,
@@ -92,8 +117,13 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
 
     seeds = seeds or [0]
     demo_id = time.strftime("demo-%Y%m%d-%H%M%S")
-    common = [f"train.steps={steps}", f"probe.every={probe_every}", "tracking.experiment=layerlock-demo",
-              f"train.checkpoint_every={max(1, steps // 3)}", *(overrides or [])]
+    common = [
+        f"train.steps={steps}",
+        f"probe.every={probe_every}",
+        "tracking.experiment=layerlock-demo",
+        f"train.checkpoint_every={max(1, steps // 3)}",
+        *(overrides or []),
+    ]
     names = [n for n in DEMO_RUNS if freeze_only or n != "freeze_only"]
     runs: dict[str, dict[int, str]] = {n: {} for n in names}
     schedules: dict[int, dict] = {}
@@ -109,12 +139,17 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
         if scheduled:
             extra.append(f"freeze.schedule={schedules[seed]['path']}")
             tags[TAG_SCHEDULE_SOURCE] = runs["mae"][seed]
-        return spec_for(load_config(CONFIGS / config, extra), f"{name} seed {seed}", tags,
-                        identity={**tags, "train.seed": str(seed)})
+        return spec_for(
+            load_config(CONFIGS / config, extra),
+            f"{name} seed {seed}",
+            tags,
+            identity={**tags, "train.seed": str(seed)},
+        )
 
     def train_all(pairs: list[tuple[str, int]]) -> None:
-        results = run_specs([spec(n, s) for n, s in pairs], uri=uri, desc="demo runs", progress=progress,
-                            **(executor or {}))
+        results = run_specs(
+            [spec(n, s) for n, s in pairs], uri=uri, desc="demo runs", progress=progress, **(executor or {})
+        )
         for (name, seed), result in zip(pairs, results, strict=True):
             runs[name][seed] = result.run_id
 
@@ -133,17 +168,31 @@ def run_demo(steps: int, uri: str | None, probe_every: int, threshold: float, ma
     stage("evaluate")
     base_cfg = load_config(CONFIGS / "mae_tiny.yaml", common)
     # one set of probe clips for every encoder, so all are scored on the same examples
-    data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips,
-                          progress=progress)
-    evals = {name: {seed: evaluate_run(rid, tasks=tasks, tracking_uri=uri, probe="both", data=data,
-                                       progress=progress) for seed, rid in by_seed.items()}
-             for name, by_seed in runs.items()}
-    evals["random_init"] = {seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both",
-                                                       data=data, progress=progress) for seed in seeds}
-    table = compare_runs(io.load_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri,
-                                      COMPARE_PARTS).values())
-    return {"runs": runs, "schedules": schedules, "evals": evals, "table": table, "seeds": seeds,
-            "demo_id": demo_id, "wall_s": time.perf_counter() - t0, "uri": uri}
+    data = load_eval_data(base_cfg, tasks, train_clips=eval_train_clips, val_clips=eval_val_clips, progress=progress)
+    evals = {
+        name: {
+            seed: evaluate_run(rid, tasks=tasks, tracking_uri=uri, probe="both", data=data, progress=progress)
+            for seed, rid in by_seed.items()
+        }
+        for name, by_seed in runs.items()
+    }
+    evals["random_init"] = {
+        seed: random_init_baseline(seed_config(base_cfg, seed), tasks=tasks, probe="both", data=data, progress=progress)
+        for seed in seeds
+    }
+    table = compare_runs(
+        io.load_runs([rid for by_seed in runs.values() for rid in by_seed.values()], uri, COMPARE_PARTS).values()
+    )
+    return {
+        "runs": runs,
+        "schedules": schedules,
+        "evals": evals,
+        "table": table,
+        "seeds": seeds,
+        "demo_id": demo_id,
+        "wall_s": time.perf_counter() - t0,
+        "uri": uri,
+    }
 
 
 def freeze_only_predictions(result: dict) -> list[str]:
@@ -158,9 +207,11 @@ def freeze_only_predictions(result: dict) -> list[str]:
     for seed, rid in ids.items():
         drift = load_drift(result["runs"]["mae"][seed], rid, result.get("uri"))
         if drift is not None and abs(drift - 1) > 0.05:
-            lines.append(f"  seed {seed}: the machine's load changed between the two runs (unfrozen steps took "
-                         f"{drift:.2f}x as long in freeze_only as in mae): the wall saving measured against mae "
-                         "carries that change, the one measured within the run does not")
+            lines.append(
+                f"  seed {seed}: the machine's load changed between the two runs (unfrozen steps took "
+                f"{drift:.2f}x as long in freeze_only as in mae): the wall saving measured against mae "
+                "carries that change, the one measured within the run does not"
+            )
     return lines
 
 
@@ -188,15 +239,35 @@ def format_table(result: dict) -> str:
     names = {rid: name for name, by_seed in result["runs"].items() for rid in by_seed.values()}
     table.insert(0, "run", table["run_id"].map(names))
     eval_cols = _eval_cols(table)
-    cols = ["run", "seed", "final_loss_pixel", "total_flops", "wall_s", "flop_saving", "wall_saving",
-            "eff_rank_mean", "feat_std_min", *eval_cols]
+    cols = [
+        "run",
+        "seed",
+        "final_loss_pixel",
+        "total_flops",
+        "wall_s",
+        "flop_saving",
+        "wall_saving",
+        "eff_rank_mean",
+        "feat_std_min",
+        *eval_cols,
+    ]
     view = table[cols].copy()
     view["total_flops"] = view["total_flops"] / 1e12
-    rand = pd.DataFrame([{"run": "random_init", "seed": s, **{c: m.get(c) for c in eval_cols}}
-                         for s, m in result["evals"]["random_init"].items()])
+    rand = pd.DataFrame(
+        [
+            {"run": "random_init", "seed": s, **{c: m.get(c) for c in eval_cols}}
+            for s, m in result["evals"]["random_init"].items()
+        ]
+    )
     view = pd.concat([view, rand], ignore_index=True)
-    view = view.rename(columns={"final_loss_pixel": "pixel_loss", "total_flops": "TFLOP",
-                                "eff_rank_mean": "eff_rank", "feat_std_min": "feat_std"})
+    view = view.rename(
+        columns={
+            "final_loss_pixel": "pixel_loss",
+            "total_flops": "TFLOP",
+            "eff_rank_mean": "eff_rank",
+            "feat_std_min": "feat_std",
+        }
+    )
     view.columns = [c.removeprefix(EVAL) for c in view.columns]
     if len(result["seeds"]) == 1:
         return view.drop(columns="seed").to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
@@ -208,8 +279,13 @@ def format_table(result: dict) -> str:
         row = {"run": name}
         for m in metrics:
             vals = pd.to_numeric(part[m], errors="coerce").dropna()
-            row[m] = format_mean_sd(float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
-                                    len(vals), "{:.3g}") if len(vals) else "-"
+            row[m] = (
+                format_mean_sd(
+                    float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan, len(vals), "{:.3g}"
+                )
+                if len(vals)
+                else "-"
+            )
         rows.append(row)
     return pd.DataFrame(rows).to_string(index=False)
 
@@ -223,15 +299,20 @@ def paired_lines(result: dict) -> list[str]:
     lines = []
     for name in [n for n in evals if n != "mae"]:
         for key in sorted({k for m in evals["mae"].values() for k in m if "/block_" not in k}):
-            diffs = [evals[name][s][key] - evals["mae"][s][key] for s in seeds
-                     if key in evals[name].get(s, {}) and key in evals["mae"].get(s, {})]
+            diffs = [
+                evals[name][s][key] - evals["mae"][s][key]
+                for s in seeds
+                if key in evals[name].get(s, {}) and key in evals["mae"].get(s, {})
+            ]
             if not diffs:
                 continue
             mean = sum(diffs) / len(diffs)
             ci = t_interval(diffs)
             interval = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-            lines.append(f"  {name:>16} - mae  {key.removeprefix('eval/'):<22} {mean:+.3f}{interval}  "
-                         f"{verdict(mean, ci, len(diffs))}")
+            lines.append(
+                f"  {name:>16} - mae  {key.removeprefix('eval/'):<22} {mean:+.3f}{interval}  "
+                f"{verdict(mean, ci, len(diffs))}"
+            )
     return lines
 
 
@@ -244,8 +325,9 @@ def check_demo_args(args: argparse.Namespace) -> None:
     if args.margin < 0:
         raise LayerLockError(f"--margin must be a non-negative number of steps, got {args.margin}")
     if not 0 < args.max_frozen_fraction < 1:
-        raise LayerLockError(f"--max-frozen-fraction must be in (0, 1) (at least one block trains), "
-                             f"got {args.max_frozen_fraction}")
+        raise LayerLockError(
+            f"--max-frozen-fraction must be in (0, 1) (at least one block trains), got {args.max_frozen_fraction}"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -255,34 +337,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     executor = options(args)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     seeds = parse_seeds(args.seeds)
-    check_demo_args(args)   # before minutes of training, not after
+    check_demo_args(args)  # before minutes of training, not after
     progress = sys.stderr.isatty()
-    if not progress:   # a file or CI log: stage lines, not thousands of progress-bar frames
+    if not progress:  # a file or CI log: stage lines, not thousands of progress-bar frames
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    result = run_demo(args.steps, args.tracking_uri, args.probe_every, args.threshold, args.margin,
-                      args.max_frozen_fraction, tasks, Path(args.out_dir), freeze_only=not args.no_freeze_only,
-                      overrides=args.set, eval_train_clips=args.eval_train_clips, eval_val_clips=args.eval_val_clips,
-                      seeds=seeds, progress=progress, executor=executor)
+    result = run_demo(
+        args.steps,
+        args.tracking_uri,
+        args.probe_every,
+        args.threshold,
+        args.margin,
+        args.max_frozen_fraction,
+        tasks,
+        Path(args.out_dir),
+        freeze_only=not args.no_freeze_only,
+        overrides=args.set,
+        eval_train_clips=args.eval_train_clips,
+        eval_val_clips=args.eval_val_clips,
+        seeds=seeds,
+        progress=progress,
+        executor=executor,
+    )
     n = len(seeds)
     print()
-    print(f"LayerLock Lab demo: MAE vs LayerLock vs ablations (moving_digits), {n} seed{'s' if n > 1 else ''} "
-          f"({', '.join(map(str, seeds))}), {result['wall_s'] / 60:.1f} min")
+    print(
+        f"LayerLock Lab demo: MAE vs LayerLock vs ablations (moving_digits), {n} seed{'s' if n > 1 else ''} "
+        f"({', '.join(map(str, seeds))}), {result['wall_s'] / 60:.1f} min"
+    )
     print(format_table(result))
     for seed, s in result["schedules"].items():
         sched = s["schedule"]
-        print(f"\nschedule (seed {seed}) derived from MAE run {result['runs']['mae'][seed]}: "
-              + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in sched["stages"]) or "nothing frozen")
-              + f" (predicted saving: FLOPs {sched['predicted_flop_saving']:.1%}, "
-              + f"wall time {_pct(sched['predicted_time_saving'])} from {sched['predicted_time_basis']})")
+        print(
+            f"\nschedule (seed {seed}) derived from MAE run {result['runs']['mae'][seed]}: "
+            + (", ".join(f"step {st['step']} -> {st['frozen']} frozen" for st in sched["stages"]) or "nothing frozen")
+            + f" (predicted saving: FLOPs {sched['predicted_flop_saving']:.1%}, "
+            + f"wall time {_pct(sched['predicted_time_saving'])} from {sched['predicted_time_basis']})"
+        )
     lines = freeze_only_predictions(result)
     if lines:
-        print("\nfreeze only: the schedule's saving predicted from the MAE run (its measured step times, or FLOPs),"
-              " against the saving measured: wall_s against MAE; within the run (its frozen steps against its own"
-              " unfrozen ones); cpu_s and counted FLOPs against MAE:")
+        print(
+            "\nfreeze only: the schedule's saving predicted from the MAE run (its measured step times, or FLOPs),"
+            " against the saving measured: wall_s against MAE; within the run (its frozen steps against its own"
+            " unfrozen ones); cpu_s and counted FLOPs against MAE:"
+        )
         print("\n".join(lines))
     if n == 1:
-        print("\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "
-              "(or `python -m experiments study`) to compare with intervals.")
+        print(
+            "\none seed: differences between these rows have no interval and are not claims; run --seeds 0,1,2 "
+            "(or `python -m experiments study`) to compare with intervals."
+        )
     else:
         print("\nprobe differences against MAE (paired on the seed; 95% t interval; inside it: no difference):")
         print("\n".join(paired_lines(result)))

@@ -75,12 +75,23 @@ class RunSpec:
         return ";".join(f"{k}={v}" for k, v in sorted(ident.items()))
 
 
-def spec_for(cfg: ExperimentConfig, label: str, tags: dict[str, str], *, identity: dict[str, str] | None = None,
-             init_from: tuple[str, int] | None = None) -> RunSpec:
+def spec_for(
+    cfg: ExperimentConfig,
+    label: str,
+    tags: dict[str, str],
+    *,
+    identity: dict[str, str] | None = None,
+    init_from: tuple[str, int] | None = None,
+) -> RunSpec:
     """A :class:`RunSpec` of ``cfg``; a run on ``train.device=cuda`` asks Ray for one GPU."""
-    return RunSpec(label=label, config=cfg.model_dump(mode="json"), tags=dict(tags),
-                   identity=None if identity is None else {k: str(v) for k, v in identity.items()},
-                   init_from=init_from, num_gpus=1.0 if cfg.train.device == "cuda" else 0.0)
+    return RunSpec(
+        label=label,
+        config=cfg.model_dump(mode="json"),
+        tags=dict(tags),
+        identity=None if identity is None else {k: str(v) for k, v in identity.items()},
+        init_from=init_from,
+        num_gpus=1.0 if cfg.train.device == "cuda" else 0.0,
+    )
 
 
 @dataclass
@@ -118,10 +129,12 @@ class RunsFailed(Exception):
 
     def lines(self) -> list[str]:
         return [f"  {r.line()}" for r in self.failed] + [
-            f"{self}; run the same command again to train only what is missing"]
+            f"{self}; run the same command again to train only what is missing"
+        ]
 
 
 # ----------------------------------------------------------------------------- options
+
 
 def check_options(executor: str, workers: int | None) -> None:
     """LayerLockError for an unknown back end or a worker count below 1."""
@@ -135,19 +148,28 @@ def default_workers() -> int:
     """One worker per core this process may use (each trains with one torch thread)."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
+    except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
 def add_options(p) -> None:
     """``--executor``, ``--workers``, ``--ray-address`` on a command that trains several runs."""
-    p.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="|".join(EXECUTORS),
-                   help="how the independent runs train: serial (one after another, here), local (a pool of "
-                        "worker processes, one torch thread each), ray (Ray tasks) (default local)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes for --executor local (default: one per core)")
-    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="Ray cluster for --executor ray (default: start one on this machine)")
+    p.add_argument(
+        "--executor",
+        default=DEFAULT_EXECUTOR,
+        metavar="|".join(EXECUTORS),
+        help="how the independent runs train: serial (one after another, here), local (a pool of "
+        "worker processes, one torch thread each), ray (Ray tasks) (default local)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes for --executor local (default: one per core)"
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="Ray cluster for --executor ray (default: start one on this machine)",
+    )
 
 
 def options(args) -> dict[str, Any]:
@@ -157,6 +179,7 @@ def options(args) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the store (all of it here)
+
 
 def _runs_of(key: str, uri: str) -> list:
     from analysis import io
@@ -220,11 +243,13 @@ def _plan(specs: Sequence[RunSpec], uri: str) -> tuple[dict[int, RunResult], dic
         todo[i] = None
         for run in runs:
             if run.status == "RUNNING" and not _mark_failed(run.run_id, WORKER_DIED, uri):
-                raise LayerLockError(f"{spec.label}: run {run.run_id} is still being trained by "
-                                     f"{run.tags.get(TAG_OWNER, 'another process')}; wait for it to end")
+                raise LayerLockError(
+                    f"{spec.label}: run {run.run_id} is still being trained by "
+                    f"{run.tags.get(TAG_OWNER, 'another process')}; wait for it to end"
+                )
             if todo[i] is None:
                 todo[i] = _resumable(run.run_id, uri)
-            else:   # a newer attempt is resumed: this one would count twice
+            else:  # a newer attempt is resumed: this one would count twice
                 _drop(run.run_id, uri)
     return done, todo
 
@@ -245,6 +270,7 @@ def _drop(run_id: str, uri: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the worker side
+
 
 def _pool_worker() -> None:
     """A pool worker's setup: one torch thread (the workers share the cores), and Ctrl-C left to
@@ -275,8 +301,14 @@ def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "poo
         init = None
         if spec.init_from is not None and resume is None:
             init = load_run_checkpoint(spec.init_from[0], step=spec.init_from[1], tracking_uri=uri)
-        result = train(cfg, tracking_uri=uri, resume_run_id=resume, tags={**spec.tags, TAG_RUN_KEY: spec.key},
-                       init_state=init, progress=where == "here" and sys.stderr.isatty())
+        result = train(
+            cfg,
+            tracking_uri=uri,
+            resume_run_id=resume,
+            tags={**spec.tags, TAG_RUN_KEY: spec.key},
+            init_state=init,
+            progress=where == "here" and sys.stderr.isatty(),
+        )
     except RunTerminated as err:
         if where == "pool":
             os._exit(128 + signal.SIGTERM)
@@ -290,6 +322,7 @@ def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "poo
 
 # ----------------------------------------------------------------------------- progress
 
+
 class _Progress:
     """One bar over runs on a terminal (done / total, running now, ETA); a line per finished run."""
 
@@ -297,8 +330,16 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
-        self.bar = tqdm(total=total, initial=done, desc=desc, unit="run", position=0, disable=not bar,
-                        dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc=desc,
+            unit="run",
+            position=0,
+            disable=not bar,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         self.n, self.total = done, total
 
     def running(self, labels: Sequence[str]) -> None:
@@ -315,6 +356,7 @@ class _Progress:
 
 # ----------------------------------------------------------------------------- back ends
 
+
 def _serial(specs, todo, uri, progress, report) -> None:
     for i, resume in todo.items():
         progress.running([specs[i].label])
@@ -330,8 +372,11 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
 
     queue, retried = dict(todo), set()
     while queue:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(queue)), initializer=_pool_worker,
-                                   mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(queue)),
+            initializer=_pool_worker,
+            mp_context=multiprocessing.get_context("spawn"),
+        )
         futures = {pool.submit(train_spec, specs[i], resume, uri): i for i, resume in queue.items()}
         queue, broken, pending = {}, [], set(futures)
         try:
@@ -355,7 +400,7 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
                 report(i, settled)
             elif i in retried:
                 report(i, settled or RunResult(specs[i].key, specs[i].label, None, FAILED, WORKER_DIED))
-            else:   # KILLED by the pool's SIGTERM: resumed; not started: started
+            else:  # KILLED by the pool's SIGTERM: resumed; not started: started
                 retried.add(i)
                 queue[i] = None if settled is None else _resumable(settled.run_id, uri)
 
@@ -379,8 +424,10 @@ def _check_ray_address(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as err:
-        raise LayerLockError(f"no Ray cluster answers at {address} ({err.strerror or type(err).__name__}); "
-                             "start one with `ray start --head` or pass --ray-address") from None
+        raise LayerLockError(
+            f"no Ray cluster answers at {address} ({err.strerror or type(err).__name__}); "
+            "start one with `ray start --head` or pass --ray-address"
+        ) from None
 
 
 def connect_ray(address: str | None, uri: str) -> bool:
@@ -395,8 +442,13 @@ def connect_ray(address: str | None, uri: str) -> bool:
         if address not in (None, "auto"):
             _check_ray_address(address)
         try:
-            ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                     configure_logging=True)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                configure_logging=True,
+            )
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise LayerLockError(f"no Ray cluster at --ray-address {address}: {first_line(err)}") from None
         started = True
@@ -406,8 +458,10 @@ def connect_ray(address: str | None, uri: str) -> bool:
     if len(hosts) > 1 and (sqlite_path(uri) is not None or uri.startswith("file:")):
         if started:
             ray.shutdown()
-        raise LayerLockError(f"the Ray cluster spans {len(hosts)} hosts, but the tracking store {uri} is a file on "
-                             f"this one; log to {TEAM_SERVER}")
+        raise LayerLockError(
+            f"the Ray cluster spans {len(hosts)} hosts, but the tracking store {uri} is a file on "
+            f"this one; log to {TEAM_SERVER}"
+        )
     return started
 
 
@@ -419,10 +473,17 @@ def _ray(specs, todo, uri, progress, report) -> None:
 
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     # One host: workers use this process's run folders and code, wherever Ray started them.
-    env = ({"env_vars": {"LAYERLOCK_RUNS_DIR": str(runs_root()),
-                         "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
-                         **{k: os.environ[k] for k in ("LAYERLOCK_SENDER",) if k in os.environ}}}
-           if len(hosts) == 1 else None)
+    env = (
+        {
+            "env_vars": {
+                "LAYERLOCK_RUNS_DIR": str(runs_root()),
+                "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
+                **{k: os.environ[k] for k in ("LAYERLOCK_SENDER",) if k in os.environ},
+            }
+        }
+        if len(hosts) == 1
+        else None
+    )
     remote = ray.remote(train_spec)
     refs = {}
     for i, resume in todo.items():
@@ -439,23 +500,34 @@ def _ray(specs, todo, uri, progress, report) -> None:
                 i = refs[ref]
                 try:
                     report(i, ray.get(ref))
-                except (RayError, TaskCancelledError) as err:   # WorkerCrashedError, a lost node, ...
+                except (RayError, TaskCancelledError) as err:  # WorkerCrashedError, a lost node, ...
                     reason = f"{WORKER_DIED} ({type(err).__name__})"
-                    report(i, _settle(specs[i], uri, reason)
-                           or RunResult(specs[i].key, specs[i].label, None, FAILED, reason))
+                    report(
+                        i,
+                        _settle(specs[i], uri, reason) or RunResult(specs[i].key, specs[i].label, None, FAILED, reason),
+                    )
     except KeyboardInterrupt:
         for ref in refs:
-            ray.cancel(ref)   # KeyboardInterrupt inside the task: the trainer marks its run and stops
+            ray.cancel(ref)  # KeyboardInterrupt inside the task: the trainer marks its run and stops
         ray.wait(list(refs), num_returns=len(refs), timeout=120)
         raise
 
 
 # ----------------------------------------------------------------------------- the one entry point
 
-def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, workers: int | None = None,
-              ray_address: str | None = None, uri: str | None = None, desc: str = "runs",
-              progress: bool | None = None, on_result: Callable[[RunResult], None] | None = None,
-              raise_failed: bool = True) -> list[RunResult]:
+
+def run_specs(
+    specs: Sequence[RunSpec],
+    *,
+    executor: str = DEFAULT_EXECUTOR,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    uri: str | None = None,
+    desc: str = "runs",
+    progress: bool | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+    raise_failed: bool = True,
+) -> list[RunResult]:
     """Train every spec not FINISHED before; one :class:`RunResult` per spec, in their order.
 
     ``progress``: the bar over runs (default: when stderr is a terminal); a line per finished run
@@ -470,10 +542,10 @@ def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, wor
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise LayerLockError("run_specs: two specs have one key (their identifying tags are equal)")
-    uri = absolute_uri(resolve_uri(uri))   # workers may start in other folders
-    started = False   # Ray, when this call starts or joins it (and so shuts it down)
+    uri = absolute_uri(resolve_uri(uri))  # workers may start in other folders
+    started = False  # Ray, when this call starts or joins it (and so shuts it down)
     if executor == "ray" and ray_address is not None:
-        started = connect_ray(ray_address, uri)   # a cluster that is not there: refused before anything
+        started = connect_ray(ray_address, uri)  # a cluster that is not there: refused before anything
     _open_store(uri)
     done, todo = _plan(specs, uri)
     results: dict[int, RunResult] = dict(done)
@@ -482,7 +554,7 @@ def run_specs(specs: Sequence[RunSpec], *, executor: str = DEFAULT_EXECUTOR, wor
         bar.finished(done[i])
 
     def report(i: int, result: RunResult) -> None:
-        if result.run_id is None and result.status != FINISHED:   # the run's id, for the list of failures
+        if result.run_id is None and result.status != FINISHED:  # the run's id, for the list of failures
             settled = _settle(specs[i], uri, result.reason or WORKER_DIED)
             if settled is not None:
                 result.run_id = settled.run_id

@@ -55,19 +55,23 @@ def grid_blocks(depth: int, shallowest: bool = True) -> list[int]:
     return sorted(v for v in values if 1 <= v <= depth - 1)
 
 
-def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int, n_steps: int = GRID_STEPS,
-              shallowest: bool = True) -> tuple[list[int], list[int], str | None]:
+def grid_plan(
+    checkpoints: Sequence[int], total_steps: int, depth: int, n_steps: int = GRID_STEPS, shallowest: bool = True
+) -> tuple[list[int], list[int], str | None]:
     """``(steps, blocks, note)`` for ``--grid``. ``steps``: up to ``n_steps`` of the interior
     checkpoints (``0 < step < total_steps``), evenly spread and including the first and last;
     ``blocks``: :func:`grid_blocks`; ``note``: why the grid is thinner than asked (None when it is not)."""
     interior = sorted({int(s) for s in checkpoints if 0 < int(s) < total_steps})
     every = total_steps // (n_steps + 1)
-    advice = (f"train the baseline with train.checkpoint_every <= {every} (steps/{n_steps + 1}) to get "
-              f">= {n_steps}" if every >= 1 else
-              f"a run of {total_steps} steps has at most {max(total_steps - 1, 0)}")
+    advice = (
+        f"train the baseline with train.checkpoint_every <= {every} (steps/{n_steps + 1}) to get >= {n_steps}"
+        if every >= 1
+        else f"a run of {total_steps} steps has at most {max(total_steps - 1, 0)}"
+    )
     if not interior:
-        raise LayerLockError(f"the baseline has no checkpoint before its final step {total_steps}; {advice} "
-                             "interior checkpoints")
+        raise LayerLockError(
+            f"the baseline has no checkpoint before its final step {total_steps}; {advice} interior checkpoints"
+        )
     n = len(interior)
     if n > n_steps:
         picks = sorted({round(i * (n - 1) / max(n_steps - 1, 1)) for i in range(n_steps)})
@@ -76,8 +80,10 @@ def grid_plan(checkpoints: Sequence[int], total_steps: int, depth: int, n_steps:
         steps = interior
     note = None
     if n < n_steps:
-        note = (f"checkpoints too sparse: the baseline has {n} interior checkpoint(s) "
-                f"({', '.join(map(str, interior))}), the grid wants {n_steps}; {advice} interior checkpoints")
+        note = (
+            f"checkpoints too sparse: the baseline has {n} interior checkpoint(s) "
+            f"({', '.join(map(str, interior))}), the grid wants {n_steps}; {advice} interior checkpoints"
+        )
     return steps, grid_blocks(depth, shallowest), note
 
 
@@ -89,8 +95,9 @@ def checkpoint_steps(run_id: str, tracking_uri: str | None = None) -> list[int]:
     return sorted(checkpoint_step(n) for n in names if _CHECKPOINT.search(n))
 
 
-def plan_from_run(baseline: str, tracking_uri: str | None = None, n_steps: int = GRID_STEPS,
-                  shallowest: bool = True) -> tuple[list[int], list[int], str | None]:
+def plan_from_run(
+    baseline: str, tracking_uri: str | None = None, n_steps: int = GRID_STEPS, shallowest: bool = True
+) -> tuple[list[int], list[int], str | None]:
     """:func:`grid_plan` for a stored baseline (its ``model.depth``/``train.steps`` params)."""
     from analysis import io
 
@@ -126,33 +133,43 @@ def freeze_test_specs(baseline: str, steps: list[int], blocks: list[int], tracki
         for L in blocks:
             child = cfg.model_copy(deep=True)
             child.freeze.schedule = [{"step": T, "frozen": L}]
-            child.probe.enabled = False               # only the final loss matters here
-            child.train.time_calibration = 0          # and no schedule is predicted from a child's step times
+            child.probe.enabled = False  # only the final loss matters here
+            child.train.time_calibration = 0  # and no schedule is predicted from a child's step times
             child.tracking.run_name = f"freeze_test T={T} L={L}"
             child = config_from_dict(child.model_dump(mode="json"), "freeze-test child")
-            tags = {TAG_METHOD: METHOD_FREEZE_TEST, TAG_PARENT: baseline, MLFLOW_PARENT: baseline,
-                    TAG_FREEZE_STEP: str(T), TAG_FREEZE_BLOCKS: str(L)}
+            tags = {
+                TAG_METHOD: METHOD_FREEZE_TEST,
+                TAG_PARENT: baseline,
+                MLFLOW_PARENT: baseline,
+                TAG_FREEZE_STEP: str(T),
+                TAG_FREEZE_BLOCKS: str(L),
+            }
             specs.append(spec_for(child, f"T={T} L={L}", tags, init_from=(baseline, T)))
     return specs
 
 
-def run_freeze_test(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None,
-                    progress: bool | None = None, **executor) -> list[str]:
+def run_freeze_test(
+    baseline: str,
+    steps: list[int],
+    blocks: list[int],
+    tracking_uri: str | None = None,
+    progress: bool | None = None,
+    **executor,
+) -> list[str]:
     """Train one child run per (T, L) through :func:`experiments.executor.run_specs` (``executor``:
     its ``executor``/``workers``/``ray_address``); returns their run ids. Children that FINISHED
     before are kept; :class:`experiments.executor.RunsFailed` when some do not finish."""
     from experiments.executor import run_specs
 
     specs = freeze_test_specs(baseline, steps, blocks, tracking_uri)
-    results = run_specs(specs, uri=tracking_uri, desc=f"freeze test of {baseline[:8]}", progress=progress,
-                        **executor)
+    results = run_specs(specs, uri=tracking_uri, desc=f"freeze test of {baseline[:8]}", progress=progress, **executor)
     return [r.run_id for r in results]
 
 
 def cmd_freeze_test(args: argparse.Namespace) -> int:
     from experiments.executor import options
 
-    executor = options(args)   # bad options fail before the store is read
+    executor = options(args)  # bad options fail before the store is read
     if args.grid:
         if args.steps or args.blocks:
             raise LayerLockError("--grid picks the steps and blocks itself: drop --steps/--blocks (or --grid)")
@@ -173,8 +190,11 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
     print(tolerance.line(), file=sys.stderr)
     print("final-loss ratio (child / baseline), rows L = frozen blocks, columns T = step:", file=sys.stderr)
     print(grid.ratio.round(4).to_string(), file=sys.stderr)
-    print("largest converged prefix per step T: "
-          + ", ".join(f"T={t}: {k}" for t, k in grid.max_converged_prefix().items()), file=sys.stderr)
+    print(
+        "largest converged prefix per step T: "
+        + ", ".join(f"T={t}: {k}" for t, k in grid.max_converged_prefix().items()),
+        file=sys.stderr,
+    )
     print(args.baseline)
     return 0
 
@@ -183,24 +203,33 @@ def register(sub, add_tracking) -> None:
     from experiments.executor import add_options as add_executor_options
 
     p = sub.add_parser(
-        "freeze-test", help="the paper's convergence test: freeze blocks 0..L-1 at step T",
+        "freeze-test",
+        help="the paper's convergence test: freeze blocks 0..L-1 at step T",
         description="Branch one child run per (T, L) off a baseline's checkpoint at step T with blocks 0..L-1 "
-                    "frozen to the end, then print the grid of final-loss ratios (child / baseline). "
-                    f"--grid picks up to {GRID_STEPS} steps T evenly from the baseline's interior checkpoints "
-                    "(all but the final step) and L = 1, depth/4, depth/2, 3*depth/4; "
-                    f"{GRID_STEPS} interior checkpoints need train.checkpoint_every <= train.steps/{GRID_STEPS + 1} "
-                    "in the baseline (with fewer, the grid uses those there are and says so). The tolerance is "
-                    "calibrated on the seed spread of the baseline's final loss (its layerlock.group runs) "
-                    "unless --tol is given; without a seed group it is 0.02.")
+        "frozen to the end, then print the grid of final-loss ratios (child / baseline). "
+        f"--grid picks up to {GRID_STEPS} steps T evenly from the baseline's interior checkpoints "
+        "(all but the final step) and L = 1, depth/4, depth/2, 3*depth/4; "
+        f"{GRID_STEPS} interior checkpoints need train.checkpoint_every <= train.steps/{GRID_STEPS + 1} "
+        "in the baseline (with fewer, the grid uses those there are and says so). The tolerance is "
+        "calibrated on the seed spread of the baseline's final loss (its layerlock.group runs) "
+        "unless --tol is given; without a seed group it is 0.02.",
+    )
     p.add_argument("--baseline", required=True, metavar="RUN_ID", help="an unfrozen run with checkpoints at T")
     p.add_argument("--steps", help="comma-separated steps T (checkpoint steps of the baseline)")
     p.add_argument("--blocks", help="comma-separated prefix lengths L")
-    p.add_argument("--grid", action="store_true",
-                   help=f"pick T (up to {GRID_STEPS} interior checkpoints) and L (4 values) from the baseline; "
-                        "conflicts with --steps/--blocks")
-    p.add_argument("--tol", type=float, default=None,
-                   help="converged if child loss <= (1 + tol) * baseline (default: calibrated, the relative sd of "
-                        "the final loss over the baseline's seed group; 0.02 without one)")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help=f"pick T (up to {GRID_STEPS} interior checkpoints) and L (4 values) from the baseline; "
+        "conflicts with --steps/--blocks",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="converged if child loss <= (1 + tol) * baseline (default: calibrated, the relative sd of "
+        "the final loss over the baseline's seed group; 0.02 without one)",
+    )
     add_executor_options(p)
     add_tracking(p)
     p.set_defaults(func=cmd_freeze_test)

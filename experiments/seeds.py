@@ -61,8 +61,10 @@ def seed_specs(cfg: ExperimentConfig, seeds: Sequence[int], tags: dict[str, str]
         raise LayerLockError(f"train_seeds: repeated seeds in {seeds}")
     # Explicit, although the trainer derives the same tag: a caller's own tags cannot split the group.
     run_tags = {TAG_GROUP: group_name(cfg), **(tags or {})}
-    return [spec_for(seed_config(cfg, seed), f"seed {seed}", run_tags, identity={**run_tags, "train.seed": str(seed)})
-            for seed in seeds]
+    return [
+        spec_for(seed_config(cfg, seed), f"seed {seed}", run_tags, identity={**run_tags, "train.seed": str(seed)})
+        for seed in seeds
+    ]
 
 
 def train_seeds(
@@ -84,5 +86,11 @@ def train_seeds(
     from experiments.executor import run_specs
 
     specs = seed_specs(cfg, seeds, tags)
-    return run_specs(specs, uri=tracking_uri, desc=f"seeds of {specs[0].tags[TAG_GROUP]}", progress=progress,
-                     on_result=on_result, **executor)
+    return run_specs(
+        specs,
+        uri=tracking_uri,
+        desc=f"seeds of {specs[0].tags[TAG_GROUP]}",
+        progress=progress,
+        on_result=on_result,
+        **executor,
+    )

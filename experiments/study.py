@@ -46,11 +46,20 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # small: mae_tiny's own 600 steps; a 3 x 3 freeze-test grid (T = 100, 300, 500; L = 2, 4, 6);
     # no latent_scheduled ablation, and naive latent (a step costs 2.3 MAE steps; it collapses
     # within the first hundred) for half the steps: with either, 3 seeds took 33 minutes
-    "small": {"config": "mae_tiny.yaml", "set": ["probe.every=30", "train.checkpoint_every=100"],
-              "grid": {"n_steps": 3, "shallowest": False},
-              "methods": ("freeze_only", "layerlock", "latent_naive"), "steps_fraction": {"latent_naive": 0.5}},
-    "full": {"config": "mae_small.yaml", "set": ["probe.every=100", "train.checkpoint_every=500"], "grid": {},
-             "methods": ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"), "steps_fraction": {}},
+    "small": {
+        "config": "mae_tiny.yaml",
+        "set": ["probe.every=30", "train.checkpoint_every=100"],
+        "grid": {"n_steps": 3, "shallowest": False},
+        "methods": ("freeze_only", "layerlock", "latent_naive"),
+        "steps_fraction": {"latent_naive": 0.5},
+    },
+    "full": {
+        "config": "mae_small.yaml",
+        "set": ["probe.every=100", "train.checkpoint_every=500"],
+        "grid": {},
+        "methods": ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"),
+        "steps_fraction": {},
+    },
 }
 # Method -> (objective overrides, trained with the derived schedule?)
 METHODS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -58,8 +67,7 @@ METHODS: dict[str, tuple[tuple[str, ...], bool]] = {
     "freeze_only": ((), True),
     "layerlock": (("objective.name=layerlock",), True),
     "latent_scheduled": (("objective.name=latent_scheduled",), True),
-    "latent_naive": (("objective.name=latent_naive", "objective.pixel_weight=0.0", "objective.latent_block=-1"),
-                     False),
+    "latent_naive": (("objective.name=latent_naive", "objective.pixel_weight=0.0", "objective.latent_block=-1"), False),
 }
 # Collapse claim thresholds (fractions of MAE's feat_std): collapsed below, healthy above.
 COLLAPSED_BELOW, HEALTHY_ABOVE = 0.2, 0.5
@@ -73,22 +81,36 @@ def _say(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- training stages
 
+
 def _method_config(base, method: str, seed: int, schedule_path: Path | None, steps_fraction: float = 1.0):
     """``base`` turned into ``method`` for ``seed`` (with the seed's derived schedule if the method
     uses one), trained for ``steps_fraction`` of the base's steps."""
     from core.config import with_overrides
 
     overrides, scheduled = METHODS[method]
-    extra = [*overrides, f"train.seed={seed}", f"tracking.run_name={method}-seed{seed}",
-             f"freeze.schedule={schedule_path}" if scheduled else "freeze.schedule=null"]
+    extra = [
+        *overrides,
+        f"train.seed={seed}",
+        f"tracking.run_name={method}-seed{seed}",
+        f"freeze.schedule={schedule_path}" if scheduled else "freeze.schedule=null",
+    ]
     if steps_fraction != 1.0:
         extra.append(f"train.steps={max(1, round(base.train.steps * steps_fraction))}")
     return with_overrides(base, extra, f"study ({method})")
 
 
-def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int], budget: str,
-              out_dir: Path, uri: str | None, tasks: Sequence[str] | None = None, progress: bool = True,
-              study_id: str | None = None, executor: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_study(
+    config: str | None,
+    overrides: Sequence[str],
+    seeds: Sequence[int],
+    budget: str,
+    out_dir: Path,
+    uri: str | None,
+    tasks: Sequence[str] | None = None,
+    progress: bool = True,
+    study_id: str | None = None,
+    executor: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``).
     The runs train through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/
     ``workers``/``ray_address``); a study run again with the same ``study_id`` keeps the runs that
@@ -106,11 +128,14 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     if budget not in BUDGETS:
         raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     spec = BUDGETS[budget]
-    base = load_config(config_path(config) if config else CONFIGS / spec["config"],
-                       [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])])
+    base = load_config(
+        config_path(config) if config else CONFIGS / spec["config"],
+        [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])],
+    )
     if base.objective.name != "pixel":
-        raise LayerLockError("study: the base config must be an MAE (objective.name=pixel); the study "
-                             "derives the other methods from it")
+        raise LayerLockError(
+            "study: the base config must be an MAE (objective.name=pixel); the study derives the other methods from it"
+        )
     study_id = study_id or time.strftime("study-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -122,16 +147,22 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
         return {TAG_STUDY: study_id, TAG_GROUP: f"{study_id}-{method}"}
 
     def method_spec(method: str, seed: int):
-        cfg = _method_config(base, method, seed, schedules.get(seed, {}).get("path"),
-                             spec["steps_fraction"].get(method, 1.0))
+        cfg = _method_config(
+            base, method, seed, schedules.get(seed, {}).get("path"), spec["steps_fraction"].get(method, 1.0)
+        )
         return spec_for(cfg, f"{method} seed {seed}", tags(method), identity={**tags(method), "train.seed": str(seed)})
 
     # Stages, each one call of the executor: every MAE first (the freeze test's tolerance is their
     # seed spread, and the schedules come from them); then, with each seed's schedule derived, its
     # freeze-test grid and the other methods, all independent of each other.
     _say(f"[study] MAE, seeds {', '.join(map(str, seeds))}")
-    for seed, result in zip(seeds, run_specs([method_spec("mae", s) for s in seeds], uri=uri,
-                                             desc="study: MAE", progress=progress, **(executor or {})), strict=True):
+    for seed, result in zip(
+        seeds,
+        run_specs(
+            [method_spec("mae", s) for s in seeds], uri=uri, desc="study: MAE", progress=progress, **(executor or {})
+        ),
+        strict=True,
+    ):
         runs["mae"][seed] = result.run_id
     specs, slots = [], []
     for seed in seeds:
@@ -148,8 +179,7 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
             specs.append(method_spec(method, seed))
             slots.append((method, seed))
     _say(f"[study] freeze tests and {', '.join(spec['methods'])}: {len(specs)} runs")
-    results = run_specs(specs, uri=uri, desc="study: freeze tests and methods", progress=progress,
-                        **(executor or {}))
+    results = run_specs(specs, uri=uri, desc="study: freeze tests and methods", progress=progress, **(executor or {}))
     for (method, seed), result in zip(slots, results, strict=True):
         if method == "freeze_test":
             children.setdefault(seed, []).append(result.run_id)
@@ -159,26 +189,40 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     _say("[study] evaluate")
     data = load_eval_data(base, tasks, progress=False)
     evals: dict[str, dict[int, dict[str, float]]] = {m: {} for m in [*runs, "random_init"]}
-    bar = tqdm(total=sum(map(len, runs.values())) + len(seeds) + 1, desc="study: evaluate", unit="encoder",
-               position=0, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(map(len, runs.values())) + len(seeds) + 1,
+        desc="study: evaluate",
+        unit="encoder",
+        position=0,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     for method, by_seed in runs.items():
         for seed, rid in by_seed.items():
-            evals[method][seed] = evaluate_run(rid, tasks, tracking_uri=uri, probe="both", data=data,
-                                               progress=False)
+            evals[method][seed] = evaluate_run(rid, tasks, tracking_uri=uri, probe="both", data=data, progress=False)
             bar.update(1)
     for seed in seeds:
-        evals["random_init"][seed] = random_init_baseline(seed_config(base, seed), tasks, probe="both",
-                                                          data=data, progress=False)
+        evals["random_init"][seed] = random_init_baseline(
+            seed_config(base, seed), tasks, probe="both", data=data, progress=False
+        )
         bar.update(1)
     bar.set_postfix_str("analyse")
     results = analyse(runs, evals, schedules, uri, seeds)
-    results.update({"study_id": study_id, "budget": budget, "seeds": list(seeds),
-                    "config": base.model_dump(mode="json"), "wall_s": time.perf_counter() - t_start,
-                    "probes": "position-controlled: every probe clip at the same token positions, each "
-                              "position's mean over clips removed before CKA, effective rank and feat_std",
-                    "eval_clips": {"train": int(len(data.train_video)), "val": int(len(data.val_video))},
-                    "runs": {m: {str(s): r for s, r in by.items()} for m, by in runs.items()},
-                    "freeze_test_children": {str(s): c for s, c in children.items()}})
+    results.update(
+        {
+            "study_id": study_id,
+            "budget": budget,
+            "seeds": list(seeds),
+            "config": base.model_dump(mode="json"),
+            "wall_s": time.perf_counter() - t_start,
+            "probes": "position-controlled: every probe clip at the same token positions, each "
+            "position's mean over clips removed before CKA, effective rank and feat_std",
+            "eval_clips": {"train": int(len(data.train_video)), "val": int(len(data.val_video))},
+            "runs": {m: {str(s): r for s, r in by.items()} for m, by in runs.items()},
+            "freeze_test_children": {str(s): c for s, c in children.items()},
+        }
+    )
     bar.update(1)
     bar.close()
     write_outputs(results, out_dir)
@@ -188,6 +232,7 @@ def run_study(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
 
 
 # ----------------------------------------------------------------------------- analysis
+
 
 def _eval_keys(evals: dict[str, dict[int, dict[str, float]]]) -> list[str]:
     keys: set[str] = set()
@@ -201,8 +246,13 @@ def _lower_is_better(key: str) -> bool:
     return key.endswith("absrel")
 
 
-def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str, float]]],
-            schedules: dict[int, dict], uri: str | None, seeds: Sequence[int]) -> dict[str, Any]:
+def analyse(
+    runs: dict[str, dict[int, str]],
+    evals: dict[str, dict[int, dict[str, float]]],
+    schedules: dict[int, dict],
+    uri: str | None,
+    seeds: Sequence[int],
+) -> dict[str, Any]:
     """The claims S0-S4 from stored runs (read through ``analysis.io``, each figure an
     ``analysis.claims`` estimate with its verdict)."""
     from analysis import io
@@ -217,15 +267,21 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
     # S0 -------------------------------------------------------------------------------
     s0 = {}
     for key in keys:
-        diffs = [evals["mae"][s][key] - evals["random_init"][s][key] for s in seeds
-                 if key in evals["mae"].get(s, {}) and key in evals["random_init"].get(s, {})]
-        s0[key] = {**claim(diffs, 0.0, "below" if _lower_is_better(key) else "above"),
-                   "mae": estimate([evals["mae"][s].get(key) for s in seeds]),
-                   "random_init": estimate([evals["random_init"][s].get(key) for s in seeds])}
+        diffs = [
+            evals["mae"][s][key] - evals["random_init"][s][key]
+            for s in seeds
+            if key in evals["mae"].get(s, {}) and key in evals["random_init"].get(s, {})
+        ]
+        s0[key] = {
+            **claim(diffs, 0.0, "below" if _lower_is_better(key) else "above"),
+            "mae": estimate([evals["mae"][s].get(key) for s in seeds]),
+            "random_init": estimate([evals["random_init"][s].get(key) for s in seeds]),
+        }
     claims["S0_pretraining_matters"] = {
         "claim": "MAE features probe better than a random-init encoder of the same shape",
         "figure": "MAE minus random init per probe metric, paired on the seed (absrel: lower is better)",
-        "metrics": s0}
+        "metrics": s0,
+    }
 
     # S1 -------------------------------------------------------------------------------
     s1 = {}
@@ -236,34 +292,55 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
             rep = convergence_report(layer, rule, run_id=runs["mae"][s])
             rhos.append(rep["spearman_rho"])
             steps[str(s)] = [b["converged_step"] for b in rep["blocks"]]
-        s1[rule] = {**claim(rhos, 0.0, "above"), "metric": RULES[rule]["metric"],
-                    "threshold": RULES[rule]["threshold"], "undefined_seeds": sum(r is None for r in rhos),
-                    "steps": steps}
+        s1[rule] = {
+            **claim(rhos, 0.0, "above"),
+            "metric": RULES[rule]["metric"],
+            "threshold": RULES[rule]["threshold"],
+            "undefined_seeds": sum(r is None for r in rhos),
+            "steps": steps,
+        }
     claims["S1_depth_order"] = {
         "claim": "shallow blocks converge before deep ones (Spearman rho of depth vs convergence step > 0)",
         "figure": "Spearman rho per rule on the MAE runs (rho undefined when fewer than 2 blocks converge or all tie)",
-        "rules": s1, "verdict": s1["posthoc"]["verdict"]}
+        "rules": s1,
+        "verdict": s1["posthoc"]["verdict"],
+    }
 
     # S2 -------------------------------------------------------------------------------
-    tests = {s: io.load_freeze_test(runs["mae"][s], uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
-             for s in seeds}
+    tests = {
+        s: io.load_freeze_test(runs["mae"][s], uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
+        for s in seeds
+    }
     reports = {s: agreement_report(tests[s]) for s in seeds}
     s2_rules = {}
     for rule in RULES:
         rows = [reports[s]["rules"].get(rule, {}) for s in seeds]
         sp = estimate([r.get("spearman_rho") for r in rows])
-        s2_rules[rule] = {"spearman": sp, "kendall": estimate([r.get("kendall_tau") for r in rows]),
-                          "mean_abs_error": estimate([r.get("mean_abs_error") for r in rows]),
-                          "verdict": claim_verdict(sp, 0.0, "above")}
-    grids = {str(s): {"tested_steps": reports[s]["tested_steps"], "tested_blocks": reports[s]["tested_blocks"],
-                      "tolerance": reports[s]["tolerance"], "baseline_final_loss": reports[s]["baseline_final_loss"],
-                      "blocks": reports[s]["blocks"]} for s in seeds}
+        s2_rules[rule] = {
+            "spearman": sp,
+            "kendall": estimate([r.get("kendall_tau") for r in rows]),
+            "mean_abs_error": estimate([r.get("mean_abs_error") for r in rows]),
+            "verdict": claim_verdict(sp, 0.0, "above"),
+        }
+    grids = {
+        str(s): {
+            "tested_steps": reports[s]["tested_steps"],
+            "tested_blocks": reports[s]["tested_blocks"],
+            "tolerance": reports[s]["tolerance"],
+            "baseline_final_loss": reports[s]["baseline_final_loss"],
+            "blocks": reports[s]["blocks"],
+        }
+        for s in seeds
+    }
     tested = [freeze_grid(tests[s]) for s in seeds]
     cost = freeze_cost([grid.ratio for grid, _ in tested], [tol.tol for _, tol in tested])
     claims["S2_cheap_rules_vs_freeze_test"] = {
         "claim": "the cheap convergence rules rank blocks as the paper's freeze test does (rho > 0)",
         "figure": "Spearman/Kendall rank agreement with the freeze test per rule, over seeds",
-        "rules": s2_rules, "freeze_test": grids, "freeze_cost": cost}
+        "rules": s2_rules,
+        "freeze_test": grids,
+        "freeze_cost": cost,
+    }
 
     # S3 -------------------------------------------------------------------------------
     compared = tuple(m for m in ("mae", "freeze_only", "layerlock", "latent_scheduled", "latent_naive") if runs.get(m))
@@ -278,18 +355,27 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
             wall.append(1 - b["wall_s"] / a["wall_s"])
         deltas = {}
         for key in keys:
-            d = [evals[method][s][key] - evals["mae"][s][key] for s in seeds
-                 if key in evals[method].get(s, {}) and key in evals["mae"].get(s, {})]
+            d = [
+                evals[method][s][key] - evals["mae"][s][key]
+                for s in seeds
+                if key in evals[method].get(s, {}) and key in evals["mae"].get(s, {})
+            ]
             deltas[key] = difference(d)
-        predicted = [schedules[s]["schedule"].get("predicted_flop_saving") for s in seeds] \
-            if method == "freeze_only" else None
-        s3[method] = {"flop_saving": claim(flop, 0.0, "above"), "wall_saving": claim(wall, 0.0, "above"),
-                      "predicted_flop_saving": estimate(predicted) if predicted else None,
-                      "probe_deltas": deltas}
+        predicted = (
+            [schedules[s]["schedule"].get("predicted_flop_saving") for s in seeds] if method == "freeze_only" else None
+        )
+        s3[method] = {
+            "flop_saving": claim(flop, 0.0, "above"),
+            "wall_saving": claim(wall, 0.0, "above"),
+            "predicted_flop_saving": estimate(predicted) if predicted else None,
+            "probe_deltas": deltas,
+        }
     claims["S3_compute"] = {
         "claim": "freezing on the derived schedule saves compute (saving > 0) without hurting the probes",
         "figure": "saving = 1 - cost / MAE's cost of the same seed; probe deltas = method minus MAE",
-        "methods": s3, "schedules": {str(s): schedules[s]["schedule"] for s in seeds}}
+        "methods": s3,
+        "schedules": {str(s): schedules[s]["schedule"] for s in seeds},
+    }
 
     # S4 -------------------------------------------------------------------------------
     methods = tuple(m for m in ("mae", "layerlock", "latent_scheduled", "latent_naive") if runs.get(m))
@@ -298,22 +384,30 @@ def analyse(runs: dict[str, dict[int, str]], evals: dict[str, dict[int, dict[str
     for m in methods:
         vals = [coll.loc[runs[m][s], "feat_std_min"] for s in seeds]
         ratio = [coll.loc[runs[m][s], "feat_std_min"] / coll.loc[runs["mae"][s], "feat_std_min"] for s in seeds]
-        s4[m] = {"feat_std_min": estimate(vals), "ratio_to_mae": estimate(ratio),
-                 "eff_rank_mean": estimate([coll.loc[runs[m][s], "eff_rank_mean"] for s in seeds])}
+        s4[m] = {
+            "feat_std_min": estimate(vals),
+            "ratio_to_mae": estimate(ratio),
+            "eff_rank_mean": estimate([coll.loc[runs[m][s], "eff_rank_mean"] for s in seeds]),
+        }
     s4["latent_naive"]["verdict"] = claim_verdict(s4["latent_naive"]["ratio_to_mae"], COLLAPSED_BELOW, "below")
     for m in [m for m in ("layerlock", "latent_scheduled") if m in s4]:
         s4[m]["verdict"] = claim_verdict(s4[m]["ratio_to_mae"], HEALTHY_ABOVE, "above")
     claims["S4_collapse"] = {
         "claim": f"naive latent prediction collapses (feat_std below {COLLAPSED_BELOW:.0%} of MAE's); LayerLock "
-                 f"does not (above {HEALTHY_ABOVE:.0%}); latent_scheduled shows what freezing adds",
+        f"does not (above {HEALTHY_ABOVE:.0%}); latent_scheduled shows what freezing adds",
         "figure": "smallest per-block feat_std at the last probe (position-controlled), and its ratio to MAE's "
-                  "of the same seed",
-        "methods": s4}
-    return {"claims": claims, "interval": "95% t interval over seeds (Student's t, N-1 degrees of freedom)",
-            "rule_defaults": {r: {k: v for k, v in RULES[r].items()} for r in RULES}}
+        "of the same seed",
+        "methods": s4,
+    }
+    return {
+        "claims": claims,
+        "interval": "95% t interval over seeds (Student's t, N-1 degrees of freedom)",
+        "rule_defaults": {r: {k: v for k, v in RULES[r].items()} for r in RULES},
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def figures(results: dict[str, Any]) -> dict[str, Any]:
     """Plotly figures of the claims, by file stem."""
@@ -326,54 +420,86 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     keys = list(s0)
     fig = go.Figure()
     for who in ("mae", "random_init"):
-        fig.add_bar(name=who, x=keys, y=[s0[k][who]["mean"] for k in keys],
-                    error_y={"type": "data", "array": [s0[k][who]["sd"] or 0 for k in keys]})
+        fig.add_bar(
+            name=who,
+            x=keys,
+            y=[s0[k][who]["mean"] for k in keys],
+            error_y={"type": "data", "array": [s0[k][who]["sd"] or 0 for k in keys]},
+        )
     fig.update_layout(title="S0: MAE against a random-init encoder (mean ± sd over seeds)", barmode="group")
     figs["s0_pretraining"] = fig
 
     fig = go.Figure()
     for seed, steps in c["S1_depth_order"]["rules"]["posthoc"]["steps"].items():
         fig.add_scatter(x=list(range(len(steps))), y=steps, mode="lines+markers", name=f"seed {seed}")
-    fig.update_layout(title="S1: post-hoc convergence step per block", xaxis_title="block (depth)",
-                      yaxis_title="converged at step (missing: never)")
+    fig.update_layout(
+        title="S1: post-hoc convergence step per block",
+        xaxis_title="block (depth)",
+        yaxis_title="converged at step (missing: never)",
+    )
     figs["s1_depth_order"] = fig
 
     rules = c["S2_cheap_rules_vs_freeze_test"]["rules"]
     fig = go.Figure()
     for stat in ("spearman", "kendall"):
         ys = [rules[r][stat]["mean"] for r in rules]
-        err_hi = [(rules[r][stat]["ci_high"] - rules[r][stat]["mean"]) if rules[r][stat]["ci_high"] is not None
-                  else 0 for r in rules]
-        err_lo = [(rules[r][stat]["mean"] - rules[r][stat]["ci_low"]) if rules[r][stat]["ci_low"] is not None
-                  else 0 for r in rules]
-        fig.add_bar(name=stat, x=list(rules), y=ys,
-                    error_y={"type": "data", "array": err_hi, "arrayminus": err_lo})
+        err_hi = [
+            (rules[r][stat]["ci_high"] - rules[r][stat]["mean"]) if rules[r][stat]["ci_high"] is not None else 0
+            for r in rules
+        ]
+        err_lo = [
+            (rules[r][stat]["mean"] - rules[r][stat]["ci_low"]) if rules[r][stat]["ci_low"] is not None else 0
+            for r in rules
+        ]
+        fig.add_bar(name=stat, x=list(rules), y=ys, error_y={"type": "data", "array": err_hi, "arrayminus": err_lo})
     fig.update_layout(title="S2: rank agreement with the freeze test (mean, 95% t interval)", barmode="group")
     figs["s2_agreement"] = fig
 
     grid = c["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
     Ls = list(grid)
     Ts = list(next(iter(grid.values())))
-    fig = go.Figure(go.Heatmap(z=[[grid[L][T] for T in Ts] for L in Ls], x=[f"T={t}" for t in Ts],
-                               y=[f"L={L}" for L in Ls], colorscale="RdBu_r", zmid=1.0,
-                               text=[[f"{grid[L][T]:.3f}" for T in Ts] for L in Ls], texttemplate="%{text}"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=[[grid[L][T] for T in Ts] for L in Ls],
+            x=[f"T={t}" for t in Ts],
+            y=[f"L={L}" for L in Ls],
+            colorscale="RdBu_r",
+            zmid=1.0,
+            text=[[f"{grid[L][T]:.3f}" for T in Ts] for L in Ls],
+            texttemplate="%{text}",
+        )
+    )
     fig.update_layout(title="S2: freeze-test final-loss ratio (child / baseline), mean over seeds")
     figs["s2_freeze_grid"] = fig
 
     s3 = c["S3_compute"]["methods"]
     fig = go.Figure()
     for what in ("flop_saving", "wall_saving"):
-        fig.add_bar(name=what, x=list(s3), y=[s3[m][what]["mean"] for m in s3],
-                    error_y={"type": "data", "array": [
-                        (s3[m][what]["ci_high"] - s3[m][what]["mean"]) if s3[m][what]["ci_high"] is not None
-                        else 0 for m in s3]})
-    fig.update_layout(title="S3: compute saved against MAE (mean, 95% t interval)", barmode="group",
-                      yaxis_tickformat=".0%")
+        fig.add_bar(
+            name=what,
+            x=list(s3),
+            y=[s3[m][what]["mean"] for m in s3],
+            error_y={
+                "type": "data",
+                "array": [
+                    (s3[m][what]["ci_high"] - s3[m][what]["mean"]) if s3[m][what]["ci_high"] is not None else 0
+                    for m in s3
+                ],
+            },
+        )
+    fig.update_layout(
+        title="S3: compute saved against MAE (mean, 95% t interval)", barmode="group", yaxis_tickformat=".0%"
+    )
     figs["s3_compute"] = fig
 
     s4 = c["S4_collapse"]["methods"]
-    fig = go.Figure(go.Bar(x=list(s4), y=[s4[m]["feat_std_min"]["mean"] for m in s4],
-                           error_y={"type": "data", "array": [s4[m]["feat_std_min"]["sd"] or 0 for m in s4]}))
+    fig = go.Figure(
+        go.Bar(
+            x=list(s4),
+            y=[s4[m]["feat_std_min"]["mean"] for m in s4],
+            error_y={"type": "data", "array": [s4[m]["feat_std_min"]["sd"] or 0 for m in s4]},
+        )
+    )
     fig.update_layout(title="S4: smallest per-block feat_std (mean ± sd over seeds)")
     figs["s4_collapse"] = fig
     return figs
@@ -383,75 +509,131 @@ def report_markdown(results: dict[str, Any]) -> str:
     from analysis.claims import format_estimate as fmt
 
     c = results["claims"]
-    lines = [f"# LayerLock Lab study {results['study_id']}", "",
-             f"- seeds: {', '.join(map(str, results['seeds']))} (N={len(results['seeds'])}); budget "
-             f"`{results['budget']}`; {results['wall_s'] / 60:.1f} min",
-             f"- data: `{results['config']['data']['name']}`, model depth {results['config']['model']['depth']}, "
-             f"dim {results['config']['model']['dim']}, {results['config']['train']['steps']} steps",
-             f"- probes: {results['probes']}",
-             f"- intervals: {results['interval']}; verdict 'held' when the interval lies on the claimed side",
-             f"- probe evaluation clips: {results['eval_clips']['train']} train / {results['eval_clips']['val']} val",
-             ""]
+    lines = [
+        f"# LayerLock Lab study {results['study_id']}",
+        "",
+        f"- seeds: {', '.join(map(str, results['seeds']))} (N={len(results['seeds'])}); budget "
+        f"`{results['budget']}`; {results['wall_s'] / 60:.1f} min",
+        f"- data: `{results['config']['data']['name']}`, model depth {results['config']['model']['depth']}, "
+        f"dim {results['config']['model']['dim']}, {results['config']['train']['steps']} steps",
+        f"- probes: {results['probes']}",
+        f"- intervals: {results['interval']}; verdict 'held' when the interval lies on the claimed side",
+        f"- probe evaluation clips: {results['eval_clips']['train']} train / {results['eval_clips']['val']} val",
+        "",
+    ]
 
     s0 = c["S0_pretraining_matters"]
-    lines += ["## S0 Pretraining matters", "", s0["claim"] + ".", "",
-              "| probe metric | MAE | random init | MAE - random [95% CI] | verdict |", "|---|---|---|---|---|"]
+    lines += [
+        "## S0 Pretraining matters",
+        "",
+        s0["claim"] + ".",
+        "",
+        "| probe metric | MAE | random init | MAE - random [95% CI] | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in s0["metrics"].items():
         lines.append(f"| {k} | {v['mae']['mean']:.3f} | {v['random_init']['mean']:.3f} | {fmt(v)} | {v['verdict']} |")
 
     s1 = c["S1_depth_order"]
-    lines += ["", "## S1 Depth order", "", s1["claim"] + ".", "",
-              "| rule | metric | rho mean [95% CI] | undefined seeds | verdict |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## S1 Depth order",
+        "",
+        s1["claim"] + ".",
+        "",
+        "| rule | metric | rho mean [95% CI] | undefined seeds | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for r, v in s1["rules"].items():
-        test = (f"relative change of {v['metric']} < {v['threshold']}" if r == "gradnorm"
-                else f"{v['metric']} >= {v['threshold']}")
+        test = (
+            f"relative change of {v['metric']} < {v['threshold']}"
+            if r == "gradnorm"
+            else f"{v['metric']} >= {v['threshold']}"
+        )
         lines.append(f"| {r} | {test} | {fmt(v)} | {v['undefined_seeds']} | {v['verdict']} |")
-    lines += ["", "Convergence steps (post-hoc), per seed: "
-              + "; ".join(f"seed {s}: {st}" for s, st in s1["rules"]["posthoc"]["steps"].items())]
+    lines += [
+        "",
+        "Convergence steps (post-hoc), per seed: "
+        + "; ".join(f"seed {s}: {st}" for s, st in s1["rules"]["posthoc"]["steps"].items()),
+    ]
 
     s2 = c["S2_cheap_rules_vs_freeze_test"]
-    lines += ["", "## S2 Cheap rules against the freeze test", "", s2["claim"] + ".", "",
-              "| rule | Spearman [95% CI] | Kendall [95% CI] | mean abs step error | verdict |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## S2 Cheap rules against the freeze test",
+        "",
+        s2["claim"] + ".",
+        "",
+        "| rule | Spearman [95% CI] | Kendall [95% CI] | mean abs step error | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for r, v in s2["rules"].items():
-        lines.append(f"| {r} | {fmt(v['spearman'])} | {fmt(v['kendall'])} | "
-                     f"{fmt(v['mean_abs_error'])} | {v['verdict']} |")
+        lines.append(
+            f"| {r} | {fmt(v['spearman'])} | {fmt(v['kendall'])} | {fmt(v['mean_abs_error'])} | {v['verdict']} |"
+        )
     fc = s2["freeze_cost"]
-    lines += ["", "Freeze-test final-loss ratio (child / baseline), mean over seeds (rows L, columns T):", "",
-              "| L \\ T | " + " | ".join(next(iter(fc["mean_ratio"].values()))) + " |",
-              "|---" * (1 + len(next(iter(fc["mean_ratio"].values())))) + "|"]
+    lines += [
+        "",
+        "Freeze-test final-loss ratio (child / baseline), mean over seeds (rows L, columns T):",
+        "",
+        "| L \\ T | " + " | ".join(next(iter(fc["mean_ratio"].values()))) + " |",
+        "|---" * (1 + len(next(iter(fc["mean_ratio"].values())))) + "|",
+    ]
     for L, row in fc["mean_ratio"].items():
         lines.append(f"| {L} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
-    lines += ["", "- seed noise (tolerance, relative sd of the baseline group's final loss): "
-              f"{fmt(fc['tolerance'], True)}",
-              f"- freezing L={fc['early_deep']['L']} at T={fc['early_deep']['T']} costs {fmt(fc['early_deep'], True)}"
-              f" -> {'more than' if fc['early_costs_more_than_noise'] else 'not more than'} the seed noise",
-              f"- freezing L={fc['late_deep']['L']} at T={fc['late_deep']['T']} costs {fmt(fc['late_deep'], True)}"
-              f" -> {'within' if fc['late_within_noise'] else 'beyond'} the seed noise",
-              "- tolerance per seed: "
-              + "; ".join(f"seed {s}: {g['tolerance']['line']}" for s, g in s2["freeze_test"].items())]
+    lines += [
+        "",
+        f"- seed noise (tolerance, relative sd of the baseline group's final loss): {fmt(fc['tolerance'], True)}",
+        f"- freezing L={fc['early_deep']['L']} at T={fc['early_deep']['T']} costs {fmt(fc['early_deep'], True)}"
+        f" -> {'more than' if fc['early_costs_more_than_noise'] else 'not more than'} the seed noise",
+        f"- freezing L={fc['late_deep']['L']} at T={fc['late_deep']['T']} costs {fmt(fc['late_deep'], True)}"
+        f" -> {'within' if fc['late_within_noise'] else 'beyond'} the seed noise",
+        "- tolerance per seed: "
+        + "; ".join(f"seed {s}: {g['tolerance']['line']}" for s, g in s2["freeze_test"].items()),
+    ]
 
     s3 = c["S3_compute"]
-    lines += ["", "## S3 Compute", "", s3["claim"] + ".", "",
-              "| method | FLOP saving [95% CI] | predicted | wall saving [95% CI] | verdict (wall) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## S3 Compute",
+        "",
+        s3["claim"] + ".",
+        "",
+        "| method | FLOP saving [95% CI] | predicted | wall saving [95% CI] | verdict (wall) |",
+        "|---|---|---|---|---|",
+    ]
     for m, v in s3["methods"].items():
         pred = fmt(v["predicted_flop_saving"], True) if v["predicted_flop_saving"] else "-"
-        lines.append(f"| {m} | {fmt(v['flop_saving'], True)} | {pred} | {fmt(v['wall_saving'], True)} | "
-                     f"{v['wall_saving']['verdict']} |")
-    lines += ["", "Probe deltas against MAE (method - MAE):", "", "| method | metric | delta [95% CI] | verdict |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {m} | {fmt(v['flop_saving'], True)} | {pred} | {fmt(v['wall_saving'], True)} | "
+            f"{v['wall_saving']['verdict']} |"
+        )
+    lines += [
+        "",
+        "Probe deltas against MAE (method - MAE):",
+        "",
+        "| method | metric | delta [95% CI] | verdict |",
+        "|---|---|---|---|",
+    ]
     for m, v in s3["methods"].items():
         for k, d in v["probe_deltas"].items():
             lines.append(f"| {m} | {k} | {fmt(d)} | {d['verdict']} |")
 
     s4 = c["S4_collapse"]
-    lines += ["", "## S4 Collapse", "", s4["claim"] + ".", "",
-              "| method | feat_std min [95% CI] | ratio to MAE [95% CI] | eff_rank mean | verdict |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## S4 Collapse",
+        "",
+        s4["claim"] + ".",
+        "",
+        "| method | feat_std min [95% CI] | ratio to MAE [95% CI] | eff_rank mean | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for m, v in s4["methods"].items():
-        lines.append(f"| {m} | {fmt(v['feat_std_min'])} | {fmt(v['ratio_to_mae'])} | "
-                     f"{fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |")
+        lines.append(
+            f"| {m} | {fmt(v['feat_std_min'])} | {fmt(v['ratio_to_mae'])} | "
+            f"{fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |"
+        )
     lines += ["", "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in results.get("figures", []))]
     return "\n".join(lines) + "\n"
 
@@ -475,8 +657,12 @@ def log_study_run(results: dict[str, Any], out_dir: Path, uri: str | None, exper
     """The study as one MLflow run (method ``study``): headline metrics and the outputs as artifacts."""
     from core.tracking import Tracker
 
-    tracker = Tracker(uri=uri, experiment=experiment, run_name=results["study_id"],
-                      tags={TAG_STUDY: results["study_id"], TAG_METHOD: METHOD_STUDY})
+    tracker = Tracker(
+        uri=uri,
+        experiment=experiment,
+        run_name=results["study_id"],
+        tags={TAG_STUDY: results["study_id"], TAG_METHOD: METHOD_STUDY},
+    )
     c = results["claims"]
     headline = {f"{STUDY}s1_posthoc_rho": c["S1_depth_order"]["rules"]["posthoc"]["mean"]}
     for rule, v in c["S2_cheap_rules_vs_freeze_test"]["rules"].items():
@@ -494,6 +680,7 @@ def log_study_run(results: dict[str, Any], out_dir: Path, uri: str | None, exper
 
 # ----------------------------------------------------------------------------- command line
 
+
 def cmd_study(args: argparse.Namespace) -> int:
     from experiments.executor import options
     from experiments.seeds import parse_seeds
@@ -503,10 +690,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
     progress = sys.stderr.isatty()
-    if not progress:   # a file or CI log: stage lines, not progress-bar frames
+    if not progress:  # a file or CI log: stage lines, not progress-bar frames
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    results = run_study(args.config, args.set or [], seeds, args.budget, out, args.tracking_uri, tasks,
-                        progress=progress, study_id=out.name, executor=executor)
+    results = run_study(
+        args.config,
+        args.set or [],
+        seeds,
+        args.budget,
+        out,
+        args.tracking_uri,
+        tasks,
+        progress=progress,
+        study_id=out.name,
+        executor=executor,
+    )
     print(report_markdown(results))
     print(results.get("study_run_id", ""))
     return 0
@@ -515,17 +712,28 @@ def cmd_study(args: argparse.Namespace) -> int:
 def register(sub, add_tracking) -> None:
     from experiments.executor import add_options as add_executor_options
 
-    p = sub.add_parser("study", help="the paper's claims on your data: seeds, freeze test, schedules, probes, "
-                                     "intervals (report.md, results.json, figures)")
+    p = sub.add_parser(
+        "study",
+        help="the paper's claims on your data: seeds, freeze test, schedules, probes, "
+        "intervals (report.md, results.json, figures)",
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--budget", choices=tuple(BUDGETS), default="small",
-                   help="small: mae_tiny (600 steps), a 3 x 3 freeze-test grid, under 30 min on a 2-core CPU; "
-                        "full: mae_small (GPU)")
+    p.add_argument(
+        "--budget",
+        choices=tuple(BUDGETS),
+        default="small",
+        help="small: mae_tiny (600 steps), a 3 x 3 freeze-test grid, under 30 min on a 2-core CPU; "
+        "full: mae_small (GPU)",
+    )
     p.add_argument("--config", default=None, help="base MAE config (default: the budget's); e.g. your data")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override on the base config (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated probe tasks (default: all of the dataset)")
-    p.add_argument("--out", default=None, help="output folder (default runs/study-<time>); a study run again "
-                                               "with the same --out trains only the runs it does not have yet")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/study-<time>); a study run again "
+        "with the same --out trains only the runs it does not have yet",
+    )
     add_executor_options(p)
     add_tracking(p)
     p.set_defaults(func=cmd_study)

@@ -50,8 +50,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
     import subprocess
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tiny_sets(**overrides) -> list[str]:
@@ -66,6 +67,7 @@ def tiny_sets(**overrides) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the dashboard's store
+
 
 @dataclass(frozen=True)
 class Store:
@@ -93,29 +95,55 @@ def build_store(folder: Path) -> Store:
     layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=steps, probe_every=4, log_every=2)
     evals = pd.DataFrame({"step": steps, "metric": ["eval/digit/acc", "eval/direction/acc"], "value": [0.4, 0.9]})
     synthetic = create_run_from_frames(
-        "layerlock", layer_df=layer_df,
+        "layerlock",
+        layer_df=layer_df,
         history=pd.concat([synthetic_history(steps, 2, model, schedule, seconds_per_flop=3.5e-7, seed=1), evals]),
-        tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits"}, run_name="synthetic-layerlock",
-        json_artifacts={io.FLOP_MODEL_ARTIFACT: model, io.SCHEDULE_ARTIFACT: schedule,
-                        io.TIME_MODEL_ARTIFACT: synthetic_time_model(model, step_s=1.3, unshrinkable=0.3)}, **common)
+        tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits"},
+        run_name="synthetic-layerlock",
+        json_artifacts={
+            io.FLOP_MODEL_ARTIFACT: model,
+            io.SCHEDULE_ARTIFACT: schedule,
+            io.TIME_MODEL_ARTIFACT: synthetic_time_model(model, step_s=1.3, unshrinkable=0.3),
+        },
+        **common,
+    )
     failed = create_run_from_frames(
-        "layerlock", history=synthetic_history(steps, 2, seed=2).head(3), status="FAILED", run_name="diverged",
-        tags={io.TAG_METHOD: "mae", io.TAG_FAILURE: "loss is nan at step 3"}, **common)
+        "layerlock",
+        history=synthetic_history(steps, 2, seed=2).head(3),
+        status="FAILED",
+        run_name="diverged",
+        tags={io.TAG_METHOD: "mae", io.TAG_FAILURE: "loss is nan at step 3"},
+        **common,
+    )
     bare = create_run_from_frames(
-        "layerlock", history=synthetic_history(steps, 2, model, seconds_per_flop=3.5e-7, seed=3), run_name="no-probes",
-        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
+        "layerlock",
+        history=synthetic_history(steps, 2, model, seconds_per_flop=3.5e-7, seed=3),
+        run_name="no-probes",
+        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
+        **common,
+    )
     real = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=uri, progress=False).run_id
     loss = io.load_history(real, ["train/loss"], uri)
     children = tuple(
         create_run_from_frames(
-            "freeze-tests", history=loss.assign(value=loss["value"] * ratio), run_name=f"freeze-L{blocks}-T{at}",
-            tags={io.TAG_METHOD: "freeze_test", io.TAG_PARENT: real, io.TAG_FREEZE_STEP: str(at),
-                  io.TAG_FREEZE_BLOCKS: str(blocks)}, **common)
-        for blocks, at, ratio in ((1, 4, 1.0), (2, 4, 1.05), (1, 8, 1.01)))
+            "freeze-tests",
+            history=loss.assign(value=loss["value"] * ratio),
+            run_name=f"freeze-L{blocks}-T{at}",
+            tags={
+                io.TAG_METHOD: "freeze_test",
+                io.TAG_PARENT: real,
+                io.TAG_FREEZE_STEP: str(at),
+                io.TAG_FREEZE_BLOCKS: str(blocks),
+            },
+            **common,
+        )
+        for blocks, at, ratio in ((1, 4, 1.0), (2, 4, 1.05), (1, 8, 1.01))
+    )
     return Store(uri, real, synthetic, failed, bare, children)
 
 
 # ----------------------------------------------------------------------------- AppTest
+
 
 def point_app_at(uri: str, tmp_path: Path, monkeypatch) -> None:
     """Make the dashboard read ``uri`` and keep its launched jobs under ``tmp_path``."""
@@ -150,8 +178,10 @@ def frame_with(at: AppTest, *columns: str):
 
 # ----------------------------------------------------------------------------- videos
 
-def write_video(path: Path, color: tuple[int, int, int], codec: str = "libx264",
-                n: int = 10, w: int = 48, h: int = 40) -> None:
+
+def write_video(
+    path: Path, color: tuple[int, int, int], codec: str = "libx264", n: int = 10, w: int = 48, h: int = 40
+) -> None:
     """Write a small real video: a solid colour with a bright bar that moves every frame."""
     import av
 
@@ -182,6 +212,7 @@ def stop_process(proc, timeout: float = 20) -> None:
 
 
 # ----------------------------------------------------------------------------- a team tracking server
+
 
 def free_port() -> int:
     import socket
@@ -226,10 +257,20 @@ class TeamServer:
         data = self.folder / "pg"
         self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         # fsync off: a throwaway database; unix socket in the data folder, TCP on loopback only.
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "pg.log"), "-w", "-o",
-                          f"-p {self.pg_port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        self._as_postgres(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres",
-                          "mlflow")
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.folder / "pg.log"),
+            "-w",
+            "-o",
+            f"-p {self.pg_port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
+        self._as_postgres(
+            str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres", "mlflow"
+        )
         self.start_mlflow()
         return self
 
@@ -238,13 +279,31 @@ class TeamServer:
         import time
         import urllib.request
 
-        log = open(self.folder / "mlflow.log", "ab")   # noqa: SIM115 - the child writes to it
+        log = open(self.folder / "mlflow.log", "ab")  # noqa: SIM115 - the child writes to it
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.mlflow = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, env=env, stdout=log, stderr=log, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                self.backend,
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.folder,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.mlflow.poll() is not None:
@@ -261,7 +320,7 @@ class TeamServer:
         import signal
 
         if self.mlflow is not None and self.mlflow.poll() is None:
-            os.killpg(self.mlflow.pid, signal.SIGKILL)   # its own session: the server and its workers
+            os.killpg(self.mlflow.pid, signal.SIGKILL)  # its own session: the server and its workers
             self.mlflow.wait()
         self.mlflow = None
 
@@ -276,7 +335,9 @@ class TeamServer:
             pass
         shutil.rmtree(self.folder, ignore_errors=True)
 
+
 # ----------------------------------------------------------------------------- runs of a user's own loop
+
 
 @dataclass(frozen=True)
 class OwnLoopStore:
@@ -307,8 +368,10 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
         ids = {}
         for name, steps in OWN_LOOP_STEPS.items():
             setup = SETUPS[name]()
-            with (open_run(uri, f"{name}-own-loop") as writer,
-                  attach_monitor(setup, steps, OWN_LOOP_EVERY, writer=writer) as mon):
+            with (
+                open_run(uri, f"{name}-own-loop") as writer,
+                attach_monitor(setup, steps, OWN_LOOP_EVERY, writer=writer) as mon,
+            ):
                 train(setup, steps, monitor=mon)
             ids[name] = mon.run_id
     finally:

@@ -25,7 +25,7 @@ def slow_steps(seconds: float) -> None:
     real = core_train._Run.update
 
     def slowed(self, step, *args, **kwargs):
-        if kwargs.get("log_now", True):   # training steps, not the time calibration's
+        if kwargs.get("log_now", True):  # training steps, not the time calibration's
             time.sleep(seconds)
         return real(self, step, *args, **kwargs)
 

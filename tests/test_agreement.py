@@ -30,14 +30,21 @@ from tests.helpers import run_cli
 #   L=2: fail fail pass  -> block 1 at 300
 #   L=4: pass fail fail  -> blocks 2, 3 never (a pass that does not last does not count)
 #   blocks 4, 5: deeper than the largest tested L -> undetermined
-PASS = {(1, 100): False, (1, 200): True, (1, 300): True,
-        (2, 100): False, (2, 200): False, (2, 300): True,
-        (4, 100): True, (4, 200): False, (4, 300): False}
+PASS = {
+    (1, 100): False,
+    (1, 200): True,
+    (1, 300): True,
+    (2, 100): False,
+    (2, 200): False,
+    (2, 300): True,
+    (4, 100): True,
+    (4, 200): False,
+    (4, 300): False,
+}
 
 
 def grid_from(passes: dict[tuple[int, int], bool], tol: float = 0.02):
-    rows = [{"freeze_blocks": L, "freeze_step": T, "final_loss": 1.0 if ok else 1.5}
-            for (L, T), ok in passes.items()]
+    rows = [{"freeze_blocks": L, "freeze_step": T, "final_loss": 1.0 if ok else 1.5} for (L, T), ok in passes.items()]
     return freeze_grid_from_frames(pd.DataFrame(rows), baseline_final_loss=1.0, tol=tol)
 
 
@@ -98,8 +105,9 @@ def test_agreement_from_synthetic_layer_metrics() -> None:
     markers = rule_markers(report)
     assert markers[markers["rule"] == "posthoc"][["blocks", "step"]].values.tolist() == [[1, 100], [2, 200], [3, 300]]
     assert report["blocks"][3]["freeze_test"] == "undetermined"  # deeper than the largest tested L
-    text = format_report({**report, "run_id": "x", "baseline_final_loss": 1.0,
-                          "tolerance": {"line": "tolerance 2% = default"}})
+    text = format_report(
+        {**report, "run_id": "x", "baseline_final_loss": 1.0, "tolerance": {"line": "tolerance 2% = default"}}
+    )
     assert text.splitlines()[0] == "tolerance 2% = default" and "n/d" in text and "posthoc" in text
 
 
@@ -124,18 +132,30 @@ def group_store(store: str, tmp_path) -> dict[str, str]:
     a freeze-test child of the first seed whose loss is 5% above its baseline."""
     common = {"uri": store, "artifact_root": (tmp_path / "artifacts").as_uri(), "params": {"model.depth": 4}}
     layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=12, probe_every=4, log_every=2)
-    seeds = [create_run_from_frames("g", history=_loss_history(v), layer_df=layer_df,
-                                       tags={io.TAG_GROUP: "grp", io.TAG_METHOD: "mae"}, **common)
-             for v in (1.0, 1.1, 1.2)]
+    seeds = [
+        create_run_from_frames(
+            "g", history=_loss_history(v), layer_df=layer_df, tags={io.TAG_GROUP: "grp", io.TAG_METHOD: "mae"}, **common
+        )
+        for v in (1.0, 1.1, 1.2)
+    ]
     create_run_from_frames("g", history=_loss_history(0.1), status="FAILED", tags={io.TAG_GROUP: "grp"}, **common)
-    lone = create_run_from_frames("g", history=_loss_history(1.0), layer_df=layer_df,
-                                     tags={io.TAG_GROUP: "solo"}, **common)
+    lone = create_run_from_frames(
+        "g", history=_loss_history(1.0), layer_df=layer_df, tags={io.TAG_GROUP: "solo"}, **common
+    )
     for parent in (seeds[0], lone):
         for L, T, ratio in ((1, 4, 1.0), (1, 8, 1.0), (2, 4, 1.2), (2, 8, 1.0)):
             create_run_from_frames(
-                "g", history=_loss_history(ratio), **common,
-                tags={io.TAG_PARENT: parent, io.TAG_FREEZE_STEP: str(T), io.TAG_FREEZE_BLOCKS: str(L),
-                      io.TAG_METHOD: "freeze_test", io.TAG_GROUP: "grp"})  # a group tag must not count
+                "g",
+                history=_loss_history(ratio),
+                **common,
+                tags={
+                    io.TAG_PARENT: parent,
+                    io.TAG_FREEZE_STEP: str(T),
+                    io.TAG_FREEZE_BLOCKS: str(L),
+                    io.TAG_METHOD: "freeze_test",
+                    io.TAG_GROUP: "grp",
+                },
+            )  # a group tag must not count
     return {"baseline": seeds[0], "lone": lone, "seeds": ",".join(seeds)}
 
 
@@ -172,8 +192,9 @@ def test_agreement_cli(group_store, store) -> None:
     assert [b["freeze_test_step"] for b in report["blocks"]] == [4, 8, None, None]
     assert [b["freeze_test"] for b in report["blocks"]][2:] == ["undetermined"] * 2
     assert set(report["rules"]) == {"posthoc", "online", "gradnorm"}
-    text = run_cli("-m", "analysis", "agreement", "--run", group_store["baseline"], "--tol", "0.5",
-                   "--tracking-uri", store)
+    text = run_cli(
+        "-m", "analysis", "agreement", "--run", group_store["baseline"], "--tol", "0.5", "--tracking-uri", store
+    )
     assert text.returncode == 0, text.stderr
     assert text.stdout.startswith("tolerance 50% = given explicitly (--tol)") and "spearman" in text.stdout
     bad = run_cli("-m", "analysis", "agreement", "--run", "nope", "--tracking-uri", store)
@@ -212,9 +233,9 @@ def test_heldout_loss_is_fixed_clips_and_masks(tiny_cfg) -> None:
     model = build_model(tiny_cfg.model, tiny_cfg.geometry)
     clips, _ = get_batch(build_dataset(tiny_cfg.data, "val"), range(8))
     first = heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio)
-    torch.manual_seed(123)   # the global RNG does not pick the masks
+    torch.manual_seed(123)  # the global RNG does not pick the masks
     assert heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio, batch_size=3) == pytest.approx(first, rel=1e-6)
     with torch.no_grad():
-        model.pixel_head.weight.mul_(2.0)   # a different model gives a different loss
+        model.pixel_head.weight.mul_(2.0)  # a different model gives a different loss
     assert heldout_pixel_loss(model, clips, tiny_cfg.model.mask_ratio) != pytest.approx(first, rel=1e-3)
-    assert model.training   # the model's mode is restored
+    assert model.training  # the model's mode is restored

@@ -67,11 +67,13 @@ def test_collapse_indicators_at_last_probe() -> None:
 
 
 def test_freeze_grid_ratio_and_verdict() -> None:
-    children = pd.DataFrame({
-        "freeze_step": pd.array([100, 100, 200, 200, 200, None], dtype="Int64"),
-        "freeze_blocks": pd.array([1, 2, 1, 2, 3, 1], dtype="Int64"),
-        "final_loss": [1.01, 1.10, 1.00, 1.015, np.nan, 9.0],
-    })
+    children = pd.DataFrame(
+        {
+            "freeze_step": pd.array([100, 100, 200, 200, 200, None], dtype="Int64"),
+            "freeze_blocks": pd.array([1, 2, 1, 2, 3, 1], dtype="Int64"),
+            "final_loss": [1.01, 1.10, 1.00, 1.015, np.nan, 9.0],
+        }
+    )
     grid = freeze_grid_from_frames(children, baseline_final_loss=1.0, tol=0.02)
     assert grid.ratio.loc[1, 100] == pytest.approx(1.01)
     assert grid.ratio.loc[2, 100] == pytest.approx(1.10)

@@ -29,8 +29,15 @@ def frame(**kw) -> pd.DataFrame:
 
 def tiny(metric: str, values: list[float], step: int = PROBE, block: int = 0) -> pd.DataFrame:
     """One block's metric at probe steps 0, step, 2*step, ..."""
-    return pd.DataFrame({"run_id": "r", "step": [i * step for i in range(len(values))], "block": block,
-                         "metric": metric, "value": values})
+    return pd.DataFrame(
+        {
+            "run_id": "r",
+            "step": [i * step for i in range(len(values))],
+            "block": block,
+            "metric": metric,
+            "value": values,
+        }
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)

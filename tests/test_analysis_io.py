@@ -64,21 +64,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SyntheticRuns:
     evals = pd.DataFrame({"run_id": "x", "step": [TOTAL], "metric": ["eval/digit/acc"], "value": [0.8]})
     common = {"uri": uri, "artifact_root": root, "params": PARAMS}
     mae = create_run_from_frames(
-        "layerlock", layer_df=layer_df, history=pd.concat([mae_h, evals]), layer_artifact=False,
+        "layerlock",
+        layer_df=layer_df,
+        history=pd.concat([mae_h, evals]),
+        layer_artifact=False,
         tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
-        json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL}, run_name="mae", **common)
+        json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL},
+        run_name="mae",
+        **common,
+    )
     ll = create_run_from_frames(
-        "layerlock", layer_df=layer_df, history=pd.concat([ll_h, evals.assign(value=0.85)]), layer_history=False,
+        "layerlock",
+        layer_df=layer_df,
+        history=pd.concat([ll_h, evals.assign(value=0.85)]),
+        layer_history=False,
         tags={io.TAG_METHOD: "layerlock", io.TAG_DATASET: "moving_digits", io.TAG_SCHEDULE_SOURCE: mae},
-        json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL, io.SCHEDULE_ARTIFACT: SCHEDULE}, run_name="ll", **common)
+        json_artifacts={io.FLOP_MODEL_ARTIFACT: MODEL, io.SCHEDULE_ARTIFACT: SCHEDULE},
+        run_name="ll",
+        **common,
+    )
     children = {}
     # Freeze tests (L blocks at step T) in another experiment; final loss = ratio x the MAE's.
     for (blocks, step), ratio in {(1, 200): 1.0, (2, 200): 1.01, (4, 200): 1.2}.items():
         h = mae_h[mae_h["metric"] == "train/loss"].assign(value=lambda d, r=ratio: d["value"] * r)
         children[(blocks, step)] = create_run_from_frames(
-            "freeze-tests", history=h, uri=uri, artifact_root=root, params=PARAMS,
-            tags={io.TAG_METHOD: "freeze_test", io.TAG_PARENT: mae,
-                  io.TAG_FREEZE_STEP: str(step), io.TAG_FREEZE_BLOCKS: str(blocks)})
+            "freeze-tests",
+            history=h,
+            uri=uri,
+            artifact_root=root,
+            params=PARAMS,
+            tags={
+                io.TAG_METHOD: "freeze_test",
+                io.TAG_PARENT: mae,
+                io.TAG_FREEZE_STEP: str(step),
+                io.TAG_FREEZE_BLOCKS: str(blocks),
+            },
+        )
     return SyntheticRuns(uri, tmp, layer_df, mae, ll, mae_h, ll_h, children)
 
 
@@ -163,11 +184,11 @@ def test_load_run_reads_the_parts_asked_for(runs: SyntheticRuns) -> None:
     assert set(only_loss.history["metric"]) == {"train/loss"} and only_loss.schedule == SCHEDULE
     # the schedule's source run (the MAE), with its models: what the run's saving was predicted from
     assert only_loss.source.run_id == runs.mae and only_loss.source.flop_model == MODEL
-    assert only_loss.source.time_model is None   # read, and absent: not the same as not read
+    assert only_loss.source.time_model is None  # read, and absent: not the same as not read
     for part in ("layers", "flop_model"):
         with pytest.raises(LayerLockError, match=f"{part} was not loaded"):
             getattr(only_loss, part)
-    whole = io.load_run(runs.mae, runs.uri)   # default: everything of the run itself
+    whole = io.load_run(runs.mae, runs.uri)  # default: everything of the run itself
     pd.testing.assert_frame_equal(whole.layers, io.load_layer_metrics(runs.mae, runs.uri))
     assert whole.flop_model == MODEL and whole.schedule is None
     with pytest.raises(LayerLockError, match="source was not loaded"):
@@ -200,6 +221,7 @@ def test_freeze_test_grid(runs: SyntheticRuns) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def test_cli_in_process(runs: SyntheticRuns, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convergence", "--run", runs.mae, "--json", "--tracking-uri", runs.uri]) == 0
@@ -241,8 +263,9 @@ def test_cli_in_process(runs: SyntheticRuns, capsys: pytest.CaptureFixture[str])
 
 
 def run_analysis_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "analysis", *args], check=False, cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "analysis", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.system

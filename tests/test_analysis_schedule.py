@@ -45,42 +45,47 @@ def test_validate_accepts_and_normalises() -> None:
     assert out["stages"] == GOOD["stages"] and out["source"] == {} and out["predicted_flop_saving"] == 0.2
     assert validate_schedule({"n_blocks": 1, "stages": []})["stages"] == []
     assert validate_schedule({"n_blocks": 2, "stages": [{"step": np.int64(5), "frozen": np.int64(1)}]})["stages"] == [
-        {"step": 5, "frozen": 1}]
+        {"step": 5, "frozen": 1}
+    ]
 
 
 def stages(*pairs: tuple) -> list[dict]:
     return [{"step": s, "frozen": f} for s, f in pairs]
 
 
-@pytest.mark.parametrize(("schedule", "kwargs", "message"), [
-    ([], {}, "expected a JSON object"),
-    ({"stages": []}, {}, "missing key 'n_blocks'"),
-    ({"n_blocks": 4}, {}, "missing key 'stages'"),
-    ({"n_blocks": 0, "stages": []}, {}, "n_blocks must be a positive integer"),
-    ({"n_blocks": "4", "stages": []}, {}, "n_blocks must be a positive integer"),
-    ({"n_blocks": 4, "stages": {}}, {}, "stages must be a list"),
-    ({"n_blocks": 4, "stages": [[10, 1]]}, {}, r"stages\[0\] must be an object"),
-    ({"n_blocks": 4, "stages": [{"step": 10}]}, {}, r"stages\[0\] is missing 'frozen'"),
-    ({"n_blocks": 4, "stages": stages((1.5, 1))}, {}, r"stages\[0\].step must be an integer"),
-    ({"n_blocks": 4, "stages": stages(("10", 1))}, {}, r"stages\[0\].step must be an integer"),
-    ({"n_blocks": 4, "stages": stages((10, True))}, {}, r"stages\[0\].frozen must be an integer"),
-    ({"n_blocks": 4, "stages": stages((-1, 1))}, {}, r"stages\[0\].step=-1 is negative"),
-    ({"n_blocks": 4, "stages": stages((1, -1))}, {}, r"stages\[0\].frozen=-1 is negative"),
-    ({"n_blocks": 4, "stages": stages((10, 1), (10, 2))}, {}, "strictly increase"),
-    ({"n_blocks": 4, "stages": stages((10, 1), (5, 2))}, {}, "strictly increase"),
-    ({"n_blocks": 4, "stages": stages((10, 2), (20, 1))}, {}, "cannot unfreeze"),
-    ({"n_blocks": 4, "stages": stages((10, 4))}, {}, "leaves no block trainable"),
-    ({"n_blocks": 4, "stages": stages((10, 1), (300, 2))}, {"total_steps": 300}, "at or after the end"),
-    ({"n_blocks": 4, "stages": [{"step": 1, "frozen": 1, "when": 2}]}, {}, "unknown key"),
-    ({"n_blocks": 4, "stages": [], "source": "x"}, {}, "source must be an object"),
-    (GOOD, {"n_blocks": 8}, "does not match"),
-])
+@pytest.mark.parametrize(
+    ("schedule", "kwargs", "message"),
+    [
+        ([], {}, "expected a JSON object"),
+        ({"stages": []}, {}, "missing key 'n_blocks'"),
+        ({"n_blocks": 4}, {}, "missing key 'stages'"),
+        ({"n_blocks": 0, "stages": []}, {}, "n_blocks must be a positive integer"),
+        ({"n_blocks": "4", "stages": []}, {}, "n_blocks must be a positive integer"),
+        ({"n_blocks": 4, "stages": {}}, {}, "stages must be a list"),
+        ({"n_blocks": 4, "stages": [[10, 1]]}, {}, r"stages\[0\] must be an object"),
+        ({"n_blocks": 4, "stages": [{"step": 10}]}, {}, r"stages\[0\] is missing 'frozen'"),
+        ({"n_blocks": 4, "stages": stages((1.5, 1))}, {}, r"stages\[0\].step must be an integer"),
+        ({"n_blocks": 4, "stages": stages(("10", 1))}, {}, r"stages\[0\].step must be an integer"),
+        ({"n_blocks": 4, "stages": stages((10, True))}, {}, r"stages\[0\].frozen must be an integer"),
+        ({"n_blocks": 4, "stages": stages((-1, 1))}, {}, r"stages\[0\].step=-1 is negative"),
+        ({"n_blocks": 4, "stages": stages((1, -1))}, {}, r"stages\[0\].frozen=-1 is negative"),
+        ({"n_blocks": 4, "stages": stages((10, 1), (10, 2))}, {}, "strictly increase"),
+        ({"n_blocks": 4, "stages": stages((10, 1), (5, 2))}, {}, "strictly increase"),
+        ({"n_blocks": 4, "stages": stages((10, 2), (20, 1))}, {}, "cannot unfreeze"),
+        ({"n_blocks": 4, "stages": stages((10, 4))}, {}, "leaves no block trainable"),
+        ({"n_blocks": 4, "stages": stages((10, 1), (300, 2))}, {"total_steps": 300}, "at or after the end"),
+        ({"n_blocks": 4, "stages": [{"step": 1, "frozen": 1, "when": 2}]}, {}, "unknown key"),
+        ({"n_blocks": 4, "stages": [], "source": "x"}, {}, "source must be an object"),
+        (GOOD, {"n_blocks": 8}, "does not match"),
+    ],
+)
 def test_validate_rejects(schedule: object, kwargs: dict, message: str) -> None:
     with pytest.raises(ScheduleError, match=message):
         validate_schedule(schedule, **kwargs)
 
 
 # ----------------------------------------------------------------------------- derive
+
 
 def test_derive_from_detected_convergence_never_freezes_early() -> None:
     layer_df = synthetic_layer_metrics(TRUTH, total_steps=600, probe_every=50, seed=3)
@@ -116,8 +121,10 @@ def test_derive_margin_cap_quantize_merge_and_horizon() -> None:
     assert derive_schedule(conv_series([None, 100]), 5, 1000)["stages"] == []
 
 
-@pytest.mark.parametrize("kwargs", [{"margin": -1}, {"margin": 0.5}, {"quantize": 0}, {"max_frozen": -1},
-                                    {"total_steps": 0}, {"n_blocks": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"margin": -1}, {"margin": 0.5}, {"quantize": 0}, {"max_frozen": -1}, {"total_steps": 0}, {"n_blocks": 0}],
+)
 def test_derive_rejects_bad_arguments(kwargs: dict) -> None:
     args = {"conv": conv_series([10]), "n_blocks": 3, "total_steps": 100, **kwargs}
     with pytest.raises(ScheduleError):
@@ -181,13 +188,13 @@ def test_logged_saving_against_nothing_frozen() -> None:
 
 def test_time_model_predicts_the_wall_saving() -> None:
     """With measured step times the wall prediction keeps the part freezing cannot shrink."""
-    model = synthetic_flop_model(4, block_forward=1.0, other=0.0)   # per step: 12, 10, 8, 6
+    model = synthetic_flop_model(4, block_forward=1.0, other=0.0)  # per step: 12, 10, 8, 6
     schedule = {"n_blocks": 4, "stages": stages((2, 1), (6, 3))}
-    tm = synthetic_time_model(model, step_s=1.0, unshrinkable=0.5)   # t(k) = 0.5 + 0.5 * flops(k) / 12
+    tm = synthetic_time_model(model, step_s=1.0, unshrinkable=0.5)  # t(k) = 0.5 + 0.5 * flops(k) / 12
     out = schedule_with_prediction(schedule, model, 10, time_model=tm)
     flop_saving = 1 - (2 * 12 + 4 * 10 + 4 * 6) / 120
     assert out["predicted_flop_saving"] == pytest.approx(flop_saving)
-    assert out["predicted_time_saving"] == pytest.approx(flop_saving / 2)   # half of each step cannot shrink
+    assert out["predicted_time_saving"] == pytest.approx(flop_saving / 2)  # half of each step cannot shrink
     assert out["predicted_time_basis"] == "time_model"
     assert "affine FLOP fit (unshrinkable share 50.0%)" in out["prediction"]["time_model"]
     # a run without a flop model still gets a time prediction from the time model's own FLOPs

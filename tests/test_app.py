@@ -54,6 +54,7 @@ def keys(at: AppTest) -> set[str]:
 
 # ----------------------------------------------------------------------------- pages
 
+
 def test_runs_page_lists_runs_and_carries_the_selection(env: Store) -> None:
     at = open_page("runs")
     assert_clean(at)
@@ -109,8 +110,9 @@ def test_schedule_page_derives_saves_and_launches(env: Store) -> None:
     at.run()
     at = open_page("schedule", at)
     assert_clean(at)
-    assert {"sched_run", "sched_method", "sched_margin", "sched_cap", "sched_threshold_posthoc",
-            "sched_match"} <= keys(at)
+    assert {"sched_run", "sched_method", "sched_margin", "sched_cap", "sched_threshold_posthoc", "sched_match"} <= keys(
+        at
+    )
     assert charts(at) == 1
     assert len(at.get("download_button")) == 1 and {"sched_save", "sched_launch"} <= keys(at)
     assert not at.button(key="sched_save").disabled and not at.button(key="sched_launch").disabled
@@ -207,11 +209,32 @@ def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
 
     at = open_page("launch")
     assert_clean(at)
-    assert {"launch_config", "launch_objective", "launch_steps", "launch_seed", "launch_data",
-            "launch_schedule", "launch_overrides", "launch_submit"} <= keys(at)
-    tiny = ["model.depth=2", "model.dim=24", "model.heads=2", "model.decoder_dim=16", "model.decoder_heads=2",
-            "data.frames=4", "data.size=16", "data.train_clips=16", "data.val_clips=8", "probe.batch_size=8",
-            "probe.every=2", "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every=4"]
+    assert {
+        "launch_config",
+        "launch_objective",
+        "launch_steps",
+        "launch_seed",
+        "launch_data",
+        "launch_schedule",
+        "launch_overrides",
+        "launch_submit",
+    } <= keys(at)
+    tiny = [
+        "model.depth=2",
+        "model.dim=24",
+        "model.heads=2",
+        "model.decoder_dim=16",
+        "model.decoder_heads=2",
+        "data.frames=4",
+        "data.size=16",
+        "data.train_clips=16",
+        "data.val_clips=8",
+        "probe.batch_size=8",
+        "probe.every=2",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=4",
+    ]
     at.selectbox(key="launch_config").set_value("experiments/configs/mae_tiny.yaml")
     at.number_input(key="launch_steps").set_value(4)
     at.number_input(key="launch_seed").set_value(3)
@@ -227,7 +250,7 @@ def test_launch_page_starts_a_run_that_appears_on_runs(env: Store) -> None:
     assert jobs.status(job) == "finished" and jobs.run_id(job)
     record = io.get_run(jobs.run_id(job), env.uri)
     assert record.status == "FINISHED" and record.name == job.run_name and record.param_int("train.seed") == 3
-    assert record.tags[TAG_JOB] == job.job_id   # how the Launch page found it
+    assert record.tags[TAG_JOB] == job.job_id  # how the Launch page found it
 
     at.run()  # the finished job shows its run; the Runs page lists it
     assert_clean(at)
@@ -252,7 +275,7 @@ def test_launch_rejects_bad_input_and_cancels(env: Store) -> None:
     job = jobs.list_jobs()[0]
     at.button(key=f"launch_cancel_{job.job_id}").click().run()
     assert_clean(at)
-    job = jobs.Job.load(job.meta_path)   # as the page saved it: marked cancelled
+    job = jobs.Job.load(job.meta_path)  # as the page saved it: marked cancelled
     assert jobs.status(job) == "cancelled" and not jobs.is_running(job)
 
 
@@ -270,7 +293,7 @@ def test_empty_store_shows_a_message_on_every_page(tmp_path: Path, monkeypatch: 
 
 def test_sidebar_uri_switches_the_store(env: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     other = f"sqlite:///{tmp_path}/other.db"
-    monkeypatch.setenv("LAYERLOCK_TRACKING_URIS", other)   # the operator offers a second store
+    monkeypatch.setenv("LAYERLOCK_TRACKING_URIS", other)  # the operator offers a second store
     at = open_page("runs")
     assert at.dataframe
     assert at.selectbox(key="sidebar_uri").options == [env.uri, other, "sqlite:///mlflow.db"]
@@ -284,8 +307,10 @@ def test_sidebar_offers_only_configured_uris(env: Store, tmp_path: Path) -> None
 
     at = open_page("runs")
     assert at.selectbox(key="sidebar_uri").options == [env.uri, "sqlite:///mlflow.db"]
-    assert state.allowed_uris(["--tracking-uri", "http://team:5000"])[-2:] == ["http://team:5000",
-                                                                                "sqlite:///mlflow.db"]
+    assert state.allowed_uris(["--tracking-uri", "http://team:5000"])[-2:] == [
+        "http://team:5000",
+        "sqlite:///mlflow.db",
+    ]
     # a value forced into the session (no widget offers it) is refused; the store stays put
     at.session_state["tracking_uri"] = "http://attacker.example:80"
     at.run()
@@ -304,8 +329,9 @@ def test_job_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = jobs.pretrain_argv("c.yaml", tracking_uri="sqlite:///mlflow.db")
     assert argv[-2:] == ["--tracking-uri", f"sqlite:///{Path('mlflow.db').resolve()}"]
     assert jobs.pretrain_argv("c.yaml", tracking_uri="http://h:5000")[-1] == "http://h:5000"
-    assert jobs.twin_overrides({"model.depth": "4", "data.root": "None", "objective.name": "pixel",
-                                "train.lr": "0.0015"}) == ["model.depth=4", "train.lr=0.0015"]
+    assert jobs.twin_overrides(
+        {"model.depth": "4", "data.root": "None", "objective.name": "pixel", "train.lr": "0.0015"}
+    ) == ["model.depth=4", "train.lr=0.0015"]
     log = tmp_path / "x.log"
     log.write_text("start\nmae 1a: 10%|#  | 1/10\rmae 1a: 50%|#####  | 5/10\rmae 1a: 100%|###| 10/10\ndone\n")
     assert jobs.tail(log) == "start\nmae 1a: 100%|###| 10/10\ndone"

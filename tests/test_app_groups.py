@@ -41,16 +41,33 @@ def build_group_store(folder: Path) -> GroupStore:
     for group, method, schedule, start in ((MAE, "mae", None, 1.0), (LL, "layerlock", SCHEDULE, 0.9)):
         for seed in range(3):
             history = synthetic_history(STEPS, 2, MODEL, schedule, loss_start=start, seed=seed)
-            runs.setdefault(group, []).append(create_run_from_frames(
-                "layerlock", history=history, layer_df=layer_df, run_name=f"{method}-seed{seed}",
-                params={"train.seed": seed, "train.steps": STEPS, "model.depth": DEPTH},
-                tags={io.TAG_METHOD: method, io.TAG_DATASET: "moving_digits", io.TAG_GROUP: group}, **common))
-    lone = create_run_from_frames("layerlock", history=synthetic_history(STEPS, 2, MODEL, seed=9),
-                                     params={"train.seed": 0, "train.steps": STEPS}, run_name="lone",
-                                     tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"}, **common)
-    study = create_run_from_frames("layerlock", params={"seeds": "0,1,2"}, run_name="study-x",
-                                      tags={io.TAG_METHOD: "study", "layerlock.study": "study-x"},
-                                      json_artifacts={"study/results.json": {"claims": {}}}, **common)
+            runs.setdefault(group, []).append(
+                create_run_from_frames(
+                    "layerlock",
+                    history=history,
+                    layer_df=layer_df,
+                    run_name=f"{method}-seed{seed}",
+                    params={"train.seed": seed, "train.steps": STEPS, "model.depth": DEPTH},
+                    tags={io.TAG_METHOD: method, io.TAG_DATASET: "moving_digits", io.TAG_GROUP: group},
+                    **common,
+                )
+            )
+    lone = create_run_from_frames(
+        "layerlock",
+        history=synthetic_history(STEPS, 2, MODEL, seed=9),
+        params={"train.seed": 0, "train.steps": STEPS},
+        run_name="lone",
+        tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits"},
+        **common,
+    )
+    study = create_run_from_frames(
+        "layerlock",
+        params={"seeds": "0,1,2"},
+        run_name="study-x",
+        tags={io.TAG_METHOD: "study", "layerlock.study": "study-x"},
+        json_artifacts={"study/results.json": {"claims": {}}},
+        **common,
+    )
     from mlflow import MlflowClient
 
     MlflowClient(uri).log_text(study, "# LayerLock Lab study study-x\n\n## S1 Depth order\n", "study/report.md")
@@ -78,7 +95,7 @@ def test_runs_page_groups_runs_by_tag(env: GroupStore) -> None:
     at = open_page("runs")
     assert_clean(at)
     grouped = frame_with(at, "group", "runs", "seeds", "final_loss")
-    assert set(grouped["group"]) == {MAE, LL}   # the lone run is no group of seeds
+    assert set(grouped["group"]) == {MAE, LL}  # the lone run is no group of seeds
     row = grouped.set_index("group").loc[LL]
     assert row["runs"] == 3 and row["seeds"] == "0, 1, 2" and row["method"] == "layerlock"
     assert " ± " in row["final_loss"] and row["final_loss"].endswith("(3)")
@@ -89,18 +106,18 @@ def test_runs_page_groups_runs_by_tag(env: GroupStore) -> None:
 def test_compare_page_baseline_moves_the_savings(env: GroupStore) -> None:
     at = open_page("compare")
     assert_clean(at)
-    assert set(at.multiselect(key="cmp_groups").value) == {MAE, LL}   # recent groups of 2+ seeds
+    assert set(at.multiselect(key="cmp_groups").value) == {MAE, LL}  # recent groups of 2+ seeds
     assert at.multiselect(key="cmp_runs").value == []
     at.multiselect(key="cmp_groups").set_value([LL, MAE]).run()
     assert_clean(at)
-    assert at.selectbox(key="cmp_baseline").value == MAE   # by default the first MAE group
+    assert at.selectbox(key="cmp_baseline").value == MAE  # by default the first MAE group
 
     by_run = savings(at)
     mae_runs = [s for label, s in by_run.items() if label.startswith("mae-seed")]
     ll_runs = [s for label, s in by_run.items() if label.startswith("layerlock-seed")]
     assert len(mae_runs) == len(ll_runs) == 3
     assert all(s == pytest.approx(0.0) for s in mae_runs) and all(0 < s < 1 for s in ll_runs)
-    ratio = 1 - ll_runs[0]   # LayerLock FLOPs / MAE FLOPs (seeds do not change counted FLOPs)
+    ratio = 1 - ll_runs[0]  # LayerLock FLOPs / MAE FLOPs (seeds do not change counted FLOPs)
 
     at.selectbox(key="cmp_baseline").set_value(LL).run()
     assert_clean(at)
@@ -128,8 +145,8 @@ def test_compare_page_draws_a_band_per_group(env: GroupStore) -> None:
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     names = [t.get("name") for t in spec["data"]]
     fills = [t for t in spec["data"] if t.get("fill") == "toself"]
-    assert len(fills) == 1 and fills[0]["name"].endswith("(min..max)")   # the lone run has no band
-    assert sum(1 for t in spec["data"] if t.get("showlegend") is False) == 3   # faint seeds
+    assert len(fills) == 1 and fills[0]["name"].endswith("(min..max)")  # the lone run has no band
+    assert sum(1 for t in spec["data"] if t.get("showlegend") is False) == 3  # faint seeds
     assert any(n and n.endswith("(mean)") for n in names)
     at.radio(key="cmp_band").set_value("sd").run()
     assert_clean(at)
@@ -144,4 +161,4 @@ def test_runs_page_shows_a_study_report(env: GroupStore) -> None:
     assert at.selectbox(key="runs_study").value is not None
     assert any("S1 Depth order" in m.value for m in at.markdown)
     runs_table = frame_with(at, "run_id", "group", "seed")
-    assert "study-x" not in set(runs_table.get("name", []))   # the study is not a training run
+    assert "study-x" not in set(runs_table.get("name", []))  # the study is not a training run

@@ -49,19 +49,32 @@ def test_streamlit_started_from_another_folder_listens_only_on_loopback(tmp_path
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "Home.py"),
-                             "--server.port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "Home.py"), "--server.port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 90
         while not _listeners(port) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         listening = _listeners(port)
         assert listening, "the dashboard did not start listening within 90 s"
-        assert listening == {"0100007F"}, listening   # 127.0.0.1 only: no 0.0.0.0, no ::
-        out = subprocess.run([sys.executable, "-c", "import streamlit.config as c, sys; "
-                              "sys.argv=['x']; print(c.get_option('server.enableXsrfProtection'))"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert listening == {"0100007F"}, listening  # 127.0.0.1 only: no 0.0.0.0, no ::
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import streamlit.config as c, sys; sys.argv=['x']; print(c.get_option('server.enableXsrfProtection'))",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.stdout.strip() == "True"
     finally:
         stop_process(proc, timeout=20)
@@ -90,7 +103,7 @@ def test_dashboard_refuses_to_serve_beyond_loopback_without_opt_in(remote_addres
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     assert not at.exception
     assert [e.value for e in at.error] and "no login" in at.error[0].value
-    assert not at.sidebar.selectbox   # nothing else was drawn
+    assert not at.sidebar.selectbox  # nothing else was drawn
 
     monkeypatch.setenv(serving.ALLOW_REMOTE_ENV, "1")
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
@@ -100,6 +113,7 @@ def test_dashboard_refuses_to_serve_beyond_loopback_without_opt_in(remote_addres
 
 # ----------------------------------------------------------------------------- launcher
 
+
 @pytest.mark.system
 def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monkeypatch):
     from app import jobs
@@ -107,22 +121,36 @@ def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monk
     monkeypatch.setenv("LAYERLOCK_RUNS_DIR", str(tmp_path))
     jobs.launch_dir().mkdir(parents=True)
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
-    other = subprocess.Popen(argv)   # stands in for a process that got a job's pid after a restart
+    other = subprocess.Popen(argv)  # stands in for a process that got a job's pid after a restart
     try:
+
         def job(**kw) -> jobs.Job:
-            fields = dict(job_id="j", argv=argv, pid=other.pid, run_name="r", tracking_uri="sqlite:///x.db",
-                          started=time.time(), pid_start=jobs._start_time(other.pid))
+            fields = dict(
+                job_id="j",
+                argv=argv,
+                pid=other.pid,
+                run_name="r",
+                tracking_uri="sqlite:///x.db",
+                started=time.time(),
+                pid_start=jobs._start_time(other.pid),
+            )
             return jobs.Job(**{**fields, **kw})
 
-        assert jobs.is_running(job())   # same command line, same start time: the job's own child
-        for bad in (job(pid=0), job(pid=-1), job(pid=1), job(argv=[*argv, "x"]), job(pid_start=12345),
-                    job(pid_start=None)):
+        assert jobs.is_running(job())  # same command line, same start time: the job's own child
+        for bad in (
+            job(pid=0),
+            job(pid=-1),
+            job(pid=1),
+            job(argv=[*argv, "x"]),
+            job(pid_start=12345),
+            job(pid_start=None),
+        ):
             assert not jobs.is_running(bad)
             assert jobs.cancel(bad, grace_s=0.2) == "not running"
-        assert other.poll() is None   # never signalled
+        assert other.poll() is None  # never signalled
         saved = job(job_id="k")
         saved.save()
-        assert sorted(p.name for p in jobs.launch_dir().iterdir()) == ["j.json", "k.json"]   # no temporaries
+        assert sorted(p.name for p in jobs.launch_dir().iterdir()) == ["j.json", "k.json"]  # no temporaries
         assert jobs.Job.load(saved.meta_path) == saved
     finally:
         other.kill()
@@ -140,7 +168,7 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
     monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
     seen: list[list[str]] = []
 
-    def sleeper(config, overrides=None, tags=None, tracking_uri=None):   # no training on a shared CPU
+    def sleeper(config, overrides=None, tags=None, tracking_uri=None):  # no training on a shared CPU
         seen.append(list(overrides or []))
         return [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -161,7 +189,7 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
         assert job.argv[-2:] == ["--tag", f"{schema.TAG_JOB}={job.job_id}"]
         client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
         exp = client.create_experiment("layerlock")
-        client.create_run(exp, run_name="exp #2")   # same name, not this job's
+        client.create_run(exp, run_name="exp #2")  # same name, not this job's
         rid = client.create_run(exp, run_name="renamed", tags={schema.TAG_JOB: job.job_id}).info.run_id
         at.button(key="launch_refresh").click().run()
         assert any(rid in c.value for c in at.caption), [c.value for c in at.caption]
@@ -179,20 +207,41 @@ def test_launch_page_caps_jobs_and_keeps_text_fields_as_strings(tmp_path, monkey
 # The dashboard's half of the bad-input table (README, "Bad input: what you get"): launch-page
 # fields and the one warning each gets; nothing is started.
 DASHBOARD_ROWS: list[tuple[str, dict[str, str], str]] = [
-    ("override-without-equals", {"launch_overrides": "nonsense"},
-     "Not started: override line 1: expected key=value, got 'nonsense'"),
-    ("override-unknown-key", {"launch_overrides": "model.depthh=3"},
-     "Not started: {cfg} (with --set): unknown config key 'model.depthh'"),
-    ("override-seed-too-large", {"launch_overrides": "train.seed=10000000000000000000000"},
-     "Not started: {cfg} (with --set): train.seed: Input should be less than or equal to 2147483647"),
-    ("override-infinite", {"launch_overrides": "train.lr=.inf"},
-     "Not started: {cfg} (with --set): train.lr: Input should be a finite number"),
-    ("custom-schedule-empty", {"launch_schedule": "custom path…"},
-     "Not started: custom schedule: enter the path of a schedule JSON file"),
-    ("custom-schedule-binary", {"launch_schedule": "custom path…", "launch_schedule_path": "/bin/ls"},
-     "Not started: ls: not a text file (a schedule is JSON text)"),
-    ("custom-schedule-missing", {"launch_schedule": "custom path…", "launch_schedule_path": "/nonexistent.json"},
-     "Not started: schedule file not found: /nonexistent.json"),
+    (
+        "override-without-equals",
+        {"launch_overrides": "nonsense"},
+        "Not started: override line 1: expected key=value, got 'nonsense'",
+    ),
+    (
+        "override-unknown-key",
+        {"launch_overrides": "model.depthh=3"},
+        "Not started: {cfg} (with --set): unknown config key 'model.depthh'",
+    ),
+    (
+        "override-seed-too-large",
+        {"launch_overrides": "train.seed=10000000000000000000000"},
+        "Not started: {cfg} (with --set): train.seed: Input should be less than or equal to 2147483647",
+    ),
+    (
+        "override-infinite",
+        {"launch_overrides": "train.lr=.inf"},
+        "Not started: {cfg} (with --set): train.lr: Input should be a finite number",
+    ),
+    (
+        "custom-schedule-empty",
+        {"launch_schedule": "custom path…"},
+        "Not started: custom schedule: enter the path of a schedule JSON file",
+    ),
+    (
+        "custom-schedule-binary",
+        {"launch_schedule": "custom path…", "launch_schedule_path": "/bin/ls"},
+        "Not started: ls: not a text file (a schedule is JSON text)",
+    ),
+    (
+        "custom-schedule-missing",
+        {"launch_schedule": "custom path…", "launch_schedule_path": "/nonexistent.json"},
+        "Not started: schedule file not found: /nonexistent.json",
+    ),
 ]
 
 
@@ -204,8 +253,11 @@ def test_launch_field_gets_one_warning_and_starts_nothing(fields, message, tmp_p
     at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
     at.switch_page("screens/launch.py").run()
     for key, value in fields.items():
-        widget = at.selectbox(key=key) if key == "launch_schedule" else (
-            at.text_area(key=key) if key == "launch_overrides" else at.text_input(key=key))
+        widget = (
+            at.selectbox(key=key)
+            if key == "launch_schedule"
+            else (at.text_area(key=key) if key == "launch_overrides" else at.text_input(key=key))
+        )
         widget.set_value(value)
     at.button(key="launch_submit").click().run()
     assert not at.exception and not at.error
@@ -240,12 +292,16 @@ def test_auto_refreshing_fragments_show_one_line_not_a_traceback():
     at = AppTest.from_function(_fragment_that_fails, default_timeout=TIMEOUT).run()
     assert not at.exception, [e.value for e in at.exception]
     assert [e.value for e in at.error] == [
-        "This page could not be drawn (ZeroDivisionError: division by zero). The server log has the details."]
+        "This page could not be drawn (ZeroDivisionError: division by zero). The server log has the details."
+    ]
     # Every fragment of the dashboard is made by errors.fragment (its timed reruns skip Home.py's handler).
     errors_py = ROOT / "app" / "views" / "errors.py"
-    assert _direct_fragments(errors_py)   # the scan sees the one place that may use st.fragment
-    direct = {str(p.relative_to(ROOT)): lines for p in (ROOT / "app").rglob("*.py")
-              if p != errors_py and (lines := _direct_fragments(p))}
+    assert _direct_fragments(errors_py)  # the scan sees the one place that may use st.fragment
+    direct = {
+        str(p.relative_to(ROOT)): lines
+        for p in (ROOT / "app").rglob("*.py")
+        if p != errors_py and (lines := _direct_fragments(p))
+    }
     assert direct == {}
 
 
@@ -254,17 +310,26 @@ def _direct_fragments(path: Path) -> list[int]:
     passed on, or ``from streamlit import fragment``."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if (isinstance(node, ast.Attribute) and node.attr == "fragment" and isinstance(node.value, ast.Name)
-                and node.value.id in ("st", "streamlit")):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "fragment"
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("st", "streamlit")
+        ):
             found.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and node.module == "streamlit" and any(
-                alias.name == "fragment" for alias in node.names):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "streamlit"
+            and any(alias.name == "fragment" for alias in node.names)
+        ):
             found.append(node.lineno)
     return sorted(found)
 
 
 def test_the_fragment_scan_sees_every_form(tmp_path):
     src = tmp_path / "page.py"
-    src.write_text("import streamlit as st\n@st.fragment\ndef a():\n    pass\n"
-                   "st.fragment(run_every=2)(a)\nfrom streamlit import fragment\nerrors.fragment(a)()\n")
+    src.write_text(
+        "import streamlit as st\n@st.fragment\ndef a():\n    pass\n"
+        "st.fragment(run_every=2)(a)\nfrom streamlit import fragment\nerrors.fragment(a)()\n"
+    )
     assert _direct_fragments(src) == [2, 5, 6]

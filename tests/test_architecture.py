@@ -80,6 +80,7 @@ def test_attribution_is_the_one_torch_module_in_analysis() -> None:
 
 # ----------------------------------------------------------------------------- import circles
 
+
 def module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -96,8 +97,10 @@ def import_graph(root: Path = ROOT, layers: tuple[str, ...] = LAYERS) -> dict[st
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
-                           for alias in node.names]
+                targets = [
+                    f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                    for alias in node.names
+                ]
             else:
                 continue
             edges |= {t for t in targets if t in files and t != name}
@@ -177,12 +180,14 @@ def test_only_the_store_module_reads_the_store() -> None:
             if module in ("analysis.io", "mlflow") or module.startswith("mlflow."):
                 found.append(f"{rel}:{line}: imports {module}")
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "analysis" and any(
-                    a.name == "io" for a in node.names):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "analysis"
+                and any(a.name == "io" for a in node.names)
+            ):
                 found.append(f"{rel}:{node.lineno}: imports analysis.io")
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
                 names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
                 found += [f"{rel}:{node.lineno}: {node.name}({n}=...)" for n in names if n in ("uri", "tracking_uri")]
     assert found == []
-

@@ -31,11 +31,14 @@ FLOPS_PER_STEP = {MAE: 100.0, LL: 80.0}
 
 def history(loss: float, flops_per_step: float) -> pd.DataFrame:
     steps = np.arange(0, STEPS + 1, 2)
-    return pd.concat([
-        pd.DataFrame({"step": steps, "metric": "train/loss", "value": loss}),
-        pd.DataFrame({"step": steps, "metric": "train/flops", "value": flops_per_step * (steps + 1)}),
-        pd.DataFrame({"step": steps, "metric": "train/wall_s", "value": 0.01 * flops_per_step * (steps + 1)}),
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            pd.DataFrame({"step": steps, "metric": "train/loss", "value": loss}),
+            pd.DataFrame({"step": steps, "metric": "train/flops", "value": flops_per_step * (steps + 1)}),
+            pd.DataFrame({"step": steps, "metric": "train/wall_s", "value": 0.01 * flops_per_step * (steps + 1)}),
+        ],
+        ignore_index=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -55,21 +58,38 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     for group, losses in LOSS.items():
         method = group.split("-")[0].replace("pixel", "mae")
         for seed, loss in enumerate(losses):
-            runs.setdefault(group, []).append(create_run_from_frames(
-                "layerlock", history=history(loss, FLOPS_PER_STEP[group]), run_name=f"{method}-seed{seed}",
-                params={"train.seed": seed, "train.steps": STEPS},
-                tags={io.TAG_METHOD: method, io.TAG_GROUP: group}, **common))
+            runs.setdefault(group, []).append(
+                create_run_from_frames(
+                    "layerlock",
+                    history=history(loss, FLOPS_PER_STEP[group]),
+                    run_name=f"{method}-seed{seed}",
+                    params={"train.seed": seed, "train.steps": STEPS},
+                    tags={io.TAG_METHOD: method, io.TAG_GROUP: group},
+                    **common,
+                )
+            )
     running = create_run_from_frames(
-        "layerlock", history=history(5.0, 80.0).head(4), params={"train.seed": 3}, status="RUNNING",
-        tags={io.TAG_METHOD: "layerlock", io.TAG_GROUP: LL}, **common)
-    lone = create_run_from_frames("layerlock", history=history(0.95, 90.0), params={"train.seed": 0},
-                                     tags={io.TAG_METHOD: "mae"}, run_name="lone", **common)
+        "layerlock",
+        history=history(5.0, 80.0).head(4),
+        params={"train.seed": 3},
+        status="RUNNING",
+        tags={io.TAG_METHOD: "layerlock", io.TAG_GROUP: LL},
+        **common,
+    )
+    lone = create_run_from_frames(
+        "layerlock",
+        history=history(0.95, 90.0),
+        params={"train.seed": 0},
+        tags={io.TAG_METHOD: "mae"},
+        run_name="lone",
+        **common,
+    )
     return Store(uri, runs, running, lone)
 
 
 def test_runs_in_group_and_list_columns(store: Store) -> None:
     members = io.runs_in_group(LL, store.uri)
-    assert list(members["run_id"]) == [*store.runs[LL], store.running]   # by seed
+    assert list(members["run_id"]) == [*store.runs[LL], store.running]  # by seed
     assert list(members["seed"]) == [0, 1, 2, 3] and set(members["group"]) == {LL}
     assert io.runs_in_group("no-such-group", store.uri).empty
     listed = io.list_runs(store.uri).set_index("run_id")
@@ -92,7 +112,7 @@ def test_compare_groups_summary_savings_and_paired(store: Store) -> None:
     assert summary.loc[(MAE, "final_loss"), "mean"] == pytest.approx(1.0)
     assert summary.loc[(MAE, "final_loss"), "sd"] == pytest.approx(0.1)
     assert summary.loc[(LL, "final_loss"), "n"] == 3
-    assert summary.loc[(LL, "flop_saving"), "mean"] == pytest.approx(0.2)    # against the MAE group's mean
+    assert summary.loc[(LL, "flop_saving"), "mean"] == pytest.approx(0.2)  # against the MAE group's mean
     assert summary.loc[(MAE, "flop_saving"), "mean"] == pytest.approx(0.0)
     assert summary.loc[(store.lone, "final_loss"), "n"] == 1 and np.isnan(summary.loc[(store.lone, "final_loss"), "sd"])
 
@@ -116,8 +136,19 @@ def test_compare_groups_summary_savings_and_paired(store: Store) -> None:
 
 
 def test_group_comparison_is_pure() -> None:
-    rows = [{"run_id": f"r{g}{s}", "group": g, "seed": s, "method": "mae", "final_loss": v, "total_flops": 10.0,
-             "wall_s": 1.0} for g, vals in (("a", [1.0, 2.0]), ("b", [1.5, 2.5])) for s, v in enumerate(vals)]
+    rows = [
+        {
+            "run_id": f"r{g}{s}",
+            "group": g,
+            "seed": s,
+            "method": "mae",
+            "final_loss": v,
+            "total_flops": 10.0,
+            "wall_s": 1.0,
+        }
+        for g, vals in (("a", [1.0, 2.0]), ("b", [1.5, 2.5]))
+        for s, v in enumerate(vals)
+    ]
     result = group_comparison(rows)
     out = result.paired.set_index("metric").loc["final_loss"]
     assert out["mean_diff"] == pytest.approx(0.5) and out["sd"] == 0.0 and out["verdict"] == "higher"

@@ -46,6 +46,7 @@ def check_item(ds: ClipDataset, item: dict) -> None:
 
 # ----------------------------------------------------------------------------- procedural sets
 
+
 @pytest.mark.parametrize("name", ["moving_digits", "photo_pans"])
 def test_procedural_shapes_lengths_and_batches(name: str) -> None:
     train, val = build_dataset(tiny(name)), build_dataset(tiny(name), "val")
@@ -100,16 +101,17 @@ def test_seed_range_is_validated_and_items_are_reproducible() -> None:
 
 @pytest.mark.parametrize("name", ["moving_digits", "photo_pans"])
 def test_train_and_val_do_not_overlap(name: str) -> None:
-    train, val = get_batch(build_dataset(tiny(name)), range(64))[0], get_batch(
-        build_dataset(tiny(name), "val"), range(16))[0]
+    train, val = (
+        get_batch(build_dataset(tiny(name)), range(64))[0],
+        get_batch(build_dataset(tiny(name), "val"), range(16))[0],
+    )
     flat_t, flat_v = train.flatten(1), val.flatten(1)
     assert torch.cdist(flat_v, flat_t).min() > 0  # no val clip equals any train clip
 
 
 def _centroid(frame: torch.Tensor) -> np.ndarray:
     """(H, W) intensity -> (x, y) centroid in pixels."""
-    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32),
-                            torch.arange(S, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
     m = frame.sum()
     return np.array([(frame * xs).sum() / m, (frame * ys).sum() / m])
 
@@ -181,8 +183,7 @@ def test_photo_pans_pan_moves_content_against_camera() -> None:
             continue
         clip = item["video"].mean(0)  # (T, H, W)
         a, b = clip[0], clip[1]
-        errs = {dx: (a[:, 8 + dx : 24 + dx] - b[:, 8:24]).abs().mean().item()
-                for dx in range(-3, 4)}
+        errs = {dx: (a[:, 8 + dx : 24 + dx] - b[:, 8:24]).abs().mean().item() for dx in range(-3, 4)}
         assert min(errs, key=errs.get) > 0  # b[x] = a[x + dx] with dx > 0: content moved west
         checked += 1
     assert checked >= 2
@@ -197,6 +198,7 @@ def test_unknown_name_and_split() -> None:
 
 
 # ----------------------------------------------------------------------------- video folder
+
 
 @pytest.fixture
 def video_root(tmp_path: Path) -> Path:

@@ -7,14 +7,30 @@ from mlflow import MlflowClient
 
 from tests.helpers import run_cli, tiny_sets
 
-pytestmark = pytest.mark.system   # every test runs the command line
+pytestmark = pytest.mark.system  # every test runs the command line
 
 
 def test_demo_smoke(tmp_path, store):
     sets = tiny_sets(**{"train.steps": 8, "probe.every": 2})
-    proc = run_cli("-m", "experiments", "demo", "--steps", "8", "--probe-every", "2", *sets,
-                   "--eval-train-clips", "48", "--eval-val-clips", "16", "--out-dir", str(tmp_path / "out"),
-                   "--tracking-uri", store, timeout=600)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "demo",
+        "--steps",
+        "8",
+        "--probe-every",
+        "2",
+        *sets,
+        "--eval-train-clips",
+        "48",
+        "--eval-val-clips",
+        "16",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        store,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for name in ("mae", "layerlock", "latent_scheduled", "latent_naive", "freeze_only", "random_init"):
@@ -44,13 +60,34 @@ def test_demo_smoke(tmp_path, store):
 
 def test_demo_two_seeds_reports_groups(tmp_path, store):
     sets = tiny_sets(**{"train.steps": 8, "probe.every": 2})
-    proc = run_cli("-m", "experiments", "demo", "--steps", "8", "--probe-every", "2", *sets, "--seeds", "0,1",
-                   "--no-freeze-only", "--tasks", "digit", "--eval-train-clips", "32", "--eval-val-clips", "16",
-                   "--out-dir", str(tmp_path / "out"), "--tracking-uri", store, timeout=600)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "demo",
+        "--steps",
+        "8",
+        "--probe-every",
+        "2",
+        *sets,
+        "--seeds",
+        "0,1",
+        "--no-freeze-only",
+        "--tasks",
+        "digit",
+        "--eval-train-clips",
+        "32",
+        "--eval-val-clips",
+        "16",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--tracking-uri",
+        store,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "2 seeds (0, 1)" in out
-    assert "(2)" in out                      # mean ± sd (N) cells
+    assert "(2)" in out  # mean ± sd (N) cells
     assert "95% t interval" in out
     ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-8:])
     client = MlflowClient(store)

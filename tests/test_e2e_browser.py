@@ -26,8 +26,15 @@ from tests.helpers import OwnLoopStore, Store, build_store, stop_process  # the 
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 DOC_IMAGES, DOC_PAGES = ROOT / "docs" / "images", ("convergence", "schedule", "compare")
 # page name -> (URL path, needs a Plotly chart once rendered)
@@ -41,8 +48,10 @@ PAGES = {
     "attribution": ("attribution", True),
 }
 ERROR_TEXT = ("Traceback", "Error", "Exception")
-pytestmark = [pytest.mark.system,   # a Streamlit server and a browser
-              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")]
+pytestmark = [
+    pytest.mark.system,  # a Streamlit server and a browser
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+]
 
 
 def _free_port() -> int:
@@ -63,11 +72,15 @@ def store(own_loop_store: OwnLoopStore) -> Store:
 
     for seed in (0, 1):
         create_run_from_frames(
-            "layerlock", uri=built.uri, artifact_root=(folder / "artifacts").as_uri(), run_name=f"mae-seed{seed}",
+            "layerlock",
+            uri=built.uri,
+            artifact_root=(folder / "artifacts").as_uri(),
+            run_name=f"mae-seed{seed}",
             history=synthetic_history(12, 2, loss_start=1.0 + 0.2 * seed, seed=seed),
             start_time=1_600_000_000_000 + seed,
             params={"train.seed": seed, "train.steps": 12},
-            tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits", io.TAG_GROUP: "pixel-moving_digits-e2e00000"})
+            tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits", io.TAG_GROUP: "pixel-moving_digits-e2e00000"},
+        )
     return built
 
 
@@ -76,11 +89,28 @@ def server(store: Store, tmp_path_factory: pytest.TempPathFactory):
     """`streamlit run app/Home.py` on a free port against the store; yields its base URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("e2e-server") / "streamlit.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri,
-           "LAYERLOCK_RUNS_DIR": str(tmp_path_factory.mktemp("e2e-runs"))}
-    argv = [sys.executable, "-m", "streamlit", "run", "app/Home.py", "--server.port", str(port),
-            "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store.uri,
+        "LAYERLOCK_RUNS_DIR": str(tmp_path_factory.mktemp("e2e-runs")),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app/Home.py",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -140,8 +170,9 @@ def _page_problems(page, path: str, needs_chart: bool) -> list[str]:
 
 def test_every_page_renders_in_chromium(server: str, own_loop_store: OwnLoopStore) -> None:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
-                    "the browser test needs it")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); the browser test needs it"
+        )
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -167,7 +198,7 @@ def test_every_page_renders_in_chromium(server: str, own_loop_store: OwnLoopStor
                     _grow_and_shoot(page, SHOTS / f"own_loop_{model}_{name}.png")
                     problems += _page_problems(page, path, True)
                     text = page.inner_text('[data-testid="stAppViewContainer"]')
-                    if f"{model}-own-loop" not in page.content():   # the run picker shows its name
+                    if f"{model}-own-loop" not in page.content():  # the run picker shows its name
                         problems.append(f"/{path}: the page does not show run {model}-own-loop")
                     if name == "schedule" and ("Predicted FLOP saving" not in text or "n/a" in text):
                         problems.append(f"/{path}: no predicted saving")
@@ -175,7 +206,7 @@ def test_every_page_renders_in_chromium(server: str, own_loop_store: OwnLoopStor
         finally:
             browser.close()
     assert not problems, problems
-    if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":   # refresh the README's pictures
+    if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":  # refresh the README's pictures
         DOC_IMAGES.mkdir(parents=True, exist_ok=True)
         for name in DOC_PAGES:
             shutil.copyfile(SHOTS / f"{name}.png", DOC_IMAGES / f"{name}.png")

@@ -18,10 +18,13 @@ def tiny_run(tmp_path_factory) -> tuple[str, str]:
     """(run id, tracking uri) of a finished 6-step MAE run with checkpoints at steps 3 and 6."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('eval')}/mlflow.db"
     cfg = ExperimentConfig.model_validate(
-        {"model": {"depth": 2, "dim": 24, "heads": 2, "decoder_dim": 16, "decoder_heads": 2},
-         "data": {"frames": 4, "size": 16, "train_clips": 32, "val_clips": 16},
-         "probe": {"every": 3, "batch_size": 8, "tokens_per_clip": 4},
-         "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3}})
+        {
+            "model": {"depth": 2, "dim": 24, "heads": 2, "decoder_dim": 16, "decoder_heads": 2},
+            "data": {"frames": 4, "size": 16, "train_clips": 32, "val_clips": 16},
+            "probe": {"every": 3, "batch_size": 8, "tokens_per_clip": 4},
+            "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3},
+        }
+    )
     return train(cfg, tracking_uri=uri, progress=False).run_id, uri
 
 
@@ -59,8 +62,7 @@ def test_evaluate_python_api_and_random_baseline(tiny_run):
 @pytest.mark.parametrize("case", ["unknown_run", "unknown_task"])
 def test_bad_input_exits_2_with_one_line(tiny_run, case):
     run_id, uri = tiny_run
-    args = {"unknown_run": ["--run", "0" * 32],
-            "unknown_task": ["--run", run_id, "--tasks", "digit,colour"]}[case]
+    args = {"unknown_run": ["--run", "0" * 32], "unknown_task": ["--run", run_id, "--tasks", "digit,colour"]}[case]
     res = run_cli("-m", "experiments", "evaluate", *args, "--tracking-uri", uri)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

@@ -47,23 +47,35 @@ def _baseline(store: str, steps: int = 12) -> str:
 def test_key_is_the_sorted_identity_and_specs_of_one_set_differ() -> None:
     specs = seed_specs(_cfg(), [0, 1], {"x": "1"})
     assert specs[0].key != specs[1].key and "train.seed=0" in specs[0].key
-    assert specs[0].key == ex.RunSpec("other label", {}, {}, identity={"x": "1", "train.seed": "0",
-                                                                       "layerlock.group": specs[0].tags[
-                                                                           "layerlock.group"]}).key
+    assert (
+        specs[0].key
+        == ex.RunSpec(
+            "other label",
+            {},
+            {},
+            identity={"x": "1", "train.seed": "0", "layerlock.group": specs[0].tags["layerlock.group"]},
+        ).key
+    )
     assert specs[0].num_gpus == 0
     assert ex.spec_for(ExperimentConfig.model_validate(tiny_dict(train={"device": "cuda"})), "g", {}).num_gpus == 1
     with pytest.raises(LayerLockError, match="one key"):
         ex.run_specs([specs[0], specs[0]], executor="serial", uri="sqlite:///unused.db")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--workers", "0"], "--workers must be at least 1"),
-    (["--executor", "nosuch"], "--executor must be one of serial, local, ray"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--executor", "nosuch"], "--executor must be one of serial, local, ray"),
+    ],
+)
 def test_bad_executor_options_exit_2(capsys, args: list[str], needle: str) -> None:
-    for command in (["freeze-test", "--baseline", "0" * 32, "--steps", "4", "--blocks", "1"],
-                    ["pretrain", "--config", "experiments/configs/mae_tiny.yaml", "--seeds", "0,1"],
-                    ["study", "--seeds", "0"], ["demo"]):
+    for command in (
+        ["freeze-test", "--baseline", "0" * 32, "--steps", "4", "--blocks", "1"],
+        ["pretrain", "--config", "experiments/configs/mae_tiny.yaml", "--seeds", "0,1"],
+        ["study", "--seeds", "0"],
+        ["demo"],
+    ):
         assert main([*command, *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {needle}"), err
@@ -72,26 +84,56 @@ def test_bad_executor_options_exit_2(capsys, args: list[str], needle: str) -> No
 def test_sqlite_with_a_multi_host_ray_cluster_is_refused(monkeypatch, capsys, store: str) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeManagerAddress": "10.0.0.1", "Alive": True},
-                                               {"NodeManagerAddress": "10.0.0.2", "Alive": True}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [{"NodeManagerAddress": "10.0.0.1", "Alive": True}, {"NodeManagerAddress": "10.0.0.2", "Alive": True}],
+    )
     with pytest.raises(LayerLockError, match="spans 2 hosts.*tracking server"):
         ex.connect_ray(None, store)
-    assert ex.connect_ray(None, "http://127.0.0.1:5000") is False   # a server: fine
-    code = main(["pretrain", "--config", "experiments/configs/mae_tiny.yaml", *tiny_sets(), "--seeds", "0,1",
-                 "--executor", "ray", "--tracking-uri", store])
+    assert ex.connect_ray(None, "http://127.0.0.1:5000") is False  # a server: fine
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            "experiments/configs/mae_tiny.yaml",
+            *tiny_sets(),
+            "--seeds",
+            "0,1",
+            "--executor",
+            "ray",
+            "--tracking-uri",
+            store,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the Ray cluster spans 2 hosts") and "--tracking-uri http" in err[-1]
 
 
 @pytest.mark.system
 def test_ray_without_a_cluster_exits_2_within_30_s(store: str) -> None:
-    with socket.socket() as s:   # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for address in (f"127.0.0.1:{port}", "auto"):
-        proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-                       *tiny_sets(), "--seeds", "0,1", "--executor", "ray", "--ray-address", address,
-                       "--tracking-uri", store, env={"RAY_ADDRESS": ""}, timeout=30)
+        proc = run_cli(
+            "-m",
+            "experiments",
+            "pretrain",
+            "--config",
+            "experiments/configs/mae_tiny.yaml",
+            *tiny_sets(),
+            "--seeds",
+            "0,1",
+            "--executor",
+            "ray",
+            "--ray-address",
+            address,
+            "--tracking-uri",
+            store,
+            env={"RAY_ADDRESS": ""},
+            timeout=30,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and lines[-1].startswith("error: no Ray cluster") and "Traceback" not in proc.stderr
     assert not MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])
@@ -129,7 +171,7 @@ def test_local_pool_gives_the_serial_results_and_loses_no_metric(tmp_path) -> No
     assert [r.train.heldout_loss for r in local] == [r.train.heldout_loss for r in serial]
     client_s, client_l = MlflowClient(serial_store), MlflowClient(local_store)
     runs = client_l.search_runs([e.experiment_id for e in client_l.search_experiments()])
-    assert sorted(r.info.run_id for r in runs) == sorted(r.run_id for r in local)   # each once
+    assert sorted(r.info.run_id for r in runs) == sorted(r.run_id for r in local)  # each once
     for s, loc in zip(serial, local, strict=True):
         metrics = client_s.get_run(s.run_id).data.metrics
         assert set(client_l.get_run(loc.run_id).data.metrics) == set(metrics)
@@ -165,8 +207,10 @@ def test_freeze_test_grid_on_a_local_ray_cluster_matches_serial(tmp_path, ray_cl
     assert sorted(r.info.run_id for r in stored) == sorted(children) and len(set(children)) == 4
     cells = {(r.data.tags[TAG_FREEZE_STEP], r.data.tags[TAG_FREEZE_BLOCKS]) for r in stored}
     assert cells == {(str(t), str(b)) for t in steps for b in blocks}
-    assert all(r.info.status == "FINISHED" and r.data.tags[TAG_PARENT] == baseline
-               and r.data.tags[MLFLOW_PARENT] == baseline for r in stored)
+    assert all(
+        r.info.status == "FINISHED" and r.data.tags[TAG_PARENT] == baseline and r.data.tags[MLFLOW_PARENT] == baseline
+        for r in stored
+    )
     client_s, client_r = MlflowClient(serial_store), MlflowClient(ray_store)
     for s, r in zip(serial, children, strict=True):
         assert client_r.get_run(r).data.metrics["val/loss_pixel"] == client_s.get_run(s).data.metrics["val/loss_pixel"]
@@ -190,8 +234,24 @@ def _wait_for_running_child(store: str, parent: str, proc, timeout: float = 240)
 @pytest.mark.system
 def test_a_worker_killed_mid_grid_is_reported_and_the_rerun_trains_only_the_rest(store: str) -> None:
     baseline = _baseline(store, steps=40)
-    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16",
-           "--blocks", "1,2", "--executor", "local", "--workers", "2", "--tracking-uri", store]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "freeze-test",
+        "--baseline",
+        baseline,
+        "--steps",
+        "8,16",
+        "--blocks",
+        "1,2",
+        "--executor",
+        "local",
+        "--workers",
+        "2",
+        "--tracking-uri",
+        store,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -214,7 +274,7 @@ def test_a_worker_killed_mid_grid_is_reported_and_the_rerun_trains_only_the_rest
     assert again.stderr.count("already FINISHED") == 3
     stored = _children(store, baseline)
     cells = [(r.data.tags[TAG_FREEZE_STEP], r.data.tags[TAG_FREEZE_BLOCKS]) for r in stored]
-    assert sorted(cells) == sorted({(t, b) for t in ("8", "16") for b in ("1", "2")})   # each cell once
+    assert sorted(cells) == sorted({(t, b) for t in ("8", "16") for b in ("1", "2")})  # each cell once
     assert all(r.info.status == "FINISHED" for r in stored) and before < {r.info.run_id for r in stored}
 
 
@@ -231,10 +291,32 @@ def test_freeze_test_specs_check_the_grid_before_anything_trains(store: str) -> 
 @pytest.mark.system
 def test_ctrl_c_stops_every_worker_and_leaves_no_run_running(store: str) -> None:
     baseline = _baseline(store, steps=40)
-    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16",
-           "--blocks", "1,2", "--executor", "local", "--workers", "2", "--tracking-uri", store]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "freeze-test",
+        "--baseline",
+        baseline,
+        "--steps",
+        "8,16",
+        "--blocks",
+        "1,2",
+        "--executor",
+        "local",
+        "--workers",
+        "2",
+        "--tracking-uri",
+        store,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_running_child(store, baseline, proc)
         proc.send_signal(signal.SIGINT)
@@ -276,7 +358,7 @@ def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypa
     assert not at.exception and any("Started" in s.value for s in at.success), [w.value for w in at.warning]
     (job,) = jobs.list_jobs()
     try:
-        tail = job.argv[job.argv.index("--seeds"):]
+        tail = job.argv[job.argv.index("--seeds") :]
         assert tail[:6] == ["--seeds", "0,1,2", "--executor", "serial", "--workers", "3"]
     finally:
         jobs.cancel(job)

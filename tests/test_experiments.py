@@ -11,8 +11,17 @@ from tests.helpers import run_cli, tiny_sets
 
 
 def _pretrain(store: str, *extra: str) -> str:
-    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-                   *tiny_sets(), *extra, "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *tiny_sets(),
+        *extra,
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
 
@@ -20,14 +29,25 @@ def _pretrain(store: str, *extra: str) -> str:
 @pytest.mark.system
 def test_freeze_test_children_and_grid(store):
     baseline = _pretrain(store)
-    proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "4,8",
-                   "--blocks", "1,3", "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "freeze-test",
+        "--baseline",
+        baseline,
+        "--steps",
+        "4,8",
+        "--blocks",
+        "1,3",
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(store)
-    children = client.search_runs([client.get_run(baseline).info.experiment_id],
-                                  filter_string=f"tags.`layerlock.parent` = '{baseline}'")
-    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"])
-             for r in children}
+    children = client.search_runs(
+        [client.get_run(baseline).info.experiment_id], filter_string=f"tags.`layerlock.parent` = '{baseline}'"
+    )
+    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"]) for r in children}
     assert cells == {("4", "1"), ("4", "3"), ("8", "1"), ("8", "3")}
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags["layerlock.method"] == "freeze_test"
@@ -41,9 +61,11 @@ def test_freeze_test_children_and_grid(store):
 @pytest.mark.system
 def test_freeze_test_bad_input_exit_2(store):
     baseline = _pretrain(store)
-    for args, needle in ((["--steps", "5", "--blocks", "1"], "no checkpoint at step 5"),
-                         (["--steps", "4", "--blocks", "4"], "--blocks 4"),
-                         (["--steps", "x", "--blocks", "1"], "comma-separated integers")):
+    for args, needle in (
+        (["--steps", "5", "--blocks", "1"], "no checkpoint at step 5"),
+        (["--steps", "4", "--blocks", "4"], "--blocks 4"),
+        (["--steps", "x", "--blocks", "1"], "comma-separated integers"),
+    ):
         proc = run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, *args, "--tracking-uri", store)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -57,7 +79,7 @@ def test_grid_plan_picks_steps_and_blocks():
     steps, _, note = grid_plan([40, 80, 100], total_steps=100, depth=8)
     assert steps == [40, 80] and "too sparse" in note and "checkpoint_every <= 16" in note
     steps, blocks, note = grid_plan(range(100, 601, 100), total_steps=600, depth=8, n_steps=3, shallowest=False)
-    assert steps == [100, 300, 500] and blocks == [2, 4, 6] and note is None   # the study's small grid
+    assert steps == [100, 300, 500] and blocks == [2, 4, 6] and note is None  # the study's small grid
 
 
 @pytest.mark.system
@@ -71,10 +93,10 @@ def test_freeze_test_grid_end_to_end(store):
     assert "not calibrated: no seed group of the baseline" in proc.stderr  # one seed only
     assert "largest converged prefix" in proc.stderr and proc.stdout.strip().splitlines()[-1] == baseline
     client = MlflowClient(store)
-    children = client.search_runs([client.get_run(baseline).info.experiment_id],
-                                  filter_string=f"tags.`layerlock.parent` = '{baseline}'")
-    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"])
-             for r in children}
+    children = client.search_runs(
+        [client.get_run(baseline).info.experiment_id], filter_string=f"tags.`layerlock.parent` = '{baseline}'"
+    )
+    cells = {(r.data.tags["layerlock.freeze_test.step"], r.data.tags["layerlock.freeze_test.blocks"]) for r in children}
     assert cells == {("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")}
 
 
@@ -87,8 +109,24 @@ def test_freeze_test_grid_conflicts_exit_2():
 
 @pytest.mark.system
 def test_bench_freezing_json_reports_ratios():
-    proc = run_cli("-m", "experiments", "bench", "freezing", "--json", "--rounds", "1", "--max-rounds", "1",
-                   "--steps-per-round", "1", "--warmup", "0", "--batch-size", "4", *tiny_sets())
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "bench",
+        "freezing",
+        "--json",
+        "--rounds",
+        "1",
+        "--max-rounds",
+        "1",
+        "--steps-per-round",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+        *tiny_sets(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = out["rows"]
@@ -102,12 +140,24 @@ def test_bench_freezing_json_reports_ratios():
 
 @pytest.mark.system
 def test_bench_tracking_json_reports_ratio():
-    proc = run_cli("-m", "experiments", "bench", "tracking", "--json", "--repeats", "1", "--max-repeats", "1",
-                   "--steps", "6", *tiny_sets())
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "bench",
+        "tracking",
+        "--json",
+        "--repeats",
+        "1",
+        "--max-repeats",
+        "1",
+        "--steps",
+        "6",
+        *tiny_sets(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["off_ms"] > 0 and out["on_ms"] > 0 and out["steps"] == 6 and out["repeats"] == 1
-    assert abs(out["ratio"] - out["step_on_ms"] / out["step_off_ms"]) < 1e-3   # one pair: its ratio
+    assert abs(out["ratio"] - out["step_on_ms"] / out["step_off_ms"]) < 1e-3  # one pair: its ratio
     assert abs(out["run_ratio"] - out["on_ms"] / out["off_ms"]) < 1e-3
     assert out["low"] is None and out["resolved"] is False and out["cpu_ratio"] > 0
 
@@ -130,9 +180,9 @@ def test_per_step_ratio_keeps_recurring_costs_and_drops_one_runs_bursts():
             t = base * scale + 0.0005 * rng.standard_normal(100)
             if spikes:
                 t[[0, 50]] += 0.05
-            if r == burst:   # another job's burst in this run only
+            if r == burst:  # another job's burst in this run only
                 start = rng.integers(0, 60)
-                t[start:start + 40] *= 1.3
+                t[start : start + 40] *= 1.3
             out.append(t.tolist())
         return out
 
@@ -140,15 +190,29 @@ def test_per_step_ratio_keeps_recurring_costs_and_drops_one_runs_bursts():
     truth = (base.sum() * 1.02 + 0.1) / base.sum()
     got = per_step_ratio(on, off, within=0.01)
     assert abs(got["ratio"] - truth) < 0.002 and got["low"] <= truth <= got["high"]
-    sums = sorted(sum(a) / sum(b) for a, b in zip(on, off))   # whole-run ratios, paired
+    sums = sorted(sum(a) / sum(b) for a, b in zip(on, off))  # whole-run ratios, paired
     assert got["high"] - got["low"] < sums[-1] - sums[0]
-    assert per_step_ratio(on[:2], off[:2], within=0.01)["low"] is None   # too few runs for an interval
+    assert per_step_ratio(on[:2], off[:2], within=0.01)["low"] is None  # too few runs for an interval
 
 
 @pytest.mark.system
 def test_bench_profile_reports_phases_modules_and_ops():
-    proc = run_cli("-m", "experiments", "bench", "profile", "--json", "--steps-per-round", "2", "--warmup", "1",
-                   "--batch-size", "4", "--frozen", "2", *tiny_sets())
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "bench",
+        "profile",
+        "--json",
+        "--steps-per-round",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--frozen",
+        "2",
+        *tiny_sets(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["frozen"] == 2 and out["threads"] == 1
@@ -165,7 +229,7 @@ def test_bench_data_times_each_dataset() -> None:
     assert set(out) == {"moving_digits", "photo_pans"} and all(v > 0 for v in out.values())
 
 
-@pytest.mark.system   # heavy in process: the slowest fast-tier test, a bench smoke like the CLI ones above
+@pytest.mark.system  # heavy in process: the slowest fast-tier test, a bench smoke like the CLI ones above
 def test_bench_monitor_and_own_freezing_run() -> None:
     """The own-loop benches, tiny: they run and report their ratios (timings are never asserted)."""
     import torch
@@ -181,6 +245,6 @@ def test_bench_monitor_and_own_freezing_run() -> None:
     finally:
         torch.set_num_threads(threads)
     assert mon["ratio"] > 0 and mon["in_calls_ratio"] >= 1 and len(mon["on_all_ms"]) == 1 == len(mon["ratios"])
-    assert mon["warm_up_ratio"] > 0   # the warm-up repeat ran and is reported apart
+    assert mon["warm_up_ratio"] > 0  # the warm-up repeat ran and is reported apart
     assert [r["frozen"] for r in frz["per_k"]] == [0, 1, 2, 3] and frz["per_k"][0]["flop_ratio"] == 1
     assert frz["schedule"]["steps"] == 12 and 0 < frz["schedule"]["flop_ratio"] <= 1

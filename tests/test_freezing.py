@@ -39,7 +39,7 @@ def _step(cfg, model, opt, video, keep, mask):
 
 def test_frozen_params_bitwise_unchanged_and_state_freed():
     cfg, model, opt, video, keep, mask = _setup()
-    _step(cfg, model, opt, video, keep, mask)            # Adam state exists for every block now
+    _step(cfg, model, opt, video, keep, mask)  # Adam state exists for every block now
     set_frozen_prefix(model, opt, 2)
     frozen = [p for b in model.blocks[:2] for p in b.parameters()] + list(model.patch_embed.parameters())
     assert all(p not in opt.state for p in frozen)
@@ -60,7 +60,7 @@ def test_no_gradient_or_graph_reaches_frozen_prefix():
     losses = compute_losses(model, model, video, keep, mask, cfg.objective)
     for h in hooks:
         h.remove()
-    assert seen == [False, False, False, True]          # frozen outputs carry no autograd graph
+    assert seen == [False, False, False, True]  # frozen outputs carry no autograd graph
     losses["loss"].backward()
     for b in model.blocks[:3]:
         assert all(p.grad is None for p in b.parameters())
@@ -176,10 +176,10 @@ def test_latent_scheduled_freezes_nothing_and_targets_the_current_block_output(m
         assert "loss_latent" in losses
         losses["loss"].backward()
         assert model.frozen_prefix == 0
-        assert all(p.grad is not None for p in model.parameters())   # nothing frozen
+        assert all(p.grad is not None for p in model.parameters())  # nothing frozen
         k, target = seen[-1]
         assert k == 2
-        with torch.no_grad():   # block 1's layer-normalised output of the *current* model, unmasked clip
+        with torch.no_grad():  # block 1's layer-normalised output of the *current* model, unmasked clip
             x = model.embed(video)
             for blk in model.blocks[:2]:
                 x = blk(x)
@@ -187,7 +187,7 @@ def test_latent_scheduled_freezes_nothing_and_targets_the_current_block_output(m
         targets.append(target)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert not torch.allclose(targets[0], targets[1])   # the target drifts with the student
+    assert not torch.allclose(targets[0], targets[1])  # the target drifts with the student
 
 
 def test_latent_scheduled_reads_the_layerlock_schedule_keys():

@@ -34,8 +34,8 @@ def test_patchify_matches_conv_token_order(tiny_cfg):
     g = tiny_cfg.geometry
     model = build_model(tiny_cfg.model, g)
     video = torch.rand(2, 3, g.frames, g.size, g.size)
-    patches = model.patchify(video)                                       # (B, N, patch_dim)
-    w = model.patch_embed.weight                                          # (D, C, tt, p, p)
+    patches = model.patchify(video)  # (B, N, patch_dim)
+    w = model.patch_embed.weight  # (D, C, tt, p, p)
     # reorder the conv weight into patchify's (tt, p, p, C) channel order
     w_flat = w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
     manual = patches @ w_flat.T + model.patch_embed.bias
@@ -66,7 +66,7 @@ def test_normalised_patches_are_maes_unbiased_per_patch_normalisation():
     x = torch.randn(4, 6, 24) * 3 + 1
     ref = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(normalise_patches(x), ref, atol=1e-5)
-    flat = torch.full((1, 1, 24), 0.5)   # a blank patch: 0, not NaN
+    flat = torch.full((1, 1, 24), 0.5)  # a blank patch: 0, not NaN
     assert torch.equal(normalise_patches(flat), torch.zeros_like(flat))
     assert normalise_patches(x, norm=False) is x
 
@@ -84,7 +84,7 @@ def test_tube_mask_deterministic_and_partition():
         assert sorted(row_k.tolist() + row_m.tolist()) == list(range(64))
         # tube masking: the same spatial positions are kept in every time step
         spatial = row_k % 16
-        assert all(torch.equal(spatial[:4], spatial[i * 4:(i + 1) * 4]) for i in range(4))
+        assert all(torch.equal(spatial[:4], spatial[i * 4 : (i + 1) * 4]) for i in range(4))
 
 
 def test_apply_masks_gathers_rows():
@@ -98,10 +98,12 @@ def test_rope_is_relative():
     """Rotary attention scores depend only on coordinate differences."""
     hd = 12
     q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+
     def score(cq, ck):
         rq = rope_tables(torch.tensor([[cq]], dtype=torch.float), hd)
         rk = rope_tables(torch.tensor([[ck]], dtype=torch.float), hd)
         return float((apply_rope(q, rq) * apply_rope(k, rk)).sum())
+
     assert score([1, 2, 3], [0, 1, 1]) == pytest.approx(score([3, 5, 4], [2, 4, 2]), abs=1e-4)
     assert score([1, 2, 3], [0, 1, 1]) != pytest.approx(score([1, 2, 3], [0, 0, 0]), abs=1e-4)
 
@@ -124,8 +126,15 @@ def test_config_overrides_and_geometry_checks(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize(("name", "objective"), [("mae_tiny", "pixel"), ("mae_small", "pixel"),
-                                               ("layerlock_tiny", "layerlock"), ("latent_naive_tiny", "latent_naive")])
+@pytest.mark.parametrize(
+    ("name", "objective"),
+    [
+        ("mae_tiny", "pixel"),
+        ("mae_small", "pixel"),
+        ("layerlock_tiny", "layerlock"),
+        ("latent_naive_tiny", "latent_naive"),
+    ],
+)
 def test_shipped_configs_load(name, objective):
     cfg = load_config(f"experiments/configs/{name}.yaml")
     assert cfg.objective.name == objective  # each file trains the method its name says

@@ -33,8 +33,13 @@ pytestmark = pytest.mark.system
 
 
 def _env(runs: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", tracking.RUNS_ENV: str(runs),
-            SENDER_ENV: "process"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        tracking.RUNS_ENV: str(runs),
+        SENDER_ENV: "process",
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +60,7 @@ def _logged_keys(client: MlflowClient, run_id: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- must-show: a killed server
 
+
 @pytest.fixture(scope="module")
 def team():
     server = TeamServer().start()
@@ -67,8 +73,17 @@ def test_killed_server_on_postgres_loses_nothing_and_training_does_not_stall(tea
     MLflow's bounded retries (about 15 s) have given up: the run takes at most its outage-free
     time plus a minute, every step of every key is stored exactly once, the run is FINISHED."""
     sets = tiny_sets(**{"train.steps": 80, "train.checkpoint_every": 10, "probe.every": 10})
-    cmd = [sys.executable, FAULTS, "--slow", "0.6", "--config", "experiments/configs/mae_tiny.yaml", *sets,
-           "--tracking-uri", team.uri]
+    cmd = [
+        sys.executable,
+        FAULTS,
+        "--slow",
+        "0.6",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *sets,
+        "--tracking-uri",
+        team.uri,
+    ]
 
     started = time.monotonic()
     base = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "base"), capture_output=True, text=True, timeout=600)
@@ -84,18 +99,20 @@ def test_killed_server_on_postgres_loses_nothing_and_training_does_not_stall(tea
         time.sleep(0.1)
     team.kill()
     killed_at = time.monotonic()
-    time.sleep(20)   # down for longer than MLflow's ~15 s of retries (plus the restart)
+    time.sleep(20)  # down for longer than MLflow's ~15 s of retries (plus the restart)
     team.start_mlflow()
     back_at = time.monotonic()
-    try:   # the training does not stall: done within its outage-free time plus a minute
+    try:  # the training does not stall: done within its outage-free time plus a minute
         out, err = proc.communicate(timeout=max(started + outage_free_s + 60 - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"the run was not done {outage_free_s + 60:.0f} s after its start (outage-free: "
-                    f"{outage_free_s:.0f} s): the outage stalled it")
+        pytest.fail(
+            f"the run was not done {outage_free_s + 60:.0f} s after its start (outage-free: "
+            f"{outage_free_s:.0f} s): the outage stalled it"
+        )
     with_outage_s = time.monotonic() - started
     assert proc.returncode == 0, err[-3000:]
-    assert "does not answer" in err and "answers again" in err, err[-3000:]   # the spool carried the outage
+    assert "does not answer" in err and "answers again" in err, err[-3000:]  # the spool carried the outage
     assert "Traceback" not in err, err[-3000:]
 
     client = MlflowClient(team.uri)
@@ -106,17 +123,20 @@ def test_killed_server_on_postgres_loses_nothing_and_training_does_not_stall(tea
     counts = {}
     for key in keys:
         steps = _steps(client, run_id, key)
-        assert steps == _steps(client, ref, key), key   # every step present, exactly once
+        assert steps == _steps(client, ref, key), key  # every step present, exactly once
         counts[key] = len(steps)
     stored = {f.path for f in client.list_artifacts(run_id, schema.CHECKPOINT_DIR)}
     assert stored == {schema.checkpoint_artifact(s) for s in range(10, 81, 10)}
-    assert not (runs / run_id).exists()   # everything sent: the local folder is gone
-    print(f"\noutage-free {outage_free_s:.1f} s, with the server killed for {back_at - killed_at:.1f} s: "
-          f"{with_outage_s:.1f} s; steps stored once: train/loss {counts[schema.LOSS]}, "
-          f"{len(counts) - 1} per-block keys {min(counts.values())}-{max(counts.values())} each")
+    assert not (runs / run_id).exists()  # everything sent: the local folder is gone
+    print(
+        f"\noutage-free {outage_free_s:.1f} s, with the server killed for {back_at - killed_at:.1f} s: "
+        f"{with_outage_s:.1f} s; steps stored once: train/loss {counts[schema.LOSS]}, "
+        f"{len(counts) - 1} per-block keys {min(counts.values())}-{max(counts.values())} each"
+    )
 
 
 # ----------------------------------------------------------------------------- a locked sqlite store
+
 
 def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, monkeypatch, capfd):
     """A second writer holds an exclusive lock on the sqlite file for 25 s (longer than sqlite's
@@ -137,13 +157,14 @@ def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, mo
         if step == 6 and not holder:
             holder["t"] = threading.Thread(target=hold_lock)
             holder["t"].start()
-        if kwargs.get("log_now", True):   # training steps, not the time calibration's
+        if kwargs.get("log_now", True):  # training steps, not the time calibration's
             time.sleep(0.5)
         return real(self, step, *args, **kwargs)
 
     monkeypatch.setattr(core_train._Run, "update", slowed)
-    cfg = ExperimentConfig.model_validate(tiny_dict(train={"steps": 60, "checkpoint_every": 10, "log_every": 1},
-                                                    probe={"every": 10}))
+    cfg = ExperimentConfig.model_validate(
+        tiny_dict(train={"steps": 60, "checkpoint_every": 10, "log_every": 1}, probe={"every": 10})
+    )
     result = train(cfg, tracking_uri=store, progress=False)
     holder["t"].join()
     err = capfd.readouterr().err
@@ -160,24 +181,41 @@ def test_sqlite_store_locked_by_another_writer_loses_nothing(tmp_path, store, mo
 
 # ----------------------------------------------------------------------------- a kill inside a checkpoint write
 
+
 def test_sigkill_during_a_checkpoint_write_then_evaluate_and_resume(tmp_path, store, monkeypatch):
     from experiments.evaluate import evaluate_run, load_run_encoder
 
     runs = tmp_path / "runs"
     monkeypatch.setenv(tracking.RUNS_ENV, str(runs))
-    proc = subprocess.run([sys.executable, FAULTS, "--kill-in-checkpoint", "8", "--config",
-                           "experiments/configs/mae_tiny.yaml", *tiny_sets(), "--tracking-uri", store],
-                          cwd=ROOT, env=_env(runs), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            FAULTS,
+            "--kill-in-checkpoint",
+            "8",
+            "--config",
+            "experiments/configs/mae_tiny.yaml",
+            *tiny_sets(),
+            "--tracking-uri",
+            store,
+        ],
+        cwd=ROOT,
+        env=_env(runs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     (run_id,) = [p.name for p in runs.iterdir()]
     folder = runs / run_id
     assert sorted(p.name for p in (folder / "checkpoints").glob("step_*.pt")) == ["step_000004.pt"]
-    assert list((folder / "checkpoints").glob(".step_000008.pt.*.tmp"))   # the half-written file, never published
+    assert list((folder / "checkpoints").glob(".step_000008.pt.*.tmp"))  # the half-written file, never published
 
     _, _, step = load_run_encoder(run_id, store, device="cpu")
     assert step == 4
-    metrics = evaluate_run(run_id, tasks=["digit"], tracking_uri=store, probe="linear", train_clips=16,
-                           val_clips=8, progress=False)
+    metrics = evaluate_run(
+        run_id, tasks=["digit"], tracking_uri=store, probe="linear", train_clips=16, val_clips=8, progress=False
+    )
     assert metrics and all(v == v for v in metrics.values())
 
     resumed = run_cli("-m", "experiments", "pretrain", "--resume", run_id, "--tracking-uri", store)
@@ -211,20 +249,26 @@ def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, 
     when the trainer is killed it leaves too, without sending, so the spool keeps what is left
     for ``sync`` (as after a kill of a trainer with a sender thread)."""
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, store], cwd=ROOT, env=_env(runs),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TRAINER, store],
+        cwd=ROOT,
+        env=_env(runs),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_id, sender_pid = proc.stdout.readline().split()
     sender_pid = int(sender_pid)
     assert sender_pid not in (proc.pid, os.getpid())
     client = MlflowClient(store)
     deadline = time.monotonic() + 60
-    while _steps(client, run_id, "m") != [0, 1] and time.monotonic() < deadline:   # sent after the SIGINT too
+    while _steps(client, run_id, "m") != [0, 1] and time.monotonic() < deadline:  # sent after the SIGINT too
         time.sleep(0.2)
     assert _steps(client, run_id, "m") == [0, 1]
-    os.kill(sender_pid, 0)   # still there: SIGINT is the trainer's business
+    os.kill(sender_pid, 0)  # still there: SIGINT is the trainer's business
 
     tracker_folder = runs / run_id
-    with open(tracker_folder / tracking.SPOOL_FILE, "ab") as f:   # a line the sender has not seen yet
+    with open(tracker_folder / tracking.SPOOL_FILE, "ab") as f:  # a line the sender has not seen yet
         f.write(b'{"op":"metrics","m":[["m",3.0,1,2]]}\n')
     proc.kill()
     proc.wait()
@@ -237,9 +281,9 @@ def test_the_sender_is_a_process_of_its_own_and_ends_with_its_trainer(tmp_path, 
         time.sleep(0.1)
     else:
         pytest.fail("the sender process outlived its trainer")
-    assert _steps(client, run_id, "m") == [0, 1]   # the unseen line waits in the spool ...
+    assert _steps(client, run_id, "m") == [0, 1]  # the unseen line waits in the spool ...
     assert run_cli("-m", "experiments", "sync", run_id, env=_env(runs)).returncode == 0
-    assert _steps(client, run_id, "m") == [0, 1, 2]   # ... for sync
+    assert _steps(client, run_id, "m") == [0, 1, 2]  # ... for sync
 
 
 def test_the_sender_process_is_the_module_entry_point(store, capfd):
@@ -264,14 +308,16 @@ def test_a_bad_sender_setting_fails_before_any_run_exists(store, monkeypatch):
 
 # ----------------------------------------------------------------------------- sync
 
+
 def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys):
     """The store takes nothing during the whole run (and the run's end waits only 1 s): every
     metric, upload and the FINISHED status wait in the spool until ``experiments sync`` sends them."""
+
     def refuse(*args, **kwargs):
         raise OSError("store away")
 
     monkeypatch.setenv(tracking.RUNS_ENV, str(tmp_path / "runs"))
-    monkeypatch.setenv(SENDER_ENV, "thread")   # the patched send is this process's
+    monkeypatch.setenv(SENDER_ENV, "thread")  # the patched send is this process's
     monkeypatch.setattr(tracking.store, "send", refuse)
     monkeypatch.setattr(tracking.tracker, "END_WAIT_S", 1.0)
     result = train(ExperimentConfig.model_validate(tiny_dict()), tracking_uri=store, progress=False)
@@ -294,14 +340,15 @@ def test_spool_left_behind_is_sent_by_sync(tmp_path, store, monkeypatch, capsys)
 
 # ----------------------------------------------------------------------------- one trainer per run
 
+
 def test_second_live_trainer_is_refused_and_a_stale_one_is_not(store):
     import socket
 
     cfg = ExperimentConfig.model_validate(tiny_dict())
-    first = train(cfg, tracking_uri=store, progress=False, stop_after=4)   # RUNNING, checkpoint at 4
+    first = train(cfg, tracking_uri=store, progress=False, stop_after=4)  # RUNNING, checkpoint at 4
     client = MlflowClient(store)
     here = socket.gethostname()
-    for owner in (f"{here} pid 1", "otherhost pid 4242"):   # alive here (init); elsewhere, fresh heartbeat
+    for owner in (f"{here} pid 1", "otherhost pid 4242"):  # alive here (init); elsewhere, fresh heartbeat
         client.set_tag(first.run_id, schema.TAG_OWNER, owner)
         client.set_tag(first.run_id, schema.TAG_HEARTBEAT, f"{time.time():.0f}")
         with pytest.raises(LayerLockError, match=f"is being trained by {owner}"):
@@ -315,6 +362,7 @@ def test_second_live_trainer_is_refused_and_a_stale_one_is_not(store):
 
 # ----------------------------------------------------------------------------- probe storage
 
+
 def test_checkpoints_do_not_carry_probe_features(tmp_path, store):
     """Each probe's features are stored once (probe/step_NNNNNN.pt); a checkpoint keeps the probe
     steps only, so its size does not grow with the probes taken before it."""
@@ -323,9 +371,13 @@ def test_checkpoints_do_not_carry_probe_features(tmp_path, store):
     client = MlflowClient(store)
     probes = sorted(f.path for f in client.list_artifacts(result.run_id, schema.PROBE_DIR))
     assert probes == [schema.probe_artifact(s) for s in range(0, 13, 2)]
-    one_probe = 4 * 16 * 16 * 24 * 2   # blocks x clips x positions x dim x bf16
-    files = {schema.checkpoint_step(p): Path(p) for p in glob.glob(
-        str(tmp_path / "mlartifacts" / "**" / result.run_id / "**" / "checkpoints" / "step_*.pt"), recursive=True)}
+    one_probe = 4 * 16 * 16 * 24 * 2  # blocks x clips x positions x dim x bf16
+    files = {
+        schema.checkpoint_step(p): Path(p)
+        for p in glob.glob(
+            str(tmp_path / "mlartifacts" / "**" / result.run_id / "**" / "checkpoints" / "step_*.pt"), recursive=True
+        )
+    }
     assert sorted(files) == [4, 8, 12]
     assert files[12].stat().st_size - files[4].stat().st_size < one_probe / 2
     state = torch.load(files[12], map_location="cpu", weights_only=True)["probe"]

@@ -36,6 +36,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- the API's guarantees
 
+
 @pytest.mark.parametrize(("name", "steps"), [("vit", 12), ("video", 5)])
 def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) -> None:
     """Weights and buffers (BatchNorm statistics) after the same loop with and without the monitor
@@ -46,10 +47,18 @@ def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) ->
     watched = own_loop.SETUPS[name]()
     x0, y0 = own_loop.batch_at(watched, 0)
     optimizer = own_loop.make_optimizer(watched)
-    cost = CostSpec(lambda: F.cross_entropy(watched.model(x0), y0), stem=watched.stem, optimizer=optimizer,
-                    calibration=2)
-    mon = LayerMonitor(watched.blocks, ProbeSpec(watched.probe, watched.model, every=2), log_every=3,
-                       total_steps=steps, model=watched.model, writer=NullWriter(), cost=cost)
+    cost = CostSpec(
+        lambda: F.cross_entropy(watched.model(x0), y0), stem=watched.stem, optimizer=optimizer, calibration=2
+    )
+    mon = LayerMonitor(
+        watched.blocks,
+        ProbeSpec(watched.probe, watched.model, every=2),
+        log_every=3,
+        total_steps=steps,
+        model=watched.model,
+        writer=NullWriter(),
+        cost=cost,
+    )
     assert not optimizer.state and all(p.grad is None and p.requires_grad for p in watched.model.parameters())
     own_loop.train(watched, steps, monitor=mon, optimizer=optimizer)
     mon.close()
@@ -62,7 +71,7 @@ def test_monitor_leaves_training_bit_for_bit_unchanged(name: str, steps: int) ->
     assert set(frame["metric"]) == set(schema.BLOCK_METRICS)
     assert set(frame["block"]) == set(range(len(watched.blocks)))
     per_k = [mon.flop_model["per_step"][str(k)] for k in range(len(watched.blocks))]
-    assert all(a > b for a, b in zip(per_k, per_k[1:]))   # each frozen block saves its backward
+    assert all(a > b for a, b in zip(per_k, per_k[1:]))  # each frozen block saves its backward
 
 
 def test_background_probes_give_the_loop_probes_numbers_and_leave_training_unchanged() -> None:
@@ -76,8 +85,14 @@ def test_background_probes_give_the_loop_probes_numbers_and_leave_training_uncha
     for background in (False, True):
         setup = own_loop.SETUPS["vit"]()
         forward = (lambda model, batch: model(batch)) if background else setup.model
-        mon = LayerMonitor(setup.blocks, ProbeSpec(setup.probe, forward, every=2, background=background),
-                           log_every=3, total_steps=steps, model=setup.model, writer=NullWriter())
+        mon = LayerMonitor(
+            setup.blocks,
+            ProbeSpec(setup.probe, forward, every=2, background=background),
+            log_every=3,
+            total_steps=steps,
+            model=setup.model,
+            writer=NullWriter(),
+        )
         own_loop.train(setup, steps, monitor=mon)
         mon.close()
         a, b = _state(plain.model), _state(setup.model)
@@ -97,10 +112,10 @@ def test_background_probes_give_the_loop_probes_numbers_and_leave_training_uncha
 
 def test_clips_positions_dim_rule() -> None:
     assert clips_positions_dim(torch.zeros(4, 7)).shape == (4, 1, 7)
-    assert clips_positions_dim(torch.zeros(4, 17, 32)).shape == (4, 17, 32)           # tokens, batch first
-    conv = torch.arange(2 * 3 * 2 * 2 * 2.0).reshape(2, 3, 2, 2, 2)                   # (B, C, T, H, W)
+    assert clips_positions_dim(torch.zeros(4, 17, 32)).shape == (4, 17, 32)  # tokens, batch first
+    conv = torch.arange(2 * 3 * 2 * 2 * 2.0).reshape(2, 3, 2, 2, 2)  # (B, C, T, H, W)
     x = clips_positions_dim(conv)
-    assert x.shape == (2, 8, 3) and torch.equal(x[1, 5], conv[1, :, 1, 0, 1])         # channels are dim
+    assert x.shape == (2, 8, 3) and torch.equal(x[1, 5], conv[1, :, 1, 0, 1])  # channels are dim
     assert clips_positions_dim((torch.zeros(4, 5, 6), "attention")).shape == (4, 5, 6)
     with pytest.raises(LayerLockError, match="features="):
         clips_positions_dim({"x": 1})
@@ -117,7 +132,7 @@ def _tiny_chain():
 
 def test_freeze_prefix_on_any_modules() -> None:
     model, stem, blocks = _tiny_chain()
-    model[3][0].bias.requires_grad_(False)            # a parameter the user fixed: stays fixed after unfreezing
+    model[3][0].bias.requires_grad_(False)  # a parameter the user fixed: stays fixed after unfreezing
     opt = torch.optim.Adam(model.parameters())
     x = torch.randn(5, 3)
     model(x).sum().backward()
@@ -133,7 +148,7 @@ def test_freeze_prefix_on_any_modules() -> None:
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
-    assert seen[:3] == [False, False, True]           # the frozen prefix builds no graph
+    assert seen[:3] == [False, False, True]  # the frozen prefix builds no graph
     assert all(torch.equal(a, p) for a, p in zip(before, frozen))
     for h in hooks:
         h.remove()
@@ -146,7 +161,7 @@ def test_freeze_prefix_on_any_modules() -> None:
 
 def test_a_trainable_stem_before_a_frozen_block_is_warned_about() -> None:
     model, stem, blocks = _tiny_chain()
-    freeze_prefix(blocks, 1)                          # stem not given: it would silently stop training
+    freeze_prefix(blocks, 1)  # stem not given: it would silently stop training
     with pytest.warns(UserWarning, match="stem="):
         model(torch.randn(2, 3)).sum().backward()
     assert all(p.grad is None for p in stem.parameters())
@@ -200,12 +215,13 @@ def test_monitor_step_times_leave_out_the_monitors_own_time(monkeypatch) -> None
         return model(batch)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = LayerMonitor(blocks, ProbeSpec(torch.zeros(4, 3), forward, every=2), log_every=100, model=model,
-                       writer=NullWriter())
+    mon = LayerMonitor(
+        blocks, ProbeSpec(torch.zeros(4, 3), forward, every=2), log_every=100, model=model, writer=NullWriter()
+    )
     for step in range(6):
         freeze_prefix(blocks, 0 if step < 3 else 2, optimizer, stem=[stem])
-        clock[0] += 0.1 if step < 3 else 0.04          # the step itself: faster with 2 blocks frozen
-        mon.after_backward(step)                       # probes at steps 0, 2, 4
+        clock[0] += 0.1 if step < 3 else 0.04  # the step itself: faster with 2 blocks frozen
+        mon.after_backward(step)  # probes at steps 0, 2, 4
         mon.after_step(step)
     record = mon.timer.to_dict({})
     assert record["training"]["0"]["steps"] == 3 and record["training"]["2"]["steps"] == 3
@@ -224,7 +240,7 @@ def test_flop_count_puts_everything_back() -> None:
     fm = count_flop_model(setup.blocks, lambda: F.cross_entropy(model(x), y), model=model)
     assert torch.equal(rng, torch.get_rng_state())
     after = _state(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)       # BatchNorm statistics included
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert fm["n_blocks"] == 5 and fm["per_step_k"] == "k = blocks 0..k-1 frozen"
 
@@ -246,8 +262,9 @@ def test_null_writer_logs_nothing_and_the_monitor_runs_with_it(tmp_path, monkeyp
     assert writer.log_file("x.bin", never) is None and writer.flush() is True
     model, stem, blocks = _tiny_chain()
     cost = CostSpec(lambda: model(torch.randn(4, 3)).square().mean(), stem=[stem], calibration=1)
-    mon = LayerMonitor(blocks, ProbeSpec(torch.randn(8, 3), model, every=2), log_every=2, model=model,
-                       writer=writer, cost=cost)
+    mon = LayerMonitor(
+        blocks, ProbeSpec(torch.randn(8, 3), model, every=2), log_every=2, model=model, writer=writer, cost=cost
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(4):
         model(torch.randn(4, 3)).square().mean().backward()
@@ -284,8 +301,9 @@ def test_monitor_state_dict_round_trip_continues_as_an_uninterrupted_run(tmp_pat
     probe_batch = torch.randn(8, 3)
 
     def monitor(model, blocks, writer):
-        return LayerMonitor(blocks, ProbeSpec(probe_batch, model, every=2), model=model, writer=writer,
-                            log_every=2, loop_metrics=False)
+        return LayerMonitor(
+            blocks, ProbeSpec(probe_batch, model, every=2), model=model, writer=writer, log_every=2, loop_metrics=False
+        )
 
     model, _, blocks = _tiny_chain()
     whole = monitor(model, blocks, NullWriter())
@@ -329,6 +347,7 @@ def test_monitor_rejects_bad_arguments() -> None:
 
 # ----------------------------------------------------------------------------- two torchvision runs
 
+
 def test_own_loop_runs_carry_the_trainers_schema(own_loop_store) -> None:
     from analysis import io
 
@@ -337,8 +356,12 @@ def test_own_loop_runs_carry_the_trainers_schema(own_loop_store) -> None:
         assert rec.status == "FINISHED" and rec.method == schema.METHOD_OWN_LOOP
         assert rec.param_int("train.steps") == own_loop_store.steps[run_id]
         names = {a.path for a in io.client(own_loop_store.uri).list_artifacts(run_id)}
-        assert {schema.FLOP_MODEL_ARTIFACT, schema.TIME_MODEL_ARTIFACT, schema.LAYER_METRICS_ARTIFACT,
-                schema.PROBE_DIR} <= names
+        assert {
+            schema.FLOP_MODEL_ARTIFACT,
+            schema.TIME_MODEL_ARTIFACT,
+            schema.LAYER_METRICS_ARTIFACT,
+            schema.PROBE_DIR,
+        } <= names
         depth = rec.param_int("model.depth")
         assert {schema.block_key(m, b) for m in schema.BLOCK_METRICS for b in range(depth)} <= set(rec.metrics)
         assert {schema.LOSS, schema.FLOPS, schema.WALL_S, schema.FROZEN_BLOCKS} <= set(rec.metrics)
@@ -400,9 +423,13 @@ def test_schedule_of_a_run_without_flop_model_is_a_labelled_estimate(tmp_path, c
     from analysis.testing import create_run_from_frames, synthetic_layer_metrics
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_id = create_run_from_frames("x", uri=uri, artifact_root=(tmp_path / "a").as_uri(),
-                                    layer_df=synthetic_layer_metrics([100, 200, None, None], total_steps=400),
-                                    params={"model.depth": 4, "train.steps": 400})
+    run_id = create_run_from_frames(
+        "x",
+        uri=uri,
+        artifact_root=(tmp_path / "a").as_uri(),
+        layer_df=synthetic_layer_metrics([100, 200, None, None], total_steps=400),
+        params={"model.depth": 4, "train.steps": 400},
+    )
     assert main(["schedule", "--run", run_id, "--tracking-uri", uri]) == 0
     captured = capsys.readouterr()
     schedule = json.loads(captured.out)
@@ -411,7 +438,7 @@ def test_schedule_of_a_run_without_flop_model_is_a_labelled_estimate(tmp_path, c
     assert captured.err.strip().splitlines()[-1].startswith("note: the predicted saving is an ESTIMATE")
     # uniform cost 3n per step, 2k saved: prefix 1 on steps 100-199, prefix 2 on 200-399
     assert schedule["predicted_flop_saving"] == pytest.approx((100 * 2 + 200 * 4) / (400 * 12))
-    point_app_at(uri, tmp_path, monkeypatch)       # the Schedule page says so too
+    point_app_at(uri, tmp_path, monkeypatch)  # the Schedule page says so too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         at = open_page("schedule")
@@ -437,18 +464,30 @@ def test_convergence_and_schedule_pages_on_own_loop_runs(own_loop_store, tmp_pat
             assert_clean(at)
             saving = next(m for m in at.metric if m.label.startswith("Predicted FLOP saving"))
             assert saving.label == "Predicted FLOP saving" and saving.value.endswith("%")
-            assert not [b for b in at.button if b.key == "sched_launch"]   # not a trainer run
+            assert not [b for b in at.button if b.key == "sched_launch"]  # not a trainer run
 
 
 # ----------------------------------------------------------------------------- the example file
+
 
 @pytest.mark.system
 def test_example_file_runs_and_rejects_bad_input(tmp_path, capsys) -> None:
     from tests.helpers import run_cli
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    done = run_cli("-m", "experiments.examples.own_loop", "--model", "vit", "--steps", "30", "--every", "10",
-                   "--tracking-uri", uri, env={"OMP_NUM_THREADS": "1"})
+    done = run_cli(
+        "-m",
+        "experiments.examples.own_loop",
+        "--model",
+        "vit",
+        "--steps",
+        "30",
+        "--every",
+        "10",
+        "--tracking-uri",
+        uri,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     run_id = done.stdout.strip().splitlines()[-1]
     from analysis import io
@@ -456,9 +495,11 @@ def test_example_file_runs_and_rejects_bad_input(tmp_path, capsys) -> None:
     assert io.get_run(run_id, uri).status == "FINISHED"
     bad = tmp_path / "four.json"
     bad.write_text(json.dumps({"n_blocks": 5, "stages": [{"step": 3, "frozen": 1}]}))
-    for argv, message in ((["--steps", "0"], "--steps and --every must be at least 1"),
-                          (["--schedule", str(tmp_path / "none.json")], "schedule file not found"),
-                          (["--schedule", str(bad)], "the schedule is for 5 blocks, --model vit has 4")):
+    for argv, message in (
+        (["--steps", "0"], "--steps and --every must be at least 1"),
+        (["--schedule", str(tmp_path / "none.json")], "schedule file not found"),
+        (["--schedule", str(bad)], "the schedule is for 5 blocks, --model vit has 4"),
+    ):
         assert own_loop.main([*argv, "--tracking-uri", uri]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -486,7 +527,7 @@ def test_monitor_logs_into_the_active_mlflow_run_and_leaves_it_open(tmp_path) ->
                 mon.after_step(step, loss)
             mon.close()
             assert mon.run_id == run.info.run_id
-            assert io.get_run(run.info.run_id, uri).status == "RUNNING"   # the user's run: theirs to end
+            assert io.get_run(run.info.run_id, uri).status == "RUNNING"  # the user's run: theirs to end
     finally:
         mlflow.set_tracking_uri(previous)
     rec = io.get_run(run.info.run_id, uri)

@@ -19,7 +19,7 @@ def test_prefetcher_returns_the_batch_of_the_step_asked_for(background: bool) ->
         return step, step * step
 
     batches = Prefetcher(make, background=background)
-    order = [0, 1, 2, 2, 7, 3, 4, 0]   # in order, repeated (calibration), skipped ahead, back
+    order = [0, 1, 2, 2, 7, 3, 4, 0]  # in order, repeated (calibration), skipped ahead, back
     assert [batches.get(s) for s in order] == [make(s) for s in order]
     batches.close()
     assert any(name.startswith("layerlock-batches") for name in threads) == background
@@ -28,4 +28,4 @@ def test_prefetcher_returns_the_batch_of_the_step_asked_for(background: bool) ->
 def test_spare_core_and_allocator() -> None:
     assert spare_core("cuda", 64) and not spare_core("cpu", 10_000)
     glibc = platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc and keep_freed_memory() is glibc   # mallopt is glibc's; idempotent
+    assert keep_freed_memory() is glibc and keep_freed_memory() is glibc  # mallopt is glibc's; idempotent

@@ -12,7 +12,7 @@ from core.model import build_model
 from core.probes import STORE_DTYPE, ProbeRunner, centre_positions, feature_stats, probe_cka, probe_positions
 from tests.helpers import tiny_dict
 
-CLIPS, POSITIONS, DIM = 32, 32, 128   # the default probe geometry on mae_tiny
+CLIPS, POSITIONS, DIM = 32, 32, 128  # the default probe geometry on mae_tiny
 
 
 def _position_table(scale: float, seed: int = 0) -> torch.Tensor:
@@ -30,12 +30,12 @@ def test_feat_std_ignores_the_position_signal_whatever_its_size(scale):
     with_content = feature_stats(pos + _content(1))
     position_only = feature_stats(pos.expand(CLIPS, -1, -1).clone())
     assert position_only["feat_std"] < 0.05 * with_content["feat_std"]
-    assert position_only["eff_rank"] == 0.0          # nothing varies across clips at a fixed position
-    assert with_content["eff_rank"] > 0.5 * DIM       # isotropic content keeps most directions
-    if scale < 1:   # content dominates: a healthy block reads ~1
+    assert position_only["eff_rank"] == 0.0  # nothing varies across clips at a fixed position
+    assert with_content["eff_rank"] > 0.5 * DIM  # isotropic content keeps most directions
+    if scale < 1:  # content dominates: a healthy block reads ~1
         assert 0.9 < with_content["feat_std"] < 1.1
         assert with_content["position_share"] < 0.05
-    else:           # the old pooled measure would have seen mostly position
+    else:  # the old pooled measure would have seen mostly position
         assert with_content["position_share"] > 0.9
 
 
@@ -57,7 +57,7 @@ def test_cka_of_blocks_sharing_only_the_position_signal_is_near_zero(scale):
     floor = probe_cka(_content(1), _content(2), debiased=False)
     assert probe_cka(x, y, debiased=False) == pytest.approx(floor, abs=1e-6)
     assert floor < 0.15
-    if scale > 1:   # without the centring, the shared position table would dominate the CKA
+    if scale > 1:  # without the centring, the shared position table would dominate the CKA
         assert linear_cka(x.flatten(0, 1).double(), y.flatten(0, 1).double()) > 0.9
 
 
@@ -99,7 +99,7 @@ def test_runner_reads_every_clip_at_the_same_positions():
     cfg, model, video, runner = _runner(tokens_per_clip=4)
     n = cfg.geometry.n_tokens
     assert runner.positions.shape == (4,) and runner.positions.unique().numel() == 4 and runner.positions.max() < n
-    assert torch.equal(runner.positions, ProbeRunner(cfg.probe, video, n, seed=0).positions)   # fixed by the seed
+    assert torch.equal(runner.positions, ProbeRunner(cfg.probe, video, n, seed=0).positions)  # fixed by the seed
     feats = runner.extract(model)
     with torch.no_grad():
         _, outs = model.forward_encoder(video, None, return_blocks=True)
@@ -108,16 +108,16 @@ def test_runner_reads_every_clip_at_the_same_positions():
         assert f.shape == (8, 4, cfg.model.dim)
         for clip in range(8):
             assert torch.equal(f[clip], o[clip, runner.positions])
-    assert torch.equal(probe_positions(n, n + 5), torch.arange(n))   # short clips: every token
+    assert torch.equal(probe_positions(n, n + 5), torch.arange(n))  # short clips: every token
     assert torch.equal(probe_positions(n, n), torch.arange(n))
 
 
 def test_stored_features_are_bfloat16_position_centred_and_cannot_overflow():
     cfg, model, video, runner = _runner()
     with torch.no_grad():
-        model.patch_embed.weight.mul_(1e6)     # activations far beyond float16's 65504
+        model.patch_embed.weight.mul_(1e6)  # activations far beyond float16's 65504
     raw = runner.extract(model)
-    assert torch.isinf(raw[0].half()).any()   # float16 storage would overflow here
+    assert torch.isinf(raw[0].half()).any()  # float16 storage would overflow here
     metrics = runner.probe(model, 0)
     stored = runner.features[0]
     assert all(f.dtype == torch.bfloat16 and f.shape == (8, 4, cfg.model.dim) for f in stored)
@@ -136,7 +136,7 @@ def test_probe_twice_on_same_weights_gives_cka_one_and_resume_checks_positions()
     assert all(v == pytest.approx(1.0, abs=1e-9) for vals in runner.final().values() for v in vals.values())
     fresh = ProbeRunner(cfg.probe, video, cfg.geometry.n_tokens, seed=0)
     state = runner.state_dict()
-    assert set(state) == {"steps", "positions"}   # features live in their own files, one per probe
+    assert set(state) == {"steps", "positions"}  # features live in their own files, one per probe
     stored = {runner.features_at(i)["step"]: runner.features_at(i)["features"] for i in range(2)}
     fresh.load_state_dict(state, stored.__getitem__)
     assert fresh.steps == [0, 5] and fresh.final() == runner.final()
@@ -152,12 +152,13 @@ def test_one_pass_over_blocks_of_a_shape_gives_each_blocks_own_numbers():
     torch.manual_seed(0)
     widths = [16, 24, 16, 24, 16]
     first = [torch.randn(8, 6, w) for w in widths]
-    first[2] = torch.randn(1, 6, 16).expand(8, -1, -1).clone()   # position only: constant across clips
+    first[2] = torch.randn(1, 6, 16).expand(8, -1, -1).clone()  # position only: constant across clips
     later = [f + 0.3 * torch.randn_like(f) for f in first]
     later[2] = first[2].clone()
     rounds = iter([first, later])
-    runner = ProbeRunner(ExperimentConfig().probe, torch.zeros(8), blocks=[torch.nn.Identity()] * 5,
-                         forward=lambda batch: None)
+    runner = ProbeRunner(
+        ExperimentConfig().probe, torch.zeros(8), blocks=[torch.nn.Identity()] * 5, forward=lambda batch: None
+    )
     runner.extract = lambda *args, **kwargs: next(rounds)
     runner.probe(None, 0)
     metrics = runner.probe(None, 10)
@@ -168,8 +169,9 @@ def test_one_pass_over_blocks_of_a_shape_gives_each_blocks_own_numbers():
         for key in ("eff_rank", "feat_std"):
             assert metrics[f"{key}/block_{b:02d}"] == pytest.approx(stats[key], rel=1e-9, abs=1e-12)
         for key, other in (("cka_prev", stored[0][b]), ("cka_init", stored[0][b])):
-            assert metrics[f"{key}/block_{b:02d}"] == pytest.approx(probe_cka(stored[1][b], other, True),
-                                                                    rel=1e-9, abs=1e-12)
+            assert metrics[f"{key}/block_{b:02d}"] == pytest.approx(
+                probe_cka(stored[1][b], other, True), rel=1e-9, abs=1e-12
+            )
     assert metrics["cka_prev/block_02"] == 0.0 and metrics["eff_rank/block_02"] == 0.0
     assert 0.5 < metrics["cka_prev/block_01"] < 1.0
     final = runner.final()[0]

@@ -107,11 +107,15 @@ def test_whitening_gives_identity_covariance():
 
 # ----------------------------------------------------------------------------- with the model
 
+
 @pytest.fixture(scope="module")
 def tiny() -> ExperimentConfig:
     return ExperimentConfig.model_validate(
-        {"model": {"depth": 2, "dim": 24, "heads": 2, "decoder_dim": 16, "decoder_heads": 2},
-         "data": {"frames": 4, "size": 16, "train_clips": 32, "val_clips": 16}})
+        {
+            "model": {"depth": 2, "dim": 24, "heads": 2, "decoder_dim": 16, "decoder_heads": 2},
+            "data": {"frames": 4, "size": 16, "train_clips": 32, "val_clips": 16},
+        }
+    )
 
 
 def test_pool_dense_targets_matches_token_grid(tiny):
@@ -156,12 +160,22 @@ def test_evaluate_encoder_keys(tiny):
     assert len(data.train_video) == 32 and len(data.val_video) == 16
     assert data.val_labels["depth"].shape == (16, tiny.geometry.n_tokens)
     quick = ProbeSettings(epochs=2)
-    out = evaluate_encoder(model, tiny, data=data, probe="both", per_block=True, settings=quick,
-                           block_settings=quick, progress=False)
-    expected = {"eval/digit/acc", "eval/direction/acc", "eval/depth/absrel", "eval/depth/delta1",
-                "eval/digit/linear_acc", "eval/direction/linear_acc"}
-    expected |= {f"eval/{t}/block_{i:02d}/{m}" for i in range(2)
-                 for t, m in [("digit", "acc"), ("direction", "acc"), ("depth", "absrel"), ("depth", "delta1")]}
+    out = evaluate_encoder(
+        model, tiny, data=data, probe="both", per_block=True, settings=quick, block_settings=quick, progress=False
+    )
+    expected = {
+        "eval/digit/acc",
+        "eval/direction/acc",
+        "eval/depth/absrel",
+        "eval/depth/delta1",
+        "eval/digit/linear_acc",
+        "eval/direction/linear_acc",
+    }
+    expected |= {
+        f"eval/{t}/block_{i:02d}/{m}"
+        for i in range(2)
+        for t, m in [("digit", "acc"), ("direction", "acc"), ("depth", "absrel"), ("depth", "delta1")]
+    }
     assert set(out) == expected
     only = evaluate_encoder(model, tiny, ["direction"], data=data, probe="linear", settings=quick, progress=False)
     assert set(only) == {"eval/direction/linear_acc"}

@@ -15,9 +15,11 @@ from core.tracking import sqlite_path
 ROOT = Path(__file__).resolve().parents[1]
 # Names specific enough that a literal copy anywhere else is a second definition.
 SCHEMA_NAMES = {
-    value for name, value in vars(schema).items()
-    if isinstance(value, str) and name.isupper() and (name.startswith("TAG_") or name.endswith("_ARTIFACT")
-                                                      or value.count("/") == 1 and not value.endswith("/"))
+    value
+    for name, value in vars(schema).items()
+    if isinstance(value, str)
+    and name.isupper()
+    and (name.startswith("TAG_") or name.endswith("_ARTIFACT") or value.count("/") == 1 and not value.endswith("/"))
 } | {schema.MLFLOW_PARENT, schema.CHECKPOINT_DIR}
 
 
@@ -26,16 +28,23 @@ def literals(path: Path) -> list[tuple[str, int]]:
     tree = ast.parse(path.read_text())
     skip = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
     skip |= {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
-    return [(n.value, n.lineno) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+    return [
+        (n.value, n.lineno)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
+    ]
 
 
 def test_schema_names_are_written_once() -> None:
     assert {"layerlock.method", "train/loss", "val/loss_pixel", "layer_metrics.parquet", "checkpoints"} <= SCHEMA_NAMES
-    copies = [f"{path.relative_to(ROOT)}:{line}: {value!r}"
-              for layer in ("core", "analysis", "experiments", "app")
-              for path in sorted((ROOT / layer).rglob("*.py")) if path != ROOT / "core" / "schema.py"
-              for value, line in literals(path) if value in SCHEMA_NAMES]
+    copies = [
+        f"{path.relative_to(ROOT)}:{line}: {value!r}"
+        for layer in ("core", "analysis", "experiments", "app")
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        if path != ROOT / "core" / "schema.py"
+        for value, line in literals(path)
+        if value in SCHEMA_NAMES
+    ]
     assert copies == []
 
 
@@ -45,12 +54,15 @@ def test_block_and_checkpoint_names_round_trip() -> None:
     assert schema.checkpoint_step(schema.checkpoint_artifact(1200)) == 1200
 
 
-@pytest.mark.parametrize(("err", "line"), [
-    (ValueError(""), "ValueError"),
-    (ValueError("   \n  "), "ValueError"),
-    (LayerLockError("first\nsecond"), "first"),
-    (KeyError("x"), "'x'"),
-])
+@pytest.mark.parametrize(
+    ("err", "line"),
+    [
+        (ValueError(""), "ValueError"),
+        (ValueError("   \n  "), "ValueError"),
+        (LayerLockError("first\nsecond"), "first"),
+        (KeyError("x"), "'x'"),
+    ],
+)
 def test_first_line_never_raises(err: BaseException, line: str) -> None:
     assert first_line(err) == line
 

@@ -23,22 +23,39 @@ def test_group_name_ignores_seed_and_run_name_only() -> None:
     other.train.lr = 1e-4
     assert group_name(other) != name
     assert group_name(ExperimentConfig.model_validate(tiny_dict(objective={"name": "layerlock"}))).startswith(
-        "layerlock-moving_digits-")
+        "layerlock-moving_digits-"
+    )
 
 
 def test_parse_seeds() -> None:
     assert parse_seeds("0,1,2") == [0, 1, 2]
     assert parse_seeds(" 5, 3 ") == [5, 3]
-    for text, needle in (("", "empty"), (" , ", "empty"), ("0,x", "integers"), ("1.5", "integers"),
-                         ("0,,1", "integers"), ("1,2,1", "repeats 1")):
+    for text, needle in (
+        ("", "empty"),
+        (" , ", "empty"),
+        ("0,x", "integers"),
+        ("1.5", "integers"),
+        ("0,,1", "integers"),
+        ("1,2,1", "repeats 1"),
+    ):
         with pytest.raises(LayerLockError, match=needle):
             parse_seeds(text)
 
 
 @pytest.mark.system
 def test_pretrain_seeds_share_a_group(store: str) -> None:
-    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-                   *tiny_sets(**{"train.steps": 4, "probe.every": 2}), "--seeds", "3,5", "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *tiny_sets(**{"train.steps": 4, "probe.every": 2}),
+        "--seeds",
+        "3,5",
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_ids = proc.stdout.strip().splitlines()
     assert len(run_ids) == 2 and len(set(run_ids)) == 2
@@ -55,7 +72,9 @@ def test_pretrain_seeds_share_a_group(store: str) -> None:
 @pytest.mark.system
 def test_pretrain_seeds_bad_input_exit_2(store: str) -> None:
     base = ["-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", store]
-    for extra, needle in ((["--seeds", "0,x"], "comma-separated integers"),
-                          (["--seeds", "0,1", "--set", "train.seed=4"], "--seeds and --set train.seed")):
+    for extra, needle in (
+        (["--seeds", "0,x"], "comma-separated integers"),
+        (["--seeds", "0,1", "--set", "train.seed=4"], "--seeds and --set train.seed"),
+    ):
         proc = run_cli(*base, *extra)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

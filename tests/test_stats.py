@@ -32,8 +32,11 @@ VALUES = {
 
 
 def runs() -> pd.DataFrame:
-    rows = [{"run_id": f"{g}{s}", "group": g, "seed": s, "final_loss": v, "wall_s": 10.0 + s}
-            for g, values in VALUES.items() for s, v in enumerate(values)]
+    rows = [
+        {"run_id": f"{g}{s}", "group": g, "seed": s, "final_loss": v, "wall_s": 10.0 + s}
+        for g, values in VALUES.items()
+        for s, v in enumerate(values)
+    ]
     rows.append({"run_id": "single", "group": "S", "seed": 0, "final_loss": 0.5, "wall_s": 3.0})
     return pd.DataFrame(rows)
 
@@ -57,7 +60,7 @@ def test_group_summary_mean_sd_n() -> None:
     assert ("A", "not_logged") not in summary.index
 
     with_nan = runs()
-    with_nan.loc[0, "final_loss"] = np.nan   # a run without the metric is not counted
+    with_nan.loc[0, "final_loss"] = np.nan  # a run without the metric is not counted
     a = group_summary(with_nan, ["final_loss"]).set_index("group").loc["A"]
     assert a["n"] == 2 and a["mean"] == pytest.approx(1.0)
 
@@ -93,23 +96,30 @@ def test_pairing_on_common_seeds_and_small_n() -> None:
     one = paired_differences(frame, "final_loss", "A", "S")
     assert one["n"] == 1 and one["ci_low"] is None and one["ci_high"] is None and one["verdict"] == ONE_SEED
     assert one["mean_diff"] == pytest.approx(-0.5)
-    none = paired_differences(frame.assign(seed=np.where(frame["group"] == "S", 9, frame["seed"])),
-                              "final_loss", "A", "S")
+    none = paired_differences(
+        frame.assign(seed=np.where(frame["group"] == "S", 9, frame["seed"])), "final_loss", "A", "S"
+    )
     assert none["n"] == 0 and none["mean_diff"] is None and none["verdict"] == NO_PAIRS
 
     rerun = pd.concat([runs(), pd.DataFrame([{"group": "B", "seed": 0, "final_loss": 0.84}])], ignore_index=True)
     assert paired_differences(rerun, "final_loss", "A", "B")["mean_diff"] == pytest.approx(
-        ((0.82 - 1.0) + (0.92 - 1.10) + (0.68 - 0.90)) / 3)   # seed 0 of B: the mean of its two runs
+        ((0.82 - 1.0) + (0.92 - 1.10) + (0.68 - 0.90)) / 3
+    )  # seed 0 of B: the mean of its two runs
 
 
 def test_paired_against_baseline_and_text() -> None:
     table = paired_against(runs(), ["final_loss", "wall_s"], "A")
     assert list(zip(table["group_b"], table["metric"], strict=True)) == [
-        ("B", "final_loss"), ("B", "wall_s"), ("C", "final_loss"), ("C", "wall_s"), ("S", "final_loss"),
-        ("S", "wall_s")]
+        ("B", "final_loss"),
+        ("B", "wall_s"),
+        ("C", "final_loss"),
+        ("C", "wall_s"),
+        ("S", "final_loss"),
+        ("S", "wall_s"),
+    ]
     assert set(table["group_a"]) == {"A"}
     wall = table[(table["group_b"] == "B") & (table["metric"] == "wall_s")].iloc[0]
-    assert wall["mean_diff"] == 0.0 and wall["verdict"] == NO_DIFFERENCE   # identical pairs: a zero-width interval
+    assert wall["mean_diff"] == 0.0 and wall["verdict"] == NO_DIFFERENCE  # identical pairs: a zero-width interval
     with pytest.raises(LayerLockError, match="baseline group 'Z'"):
         paired_against(runs(), ["final_loss"], "Z")
     with pytest.raises(LayerLockError, match="lacks column"):
@@ -128,7 +138,7 @@ def test_spread_over_runs_band() -> None:
     curves = {
         "r0": pd.DataFrame({"step": [0, 2, 4], "x": [0.0, 20.0, 40.0], "y": [1.0, 0.8, 0.6]}),
         "r1": pd.DataFrame({"step": [0, 2, 4], "x": [0.0, 22.0, 42.0], "y": [1.2, 0.6, 0.5]}),
-        "r2": pd.DataFrame({"step": [0, 2], "x": [0.0, 21.0], "y": [1.1, 0.7]}),   # stopped early
+        "r2": pd.DataFrame({"step": [0, 2], "x": [0.0, 21.0], "y": [1.1, 0.7]}),  # stopped early
     }
     band = spread_over_runs(curves).set_index("step")
     assert list(band.index) == [0, 2, 4] and list(band["n"]) == [3, 3, 2]
@@ -140,12 +150,13 @@ def test_spread_over_runs_band() -> None:
 
 # ----------------------------------------------------------------------------- a study's claims
 
+
 def test_estimate_and_claim_verdicts() -> None:
     est = estimate([0.1, 0.2, 0.3, None, float("nan")])
     assert est["n"] == 3 and est["mean"] == pytest.approx(0.2) and est["sd"] == pytest.approx(0.1)
     half = sps.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
     assert (est["ci_low"], est["ci_high"]) == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
-    assert claim_verdict(est, 0.0, "above") == "inconclusive"        # the interval contains 0
+    assert claim_verdict(est, 0.0, "above") == "inconclusive"  # the interval contains 0
     assert claim([0.5, 0.52, 0.49], 0.0, "above")["verdict"] == "held"
     assert claim([0.5, 0.52, 0.49], 0.0, "below")["verdict"] == "not held"
     assert claim([0.5, 0.52, 0.49], 0.6, "below")["verdict"] == "held"
@@ -154,7 +165,7 @@ def test_estimate_and_claim_verdicts() -> None:
 
 
 def test_difference_verdict_is_the_stats_verdict() -> None:
-    assert difference([-0.1, 0.1, 0.05])["verdict"] == "no difference"   # interval straddles 0
+    assert difference([-0.1, 0.1, 0.05])["verdict"] == "no difference"  # interval straddles 0
     assert difference([0.2, 0.21, 0.19])["verdict"] == "higher"
     assert difference([-0.2, -0.21, -0.19])["verdict"] == "lower"
     assert difference([0.2])["verdict"] == "n/a (one seed)"
@@ -170,4 +181,3 @@ def test_freeze_cost_against_the_seed_noise() -> None:
     assert cost["early_deep"]["mean"] == pytest.approx(0.12) and cost["late_deep"]["mean"] == pytest.approx(0.005)
     assert cost["tolerance"]["mean"] == pytest.approx(0.025)
     assert cost["early_costs_more_than_noise"] and cost["late_within_noise"]
-

@@ -14,13 +14,31 @@ from tests.helpers import run_cli, tiny_sets
 def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
     sets = tiny_sets(**{"train.steps": 12, "probe.every": 2, "train.checkpoint_every": 2, "model.depth": 4})
     out = tmp_path / "study"
-    proc = run_cli("-m", "experiments", "study", "--seeds", "0,1", *sets, "--tasks", "digit,depth",
-                   "--out", str(out), "--tracking-uri", store, timeout=900)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "study",
+        "--seeds",
+        "0,1",
+        *sets,
+        "--tasks",
+        "digit,depth",
+        "--out",
+        str(out),
+        "--tracking-uri",
+        store,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     claims = results["claims"]
-    assert set(claims) == {"S0_pretraining_matters", "S1_depth_order", "S2_cheap_rules_vs_freeze_test",
-                           "S3_compute", "S4_collapse"}
+    assert set(claims) == {
+        "S0_pretraining_matters",
+        "S1_depth_order",
+        "S2_cheap_rules_vs_freeze_test",
+        "S3_compute",
+        "S4_collapse",
+    }
     assert results["seeds"] == [0, 1]
     for key in ("eval/digit/acc", "eval/digit/linear_acc", "eval/depth/absrel"):
         s0 = claims["S0_pretraining_matters"]["metrics"][key]
@@ -28,14 +46,14 @@ def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
     for rule in ("posthoc", "online", "gradnorm"):
         assert rule in claims["S1_depth_order"]["rules"] and rule in claims["S2_cheap_rules_vs_freeze_test"]["rules"]
     grid = claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
-    assert len(grid) == 3 and all(len(row) == 3 for row in grid.values())   # small: L = 1, 2, 3 x 3 steps T
+    assert len(grid) == 3 and all(len(row) == 3 for row in grid.values())  # small: L = 1, 2, 3 x 3 steps T
     assert "tolerance" in claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]
     s3 = claims["S3_compute"]["methods"]
     assert set(s3) == {"freeze_only", "layerlock"} and s3["freeze_only"]["flop_saving"]["n"] == 2
-    assert set(claims["S4_collapse"]["methods"]) == {"mae", "layerlock", "latent_naive"}   # small: no ablation
+    assert set(claims["S4_collapse"]["methods"]) == {"mae", "layerlock", "latent_naive"}  # small: no ablation
     figures = {p.stem for p in (out / "figures").glob("*.html")}
     assert figures == set(results["figures"]) and len(figures) == 6
-    assert (out / "figures" / "plotly.min.js").exists()   # the pages open offline
+    assert (out / "figures" / "plotly.min.js").exists()  # the pages open offline
     report = (out / "report.md").read_text()
     for section in ("S0", "S1", "S2", "S3", "S4"):
         assert f"## {section} " in report

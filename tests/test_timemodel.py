@@ -18,7 +18,7 @@ from core.timemodel import (
     within_run_saving,
 )
 
-FLOPS = {k: 10.0 - k for k in range(8)}   # stage k costs 10 - k FLOP units; k=0: 10
+FLOPS = {k: 10.0 - k for k in range(8)}  # stage k costs 10 - k FLOP units; k=0: 10
 
 
 def affine(k: int, a: float = 3.0, b: float = 0.7) -> float:
@@ -26,8 +26,11 @@ def affine(k: int, a: float = 3.0, b: float = 0.7) -> float:
     return a + b * FLOPS[k]
 
 
-def timer_with(training: dict[int, list[float]] | None = None, calibration: dict[int, list[float]] | None = None,
-               extra_per_step: float = 0.0) -> StepTimer:
+def timer_with(
+    training: dict[int, list[float]] | None = None,
+    calibration: dict[int, list[float]] | None = None,
+    extra_per_step: float = 0.0,
+) -> StepTimer:
     t = StepTimer()
     for k, xs in (training or {}).items():
         for x in xs:
@@ -46,9 +49,10 @@ def segments(stages: list[tuple[int, int]], total: int) -> list[tuple[int, int, 
 
 # ----------------------------------------------------------------------------- statistics
 
+
 def test_median_interval_uses_order_statistics() -> None:
-    assert median_interval([3, 1, 2]) == (2, None, None)   # too few for 95%
-    med, lo, hi = median_interval(range(1, 11))             # n=10: [x_2, x_9] covers 97.9%
+    assert median_interval([3, 1, 2]) == (2, None, None)  # too few for 95%
+    med, lo, hi = median_interval(range(1, 11))  # n=10: [x_2, x_9] covers 97.9%
     assert (med, lo, hi) == (5.5, 2, 9)
     med, lo, hi = median_interval([5.0] * 6)
     assert med == lo == hi == 5.0
@@ -63,7 +67,7 @@ def test_median_interval_covers_the_true_median() -> None:
         xs = [rng.expovariate(1.0) for _ in range(15)]
         _, lo, hi = median_interval(xs)
         misses += not lo <= math.log(2) <= hi
-    assert misses / 400 < 0.06   # nominal 95% (exact coverage at n=15: 96.5%)
+    assert misses / 400 < 0.06  # nominal 95% (exact coverage at n=15: 96.5%)
 
 
 def test_resolves_compares_half_width_with_the_target() -> None:
@@ -73,6 +77,7 @@ def test_resolves_compares_half_width_with_the_target() -> None:
 
 
 # ----------------------------------------------------------------------------- recording
+
 
 def test_timer_summaries_and_overhead() -> None:
     timer = timer_with(training={0: [1.0, 1.0, 1.2, 1.0], 2: [0.8, 0.8, 0.8]}, extra_per_step=0.1)
@@ -88,18 +93,19 @@ def test_timer_summaries_and_overhead() -> None:
 
 
 def test_calibration_stages() -> None:
-    assert calibration_stages([], depth=8) == [0, 7]            # no schedule: both ends
+    assert calibration_stages([], depth=8) == [0, 7]  # no schedule: both ends
     assert calibration_stages([2, 2, 5], depth=8) == [0, 2, 5]
     assert calibration_stages([], depth=1) == [0]
 
 
 # ----------------------------------------------------------------------------- prediction
 
+
 def test_measured_stages_give_the_exact_saving() -> None:
     tm = timer_with(training={k: [affine(k)] * 5 for k in (0, 3, 6)}).to_dict(FLOPS)
     table = time_table(tm)
     assert table.source[3] == "training" and table.source[1] == "affine fit"
-    assert table.intercept == pytest.approx(3.0 / affine(0))   # the unshrinkable share of a k=0 step
+    assert table.intercept == pytest.approx(3.0 / affine(0))  # the unshrinkable share of a k=0 step
     sched = segments([(100, 3), (200, 6)], 300)
     want = 1 - sum((b - a) * affine(k) for a, b, k in sched) / (300 * affine(0))
     assert predicted_time_saving(sched, 300, table) == pytest.approx(want)
@@ -175,7 +181,7 @@ def test_cpu_clock_predicts_from_its_own_record() -> None:
     for wall, cpu in ((2.0, 1.0), (2.2, 1.0), (1.8, 1.0)):
         timer.add(0, wall, wall, cpu, cpu)
     for _ in range(3):
-        timer.add(4, 0.5, 0.5, 0.6, 0.6)   # a quieter moment: wall ratio 0.25, CPU ratio 0.6
+        timer.add(4, 0.5, 0.5, 0.6, 0.6)  # a quieter moment: wall ratio 0.25, CPU ratio 0.6
     tm = timer.to_dict(FLOPS)
     sched = segments([(0, 4)], 10)
     assert predicted_time_saving(sched, 10, time_table(tm)) == pytest.approx(0.75)
@@ -186,19 +192,19 @@ def test_cpu_clock_predicts_from_its_own_record() -> None:
 
 def test_within_run_saving_measures_the_run_against_its_own_unfrozen_pace() -> None:
     timer = StepTimer()
-    for k, n in ((0, 60), (3, 40)):   # 60 unfrozen steps of 1.0 s, 40 frozen ones of 0.7 s, probes 0.1 s/step
+    for k, n in ((0, 60), (3, 40)):  # 60 unfrozen steps of 1.0 s, 40 frozen ones of 0.7 s, probes 0.1 s/step
         for _ in range(n):
             timer.add(k, affine(k, a=0.0, b=0.1), affine(k, a=0.0, b=0.1) + 0.1)
     tm = timer.to_dict(FLOPS)
     assert within_run_saving(tm) == pytest.approx(1 - (60 * 1.1 + 40 * 0.8) / (100 * 1.1))
     own = predicted_time_saving([(0, 60, 0), (60, 100, 3)], 100, time_table(tm))
-    assert within_run_saving(tm) == pytest.approx(own)   # steps at their medians: the same number
-    slow = StepTimer()   # a slow outlier among the unfrozen steps counts in its mean, as in the total
+    assert within_run_saving(tm) == pytest.approx(own)  # steps at their medians: the same number
+    slow = StepTimer()  # a slow outlier among the unfrozen steps counts in its mean, as in the total
     for k, step in ((0, 1.0), (0, 1.0), (0, 4.0), (3, 0.5), (3, 0.5), (3, 0.5)):
         slow.add(k, step, step)
     assert within_run_saving(slow.to_dict(FLOPS)) == pytest.approx(1 - 7.5 / (6 * 2.0))
-    assert within_run_saving(timer_with(training={3: [1.0] * 3}).to_dict(FLOPS)) is None   # no unfrozen steps
-    assert within_run_saving(tm, clock="cpu") is None   # no CPU record
+    assert within_run_saving(timer_with(training={3: [1.0] * 3}).to_dict(FLOPS)) is None  # no unfrozen steps
+    assert within_run_saving(tm, clock="cpu") is None  # no CPU record
 
 
 def test_median_interval_of_a_long_run_does_not_overflow() -> None:
@@ -207,6 +213,6 @@ def test_median_interval_of_a_long_run_does_not_overflow() -> None:
     from core.timemodel import MAX_SAMPLES
 
     med, lo, hi = median_interval(range(MAX_SAMPLES))
-    half = 1.96 * MAX_SAMPLES ** 0.5 / 2
+    half = 1.96 * MAX_SAMPLES**0.5 / 2
     assert med == (MAX_SAMPLES - 1) / 2
     assert abs((med - lo) - half) <= 2 and abs((hi - med) - half) <= 2

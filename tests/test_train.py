@@ -24,9 +24,25 @@ from tests.helpers import ROOT, run_cli, tiny_dict
 
 @pytest.mark.system
 def test_pretrain_entry_point_smoke(tmp_path, store):
-    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-                   "--set", "train.steps=6", "--set", "train.batch_size=4", "--set", "probe.every=3",
-                   "--set", "train.checkpoint_every=3", "--set", "train.log_every=2", "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "probe.every=3",
+        "--set",
+        "train.checkpoint_every=3",
+        "--set",
+        "train.log_every=2",
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_id = proc.stdout.strip().splitlines()[-1]
     client = MlflowClient(store)
@@ -34,12 +50,22 @@ def test_pretrain_entry_point_smoke(tmp_path, store):
     assert run.info.status == "FINISHED"
     assert run.data.tags["layerlock.method"] == "mae" and run.data.tags["layerlock.dataset"] == "moving_digits"
     assert run.data.params["model.depth"] == "8" and run.data.params["train.steps"] == "6"
-    for key in ("train/loss", "train/loss_pixel", "train/lr", "train/frozen_blocks", "train/step_ms",
-                "train/clips_per_s", "train/flops", "train/wall_s", "cka_final/block_00", "grad_norm/block_07",
-                "val/loss_pixel"):
+    for key in (
+        "train/loss",
+        "train/loss_pixel",
+        "train/lr",
+        "train/frozen_blocks",
+        "train/step_ms",
+        "train/clips_per_s",
+        "train/flops",
+        "train/wall_s",
+        "cka_final/block_00",
+        "grad_norm/block_07",
+        "val/loss_pixel",
+    ):
         assert key in run.data.metrics, key
     heldout = client.get_metric_history(run_id, "val/loss_pixel")
-    assert [m.step for m in heldout] == [6] and 0 < heldout[0].value < 10   # once, at the end
+    assert [m.step for m in heldout] == [6] and 0 < heldout[0].value < 10  # once, at the end
     names = {f.path for f in client.list_artifacts(run_id)}
     assert {"config.yaml", "flop_model.json", "layer_metrics.parquet", "checkpoints", "probe"} <= names
 
@@ -50,10 +76,29 @@ def _final_weights(run_id: str, store: str) -> dict:
 
 @pytest.mark.system
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, store):
-    sets = ["--set", "train.steps=120", "--set", "train.batch_size=8", "--set", "train.checkpoint_every=20",
-            "--set", "probe.every=20", "--set", "train.log_every=5"]
-    base = [sys.executable, "-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-            *sets, "--tracking-uri", store]
+    sets = [
+        "--set",
+        "train.steps=120",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        "probe.every=20",
+        "--set",
+        "train.log_every=5",
+    ]
+    base = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *sets,
+        "--tracking-uri",
+        store,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     pattern = str(tmp_path / "mlartifacts" / "**" / "checkpoints" / "step_000040.pt")
@@ -104,7 +149,7 @@ def test_nan_loss_fails_run_and_keeps_metrics(monkeypatch, store):
         return out
 
     monkeypatch.setattr(train_mod, "compute_losses", flaky)
-    cfg = ExperimentConfig.model_validate(tiny_dict(train={"time_calibration": 0}))   # count training steps only
+    cfg = ExperimentConfig.model_validate(tiny_dict(train={"time_calibration": 0}))  # count training steps only
     with pytest.raises(TrainingDiverged, match="step 5"):
         train(cfg, tracking_uri=store, progress=False)
     client = MlflowClient(store)
@@ -115,10 +160,13 @@ def test_nan_loss_fails_run_and_keeps_metrics(monkeypatch, store):
 
 
 def test_layerlock_logs_latent_loss_only_after_first_freeze(store):
-    cfg = ExperimentConfig.model_validate(tiny_dict(
-        objective={"name": "layerlock"},
-        freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
-        train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1}))
+    cfg = ExperimentConfig.model_validate(
+        tiny_dict(
+            objective={"name": "layerlock"},
+            freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
+            train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1},
+        )
+    )
     result = train(cfg, tracking_uri=store, progress=False)
     client = MlflowClient(store)
     latent = client.get_metric_history(result.run_id, "train/loss_latent")
@@ -130,18 +178,21 @@ def test_layerlock_logs_latent_loss_only_after_first_freeze(store):
 
 
 def test_latent_scheduled_follows_the_target_schedule_and_freezes_nothing(store):
-    cfg = ExperimentConfig.model_validate(tiny_dict(
-        objective={"name": "latent_scheduled"},
-        freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
-        train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1}))
+    cfg = ExperimentConfig.model_validate(
+        tiny_dict(
+            objective={"name": "latent_scheduled"},
+            freeze={"schedule": [{"step": 6, "frozen": 1}, {"step": 9, "frozen": 2}]},
+            train={"steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 1},
+        )
+    )
     result = train(cfg, tracking_uri=store, progress=False)
     client = MlflowClient(store)
     latent = client.get_metric_history(result.run_id, "train/loss_latent")
-    assert latent and min(m.step for m in latent) == 6      # from the first stage on
+    assert latent and min(m.step for m in latent) == 6  # from the first stage on
     frozen = client.get_metric_history(result.run_id, "train/frozen_blocks")
     assert {m.step for m in frozen} >= set(range(12)) and all(m.value == 0 for m in frozen)
     grads = {m.step for m in client.get_metric_history(result.run_id, "grad_norm/block_00")}
-    assert max(grads) == 11                                  # block 0 still trains at the last stage
+    assert max(grads) == 11  # block 0 still trains at the last stage
     run = client.get_run(result.run_id)
     assert run.data.tags["layerlock.method"] == "latent_scheduled"
     fm = json.loads(Path(client.download_artifacts(result.run_id, "flop_model.json", tempfile.mkdtemp())).read_text())
@@ -162,19 +213,35 @@ def test_analysis_convergence_prints_what_its_metric_measures(store, capsys):
         assert json.loads(capsys.readouterr().out)["metric_help"] == metric_help(metric) != ""
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "model.dpth=2"], "unknown config key 'model.dpth'"),
-    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=imagenet"], "data.name"),
-    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "train.lr=-1"], "train.lr"),
-    (["--config", "no/such.yaml"], "config file not found"),
-    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "freeze.schedule=/no/such.json"],
-     "schedule file not found"),
-    (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=video_folder",
-      "--set", "data.root=/no/such/folder"], "/no/such/folder"),
-    (["--resume", "0123456789abcdef0123456789abcdef"], "run not found"),
-    (["--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", "bogus://nowhere"],
-     "tracking URI bogus://nowhere: unsupported scheme 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "experiments/configs/mae_tiny.yaml", "--set", "model.dpth=2"], "unknown config key 'model.dpth'"),
+        (["--config", "experiments/configs/mae_tiny.yaml", "--set", "data.name=imagenet"], "data.name"),
+        (["--config", "experiments/configs/mae_tiny.yaml", "--set", "train.lr=-1"], "train.lr"),
+        (["--config", "no/such.yaml"], "config file not found"),
+        (
+            ["--config", "experiments/configs/mae_tiny.yaml", "--set", "freeze.schedule=/no/such.json"],
+            "schedule file not found",
+        ),
+        (
+            [
+                "--config",
+                "experiments/configs/mae_tiny.yaml",
+                "--set",
+                "data.name=video_folder",
+                "--set",
+                "data.root=/no/such/folder",
+            ],
+            "/no/such/folder",
+        ),
+        (["--resume", "0123456789abcdef0123456789abcdef"], "run not found"),
+        (
+            ["--config", "experiments/configs/mae_tiny.yaml", "--tracking-uri", "bogus://nowhere"],
+            "tracking URI bogus://nowhere: unsupported scheme 'bogus'",
+        ),
+    ],
+)
 @pytest.mark.system
 def test_bad_input_exits_2_with_one_line(args, needle, store):
     if "--tracking-uri" not in args:
@@ -200,9 +267,12 @@ def test_every_block_key_logged_and_parquet_matches_mlflow(tmp_path, store):
     path = client.download_artifacts(result.run_id, "layer_metrics.parquet", str(tmp_path))
     frame = pd.read_parquet(path)
     assert set(frame["metric"]) == set(metrics)
-    from_mlflow = {(m.step, b, name): m.value
-                   for name in metrics for b in range(cfg.model.depth)
-                   for m in client.get_metric_history(result.run_id, f"{name}/block_{b:02d}")}
+    from_mlflow = {
+        (m.step, b, name): m.value
+        for name in metrics
+        for b in range(cfg.model.depth)
+        for m in client.get_metric_history(result.run_id, f"{name}/block_{b:02d}")
+    }
     from_parquet = {(int(r.step), int(r.block), r.metric): r.value for r in frame.itertuples()}
     assert from_parquet.keys() == from_mlflow.keys()
     assert all(abs(from_parquet[k] - from_mlflow[k]) <= 1e-6 * max(1.0, abs(from_mlflow[k])) for k in from_mlflow)
@@ -215,11 +285,33 @@ def test_every_block_key_logged_and_parquet_matches_mlflow(tmp_path, store):
 @pytest.mark.system
 def test_torchrun_two_processes_ddp_across_freeze_changes(store):
     """DDP (gloo on CPU) is rebuilt when the frozen prefix changes; rank 0 alone logs."""
-    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "experiments", "pretrain",
-                   "--config", "experiments/configs/layerlock_tiny.yaml", "--set", "train.steps=12",
-                   "--set", "train.batch_size=8", "--set", "probe.every=4", "--set", "train.checkpoint_every=6",
-                   "--set", "train.log_every=2", "--set", "model.depth=4", "--set", "model.dim=32",
-                   "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/layerlock_tiny.yaml",
+        "--set",
+        "train.steps=12",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "probe.every=4",
+        "--set",
+        "train.checkpoint_every=6",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "model.depth=4",
+        "--set",
+        "model.dim=32",
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(ids) == 1
@@ -241,9 +333,16 @@ def test_pretrain_on_video_folder_counts_skipped_files(tmp_path, store):
         for k in range(3):
             write_video(root / cls / f"{cls}{k}.mp4", color)
     (root / "blue" / "broken.mp4").write_bytes(b"\x00not a video" * 50)
-    proc = run_cli("-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-                   *tiny_sets(**{"data.name": "video_folder", "data.root": str(root), "train.steps": 4}),
-                   "--tracking-uri", store)
+    proc = run_cli(
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *tiny_sets(**{"data.name": "video_folder", "data.root": str(root), "train.steps": 4}),
+        "--tracking-uri",
+        store,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "broken.mp4" in proc.stderr
     run = MlflowClient(store).get_run(proc.stdout.strip().splitlines()[-1])
@@ -257,19 +356,24 @@ def test_time_model_is_logged_and_calibration_changes_nothing_learned(store):
     with it and without it. Only the structure is checked: the times are the machine's."""
     sched = {"schedule": [{"step": 4, "frozen": 1}, {"step": 8, "frozen": 3}]}
     with_cal = train(ExperimentConfig.model_validate(tiny_dict(freeze=sched)), tracking_uri=store, progress=False)
-    without = train(ExperimentConfig.model_validate(tiny_dict(freeze=sched, train={"time_calibration": 0})),
-                    tracking_uri=store, progress=False)
+    without = train(
+        ExperimentConfig.model_validate(tiny_dict(freeze=sched, train={"time_calibration": 0})),
+        tracking_uri=store,
+        progress=False,
+    )
     a, b = _final_weights(with_cal.run_id, store), _final_weights(without.run_id, store)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert with_cal.final_loss == without.final_loss and with_cal.wall_s > 0 and with_cal.loop_s >= with_cal.wall_s
     client = MlflowClient(store)
-    assert client.get_run(with_cal.run_id).data.tags["layerlock.group"] == \
-        client.get_run(without.run_id).data.tags["layerlock.group"]   # measuring does not make another group
+    assert (
+        client.get_run(with_cal.run_id).data.tags["layerlock.group"]
+        == client.get_run(without.run_id).data.tags["layerlock.group"]
+    )  # measuring does not make another group
     tm = json.loads(Path(client.download_artifacts(with_cal.run_id, "time_model.json", tempfile.mkdtemp())).read_text())
     assert set(tm["training"]) == {"0", "1", "3"} and set(tm["calibration"]) == {"0", "1", "3"}
     assert [tm["training"][k]["steps"] for k in ("0", "1", "3")] == [4, 4, 4]
     assert all(s["n"] == 5 and s["median_s"] > 0 for s in tm["calibration"].values())
-    assert set(tm["flops_per_step"]) == {"0", "1", "2", "3"} and tm["overhead_s_per_step"] > 0   # probes
+    assert set(tm["flops_per_step"]) == {"0", "1", "2", "3"} and tm["overhead_s_per_step"] > 0  # probes
     assert tm["total_steps"] == 12 and tm["total_s"] > 0
     assert set(tm["cpu"]["training"]) == {"0", "1", "3"} and set(tm["cpu"]["calibration"]) == {"0", "1", "3"}
     tm0 = json.loads(Path(client.download_artifacts(without.run_id, "time_model.json", tempfile.mkdtemp())).read_text())

@@ -30,8 +30,9 @@ def _cfg(**train_overrides) -> ExperimentConfig:
 
 def _checkpoint_files(tmp_path: Path, run_id: str) -> dict[int, Path]:
     """The store's copies of a run's checkpoints, by step."""
-    files = glob.glob(str(tmp_path / "mlartifacts" / "**" / run_id / "**" / "checkpoints" / "step_*.pt"),
-                      recursive=True)
+    files = glob.glob(
+        str(tmp_path / "mlartifacts" / "**" / run_id / "**" / "checkpoints" / "step_*.pt"), recursive=True
+    )
     return {int(Path(f).stem.split("_")[1]): Path(f) for f in files}
 
 
@@ -44,17 +45,17 @@ def _truncate(tmp_path: Path, run_id: str, step: int) -> None:
 
 
 def test_corrupt_newest_checkpoint_falls_back_for_load_and_resume(tmp_path, store, capsys):
-    first = train(_cfg(), tracking_uri=store, progress=False, stop_after=8)   # checkpoints at 4 and 8
+    first = train(_cfg(), tracking_uri=store, progress=False, stop_after=8)  # checkpoints at 4 and 8
     assert sorted(_checkpoint_files(tmp_path, first.run_id)) == [4, 8]
-    _truncate(tmp_path, first.run_id, 8)   # a kill in the middle of a copy
+    _truncate(tmp_path, first.run_id, 8)  # a kill in the middle of a copy
     capsys.readouterr()
 
-    ckpt = load_run_checkpoint(first.run_id, tracking_uri=store)   # what evaluate / freeze-test use
+    ckpt = load_run_checkpoint(first.run_id, tracking_uri=store)  # what evaluate / freeze-test use
     assert ckpt["step"] == 4
     err = capsys.readouterr().err
     assert "step_000008.pt" in err and "using checkpoint checkpoints/step_000004.pt" in err
 
-    with pytest.raises(LayerLockError, match="step 8"):   # an explicit step does not silently change
+    with pytest.raises(LayerLockError, match="step 8"):  # an explicit step does not silently change
         load_run_checkpoint(first.run_id, step=8, tracking_uri=store)
 
     resumed = train(_cfg(), tracking_uri=store, resume_run_id=first.run_id, progress=False)
@@ -81,12 +82,12 @@ def test_nonfinite_gradients_skip_the_step_and_are_counted(store, monkeypatch):
     def poisoned(*args, **kwargs):
         losses = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] in (3, 6):   # finite loss, NaN gradients everywhere
+        if calls["n"] in (3, 6):  # finite loss, NaN gradients everywhere
             losses["loss"].register_hook(lambda g: g * float("nan"))
         return losses
 
     monkeypatch.setattr(core_train, "compute_losses", poisoned)
-    result = train(_cfg(time_calibration=0), tracking_uri=store, progress=False)   # count training steps only
+    result = train(_cfg(time_calibration=0), tracking_uri=store, progress=False)  # count training steps only
     client = MlflowClient(store)
     assert client.get_run(result.run_id).info.status == "FINISHED"
     skipped = client.get_metric_history(result.run_id, "train/skipped_steps")
@@ -98,9 +99,17 @@ def test_nonfinite_gradients_skip_the_step_and_are_counted(store, monkeypatch):
 
 @pytest.mark.system
 def test_sigterm_flushes_checkpoints_and_marks_the_run_killed(tmp_path, store):
-    cmd = [sys.executable, "-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml",
-           *tiny_sets(**{"train.steps": 5000, "train.checkpoint_every": 10, "train.log_every": 1,
-                         "probe.every": 10}), "--tracking-uri", store]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments",
+        "pretrain",
+        "--config",
+        "experiments/configs/mae_tiny.yaml",
+        *tiny_sets(**{"train.steps": 5000, "train.checkpoint_every": 10, "train.log_every": 1, "probe.every": 10}),
+        "--tracking-uri",
+        store,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pattern = str(tmp_path / "mlartifacts" / "**" / "checkpoints" / "step_000010.pt")
@@ -108,7 +117,7 @@ def test_sigterm_flushes_checkpoints_and_marks_the_run_killed(tmp_path, store):
     while not glob.glob(pattern, recursive=True) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be terminated"
-    time.sleep(0.5)   # a few steps past the checkpoint
+    time.sleep(0.5)  # a few steps past the checkpoint
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -127,11 +136,12 @@ def test_sigterm_flushes_checkpoints_and_marks_the_run_killed(tmp_path, store):
 def test_evaluate_uses_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path, store, capsys):
     from experiments.evaluate import evaluate_run
 
-    done = train(_cfg(), tracking_uri=store, progress=False)   # checkpoints at 4, 8, 12
+    done = train(_cfg(), tracking_uri=store, progress=False)  # checkpoints at 4, 8, 12
     _truncate(tmp_path, done.run_id, 12)
     capsys.readouterr()
-    metrics = evaluate_run(done.run_id, tasks=["digit"], tracking_uri=store, probe="linear",
-                           train_clips=16, val_clips=8, progress=False)
+    metrics = evaluate_run(
+        done.run_id, tasks=["digit"], tracking_uri=store, probe="linear", train_clips=16, val_clips=8, progress=False
+    )
     assert metrics and all(v == v for v in metrics.values())
     assert "using checkpoint checkpoints/step_000008.pt" in capsys.readouterr().err
     logged = MlflowClient(store).get_run(done.run_id).data.metrics

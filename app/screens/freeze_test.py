@@ -22,8 +22,11 @@ from analysis.agreement import rule_markers
 from app.views import charts, loaders, state
 
 # One marker per rule, offset within the row so that rules agreeing on a step stay visible.
-RULE_STYLE = {"posthoc": ("diamond", "#1f77b4", -0.25), "online": ("circle", "#ff7f0e", 0.0),
-              "gradnorm": ("x", "#9467bd", 0.25)}
+RULE_STYLE = {
+    "posthoc": ("diamond", "#1f77b4", -0.25),
+    "online": ("circle", "#ff7f0e", 0.0),
+    "gradnorm": ("x", "#9467bd", 0.25),
+}
 
 
 def _edges(steps: list[int]) -> list[float]:
@@ -41,22 +44,37 @@ def grid_with_rules(grid: Any, markers: pd.DataFrame, title: str) -> go.Figure:
     steps = [int(t) for t in grid.ratio.columns]
     rows = [int(b) for b in grid.ratio.index]
     # Numeric axes (step on x, row index on y) so markers can sit between tested steps.
-    fig.update_traces(x=_edges(steps), y=list(range(len(rows))), customdata=np.tile(steps, (len(rows), 1)),
-                      hovertemplate="freeze step T=%{customdata}<br>final loss / baseline %{z:.4f}<extra></extra>",
-                      selector={"type": "heatmap"})
+    fig.update_traces(
+        x=_edges(steps),
+        y=list(range(len(rows))),
+        customdata=np.tile(steps, (len(rows), 1)),
+        hovertemplate="freeze step T=%{customdata}<br>final loss / baseline %{z:.4f}<extra></extra>",
+        selector={"type": "heatmap"},
+    )
     for rule, (symbol, color, offset) in RULE_STYLE.items():
         pts = markers[markers["rule"] == rule]
         if pts.empty:
             continue
-        fig.add_trace(go.Scatter(
-            x=pts["step"], y=[rows.index(L) + offset for L in pts["blocks"]], mode="markers", name=rule,
-            marker={"symbol": symbol, "color": color, "size": 12, "line": {"width": 1.5, "color": "white"}},
-            customdata=pts["block"],
-            hovertemplate=f"{rule}: block %{{customdata}} converged at step %{{x}}<extra></extra>"))
-    fig.update_xaxes(type="linear", title_text="step (heatmap columns: tested freeze steps T)",
-                     tickvals=steps, ticktext=[str(t) for t in steps])
-    fig.update_yaxes(type="linear", tickvals=list(range(len(rows))), ticktext=[f"L={b}" for b in rows],
-                     range=[-0.5, len(rows) - 0.5])
+        fig.add_trace(
+            go.Scatter(
+                x=pts["step"],
+                y=[rows.index(L) + offset for L in pts["blocks"]],
+                mode="markers",
+                name=rule,
+                marker={"symbol": symbol, "color": color, "size": 12, "line": {"width": 1.5, "color": "white"}},
+                customdata=pts["block"],
+                hovertemplate=f"{rule}: block %{{customdata}} converged at step %{{x}}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(
+        type="linear",
+        title_text="step (heatmap columns: tested freeze steps T)",
+        tickvals=steps,
+        ticktext=[str(t) for t in steps],
+    )
+    fig.update_yaxes(
+        type="linear", tickvals=list(range(len(rows))), ticktext=[f"L={b}" for b in rows], range=[-0.5, len(rows) - 0.5]
+    )
     fig.update_layout(showlegend=True)
     return fig
 
@@ -67,9 +85,11 @@ runs = state.load_runs()
 
 parents = [p for p in runs["parent"].dropna().unique() if p in set(runs["run_id"])]
 if not parents:
-    st.info("No freeze-test sweeps in this store yet. A sweep branches child runs off a baseline's checkpoints "
-            "(`python -m experiments freeze-test --baseline RUN --grid`, see `--help`); children are tagged "
-            "`layerlock.parent`, `layerlock.freeze_test.blocks` (L) and `layerlock.freeze_test.step` (T).")
+    st.info(
+        "No freeze-test sweeps in this store yet. A sweep branches child runs off a baseline's checkpoints "
+        "(`python -m experiments freeze-test --baseline RUN --grid`, see `--help`); children are tagged "
+        "`layerlock.parent`, `layerlock.freeze_test.blocks` (L) and `layerlock.freeze_test.step` (T)."
+    )
     st.stop()
 
 # A selected child stands for its sweep.
@@ -95,11 +115,16 @@ def _reset_tol() -> None:
     st.session_state["ft_tol"] = min(calibrated.tol, top)
 
 
-tol = c[1].slider("tolerance: converged if loss ≤ (1 + tol) × baseline", 0.0, top, step=0.001, format="%.3f",
-                  key="ft_tol")
+tol = c[1].slider(
+    "tolerance: converged if loss ≤ (1 + tol) × baseline", 0.0, top, step=0.001, format="%.3f", key="ft_tol"
+)
 by_hand = not math.isclose(tol, calibrated.tol, abs_tol=5e-4)
-c[1].button("reset to calibrated" if calibrated.calibrated else "reset to default", key="ft_tol_reset",
-            on_click=_reset_tol, disabled=not by_hand)
+c[1].button(
+    "reset to calibrated" if calibrated.calibrated else "reset to default",
+    key="ft_tol_reset",
+    on_click=_reset_tol,
+    disabled=not by_hand,
+)
 if by_hand:
     st.caption(f"tolerance {tol:.1%} set on the slider (the {calibrated.source} value: {calibrated.line()})")
 else:
@@ -116,43 +141,84 @@ m = st.columns(3)
 m[0].metric("Baseline final loss", f"{grid.baseline_final_loss:.4f}")
 m[1].metric("Cells tested", n_tested)
 m[2].metric("Cells within tolerance", int(grid.converged.fillna(False).astype(bool).sum().sum()))
-st.plotly_chart(grid_with_rules(grid, rule_markers(report),
-                                "Final loss / baseline (✓ within tolerance); markers: each rule's step for block L-1"),
-                key="ft_grid")
-st.caption("In row L a rule's marker sits at the step where that rule saw block L-1 converge (no marker: never). "
-           "A rule that agrees with the freeze test marks each row where it turns ✓ and stays so.")
+st.plotly_chart(
+    grid_with_rules(
+        grid,
+        rule_markers(report),
+        "Final loss / baseline (✓ within tolerance); markers: each rule's step for block L-1",
+    ),
+    key="ft_grid",
+)
+st.caption(
+    "In row L a rule's marker sits at the step where that rule saw block L-1 converge (no marker: never). "
+    "A rule that agrees with the freeze test marks each row where it turns ✓ and stays so."
+)
 
 st.subheader("Cheap rules against the freeze test")
 blocks = pd.DataFrame(report["blocks"])
-shown = blocks.assign(
-    # pandas stores a missing step as NaN in a float column: test with isna, print as an integer.
-    freeze_test_step=[("n/d" if s == "undetermined" else "never") if pd.isna(v) else str(int(v))
-                      for v, s in zip(blocks["freeze_test_step"], blocks["freeze_test"], strict=True)],
-    prefix=["n/d" if pd.isna(v) else str(int(v)) for v in blocks["prefix"]],
-    **{name: [("never" if pd.isna(v) else str(int(v))) for v in blocks[name]] for name in report["rules"]},
-).drop(columns=["freeze_test"]).rename(columns={"prefix": "L used", "freeze_test_step": "freeze test"})
+shown = (
+    blocks.assign(
+        # pandas stores a missing step as NaN in a float column: test with isna, print as an integer.
+        freeze_test_step=[
+            ("n/d" if s == "undetermined" else "never") if pd.isna(v) else str(int(v))
+            for v, s in zip(blocks["freeze_test_step"], blocks["freeze_test"], strict=True)
+        ],
+        prefix=["n/d" if pd.isna(v) else str(int(v)) for v in blocks["prefix"]],
+        **{name: [("never" if pd.isna(v) else str(int(v))) for v in blocks[name]] for name in report["rules"]},
+    )
+    .drop(columns=["freeze_test"])
+    .rename(columns={"prefix": "L used", "freeze_test_step": "freeze test"})
+)
 left, right = st.columns([3, 2])
 left.dataframe(shown, hide_index=True, key="ft_agreement_blocks")
-rules = pd.DataFrame([{"rule": name, "metric": r.get("metric"), "spearman": r["spearman_rho"],
-                       "kendall": r["kendall_tau"], "mean |step error|": r["mean_abs_error"],
-                       "blocks ranked": r["n_ranked"], "note": r["note"] or ""}
-                      for name, r in report["rules"].items()])
+rules = pd.DataFrame(
+    [
+        {
+            "rule": name,
+            "metric": r.get("metric"),
+            "spearman": r["spearman_rho"],
+            "kendall": r["kendall_tau"],
+            "mean |step error|": r["mean_abs_error"],
+            "blocks ranked": r["n_ranked"],
+            "note": r["note"] or "",
+        }
+        for name, r in report["rules"].items()
+    ]
+)
 right.dataframe(rules, hide_index=True, key="ft_agreement_rules")
-right.caption("Rank agreement (Spearman, Kendall) of each rule's steps with the freeze-test steps over the blocks "
-              "the freeze test determines ('never' ranks after the end); step error over blocks where both are "
-              "steps. Freeze-test steps are tested T's, so the error includes the grid's spacing.")
-st.caption(" · ".join(f"**{r['metric']}**: {METRIC_HELP[r['metric']]}" for r in report["rules"].values()
-                      if r.get("metric") in METRIC_HELP))
+right.caption(
+    "Rank agreement (Spearman, Kendall) of each rule's steps with the freeze-test steps over the blocks "
+    "the freeze test determines ('never' ranks after the end); step error over blocks where both are "
+    "steps. Freeze-test steps are tested T's, so the error includes the grid's spacing."
+)
+st.caption(
+    " · ".join(
+        f"**{r['metric']}**: {METRIC_HELP[r['metric']]}"
+        for r in report["rules"].values()
+        if r.get("metric") in METRIC_HELP
+    )
+)
 
 best = grid.max_converged_prefix()
 left, right = st.columns([3, 2])
-left.plotly_chart(charts.bars(list(best.index), [int(v) for v in best.to_numpy()], "freeze step T",
-                              "largest converged prefix L", title="Largest converged prefix by freeze step"),
-                  key="ft_prefix")
+left.plotly_chart(
+    charts.bars(
+        list(best.index),
+        [int(v) for v in best.to_numpy()],
+        "freeze step T",
+        "largest converged prefix L",
+        title="Largest converged prefix by freeze step",
+    ),
+    key="ft_prefix",
+)
 cols = ["name", "freeze_blocks", "freeze_step", "status", "final_loss", "run_id"]
-right.dataframe(kids[[c for c in cols if c in kids.columns]].rename(
-    columns={"freeze_blocks": "L", "freeze_step": "T", "final_loss": "last train/loss"}),
-    hide_index=True, key="ft_children")
+right.dataframe(
+    kids[[c for c in cols if c in kids.columns]].rename(
+        columns={"freeze_blocks": "L", "freeze_step": "T", "final_loss": "last train/loss"}
+    ),
+    hide_index=True,
+    key="ft_children",
+)
 failed = kids[kids["status"] == "FAILED"]
 if not failed.empty:
     st.warning(f"{len(failed)} child run(s) failed; their cells count as not converged.")

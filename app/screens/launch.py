@@ -18,12 +18,14 @@ FROM_CONFIG = "(from config)"
 OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_naive"]
 DATASETS = [FROM_CONFIG, "moving_digits", "photo_pans", "video_folder"]
 NO_SCHEDULE, CUSTOM = "none (nothing frozen)", "custom path…"
-EXECUTORS = ["local", "serial", "ray"]   # python -m experiments ... --executor
+EXECUTORS = ["local", "serial", "ray"]  # python -m experiments ... --executor
 
 st.title("Launch a training run")
 uri = state.tracking_uri()
-st.caption(f"Runs start as `python -m experiments pretrain …` child processes of this server and log to `{uri}`. "
-           f"Logs go to `{jobs.launch_dir()}`.")
+st.caption(
+    f"Runs start as `python -m experiments pretrain …` child processes of this server and log to `{uri}`. "
+    f"Logs go to `{jobs.launch_dir()}`."
+)
 
 configs = jobs.config_files()
 schedules = jobs.saved_schedules()
@@ -37,23 +39,46 @@ with st.form("launch_form"):
     a, b, c = st.columns(3)
     seed = a.number_input("Seed", value=None, step=1, key="launch_seed", placeholder="from config")
     data = b.selectbox("Data", DATASETS, key="launch_data")
-    data_root = c.text_input("Video folder (data.root)", key="launch_data_root",
-                             placeholder="root/<class>/*.mp4, for video_folder")
+    data_root = c.text_input(
+        "Video folder (data.root)", key="launch_data_root", placeholder="root/<class>/*.mp4, for video_folder"
+    )
     a, b = st.columns([2, 1])
-    schedule_choice = a.selectbox("Freezing schedule", schedule_choices, key="launch_schedule",
-                                  format_func=lambda s: Path(s).name if s.endswith(".json") else s)
+    schedule_choice = a.selectbox(
+        "Freezing schedule",
+        schedule_choices,
+        key="launch_schedule",
+        format_func=lambda s: Path(s).name if s.endswith(".json") else s,
+    )
     schedule_path = b.text_input("Schedule JSON path", key="launch_schedule_path", placeholder="for custom path…")
     a, b, c = st.columns(3)
-    seeds = a.text_input("Seeds (a seed group)", key="launch_seeds", placeholder="e.g. 0,1,2: one run per seed",
-                         help="trains one run per seed, all in one layerlock.group, through the executor")
-    executor = b.selectbox("Executor", EXECUTORS, key="launch_executor",
-                           help="local: a pool of worker processes; serial: one run after another; ray: Ray tasks")
-    workers = c.number_input("Workers", min_value=1, max_value=jobs.max_jobs(), value=min(2, jobs.max_jobs()),
-                             key="launch_workers", help=f"worker processes for local (at most ${jobs.MAX_JOBS_ENV})")
+    seeds = a.text_input(
+        "Seeds (a seed group)",
+        key="launch_seeds",
+        placeholder="e.g. 0,1,2: one run per seed",
+        help="trains one run per seed, all in one layerlock.group, through the executor",
+    )
+    executor = b.selectbox(
+        "Executor",
+        EXECUTORS,
+        key="launch_executor",
+        help="local: a pool of worker processes; serial: one run after another; ray: Ray tasks",
+    )
+    workers = c.number_input(
+        "Workers",
+        min_value=1,
+        max_value=jobs.max_jobs(),
+        value=min(2, jobs.max_jobs()),
+        key="launch_workers",
+        help=f"worker processes for local (at most ${jobs.MAX_JOBS_ENV})",
+    )
     a, b = st.columns([1, 2])
     run_name = a.text_input("Run name", key="launch_run_name", placeholder="generated")
-    extra = b.text_area("More overrides (key=value per line)", key="launch_overrides", height=80,
-                        placeholder="model.depth=4\ntrain.batch_size=16")
+    extra = b.text_area(
+        "More overrides (key=value per line)",
+        key="launch_overrides",
+        height=80,
+        placeholder="model.depth=4\ntrain.batch_size=16",
+    )
     submitted = st.form_submit_button("Start training", type="primary", key="launch_submit")
 
 
@@ -94,7 +119,7 @@ def build_overrides() -> tuple[list[str], str]:
         overrides.append(jobs.string_override("freeze.schedule", str(path)))
     overrides += jobs.override_lines(extra)
     name = run_name.strip() or jobs.new_run_name(objective if objective != FROM_CONFIG else Path(config).stem)
-    overrides.append(jobs.string_override("tracking.run_name", name))   # `exp #2` stays `exp #2`
+    overrides.append(jobs.string_override("tracking.run_name", name))  # `exp #2` stays `exp #2`
     return overrides, name
 
 
@@ -123,7 +148,7 @@ if submitted:
         argv = jobs.pretrain_argv(config, overrides, {schema.TAG_LAUNCHED_FROM: "dashboard"}, uri)
         argv += seed_group_args()
         job = jobs.start(argv, name, uri, source="launch")
-    except (LayerLockError, ValueError) as err:   # bad input, or jobs.JobLimitReached
+    except (LayerLockError, ValueError) as err:  # bad input, or jobs.JobLimitReached
         st.warning(f"Not started: {first_line(err)}")
     else:
         state.remember_job(job.job_id)
@@ -147,8 +172,11 @@ def _progress(job: jobs.Job, status: str) -> None:
     except LayerLockError:
         return
     if rid is None:
-        st.caption("Waiting for the run to appear in the tracking store…" if status == "running" else
-                   "The run never reached the tracking store.")
+        st.caption(
+            "Waiting for the run to appear in the tracking store…"
+            if status == "running"
+            else "The run never reached the tracking store."
+        )
         return
     try:
         rec, ver = loaders.run_version(uri, rid)
@@ -164,17 +192,21 @@ def _progress(job: jobs.Job, status: str) -> None:
     else:
         st.caption(f"MLflow run `{rid}` · {rec.status} · {done} / {total} steps logged")
     if len(loss) >= 2:
-        st.plotly_chart(charts.lines({job.run_name: loss}, "step", "value", "step", schema.LOSS,
-                                     height=240), key=f"launch_loss_{job.job_id}")
+        st.plotly_chart(
+            charts.lines({job.run_name: loss}, "step", "value", "step", schema.LOSS, height=240),
+            key=f"launch_loss_{job.job_id}",
+        )
 
 
 def _job_panel(job: jobs.Job, newest: bool) -> None:
     status = jobs.status(job)
     started = time.strftime("%H:%M:%S", time.localtime(job.started))
     icon = {"running": ":material/progress_activity:", "finished": ":material/check_circle:"}.get(
-        status, ":material/cancel:")
-    with st.expander(f"{job.run_name} · {status} · started {started}", expanded=newest or status == "running",
-                     icon=icon):
+        status, ":material/cancel:"
+    )
+    with st.expander(
+        f"{job.run_name} · {status} · started {started}", expanded=newest or status == "running", icon=icon
+    ):
         st.code(shlex.join(["python", *job.argv[1:]]), language="bash")
         _progress(job, status)
         if status == "running":
@@ -212,5 +244,5 @@ def jobs_section() -> None:
 st.subheader("Launched runs")
 live = any(jobs.status(j) == "running" for j in jobs.list_jobs())
 if st.button("Refresh now", key="launch_refresh"):
-    loaders.refresh_live()   # fresh data, not what the short-lived caches hold
+    loaders.refresh_live()  # fresh data, not what the short-lived caches hold
 errors.fragment(jobs_section, run_every=2 if live else None)()

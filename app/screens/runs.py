@@ -18,8 +18,12 @@ experiments = c1.multiselect("Experiment", sorted(runs["experiment"].dropna().un
 methods = c2.multiselect("Method", sorted(runs["method"].dropna().unique()), key="runs_method")
 statuses = c3.multiselect("Status", sorted(runs["status"].dropna().unique()), key="runs_status")
 search = c4.text_input("Search name or run id", key="runs_search", placeholder="e.g. mae or 3f2a")
-hide_children = st.toggle("Hide freeze-test children", value=True, key="runs_hide_children",
-                          help="Runs tagged layerlock.parent are cells of a freeze-test sweep (see Freeze test)")
+hide_children = st.toggle(
+    "Hide freeze-test children",
+    value=True,
+    key="runs_hide_children",
+    help="Runs tagged layerlock.parent are cells of a freeze-test sweep (see Freeze test)",
+)
 
 view = runs
 if experiments:
@@ -48,24 +52,52 @@ def _saving(row) -> float:
 # computed for the newest SAVING_ROWS rows shown.
 SAVING_ROWS = 50
 table = view.copy()
-table["saving"] = ([_saving(r) for r in view.head(SAVING_ROWS).itertuples(index=False)]
-                   + [np.nan] * max(0, len(view) - SAVING_ROWS))
+table["saving"] = [_saving(r) for r in view.head(SAVING_ROWS).itertuples(index=False)] + [np.nan] * max(
+    0, len(view) - SAVING_ROWS
+)
 eval_cols = [c for c in table.columns if c.startswith(schema.EVAL)]
-columns = ["name", "method", "dataset", "status", "steps", "final_loss", "saving", *eval_cols,
-           "group", "seed", "start_time", "experiment", "run_id", "schedule_source", "failure_reason"]
+columns = [
+    "name",
+    "method",
+    "dataset",
+    "status",
+    "steps",
+    "final_loss",
+    "saving",
+    *eval_cols,
+    "group",
+    "seed",
+    "start_time",
+    "experiment",
+    "run_id",
+    "schedule_source",
+    "failure_reason",
+]
 grouped = groups.groups_table(view, ["final_loss", *eval_cols])
 if not grouped.empty:
     st.markdown("**Groups of seeds** (runs that differ only in `train.seed`)")
-    st.caption("Finished runs sharing a `layerlock.group` tag; each cell is mean ± sd (N runs). "
-               f"final loss: {metric_help(schema.LOSS)}. Compare groups on the Compare page.")
-    st.dataframe(grouped, hide_index=True, key="runs_groups_table",
-                 column_config={"group": st.column_config.TextColumn("group"),
-                                "final_loss": st.column_config.TextColumn("final loss"),
-                                **{c: st.column_config.TextColumn(c.removeprefix(schema.EVAL)) for c in eval_cols}})
-st.caption(f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
-           "against the same run with nothing frozen")
+    st.caption(
+        "Finished runs sharing a `layerlock.group` tag; each cell is mean ± sd (N runs). "
+        f"final loss: {metric_help(schema.LOSS)}. Compare groups on the Compare page."
+    )
+    st.dataframe(
+        grouped,
+        hide_index=True,
+        key="runs_groups_table",
+        column_config={
+            "group": st.column_config.TextColumn("group"),
+            "final_loss": st.column_config.TextColumn("final loss"),
+            **{c: st.column_config.TextColumn(c.removeprefix(schema.EVAL)) for c in eval_cols},
+        },
+    )
+st.caption(
+    f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
+    "against the same run with nothing frozen"
+)
 st.dataframe(
-    table[columns], hide_index=True, key="runs_table",
+    table[columns],
+    hide_index=True,
+    key="runs_table",
     column_config={
         "final_loss": st.column_config.NumberColumn("final loss", format="%.4f"),
         "saving": st.column_config.ProgressColumn("saving", format="percent", min_value=0.0, max_value=1.0),
@@ -89,16 +121,29 @@ if not studies.empty:
                 if results is not None:
                     import json
 
-                    st.download_button("Download results.json", json.dumps(results, indent=2),
-                                       file_name="results.json", key="runs_study_json")
+                    st.download_button(
+                        "Download results.json",
+                        json.dumps(results, indent=2),
+                        file_name="results.json",
+                        key="runs_study_json",
+                    )
                 st.markdown(report)
 
-chosen = state.pick_runs(runs, key="runs_select", label="Selected runs (carried to the other pages)",
-                         allow_empty=True,
-                         help="The first selected run is the current run of the single-run pages")
+chosen = state.pick_runs(
+    runs,
+    key="runs_select",
+    label="Selected runs (carried to the other pages)",
+    allow_empty=True,
+    help="The first selected run is the current run of the single-run pages",
+)
 b1, b2, _ = st.columns([1, 1, 4])
-b1.button("Select all shown", key="runs_select_shown", on_click=state.set_selected,
-          args=(list(view["run_id"].head(20)),), disabled=view.empty)
+b1.button(
+    "Select all shown",
+    key="runs_select_shown",
+    on_click=state.set_selected,
+    args=(list(view["run_id"].head(20)),),
+    disabled=view.empty,
+)
 b2.button("Clear", key="runs_select_clear", on_click=state.set_selected, args=([],), disabled=not chosen)
 
 shown = chosen or state.recent_per_method(runs, 3)
@@ -124,8 +169,9 @@ with state.notice_errors():
 if any(not f.empty for f in series.values()):
     if len(set(colors.values())) < len(colors):
         colors = {}  # two runs of one method: let Plotly tell them apart
-    st.plotly_chart(charts.lines(series, "step", "value", "step", schema.LOSS, colors,
-                                 title="Training loss"), key="runs_loss_chart")
+    st.plotly_chart(
+        charts.lines(series, "step", "value", "step", schema.LOSS, colors, title="Training loss"), key="runs_loss_chart"
+    )
 else:
     st.info("The shown runs have not logged train/loss yet.")
 
@@ -136,8 +182,8 @@ if current:
             rec, _ = loaders.run_version(uri, current)
         st.markdown(f"**{rec.name}** · `{rec.run_id}` · experiment `{rec.experiment}` · status {rec.status}")
         left, right = st.columns(2)
-        left.dataframe(pd.DataFrame(sorted(rec.params.items()), columns=["param", "value"]), hide_index=True,
-                       key="runs_params")
+        left.dataframe(
+            pd.DataFrame(sorted(rec.params.items()), columns=["param", "value"]), hide_index=True, key="runs_params"
+        )
         tags = {k: v for k, v in rec.tags.items() if not k.startswith("mlflow.")}
-        right.dataframe(pd.DataFrame(sorted(tags.items()), columns=["tag", "value"]), hide_index=True,
-                        key="runs_tags")
+        right.dataframe(pd.DataFrame(sorted(tags.items()), columns=["tag", "value"]), hide_index=True, key="runs_tags")

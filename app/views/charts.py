@@ -18,16 +18,26 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-METHOD_COLORS = {"mae": "#1f77b4", "layerlock": "#ff7f0e", "latent_scheduled": "#9467bd", "latent_naive": "#d62728",
-                 "freeze_test": "#7f7f7f"}
+METHOD_COLORS = {
+    "mae": "#1f77b4",
+    "layerlock": "#ff7f0e",
+    "latent_scheduled": "#9467bd",
+    "latent_naive": "#d62728",
+    "freeze_test": "#7f7f7f",
+}
 # Metrics bounded in [0, 1] get a fixed colour range so runs compare at a glance.
 UNIT_METRICS = ("cka_prev", "cka_init", "cka_final")
 HEIGHT = 380
 
 
 def _layout(fig: go.Figure, title: str | None = None, height: int = HEIGHT, **kw: Any) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
-                      legend={"orientation": "h", "y": -0.2}, **kw)
+    fig.update_layout(
+        title=title,
+        height=height,
+        margin={"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
+        legend={"orientation": "h", "y": -0.2},
+        **kw,
+    )
     return fig
 
 
@@ -71,47 +81,90 @@ def _conv_points(wide: pd.DataFrame, conv: pd.Series | None) -> list[tuple[int, 
     return out
 
 
-def layer_heatmap(wide: pd.DataFrame, metric: str, conv: pd.Series | None = None, title: str | None = None,
-                  max_steps: int = 800, height: int = HEIGHT) -> go.Figure:
+def layer_heatmap(
+    wide: pd.DataFrame,
+    metric: str,
+    conv: pd.Series | None = None,
+    title: str | None = None,
+    max_steps: int = 800,
+    height: int = HEIGHT,
+) -> go.Figure:
     """Layer x step heatmap of one per-block metric; detected convergence steps as markers."""
     shown = bin_steps(wide, max_steps)
     bounded = metric in UNIT_METRICS
-    fig = go.Figure(go.Heatmap(
-        z=shown.T.to_numpy(), x=shown.index.to_numpy(), y=[block_label(b) for b in shown.columns],
-        colorscale="Viridis", zmin=0.0 if bounded else None, zmax=1.0 if bounded else None,
-        colorbar={"title": {"text": metric}},
-        hovertemplate="step %{x}<br>%{y}<br>" + metric + " %{z:.4g}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=shown.T.to_numpy(),
+            x=shown.index.to_numpy(),
+            y=[block_label(b) for b in shown.columns],
+            colorscale="Viridis",
+            zmin=0.0 if bounded else None,
+            zmax=1.0 if bounded else None,
+            colorbar={"title": {"text": metric}},
+            hovertemplate="step %{x}<br>%{y}<br>" + metric + " %{z:.4g}<extra></extra>",
+        )
+    )
     points = _conv_points(wide, conv)
     if points:
-        fig.add_trace(go.Scatter(
-            x=[p[1] for p in points], y=[block_label(p[0]) for p in points], mode="markers",
-            marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#ff2d55"}},
-            name="converged", hovertemplate="%{y} converged at step %{x}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[p[1] for p in points],
+                y=[block_label(p[0]) for p in points],
+                mode="markers",
+                marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#ff2d55"}},
+                name="converged",
+                hovertemplate="%{y} converged at step %{x}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text="step")
     return _layout(fig, title, height)
 
 
-def block_curves(wide: pd.DataFrame, metric: str, conv: pd.Series | None = None, threshold: float | None = None,
-                 title: str | None = None, max_steps: int = 1500, log_y: bool = False,
-                 height: int = HEIGHT) -> go.Figure:
+def block_curves(
+    wide: pd.DataFrame,
+    metric: str,
+    conv: pd.Series | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+    max_steps: int = 1500,
+    log_y: bool = False,
+    height: int = HEIGHT,
+) -> go.Figure:
     """One line per block (shallow dark, deep bright), convergence steps starred."""
     shown = bin_steps(wide, max_steps)
     colors = depth_colors(len(shown.columns))
     fig = go.Figure()
     for color, block in zip(colors, shown.columns, strict=True):
         col = shown[block].dropna()
-        fig.add_trace(go.Scatter(x=col.index.to_numpy(), y=col.to_numpy(), mode="lines",
-                                 name=block_label(block), line={"color": color, "width": 1.6},
-                                 legendgroup=str(block),
-                                 hovertemplate=block_label(block) + " step %{x}: %{y:.4g}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=col.index.to_numpy(),
+                y=col.to_numpy(),
+                mode="lines",
+                name=block_label(block),
+                line={"color": color, "width": 1.6},
+                legendgroup=str(block),
+                hovertemplate=block_label(block) + " step %{x}: %{y:.4g}<extra></extra>",
+            )
+        )
     by_block = dict(zip(shown.columns, colors, strict=True))
     for block, step, value in _conv_points(wide, conv):
-        fig.add_trace(go.Scatter(x=[step], y=[value], mode="markers", legendgroup=str(block), showlegend=False,
-                                 marker={"symbol": "star", "size": 13, "color": by_block.get(block, "#333"),
-                                         "line": {"width": 1, "color": "#000"}},
-                                 hovertemplate=f"{block_label(block)} converged at step {step}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[step],
+                y=[value],
+                mode="markers",
+                legendgroup=str(block),
+                showlegend=False,
+                marker={
+                    "symbol": "star",
+                    "size": 13,
+                    "color": by_block.get(block, "#333"),
+                    "line": {"width": 1, "color": "#000"},
+                },
+                hovertemplate=f"{block_label(block)} converged at step {step}<extra></extra>",
+            )
+        )
     if threshold is not None:
         fig.add_hline(y=threshold, line={"dash": "dot", "color": "#888"}, annotation_text=f"threshold {threshold:g}")
     fig.update_xaxes(title_text="step")
@@ -124,19 +177,29 @@ def convergence_order(conv: pd.Series, last_step: int | None = None, title: str 
     blocks = [int(b) for b in conv.index]
     steps = [None if pd.isna(s) else int(s) for s in conv.to_numpy()]
     top = last_step if last_step is not None else max([s for s in steps if s is not None] or [0])
-    fig = go.Figure(go.Bar(
-        x=[block_label(b) for b in blocks], y=[top if s is None else s for s in steps],
-        marker={"color": ["#cccccc" if s is None else c for s, c in zip(steps, depth_colors(len(blocks)),
-                                                                        strict=True)]},
-        text=["never" if s is None else str(s) for s in steps], textposition="outside",
-        hovertemplate="%{x}: %{text}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=[block_label(b) for b in blocks],
+            y=[top if s is None else s for s in steps],
+            marker={
+                "color": ["#cccccc" if s is None else c for s, c in zip(steps, depth_colors(len(blocks)), strict=True)]
+            },
+            text=["never" if s is None else str(s) for s in steps],
+            textposition="outside",
+            hovertemplate="%{x}: %{text}<extra></extra>",
+        )
+    )
     fig.update_yaxes(title_text="convergence step")
     return _layout(fig, title, 300)
 
 
-def frozen_steps(schedule: Mapping[str, Any], total_steps: int, actual: pd.Series | None = None,
-                 conv: pd.Series | None = None, title: str | None = None) -> go.Figure:
+def frozen_steps(
+    schedule: Mapping[str, Any],
+    total_steps: int,
+    actual: pd.Series | None = None,
+    conv: pd.Series | None = None,
+    title: str | None = None,
+) -> go.Figure:
     """Frozen-prefix length over training: the schedule as a step function, optionally the
     run's logged ``train/frozen_blocks`` and the per-block convergence steps."""
     xs, ys = [0], [0]
@@ -145,39 +208,72 @@ def frozen_steps(schedule: Mapping[str, Any], total_steps: int, actual: pd.Serie
         ys += [int(stage["frozen"])]
     xs.append(int(total_steps))
     ys.append(ys[-1])
-    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers", line={"shape": "hv", "width": 3, "color": "#ff7f0e"},
-                               name="schedule (frozen blocks)",
-                               hovertemplate="from step %{x}: %{y} frozen<extra></extra>"))
+    fig = go.Figure(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="lines+markers",
+            line={"shape": "hv", "width": 3, "color": "#ff7f0e"},
+            name="schedule (frozen blocks)",
+            hovertemplate="from step %{x}: %{y} frozen<extra></extra>",
+        )
+    )
     if actual is not None and len(actual):
-        fig.add_trace(go.Scatter(x=actual.index.to_numpy(), y=actual.to_numpy(), mode="lines",
-                                 line={"shape": "hv", "dash": "dot", "color": "#1f77b4"},
-                                 name="this run's train/frozen_blocks"))
+        fig.add_trace(
+            go.Scatter(
+                x=actual.index.to_numpy(),
+                y=actual.to_numpy(),
+                mode="lines",
+                line={"shape": "hv", "dash": "dot", "color": "#1f77b4"},
+                name="this run's train/frozen_blocks",
+            )
+        )
     if conv is not None:
         pts = [(int(b), int(s)) for b, s in conv.items() if not pd.isna(s)]
         if pts:
-            fig.add_trace(go.Scatter(x=[s for _, s in pts], y=[b + 1 for b, _ in pts], mode="markers",
-                                     marker={"symbol": "star", "size": 11, "color": "#2ca02c"},
-                                     name="block b converged (plotted at b+1)",
-                                     hovertemplate="block %{customdata} converged at step %{x}<extra></extra>",
-                                     customdata=[b for b, _ in pts]))
+            fig.add_trace(
+                go.Scatter(
+                    x=[s for _, s in pts],
+                    y=[b + 1 for b, _ in pts],
+                    mode="markers",
+                    marker={"symbol": "star", "size": 11, "color": "#2ca02c"},
+                    name="block b converged (plotted at b+1)",
+                    hovertemplate="block %{customdata} converged at step %{x}<extra></extra>",
+                    customdata=[b for b, _ in pts],
+                )
+            )
     n_blocks = int(schedule.get("n_blocks", max(ys) + 1))
     fig.update_xaxes(title_text="step", range=[0, total_steps])
     fig.update_yaxes(title_text="frozen blocks", range=[-0.2, n_blocks + 0.2], dtick=1)
     return _layout(fig, title, 340)
 
 
-def lines(series: Mapping[str, pd.DataFrame], x: str, y: str, x_title: str, y_title: str,
-          colors: Mapping[str, str] | None = None, title: str | None = None, log_y: bool = False,
-          height: int = HEIGHT) -> go.Figure:
+def lines(
+    series: Mapping[str, pd.DataFrame],
+    x: str,
+    y: str,
+    x_title: str,
+    y_title: str,
+    colors: Mapping[str, str] | None = None,
+    title: str | None = None,
+    log_y: bool = False,
+    height: int = HEIGHT,
+) -> go.Figure:
     """One line per entry of ``series`` (label -> frame with columns ``x`` and ``y``)."""
     fig = go.Figure()
     for label, frame in series.items():
         if frame.empty:
             continue
-        fig.add_trace(go.Scatter(x=frame[x].to_numpy(), y=frame[y].to_numpy(), mode="lines", name=label,
-                                 line={"color": (colors or {}).get(label)},
-                                 hovertemplate=label + "<br>" + x_title + " %{x:.4g}<br>" + y_title
-                                 + " %{y:.4g}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=frame[x].to_numpy(),
+                y=frame[y].to_numpy(),
+                mode="lines",
+                name=label,
+                line={"color": (colors or {}).get(label)},
+                hovertemplate=label + "<br>" + x_title + " %{x:.4g}<br>" + y_title + " %{y:.4g}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title, type="log" if log_y else None)
     return _layout(fig, title, height)
@@ -186,15 +282,23 @@ def lines(series: Mapping[str, pd.DataFrame], x: str, y: str, x_title: str, y_ti
 def _rgba(color: str, alpha: float) -> str:
     """``#rrggbb`` or ``rgb(r, g, b)`` -> ``rgba(r, g, b, alpha)``."""
     if color.startswith("#") and len(color) == 7:
-        r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
     else:
-        r, g, b = (int(float(v)) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3])
+        r, g, b = (int(float(v)) for v in color[color.index("(") + 1 : color.index(")")].split(",")[:3])
     return f"rgba({r}, {g}, {b}, {alpha})"
 
 
-def band_lines(groups: Mapping[str, pd.DataFrame], runs: Mapping[str, Mapping[str, pd.DataFrame]],
-               x_title: str, y_title: str, colors: Mapping[str, str], band: str = "min..max",
-               title: str | None = None, log_y: bool = False, height: int = HEIGHT) -> go.Figure:
+def band_lines(
+    groups: Mapping[str, pd.DataFrame],
+    runs: Mapping[str, Mapping[str, pd.DataFrame]],
+    x_title: str,
+    y_title: str,
+    colors: Mapping[str, str],
+    band: str = "min..max",
+    title: str | None = None,
+    log_y: bool = False,
+    height: int = HEIGHT,
+) -> go.Figure:
     """One curve per group of seeds: the mean as a line, a shaded band, and each run faint.
 
     ``groups``: label -> frame of :func:`analysis.stats.spread_over_runs` (``x, mean, lo, hi,
@@ -208,40 +312,76 @@ def band_lines(groups: Mapping[str, pd.DataFrame], runs: Mapping[str, Mapping[st
         color = colors.get(label) or "#1f77b4"
         members = runs.get(label, {})
         if len(members) > 1:
-            lo, hi = ((curve["lo"], curve["hi"]) if band == "min..max"
-                      else (curve["mean"] - curve["sd"].fillna(0), curve["mean"] + curve["sd"].fillna(0)))
+            lo, hi = (
+                (curve["lo"], curve["hi"])
+                if band == "min..max"
+                else (curve["mean"] - curve["sd"].fillna(0), curve["mean"] + curve["sd"].fillna(0))
+            )
             xs = curve["x"].to_numpy()
-            fig.add_trace(go.Scatter(
-                x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([hi.to_numpy(), lo.to_numpy()[::-1]]),
-                fill="toself", fillcolor=_rgba(color, 0.18), line={"width": 0}, mode="lines",
-                name=f"{label} ({band})", legendgroup=label, hoverinfo="skip"))
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([xs, xs[::-1]]),
+                    y=np.concatenate([hi.to_numpy(), lo.to_numpy()[::-1]]),
+                    fill="toself",
+                    fillcolor=_rgba(color, 0.18),
+                    line={"width": 0},
+                    mode="lines",
+                    name=f"{label} ({band})",
+                    legendgroup=label,
+                    hoverinfo="skip",
+                )
+            )
             for run_label, frame in members.items():
                 if frame.empty:
                     continue
-                fig.add_trace(go.Scatter(
-                    x=frame["x"].to_numpy(), y=frame["y"].to_numpy(), mode="lines", legendgroup=label,
-                    showlegend=False, line={"color": _rgba(color, 0.35), "width": 1},
-                    hovertemplate=run_label + "<br>" + x_title + " %{x:.4g}<br>" + y_title
-                    + " %{y:.4g}<extra></extra>"))
-        fig.add_trace(go.Scatter(
-            x=curve["x"].to_numpy(), y=curve["mean"].to_numpy(), mode="lines", legendgroup=label,
-            name=f"{label} (mean)" if len(members) > 1 else label, line={"color": color, "width": 2.2},
-            customdata=curve["n"].to_numpy(),
-            hovertemplate=label + "<br>" + x_title + " %{x:.4g}<br>mean " + y_title
-            + " %{y:.4g} over %{customdata} run(s)<extra></extra>"))
+                fig.add_trace(
+                    go.Scatter(
+                        x=frame["x"].to_numpy(),
+                        y=frame["y"].to_numpy(),
+                        mode="lines",
+                        legendgroup=label,
+                        showlegend=False,
+                        line={"color": _rgba(color, 0.35), "width": 1},
+                        hovertemplate=run_label
+                        + "<br>"
+                        + x_title
+                        + " %{x:.4g}<br>"
+                        + y_title
+                        + " %{y:.4g}<extra></extra>",
+                    )
+                )
+        fig.add_trace(
+            go.Scatter(
+                x=curve["x"].to_numpy(),
+                y=curve["mean"].to_numpy(),
+                mode="lines",
+                legendgroup=label,
+                name=f"{label} (mean)" if len(members) > 1 else label,
+                line={"color": color, "width": 2.2},
+                customdata=curve["n"].to_numpy(),
+                hovertemplate=label
+                + "<br>"
+                + x_title
+                + " %{x:.4g}<br>mean "
+                + y_title
+                + " %{y:.4g} over %{customdata} run(s)<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title, type="log" if log_y else None)
     return _layout(fig, title, height)
 
 
-def side_by_side_heatmaps(wides: Mapping[str, pd.DataFrame], metric: str, max_steps: int = 400,
-                          title: str | None = None) -> go.Figure:
+def side_by_side_heatmaps(
+    wides: Mapping[str, pd.DataFrame], metric: str, max_steps: int = 400, title: str | None = None
+) -> go.Figure:
     """One layer x step heatmap per run, side by side, on a shared colour scale."""
     labels = [k for k, v in wides.items() if not v.empty]
     cols = max(1, min(len(labels), 3))
     rows = max(1, math.ceil(len(labels) / cols))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=labels, horizontal_spacing=0.06,
-                        vertical_spacing=0.18 if rows > 1 else 0.1)
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=labels, horizontal_spacing=0.06, vertical_spacing=0.18 if rows > 1 else 0.1
+    )
     values = [w.to_numpy() for w in wides.values() if not w.empty]
     if metric in UNIT_METRICS:
         zmin, zmax = 0.0, 1.0
@@ -252,29 +392,48 @@ def side_by_side_heatmaps(wides: Mapping[str, pd.DataFrame], metric: str, max_st
         zmin, zmax = 0.0, 1.0
     for i, label in enumerate(labels):
         shown = bin_steps(wides[label], max_steps)
-        fig.add_trace(go.Heatmap(z=shown.T.to_numpy(), x=shown.index.to_numpy(),
-                                 y=[block_label(b) for b in shown.columns], colorscale="Viridis",
-                                 zmin=zmin, zmax=zmax, showscale=i == 0, colorbar={"title": {"text": metric}},
-                                 hovertemplate=label + "<br>step %{x}<br>%{y}<br>%{z:.4g}<extra></extra>"),
-                      row=i // cols + 1, col=i % cols + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=shown.T.to_numpy(),
+                x=shown.index.to_numpy(),
+                y=[block_label(b) for b in shown.columns],
+                colorscale="Viridis",
+                zmin=zmin,
+                zmax=zmax,
+                showscale=i == 0,
+                colorbar={"title": {"text": metric}},
+                hovertemplate=label + "<br>step %{x}<br>%{y}<br>%{z:.4g}<extra></extra>",
+            ),
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
     return _layout(fig, title, 320 * rows)
 
 
-def grouped_bars(frame: pd.DataFrame, x: str, y: str, color: str, title: str | None = None,
-                 y_title: str | None = None, colors: Mapping[str, str] | None = None,
-                 height: int = 320) -> go.Figure:
+def grouped_bars(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    color: str,
+    title: str | None = None,
+    y_title: str | None = None,
+    colors: Mapping[str, str] | None = None,
+    height: int = 320,
+) -> go.Figure:
     """Bars of ``y`` per ``x``, one group per value of ``color``."""
     fig = go.Figure()
     for key, part in frame.groupby(color, sort=False):
-        fig.add_trace(go.Bar(x=part[x].astype(str), y=part[y], name=str(key),
-                             marker={"color": (colors or {}).get(str(key))}))
+        fig.add_trace(
+            go.Bar(x=part[x].astype(str), y=part[y], name=str(key), marker={"color": (colors or {}).get(str(key))})
+        )
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text=y_title or y)
     return _layout(fig, title, height)
 
 
-def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float,
-                        title: str | None = None) -> go.Figure:
+def freeze_grid_heatmap(
+    ratio: pd.DataFrame, converged: pd.DataFrame, tol: float, title: str | None = None
+) -> go.Figure:
     """The paper's L x T grid: final loss / baseline per (frozen blocks L, freeze step T)."""
     z = ratio.to_numpy(dtype=float)
     text = []
@@ -289,12 +448,22 @@ def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float
         text.append(row)
     finite = z[np.isfinite(z)]
     spread = max(float(np.abs(finite - 1.0).max()) if finite.size else 0.0, 2 * tol, 1e-3)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[str(int(t)) for t in ratio.columns], y=[f"L={int(b)}" for b in ratio.index], text=text,
-        texttemplate="%{text}", colorscale="RdYlGn", reversescale=True, zmid=1.0,
-        zmin=1.0 - spread, zmax=1.0 + spread, colorbar={"title": {"text": "loss / baseline"}},
-        hovertemplate="freeze %{y} at step T=%{x}<br>final loss / baseline %{z:.4f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[str(int(t)) for t in ratio.columns],
+            y=[f"L={int(b)}" for b in ratio.index],
+            text=text,
+            texttemplate="%{text}",
+            colorscale="RdYlGn",
+            reversescale=True,
+            zmid=1.0,
+            zmin=1.0 - spread,
+            zmax=1.0 + spread,
+            colorbar={"title": {"text": "loss / baseline"}},
+            hovertemplate="freeze %{y} at step T=%{x}<br>final loss / baseline %{z:.4f}<extra></extra>",
+        )
+    )
     fig.update_xaxes(title_text="freeze step T", type="category")
     fig.update_yaxes(title_text="frozen blocks L", type="category")
     return _layout(fig, title, max(300, 70 * ratio.shape[0] + 120))
@@ -303,27 +472,40 @@ def freeze_grid_heatmap(ratio: pd.DataFrame, converged: pd.DataFrame, tol: float
 def attribution_bars(blocks: pd.DataFrame, title: str | None = None) -> go.Figure:
     """Per-block share of |attribution| (the signed totals are equal by completeness, so not drawn)."""
     labels = [block_label(b) for b in blocks["block"]]
-    fig = go.Figure(go.Bar(x=labels, y=blocks["abs_share"], marker={"color": depth_colors(len(labels))},
-                           text=[f"{v:.0%}" for v in blocks["abs_share"]], textposition="auto",
-                           customdata=blocks["total"],
-                           hovertemplate="%{x}: %{y:.1%} of |attribution|<br>signed total %{customdata:.4g}"
-                                         "<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=blocks["abs_share"],
+            marker={"color": depth_colors(len(labels))},
+            text=[f"{v:.0%}" for v in blocks["abs_share"]],
+            textposition="auto",
+            customdata=blocks["total"],
+            hovertemplate="%{x}: %{y:.1%} of |attribution|<br>signed total %{customdata:.4g}<extra></extra>",
+        )
+    )
     fig.update_yaxes(title_text="share of |attribution|", tickformat=".0%")
     return _layout(fig, title, 340)
 
 
 def attribution_over_time(block_time: np.ndarray, title: str | None = None) -> go.Figure:
     """``block_time (n_blocks, T_tokens)``: where in time each block's attribution sits."""
-    fig = go.Figure(go.Heatmap(z=block_time, x=[f"t{t}" for t in range(block_time.shape[1])],
-                               y=[block_label(b) for b in range(block_time.shape[0])], colorscale="Magma",
-                               colorbar={"title": {"text": "share"}},
-                               hovertemplate="%{y}, token time %{x}: %{z:.1%}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=block_time,
+            x=[f"t{t}" for t in range(block_time.shape[1])],
+            y=[block_label(b) for b in range(block_time.shape[0])],
+            colorscale="Magma",
+            colorbar={"title": {"text": "share"}},
+            hovertemplate="%{y}, token time %{x}: %{z:.1%}<extra></extra>",
+        )
+    )
     fig.update_xaxes(title_text="token time slice")
     return _layout(fig, title, 300)
 
 
-def saliency_frames(frames: np.ndarray, saliency: np.ndarray, title: str | None = None,
-                    alpha: float = 0.65) -> go.Figure:
+def saliency_frames(
+    frames: np.ndarray, saliency: np.ndarray, title: str | None = None, alpha: float = 0.65
+) -> go.Figure:
     """Clip frames (top) and the saliency over them (bottom).
 
     ``frames (T, H, W, 3)`` in [0, 1]; ``saliency (T, H, W)`` non-negative (normalised here by its
@@ -334,25 +516,40 @@ def saliency_frames(frames: np.ndarray, saliency: np.ndarray, title: str | None 
     heat = np.stack([np.ones_like(sal), 0.85 * (1 - sal), np.zeros_like(sal)], axis=-1)  # yellow -> red
     weight = (alpha * sal)[..., None]
     overlay = frames * (1 - weight) + heat * weight
-    fig = make_subplots(rows=2, cols=t, horizontal_spacing=0.01, vertical_spacing=0.04,
-                        subplot_titles=[f"frame {i}" for i in range(t)])
+    fig = make_subplots(
+        rows=2, cols=t, horizontal_spacing=0.01, vertical_spacing=0.04, subplot_titles=[f"frame {i}" for i in range(t)]
+    )
     for i in range(t):
         fig.add_trace(go.Image(z=(frames[i] * 255).astype(np.uint8), hoverinfo="skip"), row=1, col=i + 1)
-        fig.add_trace(go.Image(z=(np.clip(overlay[i], 0, 1) * 255).astype(np.uint8),
-                               customdata=sal[i], hovertemplate="saliency %{customdata:.2f}<extra></extra>"),
-                      row=2, col=i + 1)
+        fig.add_trace(
+            go.Image(
+                z=(np.clip(overlay[i], 0, 1) * 255).astype(np.uint8),
+                customdata=sal[i],
+                hovertemplate="saliency %{customdata:.2f}<extra></extra>",
+            ),
+            row=2,
+            col=i + 1,
+        )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     for row, text in ((1, "clip"), (2, "saliency")):
-        fig.update_yaxes(title_text=text, visible=True, showticklabels=False, showgrid=False, zeroline=False,
-                         row=row, col=1)
+        fig.update_yaxes(
+            title_text=text, visible=True, showticklabels=False, showgrid=False, zeroline=False, row=row, col=1
+        )
     return _layout(fig, title, int(min(520, 120 + 2 * 900 / max(t, 1))))
 
 
-def compute_bars(labels: list[str], flops: list[float], wall_s: list[float], flop_saving: list[float],
-                 wall_saving: list[float], colors: list[str | None] | None = None,
-                 title: str | None = None) -> go.Figure:
+def compute_bars(
+    labels: list[str],
+    flops: list[float],
+    wall_s: list[float],
+    flop_saving: list[float],
+    wall_saving: list[float],
+    colors: list[str | None] | None = None,
+    title: str | None = None,
+) -> go.Figure:
     """Total counted FLOPs (top) and wall time (bottom) per run, each bar labelled with its saving."""
+
     def note(value: float, saving: float, unit: str) -> str:
         if value is None or not np.isfinite(value):
             return "n/a"
@@ -361,21 +558,35 @@ def compute_bars(labels: list[str], flops: list[float], wall_s: list[float], flo
             text += " · baseline" if saving == 0 else f" · {abs(saving):.1%} {'less' if saving > 0 else 'more'}"
         return text
 
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.22,
-                        subplot_titles=["counted training FLOPs", "training wall time"])
+    fig = make_subplots(
+        rows=2, cols=1, vertical_spacing=0.22, subplot_titles=["counted training FLOPs", "training wall time"]
+    )
     for row, (values, savings, unit) in enumerate(((flops, flop_saving, "FLOP"), (wall_s, wall_saving, "s")), 1):
-        fig.add_trace(go.Bar(y=labels, x=values, orientation="h", marker={"color": colors}, showlegend=False,
-                             text=[note(v, s, unit) for v, s in zip(values, savings, strict=True)],
-                             textposition="auto", insidetextanchor="start",
-                             hovertemplate="%{y}<br>%{x:.4g} " + unit + "<extra></extra>"), row=row, col=1)
+        fig.add_trace(
+            go.Bar(
+                y=labels,
+                x=values,
+                orientation="h",
+                marker={"color": colors},
+                showlegend=False,
+                text=[note(v, s, unit) for v, s in zip(values, savings, strict=True)],
+                textposition="auto",
+                insidetextanchor="start",
+                hovertemplate="%{y}<br>%{x:.4g} " + unit + "<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title, 160 + 70 * len(labels))
 
 
-def bars(x: list, y: list, x_title: str, y_title: str, title: str | None = None, color: str = "#2ca02c",
-         height: int = 300) -> go.Figure:
-    fig = go.Figure(go.Bar(x=[str(v) for v in x], y=y, marker={"color": color}, text=[str(v) for v in y],
-                           textposition="auto"))
+def bars(
+    x: list, y: list, x_title: str, y_title: str, title: str | None = None, color: str = "#2ca02c", height: int = 300
+) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(x=[str(v) for v in x], y=y, marker={"color": color}, text=[str(v) for v in y], textposition="auto")
+    )
     fig.update_xaxes(title_text=x_title, type="category")
     fig.update_yaxes(title_text=y_title)
     return _layout(fig, title, height)

@@ -23,7 +23,7 @@ def finished_members(runs: pd.DataFrame) -> dict[str, list[str]]:
     """group -> its finished, browsable runs in seed order; groups ordered by their newest run."""
     pool = state.browsable(runs)
     pool = pool[pool["group"].notna() & (pool["status"] == "FINISHED")]
-    newest_first = list(dict.fromkeys(pool["group"]))   # the run list is newest first
+    newest_first = list(dict.fromkeys(pool["group"]))  # the run list is newest first
     ordered = pool.sort_values(["seed", "start_time"], kind="stable", na_position="last")
     return {g: list(ordered.loc[ordered["group"] == g, "run_id"]) for g in newest_first}
 
@@ -43,8 +43,9 @@ def _sync_groups(key: str) -> None:
     st.session_state[SELECTED_GROUPS_KEY] = list(st.session_state.get(key) or [])
 
 
-def pick_groups(runs: pd.DataFrame, members: dict[str, list[str]], key: str, label: str = "Groups of seeds",
-                help: str | None = None) -> list[str]:
+def pick_groups(
+    runs: pd.DataFrame, members: dict[str, list[str]], key: str, label: str = "Groups of seeds", help: str | None = None
+) -> list[str]:
     """A multiselect of groups, seeded with the group selection (else recent multi-seed groups,
     but only when no runs are selected either: a run selection made elsewhere wins)."""
     options = list(members)
@@ -53,8 +54,15 @@ def pick_groups(runs: pd.DataFrame, members: dict[str, list[str]], key: str, lab
     else:
         current = [] if state.selected() else default_groups(members)
     st.session_state[key] = current
-    return st.multiselect(label, options, key=key, format_func=lambda g: group_label(g, members, runs),
-                          on_change=_sync_groups, args=(key,), help=help)
+    return st.multiselect(
+        label,
+        options,
+        key=key,
+        format_func=lambda g: group_label(g, members, runs),
+        on_change=_sync_groups,
+        args=(key,),
+        help=help,
+    )
 
 
 def item_colors(methods: dict[str, str | None]) -> dict[str, str]:
@@ -74,8 +82,9 @@ def groups_table(runs: pd.DataFrame, metrics: list[str], min_runs: int = 2) -> p
     finished = finished[finished["group"].isin(sizes[sizes >= min_runs].index)]
     if finished.empty:
         return pd.DataFrame()
-    present = [m for m in metrics
-               if m in finished.columns and pd.to_numeric(finished[m], errors="coerce").notna().any()]
+    present = [
+        m for m in metrics if m in finished.columns and pd.to_numeric(finished[m], errors="coerce").notna().any()
+    ]
     text = summary_table(group_summary(finished, present, by="group"))
     info = finished.groupby("group", sort=False).agg(
         method=("method", lambda s: ", ".join(sorted(set(s.dropna()))) or None),

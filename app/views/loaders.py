@@ -94,8 +94,7 @@ def block_metric_names(uri: str, run_id: str, version: str) -> list[str]:
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def convergence(uri: str, run_id: str, version: str, method: str, threshold: float,
-                patience: int | None) -> pd.Series:
+def convergence(uri: str, run_id: str, version: str, method: str, threshold: float, patience: int | None) -> pd.Series:
     from analysis.convergence import RULES, detect_convergence
 
     frame = layer_metrics(uri, run_id, version, (RULES[method]["metric"],))
@@ -138,8 +137,10 @@ def compute_saving(uri: str, run_id: str, version: str) -> float | None:
 @st.cache_data(show_spinner=False, max_entries=16)
 def study_report(uri: str, run_id: str, version: str) -> tuple[str | None, dict | None]:
     """A study run's ``study/report.md`` text and ``study/results.json`` (None where missing)."""
-    return (io.load_text_artifact(run_id, f"{schema.STUDY_DIR}/report.md", uri),
-            io.load_json_artifact(run_id, f"{schema.STUDY_DIR}/results.json", uri))
+    return (
+        io.load_text_artifact(run_id, f"{schema.STUDY_DIR}/report.md", uri),
+        io.load_json_artifact(run_id, f"{schema.STUDY_DIR}/results.json", uri),
+    )
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)

@@ -30,11 +30,12 @@ def refusal(address: str | None, xsrf: bool, env: dict[str, str] | None = None) 
     """Why the dashboard must not serve with these options, or None when it may."""
     env = os.environ if env is None else env
     if not xsrf:
-        return ("XSRF protection is off (server.enableXsrfProtection=false): the dashboard does not "
-                "serve without it.")
+        return "XSRF protection is off (server.enableXsrfProtection=false): the dashboard does not serve without it."
     if is_loopback(address or "") or env.get(ALLOW_REMOTE_ENV) == "1":
         return None
     where = address or "every interface"
-    return (f"This dashboard is listening on {where}, beyond this machine, and it has no login. "
-            f"Restart it on 127.0.0.1 (the default), or put it behind authentication and set "
-            f"{ALLOW_REMOTE_ENV}=1 (README, \"The dashboard\").")
+    return (
+        f"This dashboard is listening on {where}, beyond this machine, and it has no login. "
+        f"Restart it on 127.0.0.1 (the default), or put it behind authentication and set "
+        f'{ALLOW_REMOTE_ENV}=1 (README, "The dashboard").'
+    )

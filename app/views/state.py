@@ -101,9 +101,11 @@ def load_runs() -> pd.DataFrame:
     with notice_errors():
         frame = loaders.runs(uri)
     if frame.empty:
-        st.info(f"No runs in the tracking store `{uri}` yet. Start one on the **Launch** page, or run "
-                "`python -m experiments pretrain --config experiments/configs/mae_tiny.yaml` "
-                "(or `python -m experiments demo`) and refresh.")
+        st.info(
+            f"No runs in the tracking store `{uri}` yet. Start one on the **Launch** page, or run "
+            "`python -m experiments pretrain --config experiments/configs/mae_tiny.yaml` "
+            "(or `python -m experiments demo`) and refresh."
+        )
         st.stop()
     return frame
 
@@ -162,8 +164,14 @@ def _sync_single(key: str) -> None:
     promote(st.session_state.get(key))
 
 
-def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str] | None = None,
-             help: str | None = None, container=None) -> str | None:
+def pick_run(
+    runs: pd.DataFrame,
+    key: str,
+    label: str = "Run",
+    options: list[str] | None = None,
+    help: str | None = None,
+    container=None,
+) -> str | None:
     """A selectbox of runs seeded with the current run (else the most recent).
 
     Default options: the browsable runs, plus any selected run (e.g. a freeze-test child the user
@@ -181,8 +189,9 @@ def pick_run(runs: pd.DataFrame, key: str, label: str = "Run", options: list[str
         current = recent[0] if recent else options[0]
     st.session_state[key] = current
     where = container or st
-    choice = where.selectbox(label, options, key=key, format_func=lambda r: labels.get(r, r),
-                             on_change=_sync_single, args=(key,), help=help)
+    choice = where.selectbox(
+        label, options, key=key, format_func=lambda r: labels.get(r, r), on_change=_sync_single, args=(key,), help=help
+    )
     return choice
 
 
@@ -190,8 +199,14 @@ def _sync_multi(key: str) -> None:
     set_selected(list(st.session_state.get(key) or []))
 
 
-def pick_runs(runs: pd.DataFrame, key: str, label: str = "Runs", default_n: int = 3,
-              allow_empty: bool = False, help: str | None = None) -> list[str]:
+def pick_runs(
+    runs: pd.DataFrame,
+    key: str,
+    label: str = "Runs",
+    default_n: int = 3,
+    allow_empty: bool = False,
+    help: str | None = None,
+) -> list[str]:
     """A multiselect of runs seeded with the selection (else recent runs, one per method)."""
     options = list(runs["run_id"])
     labels = picker_labels(runs)
@@ -199,8 +214,9 @@ def pick_runs(runs: pd.DataFrame, key: str, label: str = "Runs", default_n: int 
     if not current and not allow_empty:
         current = recent_per_method(runs, default_n)
     st.session_state[key] = current
-    return st.multiselect(label, options, key=key, format_func=lambda r: labels.get(r, r),
-                          on_change=_sync_multi, args=(key,), help=help)
+    return st.multiselect(
+        label, options, key=key, format_func=lambda r: labels.get(r, r), on_change=_sync_multi, args=(key,), help=help
+    )
 
 
 def seed(key: str, options: list, default) -> None:

@@ -31,13 +31,13 @@ from torch import nn
 from core.errors import LayerLockError
 from core.integrations import LayerLockSession, check_version
 
-SUPPORTED = ("4.40", "6")   # transformers versions the callback is tested against: >=4.40,<6
+SUPPORTED = ("4.40", "6")  # transformers versions the callback is tested against: >=4.40,<6
 STATE_FILE = "layerlock_state.pt"
 
 try:
     import transformers
     from transformers import Trainer, TrainerCallback
-except ImportError as err:   # pragma: no cover - the extra is not installed
+except ImportError as err:  # pragma: no cover - the extra is not installed
     raise LayerLockError("core.integrations.huggingface needs transformers: pip install 'layerlock-lab[hf]'") from err
 
 
@@ -89,8 +89,16 @@ class LayerLockCallback(TrainerCallback):
     train_step, run, tracking_uri, experiment, tags, ...).
     """
 
-    def __init__(self, model: nn.Module, schedule: Any = None, *, latent: bool = False,
-                 latent_predictor: Any = None, flop_batch: dict[str, Any] | None = None, **session: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Any = None,
+        *,
+        latent: bool = False,
+        latent_predictor: Any = None,
+        flop_batch: dict[str, Any] | None = None,
+        **session: Any,
+    ) -> None:
         check_version("transformers", transformers.__version__, SUPPORTED)
         self.model = model
         self.flop_batch = flop_batch
@@ -113,11 +121,13 @@ class LayerLockCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         saved = None
-        if state.global_step > 0:   # resumed: the state saved beside the checkpoint the Trainer loaded
+        if state.global_step > 0:  # resumed: the state saved beside the checkpoint the Trainer loaded
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if not os.path.isfile(path):
-                raise LayerLockError(f"resuming at step {state.global_step}, but {path} is missing: the checkpoint "
-                                     "was not saved with LayerLockCallback")
+                raise LayerLockError(
+                    f"resuming at step {state.global_step}, but {path} is missing: the checkpoint "
+                    "was not saved with LayerLockCallback"
+                )
             saved = torch.load(path, map_location="cpu", weights_only=False)
         self._optimizer = optimizer
         self.session.start(state.global_step, optimizer, total_steps=state.max_steps or None, state=saved)
@@ -129,7 +139,7 @@ class LayerLockCallback(TrainerCallback):
         self.session.after_backward(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.session.after_step(state.global_step - 1)   # global_step already counts this update
+        self.session.after_step(state.global_step - 1)  # global_step already counts this update
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -165,4 +175,3 @@ class LayerLockTrainer(Trainer):
         elif cb is not None and model.training:
             cb.session.note_losses(loss.detach(), None)
         return (loss, outputs) if return_outputs else loss
-

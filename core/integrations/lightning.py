@@ -29,18 +29,19 @@ import torch
 from core.errors import LayerLockError
 from core.integrations import LayerLockSession, check_version
 
-SUPPORTED = ("2.0", "3")   # Lightning 2.x
+SUPPORTED = ("2.0", "3")  # Lightning 2.x
 
 
 def _lightning():
     try:
         import lightning.pytorch as pl
-    except ImportError:   # pragma: no cover - the older package name
+    except ImportError:  # pragma: no cover - the older package name
         try:
             import pytorch_lightning as pl
         except ImportError as err:
-            raise LayerLockError("core.integrations.lightning needs Lightning: pip install "
-                                 "'layerlock-lab[lightning]'") from err
+            raise LayerLockError(
+                "core.integrations.lightning needs Lightning: pip install 'layerlock-lab[lightning]'"
+            ) from err
     return pl
 
 
@@ -64,19 +65,23 @@ def callback_for(pl: Any) -> type:
             return "LayerLockCallback"
 
         def setup(self, trainer, pl_module, stage: str) -> None:
-            if self.session is None:   # checks blocks and schedule before any training
+            if self.session is None:  # checks blocks and schedule before any training
                 self.session = LayerLockSession(pl_module, self.schedule, **self._kwargs)
 
         def on_train_start(self, trainer, pl_module) -> None:
             session = self.session
             if session.run is None:
                 for logger in trainer.loggers:
-                    if type(logger).__name__ == "MLFlowLogger":   # log into the trainer's MLflow run
+                    if type(logger).__name__ == "MLFlowLogger":  # log into the trainer's MLflow run
                         session.run, session.tracking_uri = logger.run_id, logger._tracking_uri
                         break
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            session.start(trainer.global_step, optimizer, total_steps=trainer.max_steps if trainer.max_steps > 0
-                          else None, state=self._saved or None)
+            session.start(
+                trainer.global_step,
+                optimizer,
+                total_steps=trainer.max_steps if trainer.max_steps > 0 else None,
+                state=self._saved or None,
+            )
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.session.begin_step(trainer.global_step, trainer.optimizers[0] if trainer.optimizers else None)
@@ -86,7 +91,7 @@ def callback_for(pl: Any) -> type:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.session.after_step(trainer.global_step - 1, loss)   # global_step counts this update
+            self.session.after_step(trainer.global_step - 1, loss)  # global_step counts this update
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.session.close(trainer.global_step)
@@ -99,8 +104,9 @@ def callback_for(pl: Any) -> type:
         def load_state_dict(self, state_dict: dict) -> None:
             self._saved = dict(state_dict) or None
 
-        def add_latent(self, loss: torch.Tensor, run_input, predictions: torch.Tensor,
-                       mask_idx: torch.Tensor | None = None) -> torch.Tensor:
+        def add_latent(
+            self, loss: torch.Tensor, run_input, predictions: torch.Tensor, mask_idx: torch.Tensor | None = None
+        ) -> torch.Tensor:
             """The model's ``loss`` plus LayerLock's latent loss at the schedule's stage
             (:meth:`core.integrations.LayerLockSession.add_latent`)."""
             if self.session is None:

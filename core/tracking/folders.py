@@ -12,12 +12,12 @@ from typing import IO
 from core.schema import CHECKPOINT_DIR, checkpoint_step
 
 RUNS_ENV = "LAYERLOCK_RUNS_DIR"
-META_FILE = "run.json"   # the run id and the tracking URI it logs to
+META_FILE = "run.json"  # the run id and the tracking URI it logs to
 LOCK_FILE = "owner.lock"
 SPOOL_FILE = "spool.jsonl"
-REJECTED_FILE = "rejected.jsonl"   # lines the store refused for good (kept, never dropped)
+REJECTED_FILE = "rejected.jsonl"  # lines the store refused for good (kept, never dropped)
 FILES_DIR = "files"
-KEEP_CHECKPOINTS = 2   # local checkpoints kept once uploaded: the newest and its fallback
+KEEP_CHECKPOINTS = 2  # local checkpoints kept once uploaded: the newest and its fallback
 
 
 def runs_root() -> Path:
@@ -62,9 +62,8 @@ def prune_checkpoints(folder: Path, uploaded: str) -> None:
     """After ``uploaded`` reached the store: keep it, KEEP_CHECKPOINTS - 1 older ones and every
     newer one (not yet uploaded); older local copies go (the store has them)."""
     step = checkpoint_step(uploaded)
-    older = sorted((p for name, p in local_checkpoints(folder).items() if checkpoint_step(name) < step),
-                   reverse=True)
-    for p in older[KEEP_CHECKPOINTS - 1:]:
+    older = sorted((p for name, p in local_checkpoints(folder).items() if checkpoint_step(name) < step), reverse=True)
+    for p in older[KEEP_CHECKPOINTS - 1 :]:
         p.unlink(missing_ok=True)
 
 

@@ -13,8 +13,8 @@ from core.errors import LayerLockError
 from core.schema import TAG_HEARTBEAT, TAG_OWNER
 from core.tracking.folders import LOCK_FILE
 
-HEARTBEAT_S = 30.0   # the owner's heartbeat tag is refreshed this often
-STALE_S = 120.0   # a heartbeat older than this means the owner is gone
+HEARTBEAT_S = 30.0  # the owner's heartbeat tag is refreshed this often
+STALE_S = 120.0  # a heartbeat older than this means the owner is gone
 
 
 def owner_tags() -> dict[str, str]:
@@ -28,7 +28,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # someone else's process
+    except PermissionError:  # someone else's process
         return True
     return True
 
@@ -50,8 +50,10 @@ def check_owner(run) -> None:
     host, _, pid = owner.partition(" pid ")
     if host == socket.gethostname() and (not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid))):
         return
-    raise LayerLockError(f"run {run.info.run_id} is being trained by {owner} (heartbeat less than {STALE_S:.0f} s "
-                         "old); resume it once that process has stopped")
+    raise LayerLockError(
+        f"run {run.info.run_id} is being trained by {owner} (heartbeat less than {STALE_S:.0f} s "
+        "old); resume it once that process has stopped"
+    )
 
 
 def lock_folder(folder: Path, run_id: str) -> int:
@@ -64,8 +66,10 @@ def lock_folder(folder: Path, run_id: str) -> int:
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise LayerLockError(f"run {run_id} is being trained by another process on this machine (pid {holder}); "
-                             "resume it once that process has stopped") from None
+        raise LayerLockError(
+            f"run {run_id} is being trained by another process on this machine (pid {holder}); "
+            "resume it once that process has stopped"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd

@@ -26,8 +26,8 @@ from core.tracking.owner import HEARTBEAT_S
 from core.tracking.spool import Spool, units
 from core.tracking.uri import answers
 
-SENDER_ENV = "LAYERLOCK_SENDER"   # "process" (default) or "thread"
-PROBE_INTERVAL_S = 2.0   # while the store is away: how often the sender tries again
+SENDER_ENV = "LAYERLOCK_SENDER"  # "process" (default) or "thread"
+PROBE_INTERVAL_S = 2.0  # while the store is away: how often the sender tries again
 
 
 class SenderThread(threading.Thread):
@@ -37,17 +37,24 @@ class SenderThread(threading.Thread):
     process (:class:`SenderProcess`), which passes ``report``: called with ``(bytes sent in
     all, away_since)`` whenever either changes."""
 
-    def __init__(self, client, uri: str, run_id: str, folder: Path, spool: Spool,
-                 report: Callable[[int, float | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        client,
+        uri: str,
+        run_id: str,
+        folder: Path,
+        spool: Spool,
+        report: Callable[[int, float | None], None] | None = None,
+    ) -> None:
         super().__init__(name=f"layerlock-sender-{run_id[:8]}", daemon=True)
         self.client, self.uri, self.run_id, self.folder, self.spool = client, uri, run_id, folder, spool
         self.offset = 0
-        self.sent = 0   # bytes of spool lines sent (or rejected), over every trim
+        self.sent = 0  # bytes of spool lines sent (or rejected), over every trim
         self.report = report
         self.wake = threading.Event()
         self.stopping = False
-        self.away_since: float | None = None   # monotonic time the store stopped answering
-        self.waited = 0   # lines sent since the store came back
+        self.away_since: float | None = None  # monotonic time the store stopped answering
+        self.waited = 0  # lines sent since the store came back
         self._last_beat = time.monotonic()
 
     def run(self) -> None:
@@ -57,7 +64,7 @@ class SenderThread(threading.Thread):
             try:
                 self.drain()
                 self.heartbeat()
-            except Exception as err:   # never die silently: the trainer waits on this thread
+            except Exception as err:  # never die silently: the trainer waits on this thread
                 self.went_away(err)
 
     def caught_up(self) -> bool:
@@ -65,8 +72,8 @@ class SenderThread(threading.Thread):
 
     def drain(self) -> None:
         if self.away_since is not None and not answers(self.uri):
-            return   # a refused connection: no need to read the spool or wait for MLflow's retries
-        if self.client is None:   # the sender process opens the store itself (it may be locked or away)
+            return  # a refused connection: no need to read the spool or wait for MLflow's retries
+        if self.client is None:  # the sender process opens the store itself (it may be locked or away)
             try:
                 self.client = store.client(self.uri)
             except Exception as err:
@@ -100,20 +107,26 @@ class SenderThread(threading.Thread):
         try:
             self.client.set_tag(self.run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
         except Exception:
-            pass   # the next line sent finds out whether the store is away
+            pass  # the next line sent finds out whether the store is away
 
     def went_away(self, err: BaseException, since: float | None = None) -> None:
         if self.away_since is None:
             self.away_since = since or time.monotonic()
-            print(f"warning: tracking store {self.uri} does not answer ({first_line(err)[:160]}); training goes "
-                  f"on, what it logs waits in {self.spool.path} and is sent when the store answers", file=sys.stderr)
+            print(
+                f"warning: tracking store {self.uri} does not answer ({first_line(err)[:160]}); training goes "
+                f"on, what it logs waits in {self.spool.path} and is sent when the store answers",
+                file=sys.stderr,
+            )
             self._report()
 
     def came_back(self) -> None:
         gone = time.monotonic() - (self.away_since or time.monotonic())
         self.away_since = None
-        print(f"tracking store {self.uri} answers again ({gone:.0f} s after the first line it did not take): "
-              "sending what waited", file=sys.stderr)
+        print(
+            f"tracking store {self.uri} answers again ({gone:.0f} s after the first line it did not take): "
+            "sending what waited",
+            file=sys.stderr,
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
@@ -131,7 +144,7 @@ class _Wake:
     def set(self) -> None:
         try:
             os.write(self.fd, b"w")
-        except OSError:   # a full pipe (BlockingIOError) or a gone process (BrokenPipeError)
+        except OSError:  # a full pipe (BlockingIOError) or a gone process (BrokenPipeError)
             pass
 
 
@@ -157,7 +170,11 @@ class SenderProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "core.tracking.sender", uri, run_id, str(folder)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=root,
+        )
         os.set_blocking(self.proc.stdin.fileno(), False)
         self.wake = _Wake(self.proc.stdin.fileno())
         self._reader = threading.Thread(target=self._read, name=f"layerlock-sender-{run_id[:8]}", daemon=True)
@@ -179,11 +196,11 @@ class SenderProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + 2.0
-        while self.is_alive():   # "q" must arrive: stdin closing without it means the trainer died
+        while self.is_alive():  # "q" must arrive: stdin closing without it means the trainer died
             try:
                 os.write(self.wake.fd, b"q")
                 break
-            except BlockingIOError:   # a full pipe: the child is reading it, or stuck
+            except BlockingIOError:  # a full pipe: the child is reading it, or stuck
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
@@ -195,7 +212,7 @@ class SenderProcess:
             pass
         try:
             self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:   # stuck in a store call: what it did not send stays in the spool
+        except subprocess.TimeoutExpired:  # stuck in a store call: what it did not send stays in the spool
             self.proc.kill()
             self.proc.wait()
         self._reader.join(1.0)
@@ -207,7 +224,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     uri, run_id, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    out = os.fdopen(os.dup(1), "wb")   # the reports' own pipe; what MLflow prints goes to stderr
+    out = os.fdopen(os.dup(1), "wb")  # the reports' own pipe; what MLflow prints goes to stderr
     os.dup2(2, 1)
     write_lock = threading.Lock()
 
@@ -223,9 +240,9 @@ def main() -> None:
     def listen() -> None:
         while True:
             data = os.read(0, 4096)
-            if not data:   # stdin closed
+            if not data:  # stdin closed
                 if not sender.stopping:
-                    os._exit(0)   # without "q" first: the trainer died, the spool keeps what is left
+                    os._exit(0)  # without "q" first: the trainer died, the spool keeps what is left
                 return
             if b"q" in data:
                 sender.stopping = True
@@ -234,7 +251,7 @@ def main() -> None:
     threading.Thread(target=listen, daemon=True).start()
     report(0, None)
     sender.run()
-    sender.drain()   # what came in while the last drain ran
+    sender.drain()  # what came in while the last drain ran
     report(sender.sent, sender.away_since)
     sender.spool.close()
 
@@ -253,8 +270,10 @@ def start_sender(client, uri: str, run_id: str, folder: Path, spool: Spool):
         try:
             return SenderProcess(uri, run_id, folder, spool)
         except OSError as err:
-            print(f"warning: cannot start the tracking sender process ({first_line(err)[:160]}); "
-                  "sending from a thread", file=sys.stderr)
+            print(
+                f"warning: cannot start the tracking sender process ({first_line(err)[:160]}); sending from a thread",
+                file=sys.stderr,
+            )
     sender = SenderThread(client, uri, run_id, folder, spool)
     sender.start()
     return sender

@@ -15,7 +15,7 @@ from typing import Any
 
 from core.tracking.folders import SPOOL_FILE
 
-MAX_BATCH = 1000   # MLflow's log_batch limit
+MAX_BATCH = 1000  # MLflow's log_batch limit
 
 
 class Spool:
@@ -32,7 +32,7 @@ class Spool:
         self._lock = threading.Lock()
         if not reader:
             self._drop_partial_tail()
-        self._out = open(self.path, "ab")   # noqa: SIM115 - kept open for the run's life
+        self._out = open(self.path, "ab")  # noqa: SIM115 - kept open for the run's life
         self.written = self._out.tell()
 
     @contextlib.contextmanager
@@ -58,7 +58,7 @@ class Spool:
         line = (json.dumps(op, separators=(",", ":")) + "\n").encode()
         with self._locked():
             self._out.write(line)
-            self._out.flush()   # in the kernel now: a killed process loses nothing
+            self._out.flush()  # in the kernel now: a killed process loses nothing
             self.written += len(line)
 
     def fsync(self) -> None:
@@ -111,10 +111,13 @@ def units(entries: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, list[dic
     backlog goes out); every other line alone. ``(end offset, ops)``."""
     out: list[tuple[int, list[dict[str, Any]]]] = []
     for end, op in entries:
-        if (op.get("op") == "metrics" and out and out[-1][1][-1].get("op") == "metrics"
-                and sum(len(o["m"]) for o in out[-1][1]) + len(op["m"]) <= MAX_BATCH):
+        if (
+            op.get("op") == "metrics"
+            and out
+            and out[-1][1][-1].get("op") == "metrics"
+            and sum(len(o["m"]) for o in out[-1][1]) + len(op["m"]) <= MAX_BATCH
+        ):
             out[-1] = (end, [*out[-1][1], op])
         else:
             out.append((end, [op]))
     return out
-

@@ -36,7 +36,7 @@ def open_client(uri: str):
         return client(uri)
     except LayerLockError:
         raise
-    except Exception as err:   # unsupported scheme, unreachable server, unwritable store
+    except Exception as err:  # unsupported scheme, unreachable server, unwritable store
         raise LayerLockError(f"cannot open tracking URI {uri}: {first_line(err)[:300]}") from None
 
 
@@ -74,7 +74,7 @@ def log_metrics_to_run(run_id: str, metrics: dict[str, float], step: int, uri: s
     now = int(time.time() * 1000)
     rows = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
     for i in range(0, len(rows), MAX_BATCH):
-        mlflow_client.log_batch(run_id, metrics=rows[i:i + MAX_BATCH], synchronous=True)
+        mlflow_client.log_batch(run_id, metrics=rows[i : i + MAX_BATCH], synchronous=True)
 
 
 def send(mlflow_client, run_id: str, folder: Path, ops: list[dict[str, Any]]) -> None:
@@ -109,8 +109,11 @@ def reject(folder: Path, ops: list[dict[str, Any]], err: BaseException) -> None:
     with open(folder / REJECTED_FILE, "a") as f:
         for op in ops:
             f.write(json.dumps({**op, "error": first_line(err)[:300]}) + "\n")
-    print(f"warning: the tracking store refused a {ops[0]['op']} line ({first_line(err)[:200]}); "
-          f"kept in {folder / REJECTED_FILE}", file=sys.stderr)
+    print(
+        f"warning: the tracking store refused a {ops[0]['op']} line ({first_line(err)[:200]}); "
+        f"kept in {folder / REJECTED_FILE}",
+        file=sys.stderr,
+    )
 
 
 class _QuietWhileSpooled(logging.Filter):

@@ -28,8 +28,10 @@ def push_spool(client, run_id: str, folder: Path) -> int:
                 store.send(client, run_id, folder, ops)
             except Exception as err:
                 if not store.permanent(err):
-                    raise LayerLockError(f"run {run_id}: the tracking store did not take the spooled lines "
-                                         f"({first_line(err)[:200]}); they stay in {path}") from None
+                    raise LayerLockError(
+                        f"run {run_id}: the tracking store did not take the spooled lines "
+                        f"({first_line(err)[:200]}); they stay in {path}"
+                    ) from None
                 store.reject(folder, ops, err)
             sent, offset = sent + len(ops), end
         spool.trim(offset)
@@ -67,5 +69,8 @@ def runs_with_spool() -> list[str]:
     root = runs_root()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if (p / META_FILE).is_file() and (p / SPOOL_FILE).is_file() and (p / SPOOL_FILE).stat().st_size)
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if (p / META_FILE).is_file() and (p / SPOOL_FILE).is_file() and (p / SPOOL_FILE).stat().st_size
+    )

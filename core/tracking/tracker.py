@@ -22,8 +22,8 @@ from core.tracking.sync import push_spool
 from core.tracking.uri import absolute_uri, resolve_uri
 
 DEFAULT_EXPERIMENT = "layerlock"
-SUBMIT_INTERVAL_S = 2.0   # one spool line (and one store call) per this many seconds at most
-END_WAIT_S = 60.0   # at the end of a run: how long to wait for an away store before leaving it to sync
+SUBMIT_INTERVAL_S = 2.0  # one spool line (and one store call) per this many seconds at most
+END_WAIT_S = 60.0  # at the end of a run: how long to wait for an away store before leaving it to sync
 
 
 class Tracker:
@@ -38,8 +38,15 @@ class Tracker:
 
     stores = True
 
-    def __init__(self, *, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, run_id: str | None = None,
-                 run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         # The module that starts a process of its own (``python -m core.tracking.sender``), imported
         # here rather than with the package (its docstring says why).
         from core.tracking import sender
@@ -54,11 +61,11 @@ class Tracker:
         self._pending: list[list] = []
         self._last_step: dict[str, int] = {}
         self._last_submit = time.monotonic()
-        sender.sender_kind()   # a bad LAYERLOCK_SENDER fails before a run is created
+        sender.sender_kind()  # a bad LAYERLOCK_SENDER fails before a run is created
         self.client = store.open_client(self.uri)
         if run_id is not None:
             run = store.existing_run(self.client, run_id, self.uri)
-            check_owner(run)   # a live trainer elsewhere: refused before anything changes
+            check_owner(run)  # a live trainer elsewhere: refused before anything changes
             self._open_folder(run_id)
             try:
                 self._take_over(run_id)
@@ -68,7 +75,7 @@ class Tracker:
         else:
             try:
                 exp_id = store.experiment_id(self.client, experiment, self.uri)
-            except Exception as err:   # an unwritable store
+            except Exception as err:  # an unwritable store
                 raise LayerLockError(f"cannot open tracking URI {self.uri}: {first_line(err)[:300]}") from None
             run = self.client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), **owner_tags()})
             self.run_id = run.info.run_id
@@ -82,7 +89,7 @@ class Tracker:
         resume that fails leaves a finished run FINISHED."""
         for key, value in owner_tags().items():
             self.client.set_tag(run_id, key, value)
-        push_spool(self.client, run_id, self.folder)   # before counting steps: they may be in it
+        push_spool(self.client, run_id, self.folder)  # before counting steps: they may be in it
         # Per key, the last step already stored: those steps are not logged again.
         for key in self.client.get_run(run_id).data.metrics:
             hist = self.client.get_metric_history(run_id, key)
@@ -91,10 +98,12 @@ class Tracker:
     def _open_folder(self, run_id: str) -> None:
         self.folder = local_dir(run_id)
         self._lock_fd = lock_folder(self.folder, run_id)
-        for stale in self.folder.glob("*/.*.tmp"):   # half-written by a killed trainer: never published
+        for stale in self.folder.glob("*/.*.tmp"):  # half-written by a killed trainer: never published
             stale.unlink(missing_ok=True)
-        atomic_write(self.folder / META_FILE, lambda f: f.write(json.dumps(
-            {"run_id": run_id, "tracking_uri": absolute_uri(self.uri)}).encode()))
+        atomic_write(
+            self.folder / META_FILE,
+            lambda f: f.write(json.dumps({"run_id": run_id, "tracking_uri": absolute_uri(self.uri)}).encode()),
+        )
         self._spool = Spool(self.folder)
 
     def reader(self) -> RunReader:
@@ -108,7 +117,7 @@ class Tracker:
     # -- metrics -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics for ``step``; they go out at the next :meth:`submit` (non-blocking)."""
-        now = int(time.time() * 1000)   # kept with the metric: a second send of it is a no-op
+        now = int(time.time() * 1000)  # kept with the metric: a second send of it is a no-op
         for key, value in metrics.items():
             if step <= self._last_step.get(key, -1):
                 continue
@@ -124,7 +133,7 @@ class Tracker:
         self._last_submit = time.monotonic()
         pending, self._pending = self._pending, []
         for i in range(0, len(pending), MAX_BATCH):
-            self._put({"op": "metrics", "m": pending[i:i + MAX_BATCH]})
+            self._put({"op": "metrics", "m": pending[i : i + MAX_BATCH]})
 
     def _put(self, op: dict[str, Any]) -> None:
         """Into the spool, for the sender."""
@@ -169,7 +178,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload ``path`` in the background: the file must stay until sent."""
@@ -213,9 +222,12 @@ class Tracker:
         sent = self.flush()
         self.close()
         if not sent:
-            print(f"warning: tracking store {self.uri} still does not answer: what run {self.run_id} logged last "
-                  f"(and its {status} status) waits in {self.folder / SPOOL_FILE}; send it with "
-                  f"`python -m experiments sync {self.run_id}`", file=sys.stderr)
+            print(
+                f"warning: tracking store {self.uri} still does not answer: what run {self.run_id} logged last "
+                f"(and its {status} status) waits in {self.folder / SPOOL_FILE}; send it with "
+                f"`python -m experiments sync {self.run_id}`",
+                file=sys.stderr,
+            )
         else:
             remove_if_done(self.folder, status)
 
@@ -241,8 +253,14 @@ class Tracker:
             self.fail(f"{kind.__name__}: {error}")
 
 
-def open_writer(run: Any = None, *, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                run_name: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
+def open_writer(
+    run: Any = None,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Tracker:
     """The tracker of a run of your own training loop, tagged ``layerlock.method=own_loop``
     unless ``tags`` say otherwise (and with ``tags``).
 

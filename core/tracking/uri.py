@@ -14,8 +14,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # keep a command waiting minutes on a server that is not there; these apply unless the user set
 # them. A refused connection then costs about 15 s (back-off 1, 2, 4, 8 s) before the trainer's
 # spool takes over.
-HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 CONNECT_TIMEOUT_S = 5.0
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}
@@ -78,8 +81,10 @@ def check_uri(uri: str) -> None:
     bounded (HTTP_ENV_DEFAULTS) unless the user set them."""
     parts = urlsplit(uri)
     if "://" in uri and parts.scheme.split("+")[0] not in KNOWN_SCHEMES:
-        raise LayerLockError(f"tracking URI {uri}: unsupported scheme '{parts.scheme}' "
-                             f"(use sqlite:///FILE.db, http(s)://HOST:PORT or postgresql://...)")
+        raise LayerLockError(
+            f"tracking URI {uri}: unsupported scheme '{parts.scheme}' "
+            f"(use sqlite:///FILE.db, http(s)://HOST:PORT or postgresql://...)"
+        )
     if parts.scheme == "sqlite" and not uri.removeprefix("sqlite:///").split("?", 1)[0]:
         raise LayerLockError(f"tracking URI {uri}: no database file (sqlite:///FILE.db, or sqlite:////ABS/FILE.db)")
     if parts.scheme not in ("http", "https"):
@@ -88,7 +93,7 @@ def check_uri(uri: str) -> None:
         os.environ.setdefault(key, value)
     try:
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as err:   # a port that is not a number or out of range
+    except ValueError as err:  # a port that is not a number or out of range
         raise LayerLockError(f"tracking URI {uri}: {err}") from None
     if not host:
         raise LayerLockError(f"tracking URI {uri}: no host")

@@ -26,39 +26,77 @@ def register(sub, add_tracking) -> None:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--batch-size", type=int, default=64, help="freezing: clips per step")
     p.add_argument("--rounds", type=int, default=8, help="freezing: interleaved rounds over all k (at least)")
-    p.add_argument("--max-rounds", type=int, default=24,
-                   help="freezing: go on up to this many rounds until every ratio is resolved to --within")
-    p.add_argument("--steps-per-round", type=int, default=5,
-                   help="freezing: timed steps per k per round; profile: profiled steps")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=24,
+        help="freezing: go on up to this many rounds until every ratio is resolved to --within",
+    )
+    p.add_argument(
+        "--steps-per-round", type=int, default=5, help="freezing: timed steps per k per round; profile: profiled steps"
+    )
     p.add_argument("--warmup", type=int, default=2, help="freezing, profile: untimed steps after each freeze change")
     p.add_argument("--frozen", type=int, default=None, help="profile: frozen blocks (default: depth-1)")
-    p.add_argument("--repeats", type=int, default=6,
-                   help="tracking: pairs of runs (off, on), alternated, at least; data, cli: repeats")
-    p.add_argument("--max-repeats", type=int, default=12,
-                   help="tracking: go on up to this many pairs until the ratio is resolved to --within")
-    p.add_argument("--within", type=float, default=0.01,
-                   help="freezing, tracking: the resolution wanted, as a fraction (0.01: intervals within 1%%)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: 1 for freezing, tracking, profile and the own-loop "
-                        "benches; torch's own otherwise)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=6,
+        help="tracking: pairs of runs (off, on), alternated, at least; data, cli: repeats",
+    )
+    p.add_argument(
+        "--max-repeats",
+        type=int,
+        default=12,
+        help="tracking: go on up to this many pairs until the ratio is resolved to --within",
+    )
+    p.add_argument(
+        "--within",
+        type=float,
+        default=0.01,
+        help="freezing, tracking: the resolution wanted, as a fraction (0.01: intervals within 1%%)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: 1 for freezing, tracking, profile and the own-loop "
+        "benches; torch's own otherwise)",
+    )
     add_own_loop_args(p)
     p.set_defaults(func=cmd_bench)
 
 
 def add_own_loop_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["vit", "video"], default="vit",
-                   help="monitor, own-freezing: the README example's torchvision model")
+    p.add_argument(
+        "--model",
+        choices=["vit", "video"],
+        default="vit",
+        help="monitor, own-freezing: the README example's torchvision model",
+    )
     p.add_argument("--every", type=int, default=50, help="monitor, own-freezing: probe interval in steps")
-    p.add_argument("--steps", type=int, default=None,
-                   help="steps per run: tracking 100 (the config's probe and checkpoint intervals are kept); "
-                        "monitor, own-freezing 300 for vit, 200 for video")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per run: tracking 100 (the config's probe and checkpoint intervals are kept); "
+        "monitor, own-freezing 300 for vit, 200 for video",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from core.errors import LayerLockError
 
-    for flag, least in (("batch_size", 1), ("rounds", 1), ("steps_per_round", 1), ("warmup", 0), ("repeats", 1),
-                        ("max_rounds", 1), ("max_repeats", 1), ("steps", 1), ("frozen", 0)):
+    for flag, least in (
+        ("batch_size", 1),
+        ("rounds", 1),
+        ("steps_per_round", 1),
+        ("warmup", 0),
+        ("repeats", 1),
+        ("max_rounds", 1),
+        ("max_repeats", 1),
+        ("steps", 1),
+        ("frozen", 0),
+    ):
         value = getattr(args, flag)
         if value is not None and value < least:
             raise LayerLockError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
@@ -96,8 +134,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "freezing":
         from experiments.bench.freezing import bench_freezing, print_freezing
 
-        result = bench_freezing(args.config, args.set, args.batch_size, args.rounds, args.steps_per_round,
-                                args.warmup, args.max_rounds, args.within)
+        result = bench_freezing(
+            args.config,
+            args.set,
+            args.batch_size,
+            args.rounds,
+            args.steps_per_round,
+            args.warmup,
+            args.max_rounds,
+            args.within,
+        )
         show = print_freezing
     else:
         from experiments.bench.tracking import bench_tracking, print_tracking
@@ -120,7 +166,7 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
     for flag in ("every", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LayerLockError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    torch.set_num_threads(args.threads or 1)   # one thread unless asked: see cmd_bench
+    torch.set_num_threads(args.threads or 1)  # one thread unless asked: see cmd_bench
     print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.what == "monitor":
         from experiments.bench.monitor import bench_monitor, print_monitor
@@ -131,8 +177,17 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
     else:
         from experiments.bench.own_freezing import bench_own_freezing, print_own_freezing
 
-        result = bench_own_freezing(args.model, args.rounds, args.steps_per_round, args.warmup,
-                                    args.repeats, min(args.every, 20), args.steps, args.max_rounds, args.within)
+        result = bench_own_freezing(
+            args.model,
+            args.rounds,
+            args.steps_per_round,
+            args.warmup,
+            args.repeats,
+            min(args.every, 20),
+            args.steps,
+            args.max_rounds,
+            args.within,
+        )
         show = print_own_freezing
     if args.json:
         print(json.dumps(result))

@@ -13,9 +13,16 @@ from experiments import config_path
 from experiments.bench.timing import freezing_rows, interleaved_timings, interval_text, say_resolved
 
 
-def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, rounds: int,
-                   steps_per_round: int, warmup: int, max_rounds: int | None = None,
-                   within: float = 0.01) -> dict:
+def bench_freezing(
+    config: str,
+    overrides: list[str] | None,
+    batch_size: int,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    max_rounds: int | None = None,
+    within: float = 0.01,
+) -> dict:
     """Step time at k = 0..depth-1 frozen blocks against counted FLOPs, in interleaved rounds.
 
     Each round times ``steps_per_round`` steps at every k (order reversed every other round) and
@@ -51,23 +58,44 @@ def bench_freezing(config: str, overrides: list[str] | None, batch_size: int, ro
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    timings = interleaved_timings(depth, lambda k: set_frozen_prefix(model, optimizer, k), step, rounds,
-                                  steps_per_round, warmup, max_rounds, within, "bench freezing")
+    timings = interleaved_timings(
+        depth,
+        lambda k: set_frozen_prefix(model, optimizer, k),
+        step,
+        rounds,
+        steps_per_round,
+        warmup,
+        max_rounds,
+        within,
+        "bench freezing",
+    )
     flops = [count_step_flops(cfg, batch_size, k) for k in range(depth)]
     rows = freezing_rows(timings, flops, within)
-    return {"rows": rows, "rounds": timings["rounds"], "steps_per_round": steps_per_round, "batch_size": batch_size,
-            "within": within, "resolved": all(row["resolved"] for row in rows)}
+    return {
+        "rows": rows,
+        "rounds": timings["rounds"],
+        "steps_per_round": steps_per_round,
+        "batch_size": batch_size,
+        "within": within,
+        "resolved": all(row["resolved"] for row in rows),
+    }
 
 
 def print_freezing(result: dict) -> None:
-    print(f"batch {result['batch_size']}, {result['rounds']} interleaved rounds of {result['steps_per_round']} "
-          f"steps per k; ratios: median over rounds [95% interval]")
-    print(f"{'frozen':>6} {'step_ms':>8} {'GFLOP':>7} {'flops/k0':>8}  {'time/k0 [interval]':<24} "
-          f"{'time/flops':>10}  {'cpu/k0 [interval]':<24} {'cpu/flops':>9}")
+    print(
+        f"batch {result['batch_size']}, {result['rounds']} interleaved rounds of {result['steps_per_round']} "
+        f"steps per k; ratios: median over rounds [95% interval]"
+    )
+    print(
+        f"{'frozen':>6} {'step_ms':>8} {'GFLOP':>7} {'flops/k0':>8}  {'time/k0 [interval]':<24} "
+        f"{'time/flops':>10}  {'cpu/k0 [interval]':<24} {'cpu/flops':>9}"
+    )
     for r in result["rows"]:
         t = {"ratio": r["time_ratio"], "low": r["time_low"], "high": r["time_high"]}
         c = {"ratio": r["cpu_ratio"], "low": r["cpu_low"], "high": r["cpu_high"]}
-        print(f"{r['frozen']:>6} {r['step_ms']:>8.2f} {r['flops'] / 1e9:>7.3f} {r['flop_ratio']:>8.3f}  "
-              f"{interval_text(t):<24} {r['time_vs_flop']:>10.3f}  "
-              f"{interval_text(c):<24} {r['cpu_vs_flop']:>9.3f}")
+        print(
+            f"{r['frozen']:>6} {r['step_ms']:>8.2f} {r['flops'] / 1e9:>7.3f} {r['flop_ratio']:>8.3f}  "
+            f"{interval_text(t):<24} {r['time_vs_flop']:>10.3f}  "
+            f"{interval_text(c):<24} {r['cpu_vs_flop']:>9.3f}"
+        )
     print(say_resolved(result["resolved"], result["within"], "wall-time ratio", "--max-rounds"))

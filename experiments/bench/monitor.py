@@ -28,6 +28,7 @@ def _timed(monitor, spent: list[float]) -> None:
                 return _call(*args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - t0
+
         setattr(monitor, name, wrapped)
 
 
@@ -60,7 +61,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
 
     plain, watched = SETUPS[model](), SETUPS[model]()
     initial = {k: v.clone() for k, v in plain.model.state_dict().items()}
-    for s in (plain, watched):   # warm-up: first-call costs (allocator, lazy inits) are no loop's
+    for s in (plain, watched):  # warm-up: first-call costs (allocator, lazy inits) are no loop's
         opt = make_optimizer(s)
         for step in range(min(steps, 10)):
             train_step(s, step, steps, opt)
@@ -75,7 +76,7 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             t0 = time.perf_counter()
             writer = open_run(uri, f"bench-{model}")
             monitor = attach_monitor(watched, steps, every, writer=writer)
-            writer.flush()   # the run's params, tags and models sent: a one-off cost, not the loop's
+            writer.flush()  # the run's params, tags and models sent: a one-off cost, not the loop's
             attach_s.append(time.perf_counter() - t0)
             spent = [0.0]
             _timed(monitor, spent)
@@ -86,12 +87,12 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
             for s, _, _ in loops:
                 s.model.train()
             for step in range(steps):
-                for i in ((0, 1) if step % 2 == 0 else (1, 0)):
+                for i in (0, 1) if step % 2 == 0 else (1, 0):
                     s, opt, mon = loops[i]
                     t0 = time.perf_counter()
                     train_step(s, step, steps, opt, monitor=mon)
                     times[i].append(time.perf_counter() - t0)
-            writer.flush()   # what the loop logged, sent: the sender's CPU for it is counted
+            writer.flush()  # what the loop logged, sent: the sender's CPU for it is counted
             cpu1 = _process_cpu_s(sender.pid) if sender is not None else None
             plain_s, watched_s = sum(times[0]), sum(times[1])
             ratios.append(watched_s / plain_s)
@@ -108,27 +109,48 @@ def bench_monitor(model: str, steps: int, every: int, repeats: int) -> dict:
     for values in (ratios, in_calls, sender_cpu, attach_s, close_s, plain_ms, watched_ms):
         del values[:1]
     stats = mean_ratio_interval(ratios)
-    return {"model": model, "steps": steps, "every": every, "repeats": repeats,
-            "off_ms": round(statistics.median(plain_ms), 3), "on_ms": round(statistics.median(watched_ms), 3),
-            "ratio": stats["ratio"], "low": stats["low"], "high": stats["high"],
-            "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
-            "sender_cpu_share": round(statistics.median(sender_cpu), 4) if sender_cpu else None,
-            "attach_s": round(statistics.median(attach_s), 3), "close_s": round(statistics.median(close_s), 3),
-            "ratios": [round(v, 4) for v in ratios], "warm_up_ratio": round(warm_up, 4),
-            "off_all_ms": [round(v, 3) for v in plain_ms], "on_all_ms": [round(v, 3) for v in watched_ms]}
+    return {
+        "model": model,
+        "steps": steps,
+        "every": every,
+        "repeats": repeats,
+        "off_ms": round(statistics.median(plain_ms), 3),
+        "on_ms": round(statistics.median(watched_ms), 3),
+        "ratio": stats["ratio"],
+        "low": stats["low"],
+        "high": stats["high"],
+        "in_calls_ratio": round(1 + statistics.median(in_calls), 4),
+        "sender_cpu_share": round(statistics.median(sender_cpu), 4) if sender_cpu else None,
+        "attach_s": round(statistics.median(attach_s), 3),
+        "close_s": round(statistics.median(close_s), 3),
+        "ratios": [round(v, 4) for v in ratios],
+        "warm_up_ratio": round(warm_up, 4),
+        "off_all_ms": [round(v, 3) for v in plain_ms],
+        "on_all_ms": [round(v, 3) for v in watched_ms],
+    }
 
 
 def print_monitor(result: dict) -> None:
-    print(f"{result['model']}: {result['steps']} steps, probes every {result['every']}, {result['repeats']} repeats, "
-          "the plain and the monitored loop in lock-step")
+    print(
+        f"{result['model']}: {result['steps']} steps, probes every {result['every']}, {result['repeats']} repeats, "
+        "the plain and the monitored loop in lock-step"
+    )
     interval = "too few repeats" if result["low"] is None else f"95% interval {result['low']:.4f}-{result['high']:.4f}"
-    print(f"plain {result['off_ms']:.2f} ms/step  monitored {result['on_ms']:.2f} ms/step  ratio {result['ratio']:.4f} "
-          f"({interval}; mean over repeats of monitored / plain loop time, bootstrap over repeats)")
+    print(
+        f"plain {result['off_ms']:.2f} ms/step  monitored {result['on_ms']:.2f} ms/step  ratio {result['ratio']:.4f} "
+        f"({interval}; mean over repeats of monitored / plain loop time, bootstrap over repeats)"
+    )
     print(f"each repeat's ratio: {result['ratios']} (the warm-up repeat, left out: {result['warm_up_ratio']})")
-    print(f"in-call ratio {result['in_calls_ratio']:.4f} (1 + time inside the monitor's calls / the rest of the "
-          "monitored loop)")
+    print(
+        f"in-call ratio {result['in_calls_ratio']:.4f} (1 + time inside the monitor's calls / the rest of the "
+        "monitored loop)"
+    )
     if result["sender_cpu_share"] is not None:
-        print(f"sender process: {100 * result['sender_cpu_share']:.1f}% of the monitored loop's time in CPU, "
-              "on another core (MLflow's store calls)")
-    print(f"once per run: attach {result['attach_s']:.2f} s (FLOP count, calibration, run), "
-          f"close {result['close_s']:.2f} s")
+        print(
+            f"sender process: {100 * result['sender_cpu_share']:.1f}% of the monitored loop's time in CPU, "
+            "on another core (MLflow's store calls)"
+        )
+    print(
+        f"once per run: attach {result['attach_s']:.2f} s (FLOP count, calibration, run), "
+        f"close {result['close_s']:.2f} s"
+    )

@@ -20,9 +20,17 @@ from experiments.bench.own_loop import DEFAULT_STEPS, fresh, step_seconds
 from experiments.bench.timing import alternated, freezing_rows, interleaved_timings, interval_text
 
 
-def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: int, repeats: int,
-                       every: int, steps: int | None = None, max_rounds: int | None = None,
-                       within: float = 0.01) -> dict:
+def bench_own_freezing(
+    model: str,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    repeats: int,
+    every: int,
+    steps: int | None = None,
+    max_rounds: int | None = None,
+    within: float = 0.01,
+) -> dict:
     import torch.nn.functional as F
 
     from analysis import io
@@ -43,10 +51,20 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops = count_flop_model(setup.blocks, lambda: F.cross_entropy(setup.model(x), y), model=setup.model,
-                             stem=setup.stem)["per_step"]
-    timings = interleaved_timings(n, lambda k: freeze_prefix(setup.blocks, k, optimizer, stem=setup.stem), step,
-                                  rounds, steps_per_round, warmup, max_rounds, within, f"bench own-freezing {model}")
+    flops = count_flop_model(
+        setup.blocks, lambda: F.cross_entropy(setup.model(x), y), model=setup.model, stem=setup.stem
+    )["per_step"]
+    timings = interleaved_timings(
+        n,
+        lambda k: freeze_prefix(setup.blocks, k, optimizer, stem=setup.stem),
+        step,
+        rounds,
+        steps_per_round,
+        warmup,
+        max_rounds,
+        within,
+        f"bench own-freezing {model}",
+    )
     rows = freezing_rows(timings, [flops[str(k)] for k in range(n)], within)
 
     # A schedule derived from a monitored run of the same loop, applied in it.
@@ -69,25 +87,33 @@ def bench_own_freezing(model: str, rounds: int, steps_per_round: int, warmup: in
             step_s = step_seconds(setup, total, schedule=schedule if mode == "schedule" else None)
             wall[mode].append(sum(step_s))
             # Robust to a busy machine: per stage, the median step time times its length.
-            by_stage[mode].append(sum((stop - start) * statistics.median(step_s[start:stop])
-                                      for start, stop, _ in segments))
+            by_stage[mode].append(
+                sum((stop - start) * statistics.median(step_s[start:stop]) for start, stop, _ in segments)
+            )
     wall_ratio = statistics.median(wall["schedule"]) / statistics.median(wall["plain"])
     stage_ratio = statistics.median(by_stage["schedule"]) / statistics.median(by_stage["plain"])
     flop_ratio = 1.0 - derived["predicted_flop_saving"]
     time_pred = None if derived.get("predicted_time_saving") is None else 1.0 - derived["predicted_time_saving"]
-    return {"model": model, "per_k": rows,
-            "schedule": {"steps": total, "stages": derived["stages"], "repeats": repeats,
-                         "plain_s": round(statistics.median(wall["plain"]), 3),
-                         "schedule_s": round(statistics.median(wall["schedule"]), 3),
-                         "wall_ratio": round(wall_ratio, 4), "time_ratio": round(stage_ratio, 4),
-                         "flop_ratio": round(flop_ratio, 4), "time_vs_flop": round(stage_ratio / flop_ratio, 4),
-                         "predicted_time_ratio": None if time_pred is None else round(time_pred, 4),
-                         "predicted_time_basis": derived.get("predicted_time_basis"),
-                         "time_vs_predicted": None if time_pred is None else round(stage_ratio / time_pred, 4),
-                         "plain_all_s": [round(v, 3) for v in wall["plain"]],
-                         "schedule_all_s": [round(v, 3) for v in wall["schedule"]]}}
-
-
+    return {
+        "model": model,
+        "per_k": rows,
+        "schedule": {
+            "steps": total,
+            "stages": derived["stages"],
+            "repeats": repeats,
+            "plain_s": round(statistics.median(wall["plain"]), 3),
+            "schedule_s": round(statistics.median(wall["schedule"]), 3),
+            "wall_ratio": round(wall_ratio, 4),
+            "time_ratio": round(stage_ratio, 4),
+            "flop_ratio": round(flop_ratio, 4),
+            "time_vs_flop": round(stage_ratio / flop_ratio, 4),
+            "predicted_time_ratio": None if time_pred is None else round(time_pred, 4),
+            "predicted_time_basis": derived.get("predicted_time_basis"),
+            "time_vs_predicted": None if time_pred is None else round(stage_ratio / time_pred, 4),
+            "plain_all_s": [round(v, 3) for v in wall["plain"]],
+            "schedule_all_s": [round(v, 3) for v in wall["schedule"]],
+        },
+    }
 
 
 def _interval_text(row: dict) -> str:
@@ -96,18 +122,27 @@ def _interval_text(row: dict) -> str:
 
 def print_own_freezing(result: dict) -> None:
     print(f"{result['model']}: freeze_prefix on its {len(result['per_k'])} blocks")
-    print(f"{'frozen':>6} {'step_ms':>9} {'GFLOP':>8} {'time/k0 [95% interval]':>24} {'flops/k0':>9} "
-          f"{'time/flops':>10}")
+    print(
+        f"{'frozen':>6} {'step_ms':>9} {'GFLOP':>8} {'time/k0 [95% interval]':>24} {'flops/k0':>9} {'time/flops':>10}"
+    )
     for r in result["per_k"]:
-        print(f"{r['frozen']:>6} {r['step_ms']:>9.2f} {r['flops'] / 1e9:>8.3f} {_interval_text(r):>24} "
-              f"{r['flop_ratio']:>9.3f} {r['time_vs_flop']:>10.3f}")
+        print(
+            f"{r['frozen']:>6} {r['step_ms']:>9.2f} {r['flops'] / 1e9:>8.3f} {_interval_text(r):>24} "
+            f"{r['flop_ratio']:>9.3f} {r['time_vs_flop']:>10.3f}"
+        )
     s = result["schedule"]
     stages = ", ".join(f"{st['frozen']}@{st['step']}" for st in s["stages"]) or "none"
     print(f"derived schedule (frozen@step: {stages}) over {s['steps']} steps, {s['repeats']} runs each:")
-    print(f"  time ratio {s['time_ratio']:.3f} (per stage: median step time x its steps), FLOP ratio "
-          f"{s['flop_ratio']:.3f}, time/FLOPs {s['time_vs_flop']:.3f}")
+    print(
+        f"  time ratio {s['time_ratio']:.3f} (per stage: median step time x its steps), FLOP ratio "
+        f"{s['flop_ratio']:.3f}, time/FLOPs {s['time_vs_flop']:.3f}"
+    )
     if s["predicted_time_ratio"] is not None:
-        print(f"  predicted by `analysis schedule` from the monitored run ({s['predicted_time_basis']}): time ratio "
-              f"{s['predicted_time_ratio']:.3f}, measured/predicted {s['time_vs_predicted']:.3f}")
-    print(f"  wall {s['schedule_s']:.2f} s vs {s['plain_s']:.2f} s plain (ratio {s['wall_ratio']:.3f}); each run: "
-          f"schedule {s['schedule_all_s']}, plain {s['plain_all_s']}")
+        print(
+            f"  predicted by `analysis schedule` from the monitored run ({s['predicted_time_basis']}): time ratio "
+            f"{s['predicted_time_ratio']:.3f}, measured/predicted {s['time_vs_predicted']:.3f}"
+        )
+    print(
+        f"  wall {s['schedule_s']:.2f} s vs {s['plain_s']:.2f} s plain (ratio {s['wall_ratio']:.3f}); each run: "
+        f"schedule {s['schedule_all_s']}, plain {s['plain_all_s']}"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-DEFAULT_STEPS = {"vit": 300, "video": 200}   # the README example's runs
+DEFAULT_STEPS = {"vit": 300, "video": 200}  # the README example's runs
 
 
 def fresh(setup, initial: dict) -> None:

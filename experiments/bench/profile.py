@@ -45,8 +45,9 @@ def _module_labels(model):
     return handles
 
 
-def profile_step(config: str, overrides: list[str] | None, batch_size: int, frozen: int | None, steps: int,
-                 warmup: int, top: int = 8) -> dict:
+def profile_step(
+    config: str, overrides: list[str] | None, batch_size: int, frozen: int | None, steps: int, warmup: int, top: int = 8
+) -> dict:
     """Profile ``steps`` training steps (after ``warmup``) at ``frozen`` blocks frozen (default depth-1)."""
     import torch
     from torch.autograd.profiler import record_function
@@ -59,8 +60,9 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     from core.tracking import NullWriter
     from experiments import config_path
 
-    cfg = load_config(config_path(config),
-                      [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"])
+    cfg = load_config(
+        config_path(config), [*(overrides or []), f"train.batch_size={batch_size}", "probe.enabled=false"]
+    )
     depth = cfg.model.depth
     k = depth - 1 if frozen is None else frozen
     if not 0 <= k < depth:
@@ -102,7 +104,7 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
 
     phase_us: dict[str, float] = defaultdict(float)
     module_us: dict[str, float] = defaultdict(float)
-    op_us: dict[tuple[str, str], float] = defaultdict(float)   # (phase, op) -> self time
+    op_us: dict[tuple[str, str], float] = defaultdict(float)  # (phase, op) -> self time
     op_calls: dict[tuple[str, str], int] = defaultdict(int)
     step_us = 0.0
     for ev in prof.events():
@@ -122,11 +124,19 @@ def profile_step(config: str, overrides: list[str] | None, batch_size: int, froz
     forward_us = phase_us["forward+losses"]
     module_us["(outside modules: embedding, targets, losses)"] = forward_us - sum(module_us.values())
     n = max(steps, 1)
-    top_ops = {phase: [{"op": op, "self_ms": round(us / n / 1000, 2), "calls": op_calls[(ph, op)] // n}
-                       for (ph, op), us in sorted(op_us.items(), key=lambda kv: -kv[1]) if ph == phase][:top]
-               for phase in PHASES}
+    top_ops = {
+        phase: [
+            {"op": op, "self_ms": round(us / n / 1000, 2), "calls": op_calls[(ph, op)] // n}
+            for (ph, op), us in sorted(op_us.items(), key=lambda kv: -kv[1])
+            if ph == phase
+        ][:top]
+        for phase in PHASES
+    }
     return {
-        "frozen": k, "batch_size": batch_size, "steps": steps, "threads": torch.get_num_threads(),
+        "frozen": k,
+        "batch_size": batch_size,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
         "step_ms_unprofiled_median": round(statistics.median(walls) * 1000, 2),
         "step_cpu_ms_median": round(statistics.median(cpus) * 1000, 2),
         "step_ms_profiled": round(step_us / n / 1000, 2),
@@ -148,9 +158,13 @@ def _phase_of(name: str) -> str:
 
 def format_profile(result: dict) -> str:
     """Three small tables: phases, forward by module, top ops (milliseconds per step)."""
-    lines = [f"frozen {result['frozen']}, batch {result['batch_size']}, {result['threads']} thread(s), "
-             f"{result['steps']} steps: {result['step_ms_profiled']:.1f} ms/step under the profiler, "
-             f"CPU time {result['step_cpu_ms_median']:.1f} ms/step median", "", "phase              ms/step"]
+    lines = [
+        f"frozen {result['frozen']}, batch {result['batch_size']}, {result['threads']} thread(s), "
+        f"{result['steps']} steps: {result['step_ms_profiled']:.1f} ms/step under the profiler, "
+        f"CPU time {result['step_cpu_ms_median']:.1f} ms/step median",
+        "",
+        "phase              ms/step",
+    ]
     lines += [f"{p:<18} {v:>8.2f}" for p, v in result["phases_ms"].items()]
     lines += ["", "forward by module                               ms/step"]
     lines += [f"{m:<46} {v:>8.2f}" for m, v in result["modules_forward_ms"].items()]

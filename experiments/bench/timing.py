@@ -44,12 +44,17 @@ def ratio_stats(num: Sequence[float], den: Sequence[float], within: float) -> di
     resolves ``within`` (half-width <= within x median)."""
     ratios = [a / b for a, b in zip(num, den, strict=True)]
     med, lo, hi = median_interval(ratios)
-    return {"ratio": round(med, 4), "low": None if lo is None else round(lo, 4),
-            "high": None if hi is None else round(hi, 4), "resolved": resolves(lo, hi, med, within)}
+    return {
+        "ratio": round(med, 4),
+        "low": None if lo is None else round(lo, 4),
+        "high": None if hi is None else round(hi, 4),
+        "resolved": resolves(lo, hi, med, within),
+    }
 
 
-def per_step_ratio(num_runs: list[list[float]], den_runs: list[list[float]], within: float,
-                   n_boot: int = 2000, seed: int = 0) -> dict:
+def per_step_ratio(
+    num_runs: list[list[float]], den_runs: list[list[float]], within: float, n_boot: int = 2000, seed: int = 0
+) -> dict:
     """Two sets of runs of the same steps (each run: every step's seconds, in step order): the
     ratio of their summed per-step medians over runs, with a 95% bootstrap interval (runs
     resampled with replacement within each set, ``n_boot`` times) and whether it resolves
@@ -59,16 +64,23 @@ def per_step_ratio(num_runs: list[list[float]], den_runs: list[list[float]], wit
     machine's load and cannot resolve a few percent."""
     import numpy as np
 
-    a, b = np.asarray(num_runs, dtype=float), np.asarray(den_runs, dtype=float)   # (runs, steps)
+    a, b = np.asarray(num_runs, dtype=float), np.asarray(den_runs, dtype=float)  # (runs, steps)
     point = float(np.median(a, axis=0).sum() / np.median(b, axis=0).sum())
     if len(a) < 3 or len(b) < 3:
         return {"ratio": round(point, 4), "low": None, "high": None, "resolved": False}
     rng = np.random.default_rng(seed)
-    boots = [np.median(a[rng.integers(len(a), size=len(a))], axis=0).sum()
-             / np.median(b[rng.integers(len(b), size=len(b))], axis=0).sum() for _ in range(n_boot)]
+    boots = [
+        np.median(a[rng.integers(len(a), size=len(a))], axis=0).sum()
+        / np.median(b[rng.integers(len(b), size=len(b))], axis=0).sum()
+        for _ in range(n_boot)
+    ]
     lo, hi = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
-    return {"ratio": round(point, 4), "low": round(lo, 4), "high": round(hi, 4),
-            "resolved": resolves(lo, hi, point, within)}
+    return {
+        "ratio": round(point, 4),
+        "low": round(lo, 4),
+        "high": round(hi, 4),
+        "resolved": resolves(lo, hi, point, within),
+    }
 
 
 def mean_ratio_interval(ratios: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
@@ -86,9 +98,17 @@ def mean_ratio_interval(ratios: Sequence[float], n_boot: int = 2000, seed: int =
     return {"ratio": round(mean, 4), "low": low, "high": high}
 
 
-def interleaved_timings(levels: int, set_level: Callable[[int], None], step: Callable[[], None], rounds: int,
-                        steps_per_round: int, warmup: int, max_rounds: int | None = None, within: float = 0.01,
-                        desc: str = "bench") -> dict:
+def interleaved_timings(
+    levels: int,
+    set_level: Callable[[int], None],
+    step: Callable[[], None],
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    max_rounds: int | None = None,
+    within: float = 0.01,
+    desc: str = "bench",
+) -> dict:
     """Time ``step()`` at every level k = 0..levels-1 (``set_level(k)`` before each), in rounds.
 
     Each round times ``steps_per_round`` steps at every k (order reversed every other round, so
@@ -135,11 +155,23 @@ def freezing_rows(timings: dict, flops: list[float], within: float) -> list[dict
     for k in range(len(flops)):
         t, c = ratio_stats(wall[k], wall[0], within), ratio_stats(cpu[k], cpu[0], within)
         f = flops[k] / flops[0]
-        rows.append({"frozen": k, "step_ms": round(statistics.median(timings["all"][k]) * 1000, 3),
-                     "flops": flops[k], "time_ratio": t["ratio"], "time_low": t["low"], "time_high": t["high"],
-                     "cpu_ratio": c["ratio"], "cpu_low": c["low"], "cpu_high": c["high"],
-                     "flop_ratio": round(f, 4), "time_vs_flop": round(t["ratio"] / f, 4),
-                     "cpu_vs_flop": round(c["ratio"] / f, 4), "resolved": t["resolved"]})
+        rows.append(
+            {
+                "frozen": k,
+                "step_ms": round(statistics.median(timings["all"][k]) * 1000, 3),
+                "flops": flops[k],
+                "time_ratio": t["ratio"],
+                "time_low": t["low"],
+                "time_high": t["high"],
+                "cpu_ratio": c["ratio"],
+                "cpu_low": c["low"],
+                "cpu_high": c["high"],
+                "flop_ratio": round(f, 4),
+                "time_vs_flop": round(t["ratio"] / f, 4),
+                "cpu_vs_flop": round(c["ratio"] / f, 4),
+                "resolved": t["resolved"],
+            }
+        )
     return rows
 
 
@@ -153,5 +185,7 @@ def interval_text(r: dict) -> str:
 def say_resolved(resolved: bool, within: float, what: str, more: str) -> str:
     if resolved:
         return f"every interval is within {within:.1%} of its {what}"
-    return (f"CANNOT resolve {within:.1%}: some interval is wider than {within:.1%} of its {what} "
-            f"(machine load varies); more repeats may narrow it ({more})")
+    return (
+        f"CANNOT resolve {within:.1%}: some interval is wider than {within:.1%} of its {what} "
+        f"(machine load varies); more repeats may narrow it ({more})"
+    )

@@ -18,8 +18,14 @@ from experiments import config_path
 from experiments.bench.timing import alternated, interval_text, per_step_ratio, ratio_stats, say_resolved
 
 
-def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps: int | None = None,
-                   max_repeats: int | None = None, within: float = 0.01) -> dict:
+def bench_tracking(
+    config: str,
+    overrides: list[str] | None,
+    repeats: int,
+    steps: int | None = None,
+    max_repeats: int | None = None,
+    within: float = 0.01,
+) -> dict:
     """The same short run with probes and tracking off and on, alternated, ``repeats`` pairs at
     least (more, up to ``max_repeats``, until the on/off ratio's 95% interval is within
     ``within``). The ratio: every loop iteration's wall time (step, probe, log line, checkpoint:
@@ -40,13 +46,17 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
         r = 0
-        while r < repeats or (r < max_repeats and not per_step_ratio(per_step["on"], per_step["off"],
-                                                                     within)["resolved"]):
+        while r < repeats or (
+            r < max_repeats and not per_step_ratio(per_step["on"], per_step["off"], within)["resolved"]
+        ):
             for mode in alternated(r, "off", "on"):
                 print(f"bench tracking: repeat {r + 1}, tracking {mode}", file=sys.stderr)
                 started = time.perf_counter()
-                result = (train(cfg_off, track=False, progress=False) if mode == "off"
-                          else train(cfg_on, tracking_uri=uri, progress=False))
+                result = (
+                    train(cfg_off, track=False, progress=False)
+                    if mode == "off"
+                    else train(cfg_on, tracking_uri=uri, progress=False)
+                )
                 runs[mode]["total"].append(time.perf_counter() - started)
                 runs[mode]["wall"].append(result.loop_s / n_steps)
                 runs[mode]["cpu"].append(result.loop_cpu_s / n_steps)
@@ -56,34 +66,58 @@ def bench_tracking(config: str, overrides: list[str] | None, repeats: int, steps
     wall = ratio_stats(runs["on"]["wall"], runs["off"]["wall"], within)
     cpu = ratio_stats(runs["on"]["cpu"], runs["off"]["cpu"], within)
     ms = {m: {k: [round(v * 1000, 3) for v in vals] for k, vals in d.items() if k != "total"} for m, d in runs.items()}
-    return {"steps": n_steps, "probe_every": cfg_on.probe.every, "checkpoint_every": cfg_on.train.checkpoint_every,
-            "repeats": r, "within": within,
-            "off_ms": round(statistics.median(runs["off"]["wall"]) * 1000, 3),
-            "on_ms": round(statistics.median(runs["on"]["wall"]) * 1000, 3),
-            "ratio": steps_ratio["ratio"], "low": steps_ratio["low"], "high": steps_ratio["high"],
-            "resolved": steps_ratio["resolved"],
-            "step_off_ms": round(sum(statistics.median(c) for c in zip(*per_step["off"])) * 1000 / n_steps, 3),
-            "step_on_ms": round(sum(statistics.median(c) for c in zip(*per_step["on"])) * 1000 / n_steps, 3),
-            "run_ratio": wall["ratio"], "run_low": wall["low"], "run_high": wall["high"],
-            "cpu_ratio": cpu["ratio"], "cpu_low": cpu["low"], "cpu_high": cpu["high"], "cpu_resolved": cpu["resolved"],
-            "outside_loop_s": {m: round(statistics.median(runs[m]["total"]) - statistics.median(runs[m]["wall"])
-                                        * n_steps, 2) for m in ("off", "on")},
-            "off_all_ms": ms["off"]["wall"], "on_all_ms": ms["on"]["wall"],
-            "off_all_cpu_ms": ms["off"]["cpu"], "on_all_cpu_ms": ms["on"]["cpu"]}
+    return {
+        "steps": n_steps,
+        "probe_every": cfg_on.probe.every,
+        "checkpoint_every": cfg_on.train.checkpoint_every,
+        "repeats": r,
+        "within": within,
+        "off_ms": round(statistics.median(runs["off"]["wall"]) * 1000, 3),
+        "on_ms": round(statistics.median(runs["on"]["wall"]) * 1000, 3),
+        "ratio": steps_ratio["ratio"],
+        "low": steps_ratio["low"],
+        "high": steps_ratio["high"],
+        "resolved": steps_ratio["resolved"],
+        "step_off_ms": round(sum(statistics.median(c) for c in zip(*per_step["off"])) * 1000 / n_steps, 3),
+        "step_on_ms": round(sum(statistics.median(c) for c in zip(*per_step["on"])) * 1000 / n_steps, 3),
+        "run_ratio": wall["ratio"],
+        "run_low": wall["low"],
+        "run_high": wall["high"],
+        "cpu_ratio": cpu["ratio"],
+        "cpu_low": cpu["low"],
+        "cpu_high": cpu["high"],
+        "cpu_resolved": cpu["resolved"],
+        "outside_loop_s": {
+            m: round(statistics.median(runs[m]["total"]) - statistics.median(runs[m]["wall"]) * n_steps, 2)
+            for m in ("off", "on")
+        },
+        "off_all_ms": ms["off"]["wall"],
+        "on_all_ms": ms["on"]["wall"],
+        "off_all_cpu_ms": ms["off"]["cpu"],
+        "on_all_cpu_ms": ms["on"]["cpu"],
+    }
 
 
 def print_tracking(result: dict) -> None:
-    print(f"{result['steps']} steps, probe.every {result['probe_every']}, checkpoint_every "
-          f"{result['checkpoint_every']}, {result['repeats']} alternated pairs of runs")
-    print(f"loop iteration (step, probe, log line, checkpoint), median over runs per step: off "
-          f"{result['step_off_ms']:.2f} ms, on {result['step_on_ms']:.2f} ms")
+    print(
+        f"{result['steps']} steps, probe.every {result['probe_every']}, checkpoint_every "
+        f"{result['checkpoint_every']}, {result['repeats']} alternated pairs of runs"
+    )
+    print(
+        f"loop iteration (step, probe, log line, checkpoint), median over runs per step: off "
+        f"{result['step_off_ms']:.2f} ms, on {result['step_on_ms']:.2f} ms"
+    )
     steps = {"ratio": result["ratio"], "low": result["low"], "high": result["high"]}
     print(f"on / off, summed per-step medians [95% bootstrap interval over runs]: {interval_text(steps)}")
     print(say_resolved(result["resolved"], result["within"], "ratio", "--max-repeats"))
     wall = {"ratio": result["run_ratio"], "low": result["run_low"], "high": result["run_high"]}
     cpu = {"ratio": result["cpu_ratio"], "low": result["cpu_low"], "high": result["cpu_high"]}
-    print(f"whole loops (off {result['off_ms']:.2f}, on {result['on_ms']:.2f} ms/step), on / off median over "
-          f"pairs [95% interval]: wall {interval_text(wall)}, CPU {interval_text(cpu)} (swings with load)")
-    print(f"outside the loop (set-up; end-of-run probe, uploads): off {result['outside_loop_s']['off']:.2f} s, "
-          f"on {result['outside_loop_s']['on']:.2f} s per run")
+    print(
+        f"whole loops (off {result['off_ms']:.2f}, on {result['on_ms']:.2f} ms/step), on / off median over "
+        f"pairs [95% interval]: wall {interval_text(wall)}, CPU {interval_text(cpu)} (swings with load)"
+    )
+    print(
+        f"outside the loop (set-up; end-of-run probe, uploads): off {result['outside_loop_s']['off']:.2f} s, "
+        f"on {result['outside_loop_s']['on']:.2f} s per run"
+    )
     print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")

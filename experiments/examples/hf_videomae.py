@@ -45,11 +45,25 @@ def tiny_config(depth: int = 4, dim: int = 32):
     ``query.bias``/``value.bias``), so a resumed run would not be the run that never stopped."""
     from transformers import VideoMAEConfig
 
-    return VideoMAEConfig(image_size=SIZE, patch_size=PATCH, num_channels=3, num_frames=FRAMES, tubelet_size=TUBELET,
-                          hidden_size=dim, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=2 * dim,
-                          decoder_hidden_size=dim, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                          decoder_intermediate_size=2 * dim, norm_pix_loss=True, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, qkv_bias=False)
+    return VideoMAEConfig(
+        image_size=SIZE,
+        patch_size=PATCH,
+        num_channels=3,
+        num_frames=FRAMES,
+        tubelet_size=TUBELET,
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        intermediate_size=2 * dim,
+        decoder_hidden_size=dim,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=2 * dim,
+        norm_pix_loss=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        qkv_bias=False,
+    )
 
 
 class MovingDigitsForHF(Dataset):
@@ -64,7 +78,7 @@ class MovingDigitsForHF(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        video = self.clips[i]["video"]                                    # (C, T, H, W)
+        video = self.clips[i]["video"]  # (C, T, H, W)
         _keep, mask = tube_mask(1, GRID, MASK_RATIO, torch.Generator().manual_seed(self.seed * 1_000_003 + i))
         bool_mask = torch.zeros(GRID[0] * GRID[1] * GRID[2], dtype=torch.bool)
         bool_mask[mask[0]] = True
@@ -76,10 +90,21 @@ def batch_of(ds: Dataset, n: int) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool = False, seed: int = 0,
-          tracking_uri: str | None = None, every: int = 10, save_steps: int | None = None,
-          resume: str | None = None, stop_at: int | None = None, depth: int = 4,
-          callbacks: list[Any] | None = None) -> dict[str, Any]:
+def train(
+    out: Path,
+    steps: int,
+    *,
+    schedule: dict | None = None,
+    latent: bool = False,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    every: int = 10,
+    save_steps: int | None = None,
+    resume: str | None = None,
+    stop_at: int | None = None,
+    depth: int = 4,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
     """One ``Trainer`` run with the callback; returns its run id, model, optimizer and callback.
     ``stop_at``: end training after that many steps (a run stopped early, to resume from its
     checkpoint); ``resume``: a checkpoint folder to resume from."""
@@ -91,12 +116,22 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
     model = VideoMAEForPreTraining(tiny_config(depth))
     train_ds, probe_ds = MovingDigitsForHF("train", 256, seed), MovingDigitsForHF("val", 16, seed)
     probe = batch_of(probe_ds, 16)
-    cb = LayerLockCallback(model, schedule, latent=latent, probe_batch=probe["pixel_values"],
-                           probe_forward=lambda pv: model.videomae(pv), every=every, log_every=5,
-                           flop_batch=batch_of(train_ds, 8), tracking_uri=tracking_uri, experiment=EXPERIMENT,
-                           tags={schema.TAG_DATASET: "moving_digits"})
+    cb = LayerLockCallback(
+        model,
+        schedule,
+        latent=latent,
+        probe_batch=probe["pixel_values"],
+        probe_forward=lambda pv: model.videomae(pv),
+        every=every,
+        log_every=5,
+        flop_batch=batch_of(train_ds, 8),
+        tracking_uri=tracking_uri,
+        experiment=EXPERIMENT,
+        tags={schema.TAG_DATASET: "moving_digits"},
+    )
     callbacks = [cb, *(callbacks or [])]
     if stop_at is not None:
+
         class Stop(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step >= stop_at:
@@ -104,11 +139,24 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
                     control.should_save = True
 
         callbacks.append(Stop())
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
-                             weight_decay=0.05, lr_scheduler_type="constant", logging_steps=10,
-                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             report_to="none", use_cpu=True, seed=seed, data_seed=seed,
-                             dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=0.0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+    )
     trainer = LayerLockTrainer(model=model, args=args, train_dataset=train_ds, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return {"run_id": cb.run_id, "model": model, "optimizer": trainer.optimizer, "callback": cb}
@@ -136,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"stages": schedule["stages"]}), file=sys.stderr)
         if not schedule["stages"]:
             raise LayerLockError("no block converged in the MAE run: train it longer (--steps)")
-        ll = train(Path(args.out) / "layerlock", args.steps, schedule=schedule, latent=True, seed=args.seed,
-                   tracking_uri=args.tracking_uri)
+        ll = train(
+            Path(args.out) / "layerlock",
+            args.steps,
+            schedule=schedule,
+            latent=True,
+            seed=args.seed,
+            tracking_uri=args.tracking_uri,
+        )
     except LayerLockError as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return 2

@@ -36,8 +36,9 @@ class Frames(Dataset):
     """The first frame of each moving-digits clip ``(3, H, W)`` and a patch mask drawn from its index."""
 
     def __init__(self, split: str, n: int, seed: int = 0) -> None:
-        self.clips = build_dataset(DataConfig(frames=2, size=SIZE, train_clips=max(8, n), val_clips=max(8, n),
-                                              seed=seed), split)
+        self.clips = build_dataset(
+            DataConfig(frames=2, size=SIZE, train_clips=max(8, n), val_clips=max(8, n), seed=seed), split
+        )
         self.n, self.seed = n, seed
 
     def __len__(self) -> int:
@@ -61,30 +62,44 @@ def build_module(depth: int = 4, dim: int = 32):
     class MaskedViT(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.vit = VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=dim, depth=depth, num_heads=2,
-                                         mlp_ratio=2.0, num_classes=0, drop_rate=0.0)
+            self.vit = VisionTransformer(
+                img_size=SIZE,
+                patch_size=PATCH,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=2,
+                mlp_ratio=2.0,
+                num_classes=0,
+                drop_rate=0.0,
+            )
             self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
             self.pixel_head = nn.Linear(dim, PATCH * PATCH * 3)
             self.latent_head = nn.Linear(dim, dim)
-            self.layerlock = None   # the callback, set by train()
+            self.layerlock = None  # the callback, set by train()
 
         def encode_masked(self, image: torch.Tensor, mask_idx: torch.Tensor) -> torch.Tensor:
             x = self.vit.patch_embed(image)
             keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter(1, mask_idx, False)
             x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype))
             x = self.vit.blocks(self.vit._pos_embed(x))
-            return self.vit.norm(x)[:, self.vit.num_prefix_tokens:]
+            return self.vit.norm(x)[:, self.vit.num_prefix_tokens :]
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             image, mask_idx = batch["image"], batch["mask_idx"]
-            feats = torch.gather(self.encode_masked(image, mask_idx), 1,
-                                 mask_idx[..., None].expand(-1, -1, self.mask_token.shape[-1]))
-            target = normalise_patches(torch.gather(patchify(image), 1,
-                                                    mask_idx[..., None].expand(-1, -1, PATCH * PATCH * 3)))
+            feats = torch.gather(
+                self.encode_masked(image, mask_idx), 1, mask_idx[..., None].expand(-1, -1, self.mask_token.shape[-1])
+            )
+            target = normalise_patches(
+                torch.gather(patchify(image), 1, mask_idx[..., None].expand(-1, -1, PATCH * PATCH * 3))
+            )
             loss = F.mse_loss(self.pixel_head(feats), target)
             # LayerLock: the target is block k-1's output on the unmasked image (its tokens after the class token).
-            return self.layerlock.add_latent(loss, lambda: self.vit.forward_features(image), self.latent_head(feats),
-                                             mask_idx + self.vit.num_prefix_tokens)
+            return self.layerlock.add_latent(
+                loss,
+                lambda: self.vit.forward_features(image),
+                self.latent_head(feats),
+                mask_idx + self.vit.num_prefix_tokens,
+            )
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05)
@@ -92,9 +107,19 @@ def build_module(depth: int = 4, dim: int = 32):
     return MaskedViT()
 
 
-def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool = False, seed: int = 0,
-          tracking_uri: str | None = None, every: int = 10, ckpt_path: str | None = None,
-          save_to: str | None = None, mlflow_logger: bool = True) -> dict[str, Any]:
+def train(
+    out: Path,
+    steps: int,
+    *,
+    schedule: dict | None = None,
+    latent: bool = False,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    every: int = 10,
+    ckpt_path: str | None = None,
+    save_to: str | None = None,
+    mlflow_logger: bool = True,
+) -> dict[str, Any]:
     """One Lightning run; returns the module, the trainer and the callback. ``save_to``: write the
     trainer's checkpoint there at the end; ``ckpt_path``: resume from one."""
     import lightning.pytorch as pl
@@ -105,18 +130,37 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
     pl.seed_everything(seed, verbose=False)
     module = build_module()
     probe = torch.stack([Frames("val", 16, seed)[i]["image"] for i in range(16)])
-    logger = (MLFlowLogger(experiment_name="lightning-timm", tracking_uri=tracking_uri or "sqlite:///mlflow.db")
-              if mlflow_logger else False)
-    vit = module.vit   # the stem freezes with block 0: the mask token too, it enters block 0 as the patches do
-    cb = LayerLockCallback(schedule, latent=latent, probe_batch=probe, every=every, log_every=5,
-                           stem=[vit.patch_embed, vit.cls_token, vit.pos_embed, module.mask_token],
-                           probe_forward=lambda x: module.vit.forward_features(x))
+    logger = (
+        MLFlowLogger(experiment_name="lightning-timm", tracking_uri=tracking_uri or "sqlite:///mlflow.db")
+        if mlflow_logger
+        else False
+    )
+    vit = module.vit  # the stem freezes with block 0: the mask token too, it enters block 0 as the patches do
+    cb = LayerLockCallback(
+        schedule,
+        latent=latent,
+        probe_batch=probe,
+        every=every,
+        log_every=5,
+        stem=[vit.patch_embed, vit.cls_token, vit.pos_embed, module.mask_token],
+        probe_forward=lambda x: module.vit.forward_features(x),
+    )
     module.layerlock = cb
     # shuffle=False: every epoch sees the clips in one order, so a resumed run sees what an unstopped one does
     loader = DataLoader(Frames("train", 40, seed), batch_size=8, shuffle=False, num_workers=0)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=True, default_root_dir=str(out), log_every_n_steps=5)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=str(out),
+        log_every_n_steps=5,
+    )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     if save_to:
         trainer.save_checkpoint(save_to)
@@ -124,8 +168,9 @@ def train(out: Path, steps: int, *, schedule: dict | None = None, latent: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.examples.lightning_timm",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.examples.lightning_timm", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--schedule", help="schedule JSON (python -m analysis schedule); none: monitor only")
     p.add_argument("--out", default="lightning-timm-run")
@@ -133,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         schedule = json.loads(Path(args.schedule).read_text()) if args.schedule else None
-        result = train(Path(args.out), args.steps, schedule=schedule, latent=schedule is not None,
-                       tracking_uri=args.tracking_uri)
+        result = train(
+            Path(args.out), args.steps, schedule=schedule, latent=schedule is not None, tracking_uri=args.tracking_uri
+        )
     except (LayerLockError, OSError, json.JSONDecodeError) as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return 2

@@ -75,13 +75,22 @@ def vit_setup(n_train: int = 512, n_probe: int = 32) -> Setup:
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32,
-                              mlp_dim=64, num_classes=10)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
     clips, labels = moving_digits("train", n_train, 1, 32, "digit")
     probe, _ = moving_digits("val", n_probe, 1, 32, "digit")
-    return Setup("vit", model, list(model.encoder.layers),
-                 [model.conv_proj, model.class_token, model.encoder.pos_embedding],
-                 clips[:, :, 0], labels, probe[:, :, 0], batch_size=32, lr=2e-3)
+    return Setup(
+        "vit",
+        model,
+        list(model.encoder.layers),
+        [model.conv_proj, model.class_token, model.encoder.pos_embedding],
+        clips[:, :, 0],
+        labels,
+        probe[:, :, 0],
+        batch_size=32,
+        lr=2e-3,
+    )
 
 
 def video_setup(n_train: int = 256, n_probe: int = 8) -> Setup:
@@ -122,8 +131,15 @@ def make_optimizer(s: Setup) -> torch.optim.Optimizer:
     return torch.optim.AdamW(s.model.parameters(), lr=s.lr, weight_decay=0.05)
 
 
-def train(s: Setup, steps: int, *, monitor: LayerMonitor | None = None, schedule: FreezeSchedule | None = None,
-          optimizer: torch.optim.Optimizer | None = None, on_step: Callable[[int], None] | None = None) -> None:
+def train(
+    s: Setup,
+    steps: int,
+    *,
+    monitor: LayerMonitor | None = None,
+    schedule: FreezeSchedule | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
     """The plain loop: cross-entropy, ``steps`` updates. ``monitor`` and ``schedule`` are the only
     additions LayerLock needs; ``on_step(step)`` runs at the start of each step (tests)."""
     optimizer = optimizer or make_optimizer(s)
@@ -132,9 +148,16 @@ def train(s: Setup, steps: int, *, monitor: LayerMonitor | None = None, schedule
         train_step(s, step, steps, optimizer, monitor=monitor, schedule=schedule, on_step=on_step)
 
 
-def train_step(s: Setup, step: int, steps: int, optimizer: torch.optim.Optimizer, *,
-               monitor: LayerMonitor | None = None, schedule: FreezeSchedule | None = None,
-               on_step: Callable[[int], None] | None = None) -> None:
+def train_step(
+    s: Setup,
+    step: int,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    *,
+    monitor: LayerMonitor | None = None,
+    schedule: FreezeSchedule | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
     """One step of :func:`train` (``bench monitor`` runs two loops' steps in turn)."""
     if schedule is not None:
         apply_schedule(schedule, s.blocks, step, optimizer, stem=s.stem)  # LayerLock: the frozen prefix now
@@ -156,12 +179,24 @@ def train_step(s: Setup, step: int, steps: int, optimizer: torch.optim.Optimizer
 def open_run(tracking_uri: str | None = None, run_name: str | None = None) -> Tracker:
     """A new MLflow run of this example (experiment ``own-loop``), for :func:`attach_monitor`;
     ``with open_run(...) as writer:`` ends it (FINISHED, or FAILED on an error)."""
-    return open_writer(tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=run_name,  # LayerLock
-                       tags={TAG_DATASET: "moving_digits"})
+    return open_writer(
+        tracking_uri=tracking_uri,
+        experiment=EXPERIMENT,
+        run_name=run_name,  # LayerLock
+        tags={TAG_DATASET: "moving_digits"},
+    )
 
 
-def attach_monitor(s: Setup, steps: int, every: int, *, writer=None, count_flops: bool = True,
-                   optimizer: torch.optim.Optimizer | None = None, background: bool = False) -> LayerMonitor:
+def attach_monitor(
+    s: Setup,
+    steps: int,
+    every: int,
+    *,
+    writer=None,
+    count_flops: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    background: bool = False,
+) -> LayerMonitor:
     """The monitor on ``s``'s blocks, probing the fixed held-out batch, logging through ``writer``
     (:func:`open_run`'s; None: the active MLflow run, else a new one the monitor ends).
     ``count_flops``: count the FLOP model on one training batch (``flop_model.json``) and time
@@ -170,12 +205,25 @@ def attach_monitor(s: Setup, steps: int, every: int, *, writer=None, count_flops
     :func:`make_optimizer`'s)."""
     x0, y0 = batch_at(s, 0)
     forward = (lambda model, batch: model(batch)) if background else s.model
-    cost = CostSpec(lambda: F.cross_entropy(s.model(x0), y0), stem=s.stem,  # LayerLock
-                    optimizer=optimizer or make_optimizer(s)) if count_flops else None
+    cost = (
+        CostSpec(
+            lambda: F.cross_entropy(s.model(x0), y0),
+            stem=s.stem,  # LayerLock
+            optimizer=optimizer or make_optimizer(s),
+        )
+        if count_flops
+        else None
+    )
     return LayerMonitor(  # LayerLock
-        s.blocks, ProbeSpec(s.probe, forward, every=every, background=background), model=s.model, writer=writer,
-        cost=cost, log_every=LOG_EVERY, total_steps=steps,
-        params={"train.batch_size": s.batch_size, "example.model": s.name})
+        s.blocks,
+        ProbeSpec(s.probe, forward, every=every, background=background),
+        model=s.model,
+        writer=writer,
+        cost=cost,
+        log_every=LOG_EVERY,
+        total_steps=steps,
+        params={"train.batch_size": s.batch_size, "example.model": s.name},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=20, help="probe interval in steps")
     p.add_argument("--schedule", default=None, help="a schedule JSON (python -m analysis schedule --out ...)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     args = p.parse_args(argv)
     try:
         if args.steps < 1 or args.every < 1:
@@ -196,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             schedule.check_within(args.steps)
         s = SETUPS[args.model]()
         if schedule is not None and schedule.n_blocks != len(s.blocks):
-            raise LayerLockError(f"{args.schedule}: the schedule is for {schedule.n_blocks} blocks, "
-                                 f"--model {args.model} has {len(s.blocks)}")
+            raise LayerLockError(
+                f"{args.schedule}: the schedule is for {schedule.n_blocks} blocks, "
+                f"--model {args.model} has {len(s.blocks)}"
+            )
         optimizer = make_optimizer(s)
-        with (open_run(args.tracking_uri, f"{args.model}-own-loop") as writer,
-              attach_monitor(s, args.steps, args.every, writer=writer, optimizer=optimizer) as monitor):
+        with (
+            open_run(args.tracking_uri, f"{args.model}-own-loop") as writer,
+            attach_monitor(s, args.steps, args.every, writer=writer, optimizer=optimizer) as monitor,
+        ):
             train(s, args.steps, monitor=monitor, schedule=schedule, optimizer=optimizer)
     except LayerLockError as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
