@@ -139,6 +139,18 @@ def test_ray_without_a_cluster_exits_2_within_30_s(store: str) -> None:
     assert not MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Pool and Ray workers train with one torch thread; a serial run in this process matches them
+    bit for bit only with one thread too (float sums over two threads run in another order)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- skip-if-done, failures
 
 
@@ -161,7 +173,7 @@ def test_finished_runs_are_kept_and_a_failing_run_stops_nothing_else(store: str)
 
 
 @pytest.mark.system
-def test_local_pool_gives_the_serial_results_and_loses_no_metric(tmp_path) -> None:
+def test_local_pool_gives_the_serial_results_and_loses_no_metric(tmp_path, one_torch_thread) -> None:
     """Three tiny runs, two worker processes writing to one sqlite store at once: every run is there
     once, with the full metric history and the held-out loss of the same run trained serially."""
     serial_store, local_store = (f"sqlite:///{tmp_path}/{n}.db" for n in ("serial", "local"))
@@ -193,7 +205,7 @@ def ray_cluster():
 
 
 @pytest.mark.system
-def test_freeze_test_grid_on_a_local_ray_cluster_matches_serial(tmp_path, ray_cluster) -> None:
+def test_freeze_test_grid_on_a_local_ray_cluster_matches_serial(tmp_path, ray_cluster, one_torch_thread) -> None:
     """The grid through Ray tasks, against the same grid trained serially on a copy of the store
     (the baseline's checkpoints are shared: the copy points at the same artifact folder)."""
     serial_store = f"sqlite:///{tmp_path}/serial.db"
