@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -96,6 +97,29 @@ def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW
         betas=(0.9, 0.95),
         fused=fused or None,
     )
+
+
+_FLOP_MODELS: dict[str, dict] = {}  # per process: the count of each (model, objective, clip shape, batch size)
+
+
+def _flop_model(cfg: ExperimentConfig) -> dict:
+    """The run's FLOP model (``core.flops.flop_model``), counted once per process for each model,
+    objective, clip shape and batch size: counting traces every stage k and costs seconds of CPU,
+    which each run of a grid or seed group (in one process, or in one pool worker) would pay again
+    for the same numbers. Nothing else of the config enters the count, and counting leaves the RNG
+    alone, so a run's results do not depend on whether its count was cached."""
+    key = json.dumps(
+        {
+            "model": cfg.model.model_dump(mode="json"),
+            "objective": cfg.objective.model_dump(mode="json"),
+            "geometry": dataclasses.asdict(cfg.geometry),
+            "batch_size": cfg.train.batch_size,
+        },
+        sort_keys=True,
+    )
+    if key not in _FLOP_MODELS:
+        _FLOP_MODELS[key] = build_flop_model(cfg)
+    return copy.deepcopy(_FLOP_MODELS[key])
 
 
 def pick_device(name: str) -> torch.device:
@@ -335,7 +359,7 @@ class _Run:
             total_steps=t_cfg.steps,
             loop_metrics=False,
         )
-        self.flops = build_flop_model(cfg)
+        self.flops = _flop_model(cfg)
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
         self.done = _Progress()
         self.interval = _Interval()

@@ -25,6 +25,7 @@ docs/executor.md has the user's side.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -46,6 +47,11 @@ DEFAULT_EXECUTOR = "local"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 WORKER_DIED = "its worker process died"
 RAY_CONNECT_TIMEOUT_S = 10.0
+# Each run of a set sends its spool from a thread of its trainer's process (core.tracking.sender)
+# unless LAYERLOCK_SENDER says otherwise: a sender process of its own costs every run about 4 s of
+# CPU (an interpreter, MLflow's imports, opening the store) on the cores the runs share, and a
+# worker that trains one run after another has MLflow imported and the store open already.
+SENDER_ENV, RUN_SENDER = "LAYERLOCK_SENDER", "thread"
 # A team tracking server (README, "Past one machine"): what a multi-host cluster logs to.
 TEAM_SERVER = "a tracking server, e.g. --tracking-uri http://HOST:5000 (mlflow server with a PostgreSQL backend)"
 
@@ -293,6 +299,24 @@ def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "poo
     starts nothing more); in the command's own process Ctrl-C and SIGTERM end the command."""
     if where == "ray":
         _one_thread()
+    with _run_sender():
+        return _train_spec(spec, resume, uri, where)
+
+
+@contextlib.contextmanager
+def _run_sender():
+    """:data:`RUN_SENDER` as the run's sender while it trains, unless the environment names one."""
+    if SENDER_ENV in os.environ:
+        yield
+        return
+    os.environ[SENDER_ENV] = RUN_SENDER
+    try:
+        yield
+    finally:
+        os.environ.pop(SENDER_ENV, None)
+
+
+def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunResult:
     from core.config import config_from_dict
     from core.train import load_run_checkpoint, train
 
@@ -478,7 +502,7 @@ def _ray(specs, todo, uri, progress, report) -> None:
             "env_vars": {
                 "LAYERLOCK_RUNS_DIR": str(runs_root()),
                 "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
-                **{k: os.environ[k] for k in ("LAYERLOCK_SENDER",) if k in os.environ},
+                **{k: os.environ[k] for k in (SENDER_ENV,) if k in os.environ},
             }
         }
         if len(hosts) == 1

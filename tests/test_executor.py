@@ -151,6 +151,39 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# ----------------------------------------------------------------------------- per-run fixed costs
+
+
+def test_a_run_of_a_set_gives_the_same_results_with_its_fixed_costs_cut(store: str, monkeypatch, one_torch_thread) -> None:
+    """The per-run costs cut for sets of runs (the FLOP model counted once per process, the spool
+    sent from a thread of the trainer) change no result: a freeze-test child trained with both cuts
+    has the held-out loss, FLOP model and losses of the same child trained cold with a sender
+    process, bit for bit. The count cached is the count."""
+    import core.train as core_train
+    from core.flops import flop_model
+
+    base = _baseline(store, steps=8)
+    (child,) = freeze_test_specs(base, [4], [2], store)
+    cold_spec = ex.RunSpec(**{**child.__dict__, "tags": {**child.tags, "which": "cold"}})
+    monkeypatch.setattr(core_train, "_FLOP_MODELS", {})
+    monkeypatch.setenv(ex.SENDER_ENV, "process")
+    cold = ex.train_spec(cold_spec, None, store, where="here")
+    monkeypatch.delenv(ex.SENDER_ENV)
+    assert len(core_train._FLOP_MODELS) == 1  # counted once, now cached for the rest of the set
+    warm = ex.train_spec(child, None, store, where="here")
+    assert ex.SENDER_ENV not in os.environ  # set only while the run trained
+    assert cold.status == warm.status == "FINISHED"
+    assert warm.train.heldout_loss == cold.train.heldout_loss and warm.train.final_loss == cold.train.final_loss
+    assert warm.train.flops == cold.train.flops
+    client = MlflowClient(store)
+    hist = [[(m.step, m.value) for m in client.get_metric_history(r.run_id, "train/loss")] for r in (cold, warm)]
+    assert hist[0] == hist[1] and hist[0]
+    cfg = ExperimentConfig.model_validate(child.config)
+    assert core_train._flop_model(cfg) == flop_model(cfg)
+    other = ExperimentConfig.model_validate(tiny_dict(train={"batch_size": 2 * cfg.train.batch_size}))
+    assert core_train._flop_model(other)["batch_size"] == 2 * cfg.train.batch_size  # another key, counted
+
+
 # ----------------------------------------------------------------------------- skip-if-done, failures
 
 
