@@ -382,27 +382,46 @@ class _Progress:
 
 
 def _serial(specs, todo, uri, progress, report) -> None:
-    for i, resume in todo.items():
+    while todo:  # ``todo`` grows as runs finish when run_specs has ``then``
+        i = next(iter(todo))
+        resume = todo.pop(i)
         progress.running([specs[i].label])
         report(i, train_spec(specs[i], resume, uri, where="here"))
 
 
+def _submit(pool, queue, specs, uri, futures) -> set:
+    """Submit what ``queue`` holds to ``pool`` (taking it out of the queue); the new futures. A pool
+    that broke meanwhile takes nothing: the rest stays queued for the next pool."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    new = set()
+    while queue:
+        i = next(iter(queue))
+        try:
+            f = pool.submit(train_spec, specs[i], queue[i], uri)
+        except BrokenProcessPool:
+            break
+        del queue[i]
+        futures[f] = i
+        new.add(f)
+    return new
+
+
 def _local(specs, todo, uri, workers, progress, report) -> None:
-    """A spawn-context process pool. When a worker dies the pool breaks: the other workers are
-    stopped with SIGTERM (their trainers checkpoint and mark their runs KILLED); those, and runs
-    that had not started, go to a new pool, once; the run whose worker died is FAILED."""
+    """A spawn-context process pool of ``workers`` processes (started as work arrives), fed from
+    ``todo`` as it grows. When a worker dies the pool breaks: the other workers are stopped with
+    SIGTERM (their trainers checkpoint and mark their runs KILLED); those, and runs that had not
+    started, go to a new pool, once; the run whose worker died is FAILED."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    queue, retried = dict(todo), set()
+    queue, retried = todo, set()
     while queue:
         pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(queue)),
-            initializer=_pool_worker,
-            mp_context=multiprocessing.get_context("spawn"),
+            max_workers=workers, initializer=_pool_worker, mp_context=multiprocessing.get_context("spawn")
         )
-        futures = {pool.submit(train_spec, specs[i], resume, uri): i for i, resume in queue.items()}
-        queue, broken, pending = {}, [], set(futures)
+        futures: dict = {}
+        broken, pending = [], _submit(pool, queue, specs, uri, futures)
         try:
             while pending:
                 progress.running([specs[futures[f]].label for f in pending if f.running()])
@@ -412,6 +431,8 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
                         report(futures[f], f.result())
                     except BrokenProcessPool:
                         broken.append(futures[f])
+                if not broken:  # runs that ``then`` added as these finished
+                    pending |= _submit(pool, queue, specs, uri, futures)
         except KeyboardInterrupt:
             _stop_workers(pool)
             for f in pending:
@@ -510,13 +531,21 @@ def _ray(specs, todo, uri, progress, report) -> None:
     )
     remote = ray.remote(train_spec)
     refs = {}
-    for i, resume in todo.items():
-        opts = {"num_cpus": specs[i].num_cpus, "num_gpus": specs[i].num_gpus, "max_retries": 0}
-        if env is not None:
-            opts["runtime_env"] = env
-        refs[remote.options(**opts).remote(specs[i], resume, uri, where="ray")] = i
+
+    def submit() -> list:
+        new = []
+        while todo:  # ``todo`` grows as runs finish when run_specs has ``then``
+            i = next(iter(todo))
+            opts = {"num_cpus": specs[i].num_cpus, "num_gpus": specs[i].num_gpus, "max_retries": 0}
+            if env is not None:
+                opts["runtime_env"] = env
+            ref = remote.options(**opts).remote(specs[i], todo.pop(i), uri, where="ray")
+            refs[ref] = i
+            new.append(ref)
+        return new
+
     try:
-        pending = list(refs)
+        pending = submit()
         while pending:
             progress.running([specs[refs[r]].label for r in pending][:8])
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -530,6 +559,7 @@ def _ray(specs, todo, uri, progress, report) -> None:
                         i,
                         _settle(specs[i], uri, reason) or RunResult(specs[i].key, specs[i].label, None, FAILED, reason),
                     )
+            pending += submit()
     except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: the trainer marks its run and stops
@@ -551,31 +581,55 @@ def run_specs(
     progress: bool | None = None,
     on_result: Callable[[RunResult], None] | None = None,
     raise_failed: bool = True,
+    then: Callable[[RunSpec, RunResult], Sequence[RunSpec]] | None = None,
 ) -> list[RunResult]:
     """Train every spec not FINISHED before; one :class:`RunResult` per spec, in their order.
 
     ``progress``: the bar over runs (default: when stderr is a terminal); a line per finished run
-    is written either way. ``on_result`` is called as each run ends. Raises LayerLockError for bad
-    options, and :class:`RunsFailed` (after every run has ended) when some did not finish, unless
-    ``raise_failed`` is False.
+    is written either way. ``on_result`` is called as each run ends. ``then(spec, result)``, called
+    when a spec has FINISHED (here or before), returns the specs that depend on it (a baseline's
+    freeze-test children): they join the same set at once, so they train while the rest of the set
+    still does (no stage waits for its slowest run); their results follow the given specs', in the
+    order they were added. An error raised by ``then`` stops adding runs; the runs training finish
+    and the error is raised. Raises LayerLockError for bad options, and :class:`RunsFailed` (after
+    every run has ended) when some did not finish, unless ``raise_failed`` is False.
     """
     from core.tracking import absolute_uri, resolve_uri
 
     check_options(executor, workers)
     specs = list(specs)
-    keys = [s.key for s in specs]
-    if len(set(keys)) != len(keys):
+    if len({s.key for s in specs}) != len(specs):
         raise LayerLockError("run_specs: two specs have one key (their identifying tags are equal)")
     uri = absolute_uri(resolve_uri(uri))  # workers may start in other folders
     started = False  # Ray, when this call starts or joins it (and so shuts it down)
     if executor == "ray" and ray_address is not None:
         started = connect_ray(ray_address, uri)  # a cluster that is not there: refused before anything
     _open_store(uri)
-    done, todo = _plan(specs, uri)
+    done, todo = _plan(specs, uri)  # ``todo``: what the back end has still to start; ``then`` adds to it
     results: dict[int, RunResult] = dict(done)
     bar = _Progress(len(specs), 0, desc, sys.stderr.isatty() if progress is None else progress)
-    for i in sorted(done):
-        bar.finished(done[i])
+    errors: list[BaseException] = []  # raised by ``then``
+
+    def grow(i: int, result: RunResult) -> None:
+        """The specs that ``then`` says depend on ``specs[i]``, planned and added to the set."""
+        if then is None or result.status != FINISHED or errors:
+            return
+        try:
+            new = list(then(specs[i], result))
+            if len({s.key for s in specs} | {s.key for s in new}) != len(specs) + len(new):
+                raise LayerLockError("run_specs: a spec from `then` has the key of another one")
+            first = len(specs)
+            specs.extend(new)
+            new_done, new_todo = _plan(new, uri)
+        except Exception as err:
+            errors.append(err)
+            return
+        bar.bar.total = bar.total = len(specs)
+        todo.update({first + j: resume for j, resume in new_todo.items()})
+        for j, res in sorted(new_done.items()):
+            results[first + j] = res
+            bar.finished(res)
+            grow(first + j, res)
 
     def report(i: int, result: RunResult) -> None:
         if result.run_id is None and result.status != FINISHED:  # the run's id, for the list of failures
@@ -586,8 +640,12 @@ def run_specs(
         bar.finished(result)
         if on_result is not None:
             on_result(result)
+        grow(i, result)
 
     try:
+        for i in sorted(done):
+            bar.finished(done[i])
+            grow(i, done[i])
         if todo:
             if executor == "serial":
                 _serial(specs, todo, uri, bar, report)
@@ -602,6 +660,8 @@ def run_specs(
             import ray
 
             ray.shutdown()
+    if errors:
+        raise errors[0]
     out = [results[i] for i in range(len(specs))]
     if raise_failed and any(r.status != FINISHED for r in out):
         raise RunsFailed(out)

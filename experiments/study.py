@@ -152,39 +152,40 @@ def run_study(
         )
         return spec_for(cfg, f"{method} seed {seed}", tags(method), identity={**tags(method), "train.seed": str(seed)})
 
-    # Stages, each one call of the executor: every MAE first (the freeze test's tolerance is their
-    # seed spread, and the schedules come from them); then, with each seed's schedule derived, its
-    # freeze-test grid and the other methods, all independent of each other.
-    _say(f"[study] MAE, seeds {', '.join(map(str, seeds))}")
-    for seed, result in zip(
-        seeds,
-        run_specs(
-            [method_spec("mae", s) for s in seeds], uri=uri, desc="study: MAE", progress=progress, **(executor or {})
-        ),
-        strict=True,
-    ):
-        runs["mae"][seed] = result.run_id
-    specs, slots = [], []
-    for seed in seeds:
-        mae = runs["mae"][seed]
+    # One call of the executor: every MAE, and, as each MAE finishes (``then``), its seed's
+    # schedule is derived and its freeze-test grid and the other methods join the set: they train
+    # while the other seeds' MAEs still do. The freeze test's tolerance (the MAEs' seed spread) is
+    # only read in the analysis, once everything has trained.
+    slots: dict[str, tuple[str, int]] = {}  # spec key -> (method, seed)
+
+    def dependents(mae_spec, result) -> list:
+        seed = int(mae_spec.config["train"]["seed"])
+        mae = result.run_id
         steps, blocks, note = plan_from_run(mae, uri, **spec["grid"])
         if note:
             _say(f"[study] {note}")
         grid = freeze_test_specs(mae, steps, blocks, uri)
-        specs += grid
-        slots += [("freeze_test", seed)] * len(grid)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
-        for method in spec["methods"]:
-            specs.append(method_spec(method, seed))
-            slots.append((method, seed))
-    _say(f"[study] freeze tests and {', '.join(spec['methods'])}: {len(specs)} runs")
-    results = run_specs(specs, uri=uri, desc="study: freeze tests and methods", progress=progress, **(executor or {}))
-    for (method, seed), result in zip(slots, results, strict=True):
+        methods = [method_spec(method, seed) for method in spec["methods"]]
+        slots.update({s.key: ("freeze_test", seed) for s in grid})
+        slots.update({s.key: (m, seed) for s, m in zip(methods, spec["methods"], strict=True)})
+        others = ", ".join(spec["methods"])
+        _say(f"[study] seed {seed}: MAE done; its freeze tests and {others}: {len(grid) + len(methods)} runs")
+        return [*methods, *grid]  # the longest first: full-length runs, then T ascending
+
+    _say(f"[study] MAE, seeds {', '.join(map(str, seeds))}, then each seed's freeze tests and methods")
+    mae_specs = [method_spec("mae", s) for s in seeds]
+    slots.update({s.key: ("mae", seed) for s, seed in zip(mae_specs, seeds, strict=True)})
+    results = run_specs(mae_specs, uri=uri, desc="study runs", progress=progress, then=dependents, **(executor or {}))
+    for result in results:
+        method, seed = slots[result.key]
         if method == "freeze_test":
             children.setdefault(seed, []).append(result.run_id)
         else:
             runs[method][seed] = result.run_id
+    runs = {m: {s: by[s] for s in seeds if s in by} for m, by in runs.items()}  # in the order of --seeds
+    children = {s: children[s] for s in seeds if s in children}
 
     _say("[study] evaluate")
     data = load_eval_data(base, tasks, progress=False)

@@ -154,7 +154,10 @@ def one_torch_thread():
 # ----------------------------------------------------------------------------- per-run fixed costs
 
 
-def test_a_run_of_a_set_gives_the_same_results_with_its_fixed_costs_cut(store: str, monkeypatch, one_torch_thread) -> None:
+@pytest.mark.system
+def test_a_run_of_a_set_gives_the_same_results_with_its_fixed_costs_cut(
+    store: str, monkeypatch, one_torch_thread
+) -> None:
     """The per-run costs cut for sets of runs (the FLOP model counted once per process, the spool
     sent from a thread of the trainer) change no result: a freeze-test child trained with both cuts
     has the held-out loss, FLOP model and losses of the same child trained cold with a sender
@@ -407,3 +410,65 @@ def test_launch_page_starts_a_seed_group_through_the_executor(tmp_path, monkeypa
         assert tail[:6] == ["--seeds", "0,1,2", "--executor", "serial", "--workers", "3"]
     finally:
         jobs.cancel(job)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_demo_trains_the_runs_whose_wall_times_it_compares_one_at_a_time(tmp_path, monkeypatch) -> None:
+    """mae and freeze_only (freeze-only's wall saving is measured against mae) each train in an
+    executor call of their own, one run, with nothing else training; the others train together."""
+    import core.readout
+    from experiments import demo
+
+    calls: list[list[str]] = []
+
+    def fake_run_specs(specs, **kwargs):
+        calls.append([s.label for s in specs])
+        return [ex.RunResult(s.key, s.label, f"id-{s.label}", "FINISHED") for s in specs]
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(ex, "run_specs", fake_run_specs)
+    monkeypatch.setattr(demo, "derive_demo_schedule", lambda *a, **k: (tmp_path / "s.json", {}))
+    monkeypatch.setattr(core.readout, "load_eval_data", stop)
+    with pytest.raises(_Stop):
+        demo.run_demo(8, None, 2, 0.95, 0, 0.75, None, tmp_path, seeds=[0, 1], progress=False)
+    together = ["layerlock seed 0", "latent_scheduled seed 0", "latent_naive seed 0"]
+    together += [label.replace("seed 0", "seed 1") for label in together]
+    assert calls == [
+        ["mae seed 0"],
+        ["mae seed 1"],
+        together,
+        ["freeze_only seed 0"],
+        ["freeze_only seed 1"],
+    ]
+
+
+def test_then_adds_dependent_runs_to_the_set_as_their_baseline_finishes(store: str, monkeypatch) -> None:
+    """``then``: a finished spec's dependents join the set (and train after what was queued before
+    them); results follow in the order added; an error in ``then`` stops adding runs."""
+    trained: list[str] = []
+
+    def fake_train(spec, resume, uri, where="pool"):
+        trained.append(spec.label)
+        return ex.RunResult(spec.key, spec.label, f"id-{spec.label}", "FINISHED")
+
+    def spec(label: str) -> ex.RunSpec:
+        return ex.RunSpec(label, {}, {"which": label})
+
+    deps = {"a": ["a1", "a2"], "a1": ["a11"]}
+    then = lambda s, r: [spec(x) for x in deps.get(s.label, [])]  # noqa: E731
+    monkeypatch.setattr(ex, "train_spec", fake_train)
+    out = ex.run_specs([spec("a"), spec("b")], executor="serial", uri=store, progress=False, then=then)
+    assert trained == ["a", "b", "a1", "a2", "a11"]
+    assert [r.label for r in out] == trained and all(r.status == "FINISHED" for r in out)
+
+    def boom(s, r):
+        raise LayerLockError("no checkpoints")
+
+    with pytest.raises(LayerLockError, match="no checkpoints"):
+        ex.run_specs([spec("c"), spec("d")], executor="serial", uri=store, progress=False, then=boom)
+    assert trained[-2:] == ["c", "d"]  # the error stops adding runs, not the runs of the set
