@@ -125,6 +125,16 @@ def pretrain_argv(
     return argv
 
 
+def freeze_test_argv(baseline: str, executor: str, workers: int, tracking_uri: str | None = None) -> list[str]:
+    """``[python, -m, experiments, freeze-test, --baseline RUN, --grid, --executor E, --workers N,
+    --tracking-uri URI]``: a baseline's freeze-test grid through the executor."""
+    argv = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--grid"]
+    argv += ["--executor", executor, "--workers", str(int(workers))]
+    if tracking_uri:
+        argv += ["--tracking-uri", absolute_uri(tracking_uri)]
+    return argv
+
+
 def override_lines(text: str) -> list[str]:
     """One ``key=value`` per line (blank lines and ``#`` comments skipped); raises ValueError."""
     out = []
@@ -187,11 +197,17 @@ class Job:
 
 
 def start(
-    argv: list[str], run_name: str, tracking_uri: str, source: str = "launch", extra: dict[str, Any] | None = None
+    argv: list[str],
+    run_name: str,
+    tracking_uri: str,
+    source: str = "launch",
+    extra: dict[str, Any] | None = None,
+    tag_run: bool = True,
 ) -> Job:
-    """Start ``argv`` (a :func:`pretrain_argv`) in the repository root with stdout/stderr to files,
-    tagging the run with the job id; returns the job. Raises JobLimitReached when ``max_jobs()``
-    jobs are running."""
+    """Start ``argv`` (a :func:`pretrain_argv` or :func:`freeze_test_argv`) in the repository root
+    with stdout/stderr to files, tagging the run with the job id (``tag_run``; ``freeze-test`` tags
+    its children itself and takes no ``--tag``); returns the job. Raises JobLimitReached when
+    ``max_jobs()`` jobs are running."""
     running = sum(is_running(j) for j in list_jobs(limit=1000))
     if running >= max_jobs():
         raise JobLimitReached(
@@ -200,7 +216,7 @@ def start(
     folder = launch_dir()
     folder.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    argv = [*argv, "--tag", f"{schema.TAG_JOB}={job_id}"]
+    argv = [*argv, "--tag", f"{schema.TAG_JOB}={job_id}"] if tag_run else list(argv)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": absolute_uri(tracking_uri)}
     out_path, log_path = folder / f"{job_id}.out", folder / f"{job_id}.log"
     with open(out_path, "wb") as out, open(log_path, "wb") as log:

@@ -472,3 +472,46 @@ def test_then_adds_dependent_runs_to_the_set_as_their_baseline_finishes(store: s
     with pytest.raises(LayerLockError, match="no checkpoints"):
         ex.run_specs([spec("c"), spec("d")], executor="serial", uri=store, progress=False, then=boom)
     assert trained[-2:] == ["c", "d"]  # the error stops adding runs, not the runs of the set
+
+
+@pytest.mark.system
+def test_launch_page_starts_a_freeze_test_grid_through_the_executor(tmp_path, monkeypatch) -> None:
+    """The Launch page's grid form: ``freeze-test --baseline RUN --grid`` with the executor and
+    workers chosen (capped by LAYERLOCK_MAX_JOBS), started as a job; a second one past the cap is refused."""
+    from streamlit.testing.v1 import AppTest
+
+    from app import jobs
+    from core.schema import TAG_METHOD
+    from tests.helpers import HOME, TIMEOUT, point_app_at
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    point_app_at(store, tmp_path, monkeypatch)
+    client = MlflowClient(store)
+    base = client.create_run(client.create_experiment("e"), tags={TAG_METHOD: "mae"}, run_name="base").info.run_id
+    client.set_terminated(base, "FINISHED")
+    monkeypatch.setenv(jobs.MAX_JOBS_ENV, "1")
+    built: list[list[str]] = []
+    real = jobs.freeze_test_argv
+
+    def sleeper(*a, **k):  # no training on a shared CPU: the job sleeps; what matters is its command
+        built.append(real(*a, **k))
+        return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+    monkeypatch.setattr(jobs, "freeze_test_argv", sleeper)
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT).run()
+    at.switch_page("screens/launch.py").run()
+    assert at.number_input(key="grid_workers").value == 1  # the cap
+    at.button(key="grid_submit").click().run()
+    assert any("choose a baseline" in w.value for w in at.warning) and not jobs.list_jobs()
+    at.selectbox(key="grid_baseline").set_value(base)
+    at.selectbox(key="grid_executor").set_value("local")
+    at.button(key="grid_submit").click().run()
+    assert not at.exception and any("freeze-test grid" in s.value for s in at.success), [w.value for w in at.warning]
+    (job,) = jobs.list_jobs()
+    try:
+        assert built[0][2:9] == ["experiments", "freeze-test", "--baseline", base, "--grid", "--executor", "local"]
+        assert built[0][9:11] == ["--workers", "1"] and job.source == "launch-grid"
+        at.button(key="grid_submit").click().run()
+        assert any("at most 1" in w.value for w in at.warning) and len(jobs.list_jobs()) == 1
+    finally:
+        jobs.cancel(job)

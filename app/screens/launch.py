@@ -19,6 +19,7 @@ OBJECTIVES = [FROM_CONFIG, "pixel", "layerlock", "latent_scheduled", "latent_nai
 DATASETS = [FROM_CONFIG, "moving_digits", "photo_pans", "video_folder"]
 NO_SCHEDULE, CUSTOM = "none (nothing frozen)", "custom path…"
 EXECUTORS = ["local", "serial", "ray"]  # python -m experiments ... --executor
+GRID_SOURCE = "launch-grid"  # a job's source: a freeze-test grid (not one pretrain run)
 
 st.title("Launch a training run")
 uri = state.tracking_uri()
@@ -156,6 +157,51 @@ if submitted:
         st.success(f"Started {name} (pid {job.pid}).")
 
 
+# ----------------------------------------------------------------------------- a freeze-test grid
+
+st.subheader("Freeze-test grid")
+st.caption(
+    "Branches the baseline's `freeze-test --grid` children (blocks 0..L-1 frozen from its checkpoint at T) "
+    "through the executor; the grid is on the Freeze test page as the children finish."
+)
+_runs = loaders.runs(uri)
+_baselines = _runs[(_runs["status"] == "FINISHED") & (_runs["method"] != schema.METHOD_FREEZE_TEST)]
+_names = dict(zip(_baselines["run_id"], _baselines["name"], strict=True))
+with st.form("grid_form"):
+    a, b, c = st.columns([2, 1, 1])
+    baseline = a.selectbox(
+        "Baseline run",
+        list(_names),
+        index=None,
+        key="grid_baseline",
+        format_func=lambda rid: f"{_names[rid]} · {rid[:8]}",
+        placeholder="a FINISHED run with checkpoints",
+    )
+    grid_executor = b.selectbox("Executor", EXECUTORS, key="grid_executor")
+    grid_workers = c.number_input(
+        "Workers",
+        min_value=1,
+        max_value=jobs.max_jobs(),
+        value=min(2, jobs.max_jobs()),
+        key="grid_workers",
+        help=f"worker processes for local (at most ${jobs.MAX_JOBS_ENV})",
+    )
+    grid_submitted = st.form_submit_button("Start the grid", key="grid_submit")
+
+if grid_submitted:
+    if baseline is None:
+        st.warning("Not started: choose a baseline run")
+    else:
+        try:
+            argv = jobs.freeze_test_argv(baseline, grid_executor, int(grid_workers), uri)
+            job = jobs.start(argv, f"freeze-test {baseline[:8]}", uri, source=GRID_SOURCE, tag_run=False)
+        except (LayerLockError, ValueError) as err:  # jobs.JobLimitReached
+            st.warning(f"Not started: {first_line(err)}")
+        else:
+            state.remember_job(job.job_id)
+            st.success(f"Started the freeze-test grid of {baseline[:8]} (pid {job.pid}).")
+
+
 def _job_run(job: jobs.Job) -> str | None:
     """The job's run: tagged with its job id (a job started before job-id tags: by run name)."""
     if f"{schema.TAG_JOB}={job.job_id}" in job.argv:
@@ -208,7 +254,10 @@ def _job_panel(job: jobs.Job, newest: bool) -> None:
         f"{job.run_name} · {status} · started {started}", expanded=newest or status == "running", icon=icon
     ):
         st.code(shlex.join(["python", *job.argv[1:]]), language="bash")
-        _progress(job, status)
+        if job.source == GRID_SOURCE:
+            st.caption("A freeze-test grid: the log below has one line per finished child.")
+        else:
+            _progress(job, status)
         if status == "running":
             if st.button("Cancel", key=f"launch_cancel_{job.job_id}", help="SIGINT, then SIGTERM if needed"):
                 how = jobs.cancel(job)
