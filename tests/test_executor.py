@@ -326,6 +326,33 @@ def test_a_worker_killed_mid_grid_is_reported_and_the_rerun_trains_only_the_rest
     assert all(r.info.status == "FINISHED" for r in stored) and before < {r.info.run_id for r in stored}
 
 
+@pytest.mark.system
+def test_a_ray_worker_that_dies_fails_its_run_and_the_others_finish(store: str) -> None:
+    """``--executor ray``: SIGKILL to the Ray worker process training one child (Ray raises
+    WorkerCrashedError; tasks are not retried): that run is FAILED with its reason, the other three
+    finish, the command lists the failure and exits 1."""
+    pytest.importorskip("ray")
+    baseline = _baseline(store, steps=40)
+    cmd = [sys.executable, "-m", "experiments", "freeze-test", "--baseline", baseline, "--steps", "8,16"]
+    cmd += ["--blocks", "1,2", "--executor", "ray", "--tracking-uri", store]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim, pid = _wait_for_running_child(store, baseline, proc)
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert f"FAILED ({victim}): {ex.WORKER_DIED} (WorkerCrashedError)" in err, err[-3000:]
+    assert "1 of 4 runs did not finish" in err
+    stored = {r.info.run_id: r for r in _children(store, baseline)}
+    assert stored[victim].info.status == "FAILED"
+    assert stored[victim].data.tags["layerlock.failure_reason"].startswith(ex.WORKER_DIED)
+    assert sorted(r.info.status for r in stored.values()) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+
+
 def test_freeze_test_specs_check_the_grid_before_anything_trains(store: str) -> None:
     baseline = _baseline(store)
     with pytest.raises(LayerLockError, match="no checkpoint at step 5"):
