@@ -158,8 +158,11 @@ def run_study(
     # only read in the analysis, once everything has trained.
     slots: dict[str, tuple[str, int]] = {}  # spec key -> (method, seed)
 
-    def dependents(mae_spec, result) -> list:
-        seed = int(mae_spec.config["train"]["seed"])
+    def dependents(finished, result) -> list:
+        """An MAE's dependents: its seed's freeze-test grid and other methods (none for other runs)."""
+        method, seed = slots[finished.key]
+        if method != "mae":
+            return []
         mae = result.run_id
         steps, blocks, note = plan_from_run(mae, uri, **spec["grid"])
         if note:
