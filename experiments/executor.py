@@ -11,8 +11,10 @@ off); :func:`run_specs` trains a list of them through one of three back ends and
   ``ray_address`` (a local one when None).
 
 Every back end calls the same function, :func:`train_spec`, around :func:`core.train.train`.
-Dependencies are stages: the caller trains a baseline with one call and its freeze-test children
-with the next; nothing here orders runs inside one call.
+Dependencies: ``run_specs(..., then=f)`` calls ``f(spec, result)`` as each spec finishes and
+trains the specs it returns in the same set (a baseline's freeze-test children join as soon as it
+has its checkpoints, while the rest of the set trains); without ``then`` the specs of one call are
+independent.
 
 Re-running: every run carries ``layerlock.run_key`` (:attr:`RunSpec.key`, made of its identifying
 tags). Before training, a spec whose key already has a FINISHED run is not trained again; one
