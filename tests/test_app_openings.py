@@ -288,3 +288,10 @@ def test_runs_and_block_metrics_csv_round_trip_the_store(demo_store) -> None:
     merged = read.merge(layer, on=["metric", "block", "step"], suffixes=("_csv", "_store"))
     assert len(merged) == len(layer) and (merged["value_csv"] == merged["value_store"]).all()
     assert (layer["value"] % 1 != 0).any()  # real fractions, not integers that trivially survive
+
+
+def test_dashboard_link_is_a_page_with_its_query() -> None:
+    from experiments.demo import dashboard_link
+
+    assert dashboard_link("compare", demo=DEMO) == f"http://127.0.0.1:8501/compare?demo={DEMO}"
+    assert dashboard_link("study") == "http://127.0.0.1:8501/study"
