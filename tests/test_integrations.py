@@ -263,3 +263,34 @@ def test_lightning_version_outside_the_range_is_one_error(monkeypatch):
     monkeypatch.setattr(pl, "__version__", "1.9.5")
     with pytest.raises(LayerLockError, match="lightning 1.9.5 is not supported"):
         callback_for(pl)()
+
+
+# ----------------------------------------------------------------------------- feat_std over seeds
+
+
+@pytest.mark.system  # trains four tiny HF runs in process
+def test_hf_feat_std_over_seeds_reports_each_method_with_an_interval(tmp_path, capsys):
+    uri = _store(tmp_path)
+    argv = ["--seeds", "0,1", "--methods", "mae,latent_naive", "--steps", "6", "--out", str(tmp_path / "runs")]
+    assert hf.main([*argv, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "position-controlled feat_std" in out
+    mae_line = next(line for line in out.splitlines() if line.strip().startswith("mae "))
+    naive_line = next(line for line in out.splitlines() if line.strip().startswith("latent_naive "))
+    assert "n=2" in mae_line and "[" in mae_line and "ratio to mae" in naive_line
+    # The naive latent: nothing frozen, no pixel loss, the latent loss from the first log step on.
+    runs = io.client(uri).search_runs(
+        [io.client(uri).get_experiment_by_name(hf.EXPERIMENT).experiment_id],
+        filter_string=f"tags.{schema.TAG_METHOD} = 'latent_naive'",
+    )
+    assert len(runs) == 2
+    hist = io.load_history(runs[0].info.run_id, [schema.LOSS_LATENT, schema.FROZEN_BLOCKS], uri)
+    assert min(hist[hist["metric"] == schema.LOSS_LATENT]["step"]) <= 5
+    assert set(hist[hist["metric"] == schema.FROZEN_BLOCKS]["value"]) <= {0.0}
+
+
+def test_hf_feat_std_bad_methods_and_seeds_exit_2(capsys):
+    assert hf.main(["--seeds", "0,1", "--methods", "mae,nope"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --methods nope")
+    assert hf.main(["--seeds", "0,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
