@@ -294,3 +294,73 @@ def test_hf_feat_std_bad_methods_and_seeds_exit_2(capsys):
     assert capsys.readouterr().err.strip().startswith("error: --methods nope")
     assert hf.main(["--seeds", "0,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input, command line
+
+
+def test_bad_schedule_stage_and_dotted_blocks_are_one_error_each():
+    from transformers import VideoMAEForPreTraining
+
+    model = VideoMAEForPreTraining(hf.tiny_config(depth=4))
+    # A stage whose latent target (block frozen-1) does not exist / leaves nothing to train.
+    with pytest.raises(LayerLockError, match="frozen=6 leaves no block trainable"):
+        LayerLockSession(model, {"n_blocks": 4, "stages": [{"step": 5, "frozen": 6}]}, latent=True)
+    with pytest.raises(LayerLockError, match="no list of blocks there"):
+        LayerLockSession(model, blocks="encoder.blocks")
+
+
+@pytest.mark.system  # starts a Lightning Trainer (about 10 s on a loaded machine)
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ({"n_blocks": 8, "stages": [{"step": 5, "frozen": 6}]}, "n_blocks=8 but 4 blocks"),
+        ({"n_blocks": 4, "stages": [{"step": 5, "frozen": 6}]}, "leaves no block trainable"),
+    ],
+    ids=["more-blocks-than-the-model", "stage-past-the-last-block"],
+)
+def test_lightning_example_bad_schedule_exits_2(tmp_path, capsys, schedule, message):
+    import json
+
+    lt = _lightning()
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps(schedule))
+    argv = ["--steps", "2", "--schedule", str(path), "--out", str(tmp_path / "run")]
+    assert lt.main([*argv, "--tracking-uri", _store(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_hf_example_framework_version_outside_the_range_exits_2(tmp_path, capsys, monkeypatch):
+    import core.integrations.huggingface as hf_integration  # the module object the callback reads
+
+    monkeypatch.setattr(hf_integration.transformers, "__version__", "6.1.0")
+    assert hf.main(["--steps", "2", "--out", str(tmp_path / "run"), "--tracking-uri", _store(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: transformers 6.1.0 is not supported: LayerLock's callback supports transformers >=4.40,<6"
+
+
+# ----------------------------------------------------------------------------- bench integrations
+
+
+def test_bench_integrations_bad_steps_exit_2(capsys):
+    from experiments.cli import main
+
+    assert main(["bench", "integrations", "--steps", "3"]) == 2
+    assert "error: bench integrations: --steps must be at least 10" in capsys.readouterr().err
+
+
+@pytest.mark.system  # trains ten tiny framework runs in process
+def test_bench_integrations_runs_and_prints_every_field(capsys):
+    _lightning()
+    from experiments.cli import main
+
+    assert main(["bench", "integrations", "--steps", "10", "--every", "5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("torch ") and "CPU " in out and "cores" in out
+    assert "HF VideoMAE, schedule " in out and "measured/predicted" in out
+    stage_rows = [line.split() for line in out.splitlines() if line.startswith("  ") and line.split()[0].isdigit()]
+    assert stage_rows and stage_rows[0][0] == "0" and len(stage_rows) >= 2  # k=0 and a frozen stage
+    for framework in ("hf", "lightning"):
+        line = next(line for line in out.splitlines() if line.startswith(f"{framework} callback overhead"))
+        assert "every=5" in line and "ratio " in line and "ms/step" in line

@@ -113,6 +113,8 @@ def train(
     depth: int = 4,
     callbacks: list[Any] | None = None,
     naive: bool = False,
+    callback: bool = True,
+    calibration: int = 0,
 ) -> dict[str, Any]:
     """One ``Trainer`` run with the callback; returns its run id, model, optimizer and callback.
     ``stop_at``: end training after that many steps (a run stopped early, to resume from its
@@ -143,8 +145,9 @@ def train(
         tracking_uri=tracking_uri,
         experiment=EXPERIMENT,
         tags={schema.TAG_DATASET: "moving_digits", **({schema.TAG_METHOD: "latent_naive"} if naive else {})},
+        calibration=calibration,
     )
-    callbacks = [cb, *(callbacks or [])]
+    callbacks = [cb, *(callbacks or [])] if callback else list(callbacks or [])
     if stop_at is not None:
 
         class Stop(TrainerCallback):

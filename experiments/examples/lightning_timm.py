@@ -55,6 +55,13 @@ def patchify(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // PATCH) * (w // PATCH), PATCH * PATCH * c)
 
 
+class _NoLayerLock:
+    """Stands in for the callback in a run without it (``train(callback=False)``, the bench's plain arm)."""
+
+    def add_latent(self, loss: torch.Tensor, *_args: Any) -> torch.Tensor:
+        return loss
+
+
 def build_module(depth: int = 4, dim: int = 32):
     import lightning.pytorch as pl
     from timm.models.vision_transformer import VisionTransformer
@@ -120,6 +127,8 @@ def train(
     save_every: int | None = None,
     stop_at: int | None = None,
     mlflow_logger: bool = True,
+    callback: bool = True,
+    extra_callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """One Lightning run; returns the module, the trainer and the callback. ``save_every``:
     Lightning's own ``ModelCheckpoint`` saves ``out/checkpoints/step=N.ckpt`` every that many
@@ -155,8 +164,9 @@ def train(
         stem=[vit.patch_embed, vit.cls_token, vit.pos_embed, module.mask_token],
         probe_forward=lambda x: module.vit.forward_features(x),
     )
-    module.layerlock = cb
-    callbacks: list[Any] = [cb]
+    module.layerlock = cb if callback else _NoLayerLock()
+    callbacks: list[Any] = [cb] if callback else []
+    callbacks += list(extra_callbacks or [])
     if save_every:
         callbacks.append(
             ModelCheckpoint(
