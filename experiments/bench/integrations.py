@@ -18,7 +18,6 @@ Timings are measured here, never asserted in tests: the machine decides them.
 
 from __future__ import annotations
 
-import platform
 import sys
 import tempfile
 import time
@@ -26,28 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from core.timemodel import median_interval
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import os
-
-    return {
-        "torch": torch.__version__,
-        "torch_build": f"git {(torch.version.git_version or '?')[:10]}, CUDA {torch.version.cuda or 'none'}, "
-        f"MKL {torch.backends.mkl.is_available()}, OpenMP {torch.backends.openmp.is_available()}",
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def bench_schedule(steps: int, tmp: Path) -> dict[str, Any]:
@@ -174,7 +151,7 @@ def bench_overhead(framework: str, steps: int, every: int, repeats: int, tmp: Pa
 def bench_integrations(
     steps: int, every: int, repeats: int, overhead_steps: int, parts: tuple = ("schedule", "hf", "lightning")
 ) -> dict:
-    out: dict[str, Any] = {"machine": machine()}
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp:
         if "schedule" in parts:
             out["schedule"] = bench_schedule(steps, Path(tmp))
@@ -185,8 +162,7 @@ def bench_integrations(
 
 
 def print_integrations(result: dict[str, Any]) -> None:
-    m = result["machine"]
-    print(f"torch {m['torch']} ({m['torch_build']}), {m['threads']} threads; CPU {m['cpu']}, {m['cores']} cores")
+    """The result, after the machine line (``experiments.bench._show`` prints it first)."""
     if "schedule" in result:
         s = result["schedule"]
         print(
