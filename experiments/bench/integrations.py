@@ -18,6 +18,7 @@ Timings are measured here, never asserted in tests: the machine decides them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -152,7 +153,8 @@ def bench_integrations(
     steps: int, every: int, repeats: int, overhead_steps: int, parts: tuple = ("schedule", "hf", "lightning")
 ) -> dict:
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp:
+    # The frameworks print their logs on stdout: to stderr here, so that stdout is the result (--json).
+    with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp, contextlib.redirect_stdout(sys.stderr):
         if "schedule" in parts:
             out["schedule"] = bench_schedule(steps, Path(tmp))
         out["overhead"] = [
