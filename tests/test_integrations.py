@@ -215,7 +215,7 @@ def _lightning_resume(tmp_path, every):
     # Lightning's own ModelCheckpoint at step 10 (5 batches an epoch: an epoch boundary, inside the
     # frozen stage), the run interrupted there, then resumed from that checkpoint in a new Trainer.
     lt.train(tmp_path / "stopped", 15, save_every=10, stop_at=10, **kw)
-    ckpt = str(tmp_path / "stopped" / "checkpoints" / "step=10.ckpt")
+    ckpt = str(tmp_path / "stopped" / schema.CHECKPOINT_DIR / "step=10.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["callbacks"]["LayerLockCallback"]["frozen"] == 2
     resumed = lt.train(tmp_path / "stopped", 15, ckpt_path=ckpt, save_every=10, **kw)

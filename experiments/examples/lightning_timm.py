@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from core import schema
 from core.config import DataConfig
 from core.data import build_dataset
 from core.errors import LayerLockError, first_line
@@ -170,7 +171,10 @@ def train(
     if save_every:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=str(out / "checkpoints"), filename="{step}", every_n_train_steps=save_every, save_top_k=-1
+                dirpath=str(out / schema.CHECKPOINT_DIR),
+                filename="{step}",
+                every_n_train_steps=save_every,
+                save_top_k=-1,
             )
         )
     if stop_at is not None:
