@@ -24,6 +24,9 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# Processes that share this machine's cores, each with its own torch threads (a local executor's
+# pool sets it in every worker): a core is free only if all of them leave one.
+SHARING_ENV = "LAYERLOCK_PROCESSES_SHARING_CORES"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
 _kept = False
@@ -57,14 +60,20 @@ def keep_freed_memory() -> bool:
 def spare_core(device_type: str, threads: int) -> bool:
     """Whether building batches in a background thread can overlap with the step: on a GPU the
     host is mostly idle; on CPU only when torch's intra-op threads leave a core free (a third
-    thread on a fully used CPU only delays the OpenMP threads it preempts)."""
+    thread on a fully used CPU only delays the OpenMP threads it preempts). ``$LAYERLOCK_PROCESSES_SHARING_CORES``
+    (:data:`SHARING_ENV`, set by the local executor's workers) says how many processes of
+    ``threads`` threads each share the cores."""
     if device_type != "cpu":
         return True
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return threads < cores
+    try:
+        sharing = max(1, int(os.environ.get(SHARING_ENV, "1")))
+    except ValueError:
+        sharing = 1
+    return threads * sharing < cores
 
 
 class Prefetcher(Generic[T]):

@@ -280,10 +280,14 @@ def _drop(run_id: str, uri: str) -> None:
 # ----------------------------------------------------------------------------- the worker side
 
 
-def _pool_worker() -> None:
-    """A pool worker's setup: one torch thread (the workers share the cores), and Ctrl-C left to
-    the command, which stops its workers with SIGTERM (each trainer checkpoints and marks KILLED)."""
+def _pool_worker(workers: int = 1) -> None:
+    """A pool worker's setup: one torch thread (the workers share the cores; ``core.perf.spare_core``
+    is told how many share them), and Ctrl-C left to the command, which stops its workers with
+    SIGTERM (each trainer checkpoints and marks KILLED)."""
+    from core.perf import SHARING_ENV
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ[SHARING_ENV] = str(workers)
     _one_thread()
 
 
@@ -420,7 +424,10 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
     queue, retried = todo, set()
     while queue:
         pool = ProcessPoolExecutor(
-            max_workers=workers, initializer=_pool_worker, mp_context=multiprocessing.get_context("spawn")
+            max_workers=workers,
+            initializer=_pool_worker,
+            initargs=(workers,),
+            mp_context=multiprocessing.get_context("spawn"),
         )
         futures: dict = {}
         broken, pending = [], _submit(pool, queue, specs, uri, futures)

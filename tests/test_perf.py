@@ -29,3 +29,19 @@ def test_spare_core_and_allocator() -> None:
     assert spare_core("cuda", 64) and not spare_core("cpu", 10_000)
     glibc = platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc and keep_freed_memory() is glibc  # mallopt is glibc's; idempotent
+
+
+def test_spare_core_counts_the_processes_sharing_the_cores(monkeypatch) -> None:
+    """A local executor's workers each run one torch thread; with as many workers as cores, no core
+    is spare for a batch thread or background probes, though each worker alone would leave one."""
+    import os
+
+    from core.perf import SHARING_ENV
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv(SHARING_ENV, raising=False)
+    assert spare_core("cpu", 1) == (cores > 1)
+    monkeypatch.setenv(SHARING_ENV, str(cores))
+    assert not spare_core("cpu", 1)
+    monkeypatch.setenv(SHARING_ENV, "not a number")
+    assert spare_core("cpu", 1) == (cores > 1)
