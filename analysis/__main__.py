@@ -1,4 +1,4 @@
-"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement} ...``.
+"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement,freeze-test-report} ...``.
 
 Library code raises :class:`core.errors.LayerLockError`; this is the only place that turns it
 into one ``error: ...`` line on stderr and exit code 2 (docs/architecture.md, "Errors"). Heavy imports
@@ -204,10 +204,40 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     runs = io.load_freeze_test(args.run, args.tracking_uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
     report = agreement_report(runs, tol=args.tol)
     if args.json:
+        from analysis.agreement import ties_lines
+
         print(report["tolerance"]["line"], file=sys.stderr)
+        for line in ties_lines(report["ties"]):
+            print(line, file=sys.stderr)
         print(_dump(report))
         return
     print(format_report(report))
+
+
+def cmd_freeze_test_report(args: argparse.Namespace) -> None:
+    from analysis import io
+    from analysis.agreement import (
+        VARIANT_SAVINGS,
+        calibrated_tolerance,
+        format_variant_costs,
+        seed_noise,
+        variant_costs,
+    )
+    from analysis.compare import FINAL_LOSS_PARTS
+
+    ids = [r for r in args.runs.split(",") if r.strip()]
+    if not ids:
+        raise LayerLockError("--runs is empty: give the baselines' run ids, comma-separated (one per seed)")
+    tests = [io.load_freeze_test(r.strip(), args.tracking_uri, FINAL_LOSS_PARTS) for r in ids]
+    costs = variant_costs(tests)
+    noise = seed_noise(tests)
+    tolerance = calibrated_tolerance(tests[0])
+    if args.json:
+        print(tolerance.line(), file=sys.stderr)
+        print(_dump({"tolerance": tolerance.to_dict(), "seed_noise": noise[0], "cells": costs.to_dict("records")}))
+        return
+    print(tolerance.line())
+    print(format_variant_costs(costs, noise, VARIANT_SAVINGS))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -299,6 +329,20 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     )
     agree.add_argument("--json", action="store_true", help="print the report as JSON")
     agree.set_defaults(func=cmd_agreement)
+
+    rep = sub.add_parser(
+        "freeze-test-report",
+        parents=[common],
+        help="each freeze-test cell's cost (every variant) with its 95%% interval over seeds",
+        description="Per (variant, cell, T): child final loss / its own baseline's - 1, averaged over the "
+        "baselines given (one per seed), with a Student-t 95%% interval over them; children without a "
+        "variant tag are the prefix test.",
+    )
+    rep.add_argument(
+        "--runs", required=True, metavar="RUN_ID,...", help="the baselines (one per seed), comma-separated"
+    )
+    rep.add_argument("--json", action="store_true", help="print the cells as JSON")
+    rep.set_defaults(func=cmd_freeze_test_report)
     return parser
 
 

@@ -1,0 +1,266 @@
+"""Freeze-test variants (issue 27): one frozen-set mechanism, what each variant freezes and saves,
+the stem's own schedule, the group-scored tolerance, the ties report and the cost report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import io
+from analysis.agreement import (
+    agreement_from_frames,
+    format_report,
+    format_variant_costs,
+    freeze_test_ties,
+    seed_noise,
+    variant_costs,
+)
+from analysis.compare import FINAL_LOSS_PARTS, freeze_grid_from_frames
+from analysis.testing import create_run_from_frames
+from core import schema
+from core.config import ExperimentConfig
+from core.errors import ConfigError, LayerLockError, ScheduleError
+from core.flops import count_step_flops, flop_model
+from core.freezing import FreezeSchedule, FrozenSet, prefix_set, schedule_from_config, set_frozen
+from core.masking import tube_mask
+from core.model import build_model
+from core.objectives import compute_losses
+from core.train import build_optimizer, train
+from experiments.cli import main as experiments_main
+from experiments.freeze_test import variant_set
+from tests.helpers import tiny_dict
+
+DEPTH = 4  # the tiny config's
+
+
+def _model():
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.geometry)
+    opt = build_optimizer(model, cfg)
+    g = cfg.geometry
+    video = torch.rand(4, 3, g.frames, g.size, g.size)
+    keep, mask = tube_mask(4, g.grid, cfg.model.mask_ratio, torch.Generator().manual_seed(1))
+    return cfg, model, opt, (video, keep, mask)
+
+
+def _steps(cfg, model, opt, batch, n=3) -> None:
+    for _ in range(n):
+        compute_losses(model, model, *batch, cfg.objective)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _params(model, fs: FrozenSet):
+    """(frozen, trainable) parameter lists of the encoder's stem and blocks under ``fs``."""
+    frozen, free = [], []
+    for i, blk in enumerate(model.blocks):
+        (frozen if i in fs.blocks else free).extend(blk.parameters())
+    (frozen if fs.stem else free).extend(model.patch_embed.parameters())
+    return frozen, free
+
+
+@pytest.mark.parametrize(
+    ("variant", "x"),
+    [("prefix", 2), ("stem", 0), ("prefix-no-stem", 2), ("block", 0), ("block", 2)],
+)
+def test_each_variant_freezes_exactly_its_parameters(variant, x) -> None:
+    cfg, model, opt, batch = _model()
+    _steps(cfg, model, opt, batch, 1)  # every parameter has Adam state now
+    fs = variant_set(variant, x, DEPTH)
+    set_frozen(model, opt, fs)
+    frozen, free = _params(model, fs)
+    assert frozen and all(p not in opt.state for p in frozen)
+    before = [p.detach().clone() for p in frozen]
+    free_before = [p.detach().clone() for p in free]
+    _steps(cfg, model, opt, batch)
+    assert all(torch.equal(a, p) for a, p in zip(before, frozen, strict=True))  # bitwise unchanged
+    changed = [not torch.equal(a, p) for a, p in zip(free_before, free, strict=True)]
+    assert sum(changed) >= len(changed) - 2  # every trainable tensor moves (a zero-init bias may not, once)
+    # Whatever trains below the frozen set still gets a gradient through it.
+    stem_moves = not torch.equal(free_before[-1], free[-1]) if not fs.stem else None
+    if variant in ("prefix-no-stem", "block"):
+        assert stem_moves, "the stem trains: gradients must flow through the frozen blocks to it"
+    assert model.frozen_prefix == (fs.prefix if fs.stem else 0)
+
+
+def test_the_prefix_variant_is_the_old_prefix() -> None:
+    assert variant_set("prefix", 3, DEPTH) == prefix_set(3) == FrozenSet(frozenset({0, 1, 2}), True)
+    assert variant_set("prefix-no-stem", 3, DEPTH) == FrozenSet(frozenset({0, 1, 2}), False)
+    assert variant_set("stem", 0, DEPTH) == FrozenSet(frozenset(), True)
+    assert variant_set("block", 3, DEPTH) == FrozenSet(frozenset({3}), False)
+
+
+@pytest.mark.parametrize(
+    ("variant", "x", "message"),
+    [
+        ("nosuch", 1, "unknown"),
+        ("prefix", 4, "between 1 and 3"),
+        ("prefix-no-stem", 0, "between 1 and 3"),
+        ("block", 4, "between 0 and 3"),
+        ("block", -1, "between 0 and 3"),
+    ],
+)
+def test_bad_variant_inputs(variant, x, message) -> None:
+    with pytest.raises(LayerLockError, match=message):
+        variant_set(variant, x, DEPTH)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--variant", "nosuch", "--steps", "4", "--blocks", "1"], "--variant nosuch: unknown"),
+        (["--variant", "stem", "--steps", "4", "--blocks", "1"], "drop --blocks"),
+        (["--variant", "block", "--steps", "4"], "needs --steps and --blocks"),
+    ],
+)
+def test_freeze_test_command_rejects_bad_variants_with_one_line(argv, message, capsys, store) -> None:
+    code = experiments_main(["freeze-test", "--baseline", "x", *argv, "--tracking-uri", store])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_counted_savings_are_honest() -> None:
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+
+    def flops(fs: FrozenSet) -> int:
+        return count_step_flops(cfg, 4, 0, fs)
+
+    full = flops(FrozenSet())
+    prefix2, no_stem2 = flops(variant_set("prefix", 2, DEPTH)), flops(variant_set("prefix-no-stem", 2, DEPTH))
+    block1, stem = flops(variant_set("block", 1, DEPTH)), flops(variant_set("stem", 0, DEPTH))
+    assert prefix2 == count_step_flops(cfg, 4, 2)  # the default: the old prefix count
+    assert prefix2 < block1 < full  # a lone block saves only its weight gradients
+    assert prefix2 < no_stem2 < full  # no stem: the input gradients still run through blocks 0, 1
+    # Without the stem, blocks 0..1 save exactly the weight gradients a lone block saves, twice over.
+    assert full - no_stem2 == pytest.approx(2 * (full - block1), rel=0.02)
+    assert prefix2 < stem < full  # the stem alone: its weight gradient only (nothing is below it)
+    # The stem is one linear map of the kept tubelets: its weight gradient is 2 x tokens x patch_dim x dim.
+    g, m = cfg.geometry, cfg.model
+    from core.masking import n_keep
+
+    assert full - stem == 2 * 4 * n_keep(g.grid, m.mask_ratio) * g.patch_dim * m.dim
+
+
+def test_stem_policy_in_the_flop_model_and_the_schedule() -> None:
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+    with_first, never = flop_model(cfg, 4), flop_model(cfg, 4, stem="never")
+    assert "stem" not in with_first and never["stem"] == "never"
+    assert never["per_step"]["0"] == with_first["per_step"]["0"]
+    for k in range(1, DEPTH):
+        assert with_first["per_step"][str(k)] < never["per_step"][str(k)] < with_first["per_step"]["0"]
+    last = flop_model(cfg, 4, stem="last", last_frozen=2)
+    assert last["per_step"]["1"] == never["per_step"]["1"] and last["per_step"]["2"] == with_first["per_step"]["2"]
+    assert prefix_set(2, "last", 3) == FrozenSet(frozenset({0, 1}), False)
+    assert prefix_set(3, "last", 3) == FrozenSet(frozenset({0, 1, 2}), True)
+    assert prefix_set(0, "with_first") == FrozenSet() and not prefix_set(2, "never").stem
+
+
+def test_schedule_json_stem_field_round_trips_and_old_files_load(tmp_path) -> None:
+    old = {"n_blocks": 4, "stages": [{"step": 2, "frozen": 1}, {"step": 6, "frozen": 3}]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = FreezeSchedule.load(path)
+    assert loaded.stem == "with_first" and "stem" not in loaded.to_dict()  # old files read and write as before
+    assert loaded.frozen_set_at(3) == FrozenSet(frozenset({0}), True)
+    new = FreezeSchedule.from_dict({**old, "stem": "last"})
+    again = FreezeSchedule.from_dict(json.loads(json.dumps(new.to_dict())))
+    assert again == new and again.to_dict()["stem"] == "last"
+    assert again.frozen_set_at(3) == FrozenSet(frozenset({0}), False)
+    assert again.frozen_set_at(6) == FrozenSet(frozenset({0, 1, 2}), True)
+    with pytest.raises(ScheduleError, match="stem must be one of"):
+        FreezeSchedule.from_dict({**old, "stem": "sometimes"})
+    # The config's freeze.stem overrides the file's field.
+    cfg = ExperimentConfig.model_validate(tiny_dict(freeze={"schedule": str(path), "stem": "never"}))
+    assert schedule_from_config(cfg.freeze, 4, 12).stem == "never"
+
+
+def test_freeze_only_config_is_checked() -> None:
+    with pytest.raises((ConfigError, ValueError), match="exclude each other"):
+        ExperimentConfig.model_validate(
+            tiny_dict(freeze={"schedule": [{"step": 1, "frozen": 1}], "only": {"step": 1, "blocks": [1]}})
+        )
+
+
+def test_trainer_counts_the_fixed_set_flops() -> None:
+    cfg = ExperimentConfig.model_validate(
+        tiny_dict(freeze={"only": {"step": 4, "blocks": [1], "stem": False}}, probe={"enabled": False})
+    )
+    result = train(cfg, track=False, progress=False)
+    full = count_step_flops(cfg, cfg.train.batch_size, 0)
+    alone = count_step_flops(cfg, cfg.train.batch_size, 0, FrozenSet(frozenset({1}), False))
+    assert alone < full and result.flops == pytest.approx(4 * full + 8 * alone)
+
+
+# ----------------------------------------------------------------------------- ties and costs
+
+
+def test_ties_say_which_blocks_and_at_which_steps() -> None:
+    # Every prefix passes at 300 and fails at 100: the freeze test ties blocks 0..5.
+    rows = [(L, T, 1.0 if T == 300 else 1.05) for L in (2, 4, 6) for T in (100, 300)]
+    children = pd.DataFrame(rows, columns=["freeze_blocks", "freeze_step", "final_loss"])
+    grid = freeze_grid_from_frames(children, 1.0, tol=0.01)
+    report = agreement_from_frames(grid, {"posthoc": pd.Series({b: 50 * b for b in range(8)})}, 8)
+    assert report["ties"] == [
+        {
+            "step": 300,
+            "status": "converged",
+            "blocks": [0, 1, 2, 3, 4, 5],
+            "prefixes": [2, 4, 6],
+            "passed_at": [300],
+            "failed_at": [100],
+        }
+    ]
+    assert report["rules"]["posthoc"]["spearman_rho"] is None
+    text = format_report({**report, "run_id": "r", "baseline_final_loss": 1.0, "tolerance": {"line": "tol"}})
+    assert "freeze test ties blocks 0-5: all converged from T=300; rows L=2, 4, 6 pass at T=300; fail at T=100" in text
+    assert "rank agreement undefined" in text
+    truth_never = freeze_grid_from_frames(children.assign(final_loss=1.05), 1.0, tol=0.01)
+    from analysis.agreement import freeze_test_steps
+
+    ties = freeze_test_ties(truth_never, freeze_test_steps(truth_never, 8))
+    assert ties[0]["step"] is None and ties[0]["status"] == "never" and ties[0]["failed_at"] == [100, 300]
+
+
+def _loss(final: float) -> pd.DataFrame:
+    return pd.DataFrame({"step": [0, 1, 2, 3], "metric": "train/loss", "value": [final + 1, final, final, final]})
+
+
+@pytest.mark.system  # 12 logged runs: ~18 s on the shared machine
+def test_variant_costs_over_seeds_with_intervals(store, tmp_path) -> None:
+    common = {"uri": store, "artifact_root": (tmp_path / "a").as_uri()}
+    baselines, costs = [], {"prefix": [0.05, 0.04, 0.06], "stem": [0.05, 0.05, 0.05], "block": [0.0, 0.01, -0.01]}
+    for s, base in enumerate((1.0, 1.01, 0.99)):
+        rid = create_run_from_frames("v", history=_loss(base), tags={schema.TAG_GROUP: "g"}, **common)
+        baselines.append(rid)
+        for variant, per in costs.items():
+            tags = {
+                schema.TAG_PARENT: rid,
+                schema.TAG_METHOD: schema.METHOD_FREEZE_TEST,
+                schema.TAG_FREEZE_STEP: "100",
+                schema.TAG_FREEZE_BLOCKS: {"prefix": "2", "stem": "0", "block": "3"}[variant],
+            }
+            if variant != "prefix":  # an untagged child reads as prefix
+                tags[schema.TAG_FREEZE_VARIANT] = variant
+            create_run_from_frames("v", history=_loss(base * (1 + per[s])), tags=tags, **common)
+    tests = [io.load_freeze_test(r, store, FINAL_LOSS_PARTS) for r in baselines]
+    table = variant_costs(tests).set_index("variant")
+    assert list(table.index) == ["prefix", "stem", "block"]
+    assert table.loc["prefix", "cost"] == pytest.approx(0.05) and table.loc["prefix", "n"] == 3
+    half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+    assert table.loc["prefix", "low"] == pytest.approx(0.05 - half, rel=1e-4)
+    assert table.loc["stem", "high"] == pytest.approx(0.05) and table.loc["block", "cell"] == "block 3"
+    noise = seed_noise(tests)
+    assert noise[1] == 3 and noise[0] == pytest.approx(np.std([1.0, 1.01, 0.99], ddof=1) / 1.0)
+    text = format_variant_costs(variant_costs(tests), noise, {"stem": "the stem's weight gradient only"})
+    assert "+5.00%  [+2.52%, +7.48%]" in text and "the stem's weight gradient only" in text
+
+    from analysis.__main__ import main as analysis_main
+
+    assert analysis_main(["freeze-test-report", "--runs", ",".join(baselines), "--tracking-uri", store]) == 0
+    assert analysis_main(["freeze-test-report", "--runs", ",", "--tracking-uri", store]) == 2
