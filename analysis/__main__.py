@@ -95,6 +95,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         margin=args.margin,
         max_frozen=args.max_frozen,
         quantize=args.quantize,
+        stem=args.stem,
     )
     text = _dump(schedule)
     if args.out:
@@ -282,6 +283,13 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     sched.add_argument("--margin", type=_non_negative_int, default=0, help="safety margin in steps (0)")
     sched.add_argument("--max-frozen", type=_non_negative_int, default=None, help="cap on frozen blocks (n_blocks-1)")
     sched.add_argument("--quantize", type=_non_negative_int, default=None, help="round stage steps up to a multiple")
+    sched.add_argument(
+        "--stem",
+        choices=("with_first", "last", "never"),
+        default=None,
+        help="when the stem (patch embedding) freezes: with block 0 (default), at the last stage, or never "
+        "(then the frozen blocks save only their weight gradients; the predicted saving counts that)",
+    )
     sched.add_argument(
         "--total-steps", type=_non_negative_int, default=None, help="horizon (default: the run's train.steps)"
     )

@@ -29,6 +29,7 @@ from core.config import ExperimentConfig
 from core.errors import LayerLockError
 from core.freezing import (
     STEM_LAST,
+    STEM_NEVER,
     STEM_WITH_FIRST,
     FrozenSet,
     freeze_prefix,
@@ -90,6 +91,10 @@ def flop_model(
         "per_step": per,
         "per_step_k": meaning,
     }
+    if freezing:  # what stage k costs when the stem trains (freeze.stem: never, or last before its stage)
+        out["per_step_stem_trains"] = {
+            str(k): count_step_flops(cfg, b, k, prefix_set(k, STEM_NEVER)) for k in range(cfg.model.depth)
+        }
     if stem != STEM_WITH_FIRST:
         out["stem"] = stem
         out["per_step_k"] += f"; stem {stem}" + (f" (frozen at k={last_frozen})" if stem == STEM_LAST else "")

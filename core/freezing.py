@@ -121,7 +121,7 @@ class FreezeSchedule:
             n_blocks=d["n_blocks"],
             stages=tuple((s["step"], s["frozen"]) for s in d["stages"]),
             source=d["source"],
-            stem=d["stem"],
+            stem=d.get("stem", STEM_WITH_FIRST),
         )
 
     @classmethod
@@ -236,7 +236,6 @@ def validate_schedule(
     out["n_blocks"] = int(nb)
     out["stages"] = stages
     out["source"] = dict(d.get("source") or {})
-    out["stem"] = d.get("stem", STEM_WITH_FIRST)
     return out
 
 

@@ -264,3 +264,25 @@ def test_variant_costs_over_seeds_with_intervals(store, tmp_path) -> None:
 
     assert analysis_main(["freeze-test-report", "--runs", ",".join(baselines), "--tracking-uri", store]) == 0
     assert analysis_main(["freeze-test-report", "--runs", ",", "--tracking-uri", store]) == 2
+
+
+def test_schedule_derivation_with_a_stem_policy_counts_its_saving() -> None:
+    from analysis.schedule import derive_schedule, schedule_with_prediction
+
+    cfg = ExperimentConfig.model_validate(tiny_dict())
+    fm = flop_model(cfg, 4)
+    conv = pd.Series({0: 2, 1: 4, 2: 6, 3: pd.NA})
+    plain = derive_schedule(conv, 4, 12)
+    assert "stem" not in plain  # the default is not written
+    saved = {}
+    for stem in ("with_first", "last", "never"):
+        sched = derive_schedule(conv, 4, 12, stem=stem)
+        assert sched.get("stem", "with_first") == stem
+        out = schedule_with_prediction(sched, fm, 12)
+        assert out["predicted_saving_basis"] == "counted"
+        saved[stem] = out["predicted_flop_saving"]
+    assert 0 < saved["never"] < saved["last"] < saved["with_first"]
+    old = {k: v for k, v in fm.items() if k != "per_step_stem_trains"}  # a run logged before the stem policy
+    est = schedule_with_prediction(derive_schedule(conv, 4, 12, stem="never"), old, 12)
+    assert est["predicted_saving_basis"] == "estimate"
+    assert schedule_with_prediction(plain, old, 12)["predicted_saving_basis"] == "counted"
