@@ -286,3 +286,38 @@ def test_schedule_derivation_with_a_stem_policy_counts_its_saving() -> None:
     est = schedule_with_prediction(derive_schedule(conv, 4, 12, stem="never"), old, 12)
     assert est["predicted_saving_basis"] == "estimate"
     assert schedule_with_prediction(plain, old, 12)["predicted_saving_basis"] == "counted"
+
+
+@pytest.mark.system  # the dashboard in AppTest: cold imports
+def test_freeze_test_page_shows_variants_side_by_side(store, tmp_path, monkeypatch) -> None:
+    from tests.helpers import assert_clean, open_page, point_app_at
+
+    common = {"uri": store, "artifact_root": (tmp_path / "a").as_uri()}
+    # (a run without a layerlock.method tag breaks the run pickers: app/views/state.picker_labels, NaN method)
+    base = create_run_from_frames(
+        "v", history=_loss(1.0), params={"model.depth": 4}, tags={schema.TAG_METHOD: "mae"}, run_name="b", **common
+    )
+    for variant, x, T, ratio in (
+        ("prefix", 2, 4, 1.05),
+        ("prefix", 2, 8, 1.0),
+        ("stem", 0, 4, 1.04),
+        ("stem", 0, 8, 1.0),
+        ("block", 1, 4, 1.0),
+    ):
+        tags = {
+            schema.TAG_PARENT: base,
+            schema.TAG_METHOD: schema.METHOD_FREEZE_TEST,
+            schema.TAG_FREEZE_STEP: str(T),
+            schema.TAG_FREEZE_BLOCKS: str(x),
+        }
+        if variant != "prefix":
+            tags[schema.TAG_FREEZE_VARIANT] = variant
+        create_run_from_frames("v", history=_loss(ratio), tags=tags, **common)
+    point_app_at(store, tmp_path, monkeypatch)
+    at = open_page("freeze_test")
+    assert_clean(at)
+    assert "Variants side by side" in [h.value for h in at.subheader]
+    shown = {df.value.index[0]: df.value for df in at.dataframe if "T=4" in df.value.columns}
+    assert shown["stem"].loc["stem", "T=4"] == "1.0400" and shown["stem"].loc["stem", "T=8"] == "1.0000 ✓"
+    assert shown["block 1"].loc["block 1", "T=4"] == "1.0000 ✓"
+    assert shown["L=2 (with stem)"].loc["L=2 (with stem)", "T=4"] == "1.0500"
