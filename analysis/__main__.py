@@ -180,7 +180,9 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
     from analysis.agreement import freeze_grid
     from analysis.compare import FINAL_LOSS_PARTS
 
-    grid, tolerance = freeze_grid(io.load_freeze_test(args.parent, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol)
+    grid, tolerance = freeze_grid(
+        io.load_freeze_test(args.parent, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol, variant=args.variant
+    )
     if args.json:
         print(tolerance.line(), file=sys.stderr)
         print(_dump({**grid.to_dict(), "tolerance": tolerance.to_dict()}))
@@ -188,8 +190,9 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
     import pandas as pd
 
     print(tolerance.line())
-    print(f"baseline final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.4f}")
-    print("final loss / baseline (rows: frozen blocks L, columns: freeze step T)")
+    print(f"{grid.reference} final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.4f}")
+    rows = {"prefix": "frozen blocks L", "block": "the frozen block i", "stem": "0 = the stem alone"}
+    print(f"{grid.variant}: final loss / {grid.reference} (rows: {rows.get(grid.variant, 'L')}, columns: step T)")
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
         print(grid.ratio.to_string())
     print(
@@ -321,6 +324,12 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
         default=None,
         help="converged if final loss <= (1+tol) x baseline (default: calibrated, the relative sd "
         "of the final loss over the baseline's seed group; 0.02 without a group)",
+    )
+    grid.add_argument(
+        "--variant",
+        choices=("prefix", "stem", "prefix-no-stem", "block"),
+        default="prefix",
+        help="which freeze-test variant's children (default prefix; children without a variant tag are prefix)",
     )
     grid.add_argument("--json", action="store_true")
     grid.set_defaults(func=cmd_freeze_grid)

@@ -498,6 +498,8 @@ class FreezeGrid:
             "baseline_final_loss": self.baseline_final_loss,
             "tol": self.tol,
             "loss": self.loss,
+            "reference": self.reference,
+            "variant": self.variant,
             "cells": cells,
             "max_converged_prefix": {str(k): int(v) for k, v in self.max_converged_prefix().items()},
         }

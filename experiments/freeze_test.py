@@ -257,6 +257,7 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(grid.ratio.round(4).to_string(), file=sys.stderr)
+    print_savings(args.baseline, variant, blocks, args.tracking_uri)
     if variant == VARIANT_PREFIX:
         print(
             "largest converged prefix per step T: "
@@ -265,6 +266,23 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
         )
     print(args.baseline)
     return 0
+
+
+def print_savings(baseline: str, variant: str, blocks: list[int], tracking_uri: str | None = None) -> None:
+    """One line per cell: the counted FLOP saving of one step with the variant's set frozen
+    (``core.flops.variant_saving``), on stderr."""
+    from core.config import config_from_dict
+    from core.flops import variant_saving
+    from core.train import load_run_checkpoint
+
+    cfg = config_from_dict(load_run_checkpoint(baseline, tracking_uri=tracking_uri)["config"], f"run {baseline}")
+    for x in [0] if variant == VARIANT_STEM else blocks:
+        s = variant_saving(cfg, variant_set(variant, x, cfg.model.depth))
+        print(
+            f"{variant_label(variant, x)} saves {s['saving']:.1%} of a step's counted FLOPs "
+            f"({s['flops_frozen']:.3g} of {s['flops_full']:.3g})",
+            file=sys.stderr,
+        )
 
 
 _X_NAME = {

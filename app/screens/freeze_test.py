@@ -19,8 +19,8 @@ import streamlit as st
 
 from analysis import METRIC_HELP
 from analysis.agreement import VARIANT_LABELS, VARIANT_SAVINGS, rule_markers, ties_lines
-from core import schema
 from app.views import charts, loaders, state
+from core import schema
 
 # One marker per rule, offset within the row so that rules agreeing on a step stay visible.
 RULE_STYLE = {
@@ -139,7 +139,9 @@ with state.notice_errors():
 
 n_tested = int(grid.converged.notna().sum().sum())
 m = st.columns(3)
-m[0].metric("Reference final loss", f"{grid.baseline_final_loss:.4f}", help=f"cells are scored against the {grid.reference}")
+m[0].metric(
+    "Reference final loss", f"{grid.baseline_final_loss:.4f}", help=f"cells are scored against the {grid.reference}"
+)
 m[1].metric("Cells tested", n_tested)
 m[2].metric("Cells within tolerance", int(grid.converged.fillna(False).astype(bool).sum().sum()))
 st.plotly_chart(
@@ -167,16 +169,14 @@ if len(variants) > 1 or (variants and variants != [schema.VARIANT_PREFIX]):
     for col, variant in zip(cols, variants, strict=True):
         with state.notice_errors():
             vgrid = loaders.freeze_grid(uri, parent, float(tol), variant)
-        table = vgrid.ratio.copy()
-        marks = vgrid.converged
-        table.index = [VARIANT_LABELS[variant].format(x=int(x)) for x in table.index]
-        table.columns = [f"T={int(t)}" for t in table.columns]
-        shown_cells = table.apply(
-            lambda column: [
+        cells = {
+            f"T={int(t)}": [
                 "" if pd.isna(v) else f"{v:.4f}{' ✓' if bool(ok) else ''}"
-                for v, ok in zip(column, marks[int(column.name[2:])].fillna(False), strict=True)
+                for v, ok in zip(vgrid.ratio[t], vgrid.converged[t].fillna(False), strict=True)
             ]
-        )
+            for t in vgrid.ratio.columns
+        }
+        shown_cells = pd.DataFrame(cells, index=[VARIANT_LABELS[variant].format(x=int(x)) for x in vgrid.ratio.index])
         col.markdown(f"**{variant}**")
         col.dataframe(shown_cells, key=f"ft_variant_{variant}")
         col.caption(f"saves: {VARIANT_SAVINGS[variant]}")
