@@ -390,3 +390,9 @@ def test_freeze_test_variants_end_to_end(store) -> None:
                    "--tracking-uri", store)  # fmt: skip
     assert grid.returncode == 0, grid.stderr
     assert {c["blocks"] for c in json.loads(grid.stdout)["cells"]} == {0, 2}
+
+
+def test_study_rejects_an_unknown_variant(capsys, store) -> None:
+    code = experiments_main(["study", "--variants", "stem,nosuch", "--tracking-uri", store])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --variants nosuch: unknown (any of stem, prefix-no-stem, block)"]
