@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LayerLockError, first_line
+from core.schema import FREEZE_VARIANTS, STEM_POLICIES, VARIANT_PREFIX
 
 
 def _jsonable(x: Any) -> Any:
@@ -288,7 +289,7 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     sched.add_argument("--quantize", type=_non_negative_int, default=None, help="round stage steps up to a multiple")
     sched.add_argument(
         "--stem",
-        choices=("with_first", "last", "never"),
+        choices=STEM_POLICIES,
         default=None,
         help="when the stem (patch embedding) freezes: with block 0 (default), at the last stage, or never "
         "(then the frozen blocks save only their weight gradients; the predicted saving counts that)",
@@ -327,8 +328,8 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     )
     grid.add_argument(
         "--variant",
-        choices=("prefix", "stem", "prefix-no-stem", "block"),
-        default="prefix",
+        choices=FREEZE_VARIANTS,
+        default=VARIANT_PREFIX,
         help="which freeze-test variant's children (default prefix; children without a variant tag are prefix)",
     )
     grid.add_argument("--json", action="store_true")

@@ -27,9 +27,8 @@ from torch import nn
 from core.config import FreezeConfig, LinearSchedule
 from core.errors import ScheduleError, read_user_file
 
-# When the stem (patch embedding, position table: what runs before block 0) freezes under a schedule.
-STEM_WITH_FIRST, STEM_LAST, STEM_NEVER = "with_first", "last", "never"
-STEM_POLICIES = (STEM_WITH_FIRST, STEM_LAST, STEM_NEVER)
+# When the stem freezes under a schedule (the schedule JSON's optional "stem" field).
+from core.schema import STEM_LAST, STEM_NEVER, STEM_POLICIES, STEM_WITH_FIRST  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

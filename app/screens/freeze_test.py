@@ -17,10 +17,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis import METRIC_HELP
+from analysis import METRIC_HELP, schema
 from analysis.agreement import VARIANT_LABELS, VARIANT_SAVINGS, rule_markers, ties_lines
 from app.views import charts, loaders, state
-from core import schema
 
 # One marker per rule, offset within the row so that rules agreeing on a step stay visible.
 RULE_STYLE = {
