@@ -1,4 +1,4 @@
-"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement} ...``.
+"""Command line: ``python -m analysis {convergence,schedule,compare,freeze-grid,agreement,freeze-test-report} ...``.
 
 Library code raises :class:`core.errors.LayerLockError`; this is the only place that turns it
 into one ``error: ...`` line on stderr and exit code 2 (docs/architecture.md, "Errors"). Heavy imports
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LayerLockError, first_line
+from core.schema import FREEZE_VARIANTS, STEM_POLICIES, VARIANT_PREFIX
 
 
 def _jsonable(x: Any) -> Any:
@@ -95,6 +96,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         margin=args.margin,
         max_frozen=args.max_frozen,
         quantize=args.quantize,
+        stem=args.stem,
     )
     text = _dump(schedule)
     if args.out:
@@ -179,7 +181,9 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
     from analysis.agreement import freeze_grid
     from analysis.compare import FINAL_LOSS_PARTS
 
-    grid, tolerance = freeze_grid(io.load_freeze_test(args.parent, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol)
+    grid, tolerance = freeze_grid(
+        io.load_freeze_test(args.parent, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol, variant=args.variant
+    )
     if args.json:
         print(tolerance.line(), file=sys.stderr)
         print(_dump({**grid.to_dict(), "tolerance": tolerance.to_dict()}))
@@ -187,8 +191,9 @@ def cmd_freeze_grid(args: argparse.Namespace) -> None:
     import pandas as pd
 
     print(tolerance.line())
-    print(f"baseline final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.4f}")
-    print("final loss / baseline (rows: frozen blocks L, columns: freeze step T)")
+    print(f"{grid.reference} final loss {grid.baseline_final_loss:.4f}; converged if ratio <= {1 + grid.tol:.4f}")
+    rows = {"prefix": "frozen blocks L", "block": "the frozen block i", "stem": "0 = the stem alone"}
+    print(f"{grid.variant}: final loss / {grid.reference} (rows: {rows.get(grid.variant, 'L')}, columns: step T)")
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
         print(grid.ratio.to_string())
     print(
@@ -204,10 +209,40 @@ def cmd_agreement(args: argparse.Namespace) -> None:
     runs = io.load_freeze_test(args.run, args.tracking_uri, FINAL_LOSS_PARTS, baseline_parts=AGREEMENT_BASELINE_PARTS)
     report = agreement_report(runs, tol=args.tol)
     if args.json:
+        from analysis.agreement import ties_lines
+
         print(report["tolerance"]["line"], file=sys.stderr)
+        for line in ties_lines(report["ties"]):
+            print(line, file=sys.stderr)
         print(_dump(report))
         return
     print(format_report(report))
+
+
+def cmd_freeze_test_report(args: argparse.Namespace) -> None:
+    from analysis import io
+    from analysis.agreement import (
+        VARIANT_SAVINGS,
+        calibrated_tolerance,
+        format_variant_costs,
+        seed_noise,
+        variant_costs,
+    )
+    from analysis.compare import FINAL_LOSS_PARTS
+
+    ids = [r for r in args.runs.split(",") if r.strip()]
+    if not ids:
+        raise LayerLockError("--runs is empty: give the baselines' run ids, comma-separated (one per seed)")
+    tests = [io.load_freeze_test(r.strip(), args.tracking_uri, FINAL_LOSS_PARTS) for r in ids]
+    costs = variant_costs(tests)
+    noise = seed_noise(tests)
+    tolerance = calibrated_tolerance(tests[0])
+    if args.json:
+        print(tolerance.line(), file=sys.stderr)
+        print(_dump({"tolerance": tolerance.to_dict(), "seed_noise": noise[0], "cells": costs.to_dict("records")}))
+        return
+    print(tolerance.line())
+    print(format_variant_costs(costs, noise, VARIANT_SAVINGS))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -253,6 +288,13 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     sched.add_argument("--max-frozen", type=_non_negative_int, default=None, help="cap on frozen blocks (n_blocks-1)")
     sched.add_argument("--quantize", type=_non_negative_int, default=None, help="round stage steps up to a multiple")
     sched.add_argument(
+        "--stem",
+        choices=STEM_POLICIES,
+        default=None,
+        help="when the stem (patch embedding) freezes: with block 0 (default), at the last stage, or never "
+        "(then the frozen blocks save only their weight gradients; the predicted saving counts that)",
+    )
+    sched.add_argument(
         "--total-steps", type=_non_negative_int, default=None, help="horizon (default: the run's train.steps)"
     )
     sched.set_defaults(func=cmd_schedule)
@@ -284,6 +326,12 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
         help="converged if final loss <= (1+tol) x baseline (default: calibrated, the relative sd "
         "of the final loss over the baseline's seed group; 0.02 without a group)",
     )
+    grid.add_argument(
+        "--variant",
+        choices=FREEZE_VARIANTS,
+        default=VARIANT_PREFIX,
+        help="which freeze-test variant's children (default prefix; children without a variant tag are prefix)",
+    )
     grid.add_argument("--json", action="store_true")
     grid.set_defaults(func=cmd_freeze_grid)
 
@@ -299,6 +347,20 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     )
     agree.add_argument("--json", action="store_true", help="print the report as JSON")
     agree.set_defaults(func=cmd_agreement)
+
+    rep = sub.add_parser(
+        "freeze-test-report",
+        parents=[common],
+        help="each freeze-test cell's cost (every variant) with its 95%% interval over seeds",
+        description="Per (variant, cell, T): child final loss / its own baseline's - 1, averaged over the "
+        "baselines given (one per seed), with a Student-t 95%% interval over them; children without a "
+        "variant tag are the prefix test.",
+    )
+    rep.add_argument(
+        "--runs", required=True, metavar="RUN_ID,...", help="the baselines (one per seed), comma-separated"
+    )
+    rep.add_argument("--json", action="store_true", help="print the cells as JSON")
+    rep.set_defaults(func=cmd_freeze_test_report)
     return parser
 
 

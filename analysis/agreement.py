@@ -5,21 +5,21 @@ at step T and trains to the end; blocks 0..L-1 "had converged" by T when the chi
 loss stays within ``1 + tol`` of the baseline's. This module decides ``tol`` and scores the
 cheap convergence rules of :mod:`analysis.convergence` against the grid.
 
-Tolerance (:func:`tolerance_from_final_losses`): ``tol = s / m`` where ``s`` is the sample
-standard deviation (``ddof=1``) and ``m`` the mean of the final losses of the baseline's seed
-group (runs sharing its ``layerlock.group`` tag: same config, other ``train.seed``; FINISHED
-ones only, at least 2). A freeze whose effect on the final loss is smaller than what changing
-the seed does to one run is not a difference worth calling "not converged". We deliberately
-do not use ``sqrt(2) * s / m``, the spread of the difference of two *independent* runs: a
-freeze-test child is not independent of its baseline -- it shares the seed, the data order,
-the masks and the weights up to T -- so its loss differs from the baseline's by less than two
-seeds differ, and the wider band would pass freezes that do move the loss. The test is
-one-sided (``ratio <= 1 + tol``): a child that ends lower always passes. Without a group of
-two or more, an explicit ``tol`` or ``DEFAULT_TOL`` is used and the tolerance says it is not
-calibrated. ``final_loss`` is :func:`analysis.compare.final_losses`, as for the grid itself: the
-held-out ``val/loss_pixel`` (fixed clips and masks) when every run logged it, else the mean of
-the last 3 logged ``train/loss`` (noisier: about 4% relative sd over seeds on mae_tiny against
-about 0.5% for the held-out loss, so a tolerance calibrated on it passes nearly everything).
+Tolerance and reference (:func:`calibrated_tolerance`). When the baseline has a seed group
+(runs sharing its ``layerlock.group`` tag: same config, other ``train.seed``; FINISHED ones
+only, at least 2), each cell is scored against the group's mean final loss ``m``, not against
+the one baseline run whose own luck every cell would share, with the tolerance of a new draw
+from that group: ``tol = s * sqrt(1 + 1/N) / m`` (``s``: sample sd, ``ddof=1``, of the N
+seeds' final losses; the ``1/N`` is the uncertainty of the mean itself). A child passes when
+``child <= (1 + tol) * m``: one-sided, a child that ends lower always passes. Without a group
+of two or more, cells are scored against the single baseline run, with an explicit ``tol`` or
+``DEFAULT_TOL``, and the tolerance says it is not calibrated; an explicit ``tol`` with a group
+keeps the group mean as the reference. ``final_loss`` is :func:`analysis.compare.final_losses`,
+as for the grid itself: the held-out ``val/loss_pixel`` (fixed clips and masks) when every run
+logged it, else the mean of the last 3 logged ``train/loss`` (noisier: about 4% relative sd
+over seeds on mae_tiny against about 0.5% for the held-out loss, so a tolerance calibrated on
+it passes nearly everything). :func:`tolerance_from_final_losses` keeps the older
+``sd / mean`` (no ``sqrt(1 + 1/N)``) for callers that compare with one run.
 
 Freeze-test convergence step of block b (:func:`freeze_test_steps`): the grid row used is
 ``L_b``, the shortest tested prefix with ``L_b >= b + 1`` (the tightest test that freezes b).
@@ -75,11 +75,14 @@ def _short(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The freeze test's tolerance and where it came from.
+    """The freeze test's tolerance, the loss each cell is scored against, and where both came from.
 
     ``source``: ``calibrated`` (seed spread of the group), ``explicit`` (given) or ``default``
     (``DEFAULT_TOL``, no usable group). ``runs``/``final_losses``: the group runs read (empty
-    unless calibrated). ``note``: why it is not calibrated (None when it is).
+    without a usable group). ``note``: why it is not calibrated (None when it is).
+    ``reference``: ``group mean`` (the mean final loss of ``runs``) or ``baseline`` (the single
+    run); ``reference_loss``: that loss (None: the baseline's own, read with the grid).
+    ``new_draw``: the tolerance is ``sd * sqrt(1 + 1/N) / mean`` (a new draw from the group).
     """
 
     tol: float
@@ -89,22 +92,35 @@ class Tolerance:
     final_losses: tuple[float, ...] = ()
     note: str | None = None
     loss: str = "final loss"  # how each run's final loss was measured (analysis.compare.final_losses)
+    reference: str = "baseline"
+    reference_loss: float | None = None
+    new_draw: bool = False
 
     @property
     def calibrated(self) -> bool:
         return self.source == "calibrated"
 
+    def against(self) -> str:
+        if self.reference == GROUP_MEAN and self.reference_loss is not None:
+            return (
+                f"cells scored against the mean final loss {self.reference_loss:.4g} of {len(self.runs)} seeds "
+                f"of group {self.group}"
+            )
+        return "cells scored against the single baseline run"
+
     def line(self) -> str:
-        """One line saying how the tolerance was obtained (what every command prints)."""
+        """One line saying how the tolerance was obtained and what the cells are scored against
+        (what every command prints)."""
         head = f"tolerance {_pct(self.tol)}"
         if self.source == "calibrated":
+            how = "sd x sqrt(1 + 1/N) / mean (a new draw)" if self.new_draw else "relative sd"
             return (
-                f"{head} = relative sd of final loss over {len(self.runs)} seeds of group {self.group} "
-                f"(runs {', '.join(_short(r) for r in self.runs)}); final loss = {self.loss}"
+                f"{head} = {how} of final loss over {len(self.runs)} seeds of group {self.group} "
+                f"(runs {', '.join(_short(r) for r in self.runs)}); {self.against()}; final loss = {self.loss}"
             )
         if self.source == "explicit":
-            return f"{head} = given explicitly (--tol)" + (f"; {self.note}" if self.note else "")
-        return f"{head} = default, {self.note or 'not calibrated'}"
+            return f"{head} = given explicitly (--tol); {self.against()}" + (f"; {self.note}" if self.note else "")
+        return f"{head} = default, {self.note or 'not calibrated'}; {self.against()}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,8 +132,15 @@ class Tolerance:
         }
 
 
-def tolerance_from_final_losses(final_losses: Mapping[str, float], group: str | None = None) -> Tolerance:
+GROUP_MEAN, BASELINE = "group mean", "baseline"
+
+
+def tolerance_from_final_losses(
+    final_losses: Mapping[str, float], group: str | None = None, new_draw: bool = False
+) -> Tolerance:
     """``sd / mean`` of the finite final losses (sample sd, ``ddof=1``); needs at least 2.
+    With ``new_draw``: ``sd * sqrt(1 + 1/N) / mean``, the spread of a new draw around the mean of
+    N, scored against that mean (``reference`` = group mean).
 
     ``final_losses``: run id -> final loss of the runs of one seed group.
     """
@@ -128,12 +151,16 @@ def tolerance_from_final_losses(final_losses: Mapping[str, float], group: str | 
     mean = float(values.mean())
     if mean <= 0:
         raise LayerLockError(f"calibrating the tolerance needs positive final losses, mean is {mean:g}")
+    factor = math.sqrt(1.0 + 1.0 / len(values)) if new_draw else 1.0
     return Tolerance(
-        tol=float(values.std(ddof=1)) / mean,
+        tol=float(values.std(ddof=1)) * factor / mean,
         source="calibrated",
         group=group,
         runs=tuple(usable),
         final_losses=tuple(usable.values()),
+        reference=GROUP_MEAN if new_draw else BASELINE,
+        reference_loss=mean if new_draw else None,
+        new_draw=new_draw,
     )
 
 
@@ -143,20 +170,7 @@ def _fallback(tol: float | None, note: str, group: str | None = None) -> Toleran
     return Tolerance(tol=DEFAULT_TOL, source="default", group=group, note=note)
 
 
-def calibrated_tolerance(runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST) -> Tolerance:
-    """The tolerance for the freeze test ``runs`` (read with ``FINAL_LOSS_PARTS``): ``tol`` when
-    given, else the relative seed spread of the baseline's group (module docstring), else ``DEFAULT_TOL``."""
-    if tol is not None:
-        if not math.isfinite(tol) or tol < 0:
-            raise LayerLockError(f"--tol must be a non-negative number, got {tol}")
-        return _fallback(tol, "")
-    baseline_id = runs.baseline.run_id
-    group = runs.baseline.record.tags.get(schema.TAG_GROUP)
-    if not group:
-        return _fallback(
-            None,
-            f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no {schema.TAG_GROUP} tag)",
-        )
+def _group_losses(runs: FreezeTestRuns, last: int) -> tuple[dict[str, float], str]:
     members = [
         r
         for r in runs.seed_group
@@ -166,21 +180,46 @@ def calibrated_tolerance(runs: FreezeTestRuns, tol: float | None = None, last: i
     ]
     ordered = sorted(members, key=lambda r: r.record.start_time or pd.Timestamp(0, tz="UTC"))
     losses, how = final_losses(ordered, last)
-    losses = {r: v for r, v in losses.items() if math.isfinite(v)}
+    return {r: v for r, v in losses.items() if math.isfinite(v)}, how
+
+
+def calibrated_tolerance(runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST) -> Tolerance:
+    """The tolerance and reference for the freeze test ``runs`` (read with ``FINAL_LOSS_PARTS``):
+    with a seed group, its mean and ``sd * sqrt(1 + 1/N) / mean`` (or ``tol`` when given); else the
+    single baseline and ``tol`` or ``DEFAULT_TOL`` (module docstring)."""
+    if tol is not None and (not math.isfinite(tol) or tol < 0):
+        raise LayerLockError(f"--tol must be a non-negative number, got {tol}")
+    baseline_id = runs.baseline.run_id
+    group = runs.baseline.record.tags.get(schema.TAG_GROUP)
+    if not group:
+        return _fallback(
+            tol,
+            f"not calibrated: no seed group of the baseline (run {_short(baseline_id)} has no {schema.TAG_GROUP} tag)",
+        )
+    losses, how = _group_losses(runs, last)
     if len(losses) < 2:
         return _fallback(
-            None,
+            tol,
             f"not calibrated: no seed group of the baseline (group {group} has {len(losses)} "
             "finished run(s) with a train/loss; train more seeds, e.g. pretrain --seeds 0,1,2)",
             group,
         )
-    return replace(tolerance_from_final_losses(losses, group), loss=how)
+    calibrated = replace(tolerance_from_final_losses(losses, group, new_draw=True), loss=how)
+    if tol is not None:
+        return replace(calibrated, tol=float(tol), source="explicit")
+    return calibrated
 
 
-def freeze_grid(runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST) -> tuple[FreezeGrid, Tolerance]:
-    """:func:`analysis.compare.freeze_test_grid` at the calibrated (or given) tolerance."""
+def freeze_grid(
+    runs: FreezeTestRuns, tol: float | None = None, last: int = FINAL_LAST, variant: str = schema.VARIANT_PREFIX
+) -> tuple[FreezeGrid, Tolerance]:
+    """:func:`analysis.compare.freeze_test_grid` of ``variant`` at the calibrated (or given)
+    tolerance, scored against the group mean when there is a seed group."""
     tolerance = calibrated_tolerance(runs, tol, last)
-    return freeze_test_grid(runs, tol=tolerance.tol, last=last), tolerance
+    reference = None
+    if tolerance.reference == GROUP_MEAN and tolerance.reference_loss is not None:
+        reference = (tolerance.reference_loss, f"mean of {len(tolerance.runs)} seeds")
+    return freeze_test_grid(runs, tol=tolerance.tol, last=last, variant=variant, reference=reference), tolerance
 
 
 # ----------------------------------------------------------------------------- freeze-test steps
@@ -207,6 +246,67 @@ def freeze_test_steps(grid: FreezeGrid, n_blocks: int) -> pd.DataFrame:
     out["prefix"] = out["prefix"].astype("Int64")
     out["step"] = out["step"].astype("Int64")
     return out
+
+
+def freeze_test_ties(grid: FreezeGrid, truth: pd.DataFrame) -> list[dict[str, Any]]:
+    """The blocks the freeze test cannot order: groups of two or more determined blocks with the
+    same freeze-test step (or all ``never``), largest first. Each: ``step`` (None: never),
+    ``status``, ``blocks``, ``prefixes`` (the rows L used) and ``passed_at``/``failed_at`` (the
+    tested T at which those rows pass / fail), so a report can say *which* blocks tie and *at which
+    steps* instead of only that the rank agreement is undefined."""
+    determined = truth[truth["status"] != UNDETERMINED]
+    out = []
+    keys = determined["step"].astype("Float64").fillna(-1.0)
+    for key, part in determined.groupby(keys, sort=True):
+        if len(part) < 2:
+            continue
+        prefixes = sorted({int(p) for p in part["prefix"].dropna()})
+        cells = grid.converged.loc[prefixes]
+        passed = sorted({int(t) for t in cells.columns if cells[t].dropna().astype(bool).any()})
+        failed = sorted({int(t) for t in cells.columns if (~cells[t].dropna().astype(bool)).any()})
+        out.append(
+            {
+                "step": None if key < 0 else int(key),
+                "status": str(part["status"].iloc[0]),
+                "blocks": [int(b) for b in part["block"]],
+                "prefixes": prefixes,
+                "passed_at": passed,
+                "failed_at": failed,
+            }
+        )
+    return sorted(out, key=lambda t: -len(t["blocks"]))
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, run = [], []
+    for v in sorted(values):
+        if run and v == run[-1] + 1:
+            run.append(v)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [v]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
+def ties_lines(ties: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Readable lines for :func:`freeze_test_ties` (empty when nothing ties)."""
+    lines = []
+    for t in ties:
+        when = f"converged from T={t['step']}" if t["step"] is not None else "never converged (fail at the last T)"
+        at = []
+        if t["passed_at"]:
+            at.append(f"pass at T={', '.join(map(str, t['passed_at']))}")
+        if t["failed_at"]:
+            at.append(f"fail at T={', '.join(map(str, t['failed_at']))}")
+        lines.append(
+            f"freeze test ties blocks {_ranges(t['blocks'])}: all {when}; rows L={', '.join(map(str, t['prefixes']))} "
+            f"{'; '.join(at)}"
+        )
+    return lines
 
 
 def _after_end(steps: pd.Series) -> pd.Series:
@@ -304,6 +404,7 @@ def agreement_from_frames(
         "tested_blocks": [int(b) for b in grid.converged.index],
         "blocks": blocks,
         "rules": rules,
+        "ties": freeze_test_ties(grid, truth),
     }
 
 
@@ -360,7 +461,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
     lines = [
         report["tolerance"]["line"],
-        f"run {report['run_id']}: baseline final loss {report['baseline_final_loss']:.4f}; tested T "
+        f"run {report['run_id']}: reference final loss {report['baseline_final_loss']:.4f}; tested T "
         f"{', '.join(map(str, report['tested_steps']))}; tested L {', '.join(map(str, report['tested_blocks']))}",
         "",
         f"{'block':>5}  {'L used':>6}  {'freeze-test':>11}  " + "  ".join(f"{n:>9}" for n in names),
@@ -383,6 +484,15 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{num(r['kendall_tau'], '+.3f'):>8}  {num(r['mean_abs_error'], '.1f'):>15}  "
             f"{r['n_ranked']:>6}"
         )
+    ties = ties_lines(report.get("ties") or [])
+    if ties:
+        undefined = all(r["spearman_rho"] is None for r in report["rules"].values() if r["available"])
+        lines += ["", *ties]
+        if undefined:
+            lines.append(
+                "rank agreement undefined: the freeze test puts these blocks at one step, so it orders no pair of "
+                "them (try the variants: freeze-test --variant stem|prefix-no-stem|block)"
+            )
     lines += [
         "",
         "freeze-test: the first tested T from which freezing blocks 0..L-1 (L used: the shortest tested",
@@ -391,3 +501,108 @@ def format_report(report: Mapping[str, Any]) -> str:
         "were ranked); the step error is over blocks where both steps are numbers.",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- variants over seeds
+
+VARIANT_LABELS = {
+    schema.VARIANT_PREFIX: "L={x} (with stem)",
+    schema.VARIANT_PREFIX_NO_STEM: "L={x} no-stem",
+    schema.VARIANT_BLOCK: "block {x}",
+    schema.VARIANT_STEM: "stem",
+}
+
+
+def variant_costs(tests: Sequence[FreezeTestRuns], last: int = FINAL_LAST) -> pd.DataFrame:
+    """The cost of every freeze-test cell over the seeds of its baselines, one row per
+    (variant, x, T): ``cost`` = mean over seeds of ``child / own baseline - 1`` (paired: each
+    seed's children against the baseline they branched off, so the baselines' luck cancels),
+    ``low``/``high`` its Student-t 95% interval over the seeds (NaN with one seed), ``n`` seeds,
+    ``seeds`` the per-seed costs. ``tests``: one freeze test per baseline (seed), read with
+    ``FINAL_LOSS_PARTS``."""
+    from analysis.records import children_frame
+    from analysis.stats import t_interval
+
+    rows: list[dict[str, Any]] = []
+    for runs in tests:
+        if not runs.children:
+            raise LayerLockError(f"run {runs.baseline.run_id} has no freeze-test children")
+        frame = children_frame([c.record for c in runs.children])
+        losses, how = final_losses([runs.baseline, *runs.children], last)
+        base = losses[runs.baseline.run_id]
+        if not math.isfinite(base) or base <= 0:
+            raise LayerLockError(f"run {runs.baseline.run_id} has no final loss to serve as a baseline")
+        for r in frame.dropna(subset=["freeze_step", "freeze_blocks"]).itertuples(index=False):
+            loss = losses.get(r.run_id, float("nan"))
+            rows.append(
+                {
+                    "variant": r.freeze_variant,
+                    "x": int(r.freeze_blocks),
+                    "T": int(r.freeze_step),
+                    "baseline": runs.baseline.run_id,
+                    "cost": loss / base - 1.0,
+                    "loss": how,
+                }
+            )
+    if not rows:
+        raise LayerLockError("no freeze-test child carries a step and blocks tag")
+    cells = pd.DataFrame(rows).dropna(subset=["cost"])
+    out = []
+    order = {v: i for i, v in enumerate(schema.FREEZE_VARIANTS)}
+    for (variant, x, T), part in cells.groupby(["variant", "x", "T"], sort=False):
+        per_seed = part.groupby("baseline")["cost"].mean()  # a repeated cell of one seed counts once
+        interval = t_interval(per_seed.to_numpy())
+        out.append(
+            {
+                "variant": variant,
+                "x": int(x),
+                "cell": VARIANT_LABELS.get(variant, variant + " {x}").format(x=x),
+                "T": int(T),
+                "n": int(len(per_seed)),
+                "cost": float(per_seed.mean()),
+                "low": float("nan") if interval is None else interval[0],
+                "high": float("nan") if interval is None else interval[1],
+                "seeds": [float(v) for v in per_seed],
+                "loss": str(part["loss"].iloc[0]),
+            }
+        )
+    frame = pd.DataFrame(out)
+    frame["_o"] = frame["variant"].map(order).fillna(len(order))
+    return frame.sort_values(["_o", "x", "T"]).drop(columns="_o").reset_index(drop=True)
+
+
+def seed_noise(tests: Sequence[FreezeTestRuns], last: int = FINAL_LAST) -> tuple[float | None, int]:
+    """Relative sd (``ddof=1``) of the baselines' final losses, and how many: the seed noise the
+    costs are read against (None with fewer than two)."""
+    losses = [final_losses([t.baseline], last)[0][t.baseline.run_id] for t in tests]
+    values = np.array([v for v in losses if math.isfinite(v)])
+    if len(values) < 2:
+        return None, len(values)
+    return float(values.std(ddof=1) / values.mean()), len(values)
+
+
+def format_variant_costs(costs: pd.DataFrame, noise: tuple[float | None, int], savings: Mapping[str, str]) -> str:
+    """The table ``python -m analysis freeze-test-report`` prints: each cell's cost with its 95%
+    interval over seeds, the seed noise, and what each variant saves."""
+    sd, n = noise
+    lines = [
+        "cost = child final loss / its own baseline's - 1, mean over seeds [95% t interval over seeds]; "
+        f"final loss = {costs['loss'].iloc[0]}",
+        f"seed noise: relative sd of the {n} baselines' final loss = " + ("n/a" if sd is None else _pct(sd)),
+        "",
+        f"{'variant':<16} {'cell':<18} {'T':>6} {'n':>3} {'cost':>8}  {'95% interval':<22} saving",
+    ]
+    for r in costs.itertuples(index=False):
+        ci = "n/a (one seed)" if math.isnan(r.low) else f"[{100 * r.low:+.2f}%, {100 * r.high:+.2f}%]"
+        saves = savings.get(r.variant, "")
+        lines.append(f"{r.variant:<16} {r.cell:<18} {r.T:>6} {r.n:>3} {100 * r.cost:+7.2f}%  {ci:<22} {saves}")
+    return "\n".join(lines)
+
+
+# What each variant saves, in words (the counted per-step numbers: core.flops.variant_saving).
+VARIANT_SAVINGS = {
+    schema.VARIANT_PREFIX: "backward of the stem and blocks 0..L-1",
+    schema.VARIANT_STEM: "the stem's weight gradient only",
+    schema.VARIANT_PREFIX_NO_STEM: "none to speak of: a diagnostic (backward runs through the frozen blocks)",
+    schema.VARIANT_BLOCK: "block i's weight gradients only (its input gradient still runs)",
+}

@@ -460,6 +460,8 @@ class FreezeGrid:
     baseline_final_loss: float
     tol: float
     loss: str = "final loss"  # how the final losses were measured (see final_losses)
+    reference: str = "baseline"  # what each cell is scored against (the baseline run, or its seed group's mean)
+    variant: str = schema.VARIANT_PREFIX  # the freeze-test variant (rows: L, i, or 0 for the stem)
 
     def max_converged_prefix(self) -> pd.Series:
         """Per T: the largest tested L whose test and all smaller tested L's passed (0: none)."""
@@ -496,6 +498,8 @@ class FreezeGrid:
             "baseline_final_loss": self.baseline_final_loss,
             "tol": self.tol,
             "loss": self.loss,
+            "reference": self.reference,
+            "variant": self.variant,
             "cells": cells,
             "max_converged_prefix": {str(k): int(v) for k, v in self.max_converged_prefix().items()},
         }
@@ -548,21 +552,35 @@ def final_losses(runs: Iterable[RunData], last: int = FINAL_LAST) -> tuple[dict[
     )
 
 
-def freeze_test_grid(runs: FreezeTestRuns, tol: float = 0.02, last: int = FINAL_LAST) -> FreezeGrid:
-    """The grid of a freeze test read with ``FINAL_LOSS_PARTS``; final losses from :func:`final_losses`."""
+def freeze_test_grid(
+    runs: FreezeTestRuns,
+    tol: float = 0.02,
+    last: int = FINAL_LAST,
+    variant: str = schema.VARIANT_PREFIX,
+    reference: tuple[float, str] | None = None,
+) -> FreezeGrid:
+    """The grid of a freeze test read with ``FINAL_LOSS_PARTS``; final losses from :func:`final_losses`.
+
+    ``variant``: only the children of that freeze-test variant (untagged ones are ``prefix``).
+    ``reference``: ``(loss, name)`` each cell is scored against (default: the baseline's own final loss)."""
     parent_id = runs.baseline.run_id
     if not runs.children:
         raise LayerLockError(
             f"run {parent_id} has no freeze-test children (no runs tagged {schema.TAG_PARENT}={parent_id})"
         )
     children = children_frame([child.record for child in runs.children])
-    losses, how = final_losses([runs.baseline, *runs.children], last)
+    children = children[children["freeze_variant"] == variant].reset_index(drop=True)
+    if children.empty:
+        raise LayerLockError(f"run {parent_id} has no freeze-test children of variant {variant}")
+    kept = set(children["run_id"])
+    losses, how = final_losses([runs.baseline, *(c for c in runs.children if c.run_id in kept)], last)
     baseline = losses[parent_id]
     if not np.isfinite(baseline):
         raise LayerLockError(f"run {parent_id} has no train/loss to serve as the freeze-test baseline")
     children["final_loss"] = [losses[rid] for rid in children["run_id"]]
-    grid = freeze_grid_from_frames(children, baseline, tol)
-    grid = replace(grid, loss=how)
+    ref, name = reference if reference is not None else (baseline, "baseline")
+    grid = freeze_grid_from_frames(children, ref, tol)
+    grid = replace(grid, loss=how, reference=name, variant=variant)
     if grid.ratio.empty:
         raise LayerLockError(
             f"run {parent_id}: no child carries both {schema.TAG_FREEZE_STEP} and {schema.TAG_FREEZE_BLOCKS}"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import LayerLockError
-from core.freezing import frozen_at
+from core.freezing import STEM_WITH_FIRST, frozen_at, prefix_set
 
 # What an estimated FLOP model assumes (shown with every prediction made from one).
 ESTIMATE_BASIS = (
@@ -41,6 +41,9 @@ def estimated_flop_model(n_blocks: int) -> dict[str, Any]:
         "n_blocks": n_blocks,
         "per_step": {str(k): float(3 * n_blocks - 2 * k) for k in range(n_blocks)},
         "per_step_k": "k = blocks 0..k-1 frozen",
+        # The stem trains (freeze.stem never/last): gradients run through the frozen blocks, which
+        # save only their weight gradients, one forward's worth each.
+        "per_step_stem_trains": {str(k): float(3 * n_blocks - k) for k in range(n_blocks)},
         "estimate": True,
         "basis": ESTIMATE_BASIS,
     }
@@ -83,11 +86,40 @@ def stage_segments(schedule: dict[str, Any], total_steps: int) -> list[tuple[int
     return [(a, b, frozen_at(stages, a)) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def _stem_tables(flop_model: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(stage k with the stem frozen, stage k with the stem trainable) per-step tables of a flop
+    model; None where it does not hold that table."""
+    policy = flop_model.get("stem", STEM_WITH_FIRST)
+    with_stem = per_step_flops(flop_model) if policy == STEM_WITH_FIRST else None
+    trains = flop_model.get("per_step_stem_trains")
+    if policy != STEM_WITH_FIRST and trains is None and policy == "never":
+        trains = flop_model["per_step"]
+    return with_stem, (per_step_flops({"per_step": trains}) if isinstance(trains, dict) else None)
+
+
+def covers_stem(flop_model: dict[str, Any], schedule: dict[str, Any]) -> bool:
+    """Whether ``flop_model`` holds the stage costs ``schedule``'s stem policy needs."""
+    with_stem, trains = _stem_tables(flop_model)
+    policy = schedule.get("stem", STEM_WITH_FIRST)
+    return (with_stem is not None or policy == "never") and (trains is not None or policy == STEM_WITH_FIRST)
+
+
 def schedule_flops(schedule: dict[str, Any], flop_model: dict[str, Any], total_steps: int) -> float:
-    """Total counted FLOPs of ``total_steps`` training steps under ``schedule``."""
-    flops = per_step_flops(flop_model)
+    """Total counted FLOPs of ``total_steps`` training steps under ``schedule``. A stage whose stem
+    trains (the schedule's ``stem``: never, or last before its last stage) costs
+    ``per_step_stem_trains[k]``: its frozen blocks save only their weight gradients."""
+    policy = schedule.get("stem", STEM_WITH_FIRST)
+    with_stem, trains = _stem_tables(flop_model)
+    last = max((int(s["frozen"]) for s in schedule.get("stages", [])), default=0)
     total = 0.0
     for start, stop, frozen in stage_segments(schedule, total_steps):
+        stem_frozen = prefix_set(frozen, policy, last).stem or frozen == 0
+        flops = with_stem if stem_frozen else trains
+        if flops is None:
+            raise LayerLockError(
+                f"flop model has no per-step costs for stem {'frozen' if stem_frozen else 'trainable'} "
+                f"(schedule stem: {policy})"
+            )
         if frozen >= flops.size:
             raise LayerLockError(f"flop model has no entry for {frozen} frozen blocks (it covers k < {flops.size})")
         total += (stop - start) * flops[frozen]

@@ -28,10 +28,12 @@ from core.schema import (
     TAG_FAILURE,
     TAG_FREEZE_BLOCKS,
     TAG_FREEZE_STEP,
+    TAG_FREEZE_VARIANT,
     TAG_GROUP,
     TAG_METHOD,
     TAG_PARENT,
     TAG_SCHEDULE_SOURCE,
+    VARIANT_PREFIX,
 )
 
 # One path component, then ``block_<digits>``: ``eval/digit/block_03/acc`` does not match.
@@ -180,6 +182,8 @@ def children_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
 
     frame["freeze_step"] = pd.array([tag_int(r, TAG_FREEZE_STEP) for r in frame["run_id"]], dtype="Int64")
     frame["freeze_blocks"] = pd.array([tag_int(r, TAG_FREEZE_BLOCKS) for r in frame["run_id"]], dtype="Int64")
+    # Children from before the variants carry no variant tag: they are the prefix test.
+    frame["freeze_variant"] = [by_id[r].tags.get(TAG_FREEZE_VARIANT, VARIANT_PREFIX) for r in frame["run_id"]]
     return frame.sort_values(["freeze_blocks", "freeze_step"], kind="stable").reset_index(drop=True)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from analysis.flops import (
     baseline_flops,
+    covers_stem,
     estimated_flop_model,
     is_estimate,
     predicted_saving,
@@ -29,8 +30,8 @@ from analysis.flops import (
 )
 from analysis.records import Parts, RunData
 from core.errors import LayerLockError, ScheduleError
+from core.freezing import STEM_WITH_FIRST, is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
 from core.freezing import frozen_at as _frozen_at
-from core.freezing import is_int, validate_schedule  # noqa: F401  (one validator for trainer and analyzer)
 
 
 def frozen_at(schedule: dict[str, Any], step: int) -> int:
@@ -54,8 +55,12 @@ def derive_schedule(
     max_frozen: int | None = None,
     quantize: int | None = None,
     source: dict[str, Any] | None = None,
+    stem: str | None = None,
 ) -> dict[str, Any]:
     """Monotone-prefix schedule from per-block convergence steps.
+
+    ``stem``: when the stem freezes (``core.freezing.STEM_POLICIES``; None: with block 0, the
+    default, not written); written as the schedule's optional ``stem`` field.
 
     Prefix k (blocks ``0 .. k-1``) freezes at ``max(conv[0..k-1]) + margin`` steps, rounded
     UP to a multiple of ``quantize`` when given, so no block freezes before it (and every
@@ -101,10 +106,10 @@ def derive_schedule(
         "quantize": quantize,
         "total_steps": int(total_steps),
     }
-    return validate_schedule(
-        {"n_blocks": int(n_blocks), "stages": stages, "source": {**meta, **(source or {})}},
-        total_steps=total_steps,
-    )
+    out: dict[str, Any] = {"n_blocks": int(n_blocks), "stages": stages, "source": {**meta, **(source or {})}}
+    if stem is not None and stem != STEM_WITH_FIRST:
+        out["stem"] = stem
+    return validate_schedule(out, total_steps=total_steps)  # the default stem is not written: old files stay old
 
 
 def schedule_with_prediction(
@@ -127,6 +132,9 @@ def schedule_with_prediction(
     from analysis.timing import predict_wall_saving
 
     out = validate_schedule(schedule)
+    if flop_model is not None and not covers_stem(flop_model, out):
+        # An older run's flop model counted only the stem frozen with block 0.
+        flop_model = estimated_flop_model(int(out["n_blocks"]))
     wall = predict_wall_saving(out, int(total_steps), flop_model, time_model)
     prediction: dict[str, Any] = {"total_steps": int(total_steps)}
     flop_basis = None
@@ -165,6 +173,7 @@ def schedule_for_run(
     max_frozen: int | None = None,
     quantize: int | None = None,
     time_model: dict[str, Any] | None = None,
+    stem: str | None = None,
 ) -> dict[str, Any]:
     """A run's derived schedule with its predicted saving: the one path from detected
     convergence to a schedule (the analysis CLI, the Schedule page, the demo and the study).
@@ -192,7 +201,14 @@ def schedule_for_run(
     if rule["patience"] is not None or patience is not None:
         source["patience"] = rule["patience"] if patience is None else patience
     schedule = derive_schedule(
-        conv, int(depth), int(total_steps), margin=margin, max_frozen=max_frozen, quantize=quantize, source=source
+        conv,
+        int(depth),
+        int(total_steps),
+        margin=margin,
+        max_frozen=max_frozen,
+        quantize=quantize,
+        source=source,
+        stem=stem,
     )
     if flop_model is None:
         flop_model = estimated_flop_model(int(depth))
@@ -218,6 +234,7 @@ def derive_run_schedule(
     margin: int = 0,
     max_frozen: int | None = None,
     quantize: int | None = None,
+    stem: str | None = None,
 ) -> dict[str, Any]:
     """:func:`schedule_for_run` on a logged run, read with :func:`schedule_parts` (its layer
     metrics, FLOP and time models); ``total_steps`` defaults to its ``train.steps``."""
@@ -239,4 +256,5 @@ def derive_run_schedule(
         max_frozen=max_frozen,
         quantize=quantize,
         time_model=run.time_model,
+        stem=stem,
     )

@@ -87,10 +87,36 @@ class LinearSchedule(_Strict):
     final_frozen: float = Field(0.75, gt=0, description="blocks frozen at the end: a fraction (<1) or a count")
 
 
+class FrozenSetSpec(_Strict):
+    """A fixed frozen set from ``step`` on: exactly ``blocks`` (any blocks, not only a prefix) and the
+    stem when ``stem``. What the freeze test's variants train with (a diagnostic, not a schedule)."""
+
+    step: int = Field(ge=0, description="first step the set is frozen")
+    blocks: list[int] = Field(default_factory=list, description="encoder blocks frozen (any indices)")
+    stem: bool = Field(False, description="freeze the stem (patch embedding and position table) too")
+
+
 class FreezeConfig(_Strict):
     schedule: str | list[Stage] | LinearSchedule | None = Field(
         None, description="path to a schedule JSON, an inline list of stages, or a linear generator"
     )
+    stem: Literal["with_first", "last", "never"] | None = Field(
+        None,
+        description="when the stem (patch embedding, position table) freezes: with block 0 (the default), "
+        "at the schedule's last stage, or never (then gradients flow through every frozen block to it, "
+        "so no backward below the stem is saved); None: the schedule JSON's own 'stem' field",
+    )
+    only: FrozenSetSpec | None = Field(
+        None, description="freeze exactly this set from its step on (freeze-test variants); excludes schedule"
+    )
+
+    @model_validator(mode="after")
+    def _one_mechanism(self) -> FreezeConfig:
+        if self.only is not None and self.schedule is not None:
+            raise ValueError("freeze.only and freeze.schedule exclude each other")
+        if self.only is not None and self.stem is not None:
+            raise ValueError("freeze.only says itself whether the stem freezes (freeze.only.stem): drop freeze.stem")
+        return self
 
 
 class ProbeConfig(_Strict):

@@ -27,7 +27,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import ExperimentConfig
 from core.errors import LayerLockError
-from core.freezing import freeze_prefix, frozen_prefix_length, set_frozen_prefix
+from core.freezing import (
+    STEM_LAST,
+    STEM_NEVER,
+    STEM_WITH_FIRST,
+    FrozenSet,
+    freeze_prefix,
+    frozen_prefix_length,
+    prefix_set,
+    set_frozen,
+)
 from core.masking import n_keep
 from core.model import build_model
 from core.objectives import compute_losses, freezes
@@ -36,12 +45,19 @@ from core.probes import rng_preserved
 PREFIX_MEANING = "k = blocks 0..k-1 frozen"
 
 
-def count_step_flops(cfg: ExperimentConfig, batch_size: int, k: int) -> int:
-    """FLOPs of one optimizer step's forward+backward for ``batch_size`` clips at schedule stage ``k``."""
+def count_step_flops(cfg: ExperimentConfig, batch_size: int, k: int, frozen: FrozenSet | None = None) -> int:
+    """FLOPs of one optimizer step's forward+backward for ``batch_size`` clips at schedule stage ``k``.
+
+    ``frozen``: what is frozen (default: blocks 0..k-1 with the stem, for objectives that freeze).
+    Counted on the real code path, so a frozen set that is not a prefix with its stem (the stem
+    trainable, or a block above a trainable one) saves only its weight gradients: the input
+    gradients still run through it, and the count shows exactly that."""
     g = cfg.geometry
     with torch.device("meta"):
         model = build_model(cfg.model, g)
-    set_frozen_prefix(model, None, k if freezes(cfg.objective) else 0)
+    if frozen is None:
+        frozen = prefix_set(k if freezes(cfg.objective) else 0)
+    set_frozen(model, None, frozen)
     kept = n_keep(g.grid, cfg.model.mask_ratio)
     video = torch.empty(batch_size, g.channels, g.frames, g.size, g.size, device="meta")
     keep = torch.zeros(batch_size, kept, dtype=torch.long, device="meta")
@@ -53,22 +69,46 @@ def count_step_flops(cfg: ExperimentConfig, batch_size: int, k: int) -> int:
     return int(counter.get_total_flops())
 
 
-def flop_model(cfg: ExperimentConfig, batch_size: int | None = None) -> dict:
-    """The run's FLOP model: per-step FLOPs for every schedule stage k = 0..depth-1."""
+def flop_model(
+    cfg: ExperimentConfig, batch_size: int | None = None, stem: str = STEM_WITH_FIRST, last_frozen: int | None = None
+) -> dict:
+    """The run's FLOP model: per-step FLOPs for every schedule stage k = 0..depth-1.
+
+    ``stem``/``last_frozen``: the schedule's stem policy and deepest stage (:func:`core.freezing.prefix_set`);
+    with ``never`` (or ``last`` before the last stage) the stem trains and stage k saves only the
+    weight gradients of blocks 0..k-1, so per_step[k] is counted with that set."""
     b = batch_size or cfg.train.batch_size
-    per = {str(k): count_step_flops(cfg, b, k) for k in range(cfg.model.depth)}
-    meaning = (
-        PREFIX_MEANING
-        if freezes(cfg.objective)
-        else "k = schedule stage (latent target = block k-1 output); nothing frozen"
-    )
-    return {
+    freezing = freezes(cfg.objective)
+    per = {
+        str(k): count_step_flops(cfg, b, k, prefix_set(k, stem, last_frozen) if freezing else FrozenSet())
+        for k in range(cfg.model.depth)
+    }
+    meaning = PREFIX_MEANING if freezing else "k = schedule stage (latent target = block k-1 output); nothing frozen"
+    out = {
         "n_blocks": cfg.model.depth,
         "batch_size": b,
         "objective": cfg.objective.name,
         "per_step": per,
         "per_step_k": meaning,
     }
+    if freezing:  # what stage k costs when the stem trains (freeze.stem: never, or last before its stage)
+        out["per_step_stem_trains"] = {
+            str(k): count_step_flops(cfg, b, k, prefix_set(k, STEM_NEVER)) for k in range(cfg.model.depth)
+        }
+    if stem != STEM_WITH_FIRST:
+        out["stem"] = stem
+        out["per_step_k"] += f"; stem {stem}" + (f" (frozen at k={last_frozen})" if stem == STEM_LAST else "")
+    return out
+
+
+def variant_saving(cfg: ExperimentConfig, frozen: FrozenSet, batch_size: int | None = None) -> dict:
+    """What freezing ``frozen`` saves per step against nothing frozen, counted: ``flops_frozen``,
+    ``flops_full``, ``saving`` (``1 - frozen / full``). A freeze-test variant's honest saving: a
+    set whose stem trains, or a block above a trainable one, saves only weight gradients."""
+    b = batch_size or cfg.train.batch_size
+    full = count_step_flops(cfg, b, 0, FrozenSet())
+    part = count_step_flops(cfg, b, 0, frozen)
+    return {"flops_full": full, "flops_frozen": part, "saving": 1.0 - part / full}
 
 
 @contextlib.contextmanager

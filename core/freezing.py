@@ -12,6 +12,7 @@ training loop. The trainer's :func:`set_frozen_prefix` is the same function on `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import warnings
@@ -26,6 +27,54 @@ from torch import nn
 from core.config import FreezeConfig, LinearSchedule
 from core.errors import ScheduleError, read_user_file
 
+# When the stem freezes under a schedule (the schedule JSON's optional "stem" field).
+from core.schema import STEM_LAST, STEM_NEVER, STEM_POLICIES, STEM_WITH_FIRST  # noqa: F401  (re-exported)
+
+
+@dataclass(frozen=True)
+class FrozenSet:
+    """What is frozen: ``blocks`` (indices, any subset) and the ``stem``. The one description the
+    trainer, the FLOP count and the freeze-test variants share. Only the part of it that nothing
+    trainable sits below -- the stem frozen and the leading run of frozen blocks 0..p-1
+    (:attr:`no_grad_prefix`) -- runs without an autograd graph and saves its backward; every other
+    frozen block only skips its weight gradients (its input gradient still flows to what is below)."""
+
+    blocks: frozenset[int] = frozenset()
+    stem: bool = False
+
+    @property
+    def prefix(self) -> int:
+        """Length of the leading run 0..p-1 of frozen blocks."""
+        p = 0
+        while p in self.blocks:
+            p += 1
+        return p
+
+    @property
+    def no_grad_prefix(self) -> int:
+        """Blocks that run under ``no_grad`` (no backward at all): the prefix, when the stem is frozen."""
+        return self.prefix if self.stem else 0
+
+    def describe(self) -> str:
+        parts = ([f"blocks {','.join(map(str, sorted(self.blocks)))}"] if self.blocks else []) + (
+            ["stem"] if self.stem else []
+        )
+        return " + ".join(parts) or "nothing"
+
+
+def prefix_set(k: int, stem_policy: str = STEM_WITH_FIRST, last_frozen: int | None = None) -> FrozenSet:
+    """Blocks 0..k-1 and the stem as ``stem_policy`` says: ``with_first`` frozen with block 0 (k > 0),
+    ``last`` only from the schedule's last stage (``k == last_frozen > 0``), ``never`` never."""
+    if stem_policy not in STEM_POLICIES:
+        raise ScheduleError(f"stem must be one of {', '.join(STEM_POLICIES)}, got {stem_policy!r}")
+    if stem_policy == STEM_WITH_FIRST:
+        stem = k > 0
+    elif stem_policy == STEM_LAST:
+        stem = k > 0 and k == (k if last_frozen is None else last_frozen)
+    else:
+        stem = False
+    return FrozenSet(frozenset(range(k)), stem)
+
 
 @dataclass(frozen=True)
 class FreezeSchedule:
@@ -34,6 +83,16 @@ class FreezeSchedule:
     n_blocks: int
     stages: tuple[tuple[int, int], ...]
     source: dict[str, Any] | None = None
+    stem: str = STEM_WITH_FIRST  # when the stem freezes (STEM_POLICIES); optional in the JSON
+
+    @property
+    def last_frozen(self) -> int:
+        """The deepest prefix the schedule reaches (0 without stages)."""
+        return max((f for _, f in self.stages), default=0)
+
+    def frozen_set_at(self, step: int) -> FrozenSet:
+        """What is frozen at ``step``: the prefix, and the stem as ``stem`` says."""
+        return prefix_set(self.frozen_at(step), self.stem, self.last_frozen)
 
     def __post_init__(self) -> None:
         validate_schedule(self.to_dict())
@@ -47,6 +106,8 @@ class FreezeSchedule:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n_blocks": self.n_blocks, "stages": [{"step": s, "frozen": f} for s, f in self.stages]}
         out["source"] = self.source or {}
+        if self.stem != STEM_WITH_FIRST:  # written only when it differs: old readers see old files
+            out["stem"] = self.stem
         return out
 
     @classmethod
@@ -56,7 +117,10 @@ class FreezeSchedule:
         except ScheduleError as err:
             raise ScheduleError(f"{where}: {str(err).removeprefix('schedule: ')}") from None
         return cls(
-            n_blocks=d["n_blocks"], stages=tuple((s["step"], s["frozen"]) for s in d["stages"]), source=d["source"]
+            n_blocks=d["n_blocks"],
+            stages=tuple((s["step"], s["frozen"]) for s in d["stages"]),
+            source=d["source"],
+            stem=d.get("stem", STEM_WITH_FIRST),
         )
 
     @classmethod
@@ -129,6 +193,8 @@ def validate_schedule(
         raise ScheduleError(f"schedule: stages must be a list, got {type(d['stages']).__name__}")
     if "source" in d and not isinstance(d["source"], dict):
         raise ScheduleError("schedule: source must be an object")
+    if d.get("stem", STEM_WITH_FIRST) not in STEM_POLICIES:
+        raise ScheduleError(f"schedule: stem must be one of {', '.join(STEM_POLICIES)}, got {d['stem']!r}")
     if total_steps is not None and (not is_int(total_steps) or total_steps < 1):
         raise ScheduleError(f"schedule: total_steps must be a positive integer, got {total_steps!r}")
 
@@ -187,8 +253,24 @@ def schedule_from_config(cfg: FreezeConfig, n_blocks: int, total_steps: int) -> 
         )
     if sched.n_blocks != n_blocks:
         raise ScheduleError(f"schedule is for n_blocks={sched.n_blocks} but model.depth={n_blocks}")
+    if cfg.stem is not None:  # the config's freeze.stem overrides the schedule JSON's
+        sched = dataclasses.replace(sched, stem=cfg.stem)
     sched.check_within(total_steps)
     return sched
+
+
+def fixed_set_from_config(cfg: FreezeConfig, n_blocks: int) -> tuple[int, FrozenSet] | None:
+    """``(step, set)`` of ``freeze.only`` (None without it); ScheduleError for a block outside the
+    model or a set that leaves no block trainable."""
+    if cfg.only is None:
+        return None
+    blocks = cfg.only.blocks
+    bad = [b for b in blocks if not 0 <= b < n_blocks]
+    if bad:
+        raise ScheduleError(f"freeze.only.blocks: block {bad[0]} is outside 0..{n_blocks - 1} (model.depth={n_blocks})")
+    if len(set(blocks)) >= n_blocks:
+        raise ScheduleError(f"freeze.only.blocks freezes all {n_blocks} blocks: at least one must train")
+    return cfg.only.step, FrozenSet(frozenset(blocks), cfg.only.stem)
 
 
 # ----------------------------------------------------------------------------- any list of modules
@@ -252,9 +334,9 @@ def freeze_prefix(
 ) -> None:
     """Freeze ``blocks[0..k-1]`` (and ``stem`` when k > 0); unfreeze the rest. Any model.
 
-    The only place that touches ``requires_grad`` and optimizer state. Frozen parameters get
-    ``requires_grad_(False)``, their ``.grad`` and their optimizer state (e.g. Adam moments) are
-    dropped, so optimizers that skip parameters without a gradient (all of torch.optim) leave
+    :func:`freeze_set` with the prefix 0..k-1 and the stem frozen with block 0. Frozen parameters
+    get ``requires_grad_(False)``, their ``.grad`` and their optimizer state (e.g. Adam moments)
+    are dropped, so optimizers that skip parameters without a gradient (all of torch.optim) leave
     them bitwise unchanged; each frozen block's forward runs under ``no_grad`` (a forward
     pre-hook and an always-called forward hook). Unfreezing gives parameters back the
     ``requires_grad`` they had before. Buffers (BatchNorm running statistics) follow the
@@ -265,28 +347,55 @@ def freeze_prefix(
     blocks = list(blocks)
     if not 0 <= k < len(blocks):
         raise ScheduleError(f"cannot freeze {k} of {len(blocks)} blocks: at least one must train")
-    frozen = [p for blk in blocks[:k] for p in blk.parameters()] + (_stem_parameters(stem) if k > 0 else [])
-    frozen_ids = {id(p) for p in frozen}
-    for p in frozen:
+    freeze_set(blocks, range(k), optimizer, stem=stem, stem_frozen=k > 0)
+
+
+def freeze_set(
+    blocks: Sequence[nn.Module],
+    frozen: Iterable[int],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    stem: Iterable[nn.Module | nn.Parameter] = (),
+    stem_frozen: bool = False,
+) -> None:
+    """Freeze exactly the blocks ``frozen`` (indices, any subset) and, with ``stem_frozen``, the
+    ``stem``; unfreeze everything else. The only place that touches ``requires_grad`` and
+    optimizer state (see :func:`freeze_prefix`). Only the leading run of frozen blocks 0..p-1
+    runs under ``no_grad``, and only when nothing below it trains (the stem frozen, or no stem
+    given): a frozen block above a trainable part keeps its autograd graph, so gradients still
+    reach what is below it; it only skips its own weight gradients."""
+    blocks = list(blocks)
+    idx = sorted(set(frozen))
+    if any(not is_int(i) or not 0 <= i < len(blocks) for i in idx):
+        raise ScheduleError(f"cannot freeze blocks {idx}: indices must be within 0..{len(blocks) - 1}")
+    if len(idx) >= len(blocks):
+        raise ScheduleError(f"cannot freeze all {len(blocks)} blocks: at least one must train")
+    stem_params = _stem_parameters(stem)
+    chosen = set(idx)
+    frozen_params = [p for i in idx for p in blocks[i].parameters()] + (stem_params if stem_frozen else [])
+    frozen_ids = {id(p) for p in frozen_params}
+    for p in frozen_params:
         if not hasattr(p, _SAVED_FLAG):
             setattr(p, _SAVED_FLAG, p.requires_grad)
         p.requires_grad_(False)
         p.grad = None
         if optimizer is not None:
             optimizer.state.pop(p, None)
-    thawed = [p for blk in blocks[k:] for p in blk.parameters()] + (_stem_parameters(stem) if k == 0 else [])
+    thawed = [p for i, blk in enumerate(blocks) if i not in chosen for p in blk.parameters()]
+    thawed += [] if stem_frozen else stem_params
     for p in thawed:
         if id(p) not in frozen_ids and hasattr(p, _SAVED_FLAG):
             p.requires_grad_(getattr(p, _SAVED_FLAG))
             delattr(p, _SAVED_FLAG)
+    no_grad = FrozenSet(frozenset(idx), stem_frozen or not stem_params).no_grad_prefix
     for i, blk in enumerate(blocks):
         hooked = _NO_GRAD in blk.__dict__
-        if i < k and not hooked:
+        if i < no_grad and not hooked:
             blk.__dict__[_NO_GRAD] = (
                 blk.register_forward_pre_hook(_enter_no_grad),
                 blk.register_forward_hook(_exit_no_grad, always_call=True),
             )
-        elif i >= k and hooked:
+        elif i >= no_grad and hooked:
             for handle in blk.__dict__.pop(_NO_GRAD):
                 handle.remove()
 
@@ -326,6 +435,16 @@ def set_frozen_prefix(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     ``no_grad`` itself too (``model.frozen_prefix``, which only this function writes)."""
     freeze_prefix(model.blocks, k, optimizer, stem=(model.patch_embed,))
     model.frozen_prefix = k
+
+
+def set_frozen(model: nn.Module, optimizer: torch.optim.Optimizer | None, frozen: FrozenSet) -> None:
+    """Freeze exactly ``frozen`` (blocks and stem) of a :class:`core.model.VideoMAE`:
+    :func:`freeze_set` on ``model.blocks`` with the patch embedding as stem (the position table
+    is a fixed buffer). ``model.frozen_prefix`` becomes the part that runs under ``no_grad``
+    (:attr:`FrozenSet.no_grad_prefix`); with the stem trainable that is 0, and gradients reach the
+    stem through every frozen block. The prefix with the stem is :func:`set_frozen_prefix`."""
+    freeze_set(model.blocks, frozen.blocks, optimizer, stem=(model.patch_embed,), stem_frozen=frozen.stem)
+    model.frozen_prefix = frozen.no_grad_prefix
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -17,7 +17,18 @@ TAG_SCHEDULE_SOURCE = "layerlock.schedule_source"  # run id a schedule came from
 TAG_PARENT = "layerlock.parent"  # freeze-test children, next to mlflow's own parent tag
 MLFLOW_PARENT = "mlflow.parentRunId"
 TAG_FREEZE_STEP = "layerlock.freeze_test.step"
-TAG_FREEZE_BLOCKS = "layerlock.freeze_test.blocks"
+TAG_FREEZE_BLOCKS = "layerlock.freeze_test.blocks"  # L (prefix variants), i (block), 0 (stem)
+# Which freeze-test variant a child is (FREEZE_VARIANTS); children without it are "prefix".
+TAG_FREEZE_VARIANT = "layerlock.freeze_test.variant"
+# Freeze-test variants: prefix = blocks 0..L-1 with the stem (the paper's test), prefix-no-stem =
+# blocks 0..L-1 with the stem trainable (a diagnostic: no saving), stem = the stem alone,
+# block = block i alone (the blocks below train).
+VARIANT_PREFIX, VARIANT_PREFIX_NO_STEM, VARIANT_STEM, VARIANT_BLOCK = "prefix", "prefix-no-stem", "stem", "block"
+FREEZE_VARIANTS = (VARIANT_PREFIX, VARIANT_STEM, VARIANT_PREFIX_NO_STEM, VARIANT_BLOCK)
+# When the stem (patch embedding, position table: what runs before block 0) freezes under a schedule:
+# freeze.stem in the config, the optional top-level "stem" of a schedule JSON (absent = with_first).
+STEM_WITH_FIRST, STEM_LAST, STEM_NEVER = "with_first", "last", "never"
+STEM_POLICIES = (STEM_WITH_FIRST, STEM_LAST, STEM_NEVER)
 TAG_FAILURE = "layerlock.failure_reason"  # FAILED runs: the first line of the error
 TAG_GROUP = "layerlock.group"  # runs with equal values differ only in train.seed
 TAG_STUDY = "layerlock.study"  # every run of one `python -m experiments study`

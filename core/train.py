@@ -33,8 +33,17 @@ from core import schema
 from core.config import ExperimentConfig, config_from_dict, flatten, group_name, to_yaml
 from core.data import build_dataset, get_batch
 from core.errors import LayerLockError, RunTerminated, TrainingDiverged
+from core.flops import count_step_flops
 from core.flops import flop_model as build_flop_model
-from core.freezing import FreezeSchedule, schedule_from_config, set_frozen_prefix
+from core.freezing import (
+    STEM_WITH_FIRST,
+    FreezeSchedule,
+    FrozenSet,
+    fixed_set_from_config,
+    prefix_set,
+    schedule_from_config,
+    set_frozen,
+)
 from core.masking import tube_mask
 from core.model import VideoMAE, build_model
 from core.monitor import LayerMonitor, ProbeSpec
@@ -102,9 +111,9 @@ def build_optimizer(model: VideoMAE, cfg: ExperimentConfig) -> torch.optim.AdamW
 _FLOP_MODELS: dict[str, dict] = {}  # per process: the count of each (model, objective, clip shape, batch size)
 
 
-def _flop_model(cfg: ExperimentConfig) -> dict:
+def _flop_model(cfg: ExperimentConfig, stem: str = STEM_WITH_FIRST, last_frozen: int | None = None) -> dict:
     """The run's FLOP model (``core.flops.flop_model``), counted once per process for each model,
-    objective, clip shape and batch size: counting traces every stage k and costs seconds of CPU,
+    objective, clip shape, batch size and stem policy: counting traces every stage k and costs seconds of CPU,
     which each run of a grid or seed group (in one process, or in one pool worker) would pay again
     for the same numbers. Nothing else of the config enters the count, and counting leaves the RNG
     alone, so a run's results do not depend on whether its count was cached."""
@@ -114,11 +123,13 @@ def _flop_model(cfg: ExperimentConfig) -> dict:
             "objective": cfg.objective.model_dump(mode="json"),
             "geometry": dataclasses.asdict(cfg.geometry),
             "batch_size": cfg.train.batch_size,
+            "stem": stem,
+            "last_frozen": last_frozen,
         },
         sort_keys=True,
     )
     if key not in _FLOP_MODELS:
-        _FLOP_MODELS[key] = build_flop_model(cfg)
+        _FLOP_MODELS[key] = build_flop_model(cfg, stem=stem, last_frozen=last_frozen)
     return copy.deepcopy(_FLOP_MODELS[key])
 
 
@@ -332,6 +343,7 @@ class _Run:
         self.model = build_model(cfg.model, cfg.geometry).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = schedule_from_config(cfg.freeze, cfg.model.depth, t_cfg.steps)
+        self.fixed = fixed_set_from_config(cfg.freeze, cfg.model.depth)  # freeze.only: (step, set) or None
         # Probes, gradient norms, update ratios and the per-block artifacts: the public API any
         # training loop uses (core.monitor), here on the encoder blocks and the unmasked encoder.
         # Where a core is free, each probe reads a copy of the weights in a background thread.
@@ -359,8 +371,13 @@ class _Run:
             total_steps=t_cfg.steps,
             loop_metrics=False,
         )
-        self.flops = _flop_model(cfg)
+        sched = self.schedule
+        self.flops = _flop_model(
+            cfg, stem=sched.stem if sched else STEM_WITH_FIRST, last_frozen=sched.last_frozen if sched else None
+        )
         self.flops_per_k = {int(k): v for k, v in self.flops["per_step"].items()}
+        self.fset = FrozenSet()  # what is frozen now (core.freezing.FrozenSet)
+        self.fset_flops: dict[tuple[int, FrozenSet], float] = {}  # counted per (stage, set) off the schedule
         self.done = _Progress()
         self.interval = _Interval()
         # The run's local folder (core.tracking: checkpoints, probe features, the spool).
@@ -398,9 +415,7 @@ class _Run:
             self.optimizer.load_state_dict(start["optimizer"])
         # Schedule stage k (its ``frozen`` count at this step): objectives that freeze freeze blocks
         # 0..k-1; latent_scheduled freezes nothing and uses k only for its latent target depth.
-        self.stage = self.schedule.frozen_at(done.step) if self.schedule else 0
-        self.frozen = self.stage if freezes(self.cfg.objective) else 0
-        set_frozen_prefix(self.model, self.optimizer, self.frozen)  # after loading: drops frozen moments
+        self.set_stage(*self.stage_at(done.step))  # after loading: drops frozen moments
 
     def log_header(self) -> None:
         """A new run's params, resolved config, FLOP model, schedule and skipped files."""
@@ -427,14 +442,14 @@ class _Run:
         if rounds <= 0 or self.world > 1 or self.cfg.train.compile:
             return
         ks = calibration_stages((f for _, f in self.schedule.stages) if self.schedule else (), self.cfg.model.depth)
-        real, done = (self.model, self.optimizer, self.net, self.stage, self.frozen), dataclasses.replace(self.done)
+        real = (self.model, self.optimizer, self.net, self.stage, self.frozen, self.fset)
+        done = dataclasses.replace(self.done)
         batches = self.batches
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
 
         def set_stage(k: int) -> None:
-            self.stage, self.frozen = k, (k if freezes(self.cfg.objective) else 0)
-            set_frozen_prefix(self.model, self.optimizer, self.frozen)
+            self.set_stage(k, self.set_for_stage(k))
 
         try:
             with torch.random.fork_rng(devices=devices):
@@ -446,7 +461,7 @@ class _Run:
         finally:
             if self.batches is not batches:
                 self.batches.close()
-            (self.model, self.optimizer, self.net, self.stage, self.frozen), self.done = real, done
+            (self.model, self.optimizer, self.net, self.stage, self.frozen, self.fset), self.done = real, done
             self.batches = batches
         self.log_time_model()
 
@@ -471,15 +486,45 @@ class _Run:
         """Log metrics at step ``at``; per-block ones also go to the rows of ``layer_metrics.parquet``."""
         self.monitor.record(metrics, at)
 
+    def set_for_stage(self, k: int) -> FrozenSet:
+        """What schedule stage k freezes: blocks 0..k-1 and the stem as the schedule's stem policy
+        says, for objectives that freeze; nothing for latent_scheduled."""
+        if not freezes(self.cfg.objective):
+            return FrozenSet()
+        sched = self.schedule
+        return prefix_set(k, sched.stem, sched.last_frozen) if sched else prefix_set(k)
+
+    def stage_at(self, step: int) -> tuple[int, FrozenSet]:
+        """``(stage, frozen set)`` at ``step``: the schedule's, or ``freeze.only``'s fixed set from its
+        step on (stage = its leading prefix, which only a latent target depth reads)."""
+        if self.fixed is not None:
+            start, fixed = self.fixed
+            fs = fixed if step >= start and freezes(self.cfg.objective) else FrozenSet()
+            return fs.prefix, fs
+        k = self.schedule.frozen_at(step) if self.schedule else 0
+        return k, self.set_for_stage(k)
+
+    def set_stage(self, k: int, fs: FrozenSet) -> None:
+        """Freeze ``fs`` (the one call that changes what is frozen) at stage ``k``."""
+        self.stage, self.fset, self.frozen = k, fs, len(fs.blocks)
+        set_frozen(self.model, self.optimizer, fs)
+
+    def step_flops(self) -> float:
+        """Counted FLOPs of one step as it runs now: the FLOP model's stage entry when the frozen set
+        is the schedule's, else counted for the set (``freeze.only``), once."""
+        if self.fset == self.set_for_stage(self.stage):
+            return self.flops_per_k[self.stage]
+        key = (self.stage, self.fset)
+        if key not in self.fset_flops:
+            self.fset_flops[key] = count_step_flops(self.cfg, self.cfg.train.batch_size, self.stage, self.fset)
+        return self.fset_flops[key]
+
     def follow_schedule(self, step: int) -> None:
         """Apply a schedule stage that starts at ``step``: refreeze and rebuild the wrapped module."""
-        want = self.schedule.frozen_at(step) if self.schedule else 0
-        if want == self.stage:
+        want, fs = self.stage_at(step)
+        if want == self.stage and fs == self.fset:
             return
-        self.stage = want
-        if freezes(self.cfg.objective):
-            self.frozen = self.stage
-            set_frozen_prefix(self.model, self.optimizer, self.frozen)
+        self.set_stage(want, fs)
         self.net = _wrap(self.model, self.device, self.cfg, self.world)
         self.tracker.log_metrics({schema.FROZEN_BLOCKS: self.frozen}, step)
 
@@ -585,7 +630,7 @@ class _Run:
         for key, value in losses.items():
             self.interval.losses.setdefault(key, []).append(float(value.detach()))
         done.loss = self.interval.losses["loss"][-1]
-        done.flops_total += self.flops_per_k[self.stage]
+        done.flops_total += self.step_flops()
         self.interval.steps += 1
         step_s, step_cpu = time.perf_counter() - t0, time.process_time() - c0
         done.wall_s += step_s

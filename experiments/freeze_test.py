@@ -22,12 +22,18 @@ from collections.abc import Sequence
 from core.errors import LayerLockError
 from core.schema import (
     CHECKPOINT_DIR,
+    FREEZE_VARIANTS,
     METHOD_FREEZE_TEST,
     MLFLOW_PARENT,
     TAG_FREEZE_BLOCKS,
     TAG_FREEZE_STEP,
+    TAG_FREEZE_VARIANT,
     TAG_METHOD,
     TAG_PARENT,
+    VARIANT_BLOCK,
+    VARIANT_PREFIX,
+    VARIANT_PREFIX_NO_STEM,
+    VARIANT_STEM,
     checkpoint_step,
 )
 
@@ -108,20 +114,57 @@ def plan_from_run(
     return grid_plan(checkpoint_steps(baseline, tracking_uri), total, depth, n_steps, shallowest)
 
 
-def freeze_test_specs(baseline: str, steps: list[int], blocks: list[int], tracking_uri: str | None = None) -> list:
-    """One :class:`experiments.executor.RunSpec` per (T, L): the baseline's config with blocks
-    0..L-1 frozen from step T, branched off its checkpoint at T. Raises LayerLockError for a T or
-    L outside the baseline's run, or a T without a checkpoint."""
+def variant_set(variant: str, x: int, depth: int):
+    """The :class:`core.freezing.FrozenSet` a variant freezes for ``x`` (L for the prefix variants,
+    the block i for ``block``, ignored for ``stem``); LayerLockError for an unknown variant or an
+    ``x`` outside the model."""
+    from core.freezing import FrozenSet
+
+    if variant not in FREEZE_VARIANTS:
+        raise LayerLockError(f"--variant {variant}: unknown (one of {', '.join(FREEZE_VARIANTS)})")
+    if variant in (VARIANT_PREFIX, VARIANT_PREFIX_NO_STEM):
+        if not 1 <= x <= depth - 1:
+            raise LayerLockError(f"--blocks {x}: must be between 1 and {depth - 1} (model.depth={depth})")
+        return FrozenSet(frozenset(range(x)), variant == VARIANT_PREFIX)
+    if variant == VARIANT_BLOCK:
+        if not 0 <= x <= depth - 1:
+            raise LayerLockError(f"--blocks {x}: a block index must be between 0 and {depth - 1} (model.depth={depth})")
+        return FrozenSet(frozenset({x}), False)
+    return FrozenSet(frozenset(), True)
+
+
+def variant_label(variant: str, x: int) -> str:
+    """``L=2`` / ``L=2 no-stem`` / ``block 3`` / ``stem``: how a cell's frozen set is named."""
+    return {
+        VARIANT_PREFIX: f"L={x}",
+        VARIANT_PREFIX_NO_STEM: f"L={x} no-stem",
+        VARIANT_BLOCK: f"block {x}",
+        VARIANT_STEM: "stem",
+    }[variant]
+
+
+def freeze_test_specs(
+    baseline: str,
+    steps: list[int],
+    blocks: list[int],
+    tracking_uri: str | None = None,
+    variant: str = VARIANT_PREFIX,
+) -> list:
+    """One :class:`experiments.executor.RunSpec` per (T, x): the baseline's config with the
+    variant's frozen set from step T (``prefix``: blocks 0..x-1 and the stem, as a schedule stage;
+    the others: ``freeze.only``), branched off its checkpoint at T. ``blocks`` is ignored for
+    ``stem``. Raises LayerLockError for a T or x outside the baseline's run, or a T without a checkpoint."""
     from core.config import config_from_dict
     from core.train import load_run_checkpoint
     from experiments.executor import spec_for
 
+    if variant not in FREEZE_VARIANTS:
+        raise LayerLockError(f"--variant {variant}: unknown (one of {', '.join(FREEZE_VARIANTS)})")
     final = load_run_checkpoint(baseline, tracking_uri=tracking_uri)
     cfg = config_from_dict(final["config"], f"run {baseline}")
     depth, total = cfg.model.depth, cfg.train.steps
-    for L in blocks:
-        if not 1 <= L <= depth - 1:
-            raise LayerLockError(f"--blocks {L}: must be between 1 and {depth - 1} (model.depth={depth})")
+    xs = [0] if variant == VARIANT_STEM else blocks
+    sets = {x: variant_set(variant, x, depth) for x in xs}
     stored = checkpoint_steps(baseline, tracking_uri)
     for T in steps:
         if not 0 <= T < total:
@@ -130,21 +173,29 @@ def freeze_test_specs(baseline: str, steps: list[int], blocks: list[int], tracki
             raise LayerLockError(f"run {baseline} has no checkpoint at step {T} (has: {', '.join(map(str, stored))})")
     specs = []
     for T in steps:
-        for L in blocks:
+        for x in xs:
             child = cfg.model_copy(deep=True)
-            child.freeze.schedule = [{"step": T, "frozen": L}]
+            if variant == VARIANT_PREFIX:  # today's children, unchanged
+                child.freeze.schedule = [{"step": T, "frozen": x}]
+            else:
+                fs = sets[x]
+                child.freeze.schedule = child.freeze.stem = None
+                child.freeze.only = {"step": T, "blocks": sorted(fs.blocks), "stem": fs.stem}
             child.probe.enabled = False  # only the final loss matters here
             child.train.time_calibration = 0  # and no schedule is predicted from a child's step times
-            child.tracking.run_name = f"freeze_test T={T} L={L}"
+            name = variant_label(variant, x)
+            child.tracking.run_name = f"freeze_test T={T} {name}"
             child = config_from_dict(child.model_dump(mode="json"), "freeze-test child")
             tags = {
                 TAG_METHOD: METHOD_FREEZE_TEST,
                 TAG_PARENT: baseline,
                 MLFLOW_PARENT: baseline,
                 TAG_FREEZE_STEP: str(T),
-                TAG_FREEZE_BLOCKS: str(L),
+                TAG_FREEZE_BLOCKS: str(x),
             }
-            specs.append(spec_for(child, f"T={T} L={L}", tags, init_from=(baseline, T)))
+            if variant != VARIANT_PREFIX:  # untagged children read as prefix: old run keys stay the same
+                tags[TAG_FREEZE_VARIANT] = variant
+            specs.append(spec_for(child, f"T={T} {name}", tags, init_from=(baseline, T)))
     return specs
 
 
@@ -154,6 +205,7 @@ def run_freeze_test(
     blocks: list[int],
     tracking_uri: str | None = None,
     progress: bool | None = None,
+    variant: str = VARIANT_PREFIX,
     **executor,
 ) -> list[str]:
     """Train one child run per (T, L) through :func:`experiments.executor.run_specs` (``executor``:
@@ -161,7 +213,7 @@ def run_freeze_test(
     before are kept; :class:`experiments.executor.RunsFailed` when some do not finish."""
     from experiments.executor import run_specs
 
-    specs = freeze_test_specs(baseline, steps, blocks, tracking_uri)
+    specs = freeze_test_specs(baseline, steps, blocks, tracking_uri, variant)
     results = run_specs(specs, uri=tracking_uri, desc=f"freeze test of {baseline[:8]}", progress=progress, **executor)
     return [r.run_id for r in results]
 
@@ -170,33 +222,75 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
     from experiments.executor import options
 
     executor = options(args)  # bad options fail before the store is read
+    variant = args.variant
+    if variant not in FREEZE_VARIANTS:
+        raise LayerLockError(f"--variant {variant}: unknown (one of {', '.join(FREEZE_VARIANTS)})")
+    if variant == VARIANT_STEM and args.blocks:
+        raise LayerLockError("--variant stem freezes the stem alone: drop --blocks")
     if args.grid:
         if args.steps or args.blocks:
             raise LayerLockError("--grid picks the steps and blocks itself: drop --steps/--blocks (or --grid)")
         steps, blocks, note = plan_from_run(args.baseline, args.tracking_uri)
+        if variant == VARIANT_BLOCK:  # single blocks at the same depths: 0, depth/4 - 1, ...
+            blocks = sorted({L - 1 for L in blocks})
         if note:
             print(f"warning: {note}", file=sys.stderr)
-        print(f"grid: T = {', '.join(map(str, steps))}; L = {', '.join(map(str, blocks))}", file=sys.stderr)
+        shown = "stem" if variant == VARIANT_STEM else ", ".join(map(str, blocks))
+        print(f"grid: T = {', '.join(map(str, steps))}; {_X_NAME[variant]} = {shown}", file=sys.stderr)
     else:
-        if not (args.steps and args.blocks):
-            raise LayerLockError("freeze-test needs --steps and --blocks, or --grid")
-        steps, blocks = _int_list(args.steps, "steps"), _int_list(args.blocks, "blocks")
-    run_freeze_test(args.baseline, steps, blocks, args.tracking_uri, **executor)
+        if not (args.steps and (args.blocks or variant == VARIANT_STEM)):
+            raise LayerLockError("freeze-test needs --steps and --blocks (--steps alone for --variant stem), or --grid")
+        steps = _int_list(args.steps, "steps")
+        blocks = [0] if variant == VARIANT_STEM else _int_list(args.blocks, "blocks")
+    run_freeze_test(args.baseline, steps, blocks, args.tracking_uri, variant=variant, **executor)
     from analysis import io
     from analysis.agreement import freeze_grid
     from analysis.compare import FINAL_LOSS_PARTS
 
-    grid, tolerance = freeze_grid(io.load_freeze_test(args.baseline, args.tracking_uri, FINAL_LOSS_PARTS), tol=args.tol)
+    runs = io.load_freeze_test(args.baseline, args.tracking_uri, FINAL_LOSS_PARTS)
+    grid, tolerance = freeze_grid(runs, tol=args.tol, variant=variant)
     print(tolerance.line(), file=sys.stderr)
-    print("final-loss ratio (child / baseline), rows L = frozen blocks, columns T = step:", file=sys.stderr)
-    print(grid.ratio.round(4).to_string(), file=sys.stderr)
+    if variant == VARIANT_PREFIX_NO_STEM:
+        print("prefix-no-stem is a diagnostic: the stem trains, so nothing of the backward is saved", file=sys.stderr)
     print(
-        "largest converged prefix per step T: "
-        + ", ".join(f"T={t}: {k}" for t, k in grid.max_converged_prefix().items()),
+        f"{variant}: final-loss ratio (child / {grid.reference}), rows {_X_NAME[variant]}, columns T = step:",
         file=sys.stderr,
     )
+    print(grid.ratio.round(4).to_string(), file=sys.stderr)
+    print_savings(args.baseline, variant, blocks, args.tracking_uri)
+    if variant == VARIANT_PREFIX:
+        print(
+            "largest converged prefix per step T: "
+            + ", ".join(f"T={t}: {k}" for t, k in grid.max_converged_prefix().items()),
+            file=sys.stderr,
+        )
     print(args.baseline)
     return 0
+
+
+def print_savings(baseline: str, variant: str, blocks: list[int], tracking_uri: str | None = None) -> None:
+    """One line per cell: the counted FLOP saving of one step with the variant's set frozen
+    (``core.flops.variant_saving``), on stderr."""
+    from core.config import config_from_dict
+    from core.flops import variant_saving
+    from core.train import load_run_checkpoint
+
+    cfg = config_from_dict(load_run_checkpoint(baseline, tracking_uri=tracking_uri)["config"], f"run {baseline}")
+    for x in [0] if variant == VARIANT_STEM else blocks:
+        s = variant_saving(cfg, variant_set(variant, x, cfg.model.depth))
+        print(
+            f"{variant_label(variant, x)} saves {s['saving']:.1%} of a step's counted FLOPs "
+            f"({s['flops_frozen']:.3g} of {s['flops_full']:.3g})",
+            file=sys.stderr,
+        )
+
+
+_X_NAME = {
+    VARIANT_PREFIX: "L = frozen blocks 0..L-1 with the stem",
+    VARIANT_PREFIX_NO_STEM: "L = frozen blocks 0..L-1, stem trains",
+    VARIANT_BLOCK: "i = the one frozen block",
+    VARIANT_STEM: "0 = the stem alone",
+}
 
 
 def register(sub, add_tracking) -> None:
@@ -216,7 +310,19 @@ def register(sub, add_tracking) -> None:
     )
     p.add_argument("--baseline", required=True, metavar="RUN_ID", help="an unfrozen run with checkpoints at T")
     p.add_argument("--steps", help="comma-separated steps T (checkpoint steps of the baseline)")
-    p.add_argument("--blocks", help="comma-separated prefix lengths L")
+    p.add_argument(
+        "--blocks",
+        help="comma-separated prefix lengths L (prefix, prefix-no-stem) or block indices i (block; one child each)",
+    )
+    p.add_argument(
+        "--variant",
+        default=VARIANT_PREFIX,
+        metavar="|".join(FREEZE_VARIANTS),
+        help="what freezes at T: prefix = blocks 0..L-1 with the stem (default, the paper's test); stem = the "
+        "stem alone (patch embedding; the position table is fixed); prefix-no-stem = blocks 0..L-1 with the "
+        "stem trainable (a diagnostic: gradients flow through the frozen blocks, nothing is saved); block = "
+        "block i alone (the blocks below it and the stem train: only its weight gradients are saved)",
+    )
     p.add_argument(
         "--grid",
         action="store_true",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LayerLockError
-from core.schema import METHOD_STUDY, STUDY, STUDY_DIR, TAG_GROUP, TAG_METHOD, TAG_STUDY
+from core.schema import (
+    METHOD_STUDY,
+    STUDY,
+    STUDY_DIR,
+    TAG_GROUP,
+    TAG_METHOD,
+    TAG_STUDY,
+    VARIANT_BLOCK,
+    VARIANT_PREFIX_NO_STEM,
+    VARIANT_STEM,
+)
 from experiments import CONFIGS, config_path
 
 # Budgets: the base config and what the study sets on it. ``small`` fits a 2-core CPU in under
@@ -110,8 +121,12 @@ def run_study(
     progress: bool = True,
     study_id: str | None = None,
     executor: dict[str, Any] | None = None,
+    variants: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``).
+    ``variants``: freeze-test variants (``stem``, ``prefix-no-stem``, ``block``) trained as well, at the
+    grid's steps T (prefix-no-stem at its L's, block at blocks L-1); their costs over seeds go to
+    ``results["freeze_test_variants"]`` (off by default: each adds a grid's worth of children).
     The runs train through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/
     ``workers``/``ray_address``); a study run again with the same ``study_id`` keeps the runs that
     FINISHED."""
@@ -168,6 +183,9 @@ def run_study(
         if note:
             _say(f"[study] {note}")
         grid = freeze_test_specs(mae, steps, blocks, uri)
+        for variant in variants:
+            xs = sorted({L - 1 for L in blocks}) if variant == VARIANT_BLOCK else blocks
+            grid += freeze_test_specs(mae, steps, xs, uri, variant)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
         methods = [method_spec(method, seed) for method in spec["methods"]]
@@ -213,6 +231,13 @@ def run_study(
         bar.update(1)
     bar.set_postfix_str("analyse")
     results = analyse(runs, evals, schedules, uri, seeds)
+    if variants:
+        from analysis import io
+        from analysis.agreement import variant_costs
+        from analysis.compare import FINAL_LOSS_PARTS
+
+        tests = [io.load_freeze_test(runs["mae"][s], uri, FINAL_LOSS_PARTS) for s in seeds]
+        results["freeze_test_variants"] = variant_costs(tests).to_dict("records")
     results.update(
         {
             "study_id": study_id,
@@ -638,6 +663,19 @@ def report_markdown(results: dict[str, Any]) -> str:
             f"| {m} | {fmt(v['feat_std_min'])} | {fmt(v['ratio_to_mae'])} | "
             f"{fmt(v['eff_rank_mean'])} | {v.get('verdict', '-')} |"
         )
+    if results.get("freeze_test_variants"):
+        lines += [
+            "",
+            "## Freeze-test variants",
+            "",
+            "Cost = child final loss / its own baseline's - 1, mean over seeds [95% t interval over seeds].",
+            "",
+            "| variant | cell | T | cost [95% CI] |",
+            "|---|---|---|---|",
+        ]
+        for r in results["freeze_test_variants"]:
+            ci = "" if r["low"] is None or math.isnan(r["low"]) else f" [{r['low']:+.2%}, {r['high']:+.2%}]"
+            lines.append(f"| {r['variant']} | {r['cell']} | {r['T']} | {r['cost']:+.2%}{ci} |")
     lines += ["", "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in results.get("figures", []))]
     return "\n".join(lines) + "\n"
 
@@ -691,6 +729,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     executor = options(args)
     seeds = parse_seeds(args.seeds)
+    variants = [v.strip() for v in (args.variants or "").split(",") if v.strip()]
+    bad = [v for v in variants if v not in (VARIANT_STEM, VARIANT_PREFIX_NO_STEM, VARIANT_BLOCK)]
+    if bad:
+        raise LayerLockError(f"--variants {bad[0]}: unknown (any of stem, prefix-no-stem, block)")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
     progress = sys.stderr.isatty()
@@ -707,6 +749,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         progress=progress,
         study_id=out.name,
         executor=executor,
+        variants=variants,
     )
     from experiments.demo import dashboard_link
 
@@ -743,6 +786,13 @@ def register(sub, add_tracking) -> None:
         default=None,
         help="output folder (default runs/study-<time>); a study run again "
         "with the same --out trains only the runs it does not have yet",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        metavar="stem,prefix-no-stem,block",
+        help="also train these freeze-test variants at the grid's steps (default none: each adds a grid's "
+        "worth of child runs); the report lists each cell's cost with its 95%% interval over seeds",
     )
     add_executor_options(p)
     add_tracking(p)

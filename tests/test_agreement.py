@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from analysis.agreement import (
     agreement_from_frames,
     calibrated_tolerance,
     format_report,
+    freeze_grid,
     freeze_test_steps,
     rule_agreement,
     rule_markers,
@@ -167,9 +169,23 @@ def test_calibrated_tolerance_from_group(group_store, store) -> None:
     tol = calibrated_tolerance(_freeze_test(group_store["baseline"], store))
     assert tol.source == "calibrated" and tol.group == "grp"
     assert sorted(tol.runs) == sorted(group_store["seeds"].split(","))
-    assert tol.tol == pytest.approx(0.1 / 1.1)
+    # A new draw from a group of N=3: sd * sqrt(1 + 1/3) / mean, scored against the mean 1.1.
+    assert tol.tol == pytest.approx(0.1 * math.sqrt(1 + 1 / 3) / 1.1)
+    assert tol.reference == "group mean" and tol.reference_loss == pytest.approx(1.1)
+    assert "sd x sqrt(1 + 1/N) / mean" in tol.line() and "mean final loss 1.1 of 3 seeds" in tol.line()
     explicit = calibrated_tolerance(_freeze_test(group_store["baseline"], store), tol=0.3)
-    assert explicit.tol == 0.3 and explicit.line() == "tolerance 30% = given explicitly (--tol)"
+    assert explicit.tol == 0.3 and explicit.line().startswith("tolerance 30% = given explicitly (--tol)")
+    assert "against the mean final loss 1.1 of 3 seeds" in explicit.line()  # a group keeps the mean as reference
+
+
+def test_group_scored_grid_uses_the_group_mean(group_store, store) -> None:
+    grid, tol = freeze_grid(_freeze_test(group_store["baseline"], store))
+    # Children 1.0, 1.0, 1.2, 1.0 over the mean 1.1 (not over the seed-0 baseline 1.0).
+    assert grid.ratio.loc[2, 4] == pytest.approx(1.2 / 1.1) and grid.reference == "mean of 3 seeds"
+    assert bool(grid.converged.loc[2, 4])  # 9.1% <= 10.5%: within a new draw from the group
+    lone, lone_tol = freeze_grid(_freeze_test(group_store["lone"], store))
+    assert lone.reference == "baseline" and lone.ratio.loc[2, 4] == pytest.approx(1.2)
+    assert "against the single baseline run" in lone_tol.line()
 
 
 @pytest.mark.system
@@ -188,8 +204,12 @@ def test_agreement_cli(group_store, store) -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["tolerance"]["calibrated"] and "3 seeds of group grp" in proc.stderr
-    # L=1 passes at 4 and 8 -> block 0 at 4; L=2 fails at 4 (20% > 9.1%), passes at 8 -> block 1 at 8.
-    assert [b["freeze_test_step"] for b in report["blocks"]] == [4, 8, None, None]
+    # Against the group mean 1.1 with 10.5%: L=1 and L=2 pass at 4 and 8 -> blocks 0 and 1 tie at 4.
+    assert [b["freeze_test_step"] for b in report["blocks"]] == [4, 4, None, None]
+    assert report["ties"] == [
+        {"step": 4, "status": "converged", "blocks": [0, 1], "prefixes": [1, 2], "passed_at": [4, 8], "failed_at": []}
+    ]
+    assert "freeze test ties blocks 0-1: all converged from T=4" in proc.stderr
     assert [b["freeze_test"] for b in report["blocks"]][2:] == ["undetermined"] * 2
     assert set(report["rules"]) == {"posthoc", "online", "gradnorm"}
     text = run_cli(

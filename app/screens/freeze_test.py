@@ -17,8 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis import METRIC_HELP
-from analysis.agreement import rule_markers
+from analysis import METRIC_HELP, schema
+from analysis.agreement import VARIANT_LABELS, VARIANT_SAVINGS, rule_markers, ties_lines
 from app.views import charts, loaders, state
 
 # One marker per rule, offset within the row so that rules agreeing on a step stay visible.
@@ -138,7 +138,9 @@ with state.notice_errors():
 
 n_tested = int(grid.converged.notna().sum().sum())
 m = st.columns(3)
-m[0].metric("Baseline final loss", f"{grid.baseline_final_loss:.4f}")
+m[0].metric(
+    "Reference final loss", f"{grid.baseline_final_loss:.4f}", help=f"cells are scored against the {grid.reference}"
+)
 m[1].metric("Cells tested", n_tested)
 m[2].metric("Cells within tolerance", int(grid.converged.fillna(False).astype(bool).sum().sum()))
 st.plotly_chart(
@@ -154,7 +156,33 @@ st.caption(
     "A rule that agrees with the freeze test marks each row where it turns ✓ and stays so."
 )
 
+variants = [v for v in schema.FREEZE_VARIANTS if v in set(kids.get("freeze_variant", pd.Series(dtype=str)))]
+if len(variants) > 1 or (variants and variants != [schema.VARIANT_PREFIX]):
+    st.subheader("Variants side by side")
+    st.caption(
+        "Each variant freezes a different set at T (final loss / reference; ✓ within tolerance). "
+        "prefix: blocks 0..L-1 with the stem (the grid above); stem: the stem alone; prefix-no-stem: "
+        "blocks 0..L-1 with the stem trainable (a diagnostic: no saving); block: block i alone."
+    )
+    cols = st.columns(len(variants))
+    for col, variant in zip(cols, variants, strict=True):
+        with state.notice_errors():
+            vgrid = loaders.freeze_grid(uri, parent, float(tol), variant)
+        cells = {
+            f"T={int(t)}": [
+                "" if pd.isna(v) else f"{v:.4f}{' ✓' if bool(ok) else ''}"
+                for v, ok in zip(vgrid.ratio[t], vgrid.converged[t].fillna(False), strict=True)
+            ]
+            for t in vgrid.ratio.columns
+        }
+        shown_cells = pd.DataFrame(cells, index=[VARIANT_LABELS[variant].format(x=int(x)) for x in vgrid.ratio.index])
+        col.markdown(f"**{variant}**")
+        col.dataframe(shown_cells, key=f"ft_variant_{variant}")
+        col.caption(f"saves: {VARIANT_SAVINGS[variant]}")
+
 st.subheader("Cheap rules against the freeze test")
+for line in ties_lines(report.get("ties") or []):
+    st.caption(line)
 blocks = pd.DataFrame(report["blocks"])
 shown = (
     blocks.assign(
@@ -211,10 +239,10 @@ left.plotly_chart(
     ),
     key="ft_prefix",
 )
-cols = ["name", "freeze_blocks", "freeze_step", "status", "final_loss", "run_id"]
+cols = ["name", "freeze_variant", "freeze_blocks", "freeze_step", "status", "final_loss", "run_id"]
 right.dataframe(
     kids[[c for c in cols if c in kids.columns]].rename(
-        columns={"freeze_blocks": "L", "freeze_step": "T", "final_loss": "last train/loss"}
+        columns={"freeze_variant": "variant", "freeze_blocks": "L", "freeze_step": "T", "final_loss": "last train/loss"}
     ),
     hide_index=True,
     key="ft_children",

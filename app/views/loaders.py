@@ -159,10 +159,12 @@ def freeze_test(uri: str, parent_id: str) -> FreezeTestRuns:
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
-def freeze_grid(uri: str, parent_id: str, tol: float):
-    from analysis.compare import freeze_test_grid
+def freeze_grid(uri: str, parent_id: str, tol: float, variant: str = schema.VARIANT_PREFIX):
+    """The grid of one freeze-test variant at ``tol``, scored as the commands score it: against the
+    seed group's mean when the baseline has one (``analysis.agreement.freeze_grid``)."""
+    from analysis.agreement import freeze_grid as scored_grid
 
-    return freeze_test_grid(freeze_test(uri, parent_id), tol=tol)
+    return scored_grid(freeze_test(uri, parent_id), tol=tol, variant=variant)[0]
 
 
 @st.cache_data(ttl=RUNS_TTL_S, show_spinner=False, max_entries=32)
