@@ -491,6 +491,17 @@ def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSp
     return specs
 
 
+def load_group_layer_metrics(
+    group: str, uri: str | None = None, metrics: Iterable[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """run id -> tidy per-block metrics (:func:`load_layer_metrics`) of each run ``group`` names
+    (:func:`resolve_groups`: a group's FINISHED runs by seed, or one run id), for
+    :func:`analysis.convergence.group_convergence`."""
+    wanted = tuple(metrics) if metrics is not None else None
+    (spec,) = resolve_groups([group], uri)
+    return {run_id: load_layer_metrics(run_id, uri, metrics=wanted) for run_id in spec.run_ids}
+
+
 def load_freeze_test(
     baseline_id: str, uri: str | None = None, parts: Parts = WHOLE_RUN, baseline_parts: Parts | None = None
 ) -> FreezeTestRuns:
