@@ -386,6 +386,7 @@ def group_convergence_order(
                 "color": "#444",
             },
             text=[_steps_text(r) for r in steps.to_dict("records")],
+            textposition="none",  # on hover only: the interval text is too long for a bar
             hovertemplate="%{x}: %{text}<extra></extra>",
             name="mean, 95% interval",
         )
