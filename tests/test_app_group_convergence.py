@@ -254,3 +254,17 @@ def test_convergence_page_opens_on_a_group_from_the_url(env: SeedStore) -> None:
     assert at.selectbox(key="conv_group").value == PAIR
     assert any("rho > 0: held" in c.value for c in at.caption)  # both seeds converge in depth order
     assert len(charts(at)) == 3
+
+
+@pytest.mark.system  # AppTest renders of both pages, several times over
+def test_bench_times_the_group_page_beside_the_single_run_page() -> None:
+    from tests.helpers import run_cli
+
+    done = run_cli("-m", "app.bench", "--blocks", "3", "--steps", "40", "--repeats", "1", "--json", timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    group = result["group"]
+    assert group["runs"] == 3 and len(group["cold_all_s"]) == 1
+    assert all(group[k] > 0 for k in ("cold_s", "warm_same_session_s", "warm_new_session_s"))
+    assert set(group["cold_breakdown"]) == {"read_store_s", "mean_over_runs_s", "detect_and_intervals_s", "figures_s"}
+    assert isinstance(result["meets_targets"], bool) and result["cold_s"] > 0
