@@ -28,8 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as TF
 
 from core.config import DataConfig
 from core.errors import DataError
@@ -296,6 +294,8 @@ def _load_photos(short_side: int) -> tuple[tuple[str, torch.Tensor], ...]:
         img = torch.from_numpy(np.array(image[:, :, :3], dtype=np.uint8)).permute(2, 0, 1)
         h, w = img.shape[1:]
         if min(h, w) > short_side:  # downscale once so every crop later is cheap
+            from torchvision.transforms.v2 import functional as TF
+
             scale = short_side / min(h, w)
             img = TF.resize(img, [round(h * scale), round(w * scale)], antialias=True)
         photos.append((name, img.float().div_(255.0).contiguous()))
@@ -346,6 +346,8 @@ class PhotoPans(ClipDataset):
         rois = torch.cat([torch.zeros(self.frames, 1), torch.from_numpy(boxes).float()], dim=1)
         # roi_align = bilinear crop-and-resize at sub-pixel box positions, averaging several
         # samples per output pixel (anti-aliasing) -- one call renders the whole clip.
+        from torchvision.ops import roi_align  # imported here: moving_digits needs no torchvision
+
         clip = roi_align(
             photo.unsqueeze(0),
             rois,
@@ -421,6 +423,8 @@ def _list_videos(root_arg: str | None) -> tuple[Path, list[str], list[tuple[int,
 
 def _center_square(image: torch.Tensor, size: int) -> torch.Tensor:
     """(3, H, W) uint8 -> (3, size, size): centre crop to a square, then antialiased resize."""
+    from torchvision.transforms.v2 import functional as TF
+
     side = min(image.shape[-2:])
     return TF.resize(TF.center_crop(image, [side, side]), [size, size], antialias=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 OWN_LOOP_BENCHES = ("monitor", "own-freezing")
 
@@ -124,13 +123,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else 1
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.what == "profile":
         from experiments.bench.profile import format_profile, profile_step
 
         result = profile_step(args.config, args.set, args.batch_size, args.frozen, args.steps_per_round, args.warmup)
-        print(json.dumps(result) if args.json else format_profile(result))
-        return 0
+        return _show(args, result, lambda r: print(format_profile(r)))
     if args.what == "freezing":
         from experiments.bench.freezing import bench_freezing, print_freezing
 
@@ -150,9 +147,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_tracking(args.config, args.set, args.repeats, args.steps or 100, args.max_repeats, args.within)
         show = print_tracking
+    return _show(args, result, show)
+
+
+def _show(args: argparse.Namespace, result: dict, show) -> int:
+    """Print a timing bench's result (JSON or text), with the build and machine it ran on first."""
+    from experiments.bench.timing import machine, machine_line
+
+    result["machine"] = machine()
     if args.json:
         print(json.dumps(result))
     else:
+        print(machine_line(result["machine"]))
         show(result)
     return 0
 
@@ -167,7 +173,6 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise LayerLockError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads or 1)  # one thread unless asked: see cmd_bench
-    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)
     if args.what == "monitor":
         from experiments.bench.monitor import bench_monitor, print_monitor
 
@@ -189,8 +194,4 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
             args.within,
         )
         show = print_own_freezing
-    if args.json:
-        print(json.dumps(result))
-    else:
-        show(result)
-    return 0
+    return _show(args, result, show)

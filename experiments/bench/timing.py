@@ -26,6 +26,39 @@ from collections.abc import Callable, Sequence
 from core.timemodel import median_interval, resolves
 
 
+def machine() -> dict:
+    """What a timing depends on besides the code: the torch build (a CUDA build of torch running on
+    a CPU pays more per op than the CPU build, docs/performance.md), its CPU kernels' instruction
+    set, the processor, its cores and the torch threads in use."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "build": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def machine_line(info: dict) -> str:
+    """:func:`machine` in one line, printed first by every timing bench."""
+    return (
+        f"torch {info['torch']} ({info['build']} build, {info['cpu_capability']} kernels) on {info['cpu']}, "
+        f"{info['cores']} cores, {info['threads']} torch thread(s)"
+    )
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """Run ``fn()`` once: its wall and process CPU seconds."""
     t0, c0 = time.perf_counter(), time.process_time()
