@@ -255,7 +255,7 @@ def test_convergence_page_on_a_group_of_three_seeds(server: str, store: Store, o
             page.wait_for_selector("text=Run of the group", timeout=60_000)
             page.wait_for_selector("text=Convergence step by depth", timeout=60_000)
             _wait_rendered(page, True)
-            text = page.inner_text('[data-testid="stAppViewContainer"]')
+            text = " ".join(page.inner_text('[data-testid="stAppViewContainer"]').split())  # wrapped lines joined
             content = page.content()
             problems = _page_problems(page, "convergence (group)", True)
             for wanted in ("95% t interval", "Spearman ρ", "seed 2", "over the runs in which the block converged"):
