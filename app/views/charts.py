@@ -210,15 +210,14 @@ def _group_points(mean: pd.DataFrame, steps: pd.DataFrame | None) -> list[tuple[
     if steps is None or steps.empty:
         return []
     out = []
+    values, xs, where = mean.to_numpy(dtype=float), mean.index.to_numpy(), {b: j for j, b in enumerate(mean.columns)}
     for row in steps.to_dict("records"):
-        block = row["block"]
-        if not row["n"] or block not in mean.columns:
+        j = where.get(row["block"])
+        if not row["n"] or j is None or not np.isfinite(values[:, j]).any():
             continue
-        col = mean[block].dropna()
-        if col.empty:
-            continue
-        pos = int(np.abs(col.index.to_numpy() - float(row["mean"])).argmin())
-        out.append((int(block), float(row["mean"]), float(col.iloc[pos]), _steps_text(row)))
+        ok = np.isfinite(values[:, j])
+        pos = int(np.abs(xs[ok] - float(row["mean"])).argmin())
+        out.append((int(row["block"]), float(row["mean"]), float(values[ok, j][pos]), _steps_text(row)))
     return out
 
 
@@ -235,8 +234,8 @@ def group_heatmap(
     mean); each block's mean convergence step as a marker, its 95% interval on hover."""
     mean = bin_steps(wide["mean"], max_steps)
     spread = np.stack(
-        [bin_steps(wide[k], max_steps).T.to_numpy() for k in ("sd", "lo", "hi", "n")], axis=-1
-    )  # block x step x (sd, lo, hi, n)
+        [bin_steps(wide[k], max_steps).T.to_numpy() for k in ("sd", "lo", "hi")], axis=-1
+    )  # block x step x (sd, lo, hi)
     bounded = metric in UNIT_METRICS
     fig = go.Figure(
         go.Heatmap(
@@ -251,7 +250,7 @@ def group_heatmap(
             hovertemplate="step %{x}<br>%{y}<br>mean "
             + metric
             + " %{z:.4g}<br>sd %{customdata[0]:.3g}<br>min..max %{customdata[1]:.4g}..%{customdata[2]:.4g}"
-            + "<br>runs %{customdata[3]:.0f}<extra></extra>",
+            + "<extra></extra>",
         )
     )
     points = _group_points(wide["mean"], steps)
@@ -293,14 +292,15 @@ def group_block_curves(
         lo, hi = bin_steps(wide["lo"], max_steps), bin_steps(wide["hi"], max_steps)
     colors = depth_colors(len(mean.columns))
     xs = mean.index.to_numpy()
+    m, low, high = (f.to_numpy(dtype=float) for f in (mean, lo, hi))  # numpy columns: 12 blocks, 3 frames
     fig = go.Figure()
-    for color, block in zip(colors, mean.columns, strict=True):
-        ok = mean[block].notna().to_numpy()
+    for j, (color, block) in enumerate(zip(colors, mean.columns, strict=True)):
+        ok = np.isfinite(m[:, j])
         x = xs[ok]
         fig.add_trace(
             go.Scatter(
                 x=np.concatenate([x, x[::-1]]),
-                y=np.concatenate([hi[block].to_numpy()[ok], lo[block].to_numpy()[ok][::-1]]),
+                y=np.concatenate([high[ok, j], low[ok, j][::-1]]),
                 fill="toself",
                 fillcolor=_rgba(color, 0.15),
                 line={"width": 0},
@@ -314,7 +314,7 @@ def group_block_curves(
         fig.add_trace(
             go.Scatter(
                 x=x,
-                y=mean[block].to_numpy()[ok],
+                y=m[ok, j],
                 mode="lines",
                 name=block_label(block),
                 line={"color": color, "width": 1.6},
