@@ -255,10 +255,12 @@ def test_convergence_page_on_a_group_of_three_seeds(server: str, store: Store, o
             page.wait_for_selector("text=Run of the group", timeout=60_000)
             page.wait_for_selector("text=Convergence step by depth", timeout=60_000)
             _wait_rendered(page, True)
+            _grow_and_shoot(page, shot)  # the whole page laid out (the table's caption comes last)
+            page.wait_for_selector("text=over the runs in which the block converged", timeout=60_000)
             text = " ".join(page.inner_text('[data-testid="stAppViewContainer"]').split())  # wrapped lines joined
             content = page.content()
             problems = _page_problems(page, "convergence (group)", True)
-            for wanted in ("95% t interval", "Spearman ρ", "seed 2", "over the runs in which the block converged"):
+            for wanted in ("95% t interval", "Spearman ρ", "seed 2", "rho > 0: held"):
                 if wanted not in text:
                     problems.append(f"group view: no '{wanted}' on the page")
             shown = page.get_by_role("combobox", name="Run of the group").input_value()
@@ -268,7 +270,6 @@ def test_convergence_page_on_a_group_of_three_seeds(server: str, store: Store, o
                 problems.append("group view: no heatmap of the mean over 3 seeds")
             if len(page.query_selector_all(".js-plotly-plot path.js-fill")) < 6:
                 problems.append("group view: fewer shaded bands than blocks")
-            _grow_and_shoot(page, shot)
         finally:
             browser.close()
     assert not problems, problems
