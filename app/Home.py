@@ -26,6 +26,7 @@ PAGES = [
     ),
     st.Page("screens/schedule.py", title="Schedule", icon=":material/ac_unit:", url_path="schedule"),
     st.Page("screens/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("screens/study.py", title="Study", icon=":material/fact_check:", url_path="study"),
     st.Page("screens/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
     st.Page("screens/freeze_test.py", title="Freeze test", icon=":material/grid_on:", url_path="freeze_test"),
     st.Page("screens/attribution.py", title="Attribution", icon=":material/insights:", url_path="attribution"),
@@ -72,6 +73,8 @@ def sidebar() -> None:
             st.rerun()
 
 
+state.bundle_from_url()
+state.runs_from_url()
 state.run_from_url()
 sidebar()
 page = st.navigation(PAGES)

@@ -330,6 +330,17 @@ def check_demo_args(args: argparse.Namespace) -> None:
         )
 
 
+# Where `streamlit run app/Home.py` serves (app/.streamlit/config.toml: 127.0.0.1, Streamlit's port).
+DASHBOARD_URL = "http://127.0.0.1:8501"
+
+
+def dashboard_link(page: str, **query: str) -> str:
+    """``dashboard_link("compare", demo="demo-...")`` -> the URL of that page opened on that demo."""
+    from urllib.parse import urlencode
+
+    return f"{DASHBOARD_URL}/{page}" + (f"?{urlencode(query)}" if query else "")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.executor import options
     from experiments.seeds import parse_seeds
@@ -393,7 +404,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("feat_std = smallest over blocks of the spread across clips, at each fixed token position, of")
     print("layer-normalised features (near 0: collapsed). acc = attentive probe, linear_acc = linear probe on")
     print("mean-pooled tokens; chance: digit 0.10, direction 0.125.")
-    print("next: streamlit run app/Home.py   (then open the Convergence, Schedule and Compare pages)")
+    print(
+        "next: streamlit run app/Home.py, then open "
+        f"{dashboard_link('compare', demo=result['demo_id'])}  (MAE against LayerLock and the ablations; the "
+        "Convergence and Schedule pages open on the MAE run)"
+    )
     for name, by_seed in result["runs"].items():
         for seed, rid in by_seed.items():
             print(f"{name if n == 1 else f'{name}/{seed}':>16}: {rid}")

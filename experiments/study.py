@@ -704,7 +704,13 @@ def cmd_study(args: argparse.Namespace) -> int:
         study_id=out.name,
         executor=executor,
     )
+    from experiments.demo import dashboard_link
+
     print(report_markdown(results))
+    print(
+        f"dashboard: streamlit run app/Home.py, then open {dashboard_link('study', study=results['study_id'])}"
+        f"  (its claims; {dashboard_link('compare', study=results['study_id'])} compares its runs)"
+    )
     print(results.get("study_run_id", ""))
     return 0
 

@@ -377,3 +377,152 @@ def build_own_loop_store(folder: Path) -> OwnLoopStore:
     finally:
         torch.set_num_threads(threads)
     return OwnLoopStore(folder, uri, ids["vit"], ids["video"], {ids[n]: s for n, s in OWN_LOOP_STEPS.items()})
+
+
+# ----------------------------------------------------------------------------- a demo's or study's runs, synthetic
+
+BUNDLE_ROLES = {  # role (the run's name in a demo or study) -> its method tag
+    "mae": "mae",
+    "layerlock": "layerlock",
+    "latent_scheduled": "latent_scheduled",
+    "latent_naive": "latent_naive",
+    "freeze_only": "mae",
+}
+
+
+@dataclass(frozen=True)
+class BundleRuns:
+    id: str
+    runs: dict  # role -> run ids in seed order
+    summary: str | None  # a study's summary run
+
+
+def synthetic_study_results(study_id: str, runs: dict, seeds: list[int]) -> dict:
+    """A ``results.json`` with every claim (S0-S4) as `experiments study` writes it, from made-up
+    numbers (``analysis.claims`` estimates): what the Study page reads, without training."""
+    from analysis.claims import claim, difference, estimate
+
+    rng = np.random.default_rng(0)
+
+    def near(x: float, sd: float = 0.02) -> list[float]:
+        return [float(x + sd * rng.standard_normal()) for _ in seeds]
+
+    rules = ("posthoc", "online", "gradnorm")
+    s0 = {
+        k: {**claim(near(0.2), 0.0, "above"), "mae": estimate(near(0.5)), "random_init": estimate(near(0.3))}
+        for k in ("eval/digit/acc", "eval/digit/linear_acc")
+    }
+    s1 = {
+        r: {**claim(near(0.8), 0.0, "above"), "metric": "cka_final", "threshold": 0.95, "undefined_seeds": 0}
+        for r in rules
+    }
+    s1["posthoc"]["steps"] = {str(s): [4, 8, 8, 12] for s in seeds}
+    s2 = {
+        r: {
+            "spearman": (sp := estimate(near(0.6))),
+            "kendall": estimate(near(0.5)),
+            "mean_abs_error": estimate(near(2.0)),
+            "verdict": claim(sp["values"])["verdict"],
+        }
+        for r in rules
+    }
+    grid = {str(L): {str(T): 1.0 + 0.01 * L * (12 - T) / 4 for T in (4, 8)} for L in (1, 2)}
+    cost = {
+        "mean_ratio": grid,
+        "early_deep": {"T": 4, "L": 2, **estimate(near(0.04, 0.005))},
+        "late_deep": {"T": 8, "L": 2, **estimate(near(0.01, 0.005))},
+        "tolerance": estimate(near(0.02, 0.002)),
+    }
+    s3 = {
+        m: {
+            "flop_saving": claim(near(0.3), 0.0, "above"),
+            "wall_saving": claim(near(0.2), 0.0, "above"),
+            "predicted_flop_saving": None,
+            "probe_deltas": {"eval/digit/acc": difference(near(0.0))},
+        }
+        for m in ("freeze_only", "layerlock")
+    }
+    s4 = {m: {"feat_std_min": estimate(near(0.5)), "ratio_to_mae": claim(near(1.0), 0.5, "above")} for m in runs}
+    return {
+        "study_id": study_id,
+        "budget": "small",
+        "seeds": list(seeds),
+        "interval": "95% t interval over seeds (Student's t, N-1 degrees of freedom)",
+        "claims": {
+            "S0_pretraining_matters": {"claim": "MAE beats random init", "figure": "MAE - random init", "metrics": s0},
+            "S1_depth_order": {
+                "claim": "shallow first",
+                "figure": "rho",
+                "rules": s1,
+                "verdict": s1["posthoc"]["verdict"],
+            },
+            "S2_cheap_rules_vs_freeze_test": {
+                "claim": "rules agree",
+                "figure": "rho",
+                "rules": s2,
+                "freeze_cost": cost,
+            },
+            "S3_compute": {"claim": "freezing saves compute", "figure": "saving", "methods": s3},
+            "S4_collapse": {"claim": "naive collapses", "figure": "feat_std", "methods": s4},
+        },
+        "runs": {m: {str(s): r for s, r in zip(seeds, ids, strict=True)} for m, ids in runs.items()},
+        "freeze_test_children": {},
+        "figures": [],
+    }
+
+
+def add_bundle_runs(
+    uri: str,
+    folder: Path,
+    bundle_id: str,
+    seeds: list[int],
+    start_time: int,
+    roles: tuple[str, ...] = ("mae", "layerlock", "latent_scheduled", "latent_naive", "freeze_only"),
+    study: bool = False,
+) -> BundleRuns:
+    """Synthetic runs tagged as `experiments demo` (``bundle_id`` "demo-...") or `experiments study`
+    (``study``: plus its summary run with a ``results.json``) tag theirs: group ``<id>-<role>``, run
+    name ``<role>``; started from ``start_time`` (ms) on, one ms apart, MAE first."""
+    depth, steps = 4, 12
+    common = {"uri": uri, "artifact_root": (folder / "artifacts").as_uri()}
+    layer_df = synthetic_layer_metrics([4, 8, None, None], total_steps=steps, probe_every=4, log_every=2)
+    runs: dict[str, list[str]] = {}
+    t = start_time
+    for role in roles:
+        for seed in seeds:
+            tags = {
+                io.TAG_METHOD: BUNDLE_ROLES[role],
+                io.TAG_DATASET: "moving_digits",
+                io.TAG_GROUP: f"{bundle_id}-{role}",
+            }
+            if study:
+                tags["layerlock.study"] = bundle_id
+            runs.setdefault(role, []).append(
+                create_run_from_frames(
+                    "layerlock-study" if study else "layerlock-demo",
+                    history=synthetic_history(steps, 2, loss_start=1.0 + 0.1 * seed, seed=seed),
+                    layer_df=layer_df,
+                    run_name=role,
+                    params={"train.seed": seed, "train.steps": steps, "model.depth": depth, "objective.name": role},
+                    tags=tags,
+                    start_time=t,
+                    **common,
+                )
+            )
+            t += 1
+    summary = None
+    if study:
+        results = synthetic_study_results(bundle_id, runs, seeds)
+        summary = create_run_from_frames(
+            "layerlock-study",
+            params={"seeds": ",".join(map(str, seeds)), "budget": "small"},
+            run_name=bundle_id,
+            tags={io.TAG_METHOD: "study", "layerlock.study": bundle_id},
+            json_artifacts={"study/results.json": results},
+            start_time=t,
+            **common,
+        )
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).log_text(summary, f"# LayerLock Lab study {bundle_id}\n", "study/report.md")
+    return BundleRuns(bundle_id, runs, summary)

@@ -37,6 +37,14 @@ def test_demo_smoke(tmp_path, store):
         assert f"\n{name:>12}" in out or f" {name} " in out or f"\n {name}" in out, (name, out)
     assert "streamlit run app/Home.py" in out
     ids = dict(line.strip().split(": ") for line in out.strip().splitlines()[-5:])
+    # the last lines link the dashboard's Compare page opened on exactly this demo's runs
+    from analysis import io
+    from app.views.state import bundles
+
+    link = next(x for x in out.splitlines() if "http://127.0.0.1:8501/compare?demo=" in x)
+    demo = bundles(io.list_runs(store))[link.split("?demo=")[1].split()[0]]
+    assert demo.kind == "demo" and demo.mae == ids["mae"]
+    assert {role: r[0] for role, r in demo.runs.items()} == ids
     client = MlflowClient(store)
     mae = client.get_run(ids["mae"])
     assert mae.data.tags["layerlock.method"] == "mae"

@@ -3,7 +3,9 @@ short real run, every page loaded in headless Debian chromium (Playwright), no e
 page, one screenshot per page in test-artifacts/screenshots/; then the Convergence and Schedule
 pages on the two runs of the README's own-loop example (torchvision ViT and video ResNet). With
 ``LAYERLOCK_DOCS_SCREENSHOTS=1`` the Convergence, Schedule and Compare shots also replace the
-README's ``docs/images/*.png``.
+README's ``docs/images/*.png``. A second, synthetic store holds a demo's runs (tagged as `experiments
+demo` tags them, the newest) and an older two-seed study: the pages' openings, the Study page
+(``docs/images/study.png``) and a CSV download parsed back.
 
 Chromium is required, not optional: CI installs it (`apt-get install -y chromium`); without it
 this test fails with a message saying so.
@@ -22,7 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OwnLoopStore, Store, build_store, stop_process  # the same store as the AppTest suite
+from tests.helpers import (  # the same store as the AppTest suite
+    BundleRuns,
+    OwnLoopStore,
+    Store,
+    add_bundle_runs,
+    build_store,
+    stop_process,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,6 +55,7 @@ PAGES = {
     "launch": ("launch", False),
     "freeze_test": ("freeze_test", True),
     "attribution": ("attribution", True),
+    "study": ("study", False),
 }
 ERROR_TEXT = ("Traceback", "Error", "Exception")
 pytestmark = [
@@ -87,11 +97,15 @@ def store(own_loop_store: OwnLoopStore) -> Store:
 @pytest.fixture(scope="module")
 def server(store: Store, tmp_path_factory: pytest.TempPathFactory):
     """`streamlit run app/Home.py` on a free port against the store; yields its base URL."""
+    yield from _serve(store.uri, tmp_path_factory)
+
+
+def _serve(uri: str, tmp_path_factory: pytest.TempPathFactory):
     port = _free_port()
     log = tmp_path_factory.mktemp("e2e-server") / "streamlit.log"
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": store.uri,
+        "MLFLOW_TRACKING_URI": uri,
         "LAYERLOCK_RUNS_DIR": str(tmp_path_factory.mktemp("e2e-runs")),
     }
     argv = [
@@ -276,3 +290,83 @@ def test_convergence_page_on_a_group_of_three_seeds(server: str, store: Store, o
     if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":
         DOC_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, DOC_IMAGES / "convergence_group.png")
+
+
+@pytest.fixture(scope="module")
+def bundle_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, BundleRuns, BundleRuns]:
+    """Synthetic runs as a demo (one seed, the newest) and a study (two seeds, older) tag theirs:
+    seconds to build, where a real tiny demo trains five runs and probes them."""
+    folder = tmp_path_factory.mktemp("bundle-store")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    study = add_bundle_runs(
+        uri, folder, "study-20260101-090000", [0, 1], 1_700_000_000_000, ("mae", "layerlock", "latent_naive"), True
+    )
+    demo = add_bundle_runs(uri, folder, "demo-20260102-120000", [0], 1_700_000_100_000)
+    return uri, demo, study
+
+
+@pytest.fixture(scope="module")
+def bundle_server(bundle_store, tmp_path_factory: pytest.TempPathFactory):
+    yield from _serve(bundle_store[0], tmp_path_factory)
+
+
+def test_pages_open_on_the_demo_and_the_study_page_and_csv_export(bundle_server: str, bundle_store) -> None:
+    """After a demo: Compare shows MAE and LayerLock with no click, Convergence and Schedule the MAE
+    baseline; the Study page shows the study's claims and figures; the runs CSV parses back to
+    the store's values."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    import io as textio
+
+    import pandas as pd
+    from playwright.sync_api import sync_playwright
+
+    from analysis import io
+
+    uri, demo, study = bundle_store
+    mae, ll = demo.runs["mae"][0], demo.runs["layerlock"][0]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page.goto(f"{bundle_server}/compare", wait_until="domcontentloaded")
+            _wait_rendered(page, True)
+            problems += _page_problems(page, "compare", True)
+            chips = page.inner_text('[data-testid="stMain"] [data-testid="stMultiSelect"] >> nth=1')  # single runs
+            for rid, name in ((mae, "mae · mae"), (ll, "layerlock · layerlock")):
+                if f"{name} · {rid[:8]}" not in chips:
+                    problems.append(f"/compare: {name} {rid[:8]} not selected by default: {chips!r}")
+            for name in ("convergence", "schedule"):
+                page.goto(f"{bundle_server}/{name}", wait_until="domcontentloaded")
+                _wait_rendered(page, True)
+                problems += _page_problems(page, name, True)
+                picked = page.inner_html('[data-testid="stMain"] [data-testid="stSelectbox"] >> nth=0')
+                if f"mae · mae · {mae[:8]}" not in picked:
+                    problems.append(f"/{name}: does not open on the demo's MAE run {mae[:8]}: {picked[-300:]!r}")
+            page.goto(f"{bundle_server}/study?study={study.id}", wait_until="domcontentloaded")
+            _wait_rendered(page, True)
+            problems += _page_problems(page, "study", True)
+            text = page.inner_text('[data-testid="stMain"]')
+            if not all(f"S{i} " in text for i in range(5)) or "(N=2)" not in text:
+                problems.append("/study: not every claim with its interval")
+            if len(page.query_selector_all(".js-plotly-plot")) < 6:
+                problems.append("/study: fewer than six figures")
+            _grow_and_shoot(page, SHOTS / "study.png")
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.goto(f"{bundle_server}/", wait_until="domcontentloaded")
+            _wait_rendered(page, True)
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name="Download runs (CSV)").click()
+            table = pd.read_csv(textio.BytesIO(Path(download.value.path()).read_bytes()))
+        finally:
+            browser.close()
+    assert not problems, problems
+    stored = io.list_runs(uri).set_index("run_id")
+    assert set(table["run_id"]) <= set(stored.index) and mae in set(table["run_id"])
+    for row in table.itertuples(index=False):
+        assert row.final_loss == stored.loc[row.run_id, "final_loss"]  # full precision, bit for bit
+    if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHOTS / "study.png", DOC_IMAGES / "study.png")

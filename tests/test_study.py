@@ -59,6 +59,8 @@ def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
         assert f"## {section} " in report
     # logged to MLflow: every trained run carries the study tag; the study run holds the outputs
     study_run = proc.stdout.strip().splitlines()[-1]
+    link = f"http://127.0.0.1:8501/study?study={results['study_id']}"
+    assert link in proc.stdout.strip().splitlines()[-2]  # the dashboard's Study page on this study
     client = MlflowClient(store)
     run = client.get_run(study_run)
     assert run.data.tags["layerlock.method"] == "study"

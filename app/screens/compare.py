@@ -12,7 +12,7 @@ from analysis import io, metric_help, schema
 from analysis.compare import group_comparison, summarize_run
 from analysis.records import eval_metrics
 from analysis.stats import INTERVAL_NAME, spread_over_runs, summary_table
-from app.views import charts, groups, loaders, state
+from app.views import charts, export, groups, loaders, state
 
 HISTORY_KEYS = (schema.LOSS, schema.LOSS_PIXEL, schema.LOSS_LATENT, schema.FLOPS, schema.WALL_S)
 X_AXES = {
@@ -147,6 +147,15 @@ st.caption(
     f"Each group: the mean at every logged step (thick line), a shaded band of the {BANDS[band]}"
     + (f" (x: the mean over runs of {x_title})" if x_key != "step" else "")
     + f", each run as a faint line. A group of one run is a plain line. {loss_key}: {metric_help(loss_key)}."
+)
+st.download_button(
+    "Download curves (CSV)",
+    export.to_csv(export.curves_frame(curves, members_curves, loss_key, x_title, smooth)),
+    file_name=f"curves_{loss_key.replace('/', '_')}.csv",
+    mime="text/csv",
+    key="cmp_curves_csv",
+    help="The curves as plotted: each run's and each group's mean (with sd, min, max, N), full float precision; "
+    "the smoothing column says how y was smoothed",
 )
 
 # ---------------------------------------------------------------------------- groups: mean ± sd (N), paired
@@ -311,6 +320,18 @@ with right:
         )
     else:
         st.info(f"No {indicator} metrics logged for these runs.")
+
+# ---------------------------------------------------------------------------- parameters
+with st.expander("Parameters of the compared runs", expanded=False):
+    only_differs = st.toggle("Only what differs", value=True, key="cmp_params_differ")
+    with state.notice_errors():
+        params = {run_labels[rid]: loaders.record(uri, rid).params for rid in run_labels}
+    ptable = export.param_table(params, only_differs=only_differs)
+    st.dataframe(ptable, hide_index=True, key="cmp_params_table")
+    st.caption(f"{len(ptable)} parameters" + (" that are not the same in every run" if only_differs else ""))
+    st.download_button(
+        "Download parameters (CSV)", export.to_csv(ptable), file_name="parameters.csv", key="cmp_params_csv"
+    )
 
 # ---------------------------------------------------------------------------- per-block side by side
 st.subheader("Per-block metrics side by side")

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import metric_help, schema
-from app.views import charts, groups, loaders, state
+from app.views import charts, export, groups, loaders, state
 
 st.title("Runs")
 uri = state.tracking_uri()
@@ -90,6 +90,9 @@ if not grouped.empty:
             **{c: st.column_config.TextColumn(c.removeprefix(schema.EVAL)) for c in eval_cols},
         },
     )
+    st.download_button(
+        "Download groups (CSV)", export.to_csv(grouped), file_name="groups.csv", mime="text/csv", key="runs_groups_csv"
+    )
 st.caption(
     f"{len(view)} of {len(runs)} runs · store `{uri}` · saving = counted FLOPs saved by freezing, "
     "against the same run with nothing frozen"
@@ -105,6 +108,14 @@ st.dataframe(
         "run_id": st.column_config.TextColumn("run id"),
         **{c: st.column_config.NumberColumn(c.removeprefix(schema.EVAL), format="%.3f") for c in eval_cols},
     },
+)
+st.download_button(
+    "Download runs (CSV)",
+    export.to_csv(table[columns]),
+    file_name="runs.csv",
+    mime="text/csv",
+    key="runs_csv",
+    help="The runs shown (filters applied), every value at full float precision",
 )
 
 if not studies.empty:
@@ -146,7 +157,7 @@ b1.button(
 )
 b2.button("Clear", key="runs_select_clear", on_click=state.set_selected, args=([],), disabled=not chosen)
 
-shown = chosen or state.recent_per_method(runs, 3)
+shown = chosen or state.default_runs(runs, 3) or state.recent_per_method(runs, 3)
 if not chosen:
     st.caption("Nothing selected: showing the most recent runs.")
 by_id = runs.set_index("run_id")
@@ -187,3 +198,15 @@ if current:
         )
         tags = {k: v for k, v in rec.tags.items() if not k.startswith("mlflow.")}
         right.dataframe(pd.DataFrame(sorted(tags.items()), columns=["tag", "value"]), hide_index=True, key="runs_tags")
+        with state.notice_errors():
+            _, ver = loaders.run_version(uri, current)
+            blocks = export.block_metrics_frame(loaders.layer_metrics(uri, current, ver))
+        if not blocks.empty:
+            st.download_button(
+                f"Download per-block metrics of {rec.name or current[:8]} (CSV)",
+                export.to_csv(blocks),
+                file_name=f"block_metrics_{current[:8]}.csv",
+                mime="text/csv",
+                key="runs_blocks_csv",
+                help="Tidy: metric, block, step, value (every probe step, full float precision)",
+            )

@@ -16,7 +16,7 @@ from plotly.colors import qualitative
 from analysis.stats import group_summary, summary_table
 from app.views import charts, state
 
-SELECTED_GROUPS_KEY = "selected_groups"
+SELECTED_GROUPS_KEY = state.SELECTED_GROUPS_KEY
 
 
 def finished_members(runs: pd.DataFrame) -> dict[str, list[str]]:
@@ -46,13 +46,18 @@ def _sync_groups(key: str) -> None:
 def pick_groups(
     runs: pd.DataFrame, members: dict[str, list[str]], key: str, label: str = "Groups of seeds", help: str | None = None
 ) -> list[str]:
-    """A multiselect of groups, seeded with the group selection (else recent multi-seed groups,
-    but only when no runs are selected either: a run selection made elsewhere wins)."""
+    """A multiselect of groups, seeded with the group selection (else the opening demo's or study's
+    groups, else recent multi-seed groups; but only when no runs are selected either: a run
+    selection made elsewhere wins)."""
     options = list(members)
     if SELECTED_GROUPS_KEY in st.session_state:
         current = [g for g in st.session_state[SELECTED_GROUPS_KEY] if g in options]
+    elif state.selected():
+        current = []
     else:
-        current = [] if state.selected() else default_groups(members)
+        bundle = state.opening(runs)  # after a demo or study: its groups (none when it has one seed)
+        current = default_groups(members) if bundle is None else state.compare_opening(bundle)[0]
+        current = [g for g in current if g in options]
     st.session_state[key] = current
     return st.multiselect(
         label,

@@ -30,6 +30,7 @@ from torch import nn
 
 from core.errors import LayerLockError
 from core.integrations import LayerLockSession, check_version
+from core.objectives import latent_loss, prefix_output
 
 SUPPORTED = ("4.40", "6")  # transformers versions the callback is tested against: >=4.40,<6
 STATE_FILE = "layerlock_state.pt"
@@ -45,15 +46,19 @@ class VideoMAELatent:
     """The student's latent predictions on a ``transformers`` ``VideoMAEForPreTraining``: a linear
     head (decoder width -> encoder width, added to the model as ``layerlock_latent_head``, so the
     ``Trainer``'s optimizer trains it) on the decoder's normalised features at the masked tokens
-    (read by a forward hook on ``decoder.norm`` during the model's own forward)."""
+    (read by a forward hook on ``decoder.norm`` during the model's own forward).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``target_block``: None (LayerLock) for the last frozen block's output, from the schedule's
+    first stage on; a block index (e.g. -1, the last) for the naive latent baseline: that block of
+    the trainable network from step 0, whatever is frozen (the project's ``latent_naive``)."""
+
+    def __init__(self, model: nn.Module, target_block: int | None = None) -> None:
         cfg = model.config
         if not hasattr(model, "decoder") or not hasattr(model, "videomae"):
             raise LayerLockError(f"VideoMAELatent needs a VideoMAEForPreTraining, got {type(model).__name__}")
         if not hasattr(model, "layerlock_latent_head"):
             model.add_module("layerlock_latent_head", nn.Linear(cfg.decoder_hidden_size, cfg.hidden_size))
-        self.model, self.head = model, model.layerlock_latent_head
+        self.model, self.head, self.target_block = model, model.layerlock_latent_head, target_block
         self._features: torch.Tensor | None = None
         model.decoder.norm.register_forward_hook(self._keep)
 
@@ -62,7 +67,7 @@ class VideoMAELatent:
 
     def loss(self, session: LayerLockSession, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The latent loss of the forward just run on ``inputs`` (``pixel_values``, ``bool_masked_pos``)."""
-        if session.stage == 0:
+        if session.stage == 0 and self.target_block is None:
             return None
         mask = inputs["bool_masked_pos"]
         if self._features is None:
@@ -74,7 +79,16 @@ class VideoMAELatent:
         mask_idx = mask.nonzero()[:, 1].view(mask.shape[0], -1)
         predictions = self.head(self._features)
         self._features = None
-        return session.latent_loss(lambda: self.model.videomae(inputs["pixel_values"]), predictions, mask_idx)
+        run = lambda: self.model.videomae(inputs["pixel_values"])  # noqa: E731
+        if self.target_block is None:
+            return session.latent_loss(run, predictions, mask_idx)
+        n = len(session.blocks)
+        if not -n <= self.target_block < n:
+            raise LayerLockError(
+                f"target_block={self.target_block}: the model has {n} blocks (0..{n - 1}, or -{n}..-1)"
+            )
+        k = self.target_block % n + 1
+        return latent_loss(session.blocks, k, lambda k: prefix_output(session.blocks, k, run), predictions, mask_idx)
 
 
 class LayerLockCallback(TrainerCallback):
@@ -84,7 +98,10 @@ class LayerLockCallback(TrainerCallback):
     :class:`core.freezing.FreezeSchedule` (None: monitor only); ``latent``: add the latent loss
     (needs a schedule and a latent prediction: ``latent_predictor``, by default
     :class:`VideoMAELatent` for a ``VideoMAEForPreTraining``); ``flop_batch``: a fixed batch (the
-    model's keyword arguments) whose step is counted for ``flop_model.json``. Other keywords go to
+    model's keyword arguments) whose step is counted for ``flop_model.json``; ``pixel_weight``: the
+    weight of the model's own loss (0 with a ``latent_predictor`` for a latent-only baseline). A
+    ``latent_predictor`` given without ``latent`` adds its loss without a schedule (the naive
+    latent: ``VideoMAELatent(model, target_block=-1)``). Other keywords go to
     :class:`core.integrations.LayerLockSession` (blocks, stem, probe_batch, probe_forward, every,
     train_step, run, tracking_uri, experiment, tags, ...).
     """
@@ -97,6 +114,7 @@ class LayerLockCallback(TrainerCallback):
         latent: bool = False,
         latent_predictor: Any = None,
         flop_batch: dict[str, Any] | None = None,
+        pixel_weight: float = 1.0,
         **session: Any,
     ) -> None:
         check_version("transformers", transformers.__version__, SUPPORTED)
@@ -105,14 +123,15 @@ class LayerLockCallback(TrainerCallback):
         if flop_batch is not None:
             session["train_step"] = self._train_step
         self.session = LayerLockSession(model, schedule, latent=latent, **session)
-        self.predictor = (latent_predictor or VideoMAELatent(model)) if latent else None
+        self.predictor = latent_predictor or (VideoMAELatent(model) if latent else None)
+        self.pixel_weight = float(pixel_weight)
         self._optimizer = None
 
     def _train_step(self) -> torch.Tensor:
         """The FLOP model's step (``flop_batch``): the model's own loss plus, with ``latent``, the
         latent loss at the frozen prefix being counted, so ``flop_model.json`` includes the
         target's forward over all tokens."""
-        loss = self.model(**self.flop_batch).loss
+        loss = self.pixel_weight * self.model(**self.flop_batch).loss
         if self.predictor is not None:
             extra = self.predictor.loss(self.session, self.flop_batch)
             if extra is not None:
@@ -170,6 +189,7 @@ class LayerLockTrainer(Trainer):
         if cb is not None and cb.predictor is not None and model.training:
             latent = cb.predictor.loss(cb.session, inputs)
             cb.session.note_losses(loss.detach(), None if latent is None else latent.detach())
+            loss = cb.pixel_weight * loss if cb.pixel_weight != 1.0 else loss
             if latent is not None:
                 loss = loss + cb.session.latent_weight * latent
         elif cb is not None and model.training:

@@ -19,7 +19,9 @@ OWN_LOOP_BENCHES = ("monitor", "own-freezing")
 
 def register(sub, add_tracking) -> None:
     p = sub.add_parser("bench", help="side-by-side measurements: step time vs FLOPs, tracking on vs off")
-    p.add_argument("what", choices=["freezing", "tracking", "profile", "data", "cli", *OWN_LOOP_BENCHES])
+    p.add_argument(
+        "what", choices=["freezing", "tracking", "profile", "data", "cli", *OWN_LOOP_BENCHES, "integrations"]
+    )
     p.add_argument("--config", default="experiments/configs/mae_tiny.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON only")
@@ -105,6 +107,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LayerLockError(f"--threads must be at least 1, got {args.threads}")
     if args.what in OWN_LOOP_BENCHES:
         return cmd_own_loop_bench(args)
+    if args.what == "integrations":
+        return cmd_integrations_bench(args)
     if args.what in ("data", "cli"):
         if args.what == "data":
             from experiments.bench.data import bench_data
@@ -195,3 +199,19 @@ def cmd_own_loop_bench(args: argparse.Namespace) -> int:
         )
         show = print_own_freezing
     return _show(args, result, show)
+
+
+def cmd_integrations_bench(args: argparse.Namespace) -> int:
+    """``bench integrations`` (experiments/bench/integrations.py): --steps per run (100), --every
+    (50), --repeats interleaved pairs per callback (6)."""
+    import torch
+
+    from core.errors import LayerLockError
+
+    steps = args.steps or 100
+    if steps < 10 or (args.every is not None and args.every < 1):
+        raise LayerLockError(f"bench integrations: --steps must be at least 10 and --every at least 1, got {steps}")
+    torch.set_num_threads(args.threads or 1)  # one thread unless asked: see cmd_bench
+    from experiments.bench.integrations import bench_integrations, print_integrations
+
+    return _show(args, bench_integrations(steps, args.every, args.repeats, steps), print_integrations)

@@ -13,6 +13,14 @@ clips (``core.data``), three steps as in the paper's recipe:
    block's output on the unmasked clip) to HF's pixel loss::
 
     python -m experiments.examples.hf_videomae --steps 200 --out hf-run     # prints both run ids
+
+The collapse check over seeds: MAE, LayerLock (each seed's schedule derived from its MAE run) and
+the naive latent (the last block's output of the same trainable network as target from step 0,
+no pixel loss, nothing frozen: the project's ``latent_naive``), the position-controlled
+``feat_std`` of the last encoder block on the held-out probe clips (``core.probes.feature_stats``)
+with a 95% t interval over seeds and the per-seed ratio to MAE::
+
+    python -m experiments.examples.hf_videomae --seeds 0,1,2 --methods mae,layerlock,latent_naive
 """
 
 from __future__ import annotations
@@ -104,22 +112,31 @@ def train(
     stop_at: int | None = None,
     depth: int = 4,
     callbacks: list[Any] | None = None,
+    naive: bool = False,
+    callback: bool = True,
+    calibration: int = 0,
 ) -> dict[str, Any]:
     """One ``Trainer`` run with the callback; returns its run id, model, optimizer and callback.
     ``stop_at``: end training after that many steps (a run stopped early, to resume from its
-    checkpoint); ``resume``: a checkpoint folder to resume from."""
+    checkpoint); ``resume``: a checkpoint folder to resume from; ``naive``: the naive latent
+    baseline (target: the last block of the trainable network from step 0, no pixel loss, no
+    schedule)."""
     from transformers import TrainerCallback, TrainingArguments, VideoMAEForPreTraining, set_seed
 
-    from core.integrations.huggingface import LayerLockCallback, LayerLockTrainer
+    from core.integrations.huggingface import LayerLockCallback, LayerLockTrainer, VideoMAELatent
 
     set_seed(seed)
     model = VideoMAEForPreTraining(tiny_config(depth))
     train_ds, probe_ds = MovingDigitsForHF("train", 256, seed), MovingDigitsForHF("val", 16, seed)
     probe = batch_of(probe_ds, 16)
+    if naive and (schedule is not None or latent):
+        raise LayerLockError("the naive latent baseline freezes nothing: no schedule, no LayerLock latent")
     cb = LayerLockCallback(
         model,
         schedule,
         latent=latent,
+        latent_predictor=VideoMAELatent(model, target_block=-1) if naive else None,
+        pixel_weight=0.0 if naive else 1.0,
         probe_batch=probe["pixel_values"],
         probe_forward=lambda pv: model.videomae(pv),
         every=every,
@@ -127,9 +144,10 @@ def train(
         flop_batch=batch_of(train_ds, 8),
         tracking_uri=tracking_uri,
         experiment=EXPERIMENT,
-        tags={schema.TAG_DATASET: "moving_digits"},
+        tags={schema.TAG_DATASET: "moving_digits", **({schema.TAG_METHOD: "latent_naive"} if naive else {})},
+        calibration=calibration,
     )
-    callbacks = [cb, *(callbacks or [])]
+    callbacks = [cb, *(callbacks or [])] if callback else list(callbacks or [])
     if stop_at is not None:
 
         class Stop(TrainerCallback):
@@ -159,7 +177,106 @@ def train(
     )
     trainer = LayerLockTrainer(model=model, args=args, train_dataset=train_ds, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
-    return {"run_id": cb.run_id, "model": model, "optimizer": trainer.optimizer, "callback": cb}
+    return {
+        "run_id": cb.run_id,
+        "model": model,
+        "optimizer": trainer.optimizer,
+        "callback": cb,
+        "probe": probe["pixel_values"],
+    }
+
+
+def last_block_feat_std(model: Any, pixel_values: torch.Tensor) -> float:
+    """The position-controlled ``feat_std`` (:func:`core.probes.feature_stats`) of the last encoder
+    block's output on the probe clips, every clip read at all its token positions."""
+    from core.integrations import find_blocks
+    from core.probes import clips_positions_dim, feature_stats
+
+    blocks, out = find_blocks(model), {}
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, o: out.update(x=o[0] if isinstance(o, tuple) else o))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model.videomae(pixel_values)
+    finally:
+        handle.remove()
+        model.train(was)
+    return feature_stats(clips_positions_dim(out["x"]))["feat_std"]
+
+
+METHODS = ("mae", "layerlock", "latent_naive")
+
+
+def compare_feat_std(
+    seeds: list[int], methods: list[str], steps: int, out: Path, tracking_uri: str | None = None, every: int = 10
+) -> dict[str, Any]:
+    """Train each method at each seed; ``{"feat_std": {method: [per seed]}, "rows": [...]}`` with,
+    per method, the mean and 95% t interval over seeds and the mean per-seed ratio to MAE's."""
+    from tqdm import tqdm
+
+    from analysis.stats import t_interval
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise LayerLockError(f"--methods {','.join(bad) or '(none)'}: choose from {', '.join(METHODS)}")
+    if not seeds:
+        raise LayerLockError("--seeds: give at least one seed, e.g. 0,1,2")
+    values: dict[str, list[float]] = {m: [] for m in methods}
+    need_mae = "mae" in methods or "layerlock" in methods
+    bar = tqdm(total=len(seeds) * (len(methods) + (need_mae and "mae" not in methods)), desc="feat_std runs")
+    for seed in seeds:
+        mae = None
+        if need_mae:
+            mae = train(out / f"mae-{seed}", steps, seed=seed, tracking_uri=tracking_uri, every=every)
+            bar.update()
+            if "mae" in methods:
+                values["mae"].append(last_block_feat_std(mae["model"], mae["probe"]))
+        if "layerlock" in methods:
+            schedule = derive(mae["run_id"], tracking_uri, steps)
+            if not schedule["stages"]:
+                raise LayerLockError(f"seed {seed}: no block converged in the MAE run: train it longer (--steps)")
+            ll = train(
+                out / f"layerlock-{seed}",
+                steps,
+                schedule=schedule,
+                latent=True,
+                seed=seed,
+                tracking_uri=tracking_uri,
+                every=every,
+            )
+            values["layerlock"].append(last_block_feat_std(ll["model"], ll["probe"]))
+            bar.update()
+        if "latent_naive" in methods:
+            nv = train(out / f"naive-{seed}", steps, naive=True, seed=seed, tracking_uri=tracking_uri, every=every)
+            values["latent_naive"].append(last_block_feat_std(nv["model"], nv["probe"]))
+            bar.update()
+    bar.close()
+    rows = []
+    for m in methods:
+        v = values[m]
+        row: dict[str, Any] = {"method": m, "n": len(v), "mean": sum(v) / len(v), "interval": t_interval(v)}
+        if "mae" in values and m != "mae":
+            ratios = [a / b for a, b in zip(v, values["mae"], strict=True)]
+            row["ratio_to_mae"], row["ratio_interval"] = sum(ratios) / len(ratios), t_interval(ratios)
+        rows.append(row)
+    return {"feat_std": values, "rows": rows}
+
+
+def format_feat_std(result: dict[str, Any]) -> str:
+    def iv(x: tuple[float, float] | None) -> str:
+        return "[one seed: no interval]" if x is None else f"[{x[0]:.4f}, {x[1]:.4f}]"
+
+    lines = ["position-controlled feat_std, last encoder block, probe clips (95% t interval over seeds)"]
+    for r in result["rows"]:
+        line = f"  {r['method']:<13} n={r['n']}  mean {r['mean']:.4f} {iv(r['interval'])}"
+        if "ratio_to_mae" in r:
+            line += f"  ratio to mae {r['ratio_to_mae']:.3f} {iv(r['ratio_interval'])}"
+        lines.append(line)
+    seeds = "  per seed: " + "; ".join(
+        f"{m} " + ", ".join(f"{x:.4f}" for x in v) for m, v in result["feat_std"].items()
+    )
+    return "\n".join([*lines, seeds])
 
 
 def derive(run_id: str, tracking_uri: str | None, steps: int) -> dict:
@@ -176,8 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="hf-videomae-run", help="the Trainer's output folder")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds: train --methods at each, report feat_std (e.g. 0,1,2)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"with --seeds: some of {','.join(METHODS)}")
     args = p.parse_args(argv)
     try:
+        if args.seeds is not None:
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            except ValueError:
+                raise LayerLockError(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            result = compare_feat_std(seeds, methods, args.steps, Path(args.out), args.tracking_uri)
+            print(format_feat_std(result))
+            return 0
         mae = train(Path(args.out) / "mae", args.steps, seed=args.seed, tracking_uri=args.tracking_uri)
         print(f"MAE run {mae['run_id']}", file=sys.stderr)
         schedule = derive(mae["run_id"], args.tracking_uri, args.steps)

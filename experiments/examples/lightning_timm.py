@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from core import schema
 from core.config import DataConfig
 from core.data import build_dataset
 from core.errors import LayerLockError, first_line
@@ -53,6 +54,13 @@ def patchify(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(b, (h // PATCH) * (w // PATCH), PATCH * PATCH * c)
+
+
+class _NoLayerLock:
+    """Stands in for the callback in a run without it (``train(callback=False)``, the bench's plain arm)."""
+
+    def add_latent(self, loss: torch.Tensor, *_args: Any) -> torch.Tensor:
+        return loss
 
 
 def build_module(depth: int = 4, dim: int = 32):
@@ -117,12 +125,24 @@ def train(
     tracking_uri: str | None = None,
     every: int = 10,
     ckpt_path: str | None = None,
-    save_to: str | None = None,
+    save_every: int | None = None,
+    stop_at: int | None = None,
     mlflow_logger: bool = True,
+    callback: bool = True,
+    extra_callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """One Lightning run; returns the module, the trainer and the callback. ``save_to``: write the
-    trainer's checkpoint there at the end; ``ckpt_path``: resume from one."""
+    """One Lightning run; returns the module, the trainer and the callback. ``save_every``:
+    Lightning's own ``ModelCheckpoint`` saves ``out/checkpoints/step=N.ckpt`` every that many
+    steps (during training, at the batch's end, as a real run does); ``stop_at``: stop after that
+    many steps (a run interrupted, to resume from its checkpoint); ``ckpt_path``: resume from one.
+
+    Resume at an epoch boundary (here 5 batches an epoch): a plain ``DataLoader`` is not
+    resumable, so Lightning restarts it from its first batch. A checkpoint written by
+    ``trainer.save_checkpoint`` after ``fit`` returned is not one to resume from either: its loop
+    state says the epoch's last batch has run, and Lightning 2.6 replays batch 0 under batch index
+    5 before starting the next epoch (the 1e-4 drift once seen here)."""
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
     from core.integrations.lightning import LayerLockCallback
@@ -145,7 +165,26 @@ def train(
         stem=[vit.patch_embed, vit.cls_token, vit.pos_embed, module.mask_token],
         probe_forward=lambda x: module.vit.forward_features(x),
     )
-    module.layerlock = cb
+    module.layerlock = cb if callback else _NoLayerLock()
+    callbacks: list[Any] = [cb] if callback else []
+    callbacks += list(extra_callbacks or [])
+    if save_every:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(out / schema.CHECKPOINT_DIR),
+                filename="{step}",
+                every_n_train_steps=save_every,
+                save_top_k=-1,
+            )
+        )
+    if stop_at is not None:
+
+        class Stop(pl.Callback):
+            def on_train_batch_end(self, trainer, *args: Any) -> None:
+                if trainer.global_step >= stop_at:
+                    trainer.should_stop = True
+
+        callbacks.append(Stop())
     # shuffle=False: every epoch sees the clips in one order, so a resumed run sees what an unstopped one does
     loader = DataLoader(Frames("train", 40, seed), batch_size=8, shuffle=False, num_workers=0)
     trainer = pl.Trainer(
@@ -153,8 +192,8 @@ def train(
         accelerator="cpu",
         devices=1,
         logger=logger,
-        callbacks=[cb],
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(save_every),
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
@@ -162,8 +201,6 @@ def train(
         log_every_n_steps=5,
     )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
-    if save_to:
-        trainer.save_checkpoint(save_to)
     return {"module": module, "trainer": trainer, "callback": cb, "run_id": cb.run_id}
 
 
