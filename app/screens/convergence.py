@@ -69,12 +69,13 @@ def seed_label(run_id: str) -> str:
 
 
 top = st.columns([3, 2, 2])
-group = pick_group(seed_groups, top[0]) if seed_groups else NO_GROUP
+run_slot, group_slot = top[0].container(), top[0].container()  # the run first, the group below it
+group = pick_group(seed_groups, group_slot) if seed_groups else NO_GROUP
 members = seed_groups.get(group, [])
 if group:
     labels = state.picker_labels(runs)
     state.seed("conv_member", [ALL_SEEDS, *members], ALL_SEEDS)
-    shown = top[0].selectbox(
+    shown = run_slot.selectbox(
         "Run of the group",
         [ALL_SEEDS, *members],
         key="conv_member",
@@ -83,7 +84,7 @@ if group:
     run_id = members[0] if shown == ALL_SEEDS else shown
 else:
     shown = None
-    run_id = state.pick_run(runs, key="conv_run", container=top[0])
+    run_id = state.pick_run(runs, key="conv_run", container=run_slot)
 group_view = bool(group) and shown == ALL_SEEDS
 with state.notice_errors():
     rec, ver = loaders.run_version(uri, run_id)
