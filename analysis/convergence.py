@@ -27,11 +27,17 @@ Rules (docs/architecture.md, "Method choices"):
   about ``2 * window + patience`` log steps.
 
 The order statistic (:func:`order_statistics`) correlates depth with convergence step.
+
+Over a group of seeds (:func:`group_convergence`, built from :func:`mean_over_runs`,
+:func:`group_steps` and :func:`group_order`): the metric averaged over the runs on their common
+logged steps, each block's convergence step as a mean with its 95% t interval over seeds, and
+the depth-order rho over seeds as the study's S1 claim reads it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -256,4 +262,154 @@ def convergence_report(
         "n_converged": int(conv.notna().sum()),
         "blocks": [{"block": int(b), "converged_step": None if pd.isna(s) else int(s)} for b, s in conv.items()],
         **stats,
+    }
+
+
+# ----------------------------------------------------------------------------- a group of seeds
+#
+# A group is one config trained with several seeds (``layerlock.group``). Its convergence view:
+# the per-block metric averaged over the runs on the steps every run logged, each block's
+# convergence step over seeds with its 95% t interval, and the depth-order rho over seeds (the
+# study's S1 figure: :func:`analysis.claims.claim` of the per-seed rhos, "above 0").
+
+
+def mean_over_runs(wides: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """Step x block tables of several runs (:func:`metric_wide`), aligned and summarised.
+
+    Runs may log on different step grids (another ``probe.every``, a run that stopped early):
+    the tables are aligned on the steps EVERY run logged and the blocks every run has.
+    Returns ``mean, sd, lo, hi`` (step x block; ``sd`` is the sample sd, ``ddof=1``, NaN for
+    one run; ``lo``/``hi`` the min/max over runs) and ``n`` (runs with a finite value per cell).
+    A NaN in one run's table is left out of that cell. ``logged``: run label -> how many steps
+    that run logged (a run without values is left out and not listed). Raises LayerLockError when there is no
+    run, or when the runs share no logged step or no block.
+    """
+    kept = {label: w for label, w in wides.items() if w is not None and not w.empty}
+    frames = list(kept.values())
+    if not frames:
+        raise LayerLockError("no run of the group has values of this metric")
+    steps = frames[0].index
+    blocks = frames[0].columns
+    for w in frames[1:]:
+        steps = steps.intersection(w.index)
+        blocks = blocks.intersection(w.columns)
+    if len(steps) == 0:
+        raise LayerLockError(f"the {len(frames)} runs share no logged step: their step grids do not overlap")
+    if len(blocks) == 0:
+        raise LayerLockError(f"the {len(frames)} runs share no block")
+    steps, blocks = steps.sort_values(), blocks.sort_values()
+    # run x step x block
+    cube = np.stack([w.reindex(index=steps, columns=blocks).to_numpy(dtype=float) for w in frames])
+    finite = np.isfinite(cube)
+    n = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.where(finite, cube, 0.0).sum(axis=0)
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        sq = np.where(finite, (cube - mean) ** 2, 0.0).sum(axis=0)
+        sd = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)), np.nan)
+    lo = np.where(n > 0, np.where(finite, cube, np.inf).min(axis=0), np.nan)
+    hi = np.where(n > 0, np.where(finite, cube, -np.inf).max(axis=0), np.nan)
+
+    def table(values: np.ndarray) -> pd.DataFrame:
+        out = pd.DataFrame(values, index=steps, columns=blocks)
+        out.index.name, out.columns.name = "step", "block"
+        return out
+
+    return {
+        "mean": table(mean),
+        "sd": table(sd),
+        "lo": table(lo),
+        "hi": table(hi),
+        "n": table(n.astype(float)),
+        "logged": pd.Series({label: len(w) for label, w in kept.items()}, dtype="int64"),
+    }
+
+
+GROUP_STEP_COLUMNS = ["block", "mean", "sd", "n", "n_runs", "ci_low", "ci_high"]
+
+
+def group_steps(convs: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """Each block's convergence step over the runs of a group.
+
+    ``convs``: run label -> the run's convergence steps (:func:`detect_convergence`). Returns
+    one row per block (the union of the runs' blocks): ``mean, sd`` (ddof=1), ``n`` (runs in
+    which the block converged), ``n_runs`` (runs), ``ci_low, ci_high`` (the 95% t interval of
+    :func:`analysis.stats.t_interval`, None under two values; via :func:`analysis.claims.estimate`),
+    then one column per run label with that run's step (``<NA>``: never converged). The mean and
+    interval are over the runs in which the block converged; ``n`` says how many.
+    """
+    from analysis.claims import estimate
+
+    labels = list(convs)
+    steps = pd.DataFrame({label: pd.to_numeric(convs[label], errors="coerce").astype(float) for label in labels})
+    steps = steps.sort_index()
+    rows = []
+    for block, values in steps.iterrows():
+        est = estimate(values.dropna().tolist())
+        rows.append(
+            {
+                "block": int(block),
+                "mean": est["mean"],
+                "sd": est["sd"],
+                "n": est["n"],
+                "n_runs": len(labels),
+                "ci_low": est["ci_low"],
+                "ci_high": est["ci_high"],
+            }
+        )
+    out = pd.DataFrame(rows, columns=GROUP_STEP_COLUMNS).astype({"n": "int64", "n_runs": "int64"})
+    for label in labels:
+        out[label] = pd.array(steps[label].to_numpy(), dtype="Float64").astype("Int64")
+    return out
+
+
+def group_order(convs: Mapping[str, pd.Series]) -> dict[str, Any]:
+    """The depth-order statistics over the runs of a group, as the study's S1 claim reads them.
+
+    ``spearman_rho``: :func:`analysis.claims.claim` of the per-run rhos (mean, sd, N, 95% t
+    interval, verdict on "rho > 0"); ``kendall_tau``: :func:`analysis.claims.estimate` of the
+    taus; ``per_run``: label -> :func:`order_statistics`; ``undefined_runs``: runs whose rho is
+    undefined (fewer than two blocks converged, or all tied), left out of the estimates.
+    """
+    from analysis.claims import claim, estimate
+
+    per_run = {label: order_statistics(conv) for label, conv in convs.items()}
+    rhos = [s["spearman_rho"] for s in per_run.values()]
+    return {
+        "spearman_rho": claim(rhos, 0.0, "above"),
+        "kendall_tau": estimate([s["kendall_tau"] for s in per_run.values()]),
+        "per_run": per_run,
+        "undefined_runs": sum(r is None for r in rhos),
+    }
+
+
+def group_convergence(
+    layer_frames: Mapping[str, pd.DataFrame],
+    metric: str | None = None,
+    method: Method = "posthoc",
+    threshold: float | None = None,
+    patience: int | None = None,
+    window: int = DEFAULT_GRADNORM_WINDOW,
+) -> dict[str, Any]:
+    """Convergence over a group of seeds from each run's tidy layer metrics (one frame per run,
+    as :func:`analysis.io.load_layer_metrics` returns it; keys label the runs).
+
+    Each run's convergence is detected on its own steps (:func:`detect_convergence`); the
+    shown ``metric`` (default: the rule's) is averaged over the steps all runs logged
+    (:func:`mean_over_runs`). Returns ``runs`` (the labels), ``metric``, ``wide``
+    (``mean_over_runs``), ``steps`` (:func:`group_steps`), ``order`` (:func:`group_order`)
+    and ``convs`` (label -> that run's steps).
+    """
+    if not layer_frames:
+        raise LayerLockError("a group needs at least one run")
+    convs = {label: detect_convergence(f, method, threshold, patience, window) for label, f in layer_frames.items()}
+    shown = metric or RULES[method]["metric"]
+    wides = {label: metric_wide(f, shown) for label, f in layer_frames.items()}
+    return {
+        "runs": list(layer_frames),
+        "metric": shown,
+        "wide": mean_over_runs(wides),
+        "steps": group_steps(convs),
+        "order": group_order(convs),
+        "convs": convs,
     }

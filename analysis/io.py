@@ -305,8 +305,7 @@ def load_layer_metrics(
     wanted = set(metrics) if metrics is not None else None
     with _mlflow_errors(resolved):
         if source != "history" and LAYER_METRICS_ARTIFACT in _artifact_names(c, run_id):
-            frame = _layer_frame_from_artifact(c, run_id)
-            return frame if wanted is None else frame[frame["metric"].isin(wanted)].reset_index(drop=True)
+            return _layer_frame_from_artifact(c, run_id, wanted)
         if source == "artifact":
             raise LayerLockError(f"run {run_id} has no {LAYER_METRICS_ARTIFACT} artifact")
         keys = []
@@ -328,7 +327,9 @@ def load_layer_metrics(
     return tidy_layer_frame(run_id, steps, blocks, names, values)
 
 
-def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
+def _layer_frame_from_artifact(c: MlflowClient, run_id: str, wanted: set[str] | None = None) -> pd.DataFrame:
+    """The artifact's rows (only the ``wanted`` metrics: picked before the tidy frame is built,
+    the costly part on a long run) as a tidy frame."""
     with tempfile.TemporaryDirectory(prefix="layerlock-") as tmp:
         path = _download(c, run_id, LAYER_METRICS_ARTIFACT, tmp)
         try:
@@ -338,6 +339,8 @@ def _layer_frame_from_artifact(c: MlflowClient, run_id: str) -> pd.DataFrame:
     missing = [col for col in ("step", "block", "metric", "value") if col not in raw.columns]
     if missing:
         raise LayerLockError(f"run {run_id}: {LAYER_METRICS_ARTIFACT} lacks column(s) {', '.join(missing)}")
+    if wanted is not None:
+        raw = raw[raw["metric"].astype(str).isin(wanted)]
     return tidy_layer_frame(run_id, raw["step"], raw["block"], raw["metric"].astype(str), raw["value"])
 
 
@@ -489,6 +492,17 @@ def resolve_groups(names: Sequence[str], uri: str | None = None) -> list[GroupSp
             ) from None
         specs.append(GroupSpec(name, "run", (name,)))
     return specs
+
+
+def load_group_layer_metrics(
+    group: str, uri: str | None = None, metrics: Iterable[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """run id -> tidy per-block metrics (:func:`load_layer_metrics`) of each run ``group`` names
+    (:func:`resolve_groups`: a group's FINISHED runs by seed, or one run id), for
+    :func:`analysis.convergence.group_convergence`."""
+    wanted = tuple(metrics) if metrics is not None else None
+    (spec,) = resolve_groups([group], uri)
+    return {run_id: load_layer_metrics(run_id, uri, metrics=wanted) for run_id in spec.run_ids}
 
 
 def load_freeze_test(

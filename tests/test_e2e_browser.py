@@ -226,6 +226,72 @@ def test_every_page_renders_in_chromium(server: str, own_loop_store: OwnLoopStor
             shutil.copyfile(SHOTS / f"{name}.png", DOC_IMAGES / f"{name}.png")
 
 
+E2E_SEED_GROUP = "pixel-moving_digits-e2e3seed"
+
+
+def test_convergence_page_on_a_group_of_three_seeds(server: str, store: Store, own_loop_store: OwnLoopStore) -> None:
+    """Pick a group of three seeds on the Convergence page as a user would: the mean heatmap,
+    banded mean curves, the convergence steps with their 95% intervals and rho over seeds show,
+    with no error; the page is shot to test-artifacts/screenshots/convergence_group.png (and
+    docs/images/ with ``LAYERLOCK_DOCS_SCREENSHOTS=1``)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from analysis import io
+    from analysis.testing import create_run_from_frames, synthetic_history, synthetic_layer_metrics
+
+    folder = own_loop_store.folder  # the store's folder (see the store fixture)
+    for seed in range(3):  # older than every other run: no page's default moves
+        conv = [40 + 10 * seed, 80 + 20 * seed, 130 + 15 * seed, 170 - 10 * seed, None, None]
+        create_run_from_frames(
+            "layerlock",
+            uri=store.uri,
+            artifact_root=(folder / "artifacts").as_uri(),
+            run_name=f"mae-3seed-{seed}",
+            layer_df=synthetic_layer_metrics(conv, total_steps=240, probe_every=10, log_every=10, seed=seed),
+            history=synthetic_history(240, 10, seed=seed),
+            start_time=1_500_000_000_000 + seed,
+            params={"train.seed": seed, "train.steps": 240, "model.depth": 6},
+            tags={io.TAG_METHOD: "mae", io.TAG_DATASET: "moving_digits", io.TAG_GROUP: E2E_SEED_GROUP},
+        )
+    time.sleep(6)  # the server's run list is cached for 5 s (app.views.loaders.RUNS_TTL_S)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "convergence_group.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server}/convergence", wait_until="domcontentloaded")
+            _wait_rendered(page, True)
+            page.get_by_role("combobox", name="Group of seeds").click()
+            page.get_by_role("option", name=f"{E2E_SEED_GROUP} · 3 runs").click()
+            page.wait_for_selector("text=Run of the group", timeout=60_000)
+            page.wait_for_selector("text=Convergence step by depth", timeout=60_000)
+            _wait_rendered(page, True)
+            _grow_and_shoot(page, shot)  # the whole page laid out (the table's caption comes last)
+            page.wait_for_selector("text=over the runs in which the block converged", timeout=60_000)
+            text = " ".join(page.inner_text('[data-testid="stAppViewContainer"]').split())  # wrapped lines joined
+            content = page.content()
+            problems = _page_problems(page, "convergence (group)", True)
+            for wanted in ("95% t interval", "Spearman ρ", "seed 2", "rho > 0: held"):
+                if wanted not in text:
+                    problems.append(f"group view: no '{wanted}' on the page")
+            shown = page.get_by_role("combobox", name="Run of the group").input_value()
+            if shown != "all 3 seeds (mean)":
+                problems.append(f"group view: the run picker shows {shown!r}, not the mean of the seeds")
+            if "over 3 seeds" not in content:  # the heatmap's title
+                problems.append("group view: no heatmap of the mean over 3 seeds")
+            if len(page.query_selector_all(".js-plotly-plot path.js-fill")) < 6:
+                problems.append("group view: fewer shaded bands than blocks")
+        finally:
+            browser.close()
+    assert not problems, problems
+    if os.environ.get("LAYERLOCK_DOCS_SCREENSHOTS") == "1":
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, DOC_IMAGES / "convergence_group.png")
+
+
 @pytest.fixture(scope="module")
 def bundle_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, BundleRuns, BundleRuns]:
     """Synthetic runs as a demo (one seed, the newest) and a study (two seeds, older) tag theirs:

@@ -193,6 +193,223 @@ def convergence_order(conv: pd.Series, last_step: int | None = None, title: str 
     return _layout(fig, title, 300)
 
 
+# ----------------------------------------------------------------------------- a group of seeds
+
+
+def _steps_text(row: Mapping[str, Any]) -> str:
+    """``"1,234 [1,100, 1,370] over 3 of 3 runs"`` for one row of ``group_steps``."""
+    if row["n"] == 0 or row["mean"] is None or pd.isna(row["mean"]):
+        return f"never (0 of {row['n_runs']} runs)"
+    low, high = row["ci_low"], row["ci_high"]
+    interval = "" if low is None or pd.isna(low) else f" [{low:,.0f}, {high:,.0f}]"
+    return f"{row['mean']:,.0f}{interval} over {row['n']} of {row['n_runs']} runs"
+
+
+def _group_points(mean: pd.DataFrame, steps: pd.DataFrame | None) -> list[tuple[int, float, float, str]]:
+    """``(block, mean step, value at the nearest common step, hover text)`` of blocks that converged in a run."""
+    if steps is None or steps.empty:
+        return []
+    out = []
+    values, xs, where = mean.to_numpy(dtype=float), mean.index.to_numpy(), {b: j for j, b in enumerate(mean.columns)}
+    for row in steps.to_dict("records"):
+        j = where.get(row["block"])
+        if not row["n"] or j is None or not np.isfinite(values[:, j]).any():
+            continue
+        ok = np.isfinite(values[:, j])
+        pos = int(np.abs(xs[ok] - float(row["mean"])).argmin())
+        out.append((int(row["block"]), float(row["mean"]), float(values[ok, j][pos]), _steps_text(row)))
+    return out
+
+
+def group_heatmap(
+    wide: Mapping[str, pd.DataFrame],
+    metric: str,
+    steps: pd.DataFrame | None = None,
+    title: str | None = None,
+    max_steps: int = 800,
+    height: int = HEIGHT,
+) -> go.Figure:
+    """Layer x step heatmap of a group's mean (``analysis.convergence.mean_over_runs``); the hover
+    shows the sd and min..max over the runs (averaged into the displayed step bins, like the
+    mean); each block's mean convergence step as a marker, its 95% interval on hover."""
+    mean = bin_steps(wide["mean"], max_steps)
+    spread = np.stack(
+        [bin_steps(wide[k], max_steps).T.to_numpy() for k in ("sd", "lo", "hi")], axis=-1
+    )  # block x step x (sd, lo, hi)
+    bounded = metric in UNIT_METRICS
+    fig = go.Figure(
+        go.Heatmap(
+            z=mean.T.to_numpy(),
+            x=mean.index.to_numpy(),
+            y=[block_label(b) for b in mean.columns],
+            customdata=np.round(spread, 5),
+            colorscale="Viridis",
+            zmin=0.0 if bounded else None,
+            zmax=1.0 if bounded else None,
+            colorbar={"title": {"text": f"mean {metric}"}},
+            hovertemplate="step %{x}<br>%{y}<br>mean "
+            + metric
+            + " %{z:.4g}<br>sd %{customdata[0]:.3g}<br>min..max %{customdata[1]:.4g}..%{customdata[2]:.4g}"
+            + "<extra></extra>",
+        )
+    )
+    points = _group_points(wide["mean"], steps)
+    if points:
+        fig.add_trace(
+            go.Scatter(
+                x=[p[1] for p in points],
+                y=[block_label(p[0]) for p in points],
+                mode="markers",
+                marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#ff2d55"}},
+                name="converged (mean step)",
+                text=[p[3] for p in points],
+                hovertemplate="%{y} converged at step %{text}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="step")
+    return _layout(fig, title, height)
+
+
+def group_block_curves(
+    wide: Mapping[str, pd.DataFrame],
+    metric: str,
+    steps: pd.DataFrame | None = None,
+    threshold: float | None = None,
+    band: str = "min..max",
+    title: str | None = None,
+    max_steps: int = 1000,
+    log_y: bool = False,
+    height: int = HEIGHT,
+) -> go.Figure:
+    """Per block the group's mean (a line) in a shaded band (``"min..max"`` over the runs, or
+    ``"sd"``: mean ± sd); each block's mean convergence step starred, with its 95% interval as
+    a horizontal error bar."""
+    mean = bin_steps(wide["mean"], max_steps)
+    if band == "sd":
+        sd = bin_steps(wide["sd"], max_steps).fillna(0.0)
+        lo, hi = mean - sd, mean + sd
+    else:
+        lo, hi = bin_steps(wide["lo"], max_steps), bin_steps(wide["hi"], max_steps)
+    colors = depth_colors(len(mean.columns))
+    xs = mean.index.to_numpy()
+    m, low, high = (f.to_numpy(dtype=float) for f in (mean, lo, hi))  # numpy columns: 12 blocks, 3 frames
+    fig = go.Figure()
+    for j, (color, block) in enumerate(zip(colors, mean.columns, strict=True)):
+        ok = np.isfinite(m[:, j])
+        x = xs[ok]
+        fig.add_trace(
+            go.Scatter(
+                x=np.concatenate([x, x[::-1]]),
+                y=np.concatenate([high[ok, j], low[ok, j][::-1]]),
+                fill="toself",
+                fillcolor=_rgba(color, 0.15),
+                line={"width": 0},
+                mode="lines",
+                legendgroup=str(block),
+                showlegend=False,
+                name=f"{block_label(block)} ({band})",
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=m[ok, j],
+                mode="lines",
+                name=block_label(block),
+                line={"color": color, "width": 1.6},
+                legendgroup=str(block),
+                hovertemplate=block_label(block) + " step %{x}: mean %{y:.4g}<extra></extra>",
+            )
+        )
+    by_block = dict(zip(mean.columns, colors, strict=True))
+    rows = {} if steps is None else {int(r["block"]): r for r in steps.to_dict("records")}
+    for block, step, value, text in _group_points(wide["mean"], steps):
+        row = rows[block]
+        has_ci = row["ci_low"] is not None and not pd.isna(row["ci_low"])
+        fig.add_trace(
+            go.Scatter(
+                x=[step],
+                y=[value],
+                mode="markers",
+                legendgroup=str(block),
+                showlegend=False,
+                marker={
+                    "symbol": "star",
+                    "size": 13,
+                    "color": by_block.get(block, "#333"),
+                    "line": {"width": 1, "color": "#000"},
+                },
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [row["ci_high"] - step if has_ci else 0.0],
+                    "arrayminus": [step - row["ci_low"] if has_ci else 0.0],
+                    "color": by_block.get(block, "#333"),
+                    "visible": has_ci,
+                },
+                hovertemplate=f"{block_label(block)} converged at step {text}<extra></extra>",
+            )
+        )
+    if threshold is not None:
+        fig.add_hline(y=threshold, line={"dash": "dot", "color": "#888"}, annotation_text=f"threshold {threshold:g}")
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text=f"mean {metric}", type="log" if log_y else None)
+    return _layout(fig, title, height)
+
+
+def group_convergence_order(
+    steps: pd.DataFrame, run_labels: Mapping[str, str] | None = None, last_step: int | None = None, title=None
+) -> go.Figure:
+    """Each block's mean convergence step over the runs, its 95% interval as an error bar and
+    each run's own step as a dot; blocks that never converged in any run are grey, at the top.
+
+    ``steps``: :func:`analysis.convergence.group_steps`; ``run_labels``: its run columns -> label."""
+    labels = dict(run_labels or {})
+    blocks = [int(b) for b in steps["block"]]
+    means = [None if not n else float(m) for m, n in zip(steps["mean"], steps["n"], strict=True)]
+    finite = [m for m in means if m is not None]
+    top = last_step if last_step is not None else max(finite or [0])
+    has_ci = [lo is not None and not pd.isna(lo) for lo in steps["ci_low"]]
+    fig = go.Figure(
+        go.Bar(
+            x=[block_label(b) for b in blocks],
+            y=[top if m is None else m for m in means],
+            marker={
+                "color": ["#cccccc" if m is None else c for m, c in zip(means, depth_colors(len(blocks)), strict=True)]
+            },
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [hi - m if ok else 0.0 for hi, m, ok in zip(steps["ci_high"], means, has_ci, strict=True)],
+                "arrayminus": [m - lo if ok else 0.0 for lo, m, ok in zip(steps["ci_low"], means, has_ci, strict=True)],
+                "color": "#444",
+            },
+            text=[_steps_text(r) for r in steps.to_dict("records")],
+            textposition="none",  # on hover only: the interval text is too long for a bar
+            hovertemplate="%{x}: %{text}<extra></extra>",
+            name="mean, 95% interval",
+        )
+    )
+    for column, label in labels.items():
+        if column not in steps.columns:
+            continue
+        values = pd.to_numeric(steps[column], errors="coerce").astype(float)
+        ok = values.notna().to_numpy()
+        fig.add_trace(
+            go.Scatter(
+                x=[block_label(b) for b, k in zip(blocks, ok, strict=True) if k],
+                y=values[ok].to_numpy(),
+                mode="markers",
+                marker={"size": 7, "color": "#000", "opacity": 0.55, "symbol": "circle-open"},
+                name=label,
+                hovertemplate=f"{label}: %{{x}} converged at step %{{y:.0f}}<extra></extra>",
+            )
+        )
+    fig.update_yaxes(title_text="convergence step")
+    return _layout(fig, title, 320, showlegend=bool(labels))
+
+
 def frozen_steps(
     schedule: Mapping[str, Any],
     total_steps: int,

@@ -101,6 +101,27 @@ def convergence(uri: str, run_id: str, version: str, method: str, threshold: flo
     return detect_convergence(frame, method, threshold, patience)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def group_wide(uri: str, run_ids: tuple[str, ...], versions: tuple[str, ...], metric: str) -> dict[str, Any]:
+    """A group's per-block metric over its runs on their common steps
+    (``analysis.convergence.mean_over_runs`` of each run's cached :func:`metric_wide`)."""
+    from analysis.convergence import mean_over_runs
+
+    return mean_over_runs({r: metric_wide(uri, r, v, metric) for r, v in zip(run_ids, versions, strict=True)})
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def group_convergence(
+    uri: str, run_ids: tuple[str, ...], versions: tuple[str, ...], method: str, threshold: float, patience: int | None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Each block's convergence step over the group's runs and the depth order over seeds
+    (``group_steps`` and ``group_order`` of each run's cached :func:`convergence`; run id columns)."""
+    from analysis.convergence import group_order, group_steps
+
+    convs = {r: convergence(uri, r, v, method, threshold, patience) for r, v in zip(run_ids, versions, strict=True)}
+    return group_steps(convs), group_order(convs)
+
+
 @st.cache_data(show_spinner=False, max_entries=128)
 def history(uri: str, run_id: str, version: str, keys: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Run-level history (``io.load_history``)."""
