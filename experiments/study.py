@@ -184,7 +184,9 @@ def run_study(
             _say(f"[study] {note}")
         grid = freeze_test_specs(mae, steps, blocks, uri)
         for variant in variants:
-            xs = sorted({L - 1 for L in blocks}) if variant == VARIANT_BLOCK else blocks
+            # single blocks: block 0 (on the default workload the one that has not converged,
+            # docs/freeze-test-variants.md) and the deepest block of each tested prefix
+            xs = sorted({0} | {L - 1 for L in blocks}) if variant == VARIANT_BLOCK else blocks
             grid += freeze_test_specs(mae, steps, xs, uri, variant)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
