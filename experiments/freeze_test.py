@@ -235,8 +235,9 @@ def cmd_freeze_test(args: argparse.Namespace) -> int:
             blocks = sorted({L - 1 for L in blocks})
         if note:
             print(f"warning: {note}", file=sys.stderr)
-        shown = "stem" if variant == VARIANT_STEM else ", ".join(map(str, blocks))
-        print(f"grid: T = {', '.join(map(str, steps))}; {_X_NAME[variant]} = {shown}", file=sys.stderr)
+        name, meaning = _X_NAME[variant].split(" = ", 1)
+        cells = meaning if variant == VARIANT_STEM else f"{name} = {', '.join(map(str, blocks))} ({meaning})"
+        print(f"grid: T = {', '.join(map(str, steps))}; {cells}", file=sys.stderr)
     else:
         if not (args.steps and (args.blocks or variant == VARIANT_STEM)):
             raise LayerLockError("freeze-test needs --steps and --blocks (--steps alone for --variant stem), or --grid")
