@@ -63,6 +63,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "grid": {"n_steps": 3, "shallowest": False},
         "methods": ("freeze_only", "layerlock", "latent_naive"),
         "steps_fraction": {"latent_naive": 0.5},
+        # block 0 alone at the grid's steps: on this workload the block that has not converged,
+        # the reason every prefix costs the same (docs/freeze-test-variants.md); 3 children a seed
+        "variants": {"block": (0,)},
     },
     "full": {
         "config": "mae_small.yaml",
@@ -70,6 +73,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "grid": {},
         "methods": ("freeze_only", "layerlock", "latent_scheduled", "latent_naive"),
         "steps_fraction": {},
+        "variants": {"block": (0,)},
     },
 }
 # Method -> (objective overrides, trained with the derived schedule?)
@@ -121,12 +125,13 @@ def run_study(
     progress: bool = True,
     study_id: str | None = None,
     executor: dict[str, Any] | None = None,
-    variants: Sequence[str] = (),
+    variants: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train, test and evaluate everything; returns the results dict (also written to ``out_dir``).
     ``variants``: freeze-test variants (``stem``, ``prefix-no-stem``, ``block``) trained as well, at the
-    grid's steps T (prefix-no-stem at its L's, block at blocks L-1); their costs over seeds go to
-    ``results["freeze_test_variants"]`` (off by default: each adds a grid's worth of children).
+    grid's steps T (prefix-no-stem at its L's, block at block 0 and blocks L-1); their costs over seeds
+    go to ``results["freeze_test_variants"]``. None: the budget's default, block 0 alone (the variant
+    that explains why every prefix costs the same); ``()``: none.
     The runs train through :func:`experiments.executor.run_specs` (``executor``: its ``executor``/
     ``workers``/``ray_address``); a study run again with the same ``study_id`` keeps the runs that
     FINISHED."""
@@ -143,6 +148,10 @@ def run_study(
     if budget not in BUDGETS:
         raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     spec = BUDGETS[budget]
+    # variant -> the x's it is trained at (None: derived from the grid's prefixes)
+    cells: dict[str, tuple[int, ...] | None] = (
+        dict(spec["variants"]) if variants is None else dict.fromkeys(variants)
+    )
     base = load_config(
         config_path(config) if config else CONFIGS / spec["config"],
         [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])],
@@ -183,11 +192,12 @@ def run_study(
         if note:
             _say(f"[study] {note}")
         grid = freeze_test_specs(mae, steps, blocks, uri)
-        for variant in variants:
-            # single blocks: block 0 (on the default workload the one that has not converged,
-            # docs/freeze-test-variants.md) and the deepest block of each tested prefix
-            xs = sorted({0} | {L - 1 for L in blocks}) if variant == VARIANT_BLOCK else blocks
-            grid += freeze_test_specs(mae, steps, xs, uri, variant)
+        for variant, xs in cells.items():
+            if xs is None:
+                # single blocks: block 0 (on the default workload the one that has not converged,
+                # docs/freeze-test-variants.md) and the deepest block of each tested prefix
+                xs = sorted({0} | {L - 1 for L in blocks}) if variant == VARIANT_BLOCK else blocks
+            grid += freeze_test_specs(mae, steps, list(xs), uri, variant)
         path, sched = derive_demo_schedule(mae, uri, 0.95, 0, 0.75, out_dir / "schedules")
         schedules[seed] = {"path": path, "schedule": sched}
         methods = [method_spec(method, seed) for method in spec["methods"]]
@@ -233,7 +243,7 @@ def run_study(
         bar.update(1)
     bar.set_postfix_str("analyse")
     results = analyse(runs, evals, schedules, uri, seeds)
-    if variants:
+    if cells:
         from analysis import io
         from analysis.agreement import variant_costs
         from analysis.compare import FINAL_LOSS_PARTS
@@ -731,10 +741,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     executor = options(args)
     seeds = parse_seeds(args.seeds)
-    variants = [v.strip() for v in (args.variants or "").split(",") if v.strip()]
-    bad = [v for v in variants if v not in (VARIANT_STEM, VARIANT_PREFIX_NO_STEM, VARIANT_BLOCK)]
-    if bad:
-        raise LayerLockError(f"--variants {bad[0]}: unknown (any of stem, prefix-no-stem, block)")
+    variants = None  # the budget's default
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "none"]
+        bad = [v for v in variants if v not in (VARIANT_STEM, VARIANT_PREFIX_NO_STEM, VARIANT_BLOCK)]
+        if bad:
+            raise LayerLockError(f"--variants {bad[0]}: unknown (any of stem, prefix-no-stem, block, or none)")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     out = Path(args.out) if args.out else Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
     progress = sys.stderr.isatty()
@@ -793,8 +805,9 @@ def register(sub, add_tracking) -> None:
         "--variants",
         default=None,
         metavar="stem,prefix-no-stem,block",
-        help="also train these freeze-test variants at the grid's steps (default none: each adds a grid's "
-        "worth of child runs); the report lists each cell's cost with its 95%% interval over seeds",
+        help="also train these freeze-test variants at the grid's steps (block: block 0 and each tested "
+        "prefix's deepest block); default: block 0 alone (3 children a seed), 'none' for no variant; "
+        "the report lists each cell's cost with its 95%% interval over seeds",
     )
     add_executor_options(p)
     add_tracking(p)

@@ -397,4 +397,4 @@ def test_freeze_test_variants_end_to_end(store) -> None:
 def test_study_rejects_an_unknown_variant(capsys, store) -> None:
     code = experiments_main(["study", "--variants", "stem,nosuch", "--tracking-uri", store])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: --variants nosuch: unknown (any of stem, prefix-no-stem, block)"]
+    assert code == 2 and err == ["error: --variants nosuch: unknown (any of stem, prefix-no-stem, block, or none)"]

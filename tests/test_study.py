@@ -48,6 +48,11 @@ def test_tiny_study_produces_every_claim_and_figure(tmp_path, store) -> None:
     grid = claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
     assert len(grid) == 3 and all(len(row) == 3 for row in grid.values())  # small: L = 1, 2, 3 x 3 steps T
     assert "tolerance" in claims["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]
+    # by default block 0 alone is tested too, at the grid's 3 steps, over both seeds
+    variants = results["freeze_test_variants"]
+    assert {(r["variant"], r["x"]) for r in variants} == {("block", 0), ("prefix", 1), ("prefix", 2), ("prefix", 3)}
+    assert len({r["T"] for r in variants if r["variant"] == "block"}) == 3
+    assert all(r["n"] == 2 for r in variants)
     s3 = claims["S3_compute"]["methods"]
     assert set(s3) == {"freeze_only", "layerlock"} and s3["freeze_only"]["flop_saving"]["n"] == 2
     assert set(claims["S4_collapse"]["methods"]) == {"mae", "layerlock", "latent_naive"}  # small: no ablation
