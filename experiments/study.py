@@ -149,9 +149,7 @@ def run_study(
         raise LayerLockError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
     spec = BUDGETS[budget]
     # variant -> the x's it is trained at (None: derived from the grid's prefixes)
-    cells: dict[str, tuple[int, ...] | None] = (
-        dict(spec["variants"]) if variants is None else dict.fromkeys(variants)
-    )
+    cells: dict[str, tuple[int, ...] | None] = dict(spec["variants"]) if variants is None else dict.fromkeys(variants)
     base = load_config(
         config_path(config) if config else CONFIGS / spec["config"],
         [*spec["set"], "tracking.experiment=layerlock-study", *(overrides or [])],

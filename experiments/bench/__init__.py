@@ -214,4 +214,4 @@ def cmd_integrations_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)  # one thread unless asked: see cmd_bench
     from experiments.bench.integrations import bench_integrations, print_integrations
 
-    return _show(args, bench_integrations(steps, args.every, args.repeats, steps), print_integrations)
+    return _show(args, bench_integrations(steps, args.every, args.repeats), print_integrations)

@@ -7,11 +7,11 @@
    scheduled run (its ``time_model.json``, training medians) against what the MAE run's
    ``time_model.json`` predicted (``core.timemodel.time_table``: r(k) = t(k) / t(0)), as
    measured r(k) / predicted r(k).
-2. *Overhead*: each callback (HF ``Trainer``, Lightning) at ``--every`` (probe interval)
-   against the same run without it, in interleaved repeats (order swapped every repeat), the
-   steady-state loop timed by a callback of its own (attach and close are one-off costs, left
-   out); the median of the per-repeat ratios with its 95% distribution-free interval
-   (``core.timemodel.median_interval``).
+2. *Overhead*: each callback (HF ``Trainer``, Lightning) at ``--every`` (probe interval; gradient
+   metrics every 25 steps) against the same run without it, the two runs in lock-step (one thread
+   each, taking turns one step at a time, as ``bench monitor`` steps its two loops), timed over
+   whole probe periods (attach and close are one-off costs, left out); per repeat the ratio of
+   the loops' times, their mean with a 95% bootstrap interval over repeats.
 
 Timings are measured here, never asserted in tests: the machine decides them.
 """
@@ -21,11 +21,16 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from core.timemodel import median_interval
+from experiments.bench.timing import mean_ratio_interval
+
+SKIP = 5  # warm-up steps of every loop, not timed
+LOG_EVERY = 25  # the callbacks' gradient metrics and loss rows, as in ``bench monitor``
 
 
 def bench_schedule(steps: int, tmp: Path) -> dict[str, Any]:
@@ -66,83 +71,181 @@ def bench_schedule(steps: int, tmp: Path) -> dict[str, Any]:
     return {"schedule": schedule["stages"], "derived": derived, "prediction": predicted.describe(), "stages": rows}
 
 
-def _loop_timer(pl: Any = None, skip: int = 5) -> Any:
-    """A callback that times the loop from the end of step ``skip`` to the end of the last step."""
+class _LockStep:
+    """Two framework loops, one thread each, taking turns one training step at a time.
+
+    Each loop's turn runs from the start of one of its steps to the start of its next one (its
+    step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
+    does meanwhile (a slower clock, another process) falls on both loops alike, as in ``bench
+    monitor``. Both loops start their first step together and finish together: attaching and
+    closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
+    A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``."""
+
+    def __init__(self, skip: int, timed: int, timeout: float = 900.0) -> None:
+        self.skip, self.timed, self.timeout = skip, timed, timeout
+        self.cond = threading.Condition()
+        self.turn, self.finished, self.broken = 0, [False, False], False
+        self.start = threading.Barrier(2, timeout=timeout)
+        self.end = threading.Barrier(2, timeout=timeout)
+        self.spent = [0.0, 0.0]
+        self.steps = [0, 0]
+        self._t = [None, None]
+
+    def _wait_turn(self, who: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.broken or self.turn == who or self.finished[1 - who], self.timeout):
+                raise TimeoutError("bench integrations: the other loop stopped taking turns")
+            if self.broken:
+                raise RuntimeError("bench integrations: the other loop failed")
+
+    def _pass(self, who: int) -> None:
+        with self.cond:
+            self.turn = 1 - who
+            self.cond.notify_all()
+
+    def step_begins(self, who: int, step: int) -> None:
+        """At the start of training step ``step`` (0-based) of loop ``who``."""
+        now = time.perf_counter()
+        if step == 0:
+            self.start.wait()  # both attached: the first turns begin together
+        else:
+            if self.skip < step <= self.skip + self.timed:
+                self.spent[who] += now - self._t[who]
+                self.steps[who] += 1
+            self._pass(who)
+        self._wait_turn(who)
+        self._t[who] = time.perf_counter()
+
+    def loop_ends(self, who: int, steps: int) -> None:
+        """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
+        wait for the other loop to finish its steps before either closes its run."""
+        if self.skip < steps <= self.skip + self.timed:
+            self.spent[who] += time.perf_counter() - self._t[who]
+            self.steps[who] += 1
+        with self.cond:
+            self.finished[who] = True
+            self.turn = 1 - who
+            self.cond.notify_all()
+        self.end.wait()
+
+    def fail(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
+        self.start.abort()
+        self.end.abort()
+
+
+def _turn_taker(lock: _LockStep, who: int, steps: int, pl: Any = None) -> Any:
+    """A framework callback that makes its loop take turns in ``lock`` (the first callback of
+    the loop: what the other callbacks do in a step falls inside the loop's turn)."""
     if pl is None:
         from transformers import TrainerCallback
 
-        class HFTimer(TrainerCallback):
-            start = end = None
-            steps = 0
+        class HFTurns(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                lock.step_begins(who, state.global_step)
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = time.perf_counter()
-                if state.global_step == skip:
-                    self.start = now
-                elif state.global_step > skip:
-                    self.end, self.steps = now, self.steps + 1
+                if state.global_step >= steps:
+                    lock.loop_ends(who, steps)
 
-        return HFTimer()
+        return HFTurns()
 
-    class PLTimer(pl.Callback):
-        start = end = None
-        steps = 0
+    class PLTurns(pl.Callback):
+        def on_train_batch_start(self, trainer, *args: Any) -> None:
+            lock.step_begins(who, trainer.global_step)
 
         def on_train_batch_end(self, trainer, *args: Any) -> None:
-            now = time.perf_counter()
-            if trainer.global_step == skip:
-                self.start = now
-            elif trainer.global_step > skip:
-                self.end, self.steps = now, self.steps + 1
+            if trainer.global_step >= steps:
+                lock.loop_ends(who, steps)
 
-    return PLTimer()
+    return PLTurns()
 
 
-def bench_overhead(framework: str, steps: int, every: int, repeats: int, tmp: Path) -> dict[str, Any]:
-    """Interleaved repeats of the example's run with and without the callback: per repeat, the
-    ratio of the timed loops' per-step times (with / without)."""
+def _loop(framework: str, out: Path, steps: int, uri: str, every: int, with_cb: bool, turns: Any, dim: int) -> None:
+    """One run of the framework's example (with or without LayerLock's callback), taking turns."""
+    import torch
+
+    torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
+    if framework == "hf":
+        from experiments.examples import hf_videomae as hf
+
+        hf.train(
+            out, steps, tracking_uri=uri, every=every, callback=with_cb, callbacks=[turns], log_every=LOG_EVERY, dim=dim
+        )
+    else:
+        from experiments.examples import lightning_timm as lt
+
+        lt.train(
+            out,
+            steps,
+            tracking_uri=uri,
+            every=every,
+            callback=with_cb,
+            mlflow_logger=True,
+            extra_callbacks=[turns],
+            log_every=LOG_EVERY,
+        )
+
+
+def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: Path, dim: int = 32) -> dict[str, Any]:
+    """Per repeat, the example run with and without the callback in lock-step (:class:`_LockStep`,
+    one thread each, the first turn alternating between repeats), timed over ``periods`` whole
+    probe periods (``periods * every`` steps, so exactly ``periods`` probes fall in the timed
+    steps) after ``SKIP`` warm-up steps; the ratio of the two loops' times (with / without). A
+    first repeat warms up (imports, the store's tables, first calls) and is reported apart."""
     uri = f"sqlite:///{tmp}/{framework}.db"
-    ratios, on_ms, off_ms = [], [], []
-    for r in range(repeats):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        per = {}
-        for with_cb in order:
-            print(f"bench integrations: {framework} repeat {r + 1}/{repeats}, callback {with_cb}", file=sys.stderr)
-            if framework == "hf":
-                from experiments.examples import hf_videomae as hf
+    timed = periods * every
+    steps = SKIP + timed + 1
+    ratios, on_ms, off_ms, warm_up = [], [], [], None
+    if framework == "lightning":
+        import lightning.pytorch as pl
+    else:
+        pl = None
+    for r in range(repeats + 1):
+        label = f"repeat {r}/{repeats}" if r else "warm-up repeat"
+        print(f"bench integrations: {framework} {label}, {steps} steps each, in lock-step", file=sys.stderr)
+        lock = _LockStep(SKIP, timed)
+        first = r % 2  # which loop takes the first turn: the one with the callback every other repeat
+        lock.turn = first
+        errors: list[BaseException] = []
 
-                timer = _loop_timer()
-                hf.train(
-                    tmp / f"hf-{r}-{with_cb}", steps, tracking_uri=uri, every=every, callback=with_cb, callbacks=[timer]
-                )
-            else:
-                import lightning.pytorch as pl
+        def run(who: int, with_cb: bool, lock=lock, r=r) -> None:
+            try:
+                turns = _turn_taker(lock, who, steps, pl)
+                _loop(framework, tmp / f"{framework}-{r}-{with_cb}", steps, uri, every, with_cb, turns, dim)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(err)
+                lock.fail()
 
-                from experiments.examples import lightning_timm as lt
-
-                timer = _loop_timer(pl)
-                lt.train(
-                    tmp / f"pl-{r}-{with_cb}",
-                    steps,
-                    tracking_uri=uri,
-                    every=every,
-                    callback=with_cb,
-                    mlflow_logger=True,
-                    extra_callbacks=[timer],
-                )
-            per[with_cb] = (timer.end - timer.start) / timer.steps
-        ratios.append(per[True] / per[False])
-        on_ms.append(1000 * per[True])
-        off_ms.append(1000 * per[False])
-    med, low, high = median_interval(ratios)
+        threads = [threading.Thread(target=run, args=(who, who == 0)) for who in (0, 1)]  # loop 0: callback
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        if lock.steps != [timed, timed]:
+            raise RuntimeError(f"bench integrations: timed {lock.steps} steps, expected {timed} in each loop")
+        ratio = lock.spent[0] / lock.spent[1]
+        if r == 0:
+            warm_up = round(ratio, 4)
+            continue
+        ratios.append(ratio)
+        on_ms.append(1000 * lock.spent[0] / timed)
+        off_ms.append(1000 * lock.spent[1] / timed)
+    summary = mean_ratio_interval(ratios)
     return {
         "framework": framework,
         "steps": steps,
+        "timed_steps": timed,
         "every": every,
+        "log_every": LOG_EVERY,
         "repeats": repeats,
-        "ratio": round(med, 4),
-        "low": None if low is None else round(low, 4),
-        "high": None if high is None else round(high, 4),
+        **summary,
+        "median_repeat": round(median_interval(ratios)[0], 4),
+        "warm_up_ratio": warm_up,
         "ratios": [round(x, 4) for x in ratios],
         "on_ms": round(median_interval(on_ms)[0], 3),
         "off_ms": round(median_interval(off_ms)[0], 3),
@@ -150,15 +253,16 @@ def bench_overhead(framework: str, steps: int, every: int, repeats: int, tmp: Pa
 
 
 def bench_integrations(
-    steps: int, every: int, repeats: int, overhead_steps: int, parts: tuple = ("schedule", "hf", "lightning")
+    steps: int, every: int, repeats: int, periods: int = 4, parts: tuple = ("schedule", "hf", "lightning")
 ) -> dict:
+    """``steps``: each run of the schedule part; ``periods``: probe periods timed per overhead loop."""
     out: dict[str, Any] = {}
     # The frameworks print their logs on stdout: to stderr here, so that stdout is the result (--json).
     with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp, contextlib.redirect_stdout(sys.stderr):
         if "schedule" in parts:
             out["schedule"] = bench_schedule(steps, Path(tmp))
         out["overhead"] = [
-            bench_overhead(fw, overhead_steps, every, repeats, Path(tmp)) for fw in ("hf", "lightning") if fw in parts
+            bench_overhead(fw, periods, every, repeats, Path(tmp)) for fw in ("hf", "lightning") if fw in parts
         ]
     return out
 
@@ -183,8 +287,9 @@ def print_integrations(result: dict[str, Any]) -> None:
     for o in result.get("overhead", []):
         interval = "too few repeats" if o["low"] is None else f"95% interval {o['low']:.4f}-{o['high']:.4f}"
         print(
-            f"{o['framework']} callback overhead at every={o['every']}: {o['steps']} steps, {o['repeats']} repeats "
-            f"interleaved; without {o['off_ms']:.2f} ms/step, with {o['on_ms']:.2f} ms/step, "
-            f"ratio {o['ratio']:.4f} ({interval}; median of per-repeat ratios)"
+            f"{o['framework']} callback overhead at every={o['every']} (gradient metrics every {o['log_every']}): "
+            f"{o['timed_steps']} steps timed of {o['steps']}, with and without in lock-step, {o['repeats']} repeats; "
+            f"without {o['off_ms']:.2f} ms/step, with {o['on_ms']:.2f} ms/step, "
+            f"ratio {o['ratio']:.4f} ({interval}; mean of per-repeat ratios, bootstrap)"
         )
-        print(f"  each repeat's ratio: {o['ratios']}")
+        print(f"  each repeat's ratio: {o['ratios']} (warm-up repeat, left out: {o['warm_up_ratio']})")

@@ -115,6 +115,8 @@ def train(
     naive: bool = False,
     callback: bool = True,
     calibration: int = 0,
+    log_every: int = 5,
+    dim: int = 32,
 ) -> dict[str, Any]:
     """One ``Trainer`` run with the callback; returns its run id, model, optimizer and callback.
     ``stop_at``: end training after that many steps (a run stopped early, to resume from its
@@ -126,7 +128,7 @@ def train(
     from core.integrations.huggingface import LayerLockCallback, LayerLockTrainer, VideoMAELatent
 
     set_seed(seed)
-    model = VideoMAEForPreTraining(tiny_config(depth))
+    model = VideoMAEForPreTraining(tiny_config(depth, dim))
     train_ds, probe_ds = MovingDigitsForHF("train", 256, seed), MovingDigitsForHF("val", 16, seed)
     probe = batch_of(probe_ds, 16)
     if naive and (schedule is not None or latent):
@@ -140,7 +142,7 @@ def train(
         probe_batch=probe["pixel_values"],
         probe_forward=lambda pv: model.videomae(pv),
         every=every,
-        log_every=5,
+        log_every=log_every,
         flop_batch=batch_of(train_ds, 8),
         tracking_uri=tracking_uri,
         experiment=EXPERIMENT,

@@ -130,6 +130,7 @@ def train(
     mlflow_logger: bool = True,
     callback: bool = True,
     extra_callbacks: list[Any] | None = None,
+    log_every: int = 5,
 ) -> dict[str, Any]:
     """One Lightning run; returns the module, the trainer and the callback. ``save_every``:
     Lightning's own ``ModelCheckpoint`` saves ``out/checkpoints/step=N.ckpt`` every that many
@@ -161,7 +162,7 @@ def train(
         latent=latent,
         probe_batch=probe,
         every=every,
-        log_every=5,
+        log_every=log_every,
         stem=[vit.patch_embed, vit.cls_token, vit.pos_embed, module.mask_token],
         probe_forward=lambda x: module.vit.forward_features(x),
     )
