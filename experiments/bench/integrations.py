@@ -211,7 +211,7 @@ def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: 
         lock.turn = first
         errors: list[BaseException] = []
 
-        def run(who: int, with_cb: bool, lock=lock, r=r) -> None:
+        def run(who: int, with_cb: bool, lock=lock, r=r, errors=errors) -> None:
             try:
                 turns = _turn_taker(lock, who, steps, pl)
                 _loop(framework, tmp / f"{framework}-{r}-{with_cb}", steps, uri, every, with_cb, turns, dim)
