@@ -41,6 +41,8 @@ TAG_RUN_KEY = "layerlock.run_key"
 # trains). A second trainer of a RUNNING run is refused while the heartbeat is fresh.
 TAG_OWNER = "layerlock.owner"
 TAG_HEARTBEAT = "layerlock.heartbeat"
+# How many processes (DDP ranks, torchrun) trained the run, from its start; absent: one.
+TAG_WORLD_SIZE = "layerlock.world_size"
 
 # Values of TAG_METHOD that are not training objectives.
 METHOD_FREEZE_TEST = "freeze_test"

@@ -269,6 +269,7 @@ def train(
                 schema.TAG_METHOD: METHOD_TAG[cfg.objective.name],
                 schema.TAG_DATASET: cfg.data.name,
                 schema.TAG_GROUP: group_name(cfg),
+                **({schema.TAG_WORLD_SIZE: str(world)} if world > 1 else {}),
                 **(tags or {}),
             },
         )

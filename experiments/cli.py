@@ -31,7 +31,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from core.train import train
     from experiments.executor import options
 
-    options(args)  # bad executor options are bad input with or without --seeds
+    executor = options(args)  # bad executor options are bad input with or without --seeds
+    if args.seeds is None and executor["nproc_per_run"] > 1:
+        raise LayerLockError(
+            "--nproc-per-run is for the runs of --seeds; train one run as N processes with "
+            "`torchrun --nproc_per_node N -m experiments pretrain ...`"
+        )
     if args.resume:
         if args.config or args.set:
             raise LayerLockError("--resume continues a run with its own config: drop --config/--set")
@@ -85,7 +90,10 @@ def _pretrain_seeds(args: argparse.Namespace, cfg, tags: dict[str, str]) -> int:
     if "seed" in (parse_overrides(args.set).get("train") or {}):
         raise LayerLockError("--seeds and --set train.seed=... both choose the seed: keep one")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and executor["executor"] != "serial":
-        raise LayerLockError("under torchrun every run of --seeds uses all the processes: add --executor serial")
+        raise LayerLockError(
+            "under torchrun every run of --seeds uses all the processes: add --executor serial "
+            "(or run without torchrun and pass --nproc-per-run N)"
+        )
     seeds = parse_seeds(args.seeds)
     print(f"group {tags.get(TAG_GROUP, group_name(cfg))}: seeds {', '.join(map(str, seeds))}", file=sys.stderr)
 

@@ -11,6 +11,11 @@ off); :func:`run_specs` trains a list of them through one of three back ends and
   ``ray_address`` (a local one when None).
 
 Every back end calls the same function, :func:`train_spec`, around :func:`core.train.train`.
+With ``nproc_per_run`` N > 1 (``--nproc-per-run``), each run trains as N processes under torch's
+own launcher: the worker starts ``python -m torch.distributed.run --standalone --nproc_per_node N
+-m experiments.torchrun_spec FOLDER`` and waits for it; every rank calls the same
+``train_spec`` path (:func:`core.train.train` sets up DistributedDataParallel under torchrun, rank 0
+logs), and the task's result is what each rank wrote to FOLDER (:func:`rank_main`), not a guess.
 Dependencies: ``run_specs(..., then=f)`` calls ``f(spec, result)`` as each spec finishes and
 trains the specs it returns in the same set (a baseline's freeze-test children join as soon as it
 has its checkpoints, while the rest of the set trains); without ``then`` the specs of one call are
@@ -28,13 +33,20 @@ docs/executor.md has the user's side.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import LayerLockError, RunTerminated, first_line
@@ -54,6 +66,11 @@ RAY_CONNECT_TIMEOUT_S = 10.0
 # CPU (an interpreter, MLflow's imports, opening the store) on the cores the runs share, and a
 # worker that trains one run after another has MLflow imported and the store open already.
 SENDER_ENV, RUN_SENDER = "LAYERLOCK_SENDER", "thread"
+# --nproc-per-run N: torch's launcher, the module each of its ranks runs, and what they read and write
+# in the run's folder (job.json from the worker, rank_R.json from rank R when it ends).
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
+RANK_MODULE = "experiments.torchrun_spec"
+JOB_FILE, RANK_FILE = "job.json", "rank_{rank}.json"
 # A team tracking server (README, "Past one machine"): what a multi-host cluster logs to.
 TEAM_SERVER = "a tracking server, e.g. --tracking-uri http://HOST:5000 (mlflow server with a PostgreSQL backend)"
 
@@ -144,20 +161,37 @@ class RunsFailed(Exception):
 # ----------------------------------------------------------------------------- options
 
 
-def check_options(executor: str, workers: int | None) -> None:
-    """LayerLockError for an unknown back end or a worker count below 1."""
+def check_options(executor: str, workers: int | None, nproc_per_run: int = 1) -> None:
+    """LayerLockError for an unknown back end, a worker or process count below 1, and for
+    ``nproc_per_run`` > 1 in a command that runs under torchrun itself (its ranks would each
+    start N more)."""
     if executor not in EXECUTORS:
         raise LayerLockError(f"--executor must be one of {', '.join(EXECUTORS)}, got '{executor}'")
     if workers is not None and workers < 1:
         raise LayerLockError(f"--workers must be at least 1, got {workers}")
+    if nproc_per_run < 1:
+        raise LayerLockError(f"--nproc-per-run must be at least 1, got {nproc_per_run}")
+    if nproc_per_run > 1 and _under_torchrun():
+        raise LayerLockError(
+            f"--nproc-per-run {nproc_per_run} starts torchrun for each run itself: run the command without torchrun"
+        )
 
 
-def default_workers() -> int:
-    """One worker per core this process may use (each trains with one torch thread)."""
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def default_workers(nproc_per_run: int = 1) -> int:
+    """One worker per ``nproc_per_run`` cores this process may use (each process trains with one
+    torch thread), at least one."""
+    return max(1, _cores() // nproc_per_run)
 
 
 def add_options(p) -> None:
@@ -178,12 +212,25 @@ def add_options(p) -> None:
         metavar="auto|HOST:PORT",
         help="Ray cluster for --executor ray (default: start one on this machine)",
     )
+    p.add_argument(
+        "--nproc-per-run",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train each run as N processes under torchrun (DistributedDataParallel; train.batch_size is "
+        "the global batch), inside its worker or Ray task (default 1)",
+    )
 
 
 def options(args) -> dict[str, Any]:
     """The executor keywords of :func:`run_specs` from parsed ``add_options`` arguments (checked)."""
-    check_options(args.executor, args.workers)
-    return {"executor": args.executor, "workers": args.workers, "ray_address": args.ray_address}
+    check_options(args.executor, args.workers, args.nproc_per_run)
+    return {
+        "executor": args.executor,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
+        "nproc_per_run": args.nproc_per_run,
+    }
 
 
 # ----------------------------------------------------------------------------- the store (all of it here)
@@ -298,14 +345,17 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "pool") -> RunResult:
+def train_spec(spec: RunSpec, resume: str | None, uri: str, *, where: str = "pool", nproc: int = 1) -> RunResult:
     """Train one spec: every back end's worker. ``where``: ``here`` (serial, in the command's own
     process), ``pool`` or ``ray``. A run that raises comes back FAILED (the trainer has marked it so,
     with its reason). Stopped by SIGTERM, a pool worker ends with its run KILLED and stored (so it
-    starts nothing more); in the command's own process Ctrl-C and SIGTERM end the command."""
+    starts nothing more); in the command's own process Ctrl-C and SIGTERM end the command.
+    ``nproc`` > 1: the run trains as that many processes under torchrun (:func:`_train_ranks`)."""
     if where == "ray":
         _one_thread()
     with _run_sender():
+        if nproc > 1:
+            return _train_ranks(spec, resume, uri, where, nproc)
         return _train_spec(spec, resume, uri, where)
 
 
@@ -322,7 +372,7 @@ def _run_sender():
         os.environ.pop(SENDER_ENV, None)
 
 
-def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunResult:
+def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str, progress: bool | None = None) -> RunResult:
     from core.config import config_from_dict
     from core.train import load_run_checkpoint, train
 
@@ -337,7 +387,7 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunR
             resume_run_id=resume,
             tags={**spec.tags, TAG_RUN_KEY: spec.key},
             init_state=init,
-            progress=where == "here" and sys.stderr.isatty(),
+            progress=where == "here" and sys.stderr.isatty() if progress is None else progress,
         )
     except RunTerminated as err:
         if where == "pool":
@@ -348,6 +398,168 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunR
     except Exception as err:
         return RunResult(spec.key, spec.label, resume, FAILED, f"{type(err).__name__}: {first_line(err)}")
     return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result)
+
+
+# ----------------------------------------------------------------------------- N processes a run (torchrun)
+
+
+def _train_ranks(spec: RunSpec, resume: str | None, uri: str, where: str, nproc: int) -> RunResult:
+    """Train ``spec`` as ``nproc`` processes under torchrun and read back what its ranks wrote.
+
+    torchrun runs in a session of its own (a Ctrl-C at the terminal reaches it through this
+    process, once) and gets SIGTERM when this process dies (Linux), so a killed worker leaves no
+    ranks training. SIGTERM here (the pool stopping its workers) and Ctrl-C are passed on to it;
+    torchrun passes them to its ranks, whose trainers end as they do in one process."""
+    with tempfile.TemporaryDirectory(prefix="layerlock-ranks-") as tmp:
+        folder = Path(tmp)
+        job = {
+            "spec": dataclasses.asdict(spec),
+            "resume": resume,
+            "uri": uri,
+            "progress": where == "here" and sys.stderr.isatty(),
+        }
+        (folder / JOB_FILE).write_text(json.dumps(job))
+        cmd = [sys.executable, *TORCHRUN, f"--nproc_per_node={nproc}", "-m", RANK_MODULE, str(folder)]
+        proc = subprocess.Popen(cmd, env=_rank_env(nproc), start_new_session=True, preexec_fn=_ends_with_us())
+        stopped = _wait_for(proc)
+        result = _ranks_result(spec, resume, uri, folder, nproc, proc.returncode, stopped)
+    if stopped and where == "pool":  # as a one-process run's worker: it starts nothing more
+        os._exit(128 + signal.SIGTERM)
+    if stopped and where == "here":
+        raise RunTerminated(result.reason or f"SIGTERM: run {result.run_id} stopped")
+    return result
+
+
+def _rank_env(nproc: int) -> dict[str, str]:
+    """The ranks' environment: this one, the project on ``PYTHONPATH`` (whatever the folder), and the
+    cores shared among the ranks unless ``OMP_NUM_THREADS`` says otherwise (torchrun's own default
+    is one thread each, with a warning)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
+    return env
+
+
+def _ends_with_us() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when this thread's process ends
+    (``prctl(PR_SET_PDEATHSIG)``); None where there is no such call."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, pr_set_pdeathsig, sigterm = os.getpid(), 1, int(signal.SIGTERM)
+
+    def set_death_signal() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:  # gone already, before the call
+            os.kill(os.getpid(), sigterm)
+
+    return set_death_signal
+
+
+def _wait_for(proc: subprocess.Popen) -> bool:
+    """Wait for torchrun to end; whether it was stopped by a SIGTERM to this process (passed on to
+    it; main thread only). Ctrl-C (KeyboardInterrupt) is passed on as SIGINT and raised once
+    torchrun has ended (its ranks' trainers mark their run as one process's trainer does)."""
+    stopped: list[int] = []
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            while proc.poll() is None:
+                with contextlib.suppress(KeyboardInterrupt):
+                    proc.wait()
+            raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    return bool(stopped)
+
+
+def _ranks_result(
+    spec: RunSpec, resume: str | None, uri: str, folder: Path, nproc: int, returncode: int, stopped: bool
+) -> RunResult:
+    """The run's result from what its ranks wrote (``rank_R.json``): rank 0's run, status and
+    reason. A run that did not finish is FAILED with the first cause: a rank that wrote nothing
+    (it died), else the rank that failed first (the others were stopped after it); the run is
+    marked FAILED with that reason unless it is rank 0's own (its trainer has marked it so)."""
+    from core.train import TrainResult
+
+    got: dict[int, dict] = {}
+    for rank in range(nproc):
+        with contextlib.suppress(OSError, ValueError):
+            got[rank] = json.loads((folder / RANK_FILE.format(rank=rank)).read_text())
+    head = got.get(0)
+    run_id = (head or {}).get("run_id") or resume
+    if head is not None and head["status"] == FINISHED:
+        return RunResult(spec.key, spec.label, run_id, FINISHED, train=TrainResult(**head["train"]))
+    if stopped:  # SIGTERM, passed on: rank 0 has checkpointed and marked its run KILLED (or failed)
+        status = head["status"] if head is not None else KILLED
+        return RunResult(spec.key, spec.label, run_id, status, (head or {}).get("reason") or "stopped (SIGTERM)")
+    dead = [r for r in range(nproc) if r not in got]
+    failed = [r for _, r in sorted((res["ended"], r) for r, res in got.items() if res["status"] == FAILED)]
+    if dead:
+        reason = f"rank {dead[0]} of {nproc} died without a result (torchrun exit code {returncode})"
+    elif failed and failed[0] == 0:  # rank 0's own error: its trainer has marked the run with it
+        return RunResult(spec.key, spec.label, run_id, FAILED, head["reason"])
+    elif failed:  # the rank that failed first (the others stopped after it)
+        reason = f"rank {failed[0]} of {nproc} failed: {got[failed[0]]['reason']}"
+    else:
+        reason = f"torchrun ended with exit code {returncode} ({head['status']}: {head['reason']})"
+    if run_id is None:  # rank 0 died: its run, found by its key (RUNNING, its trainer gone)
+        settled = _settle(spec, uri, reason)
+        run_id = None if settled is None else settled.run_id
+    elif not _mark_failed(run_id, reason, uri):
+        reason = f"{reason}; its run could not be marked FAILED"
+    return RunResult(spec.key, spec.label, run_id, FAILED, reason)
+
+
+def rank_main(folder: Path) -> int:
+    """One rank of a ``--nproc-per-run`` run (``python -m experiments.torchrun_spec FOLDER`` under
+    torchrun): train the spec of ``FOLDER/job.json`` as every back end does, write ``rank_R.json``
+    (run id on rank 0, status, reason, the trainer's result); exit 0 when it FINISHED, 143 when
+    stopped by SIGTERM, 1 when it failed (torchrun then stops the other ranks)."""
+    job = json.loads((folder / JOB_FILE).read_text())
+    fields = job["spec"]
+    init = fields.get("init_from")
+    spec = RunSpec(**{**fields, "init_from": None if init is None else (str(init[0]), int(init[1]))})
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = _train_spec(spec, job["resume"], job["uri"], "rank", progress=bool(job["progress"]) and rank == 0)
+    except KeyboardInterrupt:  # Ctrl-C, passed on: the trainer has marked the run FAILED (interrupted)
+        result = RunResult(spec.key, spec.label, job["resume"], FAILED, "interrupted (KeyboardInterrupt)")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+    out = {
+        "rank": rank,
+        "run_id": result.run_id or None,
+        "status": result.status,
+        "reason": result.reason,
+        "ended": time.time(),
+        "train": None if result.train is None else dataclasses.asdict(result.train),
+    }
+    path = folder / RANK_FILE.format(rank=rank)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(out))
+    partial.replace(path)
+    return {FINISHED: 0, KILLED: 128 + signal.SIGTERM}.get(result.status, 1)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -387,15 +599,15 @@ class _Progress:
 # ----------------------------------------------------------------------------- back ends
 
 
-def _serial(specs, todo, uri, progress, report) -> None:
+def _serial(specs, todo, uri, progress, report, nproc=1) -> None:
     while todo:  # ``todo`` grows as runs finish when run_specs has ``then``
         i = next(iter(todo))
         resume = todo.pop(i)
         progress.running([specs[i].label])
-        report(i, train_spec(specs[i], resume, uri, where="here"))
+        report(i, train_spec(specs[i], resume, uri, where="here", nproc=nproc))
 
 
-def _submit(pool, queue, specs, uri, futures) -> set:
+def _submit(pool, queue, specs, uri, futures, nproc=1) -> set:
     """Submit what ``queue`` holds to ``pool`` (taking it out of the queue); the new futures. A pool
     that broke meanwhile takes nothing: the rest stays queued for the next pool."""
     from concurrent.futures.process import BrokenProcessPool
@@ -404,7 +616,7 @@ def _submit(pool, queue, specs, uri, futures) -> set:
     while queue:
         i = next(iter(queue))
         try:
-            f = pool.submit(train_spec, specs[i], queue[i], uri)
+            f = pool.submit(train_spec, specs[i], queue[i], uri, nproc=nproc)
         except BrokenProcessPool:
             break
         del queue[i]
@@ -413,11 +625,12 @@ def _submit(pool, queue, specs, uri, futures) -> set:
     return new
 
 
-def _local(specs, todo, uri, workers, progress, report) -> None:
+def _local(specs, todo, uri, workers, progress, report, nproc=1) -> None:
     """A spawn-context process pool of ``workers`` processes (started as work arrives), fed from
-    ``todo`` as it grows. When a worker dies the pool breaks: the other workers are stopped with
-    SIGTERM (their trainers checkpoint and mark their runs KILLED); those, and runs that had not
-    started, go to a new pool, once; the run whose worker died is FAILED."""
+    ``todo`` as it grows (with ``nproc`` > 1 each worker runs torchrun for its run). When a worker
+    dies the pool breaks: the other workers are stopped with SIGTERM (their trainers checkpoint and
+    mark their runs KILLED); those, and runs that had not started, go to a new pool, once; the run
+    whose worker died is FAILED."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -426,11 +639,11 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
         pool = ProcessPoolExecutor(
             max_workers=workers,
             initializer=_pool_worker,
-            initargs=(workers,),
+            initargs=(workers * nproc,),
             mp_context=multiprocessing.get_context("spawn"),
         )
         futures: dict = {}
-        broken, pending = [], _submit(pool, queue, specs, uri, futures)
+        broken, pending = [], _submit(pool, queue, specs, uri, futures, nproc)
         try:
             while pending:
                 progress.running([specs[futures[f]].label for f in pending if f.running()])
@@ -441,7 +654,7 @@ def _local(specs, todo, uri, workers, progress, report) -> None:
                     except BrokenProcessPool:
                         broken.append(futures[f])
                 if not broken:  # runs that ``then`` added as these finished
-                    pending |= _submit(pool, queue, specs, uri, futures)
+                    pending |= _submit(pool, queue, specs, uri, futures, nproc)
         except KeyboardInterrupt:
             _stop_workers(pool)
             for f in pending:
@@ -519,7 +732,7 @@ def connect_ray(address: str | None, uri: str) -> bool:
     return started
 
 
-def _ray(specs, todo, uri, progress, report) -> None:
+def _ray(specs, todo, uri, progress, report, nproc=1) -> None:
     import ray
     from ray.exceptions import RayError, TaskCancelledError
 
@@ -545,10 +758,11 @@ def _ray(specs, todo, uri, progress, report) -> None:
         new = []
         while todo:  # ``todo`` grows as runs finish when run_specs has ``then``
             i = next(iter(todo))
-            opts = {"num_cpus": specs[i].num_cpus, "num_gpus": specs[i].num_gpus, "max_retries": 0}
+            # N processes a run: N times what one asks for, on one node (torchrun --standalone)
+            opts = {"num_cpus": specs[i].num_cpus * nproc, "num_gpus": specs[i].num_gpus * nproc, "max_retries": 0}
             if env is not None:
                 opts["runtime_env"] = env
-            ref = remote.options(**opts).remote(specs[i], todo.pop(i), uri, where="ray")
+            ref = remote.options(**opts).remote(specs[i], todo.pop(i), uri, where="ray", nproc=nproc)
             refs[ref] = i
             new.append(ref)
         return new
@@ -585,6 +799,7 @@ def run_specs(
     executor: str = DEFAULT_EXECUTOR,
     workers: int | None = None,
     ray_address: str | None = None,
+    nproc_per_run: int = 1,
     uri: str | None = None,
     desc: str = "runs",
     progress: bool | None = None,
@@ -600,12 +815,13 @@ def run_specs(
     freeze-test children): they join the same set at once, so they train while the rest of the set
     still does (no stage waits for its slowest run); their results follow the given specs', in the
     order they were added. An error raised by ``then`` stops adding runs; the runs training finish
-    and the error is raised. Raises LayerLockError for bad options, and :class:`RunsFailed` (after
-    every run has ended) when some did not finish, unless ``raise_failed`` is False.
+    and the error is raised. ``nproc_per_run``: processes each run trains as (torchrun, DDP).
+    Raises LayerLockError for bad options, and :class:`RunsFailed` (after every run has ended)
+    when some did not finish, unless ``raise_failed`` is False.
     """
     from core.tracking import absolute_uri, resolve_uri
 
-    check_options(executor, workers)
+    check_options(executor, workers, nproc_per_run)
     specs = list(specs)
     if len({s.key for s in specs}) != len(specs):
         raise LayerLockError("run_specs: two specs have one key (their identifying tags are equal)")
@@ -656,13 +872,14 @@ def run_specs(
             bar.finished(done[i])
             grow(i, done[i])
         if todo:
+            n = nproc_per_run
             if executor == "serial":
-                _serial(specs, todo, uri, bar, report)
+                _serial(specs, todo, uri, bar, report, n)
             elif executor == "local":
-                _local(specs, todo, uri, workers or default_workers(), bar, report)
+                _local(specs, todo, uri, workers or default_workers(n), bar, report, n)
             else:
                 started = connect_ray(ray_address, uri) or started
-                _ray(specs, todo, uri, bar, report)
+                _ray(specs, todo, uri, bar, report, n)
     finally:
         bar.close()
         if started:

@@ -67,6 +67,7 @@ def test_key_is_the_sorted_identity_and_specs_of_one_set_differ() -> None:
     [
         (["--workers", "0"], "--workers must be at least 1"),
         (["--executor", "nosuch"], "--executor must be one of serial, local, ray"),
+        (["--nproc-per-run", "0"], "--nproc-per-run must be at least 1"),
     ],
 )
 def test_bad_executor_options_exit_2(capsys, args: list[str], needle: str) -> None:
