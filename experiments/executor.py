@@ -420,7 +420,10 @@ def _train_ranks(spec: RunSpec, resume: str | None, uri: str, where: str, nproc:
         }
         (folder / JOB_FILE).write_text(json.dumps(job))
         cmd = [sys.executable, *TORCHRUN, f"--nproc_per_node={nproc}", "-m", RANK_MODULE, str(folder)]
-        proc = subprocess.Popen(cmd, env=_rank_env(nproc), start_new_session=True, preexec_fn=_ends_with_us())
+        # The ranks' stdout goes to stderr: a command's stdout carries its run ids alone.
+        proc = subprocess.Popen(
+            cmd, env=_rank_env(nproc), stdout=2, start_new_session=True, preexec_fn=_ends_with_us()
+        )
         stopped = _wait_for(proc)
         result = _ranks_result(spec, resume, uri, folder, nproc, proc.returncode, stopped)
     if stopped and where == "pool":  # as a one-process run's worker: it starts nothing more
@@ -485,7 +488,7 @@ def _wait_for(proc: subprocess.Popen) -> bool:
             raise
     finally:
         if main:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return bool(stopped)
 
 
