@@ -22,12 +22,11 @@ import contextlib
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from core.timemodel import median_interval
-from experiments.bench.timing import mean_ratio_interval
+from experiments.bench.timing import LockStep, mean_ratio_interval
 
 SKIP = 5  # warm-up steps of every loop, not timed
 WARM = 30  # a k=0 stage shorter than this is the run's start-up
@@ -81,72 +80,7 @@ def bench_schedule(steps: int, tmp: Path) -> dict[str, Any]:
     }
 
 
-class _LockStep:
-    """Two framework loops, one thread each, taking turns one training step at a time.
-
-    Each loop's turn runs from the start of one of its steps to the start of its next one (its
-    step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
-    does meanwhile (a slower clock, another process) falls on both loops alike, as in ``bench
-    monitor``. Both loops start their first step together and finish together: attaching and
-    closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
-    A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``."""
-
-    def __init__(self, skip: int, timed: int, timeout: float = 900.0) -> None:
-        self.skip, self.timed, self.timeout = skip, timed, timeout
-        self.cond = threading.Condition()
-        self.turn, self.finished, self.broken = 0, [False, False], False
-        self.start = threading.Barrier(2, timeout=timeout)
-        self.end = threading.Barrier(2, timeout=timeout)
-        self.spent = [0.0, 0.0]
-        self.steps = [0, 0]
-        self._t = [None, None]
-
-    def _wait_turn(self, who: int) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.broken or self.turn == who or self.finished[1 - who], self.timeout):
-                raise TimeoutError("bench integrations: the other loop stopped taking turns")
-            if self.broken:
-                raise RuntimeError("bench integrations: the other loop failed")
-
-    def _pass(self, who: int) -> None:
-        with self.cond:
-            self.turn = 1 - who
-            self.cond.notify_all()
-
-    def step_begins(self, who: int, step: int) -> None:
-        """At the start of training step ``step`` (0-based) of loop ``who``."""
-        now = time.perf_counter()
-        if step == 0:
-            self.start.wait()  # both attached: the first turns begin together
-        else:
-            if self.skip < step <= self.skip + self.timed:
-                self.spent[who] += now - self._t[who]
-                self.steps[who] += 1
-            self._pass(who)
-        self._wait_turn(who)
-        self._t[who] = time.perf_counter()
-
-    def loop_ends(self, who: int, steps: int) -> None:
-        """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
-        wait for the other loop to finish its steps before either closes its run."""
-        if self.skip < steps <= self.skip + self.timed:
-            self.spent[who] += time.perf_counter() - self._t[who]
-            self.steps[who] += 1
-        with self.cond:
-            self.finished[who] = True
-            self.turn = 1 - who
-            self.cond.notify_all()
-        self.end.wait()
-
-    def fail(self) -> None:
-        with self.cond:
-            self.broken = True
-            self.cond.notify_all()
-        self.start.abort()
-        self.end.abort()
-
-
-def _turn_taker(lock: _LockStep, who: int, steps: int, pl: Any = None) -> Any:
+def _turn_taker(lock: LockStep, who: int, steps: int, pl: Any = None) -> Any:
     """A framework callback that makes its loop take turns in ``lock`` (the first callback of
     the loop: what the other callbacks do in a step falls inside the loop's turn)."""
     if pl is None:
@@ -200,7 +134,7 @@ def _loop(framework: str, out: Path, steps: int, uri: str, every: int, with_cb: 
 
 
 def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: Path, dim: int = 32) -> dict[str, Any]:
-    """Per repeat, the example run with and without the callback in lock-step (:class:`_LockStep`,
+    """Per repeat, the example run with and without the callback in lock-step (:class:`LockStep`,
     one thread each, the first turn alternating between repeats), timed over ``periods`` whole
     probe periods (``periods * every`` steps, so exactly ``periods`` probes fall in the timed
     steps) after ``SKIP`` warm-up steps; the ratio of the two loops' times (with / without). A
@@ -216,7 +150,7 @@ def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: 
     for r in range(repeats + 1):
         label = f"repeat {r}/{repeats}" if r else "warm-up repeat"
         print(f"bench integrations: {framework} {label}, {steps} steps each, in lock-step", file=sys.stderr)
-        lock = _LockStep(SKIP, timed)
+        lock = LockStep(SKIP, timed)
         first = r % 2  # which loop takes the first turn: the one with the callback every other repeat
         lock.turn = first
         errors: list[BaseException] = []
