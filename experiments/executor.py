@@ -131,6 +131,7 @@ class RunResult:
     reason: str | None = None
     reused: bool = False
     train: TrainResult | None = field(default=None, repr=False)
+    seconds: float | None = None  # this call's wall time for the run (set-up, training, uploads)
 
     def line(self) -> str:
         """One line for a log: the run, what became of it, its held-out loss."""
@@ -140,7 +141,9 @@ class RunResult:
             return f"{self.label}: already FINISHED ({self.run_id}), not trained again"
         t = self.train
         held = "" if t is None or t.heldout_loss is None else f", held-out loss {t.heldout_loss:.4f}"
-        took = "" if t is None else f" in {t.wall_s:.0f} s, last train loss {t.final_loss:.4f}"
+        # this call's seconds, not the run's train/wall_s (which a branched run continues from its parent's)
+        spent = "" if self.seconds is None else f" in {self.seconds:.0f} s"
+        took = "" if t is None else f"{spent}, last train loss {t.final_loss:.4f}"
         return f"{self.label}: FINISHED{took}{held} ({self.run_id})"
 
 
@@ -376,6 +379,7 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str, progres
     from core.config import config_from_dict
     from core.train import load_run_checkpoint, train
 
+    t0 = time.perf_counter()
     try:
         cfg = config_from_dict(spec.config, spec.label)
         init = None
@@ -397,7 +401,7 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str, progres
         return RunResult(spec.key, spec.label, resume, KILLED, first_line(err))
     except Exception as err:
         return RunResult(spec.key, spec.label, resume, FAILED, f"{type(err).__name__}: {first_line(err)}")
-    return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result)
+    return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result, seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- N processes a run (torchrun)
@@ -410,6 +414,7 @@ def _train_ranks(spec: RunSpec, resume: str | None, uri: str, where: str, nproc:
     process, once) and gets SIGTERM when this process dies (Linux), so a killed worker leaves no
     ranks training. SIGTERM here (the pool stopping its workers) and Ctrl-C are passed on to it;
     torchrun passes them to its ranks, whose trainers end as they do in one process."""
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layerlock-ranks-") as tmp:
         folder = Path(tmp)
         job = {
@@ -426,6 +431,8 @@ def _train_ranks(spec: RunSpec, resume: str | None, uri: str, where: str, nproc:
         )
         stopped = _wait_for(proc)
         result = _ranks_result(spec, resume, uri, folder, nproc, proc.returncode, stopped)
+    if result.status == FINISHED:  # torchrun's start and the ranks' set-up included
+        result.seconds = time.perf_counter() - t0
     if stopped and where == "pool":  # as a one-process run's worker: it starts nothing more
         os._exit(128 + signal.SIGTERM)
     if stopped and where == "here":

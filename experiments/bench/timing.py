@@ -8,7 +8,9 @@ falls on every side alike:
   median over rounds with its distribution-free interval (``core.timemodel.median_interval``);
 - two modes (tracking off/on, plain/monitored, plain/scheduled): :func:`alternated` orders each
   pair, :func:`per_step_ratio` and :func:`mean_ratio_interval` give the ratio with a bootstrap
-  interval over runs.
+  interval over runs; where each mode is a loop the bench does not own (the trainer's, a
+  framework's), :class:`LockStep` runs the two loops in two threads taking turns one step at a
+  time, so that every repeat's ratio has the machine's drift divided out.
 
 A comparison goes on until its interval is within a resolution (``core.timemodel.resolves``),
 and :func:`say_resolved` says when it is not. ``core.timemodel.calibrate`` is the trainer's
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -222,3 +225,76 @@ def say_resolved(resolved: bool, within: float, what: str, more: str) -> str:
         f"CANNOT resolve {within:.1%}: some interval is wider than {within:.1%} of its {what} "
         f"(machine load varies); more repeats may narrow it ({more})"
     )
+
+
+class LockStep:
+    """Two framework loops, one thread each, taking turns one training step at a time.
+
+    Each loop's turn runs from the start of one of its steps to the start of its next one (its
+    step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
+    does meanwhile (a slower clock, another process) falls on both loops alike, as in ``bench
+    monitor``. Both loops start their first step together and finish together: attaching and
+    closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
+    A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``: on the wall
+    clock (``spent``) and on the loop's own thread's CPU clock (``cpu``, which leaves out the
+    threads a loop starts: a prefetcher, a file writer)."""
+
+    def __init__(self, skip: int, timed: int, timeout: float = 900.0) -> None:
+        self.skip, self.timed, self.timeout = skip, timed, timeout
+        self.cond = threading.Condition()
+        self.turn, self.finished, self.broken = 0, [False, False], False
+        self.start = threading.Barrier(2, timeout=timeout)
+        self.end = threading.Barrier(2, timeout=timeout)
+        self.spent = [0.0, 0.0]
+        self.cpu = [0.0, 0.0]
+        self.steps = [0, 0]
+        self._t: list[tuple[float, float] | None] = [None, None]
+
+    def _wait_turn(self, who: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.broken or self.turn == who or self.finished[1 - who], self.timeout):
+                raise TimeoutError("bench integrations: the other loop stopped taking turns")
+            if self.broken:
+                raise RuntimeError("bench integrations: the other loop failed")
+
+    def _pass(self, who: int) -> None:
+        with self.cond:
+            self.turn = 1 - who
+            self.cond.notify_all()
+
+    def step_begins(self, who: int, step: int) -> None:
+        """At the start of training step ``step`` (0-based) of loop ``who``."""
+        now = (time.perf_counter(), time.thread_time())
+        if step == 0:
+            self.start.wait()  # both attached: the first turns begin together
+        else:
+            if self.skip < step <= self.skip + self.timed:
+                self._close(who, now)
+            self._pass(who)
+        self._wait_turn(who)
+        self._t[who] = (time.perf_counter(), time.thread_time())
+
+    def _close(self, who: int, now: tuple[float, float]) -> None:
+        t0 = self._t[who]
+        assert t0 is not None
+        self.spent[who] += now[0] - t0[0]
+        self.cpu[who] += now[1] - t0[1]
+        self.steps[who] += 1
+
+    def loop_ends(self, who: int, steps: int) -> None:
+        """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
+        wait for the other loop to finish its steps before either closes its run."""
+        if self.skip < steps <= self.skip + self.timed:
+            self._close(who, (time.perf_counter(), time.thread_time()))
+        with self.cond:
+            self.finished[who] = True
+            self.turn = 1 - who
+            self.cond.notify_all()
+        self.end.wait()
+
+    def fail(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
+        self.start.abort()
+        self.end.abort()
