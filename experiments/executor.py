@@ -426,9 +426,7 @@ def _train_ranks(spec: RunSpec, resume: str | None, uri: str, where: str, nproc:
         (folder / JOB_FILE).write_text(json.dumps(job))
         cmd = [sys.executable, *TORCHRUN, f"--nproc_per_node={nproc}", "-m", RANK_MODULE, str(folder)]
         # The ranks' stdout goes to stderr: a command's stdout carries its run ids alone.
-        proc = subprocess.Popen(
-            cmd, env=_rank_env(nproc), stdout=2, start_new_session=True, preexec_fn=_ends_with_us()
-        )
+        proc = subprocess.Popen(cmd, env=_rank_env(nproc), stdout=2, start_new_session=True, preexec_fn=_ends_with_us())
         stopped = _wait_for(proc)
         result = _ranks_result(spec, resume, uri, folder, nproc, proc.returncode, stopped)
     if result.status == FINISHED:  # torchrun's start and the ranks' set-up included

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m experiments.torchrun_spec FOLDER (started by torchrun for the executor)", file=sys.stderr)
+        print("usage: python -m experiments.torchrun_spec FOLDER (run by torchrun for the executor)", file=sys.stderr)
         return 2
     return rank_main(Path(args[0]))
 

@@ -155,7 +155,8 @@ def test_a_rank_killed_fails_its_run_the_other_finishes_and_the_rerun_resumes_it
         try:
             victim, deadline = None, time.monotonic() + 300
             while victim is None and time.monotonic() < deadline and proc.poll() is None:
-                running = [r for r in _runs(store) if r.info.status == "RUNNING"] if os.path.exists(store.removeprefix("sqlite:///")) else []
+                stored = _runs(store) if os.path.exists(store.removeprefix("sqlite:///")) else []
+                running = [r for r in stored if r.info.status == "RUNNING"]
                 if running and running[0].data.metrics.get("train/loss") is not None:
                     victim = running[0].info.run_id
                     pid = _rank_pid(1)
