@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,69 +106,93 @@ def _turn_taker(lock: LockStep, who: int, steps: int, pl: Any = None) -> Any:
     return PLTurns()
 
 
-def _loop(framework: str, out: Path, steps: int, uri: str, every: int, with_cb: bool, turns: Any, dim: int) -> None:
-    """One run of the framework's example (with or without LayerLock's callback), taking turns."""
+def _loop(
+    framework: str, who: int, with_cb: bool, lock: LockStep, out: str, steps: int, uri: str, every: int, dim: int
+) -> None:
+    """One run of the framework's example (with or without LayerLock's callback), taking turns in
+    ``lock``; the body of one of the two processes of a repeat (an error breaks the lock, so the
+    other process stops too, and sets the exit code)."""
+    import contextlib
+    import os
+
     import torch
 
-    torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
-    if framework == "hf":
-        from experiments.examples import hf_videomae as hf
+    torch.set_num_threads(1)
+    try:
+        # The frameworks print their logs on stdout: to stderr here, so that the bench's stdout is its result.
+        with contextlib.redirect_stdout(sys.stderr):
+            if framework == "hf":
+                from experiments.examples import hf_videomae as hf
 
-        hf.train(
-            out, steps, tracking_uri=uri, every=every, callback=with_cb, callbacks=[turns], log_every=LOG_EVERY, dim=dim
-        )
-    else:
-        from experiments.examples import lightning_timm as lt
+                hf.train(
+                    Path(out),
+                    steps,
+                    tracking_uri=uri,
+                    every=every,
+                    callback=with_cb,
+                    callbacks=[_turn_taker(lock, who, steps)],
+                    log_every=LOG_EVERY,
+                    dim=dim,
+                )
+            else:
+                import lightning.pytorch as pl
 
-        lt.train(
-            out,
-            steps,
-            tracking_uri=uri,
-            every=every,
-            callback=with_cb,
-            mlflow_logger=True,
-            extra_callbacks=[turns],
-            log_every=LOG_EVERY,
-        )
+                from experiments.examples import lightning_timm as lt
+
+                lt.train(
+                    Path(out),
+                    steps,
+                    tracking_uri=uri,
+                    every=every,
+                    callback=with_cb,
+                    mlflow_logger=True,
+                    extra_callbacks=[_turn_taker(lock, who, steps, pl)],
+                    log_every=LOG_EVERY,
+                )
+    except BaseException:
+        lock.fail()
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: Path, dim: int = 32) -> dict[str, Any]:
     """Per repeat, the example run with and without the callback in lock-step (:class:`LockStep`,
-    one thread each, the first turn alternating between repeats), timed over ``periods`` whole
-    probe periods (``periods * every`` steps, so exactly ``periods`` probes fall in the timed
-    steps) after ``SKIP`` warm-up steps; the ratio of the two loops' times (with / without). A
-    first repeat warms up (imports, the store's tables, first calls) and is reported apart."""
+    one process each: the frameworks keep process-wide state; the first turn alternating between
+    repeats), timed over ``periods`` whole probe periods (``periods * every`` steps, so exactly
+    ``periods`` probes fall in the timed steps) after ``SKIP`` warm-up steps; the ratio of the two
+    loops' times (with / without). A first repeat warms up (the store's tables, first calls) and
+    is reported apart."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
     uri = f"sqlite:///{tmp}/{framework}.db"
     timed = periods * every
     steps = SKIP + timed + 1
     ratios, on_ms, off_ms, warm_up = [], [], [], None
-    if framework == "lightning":
-        import lightning.pytorch as pl
-    else:
-        pl = None
     for r in range(repeats + 1):
         label = f"repeat {r}/{repeats}" if r else "warm-up repeat"
         print(f"bench integrations: {framework} {label}, {steps} steps each, in lock-step", file=sys.stderr)
-        lock = LockStep(SKIP, timed)
-        first = r % 2  # which loop takes the first turn: the one with the callback every other repeat
-        lock.turn = first
-        errors: list[BaseException] = []
-
-        def run(who: int, with_cb: bool, lock=lock, r=r, errors=errors) -> None:
-            try:
-                turns = _turn_taker(lock, who, steps, pl)
-                _loop(framework, tmp / f"{framework}-{r}-{with_cb}", steps, uri, every, with_cb, turns, dim)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(err)
-                lock.fail()
-
-        threads = [threading.Thread(target=run, args=(who, who == 0)) for who in (0, 1)]  # loop 0: callback
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        lock = LockStep(SKIP, timed, ctx=ctx)
+        lock.turn = r % 2  # which loop takes the first turn: the one with the callback every other repeat
+        procs = [
+            ctx.Process(
+                target=_loop,
+                args=(framework, who, who == 0, lock, str(tmp / f"{framework}-{r}-{who}"), steps, uri, every, dim),
+            )
+            for who in (0, 1)  # loop 0: with the callback
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(
+                f"bench integrations: a {framework} loop failed (exit codes {[p.exitcode for p in procs]}; "
+                "its traceback is above)"
+            )
         if lock.steps != [timed, timed]:
             raise RuntimeError(f"bench integrations: timed {lock.steps} steps, expected {timed} in each loop")
         ratio = lock.spent[0] / lock.spent[1]

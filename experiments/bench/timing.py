@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from core.timemodel import median_interval, resolves
 
@@ -228,7 +228,7 @@ def say_resolved(resolved: bool, within: float, what: str, more: str) -> str:
 
 
 class LockStep:
-    """Two framework loops, one thread each, taking turns one training step at a time.
+    """Two training loops (two threads, or two processes) taking turns one training step at a time.
 
     Each loop's turn runs from the start of one of its steps to the start of its next one (its
     step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
@@ -237,29 +237,58 @@ class LockStep:
     closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
     A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``: on the wall
     clock (``spent``) and on the loop's own thread's CPU clock (``cpu``, which leaves out the
-    threads a loop starts: a prefetcher, a file writer)."""
+    threads a loop starts: a prefetcher, a file writer). The state lives in shared memory of
+    ``ctx`` (default: multiprocessing's spawn context), so a lock passed to two processes works as
+    one shared by two threads: frameworks that keep process-wide state (the HF ``Trainer``'s
+    ``accelerate`` state) need a process each."""
 
-    def __init__(self, skip: int, timed: int, timeout: float = 900.0) -> None:
+    def __init__(self, skip: int, timed: int, timeout: float = 900.0, ctx: Any = None) -> None:
+        import multiprocessing
+
+        ctx = ctx or multiprocessing.get_context("spawn")
         self.skip, self.timed, self.timeout = skip, timed, timeout
-        self.cond = threading.Condition()
-        self.turn, self.finished, self.broken = 0, [False, False], False
-        self.start = threading.Barrier(2, timeout=timeout)
-        self.end = threading.Barrier(2, timeout=timeout)
-        self.spent = [0.0, 0.0]
-        self.cpu = [0.0, 0.0]
-        self.steps = [0, 0]
+        self.cond = ctx.Condition()
+        self._turn = ctx.Value("i", 0, lock=False)
+        self._finished = ctx.Array("b", 2, lock=False)
+        self._broken = ctx.Value("b", 0, lock=False)
+        self.start = ctx.Barrier(2, timeout=timeout)
+        self.end = ctx.Barrier(2, timeout=timeout)
+        self._spent = ctx.Array("d", 2, lock=False)
+        self._cpu = ctx.Array("d", 2, lock=False)
+        self._steps = ctx.Array("i", 2, lock=False)
         self._t: list[tuple[float, float] | None] = [None, None]
 
+    @property
+    def turn(self) -> int:
+        return self._turn.value
+
+    @turn.setter
+    def turn(self, who: int) -> None:
+        self._turn.value = who
+
+    @property
+    def spent(self) -> list[float]:
+        return list(self._spent)
+
+    @property
+    def cpu(self) -> list[float]:
+        return list(self._cpu)
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
     def _wait_turn(self, who: int) -> None:
+        ready = lambda: self._broken.value or self._turn.value == who or self._finished[1 - who]  # noqa: E731
         with self.cond:
-            if not self.cond.wait_for(lambda: self.broken or self.turn == who or self.finished[1 - who], self.timeout):
-                raise TimeoutError("bench integrations: the other loop stopped taking turns")
-            if self.broken:
-                raise RuntimeError("bench integrations: the other loop failed")
+            if not self.cond.wait_for(ready, self.timeout):
+                raise TimeoutError("lock-step: the other loop stopped taking turns")
+            if self._broken.value:
+                raise RuntimeError("lock-step: the other loop failed")
 
     def _pass(self, who: int) -> None:
         with self.cond:
-            self.turn = 1 - who
+            self._turn.value = 1 - who
             self.cond.notify_all()
 
     def step_begins(self, who: int, step: int) -> None:
@@ -277,9 +306,9 @@ class LockStep:
     def _close(self, who: int, now: tuple[float, float]) -> None:
         t0 = self._t[who]
         assert t0 is not None
-        self.spent[who] += now[0] - t0[0]
-        self.cpu[who] += now[1] - t0[1]
-        self.steps[who] += 1
+        self._spent[who] += now[0] - t0[0]
+        self._cpu[who] += now[1] - t0[1]
+        self._steps[who] += 1
 
     def loop_ends(self, who: int, steps: int) -> None:
         """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
@@ -287,14 +316,14 @@ class LockStep:
         if self.skip < steps <= self.skip + self.timed:
             self._close(who, (time.perf_counter(), time.thread_time()))
         with self.cond:
-            self.finished[who] = True
-            self.turn = 1 - who
+            self._finished[who] = 1
+            self._turn.value = 1 - who
             self.cond.notify_all()
         self.end.wait()
 
     def fail(self) -> None:
         with self.cond:
-            self.broken = True
+            self._broken.value = 1
             self.cond.notify_all()
         self.start.abort()
         self.end.abort()
