@@ -14,7 +14,9 @@ each run measures its own step time per stage ``k`` (the schedule's ``frozen`` c
   trainer's ``calibrate``): the run's weights, optimizer state and RNG are untouched.
 
 A prediction needs times *relative* to k=0: ``r(k) = t(k) / t(0)``. Where k and 0 were both
-measured in training, r(k) comes from the training medians; else from the calibration medians;
+measured in training, r(k) comes from the training medians; else from the calibration medians
+(for a monitor's calibration, which times the model's step without the loop around it, with the
+loop's own time per step, training's t(0) less the calibration's, added to every stage);
 k measured in neither is read off the affine FLOP model ``r(k) = a + b * flops(k) / flops(0)``
 fitted to the measured points (``a``: the share of a k=0 step that freezing cannot shrink);
 with no measured point but k=0, r(k) = flops(k) / flops(0). The saving of a schedule over
@@ -306,6 +308,7 @@ def time_table(
     if not isinstance(time_model, Mapping):
         raise LayerLockError("time model: expected a JSON object")
     flops = _flops(time_model, flop_model)
+    model_step = bool(time_model.get("calibration_step"))  # a monitor's: the model's step, not the loop's
     if clock == "cpu":
         if not isinstance(time_model.get("cpu"), Mapping):
             raise LayerLockError("time model: no CPU-time record")
@@ -314,7 +317,14 @@ def time_table(
     train, calib = _medians(time_model, "training"), _medians(time_model, "calibration")
     measured: dict[int, tuple[float, str]] = {}
     if 0 in calib:
-        measured.update({k: (t / calib[0], "calibration") for k, t in calib.items()})
+        # A monitor's calibration (``calibration_step`` says what it timed) runs the model's step on
+        # a fixed batch, not the loop around it (data loading, a framework's own work per step). That
+        # part costs the same at every k: it is what training at k=0 took beyond the calibration's
+        # k=0, added to every calibrated stage (nothing when the calibration was the slower one). The
+        # trainer's calibration runs its whole update, so a difference there is machine load, which
+        # scales every stage alike: its ratios are taken as they are.
+        extra = max(train[0] - calib[0], 0.0) if model_step and 0 in train else 0.0
+        measured.update({k: ((t + extra) / (calib[0] + extra), "calibration") for k, t in calib.items()})
     if 0 in train:
         measured.update({k: (t / train[0], "training") for k, t in train.items()})
     if 0 not in measured:

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,7 @@ class RunResult:
     reason: str | None = None
     reused: bool = False
     train: TrainResult | None = field(default=None, repr=False)
+    seconds: float | None = None  # this call's wall time for the run (set-up, training, uploads)
 
     def line(self) -> str:
         """One line for a log: the run, what became of it, its held-out loss."""
@@ -123,7 +125,9 @@ class RunResult:
             return f"{self.label}: already FINISHED ({self.run_id}), not trained again"
         t = self.train
         held = "" if t is None or t.heldout_loss is None else f", held-out loss {t.heldout_loss:.4f}"
-        took = "" if t is None else f" in {t.wall_s:.0f} s, last train loss {t.final_loss:.4f}"
+        # this call's seconds, not the run's train/wall_s (which a branched run continues from its parent's)
+        spent = "" if self.seconds is None else f" in {self.seconds:.0f} s"
+        took = "" if t is None else f"{spent}, last train loss {t.final_loss:.4f}"
         return f"{self.label}: FINISHED{took}{held} ({self.run_id})"
 
 
@@ -326,6 +330,7 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunR
     from core.config import config_from_dict
     from core.train import load_run_checkpoint, train
 
+    t0 = time.perf_counter()
     try:
         cfg = config_from_dict(spec.config, spec.label)
         init = None
@@ -347,7 +352,7 @@ def _train_spec(spec: RunSpec, resume: str | None, uri: str, where: str) -> RunR
         return RunResult(spec.key, spec.label, resume, KILLED, first_line(err))
     except Exception as err:
         return RunResult(spec.key, spec.label, resume, FAILED, f"{type(err).__name__}: {first_line(err)}")
-    return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result)
+    return RunResult(spec.key, spec.label, result.run_id, FINISHED, train=result, seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- progress

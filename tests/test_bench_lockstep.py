@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from experiments.bench.integrations import _LockStep
+from experiments.bench.timing import LockStep
 
 
-def _loops(lock: _LockStep, steps: int, step_s: tuple[float, float], attach_s: tuple[float, float] = (0.0, 0.0)):
+def _loops(lock: LockStep, steps: int, step_s: tuple[float, float], attach_s: tuple[float, float] = (0.0, 0.0)):
     """Two fake loops: attach, ``steps`` steps of ``step_s[who]`` seconds each, close. Returns
     the log of (who, event) in order and whether two steps ever ran at once."""
     log: list[tuple[int, str]] = []
@@ -44,7 +44,7 @@ def _loops(lock: _LockStep, steps: int, step_s: tuple[float, float], attach_s: t
 
 
 def test_lockstep_alternates_and_times_each_loop_by_its_own_turns() -> None:
-    lock = _LockStep(skip=2, timed=6)
+    lock = LockStep(skip=2, timed=6)
     log, overlap = _loops(lock, steps=9, step_s=(0.02, 0.01), attach_s=(0.0, 0.15))
     assert not overlap  # never two steps at once
     steps = [who for who, event in log if event.startswith("step")]
@@ -60,14 +60,14 @@ def test_lockstep_alternates_and_times_each_loop_by_its_own_turns() -> None:
 
 
 def test_lockstep_first_turn_follows_the_setting() -> None:
-    lock = _LockStep(skip=0, timed=3)
+    lock = LockStep(skip=0, timed=3)
     lock.turn = 1
     log, _ = _loops(lock, steps=4, step_s=(0.001, 0.001))
     assert [who for who, e in log if e.startswith("step")][:2] == [1, 0]
 
 
 def test_lockstep_a_failed_loop_releases_the_other() -> None:
-    lock = _LockStep(skip=0, timed=3, timeout=10)
+    lock = LockStep(skip=0, timed=3, timeout=10)
     raised: list[BaseException] = []
 
     def good() -> None:

@@ -151,14 +151,16 @@ def test_bench_tracking_json_reports_ratio():
         "--max-repeats",
         "1",
         "--steps",
-        "6",
+        "10",
         *tiny_sets(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["off_ms"] > 0 and out["on_ms"] > 0 and out["steps"] == 6 and out["repeats"] == 1
-    assert abs(out["ratio"] - out["step_on_ms"] / out["step_off_ms"]) < 1e-3  # one pair: its ratio
-    assert abs(out["run_ratio"] - out["on_ms"] / out["off_ms"]) < 1e-3
+    assert out["off_ms"] > 0 and out["on_ms"] > 0 and out["repeats"] == 1
+    # whole probe-and-checkpoint periods after 5 warm-up steps, plus the last step
+    assert out["steps"] == out["timed_steps"] + 6
+    assert abs(out["ratio"] - out["on_ms"] / out["off_ms"]) < 2e-3  # one repeat: its ratio
+    assert out["ratios"] == [out["ratio"]] and out["warm_up_ratio"] > 0
     assert out["low"] is None and out["resolved"] is False and out["cpu_ratio"] > 0
 
 

@@ -30,14 +30,16 @@ def timer_with(
     training: dict[int, list[float]] | None = None,
     calibration: dict[int, list[float]] | None = None,
     extra_per_step: float = 0.0,
+    cpu: bool = False,
 ) -> StepTimer:
+    """``cpu``: the same times on the CPU clock too."""
     t = StepTimer()
     for k, xs in (training or {}).items():
         for x in xs:
-            t.add(k, x, x + extra_per_step)
+            t.add(k, x, x + extra_per_step, *((x, x + extra_per_step) if cpu else ()))
     for k, xs in (calibration or {}).items():
         for x in xs:
-            t.add_calibration(k, x)
+            t.add_calibration(k, x, x if cpu else None)
     return t
 
 
@@ -129,6 +131,28 @@ def test_calibration_and_training_ratios_are_not_mixed() -> None:
     calibration = {0: [affine(0)] * 3, 5: [affine(5)] * 3}
     tm = timer_with(training={0: [2 * affine(0)] * 9}, calibration=calibration).to_dict(FLOPS)
     assert time_table(tm).ratio[5] == pytest.approx(affine(5) / affine(0))
+
+
+def test_a_monitors_calibration_gets_the_loops_own_time_added() -> None:
+    # A framework's loop (data loading, its callbacks) costs 4 s a step on top of the model's step,
+    # at every k; the monitor's calibration times the model's step only (calibration_step says so).
+    loop = 4.0
+    calibration = {0: [affine(0)] * 3, 5: [affine(5)] * 3}
+    tm = timer_with(training={0: [affine(0) + loop] * 9}, calibration=calibration).to_dict(
+        FLOPS, calibration_step="forward, loss, backward on the fixed batch of train_step"
+    )
+    table = time_table(tm)
+    assert table.source[5] == "calibration"
+    assert table.ratio[5] == pytest.approx((affine(5) + loop) / (affine(0) + loop))
+    assert table.ratio[5] > affine(5) / affine(0)  # the loop's part does not shrink: less saved
+    # on the CPU clock too (the flag sits at the top level of time_model.json)
+    cpu = timer_with(training={0: [affine(0) + loop] * 9}, calibration=calibration, cpu=True).to_dict(
+        FLOPS, calibration_step="forward"
+    )
+    assert time_table(cpu, clock="cpu").ratio[5] == pytest.approx((affine(5) + loop) / (affine(0) + loop))
+    # a calibration slower than training (a busier moment) adds nothing
+    slow = timer_with(training={0: [affine(0)] * 9}, calibration={k: [2 * v[0]] * 3 for k, v in calibration.items()})
+    assert time_table(slow.to_dict(FLOPS, calibration_step="forward")).ratio[5] == pytest.approx(affine(5) / affine(0))
 
 
 def test_one_measured_stage_falls_back_to_flops() -> None:

@@ -42,13 +42,13 @@ def register(sub, add_tracking) -> None:
         "--repeats",
         type=int,
         default=6,
-        help="tracking: pairs of runs (off, on), alternated, at least; data, cli: repeats",
+        help="tracking: lock-step repeats (off and on) at least; data, cli: repeats",
     )
     p.add_argument(
         "--max-repeats",
         type=int,
         default=12,
-        help="tracking: go on up to this many pairs until the ratio is resolved to --within",
+        help="tracking: go on up to this many repeats until the ratio is resolved to --within",
     )
     p.add_argument(
         "--within",
@@ -149,7 +149,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from experiments.bench.tracking import bench_tracking, print_tracking
 
-        result = bench_tracking(args.config, args.set, args.repeats, args.steps or 100, args.max_repeats, args.within)
+        result = bench_tracking(
+            args.config, args.set, args.repeats, args.steps or 100, args.max_repeats, args.within, args.threads or 1
+        )
         show = print_tracking
     return _show(args, result, show)
 

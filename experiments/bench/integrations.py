@@ -5,8 +5,8 @@
    schedule`` prints), then a run with that schedule (freezing only: the MAE run's time model
    knows nothing of the latent target's cost). Per stage: the step time measured in the
    scheduled run (its ``time_model.json``, training medians) against what the MAE run's
-   ``time_model.json`` predicted (``core.timemodel.time_table``: r(k) = t(k) / t(0)), as
-   measured r(k) / predicted r(k).
+   ``time_model.json`` predicted (``core.timemodel.time_table``: its own k=0 step times r(k)),
+   as measured / predicted.
 2. *Overhead*: each callback (HF ``Trainer``, Lightning) at ``--every`` (probe interval; gradient
    metrics every 25 steps) against the same run without it, the two runs in lock-step (one thread
    each, taking turns one step at a time, as ``bench monitor`` steps its two loops), timed over
@@ -21,15 +21,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from core.timemodel import median_interval
-from experiments.bench.timing import mean_ratio_interval
+from experiments.bench.timing import LockStep, mean_ratio_interval
 
 SKIP = 5  # warm-up steps of every loop, not timed
+WARM = 30  # a k=0 stage shorter than this is the run's start-up
 LOG_EVERY = 25  # the callbacks' gradient metrics and loss rows, as in ``bench monitor``
 
 
@@ -50,93 +49,37 @@ def bench_schedule(steps: int, tmp: Path) -> dict[str, Any]:
     predicted = time_table(io.load_time_model(mae["run_id"], uri), io.load_flop_model(mae["run_id"], uri))
     measured_tm = io.load_time_model(run["run_id"], uri)
     train = {int(k): v for k, v in (measured_tm.get("training") or {}).items()}
-    t0 = train.get(0, {}).get("median_s")
+    first = min(s["step"] for s in schedule["stages"])
     rows = []
     for k in sorted(train):
         s = train[k]
-        r_meas = s["median_s"] / t0 if t0 else None
-        r_pred = predicted.ratio[k] if k < len(predicted.ratio) else None
+        # predicted: the MAE run's own k=0 step (its training median) times r(k); measured: the
+        # scheduled run's median at stage k. A k=0 stage shorter than WARM steps is the run's
+        # start (first calls, allocations) and says so: it is not what a prediction is about.
+        p_ms = 1000 * predicted.step_s * predicted.ratio[k] if k < len(predicted.ratio) else None
+        m_ms = 1000 * s["median_s"]
         rows.append(
             {
                 "k": k,
                 "n": s["n"],
-                "measured_ms": round(1000 * s["median_s"], 3),
-                "predicted_ms": round(1000 * predicted.step_s * r_pred, 3) if r_pred is not None else None,
-                "measured_r": round(r_meas, 4) if r_meas is not None else None,
-                "predicted_r": round(r_pred, 4) if r_pred is not None else None,
+                "measured_ms": round(m_ms, 3),
+                "predicted_ms": None if p_ms is None else round(p_ms, 3),
+                "predicted_r": None if k >= len(predicted.ratio) else round(predicted.ratio[k], 4),
                 "source": predicted.source[k] if k < len(predicted.source) else None,
-                "ratio": round(r_meas / r_pred, 4) if r_meas is not None and r_pred else None,
+                "ratio": None if not p_ms else round(m_ms / p_ms, 4),
+                "warm_up": k == 0 and first < WARM,
             }
         )
-    return {"schedule": schedule["stages"], "derived": derived, "prediction": predicted.describe(), "stages": rows}
+    return {
+        "schedule": schedule["stages"],
+        "derived": derived,
+        "prediction": predicted.describe(),
+        "calibration_step": io.load_time_model(mae["run_id"], uri).get("calibration_step"),
+        "stages": rows,
+    }
 
 
-class _LockStep:
-    """Two framework loops, one thread each, taking turns one training step at a time.
-
-    Each loop's turn runs from the start of one of its steps to the start of its next one (its
-    step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
-    does meanwhile (a slower clock, another process) falls on both loops alike, as in ``bench
-    monitor``. Both loops start their first step together and finish together: attaching and
-    closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
-    A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``."""
-
-    def __init__(self, skip: int, timed: int, timeout: float = 900.0) -> None:
-        self.skip, self.timed, self.timeout = skip, timed, timeout
-        self.cond = threading.Condition()
-        self.turn, self.finished, self.broken = 0, [False, False], False
-        self.start = threading.Barrier(2, timeout=timeout)
-        self.end = threading.Barrier(2, timeout=timeout)
-        self.spent = [0.0, 0.0]
-        self.steps = [0, 0]
-        self._t = [None, None]
-
-    def _wait_turn(self, who: int) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.broken or self.turn == who or self.finished[1 - who], self.timeout):
-                raise TimeoutError("bench integrations: the other loop stopped taking turns")
-            if self.broken:
-                raise RuntimeError("bench integrations: the other loop failed")
-
-    def _pass(self, who: int) -> None:
-        with self.cond:
-            self.turn = 1 - who
-            self.cond.notify_all()
-
-    def step_begins(self, who: int, step: int) -> None:
-        """At the start of training step ``step`` (0-based) of loop ``who``."""
-        now = time.perf_counter()
-        if step == 0:
-            self.start.wait()  # both attached: the first turns begin together
-        else:
-            if self.skip < step <= self.skip + self.timed:
-                self.spent[who] += now - self._t[who]
-                self.steps[who] += 1
-            self._pass(who)
-        self._wait_turn(who)
-        self._t[who] = time.perf_counter()
-
-    def loop_ends(self, who: int, steps: int) -> None:
-        """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
-        wait for the other loop to finish its steps before either closes its run."""
-        if self.skip < steps <= self.skip + self.timed:
-            self.spent[who] += time.perf_counter() - self._t[who]
-            self.steps[who] += 1
-        with self.cond:
-            self.finished[who] = True
-            self.turn = 1 - who
-            self.cond.notify_all()
-        self.end.wait()
-
-    def fail(self) -> None:
-        with self.cond:
-            self.broken = True
-            self.cond.notify_all()
-        self.start.abort()
-        self.end.abort()
-
-
-def _turn_taker(lock: _LockStep, who: int, steps: int, pl: Any = None) -> Any:
+def _turn_taker(lock: LockStep, who: int, steps: int, pl: Any = None) -> Any:
     """A framework callback that makes its loop take turns in ``lock`` (the first callback of
     the loop: what the other callbacks do in a step falls inside the loop's turn)."""
     if pl is None:
@@ -163,69 +106,93 @@ def _turn_taker(lock: _LockStep, who: int, steps: int, pl: Any = None) -> Any:
     return PLTurns()
 
 
-def _loop(framework: str, out: Path, steps: int, uri: str, every: int, with_cb: bool, turns: Any, dim: int) -> None:
-    """One run of the framework's example (with or without LayerLock's callback), taking turns."""
+def _loop(
+    framework: str, who: int, with_cb: bool, lock: LockStep, out: str, steps: int, uri: str, every: int, dim: int
+) -> None:
+    """One run of the framework's example (with or without LayerLock's callback), taking turns in
+    ``lock``; the body of one of the two processes of a repeat (an error breaks the lock, so the
+    other process stops too, and sets the exit code)."""
+    import contextlib
+    import os
+
     import torch
 
-    torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
-    if framework == "hf":
-        from experiments.examples import hf_videomae as hf
+    torch.set_num_threads(1)
+    try:
+        # The frameworks print their logs on stdout: to stderr here, so that the bench's stdout is its result.
+        with contextlib.redirect_stdout(sys.stderr):
+            if framework == "hf":
+                from experiments.examples import hf_videomae as hf
 
-        hf.train(
-            out, steps, tracking_uri=uri, every=every, callback=with_cb, callbacks=[turns], log_every=LOG_EVERY, dim=dim
-        )
-    else:
-        from experiments.examples import lightning_timm as lt
+                hf.train(
+                    Path(out),
+                    steps,
+                    tracking_uri=uri,
+                    every=every,
+                    callback=with_cb,
+                    callbacks=[_turn_taker(lock, who, steps)],
+                    log_every=LOG_EVERY,
+                    dim=dim,
+                )
+            else:
+                import lightning.pytorch as pl
 
-        lt.train(
-            out,
-            steps,
-            tracking_uri=uri,
-            every=every,
-            callback=with_cb,
-            mlflow_logger=True,
-            extra_callbacks=[turns],
-            log_every=LOG_EVERY,
-        )
+                from experiments.examples import lightning_timm as lt
+
+                lt.train(
+                    Path(out),
+                    steps,
+                    tracking_uri=uri,
+                    every=every,
+                    callback=with_cb,
+                    mlflow_logger=True,
+                    extra_callbacks=[_turn_taker(lock, who, steps, pl)],
+                    log_every=LOG_EVERY,
+                )
+    except BaseException:
+        lock.fail()
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: Path, dim: int = 32) -> dict[str, Any]:
-    """Per repeat, the example run with and without the callback in lock-step (:class:`_LockStep`,
-    one thread each, the first turn alternating between repeats), timed over ``periods`` whole
-    probe periods (``periods * every`` steps, so exactly ``periods`` probes fall in the timed
-    steps) after ``SKIP`` warm-up steps; the ratio of the two loops' times (with / without). A
-    first repeat warms up (imports, the store's tables, first calls) and is reported apart."""
+    """Per repeat, the example run with and without the callback in lock-step (:class:`LockStep`,
+    one process each: the frameworks keep process-wide state; the first turn alternating between
+    repeats), timed over ``periods`` whole probe periods (``periods * every`` steps, so exactly
+    ``periods`` probes fall in the timed steps) after ``SKIP`` warm-up steps; the ratio of the two
+    loops' times (with / without). A first repeat warms up (the store's tables, first calls) and
+    is reported apart."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
     uri = f"sqlite:///{tmp}/{framework}.db"
     timed = periods * every
     steps = SKIP + timed + 1
     ratios, on_ms, off_ms, warm_up = [], [], [], None
-    if framework == "lightning":
-        import lightning.pytorch as pl
-    else:
-        pl = None
     for r in range(repeats + 1):
         label = f"repeat {r}/{repeats}" if r else "warm-up repeat"
         print(f"bench integrations: {framework} {label}, {steps} steps each, in lock-step", file=sys.stderr)
-        lock = _LockStep(SKIP, timed)
-        first = r % 2  # which loop takes the first turn: the one with the callback every other repeat
-        lock.turn = first
-        errors: list[BaseException] = []
-
-        def run(who: int, with_cb: bool, lock=lock, r=r, errors=errors) -> None:
-            try:
-                turns = _turn_taker(lock, who, steps, pl)
-                _loop(framework, tmp / f"{framework}-{r}-{with_cb}", steps, uri, every, with_cb, turns, dim)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(err)
-                lock.fail()
-
-        threads = [threading.Thread(target=run, args=(who, who == 0)) for who in (0, 1)]  # loop 0: callback
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        lock = LockStep(SKIP, timed, ctx=ctx)
+        lock.turn = r % 2  # which loop takes the first turn: the one with the callback every other repeat
+        procs = [
+            ctx.Process(
+                target=_loop,
+                args=(framework, who, who == 0, lock, str(tmp / f"{framework}-{r}-{who}"), steps, uri, every, dim),
+            )
+            for who in (0, 1)  # loop 0: with the callback
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(
+                f"bench integrations: a {framework} loop failed (exit codes {[p.exitcode for p in procs]}; "
+                "its traceback is above)"
+            )
         if lock.steps != [timed, timed]:
             raise RuntimeError(f"bench integrations: timed {lock.steps} steps, expected {timed} in each loop")
         ratio = lock.spent[0] / lock.spent[1]
@@ -275,14 +242,18 @@ def print_integrations(result: dict[str, Any]) -> None:
             f"HF VideoMAE, schedule {'derived from the MAE run' if s['derived'] else 'fixed (nothing converged)'}: "
             f"{s['schedule']}; prediction: {s['prediction']}"
         )
-        print("  k     n  measured ms  predicted ms  measured r  predicted r  measured/predicted  (r = t(k)/t(0))")
+        print(f"  calibration step: {s.get('calibration_step')}")
+        print(
+            "  k     n  measured ms  predicted ms  predicted r  measured/predicted  (predicted = MAE run's t(0) x r(k))"
+        )
         for r in s["stages"]:
             pm = "-" if r["predicted_ms"] is None else f"{r['predicted_ms']:.2f}"
             pr = "-" if r["predicted_r"] is None else f"{r['predicted_r']:.4f}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.4f}"
+            note = "; the run's first steps (start-up), not a prediction's" if r.get("warm_up") else ""
             print(
-                f"  {r['k']}  {r['n']:>4}  {r['measured_ms']:>11.2f}  {pm:>12}  {r['measured_r']:>10.4f}  "
-                f"{pr:>11}  {ratio:>18}  ({r['source']})"
+                f"  {r['k']}  {r['n']:>4}  {r['measured_ms']:>11.2f}  {pm:>12}  {pr:>11}  {ratio:>18}  "
+                f"({r['source']}{note})"
             )
     for o in result.get("overhead", []):
         interval = "too few repeats" if o["low"] is None else f"95% interval {o['low']:.4f}-{o['high']:.4f}"

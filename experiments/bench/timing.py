@@ -8,7 +8,9 @@ falls on every side alike:
   median over rounds with its distribution-free interval (``core.timemodel.median_interval``);
 - two modes (tracking off/on, plain/monitored, plain/scheduled): :func:`alternated` orders each
   pair, :func:`per_step_ratio` and :func:`mean_ratio_interval` give the ratio with a bootstrap
-  interval over runs.
+  interval over runs; where each mode is a loop the bench does not own (the trainer's, a
+  framework's), :class:`LockStep` runs the two loops in two threads taking turns one step at a
+  time, so that every repeat's ratio has the machine's drift divided out.
 
 A comparison goes on until its interval is within a resolution (``core.timemodel.resolves``),
 and :func:`say_resolved` says when it is not. ``core.timemodel.calibrate`` is the trainer's
@@ -22,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from core.timemodel import median_interval, resolves
 
@@ -222,3 +225,105 @@ def say_resolved(resolved: bool, within: float, what: str, more: str) -> str:
         f"CANNOT resolve {within:.1%}: some interval is wider than {within:.1%} of its {what} "
         f"(machine load varies); more repeats may narrow it ({more})"
     )
+
+
+class LockStep:
+    """Two training loops (two threads, or two processes) taking turns one training step at a time.
+
+    Each loop's turn runs from the start of one of its steps to the start of its next one (its
+    step, its callbacks, its next batch); only one loop runs at any moment, so what the machine
+    does meanwhile (a slower clock, another process) falls on both loops alike, as in ``bench
+    monitor``. Both loops start their first step together and finish together: attaching and
+    closing (FLOP count, run creation, final probe, artifacts) run outside every timed turn.
+    A loop's time is the sum of its turns over steps ``skip .. skip + timed - 1``: on the wall
+    clock (``spent``) and on the loop's own thread's CPU clock (``cpu``, which leaves out the
+    threads a loop starts: a prefetcher, a file writer). The state lives in shared memory of
+    ``ctx`` (default: multiprocessing's spawn context), so a lock passed to two processes works as
+    one shared by two threads: frameworks that keep process-wide state (the HF ``Trainer``'s
+    ``accelerate`` state) need a process each."""
+
+    def __init__(self, skip: int, timed: int, timeout: float = 900.0, ctx: Any = None) -> None:
+        import multiprocessing
+
+        ctx = ctx or multiprocessing.get_context("spawn")
+        self.skip, self.timed, self.timeout = skip, timed, timeout
+        self.cond = ctx.Condition()
+        self._turn = ctx.Value("i", 0, lock=False)
+        self._finished = ctx.Array("b", 2, lock=False)
+        self._broken = ctx.Value("b", 0, lock=False)
+        self.start = ctx.Barrier(2, timeout=timeout)
+        self.end = ctx.Barrier(2, timeout=timeout)
+        self._spent = ctx.Array("d", 2, lock=False)
+        self._cpu = ctx.Array("d", 2, lock=False)
+        self._steps = ctx.Array("i", 2, lock=False)
+        self._t: list[tuple[float, float] | None] = [None, None]
+
+    @property
+    def turn(self) -> int:
+        return self._turn.value
+
+    @turn.setter
+    def turn(self, who: int) -> None:
+        self._turn.value = who
+
+    @property
+    def spent(self) -> list[float]:
+        return list(self._spent)
+
+    @property
+    def cpu(self) -> list[float]:
+        return list(self._cpu)
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+    def _wait_turn(self, who: int) -> None:
+        ready = lambda: self._broken.value or self._turn.value == who or self._finished[1 - who]  # noqa: E731
+        with self.cond:
+            if not self.cond.wait_for(ready, self.timeout):
+                raise TimeoutError("lock-step: the other loop stopped taking turns")
+            if self._broken.value:
+                raise RuntimeError("lock-step: the other loop failed")
+
+    def _pass(self, who: int) -> None:
+        with self.cond:
+            self._turn.value = 1 - who
+            self.cond.notify_all()
+
+    def step_begins(self, who: int, step: int) -> None:
+        """At the start of training step ``step`` (0-based) of loop ``who``."""
+        now = (time.perf_counter(), time.thread_time())
+        if step == 0:
+            self.start.wait()  # both attached: the first turns begin together
+        else:
+            if self.skip < step <= self.skip + self.timed:
+                self._close(who, now)
+            self._pass(who)
+        self._wait_turn(who)
+        self._t[who] = (time.perf_counter(), time.thread_time())
+
+    def _close(self, who: int, now: tuple[float, float]) -> None:
+        t0 = self._t[who]
+        assert t0 is not None
+        self._spent[who] += now[0] - t0[0]
+        self._cpu[who] += now[1] - t0[1]
+        self._steps[who] += 1
+
+    def loop_ends(self, who: int, steps: int) -> None:
+        """After the last step (``steps`` steps in all) of loop ``who``: close the last turn and
+        wait for the other loop to finish its steps before either closes its run."""
+        if self.skip < steps <= self.skip + self.timed:
+            self._close(who, (time.perf_counter(), time.thread_time()))
+        with self.cond:
+            self._finished[who] = 1
+            self._turn.value = 1 - who
+            self.cond.notify_all()
+        self.end.wait()
+
+    def fail(self) -> None:
+        with self.cond:
+            self._broken.value = 1
+            self.cond.notify_all()
+        self.start.abort()
+        self.end.abort()

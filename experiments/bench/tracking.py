@@ -1,21 +1,53 @@
-"""``bench tracking``: the same short run with probes+tracking off and on, alternated.
+"""``bench tracking``: the trainer's loop with probes+tracking off and on, in lock-step.
 
-The on/off ratio of the training loop's time per step: per-step medians over the runs of each
-mode, summed, with a bootstrap interval (``timing.per_step_ratio``); also whole loops' wall and
-CPU time per step, median over pairs with a 95% interval. Pairs go on (up to a limit) until the
-ratio's interval is within ``--within`` (1%), and it says when it is not.
+Two runs of the same config, one with probes, MLflow logging and checkpoints, one with none of
+them (``train(track=False)``, probes off), train in two threads that take turns one step at a
+time (``timing.LockStep``), so that what the machine does meanwhile falls on both alike; each
+repeat's ratio is the on-loop's time over the off-loop's, over whole periods of the probe and
+checkpoint intervals (so each costs its configured share). The mean over repeats gets a 95%
+bootstrap interval; repeats go on (up to a limit) until it is within ``--within`` (1%), and it
+says when it is not. Also on each loop's own thread's CPU clock (leaving out the threads a loop
+starts, e.g. the probe-file writer). Set-up (run creation, calibration) and the end (held-out
+loss, final probe, uploads) are outside the timed steps.
 Timings are measured here, never asserted in tests: the machine decides them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import sys
 import tempfile
-import time
+import threading
 
 from experiments import config_path
-from experiments.bench.timing import alternated, interval_text, per_step_ratio, ratio_stats, say_resolved
+from experiments.bench.timing import LockStep, interval_text, mean_ratio_interval, say_resolved
+
+SKIP = 5  # warm-up steps of each loop, not timed
+
+
+@contextlib.contextmanager
+def _turns(local: threading.local, total: int):
+    """Every trainer step of a thread that set ``local.lock`` takes its turn in that lock."""
+    from core import train as trainer
+
+    plain = trainer._Run.step_once
+
+    def step_once(self, bar) -> None:
+        lock = getattr(local, "lock", None)
+        if lock is None:
+            return plain(self, bar)
+        lock.step_begins(local.who, self.done.step)
+        plain(self, bar)
+        if self.done.step == total:
+            lock.loop_ends(local.who, total)
+
+    trainer._Run.step_once = step_once
+    try:
+        yield
+    finally:
+        trainer._Run.step_once = plain
 
 
 def bench_tracking(
@@ -25,99 +57,107 @@ def bench_tracking(
     steps: int | None = None,
     max_repeats: int | None = None,
     within: float = 0.01,
+    threads: int = 1,
 ) -> dict:
-    """The same short run with probes and tracking off and on, alternated, ``repeats`` pairs at
-    least (more, up to ``max_repeats``, until the on/off ratio's 95% interval is within
-    ``within``). The ratio: every loop iteration's wall time (step, probe, log line, checkpoint:
-    ``TrainResult.step_s``), its median over the runs of each mode, summed
-    (:func:`per_step_ratio`, bootstrap interval). Also per run: the loop's wall and CPU time per
-    step (``loop_s``, ``loop_cpu_s``), their on/off ratio over pairs; set-up and the end-of-run
-    probe and uploads are outside the loop and reported apart."""
+    """``repeats`` lock-step repeats at least (more, up to ``max_repeats``, until the on/off
+    ratio's 95% interval is within ``within``), after a warm-up repeat left out of the statistics.
+    ``steps``: about this many steps per run (default: the config's); the timed steps are the
+    nearest whole number of probe-and-checkpoint periods (at least one, where ``steps`` is at
+    least half a period; else all but the warm-up and the last step), after ``SKIP`` warm-up steps."""
+    import torch
+
     from core.config import load_config
     from core.train import train
 
     cfg_on = load_config(config_path(config), [*(overrides or []), *([f"train.steps={steps}"] if steps else [])])
+    period = math.lcm(cfg_on.probe.every, cfg_on.train.checkpoint_every)
+    room = max(cfg_on.train.steps - SKIP - 1, 1)
+    timed = period * round(room / period) if round(room / period) >= 1 else room
+    total = SKIP + timed + 1
+    cfg_on.train.steps = total
     cfg_off = cfg_on.model_copy(deep=True)
     cfg_off.probe.enabled = False
-    n_steps = cfg_on.train.steps
     max_repeats = max(repeats, max_repeats or repeats)
-    runs: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": [], "total": []} for m in ("off", "on")}
-    per_step: dict[str, list[list[float]]] = {"off": [], "on": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    ratios, cpu_ratios, on_ms, off_ms, warm_up = [], [], [], [], None
+    local = threading.local()
+    with tempfile.TemporaryDirectory() as tmp, _turns(local, total):
         uri = f"sqlite:///{tmp}/bench.db"
         r = 0
-        while r < repeats or (
-            r < max_repeats and not per_step_ratio(per_step["on"], per_step["off"], within)["resolved"]
-        ):
-            for mode in alternated(r, "off", "on"):
-                print(f"bench tracking: repeat {r + 1}, tracking {mode}", file=sys.stderr)
-                started = time.perf_counter()
-                result = (
-                    train(cfg_off, track=False, progress=False)
-                    if mode == "off"
-                    else train(cfg_on, tracking_uri=uri, progress=False)
-                )
-                runs[mode]["total"].append(time.perf_counter() - started)
-                runs[mode]["wall"].append(result.loop_s / n_steps)
-                runs[mode]["cpu"].append(result.loop_cpu_s / n_steps)
-                per_step[mode].append(result.step_s)
+        while r <= repeats or (r <= max_repeats and not _resolved(ratios, within)):
+            label = f"repeat {r}/{repeats}" if r else "warm-up repeat"
+            print(f"bench tracking: {label}, {total} steps each, off and on in lock-step", file=sys.stderr)
+            lock = LockStep(SKIP, timed)
+            lock.turn = r % 2  # the first turn: the tracked loop every other repeat
+            errors: list[BaseException] = []
+
+            def run(who: int, lock=lock, errors=errors) -> None:
+                local.lock, local.who = lock, who
+                torch.set_num_threads(threads)  # per thread: OpenMP's thread count is a per-thread setting
+                try:
+                    if who == 0:
+                        train(cfg_on, tracking_uri=uri, progress=False)
+                    else:
+                        train(cfg_off, track=False, progress=False)
+                except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+                    errors.append(err)
+                    lock.fail()
+
+            workers = [threading.Thread(target=run, args=(who,)) for who in (0, 1)]  # 0: tracked
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            if errors:
+                raise errors[0]
+            if lock.steps != [timed, timed]:
+                raise RuntimeError(f"bench tracking: timed {lock.steps} steps, expected {timed} in each loop")
+            if r == 0:
+                warm_up = round(lock.spent[0] / lock.spent[1], 4)
+            else:
+                ratios.append(lock.spent[0] / lock.spent[1])
+                cpu_ratios.append(lock.cpu[0] / lock.cpu[1])
+                on_ms.append(1000 * lock.spent[0] / timed)
+                off_ms.append(1000 * lock.spent[1] / timed)
             r += 1
-    steps_ratio = per_step_ratio(per_step["on"], per_step["off"], within)
-    wall = ratio_stats(runs["on"]["wall"], runs["off"]["wall"], within)
-    cpu = ratio_stats(runs["on"]["cpu"], runs["off"]["cpu"], within)
-    ms = {m: {k: [round(v * 1000, 3) for v in vals] for k, vals in d.items() if k != "total"} for m, d in runs.items()}
+    wall, cpu = mean_ratio_interval(ratios), mean_ratio_interval(cpu_ratios)
     return {
-        "steps": n_steps,
+        "steps": total,
+        "timed_steps": timed,
         "probe_every": cfg_on.probe.every,
         "checkpoint_every": cfg_on.train.checkpoint_every,
-        "repeats": r,
+        "log_every": cfg_on.train.log_every,
+        "repeats": len(ratios),
         "within": within,
-        "off_ms": round(statistics.median(runs["off"]["wall"]) * 1000, 3),
-        "on_ms": round(statistics.median(runs["on"]["wall"]) * 1000, 3),
-        "ratio": steps_ratio["ratio"],
-        "low": steps_ratio["low"],
-        "high": steps_ratio["high"],
-        "resolved": steps_ratio["resolved"],
-        "step_off_ms": round(sum(statistics.median(c) for c in zip(*per_step["off"])) * 1000 / n_steps, 3),
-        "step_on_ms": round(sum(statistics.median(c) for c in zip(*per_step["on"])) * 1000 / n_steps, 3),
-        "run_ratio": wall["ratio"],
-        "run_low": wall["low"],
-        "run_high": wall["high"],
+        "off_ms": round(statistics.median(off_ms), 3),
+        "on_ms": round(statistics.median(on_ms), 3),
+        **wall,
+        "resolved": _resolved(ratios, within),
         "cpu_ratio": cpu["ratio"],
         "cpu_low": cpu["low"],
         "cpu_high": cpu["high"],
-        "cpu_resolved": cpu["resolved"],
-        "outside_loop_s": {
-            m: round(statistics.median(runs[m]["total"]) - statistics.median(runs[m]["wall"]) * n_steps, 2)
-            for m in ("off", "on")
-        },
-        "off_all_ms": ms["off"]["wall"],
-        "on_all_ms": ms["on"]["wall"],
-        "off_all_cpu_ms": ms["off"]["cpu"],
-        "on_all_cpu_ms": ms["on"]["cpu"],
+        "warm_up_ratio": warm_up,
+        "ratios": [round(x, 4) for x in ratios],
     }
+
+
+def _resolved(ratios: list[float], within: float) -> bool:
+    from core.timemodel import resolves
+
+    if len(ratios) < 3:
+        return False
+    r = mean_ratio_interval(ratios)
+    return resolves(r["low"], r["high"], r["ratio"], within)
 
 
 def print_tracking(result: dict) -> None:
     print(
-        f"{result['steps']} steps, probe.every {result['probe_every']}, checkpoint_every "
-        f"{result['checkpoint_every']}, {result['repeats']} alternated pairs of runs"
+        f"{result['timed_steps']} steps timed of {result['steps']} (probe.every {result['probe_every']}, "
+        f"checkpoint_every {result['checkpoint_every']}, log_every {result['log_every']}), tracking off and "
+        f"on in lock-step, {result['repeats']} repeats"
     )
-    print(
-        f"loop iteration (step, probe, log line, checkpoint), median over runs per step: off "
-        f"{result['step_off_ms']:.2f} ms, on {result['step_on_ms']:.2f} ms"
-    )
-    steps = {"ratio": result["ratio"], "low": result["low"], "high": result["high"]}
-    print(f"on / off, summed per-step medians [95% bootstrap interval over runs]: {interval_text(steps)}")
+    print(f"loop time per step, median over repeats: off {result['off_ms']:.2f} ms, on {result['on_ms']:.2f} ms")
+    print(f"on / off, mean of per-repeat ratios [95% bootstrap interval]: {interval_text(result)}")
     print(say_resolved(result["resolved"], result["within"], "ratio", "--max-repeats"))
-    wall = {"ratio": result["run_ratio"], "low": result["run_low"], "high": result["run_high"]}
     cpu = {"ratio": result["cpu_ratio"], "low": result["cpu_low"], "high": result["cpu_high"]}
-    print(
-        f"whole loops (off {result['off_ms']:.2f}, on {result['on_ms']:.2f} ms/step), on / off median over "
-        f"pairs [95% interval]: wall {interval_text(wall)}, CPU {interval_text(cpu)} (swings with load)"
-    )
-    print(
-        f"outside the loop (set-up; end-of-run probe, uploads): off {result['outside_loop_s']['off']:.2f} s, "
-        f"on {result['outside_loop_s']['on']:.2f} s per run"
-    )
-    print(f"each run (ms/step): off {result['off_all_ms']}  on {result['on_all_ms']}")
+    print(f"on / off on each loop's own thread's CPU clock: {interval_text(cpu)}")
+    print(f"each repeat's ratio: {result['ratios']} (warm-up repeat, left out: {result['warm_up_ratio']})")
