@@ -3,9 +3,9 @@
 Modules: ``io`` (the store: the only one that talks to MLflow, it returns the records of
 ``records``), and pure functions of those records: ``convergence``, ``schedule``, ``flops``,
 ``timing`` (predicted wall saving), ``compare``, ``stats``, ``claims`` (a study's estimates and
-verdicts), ``agreement``; ``testing`` (runs with known convergence, for tests and benches);
-``attribution`` (captum) is the only one that imports torch. No submodule
-is imported here, so that importing one does not pull in the others (and ``mlflow``/``scipy``)
+verdicts), ``study_figures`` (a study's Plotly figures, from its results), ``agreement``;
+``testing`` (runs with known convergence, for tests and benches); ``attribution`` (captum) is the
+only one that imports torch. No submodule is imported here, so that importing one does not pull in the others (and ``mlflow``/``scipy``)
 at start-up.
 
 The dashboard (``app``) imports ``analysis`` only, never ``core`` (docs/architecture.md,

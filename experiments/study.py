@@ -6,7 +6,7 @@ and trains, with that schedule, MAE "freeze only", LayerLock and the ``latent_sc
 ablation, plus the naive-latent baseline; then it probes every encoder and a random-init encoder
 of the same shape on the same clips. Everything is logged to MLflow; the study itself is one
 more run (tag ``layerlock.study``, method ``study``) whose artifacts are ``results.json``,
-``report.md`` and the Plotly figures, also written to ``--out``.
+``report.md`` and the Plotly figures (``analysis.study_figures``), also written to ``--out``.
 
 Claims (each: the measured figure, its 95% t interval over seeds, a verdict):
 
@@ -448,102 +448,6 @@ def analyse(
 # ----------------------------------------------------------------------------- outputs
 
 
-def figures(results: dict[str, Any]) -> dict[str, Any]:
-    """Plotly figures of the claims, by file stem."""
-    import plotly.graph_objects as go
-
-    c = results["claims"]
-    figs: dict[str, Any] = {}
-
-    s0 = c["S0_pretraining_matters"]["metrics"]
-    keys = list(s0)
-    fig = go.Figure()
-    for who in ("mae", "random_init"):
-        fig.add_bar(
-            name=who,
-            x=keys,
-            y=[s0[k][who]["mean"] for k in keys],
-            error_y={"type": "data", "array": [s0[k][who]["sd"] or 0 for k in keys]},
-        )
-    fig.update_layout(title="S0: MAE against a random-init encoder (mean ± sd over seeds)", barmode="group")
-    figs["s0_pretraining"] = fig
-
-    fig = go.Figure()
-    for seed, steps in c["S1_depth_order"]["rules"]["posthoc"]["steps"].items():
-        fig.add_scatter(x=list(range(len(steps))), y=steps, mode="lines+markers", name=f"seed {seed}")
-    fig.update_layout(
-        title="S1: post-hoc convergence step per block",
-        xaxis_title="block (depth)",
-        yaxis_title="converged at step (missing: never)",
-    )
-    figs["s1_depth_order"] = fig
-
-    rules = c["S2_cheap_rules_vs_freeze_test"]["rules"]
-    fig = go.Figure()
-    for stat in ("spearman", "kendall"):
-        ys = [rules[r][stat]["mean"] for r in rules]
-        err_hi = [
-            (rules[r][stat]["ci_high"] - rules[r][stat]["mean"]) if rules[r][stat]["ci_high"] is not None else 0
-            for r in rules
-        ]
-        err_lo = [
-            (rules[r][stat]["mean"] - rules[r][stat]["ci_low"]) if rules[r][stat]["ci_low"] is not None else 0
-            for r in rules
-        ]
-        fig.add_bar(name=stat, x=list(rules), y=ys, error_y={"type": "data", "array": err_hi, "arrayminus": err_lo})
-    fig.update_layout(title="S2: rank agreement with the freeze test (mean, 95% t interval)", barmode="group")
-    figs["s2_agreement"] = fig
-
-    grid = c["S2_cheap_rules_vs_freeze_test"]["freeze_cost"]["mean_ratio"]
-    Ls = list(grid)
-    Ts = list(next(iter(grid.values())))
-    fig = go.Figure(
-        go.Heatmap(
-            z=[[grid[L][T] for T in Ts] for L in Ls],
-            x=[f"T={t}" for t in Ts],
-            y=[f"L={L}" for L in Ls],
-            colorscale="RdBu_r",
-            zmid=1.0,
-            text=[[f"{grid[L][T]:.3f}" for T in Ts] for L in Ls],
-            texttemplate="%{text}",
-        )
-    )
-    fig.update_layout(title="S2: freeze-test final-loss ratio (child / baseline), mean over seeds")
-    figs["s2_freeze_grid"] = fig
-
-    s3 = c["S3_compute"]["methods"]
-    fig = go.Figure()
-    for what in ("flop_saving", "wall_saving"):
-        fig.add_bar(
-            name=what,
-            x=list(s3),
-            y=[s3[m][what]["mean"] for m in s3],
-            error_y={
-                "type": "data",
-                "array": [
-                    (s3[m][what]["ci_high"] - s3[m][what]["mean"]) if s3[m][what]["ci_high"] is not None else 0
-                    for m in s3
-                ],
-            },
-        )
-    fig.update_layout(
-        title="S3: compute saved against MAE (mean, 95% t interval)", barmode="group", yaxis_tickformat=".0%"
-    )
-    figs["s3_compute"] = fig
-
-    s4 = c["S4_collapse"]["methods"]
-    fig = go.Figure(
-        go.Bar(
-            x=list(s4),
-            y=[s4[m]["feat_std_min"]["mean"] for m in s4],
-            error_y={"type": "data", "array": [s4[m]["feat_std_min"]["sd"] or 0 for m in s4]},
-        )
-    )
-    fig.update_layout(title="S4: smallest per-block feat_std (mean ± sd over seeds)")
-    figs["s4_collapse"] = fig
-    return figs
-
-
 def report_markdown(results: dict[str, Any]) -> str:
     from analysis.claims import format_estimate as fmt
 
@@ -693,10 +597,11 @@ def report_markdown(results: dict[str, Any]) -> str:
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     """``results.json``, ``report.md`` and ``figures/*.html`` (plotly.js written once beside them)."""
     from analysis.__main__ import _jsonable
+    from analysis.study_figures import study_figures
 
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    figs = figures(results)
+    figs = study_figures(results)
     for name, fig in figs.items():
         # "directory": one plotly.min.js beside the pages, so they open offline.
         fig.write_html(fig_dir / f"{name}.html", include_plotlyjs="directory")

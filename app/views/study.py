@@ -1,10 +1,9 @@
 """A study's claims for the Study page: per claim its rows (estimate, 95% interval, verdict), its
-Plotly figures rebuilt from ``results.json`` (data, not the study's HTML files: nothing stored
+Plotly figures drawn from ``results.json`` (data, not the study's HTML files: nothing stored
 is rendered as HTML), and the runs behind it. Pure functions of the results dict.
 
-The figures follow ``experiments.study.figures`` (the HTML report's); they are rebuilt here
-because the dashboard imports ``analysis`` only, and drawing from the data keeps the page offline
-and free of stored markup.
+The figures are ``analysis.study_figures``'s, the same function ``experiments study`` writes its
+HTML files with; drawing them from the data keeps the page offline and free of stored markup.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis import study_figures
 from analysis.claims import format_estimate
 
 CLAIM_TITLES = {
@@ -76,109 +76,10 @@ def claim_verdict(claim: dict[str, Any]) -> str | None:
     return claim.get("verdict")
 
 
-def _err(est: dict, upper: bool) -> float:
-    if est.get("ci_high") is None or est.get("mean") is None:
-        return 0.0
-    return est["ci_high"] - est["mean"] if upper else est["mean"] - est["ci_low"]
-
-
-def _mean(est: dict | None) -> float | None:
-    return (est or {}).get("mean")
-
-
 def claim_figures(key: str, claim: dict[str, Any]) -> list[go.Figure]:
-    """The claim's figures (as in the study's HTML report), drawn from its numbers."""
-    figs: list[go.Figure] = []
-    if key == "S0_pretraining_matters":
-        metrics = claim.get("metrics", {})
-        fig = go.Figure()
-        for who in ("mae", "random_init"):
-            fig.add_bar(
-                name=who,
-                x=list(metrics),
-                y=[_mean(metrics[k].get(who)) for k in metrics],
-                error_y={"type": "data", "array": [(metrics[k].get(who) or {}).get("sd") or 0 for k in metrics]},
-            )
-        fig.update_layout(title="MAE against a random-init encoder (mean ± sd over seeds)", barmode="group")
-        figs.append(fig)
-    elif key == "S1_depth_order":
-        posthoc = claim.get("rules", {}).get("posthoc", {})
-        fig = go.Figure()
-        for seed, steps in posthoc.get("steps", {}).items():
-            fig.add_scatter(x=list(range(len(steps))), y=steps, mode="lines+markers", name=f"seed {seed}")
-        fig.update_layout(
-            title="post-hoc convergence step per block",
-            xaxis_title="block (depth)",
-            yaxis_title="converged at step (missing: never)",
-        )
-        figs.append(fig)
-    elif key == "S2_cheap_rules_vs_freeze_test":
-        rules = claim.get("rules", {})
-        fig = go.Figure()
-        for stat in ("spearman", "kendall"):
-            ests = [rules[r].get(stat) or {} for r in rules]
-            fig.add_bar(
-                name=stat,
-                x=list(rules),
-                y=[_mean(e) for e in ests],
-                error_y={
-                    "type": "data",
-                    "array": [_err(e, True) for e in ests],
-                    "arrayminus": [_err(e, False) for e in ests],
-                },
-            )
-        fig.update_layout(title="rank agreement with the freeze test (mean, 95% t interval)", barmode="group")
-        figs.append(fig)
-        grid = claim.get("freeze_cost", {}).get("mean_ratio") or {}
-        if grid:
-            Ls = list(grid)
-            Ts = list(next(iter(grid.values())))
-            fig = go.Figure(
-                go.Heatmap(
-                    z=[[grid[L][T] for T in Ts] for L in Ls],
-                    x=[f"T={t}" for t in Ts],
-                    y=[f"L={L}" for L in Ls],
-                    colorscale="RdBu_r",
-                    zmid=1.0,
-                    text=[[f"{grid[L][T]:.3f}" for T in Ts] for L in Ls],
-                    texttemplate="%{text}",
-                )
-            )
-            fig.update_layout(title="freeze-test final-loss ratio (child / baseline), mean over seeds")
-            figs.append(fig)
-    elif key == "S3_compute":
-        methods = claim.get("methods", {})
-        fig = go.Figure()
-        for what in ("flop_saving", "wall_saving"):
-            ests = [methods[m].get(what) or {} for m in methods]
-            fig.add_bar(
-                name=what,
-                x=list(methods),
-                y=[_mean(e) for e in ests],
-                error_y={
-                    "type": "data",
-                    "array": [_err(e, True) for e in ests],
-                    "arrayminus": [_err(e, False) for e in ests],
-                },
-            )
-        fig.update_layout(
-            title="compute saved against MAE (mean, 95% t interval)", barmode="group", yaxis_tickformat=".0%"
-        )
-        figs.append(fig)
-    elif key == "S4_collapse":
-        methods = claim.get("methods", {})
-        fig = go.Figure(
-            go.Bar(
-                x=list(methods),
-                y=[_mean(methods[m].get("feat_std_min")) for m in methods],
-                error_y={
-                    "type": "data",
-                    "array": [(methods[m].get("feat_std_min") or {}).get("sd") or 0 for m in methods],
-                },
-            )
-        )
-        fig.update_layout(title="smallest per-block feat_std (mean ± sd over seeds)")
-        figs.append(fig)
+    """The claim's figures: ``analysis.study_figures``'s (those of the study's HTML files), sized
+    for the page."""
+    figs = list(study_figures.claim_figures(key, claim).values())
     for fig in figs:
         fig.update_layout(height=340, margin={"l": 60, "r": 20, "t": 50, "b": 40})
     return figs
