@@ -168,7 +168,8 @@ def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: 
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    uri = f"sqlite:///{tmp}/{framework}.db"
+    # one store per loop: two processes creating one sqlite file's tables and experiment would race
+    uris = [f"sqlite:///{tmp}/{framework}-{who}.db" for who in (0, 1)]
     timed = periods * every
     steps = SKIP + timed + 1
     ratios, on_ms, off_ms, warm_up = [], [], [], None
@@ -180,7 +181,17 @@ def bench_overhead(framework: str, periods: int, every: int, repeats: int, tmp: 
         procs = [
             ctx.Process(
                 target=_loop,
-                args=(framework, who, who == 0, lock, str(tmp / f"{framework}-{r}-{who}"), steps, uri, every, dim),
+                args=(
+                    framework,
+                    who,
+                    who == 0,
+                    lock,
+                    str(tmp / f"{framework}-{r}-{who}"),
+                    steps,
+                    uris[who],
+                    every,
+                    dim,
+                ),
             )
             for who in (0, 1)  # loop 0: with the callback
         ]
