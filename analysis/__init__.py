@@ -5,8 +5,8 @@ Modules: ``io`` (the store: the only one that talks to MLflow, it returns the re
 ``timing`` (predicted wall saving), ``compare``, ``stats``, ``claims`` (a study's estimates and
 verdicts), ``study_figures`` (a study's Plotly figures, from its results), ``agreement``;
 ``testing`` (runs with known convergence, for tests and benches); ``attribution`` (captum) is the
-only one that imports torch. No submodule is imported here, so that importing one does not pull in the others (and ``mlflow``/``scipy``)
-at start-up.
+only one that imports torch. No submodule is imported here, so that importing one does not pull
+in the others (and ``mlflow``/``scipy``) at start-up.
 
 The dashboard (``app``) imports ``analysis`` only, never ``core`` (docs/architecture.md,
 "Layers"): what it needs from core -- the error type users can fix, the run schema and the

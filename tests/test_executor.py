@@ -480,7 +480,7 @@ def test_then_adds_dependent_runs_to_the_set_as_their_baseline_finishes(store: s
     them); results follow in the order added; an error in ``then`` stops adding runs."""
     trained: list[str] = []
 
-    def fake_train(spec, resume, uri, where="pool"):
+    def fake_train(spec, resume, uri, where="pool", nproc=1):
         trained.append(spec.label)
         return ex.RunResult(spec.key, spec.label, f"id-{spec.label}", "FINISHED")
 

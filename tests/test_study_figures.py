@@ -105,10 +105,11 @@ def test_the_page_and_the_writer_draw_the_same_figures(
     assert [_drawn(f) for f in page] == [_drawn(f) for f in made.values()]
 
     calls = []
+    real = sf.study_figures
 
     def spy(res: dict) -> dict:
         calls.append(res)
-        return sf.study_figures(res)
+        return real(res)
 
     monkeypatch.setattr(sf, "study_figures", spy)
     monkeypatch.setattr(study, "report_markdown", lambda res: "")  # the report reads keys the synthetic lacks
