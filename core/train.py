@@ -287,20 +287,22 @@ def train(
             dist.broadcast_object_list(holder, src=0)
             ckpt = holder[0]
             cfg = config_from_dict(ckpt["config"], "checkpoint")
-    try:
-        with _sigterm_requests_stop() as stop:
+    # The handler also covers the failure's bookkeeping: a SIGTERM then (torchrun's, once another rank
+    # has died) must not kill the process before the run is marked FAILED with its reason.
+    with _sigterm_requests_stop() as stop:
+        try:
             return _train(cfg, tracker, ckpt, rank, world, init_state, progress, stop_after, stop)
-    except RunTerminated:
-        raise  # already checkpointed and marked KILLED
-    except TrainingDiverged as err:
-        tracker.fail(str(err))
-        raise
-    except KeyboardInterrupt:
-        tracker.fail("interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as err:
-        tracker.fail(f"{type(err).__name__}: {err}")
-        raise
+        except RunTerminated:
+            raise  # already checkpointed and marked KILLED
+        except TrainingDiverged as err:
+            tracker.fail(str(err))
+            raise
+        except KeyboardInterrupt:
+            tracker.fail("interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as err:
+            tracker.fail(f"{type(err).__name__}: {err}")
+            raise
 
 
 @dataclass

@@ -254,7 +254,8 @@ def _has_checkpoint(run_id: str, uri: str) -> bool:
 
 
 def _mark_failed(run_id: str, reason: str, uri: str) -> bool:
-    """A RUNNING run whose trainer is gone: send what its spool kept, tag why, mark it FAILED.
+    """A run whose trainer is gone (RUNNING, or FAILED by a rank whose error followed from another's): send
+    what its spool kept, tag why, mark it FAILED.
     False when its owner still looks alive (another host, fresh heartbeat): it is left as it is."""
     from core.tracking import Tracker
 
@@ -527,10 +528,11 @@ def _ranks_result(
         reason = f"rank {failed[0]} of {nproc} failed: {got[failed[0]]['reason']}"
     else:
         reason = f"torchrun ended with exit code {returncode} ({head['status']}: {head['reason']})"
-    if run_id is None:  # rank 0 died: its run, found by its key (RUNNING, its trainer gone)
-        settled = _settle(spec, uri, reason)
-        run_id = None if settled is None else settled.run_id
-    elif not _mark_failed(run_id, reason, uri):
+    if run_id is None:  # rank 0 died, or failed before it knew its run id: the run, found by its key
+        runs = _runs_of(spec.key, uri)
+        run_id = runs[0].run_id if runs and runs[0].status != FINISHED else None
+    # Also over rank 0's own FAILED mark: its error (a broken collective) follows from the first cause.
+    if run_id is not None and not _mark_failed(run_id, reason, uri):
         reason = f"{reason}; its run could not be marked FAILED"
     return RunResult(spec.key, spec.label, run_id, FAILED, reason)
 
@@ -549,12 +551,12 @@ def rank_main(folder: Path) -> int:
         result = _train_spec(spec, job["resume"], job["uri"], "rank", progress=bool(job["progress"]) and rank == 0)
     except KeyboardInterrupt:  # Ctrl-C, passed on: the trainer has marked the run FAILED (interrupted)
         result = RunResult(spec.key, spec.label, job["resume"], FAILED, "interrupted (KeyboardInterrupt)")
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+    except BaseException:
+        _leave_group()
+        raise
+    # Once another rank has died, torchrun sends this one SIGTERM: it must not cut the record of how this
+    # rank ended (without it, a rank that failed looks like one that died, and the first cause is lost).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = {
         "rank": rank,
         "run_id": result.run_id or None,
@@ -567,7 +569,16 @@ def rank_main(folder: Path) -> int:
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(out))
     partial.replace(path)
+    _leave_group()
     return {FINISHED: 0, KILLED: 128 + signal.SIGTERM}.get(result.status, 1)
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- progress

@@ -123,6 +123,10 @@ def test_two_runs_train_as_two_processes_each_under_torchrun(store: str) -> None
     assert sorted(r.info.run_id for r in _runs(store)) == sorted(ids)
 
 
+def _last_step(store: str, run_id: str, key: str) -> int:
+    return max((m.step for m in MlflowClient(store).get_metric_history(run_id, key)), default=-1)
+
+
 def _rank_pid(rank: int) -> int | None:
     """The pid of a live ``experiments.torchrun_spec`` process whose RANK is ``rank``."""
     for entry in Path("/proc").iterdir():
@@ -143,6 +147,7 @@ def _rank_pid(rank: int) -> int | None:
 def test_a_rank_killed_fails_its_run_the_other_finishes_and_the_rerun_resumes_it(tmp_path, store: str) -> None:
     cmd = _seeds_cmd(store, **{"train.steps": 400, "probe.every": 100, "train.checkpoint_every": 10})
     log = tmp_path / "first.log"
+    assert _runs(store) == []  # the store exists before the command runs: polling it never races its creation
     with log.open("w") as err_file:
         proc = subprocess.Popen(
             [sys.executable, *cmd],
@@ -155,9 +160,9 @@ def test_a_rank_killed_fails_its_run_the_other_finishes_and_the_rerun_resumes_it
         try:
             victim, deadline = None, time.monotonic() + 300
             while victim is None and time.monotonic() < deadline and proc.poll() is None:
-                stored = _runs(store) if os.path.exists(store.removeprefix("sqlite:///")) else []
-                running = [r for r in stored if r.info.status == "RUNNING"]
-                if running and running[0].data.metrics.get("train/loss") is not None:
+                running = [r for r in _runs(store) if r.info.status == "RUNNING"]
+                # A loss stored past step 20: the step-10 checkpoint is written, so the rerun resumes the run.
+                if running and _last_step(store, running[0].info.run_id, "train/loss") >= 20:
                     victim = running[0].info.run_id
                     pid = _rank_pid(1)
                     assert pid is not None
