@@ -299,6 +299,17 @@ def test_the_sender_process_is_the_module_entry_point(store, capfd):
     assert "RuntimeWarning" not in capfd.readouterr().err
 
 
+def test_a_relative_sqlite_uri_names_the_callers_store_from_outside_the_repo(tmp_path, monkeypatch):
+    """The sender process runs in the repo root: a relative ``sqlite:///mlflow.db`` given in another
+    folder (Lightning's ``MLFlowLogger`` as the examples set it up) must still reach that folder's store."""
+    monkeypatch.chdir(tmp_path)
+    with tracking.Tracker(uri="sqlite:///outside.db", experiment="outside") as t:
+        t.log_metrics({"m": 1.0}, 0)
+    assert not (ROOT / "outside.db").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outside.db'}")
+    assert _steps(client, t.run_id, "m") == [0] and client.get_run(t.run_id).info.status == "FINISHED"
+
+
 def test_a_bad_sender_setting_fails_before_any_run_exists(store, monkeypatch):
     monkeypatch.setenv(SENDER_ENV, "fork")
     with pytest.raises(LayerLockError, match="LAYERLOCK_SENDER='fork': use 'process' or 'thread'"):

@@ -24,7 +24,7 @@ from core.schema import TAG_HEARTBEAT
 from core.tracking import store
 from core.tracking.owner import HEARTBEAT_S
 from core.tracking.spool import Spool, units
-from core.tracking.uri import answers
+from core.tracking.uri import absolute_uri, answers
 
 SENDER_ENV = "LAYERLOCK_SENDER"  # "process" (default) or "thread"
 PROBE_INTERVAL_S = 2.0  # while the store is away: how often the sender tries again
@@ -169,7 +169,8 @@ class SenderProcess:
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core.tracking.sender", uri, run_id, str(folder)],
+            # The child runs in the repo root: a relative sqlite URI or folder must name this process's.
+            [sys.executable, "-m", "core.tracking.sender", absolute_uri(uri), run_id, str(Path(folder).resolve())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
