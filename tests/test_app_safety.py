@@ -123,6 +123,10 @@ def test_a_stored_pid_is_trusted_only_when_it_is_the_jobs_process(tmp_path, monk
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
     other = subprocess.Popen(argv)  # stands in for a process that got a job's pid after a restart
     try:
+        deadline = time.monotonic() + 30  # until the child has exec'd: before that its cmdline is pytest's
+        while Path(f"/proc/{other.pid}/cmdline").read_bytes().split(b"\0")[:3] != [a.encode() for a in argv]:
+            assert time.monotonic() < deadline, "the stand-in process never started"
+            time.sleep(0.01)
 
         def job(**kw) -> jobs.Job:
             fields = dict(
